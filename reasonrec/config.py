@@ -1,0 +1,237 @@
+"""Structured configuration: typed dataclass schemas, layered YAML presets, dotlist overrides.
+
+Composition order (RecBole-style layering): schema defaults -> the files named in a preset's
+``defaults:`` list (base -> data source -> model, recursively) -> the preset itself -> command-line
+``key=value`` overrides. Unknown keys and wrong types raise :class:`ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+# ----------------------------------------------------------------------------------- schemas
+@dataclass
+class StorageConfig:
+    """How to reach the artifact root and s3:// sources. Credentials come from the standard AWS
+    chain (env vars, profile, instance role); only the endpoint is set here (MinIO, moto, ...)."""
+
+    s3_endpoint_url: Optional[str] = None
+    s3_anon: bool = False
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: attach to RAY_ADDRESS if set (ray job submit), else start local
+    num_cpus: Optional[int] = None  # only for a local cluster started by the entry point
+    include_dashboard: bool = False
+    # Ray Data parallelism for shuffles (groupby); 200 (Ray's default) is slow on small clusters.
+    shuffle_partitions: int = 8
+    # Ray Data read/map parallelism (number of shards/blocks); -1 lets Ray decide.
+    parallelism: int = -1
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic multimodal world (see reasonrec/data/synthetic.py for its ground truth)."""
+
+    n_users: int = 400
+    n_items: int = 120
+    n_categories: int = 4
+    n_styles: int = 3
+    n_brands: int = 8
+    # Zipf-like long tail of activity: sequence length = min_len + Pareto draw, capped at max_len.
+    min_len: int = 1
+    max_len: int = 60
+    activity_alpha: float = 1.2
+    # Probability the next item follows the world's transition rule (vs a taste-only draw).
+    p_transition: float = 0.7
+    image_size: int = 32
+    with_images: bool = True
+    n_user_shards: int = 4
+    n_item_shards: int = 2
+    start_ts: int = 1_600_000_000
+    seed: int = 0
+
+
+@dataclass
+class SourceConfig:
+    """One input source. ``kind`` picks the reader: synthetic, p5, amazon, recbole, pixelrec, hm."""
+
+    kind: str = "synthetic"
+    path: Optional[str] = None  # folder (or file) of the source; local path or s3://
+    domain: str = "default"
+    # amazon: review file and metadata file names under ``path`` (json lines, optionally .gz)
+    reviews_file: Optional[str] = None
+    meta_file: Optional[str] = None
+    # amazon / pixelrec / hm: local or s3:// folder of images keyed by item key
+    images_dir: Optional[str] = None
+    # recbole: dataset name (files are <name>.inter / .item / .user)
+    dataset_name: Optional[str] = None
+    # hm: keep only the first N transactions' users (0 = all); handy for a quick look
+    max_rows: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class DataConfig:
+    sources: List[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    # k-core filter (0 = off): iteratively drop users/items with fewer than k interactions
+    kcore: int = 0
+    # evidence horizon normalizer: max (paper, exact) | quantile | rank | log
+    eh_normalizer: str = "max"
+    eh_quantile: float = 0.95  # cap for the quantile normalizer
+    eh_thresholds: List[float] = field(default_factory=lambda: [0.3, 0.7])
+    direct_negatives: int = 99
+    ctr_negatives: int = 4
+    ctr_split: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    explanation_split: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    # time-shift split: interactions with ts < cutoff are train; None -> this quantile of ts
+    timeshift_cutoff: Optional[int] = None
+    timeshift_quantile: float = 0.9
+    seed: int = 42
+
+
+@dataclass
+class RunConfig:
+    run_name: str = "quickstart"
+    output_root: str = "runs"
+    seed: int = 0
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ----------------------------------------------------------------------------------- loading
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the offending key."""
+
+
+def _format_error(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    return ConfigError(f"config error in {origin}: key '{key}': {msg}")
+
+
+def _load_yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """Return the layers of one preset file, its ``defaults:`` (recursively) first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config error: cycle in defaults: {' -> '.join(map(str, seen + (path,)))}")
+    if not path.exists():
+        raise ConfigError(f"config error: file not found: {path}")
+    raw = OmegaConf.load(path)
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"config error in {path}: top level must be a mapping")
+    layers: list[tuple[str, DictConfig]] = []
+    defaults = raw.pop("defaults", [])
+    for name in defaults or []:
+        dep = (path.parent / str(name))
+        if not dep.suffix:
+            dep = dep.with_suffix(".yaml")
+        layers.extend(_load_yaml_layers(dep, seen + (path,)))
+    layers.append((str(path), raw))
+    return layers
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Compose schema defaults, a preset file (with its defaults) and ``key=value`` overrides."""
+    cfg = OmegaConf.structured(RunConfig)
+    layers = _load_yaml_layers(Path(path)) if path else []
+    for origin, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            raise _format_error(exc, origin) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config error: override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _format_error(exc, f"override '{item}'") from None
+    try:
+        OmegaConf.resolve(cfg)
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise _format_error(exc, str(path)) from None
+    validate(obj)
+    return obj
+
+
+_CHOICES = {
+    "data.eh_normalizer": ("max", "quantile", "rank", "log"),
+}
+SOURCE_KINDS = ("synthetic", "p5", "amazon", "recbole", "pixelrec", "hm")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks the schema's types cannot express (choices, ranges)."""
+    if cfg.data.eh_normalizer not in _CHOICES["data.eh_normalizer"]:
+        raise ConfigError(
+            f"config error: key 'data.eh_normalizer': '{cfg.data.eh_normalizer}' not in "
+            f"{_CHOICES['data.eh_normalizer']}")
+    lo, hi = (list(cfg.data.eh_thresholds) + [None, None])[:2]
+    if len(cfg.data.eh_thresholds) != 2 or not (0.0 <= lo <= hi <= 1.0):
+        raise ConfigError("config error: key 'data.eh_thresholds': need two values 0 <= low <= high <= 1")
+    for name in ("ctr_split", "explanation_split"):
+        parts = getattr(cfg.data, name)
+        if len(parts) != 3 or abs(sum(parts) - 1.0) > 1e-6 or min(parts) < 0:
+            raise ConfigError(f"config error: key 'data.{name}': need three fractions summing to 1")
+    if not cfg.data.sources:
+        raise ConfigError("config error: key 'data.sources': at least one source is required")
+    for i, src in enumerate(cfg.data.sources):
+        if src.kind not in SOURCE_KINDS:
+            raise ConfigError(f"config error: key 'data.sources.{i}.kind': '{src.kind}' not in {SOURCE_KINDS}")
+        if src.kind != "synthetic" and not src.path:
+            raise ConfigError(f"config error: key 'data.sources.{i}.path': required for kind '{src.kind}'")
+    if len({s.domain for s in cfg.data.sources}) != len(cfg.data.sources):
+        raise ConfigError("config error: key 'data.sources': each source needs its own 'domain'")
+    if cfg.data.direct_negatives < 1 or cfg.data.ctr_negatives < 1:
+        raise ConfigError("config error: key 'data.direct_negatives'/'data.ctr_negatives': must be >= 1")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def section_hash(obj: Any) -> str:
+    """Stable hash of a config section (used in stage manifests)."""
+    container = OmegaConf.to_container(OmegaConf.structured(obj)) if not isinstance(obj, (dict, list)) else obj
+    blob = json.dumps(container, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------- CLI
+def build_arg_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=str(CONFIG_DIR / "quickstart.yaml"),
+                   help="preset YAML (default: configs/quickstart.yaml)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--force", action="store_true", help="re-run stages even if their manifest matches")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_root=s3://bucket/runs")
+    return p
+
+
+def parse_cli(description: str, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, RunConfig]:
+    """Parse ``--config PATH [--print-config] [--force] key=value ...``. Exits with status 2 and a
+    one-line message on a config error, as argparse does for bad flags."""
+    parser = build_arg_parser(description)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        parser.exit(2, f"{exc}\n")
+    if args.print_config:
+        print(to_yaml(cfg))
+        parser.exit(0)
+    return args, cfg

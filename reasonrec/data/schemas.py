@@ -1,0 +1,147 @@
+"""Arrow schemas: the data contracts between stages (see DESIGN.md "Data contracts").
+
+Two layers:
+* RAW_* schemas are what every source reader emits: source keys as strings, no validation yet,
+  plus an ``error`` column a reader fills when it could not parse a row (the row is then
+  quarantined by ``prepare`` with that reason instead of being dropped silently).
+* The canonical schemas are what ``prepare`` writes: dense int64 ids, one row per entity.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+# ------------------------------------------------------------------------------ reader output
+RAW_ITEMS = pa.schema([
+    ("item_key", pa.string()),
+    ("title", pa.string()),
+    ("brand", pa.string()),
+    ("categories", pa.list_(pa.string())),
+    ("price", pa.float32()),
+    ("description", pa.string()),
+    ("image", pa.binary()),       # encoded image bytes (PNG/JPEG), or null
+    ("image_uri", pa.string()),   # where the image lives when not embedded, or null
+    ("domain", pa.string()),
+    ("error", pa.string()),       # set by a reader for a row it could not parse
+])
+
+RAW_INTERACTIONS = pa.schema([
+    ("user_key", pa.string()),
+    ("item_key", pa.string()),
+    ("ts", pa.int64()),           # unix seconds, or the order index when the source has no time
+    ("rating", pa.float32()),
+    ("review", pa.string()),
+    ("domain", pa.string()),
+    ("error", pa.string()),
+])
+
+RAW_USERS = pa.schema([
+    ("user_key", pa.string()),
+    ("domain", pa.string()),
+    ("attributes", pa.string()),  # free text / JSON of side information (age, gender, ...)
+])
+
+# ------------------------------------------------------------------------ canonical contracts
+ITEMS = pa.schema([
+    ("item_id", pa.int64()),
+    ("item_key", pa.string()),
+    ("title", pa.string()),
+    ("brand", pa.string()),
+    ("categories", pa.list_(pa.string())),
+    ("price", pa.float32()),
+    ("description", pa.string()),
+    ("image", pa.binary()),
+    ("image_uri", pa.string()),
+    ("domain", pa.string()),
+])
+
+INTERACTIONS = pa.schema([
+    ("user_id", pa.int64()),
+    ("item_id", pa.int64()),
+    ("ts", pa.int64()),
+    ("rating", pa.float32()),
+    ("review", pa.string()),
+])
+
+USERS = pa.schema([
+    ("user_id", pa.int64()),
+    ("user_key", pa.string()),
+    ("domain", pa.string()),
+    ("n_train", pa.int64()),
+    ("evidence_horizon", pa.float32()),
+    ("eh_bucket", pa.string()),
+])
+
+QUARANTINE = pa.schema([
+    ("table", pa.string()),        # items | interactions
+    ("reason", pa.string()),
+    ("record", pa.string()),       # the offending row as JSON (binary fields elided)
+])
+
+# Leave-one-out split shared by sequential and direct recommendation: the last item is the
+# test target, the second last the validation target, the rest (in time order) the training
+# history. Users with fewer than 3 interactions keep what they have in train_items (valid/test
+# null): they still count for EH and serve as cold users, but are not evaluated.
+LOO = pa.schema([
+    ("user_id", pa.int64()),
+    ("train_items", pa.list_(pa.int64())),
+    ("train_ts", pa.list_(pa.int64())),
+    ("valid_item", pa.int64()),
+    ("test_item", pa.int64()),
+])
+
+# Direct recommendation candidates: the positive plus sampled negatives the user never touched,
+# shuffled; ``positive`` names the truth.
+DIRECT_CANDIDATES = pa.schema([
+    ("user_id", pa.int64()),
+    ("split", pa.string()),        # valid | test
+    ("positive", pa.int64()),
+    ("candidates", pa.list_(pa.int64())),
+])
+
+CTR = pa.schema([
+    ("user_id", pa.int64()),
+    ("item_id", pa.int64()),
+    ("label", pa.int8()),
+    ("split", pa.string()),        # train | valid | test
+])
+
+EXPLANATION = pa.schema([
+    ("user_id", pa.int64()),
+    ("item_id", pa.int64()),
+    ("rating", pa.float32()),
+    ("review", pa.string()),
+    ("split", pa.string()),
+])
+
+TIMESHIFT = pa.schema([
+    ("user_id", pa.int64()),
+    ("item_id", pa.int64()),
+    ("ts", pa.int64()),
+    ("split", pa.string()),        # train (ts < cutoff) | test
+])
+
+PREDICTIONS = pa.schema([
+    ("user_id", pa.int64()),
+    ("task", pa.string()),
+    ("route", pa.string()),
+    ("tools_used", pa.list_(pa.string())),
+    ("confidence", pa.float32()),
+    ("items", pa.list_(pa.int64())),
+    ("prob", pa.float32()),
+    ("text", pa.string()),
+    ("rationale", pa.string()),
+    ("latency_ms", pa.float32()),
+])
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Return ``table`` with exactly ``schema``'s columns in order: missing columns become
+    nulls, extra columns are dropped, types are cast (raising on an impossible cast)."""
+    cols = []
+    for f in schema:
+        if f.name in table.column_names:
+            col = table.column(f.name)
+            cols.append(col if col.type == f.type else col.cast(f.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
