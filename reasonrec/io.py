@@ -189,7 +189,7 @@ class StageWriter:
             fs.rm(posixpath.join(final, MANIFEST))
         if fs.exists(final):
             fs.rm(final, recursive=True)
-        fs.mv(self.tmp, final, recursive=True)
+        _move_tree(fs, self.tmp, final)
         self.manifest.duration_s = round(time.time() - self._t0, 3)
         with fs.open(posixpath.join(final, MANIFEST), "w") as f:
             json.dump(self.manifest.__dict__, f, indent=2, sort_keys=True)
@@ -201,6 +201,18 @@ class StageWriter:
                 self.store.fs.rm(self.tmp, recursive=True)
         except Exception:  # cleanup must not hide the original error
             pass
+
+
+def _move_tree(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move a folder: one rename on local disk; per-object server-side copies on object stores
+    (which have no folders to rename)."""
+    from fsspec.implementations.local import LocalFileSystem
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(src, dst, recursive=True)
+        return
+    for f in fs.find(src):
+        fs.copy(f, posixpath.join(dst, posixpath.relpath(f, src)))
+    fs.rm(src, recursive=True)
 
 
 def file_fingerprint(url: str, storage: StorageConfig | None = None) -> str:

@@ -5,7 +5,11 @@ import os
 import socket
 import tempfile
 
+import logging
+
 import pytest
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto server request logs
 
 # Keep every Ray port on loopback, no usage stats, no hub downloads, and Ray's state in a temp dir.
 _RAY_HOME = tempfile.mkdtemp(prefix="reasonrec-test-home-")

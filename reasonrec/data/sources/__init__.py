@@ -35,8 +35,14 @@ def register(kind: str):
 
 
 def get_source(cfg: SourceConfig, storage: StorageConfig | None = None) -> Source:
-    # Import the reader modules lazily so a missing optional format never breaks the others.
-    from reasonrec.data.sources import amazon, hm, p5, pixelrec, recbole, synthetic  # noqa: F401
+    # Import the reader module of this kind only: one broken format never breaks the others.
+    import importlib
+    if cfg.kind not in _REGISTRY:
+        try:
+            importlib.import_module(f"{__name__}.{cfg.kind}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{cfg.kind}":
+                raise
     if cfg.kind not in _REGISTRY:
         raise ValueError(f"unknown source kind '{cfg.kind}'; known: {sorted(_REGISTRY)}")
     return _REGISTRY[cfg.kind](cfg, storage or StorageConfig())

@@ -1,0 +1,287 @@
+"""prepare: read sources, validate, deduplicate, k-core, remap ids, evidence horizon, task splits.
+
+    python -m ray_jobs.prepare --config configs/quickstart.yaml [key=value ...] [--force]
+
+Streams with Ray Data: sources are read per shard in parallel, per-user work runs in
+``groupby(user_id).map_groups``, global values (the count histogram, the time-shift cutoff) come
+from Ray Data aggregations. The only things collected on the driver are the sorted distinct user
+and item keys (to assign dense ids deterministically) and small histograms.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reasonrec.config import RunConfig, parse_cli, section_hash
+from reasonrec.data import prepare as P
+from reasonrec.data import schemas
+from reasonrec.data.evidence import BUCKETS, bucket, fit_normalizer
+from reasonrec.data.sources import Source, get_source
+from reasonrec.io import ArtifactStore
+from reasonrec.runtime import init_ray
+
+STAGE = "prepare"
+TABLES = ("items", "interactions", "users", "loo", "direct_candidates", "ctr", "explanation", "timeshift", "quarantine")
+log = logging.getLogger("reasonrec.prepare")
+
+
+def _step(msg: str):
+    """Log a step with its duration (the long ones also show Ray Data progress bars)."""
+    class _Timer:
+        def __enter__(self):
+            self.t0 = time.time()
+            log.info("%s ...", msg)
+            return self
+
+        def __exit__(self, *exc):
+            if exc[0] is None:
+                log.info("%s done in %.1fs", msg, time.time() - self.t0)
+    return _Timer()
+
+
+def _read_source_table(ray, sources: list[Source], which: str):
+    """One Ray Dataset over every shard of every source (read in parallel, one task per shard)."""
+    parts = []
+    for s_idx, src in enumerate(sources):
+        shards = src.item_shards() if which == "items" else src.interaction_shards()
+        read: Callable = src.read_items if which == "items" else src.read_interactions
+        schema = schemas.RAW_ITEMS if which == "items" else schemas.RAW_INTERACTIONS
+
+        def read_shards(batch: pa.Table, read=read, shards=shards, schema=schema, s_idx=s_idx) -> pa.Table:
+            out = []
+            for i in batch.column("i").to_pylist():
+                t = schemas.conform(read(shards[i]), schema)
+                # Global source order: the stable tie-break for equal timestamps.
+                order = (np.int64(s_idx) << 48) + (np.int64(i) << 32) + np.arange(t.num_rows, dtype=np.int64)
+                out.append(t.append_column("_order", pa.array(order)))
+            return pa.concat_tables(out)
+
+        ds = ray.data.from_items([{"i": i} for i in range(len(shards))], override_num_blocks=max(1, len(shards)))
+        parts.append(ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow"))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _rows_with_reason(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_valid(t.column("reason")))
+
+
+def _rows_without_reason(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_null(t.column("reason"))).drop_columns(["reason"])
+
+
+def _quarantined(ds, table_name: str):
+    """The rows of ``ds`` that carry a reason, as QUARANTINE records."""
+    return ds.map_batches(lambda t: P.to_quarantine(_rows_with_reason(t), table_name), batch_format="pyarrow")
+
+
+def _with_lookup_key(t: pa.Table) -> pa.Table:
+    return t.append_column("_ikey", P.item_lookup_key(t.column("domain"), t.column("item_key")))
+
+
+def _dedup_items(group):
+    """Keep the first row of an item key; later rows are quarantined as duplicates."""
+    group = group.sort_values("_order", kind="stable")
+    group["reason"] = None
+    group.iloc[1:, group.columns.get_loc("reason")] = "duplicate item row"
+    return group
+
+
+def _kcore(ray, inter, k: int, partitions: int):
+    """Iteratively drop users/items with fewer than k interactions. Returns (kept, removed)."""
+    removed = []
+    while True:
+        ucount = {r["user_key"]: r["count()"] for r in inter.groupby("user_key", num_partitions=partitions).count().iter_rows()}
+        icount = {r["_ikey"]: r["count()"] for r in inter.groupby("_ikey", num_partitions=partitions).count().iter_rows()}
+        bad_users = pa.array(sorted(u for u, c in ucount.items() if c < k), pa.string())
+        bad_items = pa.array(sorted(i for i, c in icount.items() if c < k), pa.string())
+        if len(bad_users) == 0 and len(bad_items) == 0:
+            break
+
+        def mark(t: pa.Table, bu=bad_users, bi=bad_items) -> pa.Table:
+            bad = pc.or_(pc.is_in(t.column("user_key"), value_set=bu), pc.is_in(t.column("_ikey"), value_set=bi))
+            return t.append_column("reason", pc.if_else(bad, pa.scalar(f"k-core filter (k={k})"), pa.scalar(None, pa.string())))
+
+        marked = inter.map_batches(mark, batch_format="pyarrow").materialize()
+        removed.append(marked)
+        inter = marked.map_batches(_rows_without_reason, batch_format="pyarrow").materialize()
+    return inter, removed
+
+
+def run(cfg: RunConfig, force: bool = False) -> dict:
+    ray = init_ray(cfg.ray)
+    t_start = time.time()
+    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    sources = [get_source(s, cfg.storage) for s in cfg.data.sources]
+    config_hash = section_hash(cfg.data)
+    inputs = {f"source:{s.cfg.domain}": s.fingerprint() for s in sources}
+    if not force and store.is_done(STAGE, config_hash, inputs):
+        m = store.manifest(STAGE)
+        log.info("prepare: manifest matches under %s; skipping (use --force to re-run)", store.url(STAGE))
+        return {"skipped": True, **m.metrics}
+
+    parts = cfg.ray.shuffle_partitions
+    d = cfg.data
+    quarantine_parts = []
+
+    with _step("read + validate interactions"):
+        raw_inter = _read_source_table(ray, sources, "interactions")
+        inter = raw_inter.map_batches(P.validate_interactions, batch_format="pyarrow").materialize()
+        n_input_inter = inter.count()
+        quarantine_parts.append(_quarantined(inter, "interactions"))
+        inter = inter.map_batches(_rows_without_reason, batch_format="pyarrow").map_batches(
+            _with_lookup_key, batch_format="pyarrow").materialize()
+        if n_input_inter == 0:
+            raise ValueError("prepare: the sources produced no interaction rows; check data.sources paths")
+
+    with _step("read + validate + deduplicate items"):
+        items = _read_source_table(ray, sources, "items").map_batches(P.validate_items, batch_format="pyarrow").materialize()
+        n_input_items = items.count()
+        quarantine_parts.append(_quarantined(items, "items"))
+        items = items.map_batches(_rows_without_reason, batch_format="pyarrow").map_batches(_with_lookup_key, batch_format="pyarrow")
+        if items.count() > 0:
+            items = items.groupby("_ikey", num_partitions=parts).map_groups(_dedup_items, batch_format="pandas").materialize()
+            quarantine_parts.append(_quarantined(items, "items"))
+            items = items.map_batches(_rows_without_reason, batch_format="pyarrow").materialize()
+
+    if d.kcore > 0:
+        with _step(f"k-core filter (k={d.kcore})"):
+            inter, removed = _kcore(ray, inter, d.kcore, parts)
+            quarantine_parts.extend(_quarantined(r, "interactions") for r in removed)
+
+    with _step("assign dense ids"):
+        user_keys = pa.array(sorted(inter.unique("user_key")), pa.string())
+        inter_ikeys = set(inter.unique("_ikey"))
+        catalog_ikeys = set(items.unique("_ikey")) if items.count() else set()
+        item_lookup = pa.array(sorted(inter_ikeys | catalog_ikeys), pa.string())
+        n_items = len(item_lookup)
+        user_ref, item_ref = ray.put(user_keys), ray.put(item_lookup)
+
+        def remap(t: pa.Table) -> pa.Table:
+            return P.remap_interactions(t, ray.get(user_ref), ray.get(item_ref))
+
+        def remap_items(t: pa.Table) -> pa.Table:
+            iid = pc.index_in(t.column("_ikey"), value_set=ray.get(item_ref)).cast(pa.int64())
+            return schemas.conform(t.append_column("item_id", iid), schemas.ITEMS)
+
+        inter = inter.map_batches(remap, batch_format="pyarrow")
+        # Items that interactions reference but the catalog lacks get a stub row (key only).
+        stubs = sorted(inter_ikeys - catalog_ikeys)
+        stub_table = pa.table({
+            "item_key": [k.split(P.KEY_SEP, 1)[1] for k in stubs],
+            "domain": [k.split(P.KEY_SEP, 1)[0] for k in stubs],
+            "_ikey": stubs,
+        })
+        items_out = ray.data.from_arrow(stub_table).map_batches(remap_items, batch_format="pyarrow")
+        if items.count():
+            items_out = items.map_batches(remap_items, batch_format="pyarrow").union(items_out)
+
+    with _step("per-user sequences"):
+        seqs = inter.groupby("user_id", num_partitions=parts).map_groups(P.build_sequence, batch_format="pandas").materialize()
+
+        def dup_quarantine(t: pa.Table) -> pa.Table:
+            recs = [r for lst in t.column("duplicates").to_pylist() for r in lst]
+            return pa.table({"table": ["interactions"] * len(recs), "reason": ["duplicate interaction"] * len(recs),
+                             "record": recs}, schema=schemas.QUARANTINE)
+        quarantine_parts.append(seqs.map_batches(dup_quarantine, batch_format="pyarrow"))
+
+    with _step("evidence horizon"):
+        hist = seqs.groupby("n_train", num_partitions=parts).count().to_pandas()  # <= max(n) rows
+        counts, nusers = hist["n_train"].to_numpy(), hist["count()"].to_numpy()
+        normalizer = fit_normalizer(d.eh_normalizer, counts, nusers, d.eh_quantile)
+        shares = {}
+        for kind in ("max", "quantile", "rank", "log"):
+            b = bucket(fit_normalizer(kind, counts, nusers, d.eh_quantile)(counts), d.eh_thresholds)
+            shares[kind] = {name: round(float(nusers[b == name].sum() / nusers.sum()), 4) for name in BUCKETS}
+
+    params = P.SplitParams(n_items=n_items, seed=d.seed, direct_negatives=d.direct_negatives,
+                           ctr_negatives=d.ctr_negatives, ctr_split=tuple(d.ctr_split),
+                           explanation_split=tuple(d.explanation_split), eh_thresholds=tuple(d.eh_thresholds))
+    tables = {
+        "users": seqs.map_batches(lambda b: P.to_arrow(P.users_table(b, normalizer, d.eh_thresholds), schemas.USERS), batch_format="pandas"),
+        "interactions": seqs.map_batches(lambda b: P.to_arrow(P.interactions_table(b), schemas.INTERACTIONS), batch_format="pandas"),
+        "loo": seqs.map_batches(lambda b: P.to_arrow(P.loo_table(b), schemas.LOO), batch_format="pandas"),
+        "direct_candidates": seqs.map_batches(lambda b: P.to_arrow(P.direct_candidates_table(b, params), schemas.DIRECT_CANDIDATES), batch_format="pandas"),
+        "ctr": seqs.map_batches(lambda b: P.to_arrow(P.ctr_table(b, params), schemas.CTR), batch_format="pandas"),
+        "explanation": seqs.map_batches(lambda b: P.to_arrow(P.explanation_table(b, params), schemas.EXPLANATION), batch_format="pandas"),
+        "items": items_out,
+    }
+
+    with _step("time-shift cutoff"):
+        cutoff = d.timeshift_cutoff
+        if cutoff is None:
+            from ray.data.aggregate import ApproximateQuantile
+            agg = tables["interactions"].aggregate(ApproximateQuantile(on="ts", quantiles=[d.timeshift_quantile]))
+            cutoff = int(np.asarray(list(agg.values())[0]).ravel()[0])
+        tables["timeshift"] = tables["interactions"].map_batches(
+            lambda b: P.to_arrow(P.timeshift_table(b, cutoff), schemas.TIMESHIFT), batch_format="pandas")
+
+    tables["quarantine"] = quarantine_parts[0].union(*quarantine_parts[1:])
+
+    summary: dict = {}
+    with store.stage_writer(STAGE, config_hash, inputs) as w:
+        for name in TABLES:
+            with _step(f"write {name}"):
+                ds = tables[name].materialize()
+                ds.write_parquet(w.path(name), filesystem=store.arrow_fs)
+                w.manifest.rows[name] = ds.count()
+                if name == "quarantine":
+                    reasons = Counter()
+                    for row in ds.groupby("reason").count().iter_rows():
+                        reasons[row["reason"]] = row["count()"]
+                if name == "users":
+                    bucket_counts = {r["eh_bucket"]: r["count()"] for r in ds.groupby("eh_bucket").count().iter_rows()}
+        rows = w.manifest.rows
+        q_by_table = {r["table"]: r["count()"] for r in tables["quarantine"].groupby("table").count().iter_rows()}
+        balance_inter = n_input_inter == rows["interactions"] + q_by_table.get("interactions", 0)
+        balance_items = n_input_items == rows["items"] - len(stubs) + q_by_table.get("items", 0)
+        if not (balance_inter and balance_items):
+            raise RuntimeError(
+                f"prepare: row accounting failed: interactions in={n_input_inter} kept={rows['interactions']} "
+                f"quarantined={q_by_table.get('interactions', 0)}; items in={n_input_items} kept={rows['items'] - len(stubs)} "
+                f"quarantined={q_by_table.get('items', 0)}")
+        summary = {
+            "rows": dict(rows), "input_rows": {"interactions": n_input_inter, "items": n_input_items},
+            "stub_items": len(stubs), "n_users": len(user_keys), "n_items": n_items,
+            "eh_normalizer": d.eh_normalizer, "eh_max_count": normalizer.max_count,
+            "users_per_bucket": {b: int(bucket_counts.get(b, 0)) for b in BUCKETS},
+            "bucket_shares_by_normalizer": shares, "quarantine_by_reason": dict(reasons),
+            "timeshift_cutoff": cutoff, "seconds": round(time.time() - t_start, 1),
+        }
+        w.manifest.metrics = summary
+        w.write_json("summary.json", summary)
+        w.write_json("eh_normalizer.json", normalizer.__dict__)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    if s.get("skipped"):
+        return "prepare: skipped (outputs up to date)"
+    lines = ["prepare summary", "---------------"]
+    lines.append("rows per table: " + ", ".join(f"{k}={v:,}" for k, v in s["rows"].items()))
+    lines.append(f"users={s['n_users']:,} items={s['n_items']:,} (stub items without metadata: {s['stub_items']:,})")
+    lines.append(f"users per EH bucket ({s['eh_normalizer']}): " + ", ".join(f"{k}={v:,}" for k, v in s["users_per_bucket"].items()))
+    for kind, sh in s["bucket_shares_by_normalizer"].items():
+        lines.append(f"  bucket shares under {kind:8s}: " + ", ".join(f"{k}={v:.1%}" for k, v in sh.items()))
+    q = s["quarantine_by_reason"]
+    lines.append("quarantined rows by reason: " + (", ".join(f"{k}={v:,}" for k, v in sorted(q.items())) or "none"))
+    lines.append(f"time taken: {s['seconds']:.1f}s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    args, cfg = parse_cli("Prepare canonical Parquet tables and task splits with Ray Data.", argv)
+    summary = run(cfg, force=args.force)
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

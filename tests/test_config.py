@@ -1,0 +1,69 @@
+"""Config: layered composition, overrides, errors naming the key, every preset validates."""
+from pathlib import Path
+
+import pytest
+
+from reasonrec.config import CONFIG_DIR, ConfigError, RunConfig, load_config, parse_cli, section_hash
+
+PRESETS = sorted(p for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_every_yaml_validates_against_the_schema(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+
+
+def test_layering_order_and_overrides():
+    cfg = load_config(CONFIG_DIR / "beauty.yaml", ["data.kcore=5", "output_root=s3://bucket/runs"])
+    assert cfg.run_name == "beauty"                    # preset
+    assert cfg.data.sources[0].kind == "p5"            # data layer
+    assert cfg.data.eh_normalizer == "rank"            # data layer overrides base's "max"
+    assert cfg.data.direct_negatives == 99             # base layer
+    assert cfg.data.kcore == 5 and cfg.output_root == "s3://bucket/runs"   # command line
+
+
+@pytest.mark.parametrize("override,key", [
+    ("data.nope=1", "data.nope"),
+    ("data.kcore=abc", "data.kcore"),
+    ("data.eh_normalizer=median", "data.eh_normalizer"),
+    ("data.ctr_split=[0.5,0.5,0.5]", "data.ctr_split"),
+    ("ray.shuffle_partitions=many", "ray.shuffle_partitions"),
+])
+def test_bad_keys_and_types_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(CONFIG_DIR / "quickstart.yaml", [override])
+
+
+def test_unknown_key_in_a_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"defaults: [{CONFIG_DIR / 'base'}]\ndata:\n  kcores: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'data.kcores'"):
+        load_config(bad)
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(CONFIG_DIR / "quickstart.yaml", ["data.kcore"])
+
+
+def test_print_config_shows_resolved_values(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_cli("x", ["--config", str(CONFIG_DIR / "quickstart.yaml"), "--print-config", "data.kcore=7"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "kcore: 7" in out and "run_name: quickstart" in out
+
+
+def test_cli_config_error_exits_2_with_message(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_cli("x", ["--config", str(CONFIG_DIR / "quickstart.yaml"), "data.bogus=1"])
+    assert exc.value.code == 2
+    assert "data.bogus" in capsys.readouterr().err
+
+
+def test_section_hash_changes_with_content():
+    a = load_config(CONFIG_DIR / "quickstart.yaml")
+    b = load_config(CONFIG_DIR / "quickstart.yaml", ["data.seed=1"])
+    assert section_hash(a.data) == section_hash(load_config(CONFIG_DIR / "quickstart.yaml").data)
+    assert section_hash(a.data) != section_hash(b.data)
