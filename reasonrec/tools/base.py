@@ -69,9 +69,12 @@ class Tool(abc.ABC):
 
     # ---------------------------------------------------------------------------- training
     @abc.abstractmethod
-    def fit(self, data: ToolData, reporter: "Callable[[dict], None] | None" = None) -> dict[str, float]:
+    def fit(self, data: ToolData, reporter: "Callable[[int, dict], None] | None" = None,
+            start_epoch: int = 0) -> dict[str, float]:
         """Train on ``data`` (early-stopping on its validation targets); return validation metrics.
-        ``reporter(metrics)`` is called once per epoch (Ray Train reports/checkpoints through it)."""
+        ``reporter(epoch, metrics)`` is called once per epoch on every rank (Ray Train
+        reports/checkpoints through it). ``start_epoch > 0`` resumes: a tool loaded from a
+        checkpoint continues from its current weights (see ``reasonrec.tools.training``)."""
 
     # --------------------------------------------------------------------------- inference
     def score_items(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
