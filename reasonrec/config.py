@@ -42,24 +42,43 @@ class RayConfig:
 
 @dataclass
 class SyntheticConfig:
-    """The synthetic multimodal world (see reasonrec/data/synthetic.py for its ground truth)."""
+    """The synthetic multimodal world; its generative process (the ground truth) is documented
+    in reasonrec/data/sources/synthetic.py. Every draw is a hash of (seed, entity id), so the data
+    do not depend on the shard counts, which only set the parallelism."""
 
     n_users: int = 400
     n_items: int = 120
-    n_categories: int = 4
-    n_styles: int = 3
-    n_brands: int = 8
-    # Zipf-like long tail of activity: sequence length = min_len + Pareto draw, capped at max_len.
+    n_categories: int = 4          # each category has its own shape and colour palette
+    n_styles: int = 3              # each style has its own pattern
+    n_brands: int = 8              # each brand belongs to one category
+    # Long tail of activity: length = min_len + floor(activity_scale * Lomax(activity_alpha)),
+    # capped at max_len (alpha 1.2, scale 2: ~3/4 of users have <= 5 interactions).
     min_len: int = 1
     max_len: int = 60
     activity_alpha: float = 1.2
-    # Probability the next item follows the world's transition rule (vs a taste-only draw).
+    activity_scale: float = 2.0
+    # Tastes: softmax(taste_sharpness * N(0,1)) over categories and over styles (higher = pickier).
+    taste_sharpness: float = 2.0
+    # Item popularity: lognormal(0, popularity_sigma), used by taste draws and successor lists.
+    popularity_sigma: float = 1.0
+    # Next item: successor of the previous item (p_transition), a uniform random item (p_noise),
+    # else a draw from the user's taste. Each item has n_successors successors whose weights
+    # decay geometrically (successor_decay); half substitutes, half complements.
     p_transition: float = 0.7
+    p_noise: float = 0.05
+    n_successors: int = 4
+    successor_decay: float = 0.6
+    # Time: a user's first interaction is uniform in [start_ts, start_ts + time_span_s); gaps are
+    # exponential with mean mean_gap_s, or (probability p_burst) with mean burst_gap_s.
+    start_ts: int = 1_600_000_000
+    time_span_s: int = 63_072_000
+    mean_gap_s: int = 259_200
+    burst_gap_s: int = 300
+    p_burst: float = 0.3
     image_size: int = 32
     with_images: bool = True
     n_user_shards: int = 4
     n_item_shards: int = 2
-    start_ts: int = 1_600_000_000
     seed: int = 0
 
 
