@@ -1,0 +1,210 @@
+"""Raw Amazon review data (McAuley et al., 2014 and 2018 releases): JSON lines, optionally .gz.
+
+Under ``cfg.path``: a reviews file and a metadata file. ``cfg.reviews_file`` / ``cfg.meta_file``
+name them; by default the metadata file is the ``.json``/``.jsonl`` (optionally ``.gz``) file
+whose name contains "meta" and the reviews file is the other one. The metadata file is optional
+(prepare then stubs the items).
+
+Both spellings are read: ``categories`` (2014, list of paths) / ``category`` (2018, list of
+names), ``imUrl`` (2014) / ``imageURL``/``imageURLHighRes`` (2018, lists), numeric (2014) or
+"$12.99"-style (2018) prices. 2014 metadata lines are Python literals, not JSON.
+
+Images: with ``cfg.images_dir`` (local or s3://), ``<asin>.jpg``/``.jpeg``/``.png`` is embedded
+in ``image`` (a missing file leaves it null); without it the URL goes to ``image_uri``.
+"""
+from __future__ import annotations
+
+import html
+import posixpath
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+from reasonrec.config import SourceConfig, StorageConfig
+from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS
+from reasonrec.data.sources import register
+from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, decode, fingerprint, key, line_chunks,
+                                            parse_record, price, read_chunk, short, table, text)
+
+_JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+
+def categories(rec: dict) -> list[str]:
+    """2014 ``categories`` is a list of paths (["Beauty", "Makeup", ...]); 2018 ``category`` is
+    one path. Flattened in order, each name once, HTML entities decoded."""
+    raw = rec.get("categories")
+    if raw is None:
+        raw = rec.get("category")
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        raw = [raw]
+    out: list[str] = []
+    for entry in raw:
+        for name in (entry if isinstance(entry, (list, tuple)) else [entry]):
+            name = html.unescape(str(name)).strip() if name is not None else ""
+            if name and name not in out:
+                out.append(name)
+    return out
+
+
+def image_url(rec: dict) -> str | None:
+    for field in ("imUrl", "imageURLHighRes", "imageURL"):
+        val = rec.get(field)
+        if isinstance(val, (list, tuple)):
+            val = next((v for v in val if v), None)
+        if val:
+            return str(val).strip() or None
+    return None
+
+
+def review_text(summary: Any, body: Any) -> str | None:
+    """"summary. body": the summary reads as the review's first sentence."""
+    s, b = text(summary), text(body)
+    if not s or not b or s == b:
+        return s or b
+    return f"{s} {b}" if s[-1] in ".!?" else f"{s}. {b}"
+
+
+def review_ts(rec: dict) -> int | None:
+    t = rec.get("unixReviewTime")
+    if t is not None and str(t).strip() != "":
+        return int(float(t))
+    when = rec.get("reviewTime")  # "09 1, 2013" in both releases
+    if when:
+        return int(datetime.strptime(str(when).strip(), "%m %d, %Y").replace(tzinfo=timezone.utc).timestamp())
+    return None
+
+
+@register("amazon")
+class AmazonSource:
+    def __init__(self, cfg: SourceConfig, storage: StorageConfig):
+        if not cfg.path:
+            raise ValueError("amazon source needs data.sources[].path (folder with the review and meta files)")
+        self.cfg = cfg
+        self.storage = storage
+        self.loc = Loc(cfg.path, storage)
+        self.shard_bytes = SHARD_BYTES
+        self._files: tuple[str, str | None] | None = None
+        self._images: dict[str, str] | None = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_images"] = None  # listed again lazily in each worker
+        return state
+
+    # ------------------------------------------------------------------------------ files
+    def files(self) -> tuple[str, str | None]:
+        """(reviews path, metadata path or None), bare paths on ``self.loc.fs``."""
+        if self._files is None:
+            names = [] if self.cfg.reviews_file and self.cfg.meta_file else [
+                n for n in self.loc.listdir() if n.lower().endswith(_JSON_SUFFIXES)]
+            meta = self.cfg.meta_file or next((n for n in names if "meta" in n.lower()), None)
+            reviews = self.cfg.reviews_file
+            if reviews is None:
+                rest = [n for n in names if n != meta and "meta" not in n.lower()]
+                if len(rest) != 1:
+                    raise ValueError(f"amazon source: cannot tell the reviews file among {rest} under {self.cfg.path}; "
+                                     "set data.sources[].reviews_file")
+                reviews = rest[0]
+            self._files = (self.loc.join(reviews), self.loc.join(meta) if meta else None)
+        return self._files
+
+    def images(self) -> dict[str, str]:
+        """asin -> image path, from one listing of ``images_dir`` (jpg preferred over png)."""
+        if self._images is None:
+            ranked: dict[str, tuple[int, str]] = {}
+            if self.cfg.images_dir:
+                for rel, path in Loc(self.cfg.images_dir, self.storage).files_under().items():
+                    stem, ext = posixpath.splitext(posixpath.basename(rel))
+                    if ext.lower() in IMAGE_EXTS:
+                        cand = (IMAGE_EXTS.index(ext.lower()), path)
+                        ranked[stem] = min(ranked.get(stem, cand), cand)
+            found = {stem: path for stem, (_, path) in ranked.items()}
+            self._images = found
+        return self._images
+
+    def _image_fs(self):
+        return Loc(self.cfg.images_dir, self.storage).fs
+
+    # -------------------------------------------------------------------------------- items
+    def item_shards(self) -> list[Any]:
+        _, meta = self.files()
+        return line_chunks(self.loc.fs, meta, shard_bytes=self.shard_bytes) if meta else []
+
+    def read_items(self, shard: Chunk) -> pa.Table:
+        names = ("item_key", "title", "brand", "categories", "price", "description", "image", "image_uri", "error")
+        cols: dict[str, list] = {c: [] for c in names}
+        embed = bool(self.cfg.images_dir)
+        images = self.images() if embed else {}
+        img_fs = self._image_fs() if embed else None
+        for _, raw in read_chunk(self.loc.fs, shard):
+            if not raw.strip():
+                continue
+            row = dict.fromkeys(names)
+            try:
+                rec = parse_record(decode(raw))
+            except (ValueError, UnicodeDecodeError) as exc:
+                row["error"] = short(exc) if isinstance(exc, ValueError) else f"bad utf-8: {short(exc)}"
+            else:
+                asin = key(rec.get("asin"))
+                title = text(rec.get("title"))
+                row.update(
+                    item_key=asin,
+                    title=html.unescape(title) if title else None,
+                    brand=text(rec.get("brand")),
+                    categories=categories(rec),
+                    price=price(rec.get("price")),
+                    description=text(rec.get("description")),
+                )
+                if embed:
+                    path = images.get(asin) if asin else None
+                    row["image"] = img_fs.cat_file(path) if path else None
+                else:
+                    row["image_uri"] = image_url(rec)
+            for c in names:
+                cols[c].append(row[c])
+        n = len(cols["item_key"])
+        cols["domain"] = [self.cfg.domain] * n
+        return table(cols, RAW_ITEMS, n)
+
+    # ------------------------------------------------------------------------- interactions
+    def interaction_shards(self) -> list[Any]:
+        reviews, _ = self.files()
+        return line_chunks(self.loc.fs, reviews, shard_bytes=self.shard_bytes)
+
+    def read_interactions(self, shard: Chunk) -> pa.Table:
+        names = ("user_key", "item_key", "ts", "rating", "review", "error")
+        cols: dict[str, list] = {c: [] for c in names}
+        for _, raw in read_chunk(self.loc.fs, shard):
+            if not raw.strip():
+                continue
+            row = dict.fromkeys(names)
+            try:
+                rec = parse_record(decode(raw))
+            except (ValueError, UnicodeDecodeError) as exc:
+                row["error"] = short(exc) if isinstance(exc, ValueError) else f"bad utf-8: {short(exc)}"
+            else:
+                row.update(user_key=key(rec.get("reviewerID")), item_key=key(rec.get("asin")),
+                           review=review_text(rec.get("summary"), rec.get("reviewText")))
+                try:
+                    row["ts"] = review_ts(rec)
+                except (ValueError, TypeError, OverflowError) as exc:
+                    row["error"] = f"bad review time: {short(exc)}"
+                overall = rec.get("overall")
+                try:
+                    row["rating"] = float(overall) if overall is not None and str(overall).strip() != "" else None
+                except (ValueError, TypeError):
+                    row["error"] = row["error"] or f"bad rating: {short(repr(overall))}"
+            for c in names:
+                cols[c].append(row[c])
+        n = len(cols["user_key"])
+        cols["domain"] = [self.cfg.domain] * n
+        return table(cols, RAW_INTERACTIONS, n)
+
+    def fingerprint(self) -> str:
+        reviews, meta = self.files()
+        urls = [self.loc.to_url(reviews), self.loc.to_url(meta) if meta else None, self.cfg.images_dir]
+        return fingerprint(urls, self.storage, {"kind": "amazon"})
