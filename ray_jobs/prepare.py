@@ -85,12 +85,11 @@ def _with_lookup_key(t: pa.Table) -> pa.Table:
     return t.append_column("_ikey", P.item_lookup_key(t.column("domain"), t.column("item_key")))
 
 
-def _dedup_items(group):
-    """Keep the first row of an item key; later rows are quarantined as duplicates."""
-    group = group.sort_values("_order", kind="stable")
-    group["reason"] = None
-    group.iloc[1:, group.columns.get_loc("reason")] = "duplicate item row"
-    return group
+def _per_key_partition(ds, key: str, fn, partitions: int):
+    """Apply ``fn`` to whole hash partitions of ``key``: the same co-location guarantee Ray's
+    ``groupby().map_groups()`` relies on (repartition by key, sorted, batch = whole block), but one
+    vectorised call per partition instead of one Python call per group, which was ~50x slower."""
+    return ds.repartition(partitions, keys=[key], sort=True).map_batches(fn, batch_size=None, batch_format="pyarrow")
 
 
 def _kcore(ray, inter, k: int, partitions: int):
@@ -146,7 +145,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         quarantine_parts.append(_quarantined(items, "items"))
         items = items.map_batches(_rows_without_reason, batch_format="pyarrow").map_batches(_with_lookup_key, batch_format="pyarrow")
         if items.count() > 0:
-            items = items.groupby("_ikey", num_partitions=parts).map_groups(_dedup_items, batch_format="pandas").materialize()
+            items = _per_key_partition(items, "_ikey", P.dedup_items, parts).materialize()
             quarantine_parts.append(_quarantined(items, "items"))
             items = items.map_batches(_rows_without_reason, batch_format="pyarrow").materialize()
 
@@ -183,7 +182,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             items_out = items.map_batches(remap_items, batch_format="pyarrow").union(items_out)
 
     with _step("per-user sequences"):
-        seqs = inter.groupby("user_id", num_partitions=parts).map_groups(P.build_sequence, batch_format="pandas").materialize()
+        seqs = _per_key_partition(inter, "user_id", P.build_sequences, parts).materialize()
 
         def dup_quarantine(t: pa.Table) -> pa.Table:
             recs = [r for lst in t.column("duplicates").to_pylist() for r in lst]

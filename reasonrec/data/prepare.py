@@ -35,9 +35,15 @@ def _blank(col: pa.ChunkedArray) -> pa.Array:
     return pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), "")).fill_null(True)
 
 
+def _conform_keep_order(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    out = schemas.conform(table, schema)
+    return out.append_column("_order", table.column("_order")) if "_order" in table.column_names else out
+
+
 def validate_interactions(table: pa.Table) -> pa.Table:
-    """RAW_INTERACTIONS plus a ``reason`` column: null for a good row, else why it is quarantined."""
-    table = schemas.conform(table, schemas.RAW_INTERACTIONS)
+    """RAW_INTERACTIONS plus a ``reason`` column: null for a good row, else why it is quarantined.
+    A ``_order`` column (source order, the tie-break for equal timestamps) is carried through."""
+    table = _conform_keep_order(table, schemas.RAW_INTERACTIONS)
     rating = table.column("rating")
     checks = [
         ("missing user key", _blank(table.column("user_key"))),
@@ -51,7 +57,7 @@ def validate_interactions(table: pa.Table) -> pa.Table:
 
 
 def validate_items(table: pa.Table) -> pa.Table:
-    table = schemas.conform(table, schemas.RAW_ITEMS)
+    table = _conform_keep_order(table, schemas.RAW_ITEMS)
     price = table.column("price")
     checks = [
         ("missing item key", _blank(table.column("item_key"))),
@@ -98,28 +104,64 @@ SEQUENCE_SCHEMA = pa.schema([
 ])
 
 
-def build_sequence(group: pd.DataFrame) -> pd.DataFrame:
-    """One user's interactions -> one row: time-ordered items (ties keep source order), with exact
-    duplicates (same item, same ts) removed and reported. Repeat consumption at different times is
-    kept: it is real sequential behaviour."""
-    g = group.sort_values(["ts", "_order"], kind="stable")
-    dup = g.duplicated(subset=["item_id", "ts"], keep="first")
-    kept, dropped = g[~dup], g[dup]
-    n = len(kept)
-    dup_records = [json.dumps({"user_key": r.user_key, "item_key": r.item_key, "ts": int(r.ts)})
-                   for r in dropped.itertuples()]
-    ratings = kept["rating"].astype("float32")
-    return pd.DataFrame({
-        "user_id": [int(kept["user_id"].iloc[0])],
-        "user_key": [kept["user_key"].iloc[0]],
-        "domain": ["+".join(sorted(set(kept["domain"].fillna(""))))],
-        "items": [kept["item_id"].to_numpy(np.int64)],
-        "ts": [kept["ts"].to_numpy(np.int64)],
-        "ratings": [ratings.to_numpy()],
-        "reviews": [kept["review"].tolist()],
-        "n_train": [n - 2 if n >= 3 else n],
-        "duplicates": [dup_records],
-    })
+def _group_offsets(sorted_ids: np.ndarray) -> np.ndarray:
+    """Start offsets of runs of equal values in a sorted id array, plus the total length."""
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if len(sorted_ids) else np.empty(0, np.int64)
+    return np.r_[starts, len(sorted_ids)].astype(np.int32)
+
+
+def build_sequences(block: pa.Table) -> pa.Table:
+    """All users of one hash partition (every row of a user is in the block) -> one row per user:
+    time-ordered items (equal timestamps keep source order), exact duplicates (same item, same
+    ts) removed and reported. Repeat consumption at different times is kept: it is real
+    sequential behaviour. Vectorised over the block (one call per partition, not per user)."""
+    if block.num_rows == 0:
+        return SEQUENCE_SCHEMA.empty_table()
+    t = block.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending"), ("_order", "ascending")])
+    u, it, ts = (t.column(c).to_numpy() for c in ("user_id", "item_id", "ts"))
+    dup = np.r_[False, (u[1:] == u[:-1]) & (it[1:] == it[:-1]) & (ts[1:] == ts[:-1])]
+    dups = t.filter(pa.array(dup))
+    t = t.filter(pa.array(~dup)).sort_by([("user_id", "ascending"), ("ts", "ascending"), ("_order", "ascending")])
+    uid = t.column("user_id").to_numpy()
+    off = _group_offsets(uid)
+    first = off[:-1]
+    lens = np.diff(off)
+    offsets = pa.array(off, pa.int32())
+
+    def lists(col: str, typ: pa.DataType) -> pa.Array:
+        return pa.ListArray.from_arrays(offsets, t.column(col).combine_chunks().cast(typ))
+
+    users = uid[first]
+    domains = t.column("domain").take(pa.array(first))
+    if pc.count_distinct(t.column("domain")).as_py() > 1:  # multi-domain: list every domain of the user
+        agg = t.group_by("user_id").aggregate([("domain", "distinct")]).to_pydict()
+        joined = {k: "+".join(sorted(v)) for k, v in zip(agg["user_id"], agg["domain_distinct"])}
+        domains = pa.array([joined[k] for k in users.tolist()], pa.string())
+    dup_by_user: dict[int, list[str]] = {}
+    for r in dups.select(["user_id", "user_key", "item_key", "ts"]).to_pylist():
+        dup_by_user.setdefault(r["user_id"], []).append(
+            json.dumps({"user_key": r["user_key"], "item_key": r["item_key"], "ts": r["ts"]}))
+    return pa.table({
+        "user_id": pa.array(users, pa.int64()),
+        "user_key": t.column("user_key").take(pa.array(first)),
+        "domain": domains,
+        "items": lists("item_id", pa.int64()),
+        "ts": lists("ts", pa.int64()),
+        "ratings": lists("rating", pa.float32()),
+        "reviews": lists("review", pa.string()),
+        "n_train": pa.array(np.where(lens >= 3, lens - 2, lens), pa.int64()),
+        "duplicates": pa.array([dup_by_user.get(k, []) for k in users.tolist()], pa.list_(pa.string())),
+    }, schema=SEQUENCE_SCHEMA)
+
+
+def dedup_items(block: pa.Table) -> pa.Table:
+    """One hash partition of items (every row of a key in the block): the first row of each
+    (domain, item_key) is kept; later rows get reason "duplicate item row"."""
+    t = block.sort_by([("_ikey", "ascending"), ("_order", "ascending")])
+    k = t.column("_ikey").to_numpy(zero_copy_only=False)
+    dup = np.r_[False, k[1:] == k[:-1]] if len(k) else np.empty(0, bool)
+    reason = pc.if_else(pa.array(dup), pa.scalar("duplicate item row"), pa.scalar(None, pa.string()))
+    return t.append_column("reason", reason)
 
 
 # ----------------------------------------------------------------------------------- splits
