@@ -1,0 +1,355 @@
+"""Base of the neural CTR tools (DLRM, DCNv2, xDeepFM) and the TorchRec model-parallel loop.
+
+Single process (tests, one Ray worker) or plain data parallel: the shared epoch loop
+:func:`reasonrec.tools.training.train_loop` (AdamW on every parameter, DDP when
+torch.distributed is initialised).
+
+TorchRec tools under torch.distributed (e.g. a Ray Train ``TorchTrainer`` with 2 gloo workers):
+:func:`train_model_parallel` wraps the module in ``DistributedModelParallel`` with the embedding
+tables sharded table-wise over the ranks. That needs a loop of its own, because
+* the sharded embedding forward is a collective (all-to-all), so validation must run on every
+  rank over its shard of the rows (rank-0-only validation as in ``train_loop`` would hang);
+* the embedding tables are updated by TorchRec's fused optimizer inside backward -- Adagrad with
+  ``sparse_lr`` (fbgemm's CPU kernels offer only SGD/Adagrad variants, no Adam) -- and only the
+  dense parameters go to AdamW;
+* the weights are sharded, so the best weights are gathered into a full state dict (on every
+  rank), which a plain unsharded module then loads: after ``fit`` the tool scores locally on any
+  rank with no collectives, and saves like in single-process mode.
+Epoch batches, patience, time budget and ``reporter(epoch, metrics)`` follow ``train_loop``.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reasonrec.metrics import auc, log_loss
+from reasonrec.tools.base import Tool, ToolData, ToolInputError
+from reasonrec.tools.ctr_features import (BASIC_DENSE, CTRFeaturizer, check_ctr_input, ctr_rows,
+                                          histories_for)
+from reasonrec.tools.training import TrainConfig, TrainResult, dist_info, epoch_batches, train_loop
+
+log = logging.getLogger(__name__)
+
+
+class CTRModule(nn.Module):
+    """``logits(dense [B,D], ids [B,F]) -> [B]``; ``forward`` returns the BCE training loss
+    (the training loop's convention)."""
+
+    @abc.abstractmethod
+    def logits(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(self.logits(dense, ids), labels)
+
+
+def _batched_logits(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dense: np.ndarray,
+                    ids: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(ids), batch_size):
+            out.append(fn(torch.from_numpy(dense[s:s + batch_size]), torch.from_numpy(ids[s:s + batch_size])).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))).astype(np.float32)
+
+
+class NeuralCTRTool(Tool):
+    """CTR tool over :class:`CTRFeaturizer` features; subclasses build the module."""
+
+    tasks = ("ctr",)
+    uses_torchrec = False
+    train_defaults: dict[str, Any] = dict(lr=1e-3, weight_decay=1e-6, batch_size=2048, max_epochs=30,
+                                          patience=3, key="auc")
+    # sharding / sparse_lr: only for TorchRec tools under DistributedModelParallel
+    model_defaults: dict[str, Any] = dict(dim=16, dense_features=list(BASIC_DENSE), user_dropout=0.02,
+                                          sharding="table_wise", sparse_lr=0.05)
+
+    def __init__(self, params: dict[str, Any] | None = None):
+        super().__init__(params)
+        self.model: CTRModule | None = None
+        self.feat: CTRFeaturizer | None = None
+        self.train_info: dict[str, Any] = {}
+
+    def p(self, key: str) -> Any:
+        return self.params.get(key, self.model_defaults.get(key))
+
+    @abc.abstractmethod
+    def build_module(self) -> CTRModule:
+        """The module for ``self.feat`` (sparse names/sizes, number of dense features)."""
+
+    # ----------------------------------------------------------------------------- training
+    def fit(self, data: ToolData, reporter=None, start_epoch: int = 0) -> dict[str, float]:
+        cfg = TrainConfig.from_params(self.params, **self.train_defaults)
+        rank, world = dist_info()
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.n_users, self.n_items = data.n_users, data.n_items
+        u, i, y = ctr_rows(data, "train")
+        if len(y) == 0:
+            raise ToolInputError(f"{self.name}: empty CTR train split")
+        resume = self.model is not None and start_epoch > 0
+        if not resume:
+            self.feat = CTRFeaturizer.from_data(data, self.p("dense_features"))
+        raw = self.feat.dense_raw(u, i, histories_for(data, u))
+        if not resume:
+            self.feat.fit_scaler(raw)
+            self.model = self.build_module()
+        dense_t = torch.from_numpy((raw - self.feat.mean) / self.feat.std)
+        ids0 = self.feat.sparse(u, i)
+        ids_t = torch.from_numpy(ids0.copy())
+        y_t = torch.from_numpy(y)
+        p_drop = float(self.p("user_dropout"))
+
+        def user_dropout(epoch: int) -> None:
+            # a fresh share of rows per epoch sees the unknown-user row (cold-start embedding)
+            rng = np.random.default_rng([cfg.seed, 11, epoch])
+            col = np.where(rng.random(len(ids0)) < p_drop, self.n_users, ids0[:, 0])
+            ids_t[:, 0] = torch.from_numpy(col)
+
+        validate = None
+        valid = None
+        if "valid" in data.ctr and len(data.ctr["valid"][2]):
+            vu, vi, vy = ctr_rows(data, "valid")
+            valid = (self.feat.dense(vu, vi, histories_for(data, vu)), self.feat.sparse(vu, vi), vy)
+
+            def validate() -> dict[str, float]:
+                logits = _batched_logits(self.model.logits, valid[0], valid[1])
+                return {"auc": auc(valid[2], logits), "logloss": log_loss(valid[2], _sigmoid(logits))}
+
+        tensors = [dense_t, ids_t, y_t]
+        if world > 1 and self.uses_torchrec:
+            state, result = train_model_parallel(
+                self.model, tensors, cfg, valid, reporter=reporter, start_epoch=start_epoch, name=self.name,
+                on_epoch_start=user_dropout, sharding=str(self.p("sharding")), sparse_lr=float(self.p("sparse_lr")))
+            self.model = self.build_module()  # plain, unsharded, no in-backward optimizer hooks
+            self.model.load_state_dict(state)
+        else:
+            result = train_loop(self.model, tensors, cfg, validate=validate, reporter=reporter,
+                                start_epoch=start_epoch, name=self.name, on_epoch_start=user_dropout)
+        self.model.eval()
+        self.train_info = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                           "stopped": result.stopped, "seconds": round(result.seconds, 2), "world": world}
+        return dict(result.best_metrics)
+
+    # ---------------------------------------------------------------------------- inference
+    def predict_ctr(self, users: np.ndarray, items: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        if self.model is None:
+            raise RuntimeError(f"{self.name}: not trained")
+        users = np.asarray(users, np.int64).reshape(-1)
+        items = np.asarray(items, np.int64).reshape(-1)
+        check_ctr_input(self.n_items, users, items, histories)
+        self.model.eval()
+        logits = _batched_logits(self.model.logits, self.feat.dense(users, items, histories), self.feat.sparse(users, items))
+        return _sigmoid(logits)
+
+    # ---------------------------------------------------------------------------- save/load
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        if self.model is None:
+            raise RuntimeError(f"{self.name}: not trained")
+        fcfg, farr = self.feat.state()
+        arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
+        arrays.update(farr)
+        return {"params": self.params, "n_users": self.n_users, "n_items": self.n_items,
+                "features": fcfg, "train_info": self.train_info}, arrays
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> "NeuralCTRTool":
+        tool = cls(config["params"])
+        tool.n_users, tool.n_items = int(config["n_users"]), int(config["n_items"])
+        tool.train_info = dict(config.get("train_info", {}))
+        tool.feat = CTRFeaturizer.from_state(config["features"], arrays)
+        tool.model = tool.build_module()
+        tool.model.load_state_dict({k[len("model."):]: torch.from_numpy(np.array(v))
+                                    for k, v in arrays.items() if k.startswith("model.")})
+        tool.model.eval()
+        return tool
+
+
+# ------------------------------------------------------------------ TorchRec model parallel
+
+def _gather_full_state(dmp: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) copy of a DMP state dict on every rank (collective)."""
+    import torch.distributed as dist
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    rank, _ = dist_info()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in dmp.state_dict().items():
+        if isinstance(v, ShardedTensor):
+            full = torch.empty(v.size(), dtype=v.dtype) if rank == 0 else None
+            v.gather(dst=0, out=full)
+            if rank != 0:
+                full = torch.empty(v.size(), dtype=v.dtype)
+            dist.broadcast(full, src=0)
+            out[k] = full
+        else:
+            out[k] = v.detach().clone()
+    return out
+
+
+def _load_full_state(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Copy a full state dict into a DMP model: each rank writes its local shards (the state
+    dict tensors alias the live weights, fused tables included)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    with torch.no_grad():
+        for k, v in dmp.state_dict().items():
+            src = full[k]
+            if isinstance(v, ShardedTensor):
+                for shard in v.local_shards():
+                    sl = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+                    shard.tensor.copy_(src[sl])
+            else:
+                v.copy_(src)
+
+
+def shard_model(module: nn.Module, sparse_lr: float, sharding: str = "table_wise") -> nn.Module:
+    """``DistributedModelParallel`` over the process group, every embedding table sharded with
+    ``sharding`` and a fused Adagrad (lr ``sparse_lr``) applied in backward; starts from
+    ``module``'s current weights (collective)."""
+    import torch.distributed as dist
+    from torchrec import EmbeddingBagCollection
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    _, world = dist_info()
+    start = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    ebcs = [m for m in module.modules() if isinstance(m, EmbeddingBagCollection)]
+    apply_optimizer_in_backward(torch.optim.Adagrad, [p for e in ebcs for p in e.parameters()], {"lr": sparse_lr})
+    tables = [c.name for e in ebcs for c in e.embedding_bag_configs()]
+    constraints = {t: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in tables}
+    sharders = [EmbeddingBagCollectionSharder()]
+    # fixed reservation: the heuristical default is deprecated and over-estimates on CPU
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"),
+                                       constraints=constraints, debug=False,
+                                       storage_reservation=FixedPercentageStorageReservation(0.15))
+    plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    _load_full_state(dmp, start)
+    return dmp
+
+
+def _dense_parameters(dmp: nn.Module) -> list[nn.Parameter]:
+    from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+
+    sharded = {id(p) for m in dmp.modules() if isinstance(m, ShardedEmbeddingBagCollection) for p in m.parameters()}
+    return [p for p in dmp.parameters() if p.requires_grad and id(p) not in sharded]
+
+
+def dmp_logits(dmp: nn.Module, dense: np.ndarray, ids: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Logits for all rows on every rank: each rank scores an equal, padded slice (the sharded
+    forward is collective, so all ranks must run the same number of equal batches)."""
+    import torch.distributed as dist
+
+    rank, world = dist_info()
+    n = len(ids)
+    per = max(1, math.ceil(n / world))
+    idx = np.arange(rank * per, (rank + 1) * per)
+    idx = np.where(idx < n, idx, 0)  # pad with row 0; padded outputs are dropped below
+    inner = dmp.module
+    inner.eval()
+    parts = []
+    with torch.no_grad():
+        for s in range(0, per, batch_size):
+            b = idx[s:s + batch_size]
+            parts.append(inner.logits(torch.from_numpy(dense[b]), torch.from_numpy(ids[b])))
+    mine = torch.cat(parts)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    inner.train()
+    return torch.cat(gathered)[:n].numpy()
+
+
+def train_model_parallel(module: CTRModule, tensors: Sequence[torch.Tensor], cfg: TrainConfig,
+                         valid: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+                         reporter=None, start_epoch: int = 0, name: str = "tool",
+                         on_epoch_start: Callable[[int], None] | None = None,
+                         sharding: str = "table_wise", sparse_lr: float = 0.05,
+                         ) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """Train ``module`` (a TorchRec CTR module) under DMP; returns the best full state dict (on
+    every rank) and the result. ``valid`` = (dense, ids, labels) rows, metric ``cfg.key``."""
+    import torch.distributed as dist
+
+    rank, world = dist_info()
+    dmp = shard_model(module, sparse_lr, sharding)
+    dense_params = _dense_parameters(dmp)
+    opt = torch.optim.AdamW(dense_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_rows = int(tensors[0].shape[0])
+
+    def run_validation() -> dict[str, float]:
+        if valid is None:
+            return {}
+        logits = dmp_logits(dmp, valid[0], valid[1])
+        return {"auc": auc(valid[2], logits), "logloss": log_loss(valid[2], _sigmoid(logits))}
+
+    t_start = time.time()
+    best_value, best_epoch, best_metrics, best_state = -math.inf, -1, {}, None
+    if valid is not None and start_epoch > 0:
+        best_metrics = run_validation()
+        best_value, best_epoch = best_metrics.get(cfg.key, -math.inf), start_epoch - 1
+        best_state = _gather_full_state(dmp)
+    history: list[dict[str, float]] = []
+    stopped, bad_epochs, last_epoch, epoch_seconds = "max_epochs", 0, start_epoch - 1, 0.0
+    for epoch in range(start_epoch, cfg.max_epochs):
+        if cfg.time_budget_s and (time.time() - t_start) + epoch_seconds > cfg.time_budget_s:
+            stopped = "time_budget"
+            break
+        t0 = time.time()
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        dmp.train()
+        total, steps = 0.0, 0
+        for idx in epoch_batches(n_rows, cfg.batch_size, epoch, cfg.seed, rank, world):
+            idx_t = torch.from_numpy(idx)
+            loss = dmp(*[t[idx_t] for t in tensors])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # the embedding tables step here (fused optimizer)
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(dense_params, cfg.grad_clip)
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+        train_seconds = time.time() - t0
+        metrics = run_validation()  # identical on every rank (all-gathered logits)
+        lt = torch.tensor([total / max(steps, 1)], dtype=torch.float64)
+        dist.all_reduce(lt)
+        metrics["loss"] = float(lt) / world
+        epoch_seconds = time.time() - t0
+        metrics.update(epoch=epoch, seconds=epoch_seconds, train_seconds=train_seconds)
+        last_epoch = epoch
+        value = metrics.get(cfg.key)
+        if valid is None:
+            best_metrics, best_epoch = dict(metrics), epoch
+        elif value is not None and value > best_value + cfg.min_delta:
+            best_value, best_metrics, best_epoch = value, dict(metrics), epoch
+            best_state = _gather_full_state(dmp)
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        metrics["best_" + cfg.key] = float(best_value) if best_epoch >= 0 and valid is not None else float("nan")
+        history.append(metrics)
+        if rank == 0:
+            log.info("%s (DMP x%d) epoch %d: loss %.4f %s %s %.1fs", name, world, epoch, metrics["loss"],
+                     cfg.key, f"{value:.4f}" if value is not None else "-", epoch_seconds)
+        if reporter is not None:
+            reporter(epoch, dict(metrics))
+        if valid is not None and bad_epochs >= cfg.patience:
+            stopped = "early_stopping"
+            break
+    if best_state is None:
+        best_state = _gather_full_state(dmp)
+    return best_state, TrainResult(best_metrics=best_metrics, best_epoch=best_epoch,
+                                   epochs_run=last_epoch - start_epoch + 1, last_epoch=last_epoch,
+                                   stopped=stopped, seconds=time.time() - t_start, history=history)
