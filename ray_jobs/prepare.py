@@ -2,9 +2,9 @@
 
     python -m ray_jobs.prepare --config configs/quickstart.yaml [key=value ...] [--force]
 
-Streams with Ray Data: sources are read per shard in parallel, per-user work runs in
-``groupby(user_id).map_groups``, global values (the count histogram, the time-shift cutoff) come
-from Ray Data aggregations. The only things collected on the driver are the sorted distinct user
+Streams with Ray Data: sources are read per shard in parallel, per-user work runs on hash
+partitions by user (every row of a user in one block), global values (the count histogram, the
+time-shift cutoff, the distinct keys) come from Ray Data aggregations. The only things collected on the driver are the sorted distinct user
 and item keys (to assign dense ids deterministically) and small histograms.
 """
 from __future__ import annotations
@@ -29,6 +29,11 @@ from reasonrec.runtime import init_ray
 
 STAGE = "prepare"
 TABLES = ("items", "interactions", "users", "loo", "direct_candidates", "ctr", "explanation", "timeshift", "quarantine")
+TABLE_SCHEMAS = {
+    "items": schemas.ITEMS, "interactions": schemas.INTERACTIONS, "users": schemas.USERS, "loo": schemas.LOO,
+    "direct_candidates": schemas.DIRECT_CANDIDATES, "ctr": schemas.CTR, "explanation": schemas.EXPLANATION,
+    "timeshift": schemas.TIMESHIFT, "quarantine": schemas.QUARANTINE,
+}
 log = logging.getLogger("reasonrec.prepare")
 
 
@@ -113,6 +118,17 @@ def _kcore(ray, inter, k: int, partitions: int):
     return inter, removed
 
 
+def _count_values(t: pa.Table) -> pa.Table:
+    vc = pc.value_counts(t.column("n_train").combine_chunks())
+    return pa.table({"n_train": vc.field("values"), "users": vc.field("counts")})
+
+
+def _parquet_rows(path: str, filesystem) -> int:
+    """Row count from the Parquet footers (no data read, no extra Ray execution)."""
+    import pyarrow.dataset as pads
+    return pads.dataset(path, filesystem=filesystem, format="parquet").count_rows()
+
+
 def run(cfg: RunConfig, force: bool = False) -> dict:
     ray = init_ray(cfg.ray)
     t_start = time.time()
@@ -143,7 +159,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         items = _read_source_table(ray, sources, "items").map_batches(P.validate_items, batch_format="pyarrow").materialize()
         n_input_items = items.count()
         quarantine_parts.append(_quarantined(items, "items"))
-        items = items.map_batches(_rows_without_reason, batch_format="pyarrow").map_batches(_with_lookup_key, batch_format="pyarrow")
+        items = items.map_batches(_rows_without_reason, batch_format="pyarrow").map_batches(
+            _with_lookup_key, batch_format="pyarrow").materialize()
         if items.count() > 0:
             items = _per_key_partition(items, "_ikey", P.dedup_items, parts).materialize()
             quarantine_parts.append(_quarantined(items, "items"))
@@ -155,9 +172,11 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             quarantine_parts.extend(_quarantined(r, "interactions") for r in removed)
 
     with _step("assign dense ids"):
-        user_keys = pa.array(sorted(inter.unique("user_key")), pa.string())
-        inter_ikeys = set(inter.unique("_ikey"))
-        catalog_ikeys = set(items.unique("_ikey")) if items.count() else set()
+        from ray.data.aggregate import Unique
+        distinct = inter.aggregate(Unique("user_key"), Unique("_ikey"))  # one pass for both key sets
+        user_keys = pa.array(sorted(distinct["unique(user_key)"]), pa.string())
+        inter_ikeys = set(distinct["unique(_ikey)"])
+        catalog_ikeys = set(items.aggregate(Unique("_ikey"))["unique(_ikey)"]) if items.count() else set()
         item_lookup = pa.array(sorted(inter_ikeys | catalog_ikeys), pa.string())
         n_items = len(item_lookup)
         user_ref, item_ref = ray.put(user_keys), ray.put(item_lookup)
@@ -191,8 +210,10 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         quarantine_parts.append(seqs.map_batches(dup_quarantine, batch_format="pyarrow"))
 
     with _step("evidence horizon"):
-        hist = seqs.groupby("n_train", num_partitions=parts).count().to_pandas()  # <= max(n) rows
-        counts, nusers = hist["n_train"].to_numpy(), hist["count()"].to_numpy()
+        # Per-block value counts, summed on the driver: at most blocks x distinct counts rows.
+        hist = seqs.select_columns(["n_train"]).map_batches(_count_values, batch_format="pyarrow").to_pandas()
+        hist = hist.groupby("n_train", as_index=False)["users"].sum()
+        counts, nusers = hist["n_train"].to_numpy(), hist["users"].to_numpy()
         normalizer = fit_normalizer(d.eh_normalizer, counts, nusers, d.eh_quantile)
         shares = {}
         for kind in ("max", "quantile", "rank", "log"):
@@ -227,17 +248,17 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     with store.stage_writer(STAGE, config_hash, inputs) as w:
         for name in TABLES:
             with _step(f"write {name}"):
-                ds = tables[name].materialize()
-                ds.write_parquet(w.path(name), filesystem=store.arrow_fs)
-                w.manifest.rows[name] = ds.count()
-                if name == "quarantine":
-                    reasons = Counter()
-                    for row in ds.groupby("reason").count().iter_rows():
-                        reasons[row["reason"]] = row["count()"]
-                if name == "users":
-                    bucket_counts = {r["eh_bucket"]: r["count()"] for r in ds.groupby("eh_bucket").count().iter_rows()}
+                tables[name].write_parquet(w.path(name), filesystem=store.arrow_fs)
+                if not store.fs.exists(w.path(name)):  # Ray writes no file for an empty dataset
+                    w.write_table(f"{name}/empty.parquet", TABLE_SCHEMAS[name].empty_table())
+                w.manifest.rows[name] = _parquet_rows(w.path(name), store.arrow_fs)
+        import pyarrow.dataset as pads
+        qtab = pads.dataset(w.path("quarantine"), filesystem=store.arrow_fs, format="parquet").to_table(columns=["table", "reason"])
+        reasons = Counter(qtab.column("reason").to_pylist())
+        q_by_table = Counter(qtab.column("table").to_pylist())
+        user_buckets = bucket(normalizer(counts), d.eh_thresholds)
+        bucket_counts = {b: int(nusers[user_buckets == b].sum()) for b in BUCKETS}
         rows = w.manifest.rows
-        q_by_table = {r["table"]: r["count()"] for r in tables["quarantine"].groupby("table").count().iter_rows()}
         balance_inter = n_input_inter == rows["interactions"] + q_by_table.get("interactions", 0)
         balance_items = n_input_items == rows["items"] - len(stubs) + q_by_table.get("items", 0)
         if not (balance_inter and balance_items):

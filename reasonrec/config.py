@@ -174,10 +174,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"config error: override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            # update() (not a merge of from_dotlist) so list indices work: data.sources.0.path=...
+            parsed = OmegaConf.from_dotlist([f"v={value}"])["v"]
+            OmegaConf.update(cfg, key.strip(), parsed, merge=True)
         except OmegaConfBaseException as exc:
             raise _format_error(exc, f"override '{item}'") from None
+        except (TypeError, IndexError, ValueError) as exc:
+            raise ConfigError(f"config error in override '{item}': key '{key}': {exc}") from None
     try:
         OmegaConf.resolve(cfg)
         obj = OmegaConf.to_object(cfg)

@@ -170,9 +170,10 @@ class StageWriter:
         return self.store.scheme + self.path(*parts)
 
     def write_table(self, name: str, table: pa.Table) -> None:
+        self.store.fs.makedirs(posixpath.dirname(self.path(name)), exist_ok=True)
         with self.store.fs.open(self.path(name), "wb") as f:
             pq.write_table(table, f)
-        self.manifest.rows[name.removesuffix(".parquet")] = table.num_rows
+        self.manifest.rows[name.split("/")[0].removesuffix(".parquet")] = table.num_rows
 
     def write_json(self, name: str, obj: Any) -> None:
         with self.store.fs.open(self.path(name), "w") as f:

@@ -20,6 +20,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("RAY_TMPDIR", os.path.join(_RAY_HOME, "ray"))
 os.environ["HOME"] = _RAY_HOME
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+# Test-only credentials for the moto server, set before Ray starts so its workers inherit them.
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.pop("RAY_ADDRESS", None)
 
 
@@ -47,9 +51,6 @@ def s3_endpoint():
     """A real S3 API (moto server) on 127.0.0.1; yields the endpoint URL. Test credentials only."""
     from moto.server import ThreadedMotoServer
 
-    os.environ["AWS_ACCESS_KEY_ID"] = "testing"
-    os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
-    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
