@@ -87,28 +87,47 @@ def _broadcast(obj: Any, world: int) -> Any:
     return box[0]
 
 
-def epoch_batches(n_rows: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
-                  world: int = 1) -> Iterable[np.ndarray]:
+def epoch_batches(n_rows: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
+                  lengths: np.ndarray | None = None, bucket_batches: int = 50) -> Iterable[np.ndarray]:
     """Row indices of this rank's batches for one epoch. The permutation depends only on
-    (seed, epoch), so every rank agrees; it is trimmed to a multiple of ``world`` so every rank
-    takes the same number of steps (DDP all-reduces once per step)."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
-    if world > 1:
-        perm = perm[: len(perm) - len(perm) % world][rank::world]
-    for start in range(0, len(perm), batch_size):
-        yield perm[start:start + batch_size]
+    (seed, epoch), so every rank agrees; it is trimmed to a multiple of ``world`` and each global
+    batch (``batch_size * world`` rows) is dealt out across ranks, so every rank takes the same
+    number of steps (DDP all-reduces once per step).
+
+    With ``lengths`` (e.g. sequence lengths), rows are sorted by length inside chunks of
+    ``bucket_batches`` global batches and the batch order is shuffled again: batches then hold
+    similar lengths, so padding can be trimmed per batch, while the data order stays random."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n_rows)
+    perm = perm[: len(perm) - len(perm) % world]
+    gbs = batch_size * world
+    if lengths is None:
+        batches = [perm[i:i + gbs] for i in range(0, len(perm), gbs)]
+    else:
+        batches = []
+        chunk = gbs * bucket_batches
+        for start in range(0, len(perm), chunk):
+            part = perm[start:start + chunk]
+            part = part[np.argsort(lengths[part], kind="stable")]
+            batches.extend(part[i:i + gbs] for i in range(0, len(part), gbs))
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    for b in batches:
+        yield b[rank::world]
 
 
 def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainConfig,
                validate: Validator | None = None, reporter: Reporter | None = None,
                start_epoch: int = 0, name: str = "tool",
-               on_epoch_start: Callable[[int], None] | None = None) -> TrainResult:
+               on_epoch_start: Callable[[int], None] | None = None,
+               lengths: np.ndarray | None = None) -> TrainResult:
     """Train ``module`` in place on rows of ``tensors`` (all share dim 0), one batch =
     ``module(*[t[idx] for t in tensors])`` -> loss. After each epoch ``validate()`` (rank 0,
     ``module.eval()``, no grad) returns metrics; the best ``cfg.key`` weights are restored at the
     end. ``reporter(epoch, metrics)`` is called on every rank after each epoch. ``start_epoch``
     resumes the epoch count (the module holds the weights to continue from; the optimizer starts
-    fresh). ``on_epoch_start(epoch)`` lets a tool resample per-epoch data (e.g. negatives)."""
+    fresh). ``on_epoch_start(epoch)`` lets a tool resample per-epoch data (e.g. negatives).
+    ``lengths`` (per row) turns on length-bucketed batches (see :func:`epoch_batches`). Under
+    torch.distributed ``cfg.batch_size`` is per rank."""
     rank, world = dist_info()
     n_rows = int(tensors[0].shape[0])
     if any(int(t.shape[0]) != n_rows for t in tensors):
@@ -157,7 +176,7 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
             on_epoch_start(epoch)
         module.train()
         total, steps = 0.0, 0
-        for idx in epoch_batches(n_rows, cfg.batch_size, epoch, cfg.seed, rank, world):
+        for idx in epoch_batches(n_rows, cfg.batch_size, epoch, cfg.seed, rank, world, lengths):
             idx_t = torch.from_numpy(idx)
             loss = model(*[t[idx_t] for t in tensors])
             opt.zero_grad(set_to_none=True)
@@ -190,9 +209,9 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
         metrics["best_" + cfg.key] = float(best_value) if best_epoch >= 0 and validate is not None else float("nan")
         history.append(metrics)
         if rank == 0:
-            log.info("%s epoch %d: loss %.4f %s %s (best %.4f @%d) %.1fs", name, epoch, metrics["loss"],
+            log.info("%s epoch %d: loss %.4f %s %s (best %.4f @%d) %.1fs (train %.1fs)", name, epoch, metrics["loss"],
                      cfg.key, f"{value:.4f}" if value is not None else "-", best_value, best_epoch,
-                     epoch_seconds)
+                     epoch_seconds, train_seconds)
         if reporter is not None:
             reporter(epoch, dict(metrics))
         if validate is not None and bad_epochs >= cfg.patience:
