@@ -1,0 +1,108 @@
+"""Majority-vote ensemble (the ReasonRec paper's ensemble baseline): the member tools' predictions
+are averaged per task -- rank-normalised scores for ranking (sequential / direct: each member's
+scores become ranks in [0, 1], so members on different scales vote equally), probabilities for
+CTR. Members that do not serve a task (e.g. a CTR-only model) sit that task out.
+
+Members are named in ``params["members"]`` (optional ``params["weights"]``, one per member).
+Build it from already-trained tools with ``Ensemble(params, members={name: tool})``; ``fit``
+trains (with ``params["member_params"][name]``) any member not passed in. It saves only its own
+config and the member *names*: ``persist.load_tool`` rebuilds it from members passed by name or
+saved as sibling folders ``<parent>/<member name>`` (the layout of the tools stage).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from reasonrec.tools.base import Tool, ToolData, register, tool_class
+from reasonrec.tools.training import ranking_validator
+
+
+def rank_normalise(scores: np.ndarray) -> np.ndarray:
+    """Per row, each column's rank from the bottom scaled to [0, 1] (1 = the row's best)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.where(np.isnan(scores), -np.inf, scores)
+    ranks = np.argsort(np.argsort(scores, axis=1, kind="stable"), axis=1, kind="stable")
+    return (ranks / max(scores.shape[1] - 1, 1)).astype(np.float32)
+
+
+@register
+class Ensemble(Tool):
+    name = "ensemble"
+    tasks = ("sequential", "direct", "ctr")
+    has_members = True  # persist.load_tool passes the members to from_state
+
+    def __init__(self, params: dict[str, Any] | None = None, members: Mapping[str, Tool] | None = None):
+        super().__init__(params)
+        names = list(self.params.get("members") or (members.keys() if members else []))
+        if not names:
+            raise ValueError("ensemble needs params['members'] (tool names) or members={name: tool}")
+        self.params["members"] = names
+        weights = self.params.get("weights") or [1.0] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(weights)} weights for {len(names)} members")
+        self.weights = dict(zip(names, map(float, weights)))
+        self.members: dict[str, Tool] = dict(members or {})
+        unknown = set(self.members) - set(names)
+        if unknown:
+            raise ValueError(f"members {sorted(unknown)} are not in params['members'] {names}")
+        self._sync_sizes()
+
+    def _sync_sizes(self) -> None:
+        if self.members:
+            self.n_items = max(m.n_items for m in self.members.values())
+            self.n_users = max(m.n_users for m in self.members.values())
+
+    def _voters(self, task: str) -> list[tuple[str, Tool]]:
+        voters = [(n, self.members[n]) for n in self.params["members"]
+                  if n in self.members and task in self.members[n].tasks]
+        if not voters:
+            raise RuntimeError(f"no ensemble member serves task '{task}' (members: {self.params['members']})")
+        return voters
+
+    def fit(self, data: ToolData, reporter: Callable[[int, dict], None] | None = None,
+            start_epoch: int = 0) -> dict[str, float]:
+        member_params = self.params.get("member_params") or {}
+        for n in self.params["members"]:
+            if n not in self.members:
+                tool = tool_class(n)(member_params.get(n))
+                tool.fit(data)
+                self.members[n] = tool
+        self._sync_sizes()
+        metrics = ranking_validator(self.score_items, data.train_seqs, data.valid_item,
+                                    max_users=self.params.get("valid_users"))()
+        if reporter is not None:
+            reporter(start_epoch, dict(metrics, epoch=start_epoch))
+        return metrics
+
+    def score_items(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        voters = self._voters("sequential")
+        total = sum(self.weights[n] for n, _ in voters)
+        out = np.zeros((len(histories), self.n_items), dtype=np.float32)
+        for n, tool in voters:
+            out += self.weights[n] / total * rank_normalise(tool.score_items(users, histories))
+        return out
+
+    def predict_ctr(self, users: np.ndarray, items: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        items = np.asarray(items, dtype=np.int64)
+        self.check_items(items)
+        voters = self._voters("ctr")
+        total = sum(self.weights[n] for n, _ in voters)
+        return sum(self.weights[n] / total * np.asarray(t.predict_ctr(users, items, histories), dtype=np.float64)
+                   for n, t in voters)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return ({"params": self.params, "members": list(self.params["members"]),
+                 "n_items": self.n_items, "n_users": self.n_users}, {})
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray],
+                   members: Mapping[str, Tool] | None = None) -> "Ensemble":
+        missing = [n for n in config["members"] if not members or n not in members]
+        if missing:
+            raise ValueError(f"ensemble members {missing} not given; load it with persist.load_tool, which "
+                             f"finds them by name")
+        tool = cls(config["params"], members={n: members[n] for n in config["members"]})
+        tool.n_items, tool.n_users = int(config["n_items"]), int(config["n_users"])
+        return tool

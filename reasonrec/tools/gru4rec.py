@@ -1,0 +1,35 @@
+"""GRU4Rec (Hidasi et al. 2016): a GRU over the item sequence; its projected hidden state at each
+step scores all items through the shared item embedding. Same full-softmax CE as SASRec."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from reasonrec.tools.base import register
+from reasonrec.tools.sequential import SeqNet, SequentialTorchTool
+
+
+class GRU4RecNet(SeqNet):
+    def __init__(self, n_items: int, hidden: int, gru_hidden: int, layers: int, dropout: float):
+        super().__init__(n_items, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.gru = nn.GRU(hidden, gru_hidden, num_layers=layers, batch_first=True)
+        self.proj = nn.Linear(gru_hidden, hidden)
+
+    def encode(self, seqs: torch.Tensor) -> torch.Tensor:
+        # Left padding: padded steps come first and carry zero embeddings, so the state at the
+        # real items depends (almost) only on them; no packing needed.
+        out, _ = self.gru(self.drop(self.item_emb(seqs)))
+        return self.proj(self.drop(out))
+
+
+@register
+class GRU4Rec(SequentialTorchTool):
+    name = "gru4rec"
+    defaults = {"hidden": 64, "gru_hidden": 128, "layers": 1, "dropout": 0.3, "max_len": 50,
+                "lr": 1e-3, "batch_size": 128}
+
+    def build_net(self) -> GRU4RecNet:
+        hp = self.hp
+        return GRU4RecNet(self.n_items, int(hp["hidden"]), int(hp["gru_hidden"]), int(hp["layers"]),
+                          float(hp["dropout"]))

@@ -1,0 +1,219 @@
+"""Sequential tools, the shared training loop and tool persistence, on a tiny synthetic dataset
+with real sequential structure: items follow a cycle i -> i+1 (mod N) with some noise, so a
+sequential model can predict the next item while popularity (near uniform) cannot."""
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from reasonrec.metrics import rank_full_catalog, ranking_metrics
+from reasonrec.tools import ToolData, ToolInputError, tool_class
+from reasonrec.tools.ensemble import Ensemble
+from reasonrec.tools.persist import load_tool, pack_ragged, save_tool, unpack_ragged
+from reasonrec.tools.training import TrainConfig, epoch_batches, train_loop
+
+N_ITEMS, N_USERS = 60, 300
+ADJ = ["red", "blue", "green", "black", "white", "golden", "silver", "pink", "purple", "orange",
+       "yellow", "brown", "grey", "navy", "ivory"]
+NOUN = ["lipstick", "shampoo", "perfume", "nail polish", "sunscreen", "mascara", "face cream",
+        "hair brush", "eyeliner", "body lotion", "soap bar", "hair dryer", "razor", "toothpaste", "blush"]
+# Tiny, fast settings so every torch tool trains in a few seconds.
+FAST = {"hidden": 32, "inner": 64, "max_len": 12, "dropout": 0.1, "attn_dropout": 0.1, "lr": 5e-3,
+        "batch_size": 64, "max_epochs": 40, "patience": 4, "gru_hidden": 64}
+
+
+def make_data(seed: int = 0) -> ToolData:
+    rng = np.random.default_rng(seed)
+    full = []
+    for _ in range(N_USERS):
+        seq = [int(rng.integers(N_ITEMS))]
+        for _ in range(int(rng.integers(6, 16)) - 1):
+            seq.append((seq[-1] + 1) % N_ITEMS if rng.random() < 0.85 else int(rng.integers(N_ITEMS)))
+        full.append(np.asarray(seq, dtype=np.int64))
+    # Items come in blocks of 4 sharing a description, so text similarity follows the cycle too.
+    text = [f"{ADJ[(i // 4) % len(ADJ)]} {NOUN[(i // 4) % len(NOUN)]} number {i}" for i in range(N_ITEMS)]
+    return ToolData(n_users=N_USERS, n_items=N_ITEMS, train_seqs=[s[:-2] for s in full],
+                    valid_item=np.array([s[-2] for s in full]), test_item=np.array([s[-1] for s in full]),
+                    item_text=text)
+
+
+def hr10(tool, data: ToolData) -> float:
+    users = np.arange(data.n_users)
+    hist = [np.append(data.train_seqs[u], data.valid_item[u]) for u in users]
+    ranks = rank_full_catalog(tool.score_items(users, hist), data.test_item)
+    return ranking_metrics(ranks, (10,))["hr@10"]
+
+
+@pytest.fixture(scope="module")
+def data() -> ToolData:
+    return make_data()
+
+
+@pytest.fixture(scope="module")
+def trained(data) -> dict:
+    torch.set_num_threads(1)  # the test machine is small and shared
+    tools = {}
+    for name in ("popularity", "sasrec", "lightsans", "gru4rec", "semantic"):
+        tool = tool_class(name)(dict(FAST) if name in ("sasrec", "lightsans", "gru4rec") else {})
+        tool.fit(data)
+        tools[name] = tool
+    tools["ensemble"] = Ensemble({"members": ["sasrec", "gru4rec", "semantic"]},
+                                 members={n: tools[n] for n in ("sasrec", "gru4rec", "semantic")})
+    return tools
+
+
+@pytest.mark.parametrize("name", ["sasrec", "lightsans", "gru4rec", "semantic", "ensemble"])
+def test_tool_beats_popularity(trained, data, name):
+    pop, hr = hr10(trained["popularity"], data), hr10(trained[name], data)
+    assert hr > pop + 0.1, f"{name} HR@10 {hr:.3f} vs popularity {pop:.3f}"
+
+
+@pytest.mark.parametrize("name", ["sasrec", "lightsans", "gru4rec", "semantic", "ensemble", "popularity"])
+def test_save_load_identical(trained, data, tmp_path, name):
+    for n, tool in trained.items():
+        if n != "ensemble":
+            save_tool(tool, str(tmp_path / n))
+    save_tool(trained[name], str(tmp_path / name))
+    loaded = load_tool(str(tmp_path / name))  # the ensemble finds its members in sibling folders
+    assert type(loaded) is type(trained[name])
+    users = np.arange(20)
+    hist = [data.train_seqs[u] for u in users[:-1]] + [np.zeros(0, dtype=np.int64)]
+    np.testing.assert_array_equal(trained[name].score_items(users, hist), loaded.score_items(users, hist))
+    items = np.array([data.valid_item[u] for u in users])
+    np.testing.assert_array_equal(trained[name].predict_ctr(users, items, hist), loaded.predict_ctr(users, items, hist))
+
+
+def test_load_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_tool(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("name", ["sasrec", "lightsans", "gru4rec", "semantic", "ensemble", "popularity"])
+def test_bad_input(trained, data, name):
+    tool = trained[name]
+    hist = [data.train_seqs[0], np.zeros(0, dtype=np.int64)]
+    users = np.array([0, -1])  # -1: an unknown user
+    with pytest.raises(ToolInputError, match="unknown item id 60"):
+        tool.score_candidates(users, hist, np.array([[1, 2, 60], [3, 4, 5]]))
+    with pytest.raises(ToolInputError, match="duplicate"):
+        tool.score_candidates(users, hist, np.array([[1, 2, 2], [3, 4, 5]]))
+    with pytest.raises(ToolInputError):
+        tool.score_items(users[:1], [np.array([1, -3])])
+    scores = tool.score_items(users, hist)
+    assert scores.shape == (2, N_ITEMS) and np.isfinite(scores).all()
+    # Empty history falls back to popularity: the most popular item is ranked first.
+    pop = data.item_popularity
+    assert pop[int(np.argmax(scores[1]))] == pop.max()
+    cand = tool.score_candidates(users, hist, np.array([[1, 2, 3], [3, 4, 5]]))
+    assert cand.shape == (2, 3)
+    p = tool.predict_ctr(users, np.array([1, 2]), hist)
+    assert p.shape == (2,) and ((p >= 0) & (p <= 1)).all()
+
+
+def test_ensemble_averages_rank_normalised(trained, data):
+    ens = trained["ensemble"]
+    hist = [data.train_seqs[u] for u in range(5)]
+    s = ens.score_items(np.arange(5), hist)
+    assert s.min() >= 0 and s.max() <= 1
+    with pytest.raises(ValueError, match="not given"):
+        Ensemble.from_state(*ens.state())
+
+
+def test_ragged_roundtrip():
+    seqs = [np.array([3, 1]), np.zeros(0, dtype=np.int64), np.array([7])]
+    values, offsets = pack_ragged(seqs)
+    assert [s.tolist() for s in unpack_ragged(values, offsets)] == [[3, 1], [], [7]]
+
+
+# ---------------------------------------------------------------------------- training loop
+
+class Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+
+    def forward(self, x, y):
+        return ((self.lin(x)[:, 0] - y) ** 2).mean()
+
+
+def test_early_stopping_reports_and_keeps_best():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+    m = Linear()
+    scores = iter([0.1, 0.5, 0.3, 0.2, 0.4, 0.9])  # best at epoch 1, then 3 worse -> stop after 4
+    snapshots, reports = {}, []
+
+    def validate():
+        snapshots[len(snapshots)] = m.lin.weight.detach().clone()
+        return {"ndcg@10": next(scores)}
+
+    res = train_loop(m, [x, y], TrainConfig(max_epochs=20, patience=3, batch_size=16, lr=0.01),
+                     validate=validate, reporter=lambda e, metrics: reports.append((e, metrics)))
+    assert res.stopped == "early_stopping" and res.best_epoch == 1 and res.epochs_run == 5
+    assert [e for e, _ in reports] == [0, 1, 2, 3, 4]
+    assert all({"loss", "ndcg@10", "epoch", "seconds"} <= set(mm) for _, mm in reports)
+    assert res.best_metrics["ndcg@10"] == 0.5
+    torch.testing.assert_close(m.lin.weight, snapshots[1])  # best weights restored
+
+
+def test_resume_and_time_budget():
+    x, y = torch.randn(32, 3), torch.randn(32)
+    m = Linear()
+    reports = []
+    res = train_loop(m, [x, y], TrainConfig(max_epochs=5, batch_size=8), validate=lambda: {"ndcg@10": 0.0},
+                     reporter=lambda e, _: reports.append(e), start_epoch=3)
+    # Resuming validates the starting weights first; they stay best since nothing beats them.
+    assert reports == [3, 4] and res.best_epoch == 2 and res.last_epoch == 4
+    res = train_loop(m, [x, y], TrainConfig(max_epochs=1000, batch_size=8, time_budget_s=0.3))
+    assert res.stopped == "time_budget" and res.epochs_run < 1000
+
+
+def test_epoch_batches_shard_and_bucket():
+    lengths = np.random.default_rng(0).integers(1, 50, 103)
+    shards = [list(epoch_batches(103, 8, epoch=2, seed=0, rank=r, world=2, lengths=lengths)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1])
+    rows = np.concatenate([np.concatenate(s) for s in shards])
+    assert len(rows) == 102 and len(set(rows.tolist())) == 102  # disjoint, trimmed to a multiple of 2
+    spread = np.mean([np.ptp(lengths[b]) for b in shards[0]])
+    assert spread < 10  # bucketed: lengths within a batch are close
+
+
+# --------------------------------------------------------------------- torch.distributed (gloo)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        data = make_data()
+        tool = tool_class("sasrec")(dict(FAST, max_epochs=3, patience=10, seed=rank))  # seeds differ on purpose
+        reports = []
+        tool.fit(data, reporter=lambda e, m: reports.append((e, round(m["loss"], 6), m.get("ndcg@10"))))
+        weights = {k: v.numpy() for k, v in tool.net.state_dict().items()}
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), reports=np.array(reports, dtype=np.float64), **weights)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_training_under_torch_distributed(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
+    # Same reports on both ranks (rank 0 validates and broadcasts), one per epoch.
+    np.testing.assert_array_equal(r0["reports"], r1["reports"])
+    assert r0["reports"][:, 0].tolist() == [0, 1, 2]
+    # DDP keeps the replicas identical even though each rank was seeded differently.
+    for k in r0.files:
+        if k != "reports":
+            np.testing.assert_array_equal(r0[k], r1[k])
