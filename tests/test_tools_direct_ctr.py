@@ -248,11 +248,12 @@ def _dmp_worker(rank: int, world_size: int, port: int, name: str, out_dir: str) 
         p = tool.predict_ctr(u, i, hist)  # local, unsharded model gathered after training
         # the gathered weights, sharded again, give the same logits as the plain model
         dense, ids = tool.feat.dense(u, i, hist), tool.feat.sparse(u, i)
+        hm = tool.feat.history_matrix(i, hist, int(tool.p("history_len")))
         again = tool.build_module()
         again.load_state_dict(tool.model.state_dict())
-        sharded = dmp_logits(shard_model(again, 0.05), dense, ids)
+        sharded = dmp_logits(shard_model(again, 0.05), dense, ids, hm)
         with torch.no_grad():
-            plain = tool.model.logits(torch.from_numpy(dense), torch.from_numpy(ids)).numpy()
+            plain = tool.model.logits(torch.from_numpy(dense), torch.from_numpy(ids), torch.from_numpy(hm)).numpy()
         np.save(os.path.join(out_dir, f"p{rank}.npy"), p)
         with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
             json.dump({"losses": [m["loss"] for m in reports], "metrics": metrics, "world": tool.train_info["world"],
@@ -276,3 +277,35 @@ def test_torchrec_model_parallel_two_processes(name, tmp_path):
     assert r[0]["losses"] == r[1]["losses"]  # loss is all-reduced: every rank reports the same
     assert p[0].shape == (r[0]["n"],) and ((p[0] > 0) & (p[0] < 1)).all()
     np.testing.assert_array_equal(p[0], p[1])  # every rank ends with the same full weights
+
+
+# ------------------------------------------------------------------------------- features
+
+def test_ctr_features_by_hand_leave_self_out_and_out_of_fold():
+    from reasonrec.tools.ctr_features import DENSE_FEATURES, CTRFeaturizer
+
+    train = [np.array([0, 1, 2]), np.array([1, 2]), np.array([2, 3]), np.array([0, 2, 3])]
+    users = np.concatenate([np.full(len(s), u) for u, s in enumerate(train)])
+    items = np.concatenate(train)
+    cat = np.array([0, 0, 1, 1, 0])
+    f = CTRFeaturizer(4, 5, cat, None, users, items, DENSE_FEATURES, n_folds=2)
+    col = {n: k for k, n in enumerate(DENSE_FEATURES)}
+    # user 1 (history [1, 2]) and item 3: pop 2; C[3,1] = 0, C[3,2] = 2 (users 2 and 3);
+    # cos = 2 / sqrt(2 * 4); category 1 shared with item 2 -> 1/2; no brand data -> 0
+    x = f.dense_raw(np.array([1]), np.array([3]), [train[1]])[0]
+    assert x[col["log_hist_len"]] == pytest.approx(np.log1p(2))
+    assert x[col["log_item_pop"]] == pytest.approx(np.log1p(2))
+    assert x[col["log_cooc_sum"]] == pytest.approx(np.log1p(2)) and x[col["log_cooc_max"]] == pytest.approx(np.log1p(2))
+    assert x[col["cos_sum"]] == pytest.approx(2 / np.sqrt(8), rel=1e-6)
+    assert x[col["cat_affinity"]] == pytest.approx(0.5) and x[col["brand_affinity"]] == 0.0
+    # inference on a training pair looks exactly like a featurizer that never saw that pair
+    keep = ~((users == 0) & (items == 2))
+    g = CTRFeaturizer(4, 5, cat, None, users[keep], items[keep], DENSE_FEATURES, n_folds=2)
+    np.testing.assert_allclose(f.dense_raw(np.array([0]), np.array([2]), [train[0]]),
+                               g.dense_raw(np.array([0]), np.array([2]), [train[0]]), rtol=1e-6)
+    # out-of-fold (training rows): counts from the other fold only, x K/(K-1) = x2 here
+    fold = f.fold_of(np.array([0]), np.array([2]))[0]
+    other = f.fold_of(users, items) != fold
+    pop2_other = float(((items == 2) & other).sum())
+    x = f.dense_raw(np.array([0]), np.array([2]), [train[0]], oof=True)[0]
+    assert x[col["log_item_pop"]] == pytest.approx(np.log1p(2 * pop2_other))

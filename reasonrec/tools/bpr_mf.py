@@ -28,6 +28,9 @@ class MFModule(nn.Module):
     def user_scores(self, u: torch.Tensor) -> torch.Tensor:
         return self.user(u) @ self.item.weight.T
 
+    def candidate_scores(self, u: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bd,bcd->bc", self.user(u), self.item(cands))
+
 
 @register
 class BPRMF(BPRTool):

@@ -40,22 +40,23 @@ log = logging.getLogger(__name__)
 
 
 class CTRModule(nn.Module):
-    """``logits(dense [B,D], ids [B,F]) -> [B]``; ``forward`` returns the BCE training loss
-    (the training loop's convention)."""
+    """``logits(dense [B,D], ids [B,F], hist [B,L] (-1 padded; L may be 0)) -> [B]``;
+    ``forward`` returns the BCE training loss (the training loop's convention)."""
 
     @abc.abstractmethod
-    def logits(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
+    def logits(self, dense: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor) -> torch.Tensor: ...
 
-    def forward(self, dense: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(self.logits(dense, ids), labels)
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(self.logits(dense, ids, hist), labels)
 
 
-def _batched_logits(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dense: np.ndarray,
-                    ids: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+def _batched_logits(fn: Callable[..., torch.Tensor], dense: np.ndarray, ids: np.ndarray, hist: np.ndarray,
+                    batch_size: int = 8192) -> np.ndarray:
     out = []
     with torch.no_grad():
         for s in range(0, len(ids), batch_size):
-            out.append(fn(torch.from_numpy(dense[s:s + batch_size]), torch.from_numpy(ids[s:s + batch_size])).numpy())
+            sl = slice(s, s + batch_size)
+            out.append(fn(torch.from_numpy(dense[sl]), torch.from_numpy(ids[sl]), torch.from_numpy(hist[sl])).numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -71,7 +72,8 @@ class NeuralCTRTool(Tool):
     train_defaults: dict[str, Any] = dict(lr=1e-3, weight_decay=1e-6, batch_size=2048, max_epochs=30,
                                           patience=3, key="auc")
     # sharding / sparse_lr: only for TorchRec tools under DistributedModelParallel
-    model_defaults: dict[str, Any] = dict(dim=16, dense_features=list(BASIC_DENSE), user_dropout=0.02,
+    model_defaults: dict[str, Any] = dict(dim=16, dense_features=list(BASIC_DENSE), n_folds=5, history_len=20,
+                                          user_dropout=0.02,
                                           sharding="table_wise", sparse_lr=0.05)
 
     def __init__(self, params: dict[str, Any] | None = None):
@@ -98,14 +100,16 @@ class NeuralCTRTool(Tool):
             raise ToolInputError(f"{self.name}: empty CTR train split")
         resume = self.model is not None and start_epoch > 0
         if not resume:
-            self.feat = CTRFeaturizer.from_data(data, self.p("dense_features"))
-        raw = self.feat.dense_raw(u, i, histories_for(data, u))
+            self.feat = CTRFeaturizer.from_data(data, self.p("dense_features"), int(self.p("n_folds")))
+        raw = self.feat.dense_raw(u, i, histories_for(data, u), oof=True)  # out-of-fold: no label leak
         if not resume:
             self.feat.fit_scaler(raw)
             self.model = self.build_module()
         dense_t = torch.from_numpy((raw - self.feat.mean) / self.feat.std)
         ids0 = self.feat.sparse(u, i)
         ids_t = torch.from_numpy(ids0.copy())
+        hist_len = int(self.p("history_len"))
+        hist_t = torch.from_numpy(self.feat.history_matrix(i, histories_for(data, u), hist_len))
         y_t = torch.from_numpy(y)
         p_drop = float(self.p("user_dropout"))
 
@@ -119,13 +123,14 @@ class NeuralCTRTool(Tool):
         valid = None
         if "valid" in data.ctr and len(data.ctr["valid"][2]):
             vu, vi, vy = ctr_rows(data, "valid")
-            valid = (self.feat.dense(vu, vi, histories_for(data, vu)), self.feat.sparse(vu, vi), vy)
+            vh = histories_for(data, vu)
+            valid = (self.feat.dense(vu, vi, vh), self.feat.sparse(vu, vi), self.feat.history_matrix(vi, vh, hist_len), vy)
 
             def validate() -> dict[str, float]:
-                logits = _batched_logits(self.model.logits, valid[0], valid[1])
-                return {"auc": auc(valid[2], logits), "logloss": log_loss(valid[2], _sigmoid(logits))}
+                logits = _batched_logits(self.model.logits, *valid[:3])
+                return {"auc": auc(valid[3], logits), "logloss": log_loss(valid[3], _sigmoid(logits))}
 
-        tensors = [dense_t, ids_t, y_t]
+        tensors = [dense_t, ids_t, hist_t, y_t]
         if world > 1 and self.uses_torchrec:
             state, result = train_model_parallel(
                 self.model, tensors, cfg, valid, reporter=reporter, start_epoch=start_epoch, name=self.name,
@@ -148,7 +153,8 @@ class NeuralCTRTool(Tool):
         items = np.asarray(items, np.int64).reshape(-1)
         check_ctr_input(self.n_items, users, items, histories)
         self.model.eval()
-        logits = _batched_logits(self.model.logits, self.feat.dense(users, items, histories), self.feat.sparse(users, items))
+        logits = _batched_logits(self.model.logits, self.feat.dense(users, items, histories), self.feat.sparse(users, items),
+                                 self.feat.history_matrix(items, histories, int(self.p("history_len"))))
         return _sigmoid(logits)
 
     # ---------------------------------------------------------------------------- save/load
@@ -248,7 +254,8 @@ def _dense_parameters(dmp: nn.Module) -> list[nn.Parameter]:
     return [p for p in dmp.parameters() if p.requires_grad and id(p) not in sharded]
 
 
-def dmp_logits(dmp: nn.Module, dense: np.ndarray, ids: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+def dmp_logits(dmp: nn.Module, dense: np.ndarray, ids: np.ndarray, hist: np.ndarray,
+               batch_size: int = 4096) -> np.ndarray:
     """Logits for all rows on every rank: each rank scores an equal, padded slice (the sharded
     forward is collective, so all ranks must run the same number of equal batches)."""
     import torch.distributed as dist
@@ -264,7 +271,7 @@ def dmp_logits(dmp: nn.Module, dense: np.ndarray, ids: np.ndarray, batch_size: i
     with torch.no_grad():
         for s in range(0, per, batch_size):
             b = idx[s:s + batch_size]
-            parts.append(inner.logits(torch.from_numpy(dense[b]), torch.from_numpy(ids[b])))
+            parts.append(inner.logits(torch.from_numpy(dense[b]), torch.from_numpy(ids[b]), torch.from_numpy(hist[b])))
     mine = torch.cat(parts)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine)
@@ -273,13 +280,13 @@ def dmp_logits(dmp: nn.Module, dense: np.ndarray, ids: np.ndarray, batch_size: i
 
 
 def train_model_parallel(module: CTRModule, tensors: Sequence[torch.Tensor], cfg: TrainConfig,
-                         valid: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+                         valid: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
                          reporter=None, start_epoch: int = 0, name: str = "tool",
                          on_epoch_start: Callable[[int], None] | None = None,
                          sharding: str = "table_wise", sparse_lr: float = 0.05,
                          ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Train ``module`` (a TorchRec CTR module) under DMP; returns the best full state dict (on
-    every rank) and the result. ``valid`` = (dense, ids, labels) rows, metric ``cfg.key``."""
+    every rank) and the result. ``valid`` = (dense, ids, hist, labels) rows, metric ``cfg.key``."""
     import torch.distributed as dist
 
     rank, world = dist_info()
@@ -291,8 +298,8 @@ def train_model_parallel(module: CTRModule, tensors: Sequence[torch.Tensor], cfg
     def run_validation() -> dict[str, float]:
         if valid is None:
             return {}
-        logits = dmp_logits(dmp, valid[0], valid[1])
-        return {"auc": auc(valid[2], logits), "logloss": log_loss(valid[2], _sigmoid(logits))}
+        logits = dmp_logits(dmp, *valid[:3])
+        return {"auc": auc(valid[3], logits), "logloss": log_loss(valid[3], _sigmoid(logits))}
 
     t_start = time.time()
     best_value, best_epoch, best_metrics, best_state = -math.inf, -1, {}, None

@@ -20,4 +20,5 @@ class DCNv2Tool(NeuralCTRTool):
     def build_module(self) -> CTRModule:
         return TorchRecCTRModule(self.feat.sparse_names, self.feat.sparse_sizes, len(self.feat.dense_features),
                                  int(self.p("dim")), list(self.p("dense_arch")), list(self.p("over_arch")),
-                                 dcn_layers=int(self.p("dcn_layers")), dcn_rank=int(self.p("dcn_rank")))
+                                 dcn_layers=int(self.p("dcn_layers")), dcn_rank=int(self.p("dcn_rank")),
+                                 history=int(self.p("history_len")) > 0)

@@ -1,8 +1,9 @@
 """xDeepFM (Lian et al. 2018) in plain torch: linear (first-order) + Compressed Interaction
 Network (explicit vector-wise feature crosses) + DNN, summed into one logit.
 
-Fields: one embedding per sparse feature (user, item, category, brand) plus the dense features
-projected to one more field, so CIN also crosses ids with e.g. popularity and category affinity.
+Fields: one embedding per sparse feature (user, item, category, brand), the history bag (mean of
+the history items' embeddings from the item table) and the dense features projected to one more
+field, so CIN also crosses ids with e.g. popularity, category affinity and the history.
 """
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ class CIN(nn.Module):
 
 
 class XDeepFMModule(CTRModule):
-    def __init__(self, sizes: list[int], n_dense: int, dim: int, cin_layers: list[int], dnn: list[int], dropout: float):
+    def __init__(self, sizes: list[int], n_dense: int, dim: int, cin_layers: list[int], dnn: list[int], dropout: float,
+                 history: bool = False):
         super().__init__()
+        self.history = history
         self.emb = nn.ModuleList(nn.Embedding(s, dim) for s in sizes)
         self.lin = nn.ModuleList(nn.Embedding(s, 1) for s in sizes)
         for e in self.emb:
@@ -49,7 +52,7 @@ class XDeepFMModule(CTRModule):
             nn.init.zeros_(e.weight)
         self.dense_lin = nn.Linear(n_dense, 1)
         self.dense_field = nn.Linear(n_dense, dim)
-        n_fields = len(sizes) + 1
+        n_fields = len(sizes) + 1 + int(history)
         self.cin = CIN(n_fields, cin_layers)
         self.cin_out = nn.Linear(self.cin.out_dim, 1)
         layers: list[nn.Module] = []
@@ -60,8 +63,12 @@ class XDeepFMModule(CTRModule):
         layers.append(nn.Linear(d, 1))
         self.dnn = nn.Sequential(*layers)
 
-    def logits(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, dense: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
         fields = [e(ids[:, k]) for k, e in enumerate(self.emb)] + [self.dense_field(dense)]
+        if self.history:
+            mask = (hist >= 0).unsqueeze(-1).to(dense.dtype)
+            bag = (self.emb[1](hist.clamp(min=0).long()) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            fields.append(bag)  # ids column 1 is the item: the bag lives in the item space
         x0 = torch.stack(fields, dim=1)
         linear = sum(l(ids[:, k]) for k, l in enumerate(self.lin)) + self.dense_lin(dense)
         deep = self.dnn(torch.cat([x0.flatten(1), dense], dim=1))
@@ -75,4 +82,5 @@ class XDeepFMTool(NeuralCTRTool):
 
     def build_module(self) -> CTRModule:
         return XDeepFMModule(self.feat.sparse_sizes, len(self.feat.dense_features), int(self.p("dim")),
-                             list(self.p("cin_layers")), list(self.p("dnn")), float(self.p("dropout")))
+                             list(self.p("cin_layers")), list(self.p("dnn")), float(self.p("dropout")),
+                             history=int(self.p("history_len")) > 0)

@@ -22,7 +22,7 @@ class XGBCTR(Tool):
     name = "xgb_ctr"
     tasks = ("ctr",)
     defaults: dict[str, Any] = dict(
-        dense_features=list(DENSE_FEATURES), num_boost_round=400, early_stopping_rounds=30,
+        dense_features=list(DENSE_FEATURES), n_folds=5, num_boost_round=400, early_stopping_rounds=30,
         max_depth=6, eta=0.1, subsample=0.9, colsample_bytree=0.9, min_child_weight=1.0, reg_lambda=1.0,
         nthread=2, seed=0, report_every=25)
 
@@ -35,8 +35,8 @@ class XGBCTR(Tool):
     def p(self, key: str) -> Any:
         return self.params.get(key, self.defaults[key])
 
-    def _features(self, users: np.ndarray, items: np.ndarray, histories) -> np.ndarray:
-        return self.feat.dense_raw(users, items, histories)
+    def _features(self, users: np.ndarray, items: np.ndarray, histories, oof: bool = False) -> np.ndarray:
+        return self.feat.dense_raw(users, items, histories, oof=oof)
 
     def _booster_params(self) -> dict[str, Any]:
         return {"objective": "binary:logistic", "eval_metric": ["logloss", "auc"], "tree_method": "hist",
@@ -54,8 +54,9 @@ class XGBCTR(Tool):
             raise ToolInputError(f"{self.name}: empty CTR train split")
         resume = self.booster is not None and start_epoch > 0
         if not resume:
-            self.feat = CTRFeaturizer.from_data(data, self.p("dense_features"))
-        dtrain = xgb.DMatrix(self._features(u, i, histories_for(data, u)), label=y,
+            self.feat = CTRFeaturizer.from_data(data, self.p("dense_features"), int(self.p("n_folds")))
+        # training rows get out-of-fold statistics (see ctr_features): no label leak
+        dtrain = xgb.DMatrix(self._features(u, i, histories_for(data, u), oof=True), label=y,
                              feature_names=list(self.feat.dense_features))
         evals = [(dtrain, "train")]
         has_valid = "valid" in data.ctr and len(data.ctr["valid"][2]) > 0
