@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -120,6 +120,27 @@ class DataConfig:
     seed: int = 42
 
 
+DEFAULT_TOOLS = ["popularity", "sasrec", "lightsans", "gru4rec", "bpr_mf", "bpr_mlp", "lightgcn",
+                 "semantic", "dlrm", "dcnv2", "xdeepfm", "xgb_ctr"]
+
+
+@dataclass
+class ToolsConfig:
+    """The tool repository (paper section 3.3): which tools to train and how."""
+
+    enabled: List[str] = field(default_factory=lambda: list(DEFAULT_TOOLS))
+    # Per-tool hyper-parameters, merged over each tool's own defaults, e.g. {sasrec: {epochs: 30}}.
+    params: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    ensemble: bool = True            # also build the majority-vote ensemble of the enabled tools
+    num_workers: int = 1             # Ray Train workers (data-parallel) for the torch tools
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1            # worker-group restarts (from the last checkpoint) before failing
+    prediction_k: int = 20           # top-K kept per query in the tool predictions
+    predict_batch_size: int = 512
+    predict_actors: int = 1          # actor-pool size for writing predictions
+
+
 @dataclass
 class RunConfig:
     run_name: str = "quickstart"
@@ -128,6 +149,7 @@ class RunConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
 
 
 # ----------------------------------------------------------------------------------- loading

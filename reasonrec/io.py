@@ -169,18 +169,21 @@ class StageWriter:
     def url(self, *parts: str) -> str:
         return self.store.scheme + self.path(*parts)
 
-    def write_table(self, name: str, table: pa.Table) -> None:
+    def _open(self, name: str, mode: str):
         self.store.fs.makedirs(posixpath.dirname(self.path(name)), exist_ok=True)
-        with self.store.fs.open(self.path(name), "wb") as f:
+        return self.store.fs.open(self.path(name), mode)
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        with self._open(name, "wb") as f:
             pq.write_table(table, f)
         self.manifest.rows[name.split("/")[0].removesuffix(".parquet")] = table.num_rows
 
     def write_json(self, name: str, obj: Any) -> None:
-        with self.store.fs.open(self.path(name), "w") as f:
+        with self._open(name, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=str)
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        with self.store.fs.open(self.path(name), "wb") as f:
+        with self._open(name, "wb") as f:
             f.write(data)
 
     def commit(self) -> Manifest:

@@ -241,7 +241,8 @@ def loo_table(seqs: pd.DataFrame) -> pd.DataFrame:
 
 def direct_candidates_table(seqs: pd.DataFrame, p: SplitParams) -> pd.DataFrame:
     """For valid and test targets: the positive plus ``direct_negatives`` items the user never
-    interacted with (anywhere in their history), shuffled."""
+    interacted with (anywhere in their history), shuffled. A user for whom the catalog has too few
+    such items gets no candidate list (every list has the same length, as the protocol needs)."""
     rows = []
     for uid, items in zip(seqs["user_id"], seqs["items"]):
         items = np.asarray(items, np.int64)
@@ -250,6 +251,8 @@ def direct_candidates_table(seqs: pd.DataFrame, p: SplitParams) -> pd.DataFrame:
         rng = user_rng(p.seed, uid, 1)
         for split, pos in (("valid", items[-2]), ("test", items[-1])):
             negs = sample_negatives(rng, p.n_items, items, p.direct_negatives)
+            if len(negs) < p.direct_negatives:
+                break
             cands = rng.permutation(np.concatenate([[pos], negs]))
             rows.append((uid, split, int(pos), cands))
     return pd.DataFrame(rows, columns=["user_id", "split", "positive", "candidates"])

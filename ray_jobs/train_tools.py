@@ -1,0 +1,268 @@
+"""train_tools: train the tool repository on Ray Train, then write every tool's predictions.
+
+    python -m ray_jobs.train_tools --config configs/quickstart.yaml [key=value ...] [--force]
+
+All enabled tools train one after another inside ONE Ray Train ``TorchTrainer`` run
+(``ScalingConfig(num_workers, use_gpu)`` from ``tools.*``), so the worker-group start-up is paid
+once, not once per tool. Torch tools are data-parallel (DDP; TorchRec DMP for DLRM/DCNv2) when
+``num_workers > 1``. Every epoch reports through ``ray.train.report`` with a checkpoint holding
+the finished tools, the current tool and its epoch: a killed run started again with the same
+config resumes from the latest checkpoint (Ray Train restores a run with the same name and
+storage path), skipping finished tools and finished epochs.
+
+Outputs under ``{run}/train_tools/``: ``tools/<name>/`` (config.json + weights.safetensors),
+``predictions/`` (ranking tools: top-K, confidence, target ranks per user x split),
+``ctr_predictions/`` (CTR tools on the CTR valid/test rows), ``metrics.json`` (validation).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reasonrec.config import RunConfig, parse_cli, section_hash
+from reasonrec.io import ArtifactStore
+from reasonrec.runtime import init_ray
+
+STAGE = "train_tools"
+log = logging.getLogger("reasonrec.train_tools")
+
+
+# ------------------------------------------------------------------------- Ray Train worker
+def _train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker: train each tool in order, checkpointing through Ray Train."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from reasonrec.config import StorageConfig
+    from reasonrec.tools import tool_class
+    from reasonrec.tools.data import load_tool_data
+    from reasonrec.tools.persist import load_tool, save_tool
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    store = ArtifactStore(config["output_root"], config["run_name"], StorageConfig(**config["storage"]))
+    data = load_tool_data(store)
+    rank = ray.train.get_context().get_world_rank()
+
+    state = tempfile.mkdtemp(prefix="tools-state-")
+    progress = {"done": {}, "current": None, "epoch": -1}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            shutil.copytree(d, state, dirs_exist_ok=True)
+        with open(os.path.join(state, "progress.json")) as f:
+            progress = json.load(f)
+        log.info("resuming: done=%s current=%s epoch=%s", list(progress["done"]), progress["current"], progress["epoch"])
+
+    def report(metrics: dict, tool=None) -> None:
+        # Every worker must call report; rank 0 attaches the checkpoint.
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                shutil.copytree(state, d, dirs_exist_ok=True)
+                if tool is not None:
+                    try:
+                        save_tool(tool, os.path.join(d, "current"))
+                    except RuntimeError:
+                        # Not saveable mid-fit (e.g. xgboost before its booster exists): a
+                        # resume restarts this tool from scratch; finished tools are kept.
+                        shutil.rmtree(os.path.join(d, "current"), ignore_errors=True)
+                with open(os.path.join(d, "progress.json"), "w") as f:
+                    json.dump(progress, f)
+                checkpoint = Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    for name in config["names"]:
+        if name in progress["done"]:
+            continue
+        t0 = time.time()
+        start_epoch = 0
+        if progress["current"] == name and os.path.exists(os.path.join(state, "current", "config.json")):
+            tool = load_tool(os.path.join(state, "current"))
+            start_epoch = progress["epoch"] + 1
+        else:
+            tool = tool_class(name)(config["params"].get(name) or {})
+        progress["current"] = name
+
+        def reporter(epoch: int, metrics: dict, tool=tool, name=name) -> None:
+            progress["epoch"] = epoch
+            report({"tool": name, "epoch": epoch, **{k: float(v) for k, v in metrics.items()
+                                                     if isinstance(v, (int, float))}}, tool)
+
+        metrics = tool.fit(data, reporter=reporter, start_epoch=start_epoch)
+        metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        metrics["train_seconds"] = round(time.time() - t0, 2)
+        if rank == 0:
+            save_tool(tool, os.path.join(state, "done", name))
+            shutil.rmtree(os.path.join(state, "current"), ignore_errors=True)
+        progress["done"][name] = metrics
+        progress["current"], progress["epoch"] = None, -1
+        log.info("tool %s trained in %.1fs: %s", name, metrics["train_seconds"], metrics)
+        report({"tool": name, "epoch": -1, "finished": 1.0})
+
+
+# ------------------------------------------------------------------- prediction actors
+class _RankingPredictor:
+    """Ray Data actor: loads every tool once, writes ranking predictions for batches of LOO rows."""
+
+    def __init__(self, tools_dir: str, storage: dict, names: list[str], k: int, candidates_url: str):
+        from reasonrec.config import StorageConfig
+        from reasonrec.io import arrow_filesystem, filesystem
+        from reasonrec.tools.persist import load_tool
+
+        st = StorageConfig(**storage)
+        self.tools = {}
+        for n in names:
+            self.tools[n] = load_tool(f"{tools_dir}/{n}", st, members=self.tools)
+        self.k = k
+        fs, path = filesystem(candidates_url, st)
+        import pyarrow.parquet as pq
+        cands = pq.read_table(path, filesystem=arrow_filesystem(fs))
+        self.candidates = {(int(u), s): np.asarray(c, np.int64) for u, s, c in zip(
+            cands.column("user_id").to_pylist(), cands.column("split").to_pylist(), cands.column("candidates").to_pylist())}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from reasonrec.tools.predict import ranking_predictions
+        return ranking_predictions(self.tools, batch, self.k, self.candidates)
+
+
+class _CTRPredictor:
+    def __init__(self, tools_dir: str, storage: dict, names: list[str], loo_url: str):
+        from reasonrec.config import StorageConfig
+        from reasonrec.io import arrow_filesystem, filesystem
+        from reasonrec.tools.persist import load_tool
+        import pyarrow.parquet as pq
+
+        st = StorageConfig(**storage)
+        self.tools = {}
+        for n in names:
+            self.tools[n] = load_tool(f"{tools_dir}/{n}", st, members=self.tools)
+        fs, path = filesystem(loo_url, st)
+        loo = pq.read_table(path, filesystem=arrow_filesystem(fs), columns=["user_id", "train_items"])
+        self.hist = {int(u): np.asarray(h, np.int64) for u, h in zip(loo.column("user_id").to_pylist(),
+                                                                      loo.column("train_items").to_pylist())}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from reasonrec.tools.predict import ctr_predictions
+        return ctr_predictions(self.tools, batch, self.hist)
+
+
+# ------------------------------------------------------------------------------ driver
+def _tool_order(names: list[str], ensemble: bool) -> list[str]:
+    from reasonrec.tools import tool_class
+    for n in names:
+        tool_class(n)  # unknown names fail here, before any cluster work
+    return list(names) + (["ensemble"] if ensemble and "ensemble" not in names and len(names) > 1 else [])
+
+
+def run(cfg: RunConfig, force: bool = False) -> dict:
+    ray = init_ray(cfg.ray)
+    from ray.data import ActorPoolStrategy
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t_start = time.time()
+    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    prep = store.require("prepare")
+    names = _tool_order(list(cfg.tools.enabled), cfg.tools.ensemble)
+    config_hash = section_hash({"tools": section_hash(cfg.tools), "data": prep.config_hash})
+    inputs = {"prepare": prep.fingerprint}
+    if not force and store.is_done(STAGE, config_hash, inputs):
+        log.info("train_tools: manifest matches under %s; skipping (use --force to re-run)", store.url(STAGE))
+        return {"skipped": True, **store.manifest(STAGE).metrics}
+
+    trained = [n for n in names if n != "ensemble"]
+    params = {n: dict(cfg.tools.params.get(n, {})) for n in names}
+    if "ensemble" in names:
+        params["ensemble"] = {"members": trained, **params.get("ensemble", {})}
+    storage_dict = {"s3_endpoint_url": cfg.storage.s3_endpoint_url, "s3_anon": cfg.storage.s3_anon}
+    train_cfg = {"output_root": cfg.output_root, "run_name": cfg.run_name, "storage": storage_dict,
+                 "names": trained, "params": params}
+    # Ray Train keeps its checkpoints next to the run (same name -> a restarted job resumes).
+    storage_path = store.url("_ray_train") if store.scheme else store.path("_ray_train")
+    train_name = f"train_tools-{config_hash}"
+    if force and store.fs.exists(store.path("_ray_train", train_name)):
+        store.fs.rm(store.path("_ray_train", train_name), recursive=True)  # --force: no resume
+    trainer = TorchTrainer(
+        _train_loop, train_loop_config=train_cfg,
+        scaling_config=ScalingConfig(num_workers=cfg.tools.num_workers, use_gpu=cfg.tools.use_gpu,
+                                     resources_per_worker={"CPU": cfg.tools.cpus_per_worker}),
+        run_config=TrainRunConfig(
+            name=train_name, storage_path=storage_path,
+            storage_filesystem=None if not store.scheme else store.arrow_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=cfg.tools.max_failures)),
+    )
+    log.info("training %d tools on Ray Train (%d worker(s), gpu=%s): %s", len(trained), cfg.tools.num_workers,
+             cfg.tools.use_gpu, ", ".join(trained))
+    result = trainer.fit()
+
+    with store.stage_writer(STAGE, config_hash, inputs) as w:
+        with result.checkpoint.as_directory() as d:
+            with open(os.path.join(d, "progress.json")) as f:
+                progress = json.load(f)
+            for n in trained:
+                src = os.path.join(d, "done", n)
+                for fname in os.listdir(src):
+                    with open(os.path.join(src, fname), "rb") as f:
+                        w.write_bytes(f"tools/{n}/{fname}", f.read())
+        tools_url = w.url("tools")
+        if "ensemble" in names:
+            from reasonrec.tools import tool_class
+            from reasonrec.tools.persist import load_tool, save_tool
+            members = {n: load_tool(f"{tools_url}/{n}", cfg.storage) for n in trained}
+            save_tool(tool_class("ensemble")(params["ensemble"], members=members), f"{tools_url}/ensemble", cfg.storage)
+
+        loo = ray.data.read_parquet(store.url("prepare", "loo"), filesystem=store.arrow_fs)
+        preds = loo.map_batches(
+            _RankingPredictor, batch_format="pyarrow", batch_size=cfg.tools.predict_batch_size,
+            fn_constructor_kwargs=dict(tools_dir=tools_url, storage=storage_dict, names=names,
+                                       k=cfg.tools.prediction_k, candidates_url=store.url("prepare", "direct_candidates")),
+            compute=ActorPoolStrategy(size=cfg.tools.predict_actors))
+        preds.write_parquet(w.path("predictions"), filesystem=store.arrow_fs)
+        ctr = ray.data.read_parquet(store.url("prepare", "ctr"), filesystem=store.arrow_fs).map_batches(
+            lambda t: t.filter(pc.not_equal(t.column("split"), "train")), batch_format="pyarrow")
+        ctr_preds = ctr.map_batches(
+            _CTRPredictor, batch_format="pyarrow", batch_size=4 * cfg.tools.predict_batch_size,
+            fn_constructor_kwargs=dict(tools_dir=tools_url, storage=storage_dict, names=names,
+                                       loo_url=store.url("prepare", "loo")),
+            compute=ActorPoolStrategy(size=cfg.tools.predict_actors))
+        ctr_preds.write_parquet(w.path("ctr_predictions"), filesystem=store.arrow_fs)
+        import pyarrow.dataset as pads
+        for name in ("predictions", "ctr_predictions"):
+            w.manifest.rows[name] = pads.dataset(w.path(name), filesystem=store.arrow_fs, format="parquet").count_rows()
+        summary = {"tools": names, "validation": progress["done"], "seconds": round(time.time() - t_start, 1),
+                   "num_workers": cfg.tools.num_workers}
+        w.write_json("metrics.json", summary)
+        w.manifest.metrics = summary
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    if s.get("skipped"):
+        return "train_tools: skipped (outputs up to date)"
+    lines = ["train_tools summary (validation metrics, leave-one-out)", "-" * 56]
+    for name, m in s["validation"].items():
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if k != "train_seconds")
+        lines.append(f"{name:12s} {m.get('train_seconds', 0):7.1f}s  {shown}")
+    lines.append(f"time taken: {s['seconds']:.1f}s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    args, cfg = parse_cli("Train the tool repository on Ray Train and write tool predictions.", argv)
+    print(format_summary(run(cfg, force=args.force)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
