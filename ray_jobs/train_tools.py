@@ -53,7 +53,7 @@ def _train_loop(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
 
     state = tempfile.mkdtemp(prefix="tools-state-")
-    progress = {"done": {}, "current": None, "epoch": -1}
+    progress = {"done": {}, "current": None, "epoch": -1, "resumes": []}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -61,6 +61,8 @@ def _train_loop(config: dict) -> None:
         with open(os.path.join(state, "progress.json")) as f:
             progress = json.load(f)
         log.info("resuming: done=%s current=%s epoch=%s", list(progress["done"]), progress["current"], progress["epoch"])
+        progress["resumes"].append({"done": list(progress["done"]), "current": progress["current"],
+                                    "next_epoch": progress["epoch"] + 1})
 
     def report(metrics: dict, tool=None) -> None:
         # Every worker must call report; rank 0 attaches the checkpoint.
@@ -240,7 +242,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         for name in ("predictions", "ctr_predictions"):
             w.manifest.rows[name] = pads.dataset(w.path(name), filesystem=store.arrow_fs, format="parquet").count_rows()
         summary = {"tools": names, "validation": progress["done"], "seconds": round(time.time() - t_start, 1),
-                   "num_workers": cfg.tools.num_workers}
+                   "num_workers": cfg.tools.num_workers, "resumes": progress.get("resumes", [])}
         w.write_json("metrics.json", summary)
         w.manifest.metrics = summary
     return summary
