@@ -38,11 +38,16 @@ def main():
     ap.add_argument("--catalog", type=int, default=2000)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--beauty-items", default=None, help="items.jsonl of Amazon Beauty: use its titles as the catalog")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     words = "rose lip tint volume mascara nail polish red shimmer face cream argan oil matte gloss serum".split()
     titles = [" ".join(rng.choice(words, size=rng.integers(3, 7))) + f" {chr(97 + i % 26)}{i // 26}" for i in range(args.catalog)]
+    if args.beauty_items:
+        with open(args.beauty_items) as f:
+            titles = [json.loads(line)["title_words"] for line in f]
+        args.catalog = len(titles)
 
     # Import the lazily loaded model classes first: build_s is the build, not transformers' imports.
     from peft import get_peft_model  # noqa: F401

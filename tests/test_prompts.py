@@ -119,6 +119,9 @@ def test_user_description_content():
     assert many[1].startswith("new user")
     assert "Face" in many[2] and "premium prices" in many[2]
     assert len(many[0]) <= 160
+    import pyarrow as pa   # Arrow list column (a Ray Data batch) gives the same answers
+    col = pa.chunked_array([pa.array([[0, 1, 2], []], pa.list_(pa.int64())), pa.array([[3, 3]], pa.list_(pa.int64()))])
+    assert describe_users(col, attrs) == many
 
 
 def test_cot_round_trip_and_format():

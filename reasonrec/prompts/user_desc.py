@@ -94,13 +94,31 @@ def _top_names(attr: Attribute, user_idx: np.ndarray, items: np.ndarray, n_users
     return out
 
 
-def describe_users(histories: Sequence[np.ndarray], attrs: ItemAttributes, top_k: int = 2,
-                   min_share: float = 0.2, max_chars: int = 160) -> list[str]:
-    """One short preference summary per history (item id arrays). Empty history -> "new user"."""
-    n = len(histories)
+def _flatten(histories) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, concatenated item ids) from a list of arrays or an Arrow list array/column (as
+    in a Ray Data batch: offsets are used directly, no per-row Python objects)."""
+    try:
+        import pyarrow as pa
+        if isinstance(histories, pa.ChunkedArray):
+            histories = histories.combine_chunks()
+        if isinstance(histories, (pa.ListArray, pa.LargeListArray)):
+            offsets = histories.offsets.to_numpy()
+            values = histories.values.to_numpy(zero_copy_only=False).astype(np.int64)
+            return np.diff(offsets).astype(np.int64), values[offsets[0]:offsets[-1]]
+    except ImportError:
+        pass
     lengths = np.array([len(h) for h in histories], dtype=np.int64)
     items = (np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
-             if n and lengths.sum() else np.zeros(0, dtype=np.int64))
+             if len(histories) and lengths.sum() else np.zeros(0, dtype=np.int64))
+    return lengths, items
+
+
+def describe_users(histories, attrs: ItemAttributes, top_k: int = 2,
+                   min_share: float = 0.2, max_chars: int = 160) -> list[str]:
+    """One short preference summary per history: a list of item-id arrays or an Arrow list array
+    of item ids (nulls count as empty). Empty history -> "new user"."""
+    lengths, items = _flatten(histories)
+    n = len(lengths)
     user_idx = np.repeat(np.arange(n, dtype=np.int64), lengths)
     parts: list[list[str]] = [[] for _ in range(n)]
 

@@ -22,6 +22,8 @@ adapter as safetensors.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -77,6 +79,14 @@ class VLMBundle:
     @property
     def is_peft(self) -> bool:
         return hasattr(self.model, "peft_config")
+
+    def render_options(self):
+        """Prompt-rendering budget for this model: its image placeholder and the photo caps."""
+        from reasonrec.prompts.templates import RenderOptions
+
+        c = self.config
+        return RenderOptions(image_token=self.image_token, max_history_items=c.max_history_items,
+                             max_history_photos=c.max_history_photos, max_candidate_photos=c.max_candidate_photos)
 
 
 # ---------------------------------------------------------------------------- tokenizers
@@ -237,13 +247,41 @@ def _small_cache_key(cfg: VLMConfig, gguf_name: str) -> str:
     return "small-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def _gguf_parse_once():
+    """Loading a GGUF model through transformers parses the file three times (config twice,
+    weights once; ~98k tokenizer strings each time, in Python) and rebuilds gguf's tensor-name
+    map once per submodule (~400 times). Both are pure functions of an immutable file, so for the
+    duration of one load the parsed reader and the name map are memoised: same result, about a
+    third of the time."""
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def shared_reader(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+        readers.clear()
+
+
 def _build_small(cfg: VLMConfig):
     from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlavaForConditionalGeneration
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     pkg_dir, name = locate_gguf(cfg)
     dtype = _DTYPES[cfg.dtype]
-    lm = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=name, dtype=dtype)
+    with _gguf_parse_once():
+        lm = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=name, dtype=dtype)
     tok = gguf_tokenizer(cfg)
     text_dict = lm.config.to_dict()
     text_dict.pop("quantization_config", None)   # weights are dequantised: a plain fp model now

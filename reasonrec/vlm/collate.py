@@ -124,7 +124,7 @@ class VLMCollator:
         return out.to(self.bundle.base_model.dtype)
 
     # ---------------------------------------------------------------------- truncation
-    def _cut_prompt(self, ids: list[int], n_cut: int, n_images: int) -> tuple[list[int], set[int]]:
+    def _cut_prompt(self, ids: list[int], n_cut: int) -> tuple[list[int], set[int]]:
         """Remove ``n_cut`` prompt tokens after the head, widened to whole photos. Returns the new
         ids and the indices of the photos removed."""
         arr = np.asarray(ids)
@@ -152,7 +152,7 @@ class VLMCollator:
         t_ids = self.target_ids(example["target"]) if with_target and example.get("target") is not None else []
         over = len(p_ids) + len(t_ids) - self.max_length
         if over > 0:
-            p_ids, dropped = self._cut_prompt(p_ids, over, len(images))
+            p_ids, dropped = self._cut_prompt(p_ids, over)
             images = [im for i, im in enumerate(images) if i not in dropped]
             if len(p_ids) + len(t_ids) > self.max_length:   # prompt alone still too long: cap the target
                 t_ids = t_ids[: max(self.max_length - len(p_ids), 0)]

@@ -191,14 +191,22 @@ class VLMPredictor:
         thoughts = self._with_thoughts(examples, thoughts)
         beams = max(self.cfg.num_beams, k)
         batch = self.collator.encode_prompts(examples, thoughts)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        # Prefill the prompt (with photos) ONCE per row, then copy its KV cache to the beams:
+        # beam search would otherwise re-encode the whole prompt num_beams times. generate() then
+        # only runs the last prompt token (text, already cached photos need no pixels).
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pre = self.model(inputs_embeds=self._embed(batch)[:, :-1], attention_mask=mask[:, :-1],
+                         position_ids=pos[:, :-1], use_cache=True)
+        cache = pre.past_key_values
+        cache.batch_repeat_interleave(beams)
         proc = TrieConstraint(trie)
         out = self.model.generate(
-            inputs_embeds=self._embed(batch), attention_mask=batch["attention_mask"], do_sample=False,
+            input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
             num_beams=beams, num_return_sequences=beams, max_new_tokens=trie.depth, length_penalty=0.0,
             early_stopping=True, logits_processor=LogitsProcessorList([proc]), return_dict_in_generate=True,
             output_scores=True, **self._gen_kwargs())
-        # Generating from embeddings: sequences hold only the new (answer) tokens.
-        seqs, scores = out.sequences, out.sequences_scores
+        seqs, scores = out.sequences[:, ids.shape[1]:], out.sequences_scores
         results, ms = [], (time.perf_counter() - t0) * 1000 / len(examples)
         for i, thought in enumerate(thoughts):
             items, item_scores = [], []
