@@ -154,6 +154,9 @@ def main() -> None:
         if name in CTR_TOOLS:
             if ctr_data is None:
                 ctr_data = ctr_setup(seqs, cat, brand, args.seed)
+                u, i, y = ctr_data.ctr["test"]  # context: item popularity alone
+                print(json.dumps({"baseline": "popularity", "task": "ctr",
+                                  "test": {"auc": auc(y, ctr_data.item_popularity[i])}}), flush=True)
             valid = tool.fit(ctr_data)
             fit_s = time.time() - t1
             u, i, y = ctr_data.ctr["test"]
@@ -162,6 +165,9 @@ def main() -> None:
         else:
             if direct_data is None:
                 direct_data, cands = direct_setup(seqs, cat, brand, args.seed)
+                pop_ranks = rank_in_candidates(direct_data.item_popularity[cands], cands, direct_data.test_item)
+                print(json.dumps({"baseline": "popularity", "task": "direct",
+                                  "test": ranking_metrics(pop_ranks, (5, 10))}), flush=True)
             valid = tool.fit(direct_data)
             fit_s = time.time() - t1
             users = np.arange(direct_data.n_users)

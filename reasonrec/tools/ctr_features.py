@@ -248,8 +248,8 @@ class CTRFeaturizer:
         self.mean = raw.mean(axis=0).astype(np.float32)
         self.std = np.maximum(raw.std(axis=0), 1e-6).astype(np.float32)
 
-    def dense(self, users, items, histories) -> np.ndarray:
-        return ((self.dense_raw(users, items, histories) - self.mean) / self.std).astype(np.float32)
+    def dense(self, users, items, histories, oof: bool = False) -> np.ndarray:
+        return ((self.dense_raw(users, items, histories, oof=oof) - self.mean) / self.std).astype(np.float32)
 
     # ---------------------------------------------------------------------------- save/load
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -32,7 +32,8 @@ from torch import nn
 
 from reasonrec.metrics import auc, log_loss
 from reasonrec.tools.base import Tool, ToolData, ToolInputError
-from reasonrec.tools.ctr_features import (BASIC_DENSE, CTRFeaturizer, check_ctr_input, ctr_rows,
+from reasonrec.tools.bpr_common import sample_negatives_for
+from reasonrec.tools.ctr_features import (DENSE_FEATURES, CTRFeaturizer, check_ctr_input, ctr_rows,
                                           histories_for)
 from reasonrec.tools.training import TrainConfig, TrainResult, dist_info, epoch_batches, train_loop
 
@@ -72,8 +73,10 @@ class NeuralCTRTool(Tool):
     train_defaults: dict[str, Any] = dict(lr=1e-3, weight_decay=1e-6, batch_size=2048, max_epochs=30,
                                           patience=3, key="auc")
     # sharding / sparse_lr: only for TorchRec tools under DistributedModelParallel
-    model_defaults: dict[str, Any] = dict(dim=16, dense_features=list(BASIC_DENSE), n_folds=5, history_len=20,
-                                          user_dropout=0.02,
+    # user_id False: no per-user embedding (the history bag stands for the user), against
+    # memorising each training user's positives
+    model_defaults: dict[str, Any] = dict(dim=16, dense_features=list(DENSE_FEATURES), n_folds=5, history_len=20,
+                                          user_id=True, user_dropout=0.02, resample_negatives=False,
                                           sharding="table_wise", sparse_lr=0.05)
 
     def __init__(self, params: dict[str, Any] | None = None):
@@ -84,6 +87,12 @@ class NeuralCTRTool(Tool):
 
     def p(self, key: str) -> Any:
         return self.params.get(key, self.model_defaults.get(key))
+
+    def _sparse(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        ids = self.feat.sparse(users, items)
+        if not self.p("user_id"):
+            ids[:, 0] = self.n_users  # everyone is the "unknown" user
+        return ids
 
     @abc.abstractmethod
     def build_module(self) -> CTRModule:
@@ -106,17 +115,29 @@ class NeuralCTRTool(Tool):
             self.feat.fit_scaler(raw)
             self.model = self.build_module()
         dense_t = torch.from_numpy((raw - self.feat.mean) / self.feat.std)
-        ids0 = self.feat.sparse(u, i)
+        ids0 = self._sparse(u, i)
         ids_t = torch.from_numpy(ids0.copy())
         hist_len = int(self.p("history_len"))
         hist_t = torch.from_numpy(self.feat.history_matrix(i, histories_for(data, u), hist_len))
         y_t = torch.from_numpy(y)
         p_drop = float(self.p("user_dropout"))
+        neg_rows = np.flatnonzero(y == 0) if self.p("resample_negatives") else np.zeros(0, np.int64)
 
-        def user_dropout(epoch: int) -> None:
+        def on_epoch_start(epoch: int) -> None:
+            if len(neg_rows) and epoch > 0:
+                # fresh negatives each epoch (never training positives of the user), so the model
+                # cannot memorise a fixed negative set; epoch 0 uses the given rows
+                rng = np.random.default_rng([cfg.seed, 13, epoch])
+                nu = u[neg_rows]
+                ni = sample_negatives_for(nu, self.feat.pair_keys, self.n_items, rng)
+                nh = histories_for(data, nu)
+                ids0[neg_rows] = self._sparse(nu, ni)
+                dense_t[neg_rows] = torch.from_numpy(self.feat.dense(nu, ni, nh, oof=True))
+                hist_t[neg_rows] = torch.from_numpy(self.feat.history_matrix(ni, nh, hist_len))
             # a fresh share of rows per epoch sees the unknown-user row (cold-start embedding)
             rng = np.random.default_rng([cfg.seed, 11, epoch])
             col = np.where(rng.random(len(ids0)) < p_drop, self.n_users, ids0[:, 0])
+            ids_t.copy_(torch.from_numpy(ids0))
             ids_t[:, 0] = torch.from_numpy(col)
 
         validate = None
@@ -124,7 +145,7 @@ class NeuralCTRTool(Tool):
         if "valid" in data.ctr and len(data.ctr["valid"][2]):
             vu, vi, vy = ctr_rows(data, "valid")
             vh = histories_for(data, vu)
-            valid = (self.feat.dense(vu, vi, vh), self.feat.sparse(vu, vi), self.feat.history_matrix(vi, vh, hist_len), vy)
+            valid = (self.feat.dense(vu, vi, vh), self._sparse(vu, vi), self.feat.history_matrix(vi, vh, hist_len), vy)
 
             def validate() -> dict[str, float]:
                 logits = _batched_logits(self.model.logits, *valid[:3])
@@ -134,12 +155,12 @@ class NeuralCTRTool(Tool):
         if world > 1 and self.uses_torchrec:
             state, result = train_model_parallel(
                 self.model, tensors, cfg, valid, reporter=reporter, start_epoch=start_epoch, name=self.name,
-                on_epoch_start=user_dropout, sharding=str(self.p("sharding")), sparse_lr=float(self.p("sparse_lr")))
+                on_epoch_start=on_epoch_start, sharding=str(self.p("sharding")), sparse_lr=float(self.p("sparse_lr")))
             self.model = self.build_module()  # plain, unsharded, no in-backward optimizer hooks
             self.model.load_state_dict(state)
         else:
             result = train_loop(self.model, tensors, cfg, validate=validate, reporter=reporter,
-                                start_epoch=start_epoch, name=self.name, on_epoch_start=user_dropout)
+                                start_epoch=start_epoch, name=self.name, on_epoch_start=on_epoch_start)
         self.model.eval()
         self.train_info = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                            "stopped": result.stopped, "seconds": round(result.seconds, 2), "world": world}
@@ -153,7 +174,7 @@ class NeuralCTRTool(Tool):
         items = np.asarray(items, np.int64).reshape(-1)
         check_ctr_input(self.n_items, users, items, histories)
         self.model.eval()
-        logits = _batched_logits(self.model.logits, self.feat.dense(users, items, histories), self.feat.sparse(users, items),
+        logits = _batched_logits(self.model.logits, self.feat.dense(users, items, histories), self._sparse(users, items),
                                  self.feat.history_matrix(items, histories, int(self.p("history_len"))))
         return _sigmoid(logits)
 
