@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ray_jobs.common import write_dataset
 from reasonrec.config import RunConfig, parse_cli, section_hash
 from reasonrec.data import prepare as P
 from reasonrec.data import schemas
@@ -121,12 +122,6 @@ def _kcore(ray, inter, k: int, partitions: int):
 def _count_values(t: pa.Table) -> pa.Table:
     vc = pc.value_counts(t.column("n_train").combine_chunks())
     return pa.table({"n_train": vc.field("values"), "users": vc.field("counts")})
-
-
-def _parquet_rows(path: str, filesystem) -> int:
-    """Row count from the Parquet footers (no data read, no extra Ray execution)."""
-    import pyarrow.dataset as pads
-    return pads.dataset(path, filesystem=filesystem, format="parquet").count_rows()
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:
@@ -248,10 +243,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     with store.stage_writer(STAGE, config_hash, inputs) as w:
         for name in TABLES:
             with _step(f"write {name}"):
-                tables[name].write_parquet(w.path(name), filesystem=store.arrow_fs)
-                if not store.fs.exists(w.path(name)):  # Ray writes no file for an empty dataset
-                    w.write_table(f"{name}/empty.parquet", TABLE_SCHEMAS[name].empty_table())
-                w.manifest.rows[name] = _parquet_rows(w.path(name), store.arrow_fs)
+                write_dataset(tables[name], w, store, name, TABLE_SCHEMAS[name])
         import pyarrow.dataset as pads
         qtab = pads.dataset(w.path("quarantine"), filesystem=store.arrow_fs, format="parquet").to_table(columns=["table", "reason"])
         reasons = Counter(qtab.column("reason").to_pylist())

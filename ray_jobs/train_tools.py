@@ -28,9 +28,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ray_jobs.common import write_dataset
 from reasonrec.config import RunConfig, parse_cli, section_hash
 from reasonrec.io import ArtifactStore
 from reasonrec.runtime import init_ray
+from reasonrec.tools.predict import CTR_PREDICTIONS, PREDICTIONS
 
 STAGE = "train_tools"
 log = logging.getLogger("reasonrec.train_tools")
@@ -229,7 +231,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             fn_constructor_kwargs=dict(tools_dir=tools_url, storage=storage_dict, names=names,
                                        k=cfg.tools.prediction_k, candidates_url=store.url("prepare", "direct_candidates")),
             compute=ActorPoolStrategy(size=cfg.tools.predict_actors))
-        preds.write_parquet(w.path("predictions"), filesystem=store.arrow_fs)
+        write_dataset(preds, w, store, "predictions", PREDICTIONS)
         ctr = ray.data.read_parquet(store.url("prepare", "ctr"), filesystem=store.arrow_fs).map_batches(
             lambda t: t.filter(pc.not_equal(t.column("split"), "train")), batch_format="pyarrow")
         ctr_preds = ctr.map_batches(
@@ -237,10 +239,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             fn_constructor_kwargs=dict(tools_dir=tools_url, storage=storage_dict, names=names,
                                        loo_url=store.url("prepare", "loo")),
             compute=ActorPoolStrategy(size=cfg.tools.predict_actors))
-        ctr_preds.write_parquet(w.path("ctr_predictions"), filesystem=store.arrow_fs)
-        import pyarrow.dataset as pads
-        for name in ("predictions", "ctr_predictions"):
-            w.manifest.rows[name] = pads.dataset(w.path(name), filesystem=store.arrow_fs, format="parquet").count_rows()
+        write_dataset(ctr_preds, w, store, "ctr_predictions", CTR_PREDICTIONS)
         summary = {"tools": names, "validation": progress["done"], "seconds": round(time.time() - t_start, 1),
                    "num_workers": cfg.tools.num_workers, "resumes": progress.get("resumes", [])}
         w.write_json("metrics.json", summary)

@@ -1,0 +1,19 @@
+"""Orchestration helpers shared by the Ray jobs."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from reasonrec.io import ArtifactStore, StageWriter
+
+
+def write_dataset(ds, writer: StageWriter, store: ArtifactStore, name: str, schema: pa.Schema) -> int:
+    """Write a Ray Dataset as the Parquet folder ``name`` of a stage and return its row count
+    (read from the Parquet footers, no extra Ray execution). Ray writes no file for an empty
+    dataset, so an empty one gets a zero-row file with ``schema``: readers always find the table."""
+    ds.write_parquet(writer.path(name), filesystem=store.arrow_fs)
+    if not store.fs.exists(writer.path(name)):
+        writer.write_table(f"{name}/empty.parquet", schema.empty_table())
+    rows = pads.dataset(writer.path(name), filesystem=store.arrow_fs, format="parquet").count_rows()
+    writer.manifest.rows[name] = rows
+    return rows
