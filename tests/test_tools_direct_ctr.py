@@ -242,7 +242,13 @@ def _dmp_worker(rank: int, world_size: int, port: int, name: str, out_dir: str) 
         _, ctr_data, _ = make_data(n_users=80)
         tool = tool_class(name)({"max_epochs": 2, "batch_size": 128, "lr": 3e-3})
         reports = []
-        metrics = tool.fit(ctr_data, reporter=lambda e, m: reports.append(m))
+
+        def reporter(epoch, m):
+            reports.append(m)
+            if rank == 0:  # mid-fit checkpoint from one rank only, as Ray Train's report does
+                save_tool(tool, os.path.join(out_dir, f"ckpt{epoch}"))
+
+        metrics = tool.fit(ctr_data, reporter=reporter)
         u, i, y = ctr_data.ctr["test"]
         hist = [ctr_data.train_seqs[x] for x in u]
         p = tool.predict_ctr(u, i, hist)  # local, unsharded model gathered after training
@@ -277,6 +283,8 @@ def test_torchrec_model_parallel_two_processes(name, tmp_path):
     assert r[0]["losses"] == r[1]["losses"]  # loss is all-reduced: every rank reports the same
     assert p[0].shape == (r[0]["n"],) and ((p[0] > 0) & (p[0] < 1)).all()
     np.testing.assert_array_equal(p[0], p[1])  # every rank ends with the same full weights
+    mid = load_tool(str(tmp_path / "ckpt1"))  # saved from the reporter while the model was sharded
+    assert mid.model is not None and mid.feat is not None
 
 
 # ------------------------------------------------------------------------------- features

@@ -84,6 +84,7 @@ class NeuralCTRTool(Tool):
         self.model: CTRModule | None = None
         self.feat: CTRFeaturizer | None = None
         self.train_info: dict[str, Any] = {}
+        self._snapshot: dict[str, torch.Tensor] | None = None  # full weights while training sharded
 
     def p(self, key: str) -> Any:
         return self.params.get(key, self.model_defaults.get(key))
@@ -153,9 +154,16 @@ class NeuralCTRTool(Tool):
 
         tensors = [dense_t, ids_t, hist_t, y_t]
         if world > 1 and self.uses_torchrec:
-            state, result = train_model_parallel(
-                self.model, tensors, cfg, valid, reporter=reporter, start_epoch=start_epoch, name=self.name,
-                on_epoch_start=on_epoch_start, sharding=str(self.p("sharding")), sparse_lr=float(self.p("sparse_lr")))
+            def snapshot(full: dict[str, torch.Tensor]) -> None:
+                self._snapshot = full  # what state() saves while self.model is sharded
+
+            try:
+                state, result = train_model_parallel(
+                    self.model, tensors, cfg, valid, reporter=reporter, start_epoch=start_epoch, name=self.name,
+                    on_epoch_start=on_epoch_start, sharding=str(self.p("sharding")),
+                    sparse_lr=float(self.p("sparse_lr")), on_snapshot=snapshot)
+            finally:
+                self._snapshot = None
             self.model = self.build_module()  # plain, unsharded, no in-backward optimizer hooks
             self.model.load_state_dict(state)
         else:
@@ -183,7 +191,8 @@ class NeuralCTRTool(Tool):
         if self.model is None:
             raise RuntimeError(f"{self.name}: not trained")
         fcfg, farr = self.feat.state()
-        arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
+        weights = self._snapshot if self._snapshot is not None else self.model.state_dict()
+        arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in weights.items()}
         arrays.update(farr)
         return {"params": self.params, "n_users": self.n_users, "n_items": self.n_items,
                 "features": fcfg, "train_info": self.train_info}, arrays
@@ -305,9 +314,13 @@ def train_model_parallel(module: CTRModule, tensors: Sequence[torch.Tensor], cfg
                          reporter=None, start_epoch: int = 0, name: str = "tool",
                          on_epoch_start: Callable[[int], None] | None = None,
                          sharding: str = "table_wise", sparse_lr: float = 0.05,
+                         on_snapshot: Callable[[dict[str, torch.Tensor]], None] | None = None,
                          ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Train ``module`` (a TorchRec CTR module) under DMP; returns the best full state dict (on
-    every rank) and the result. ``valid`` = (dense, ids, hist, labels) rows, metric ``cfg.key``."""
+    every rank) and the result. ``valid`` = (dense, ids, hist, labels) rows, metric ``cfg.key``.
+    ``on_snapshot(full_state)`` runs on every rank after each epoch, before ``reporter``, with the
+    current weights gathered (``module`` itself is sharded in place meanwhile, so a checkpoint
+    taken from the reporter must use this snapshot)."""
     import torch.distributed as dist
 
     rank, world = dist_info()
@@ -358,11 +371,15 @@ def train_model_parallel(module: CTRModule, tensors: Sequence[torch.Tensor], cfg
         metrics.update(epoch=epoch, seconds=epoch_seconds, train_seconds=train_seconds)
         last_epoch = epoch
         value = metrics.get(cfg.key)
+        improved = valid is not None and value is not None and value > best_value + cfg.min_delta
+        current = _gather_full_state(dmp) if (improved or on_snapshot is not None) else None
+        if on_snapshot is not None:
+            on_snapshot(current)
         if valid is None:
             best_metrics, best_epoch = dict(metrics), epoch
-        elif value is not None and value > best_value + cfg.min_delta:
+        elif improved:
             best_value, best_metrics, best_epoch = value, dict(metrics), epoch
-            best_state = _gather_full_state(dmp)
+            best_state = current
             bad_epochs = 0
         else:
             bad_epochs += 1
