@@ -248,7 +248,6 @@ def _gguf_present() -> bool:
 def test_small_loads_from_gguf():
     from transformers import LlavaForConditionalGeneration
 
-    torch.set_num_threads(2)   # one real-size model: use both cores
     b = build_vlm(VLMConfig(model="small"))
     base = b.base_model
     assert isinstance(base, LlavaForConditionalGeneration) and b.source == "small"

@@ -8,7 +8,8 @@ verbalised confidence, then produces the answer after that thought:
   leaks the answer, and every beam is a real item. Scoring every title's likelihood instead would
   cost ~12k items x ~10 tokens = ~120k token positions per user; beam search costs
   ``num_beams`` x (title depth ~15-25) positions with a KV cache, i.e. a few hundred, which is
-  what makes ~12k-item catalogs affordable with the small model on CPU. The trie processor also
+  what makes ~12k-item catalogs affordable with the small model on CPU. The prompt is prefilled
+  once per row and its KV cache copied to the beams (not re-encoded per beam). The trie processor also
   renormalises each step over the allowed tokens, so a beam's summed log-prob is the model's
   probability of that item *within the catalog*; the top beam's probability is the token-level
   confidence.
@@ -114,6 +115,7 @@ class TrieConstraint(LogitsProcessor):
             if allowed is None or len(allowed) == 0:   # dead beam: any finite path to stop it
                 out[row, self.trie.eos_id] = 0.0
                 continue
+            allowed = allowed.to(scores.device)
             out[row, allowed] = torch.log_softmax(scores[row, allowed], dim=-1)
         return out
 
@@ -140,11 +142,20 @@ class VLMPredictor:
         self.yes_id, self.no_id = yes[n], no[n]
 
     # ------------------------------------------------------------------------ internals
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _prompts(self, examples, prefixes=None) -> dict:
+        """Left-padded prompt batch on the model's device."""
+        batch = self.collator.encode_prompts(examples, prefixes)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
     @torch.no_grad()
     def _embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Token embeddings with photo features scattered into the image slots (what LLaVA does
-        inside forward). Generating from embeddings keeps photos aligned with their rows under
-        beam expansion, which repeats rows but not images in order."""
+        inside forward), so prefill and greedy generation can start from embeddings: HF's beam
+        expansion would repeat ``pixel_values`` rows out of step with the prompts' photos."""
         ids = batch["input_ids"]
         emb = self.model.get_input_embeddings()(ids)
         pv = batch.get("pixel_values")
@@ -162,7 +173,7 @@ class VLMPredictor:
     def thoughts(self, examples: Sequence[Mapping[str, Any]]) -> list[str]:
         """Greedy thought for each example, returned up to and including ``Answer:`` (appended
         when the model did not write it)."""
-        batch = self.collator.encode_prompts(examples)
+        batch = self._prompts(examples)
         out = self.model.generate(inputs_embeds=self._embed(batch), attention_mask=batch["attention_mask"],
                                   max_new_tokens=self.cfg.max_thought_tokens, do_sample=False, num_beams=1,
                                   stop_strings=[ANSWER_MARKER], tokenizer=self.tok, **self._gen_kwargs())
@@ -190,7 +201,7 @@ class VLMPredictor:
         t0 = time.perf_counter()
         thoughts = self._with_thoughts(examples, thoughts)
         beams = max(self.cfg.num_beams, k)
-        batch = self.collator.encode_prompts(examples, thoughts)
+        batch = self._prompts(examples, thoughts)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         # Prefill the prompt (with photos) ONCE per row, then copy its KV cache to the beams:
         # beam search would otherwise re-encode the whole prompt num_beams times. generate() then
@@ -231,7 +242,7 @@ class VLMPredictor:
     def _continuation_logprobs(self, example, prefix: str, continuations: list[list[int]], chunk: int) -> np.ndarray:
         """Summed log-probs of each token sequence after the (prompt + prefix) of one example;
         the prompt is prefilled once and its KV cache copied per chunk of continuations."""
-        batch = self.collator.encode_prompts([example], [prefix])
+        batch = self._prompts([example], [prefix])
         emb = self._embed(batch)
         n_prompt = emb.shape[1]
         pre = self.model(inputs_embeds=emb, attention_mask=batch["attention_mask"], use_cache=True)
@@ -245,15 +256,16 @@ class VLMPredictor:
             for r, s in enumerate(part):
                 ids[r, : len(s)] = torch.tensor(s)
                 mask[r, : len(s)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
             cache = copy.deepcopy(pre.past_key_values)
             cache.batch_repeat_interleave(n)
-            attn = torch.cat([torch.ones((n, n_prompt), dtype=torch.long), mask], dim=1)
-            pos = (n_prompt + torch.arange(width)).unsqueeze(0).expand(n, -1)
+            attn = torch.cat([torch.ones((n, n_prompt), dtype=torch.long, device=self.device), mask], dim=1)
+            pos = (n_prompt + torch.arange(width, device=self.device)).unsqueeze(0).expand(n, -1)
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
             logp = torch.log_softmax(out.logits.float(), dim=-1)
             # token 0 is predicted by the prompt's last position, token j by continuation j-1
             tok_lp = torch.cat([first[ids[:, :1]], logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)], 1)
-            totals[lo: lo + n] = (tok_lp * mask).sum(1).numpy()
+            totals[lo: lo + n] = (tok_lp * mask).sum(1).cpu().numpy()
         return totals
 
     @torch.no_grad()
@@ -285,16 +297,16 @@ class VLMPredictor:
         """Click probability from the yes/no answer-token probabilities."""
         t0 = time.perf_counter()
         thoughts = self._with_thoughts(examples, thoughts)
-        batch = self.collator.encode_prompts(examples, thoughts)
+        batch = self._prompts(examples, thoughts)
         if self.yes_no_common:   # left-padded rows: the common answer tokens go at the end
-            common = torch.tensor(self.yes_no_common).expand(len(examples), -1)
+            common = torch.tensor(self.yes_no_common, device=self.device).expand(len(examples), -1)
             batch["input_ids"] = torch.cat([batch["input_ids"], common], dim=1)
             batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(common)], dim=1)
         mask = batch["attention_mask"]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)   # left padding: positions start at each row's first token
         out = self.model(inputs_embeds=self._embed(batch), attention_mask=mask, position_ids=pos)
         two = out.logits[:, -1, [self.yes_id, self.no_id]].float()
-        p_yes = torch.softmax(two, dim=-1)[:, 0].numpy()
+        p_yes = torch.softmax(two, dim=-1)[:, 0].cpu().numpy()
         ms = (time.perf_counter() - t0) * 1000 / len(examples)
         results = []
         for p, thought in zip(p_yes, thoughts):
@@ -310,7 +322,7 @@ class VLMPredictor:
         """Explanation generation (greedy)."""
         t0 = time.perf_counter()
         thoughts = self._with_thoughts(examples, thoughts)
-        batch = self.collator.encode_prompts(examples, thoughts)
+        batch = self._prompts(examples, thoughts)
         out = self.model.generate(inputs_embeds=self._embed(batch), attention_mask=batch["attention_mask"],
                                   max_new_tokens=max_new_tokens or self.cfg.max_explanation_tokens, do_sample=False,
                                   num_beams=1, return_dict_in_generate=True, output_scores=True, **self._gen_kwargs())
