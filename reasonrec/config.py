@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from reasonrec.vlm.config import CurriculumConfig, VLMConfig
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -150,6 +152,8 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
 # ----------------------------------------------------------------------------------- loading
