@@ -89,6 +89,8 @@ def baseline_prepare(cfg, out_dir: str, chunk_users: int = 65_536) -> dict:
 
     def step(name: str):
         steps.append({"step": name, "t": round(time.time() - t0, 2), "rss_mb": round(_self_rss() / MB, 1)})
+        _record_step(steps[-1])
+        logging.getLogger("bench.prepare").info("baseline: %s done at %.1fs, RSS %.0f MB", *steps[-1].values())
 
     sources = [get_source(s, cfg.storage) for s in d.sources]
     quarantine: list[pa.Table] = []
@@ -175,6 +177,9 @@ def baseline_prepare(cfg, out_dir: str, chunk_users: int = 65_536) -> dict:
     writers["timeshift"] = pq.ParquetWriter(os.path.join(out_dir, "timeshift.parquet"), schemas.TIMESHIFT)
     rows = dict.fromkeys(list(writers), 0)
     for lo in range(0, seqs.num_rows, chunk_users):
+        # Progress in the log, so a run killed at the time limit still shows how far it got.
+        logging.getLogger("bench.prepare").info("baseline: derive users %d-%d of %d at %.1fs", lo,
+                                                min(lo + chunk_users, seqs.num_rows), seqs.num_rows, time.time() - t0)
         batch = seqs.slice(lo, chunk_users).to_pandas()
         for name, (schema, fn) in derive.items():
             df = fn(batch)
@@ -209,6 +214,17 @@ def _self_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+_STEPS_FILE: str | None = None
+
+
+def _record_step(rec: dict) -> None:
+    """Append a step record to the child's JSONL side file as it happens, so a child killed at the
+    time limit still tells the parent how far it got and what its memory was at each step."""
+    if _STEPS_FILE:
+        with open(_STEPS_FILE, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
 def _peak_rss_self() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
@@ -223,11 +239,14 @@ class _StepRSS(logging.Handler):
     def emit(self, record):
         self.records.append({"step": record.getMessage(), "t": round(time.time() - self.t0, 2),
                              "rss_mb": round(_self_rss() / MB, 1)})
+        _record_step(self.records[-1])
 
 
 def run_child(args) -> None:
     """One side at one size, in this (sampled) process; writes its result JSON."""
+    global _STEPS_FILE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    _STEPS_FILE = args.result + ".steps.jsonl"
     cfg, _ = bench_config(args.size, args.workdir, args.child, args.n_items, args.interactions_per_shard,
                           args.interactions_per_partition)
     out: dict = {"side": args.child, "rss_at_start_mb": round(_self_rss() / MB, 1)}
@@ -320,6 +339,9 @@ def run_side(side: str, size: int, args, workdir: str) -> dict:
         out["error"] = ("timed out after %ds" % args.timeout_s if timed_out else
                         "killed by signal %d (SIGKILL: likely the OOM killer)" % -rc if rc < 0 else f"exit status {rc}")
         out["log_tail"] = Path(log_path).read_text()[-3000:]
+        steps_file = result_path + ".steps.jsonl"
+        if os.path.exists(steps_file):  # how far the child got before it was stopped
+            out["steps"] = [json.loads(line) for line in Path(steps_file).read_text().splitlines() if line]
     return out
 
 
@@ -382,7 +404,7 @@ def markdown(results: list[dict]) -> str:
             driver = max(pk["driver_rss"], s.get("peak_rss_mb_getrusage") or 0)
             cluster = f"{pk['cluster_rss']:,.0f} ({pk['cluster_pss']:,.0f})" if side == "ray" else "-"
             err = f" **{s['error']}**" if s.get("error") else ""
-            lines.append(f"| {_fmt(n) if n else _fmt(r['size'])} | {_fmt(summ.get('n_users'))} | {side}{err} | "
+            lines.append(f"| {_fmt(n) if n else _fmt(r['size'])} | {_fmt(summ.get('n_users', r.get('n_users')))} | {side}{err} | "
                          f"{_fmt(wall, ',.1f')} | {_fmt(rate)} | {driver:,.0f} | {cluster} | "
                          f"{s.get('load_before', 'n/a')} |")
         rt = r.get("ratios")
@@ -453,7 +475,7 @@ def main(argv=None) -> int:
     for size in args.sizes:
         cfg, overrides = bench_config(size, workdir, "x", args.n_items, args.interactions_per_shard,
                                       args.interactions_per_partition)
-        r: dict = {"size": size, "overrides": [o for o in overrides if not o.startswith("output_root")]}
+        r: dict = {"size": size, "n_users": cfg.data.sources[0].synthetic.n_users, "overrides": [o for o in overrides if not o.startswith("output_root")]}
         for side in args.sides:
             load = round(os.getloadavg()[0], 2)
             print(f"[bench.prepare] size={size:,} side={side} (load {load}) ...", file=sys.stderr, flush=True)
@@ -463,7 +485,7 @@ def main(argv=None) -> int:
             if not args.keep:
                 shutil.rmtree(os.path.join(workdir, side), ignore_errors=True)
             r[side] = s
-            print(f"[bench.prepare]   {side}: wall {s.get('wall_s', float('nan')):.1f}s "
+            print(f"[bench.prepare]   {side}: wall {_fmt(s.get('wall_s'), '.1f')}s "
                   f"peak driver RSS {s['peak_mb']['driver_rss']:,.0f} MB {s.get('error', '')}", file=sys.stderr, flush=True)
         r["ratios"] = ratios(r)
         r["rows_match"] = rows_match(r)
