@@ -291,7 +291,8 @@ def run_side(side: str, size: int, args, workdir: str) -> dict:
            "--interactions-per-shard", str(args.interactions_per_shard),
            "--interactions-per-partition", str(args.interactions_per_partition),
            "--chunk-users", str(args.chunk_users)]
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=os.path.join(workdir, "ray"),
+    # Ray's session dir (logs, spilled objects) apart from the "ray" outputs, whose size is reported.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=os.path.join(workdir, "ray-tmp"),
                PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     os.makedirs(env["RAY_TMPDIR"], exist_ok=True)
@@ -484,6 +485,7 @@ def main(argv=None) -> int:
             s["output_mb"] = _dir_mb(os.path.join(workdir, side))
             if not args.keep:
                 shutil.rmtree(os.path.join(workdir, side), ignore_errors=True)
+                shutil.rmtree(os.path.join(workdir, "ray-tmp"), ignore_errors=True)
             r[side] = s
             print(f"[bench.prepare]   {side}: wall {_fmt(s.get('wall_s'), '.1f')}s "
                   f"peak driver RSS {s['peak_mb']['driver_rss']:,.0f} MB {s.get('error', '')}", file=sys.stderr, flush=True)
