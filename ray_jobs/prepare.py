@@ -229,11 +229,18 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     }
 
     with _step("time-shift cutoff"):
+        # Materialised once: the cut-off, the interactions table and the time-shift table all read it.
+        tables["interactions"] = tables["interactions"].materialize()
         cutoff = d.timeshift_cutoff
         if cutoff is None:
-            from ray.data.aggregate import ApproximateQuantile
-            agg = tables["interactions"].aggregate(ApproximateQuantile(on="ts", quantiles=[d.timeshift_quantile]))
-            cutoff = int(np.asarray(list(agg.values())[0]).ravel()[0])
+            from ray.data.aggregate import ApproximateQuantile, Min
+            # The quantile sketch works in float32: on raw unix seconds that is ~1 day off, so the
+            # quantile is taken on seconds since the first interaction (exact to a few seconds).
+            t0 = int(tables["interactions"].aggregate(Min("ts"))["min(ts)"])
+            rel = tables["interactions"].map_batches(
+                lambda t: pa.table({"dt": pc.subtract(t.column("ts"), t0)}), batch_format="pyarrow")
+            agg = rel.aggregate(ApproximateQuantile(on="dt", quantiles=[d.timeshift_quantile]))
+            cutoff = t0 + int(round(float(np.asarray(list(agg.values())[0]).ravel()[0])))
         tables["timeshift"] = tables["interactions"].map_batches(
             lambda b: P.to_arrow(P.timeshift_table(b, cutoff), schemas.TIMESHIFT), batch_format="pandas")
 

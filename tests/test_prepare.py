@@ -108,6 +108,7 @@ def test_explanation_and_timeshift_splits(synthetic_run):
     cut = s["timeshift_cutoff"]
     t = ts.to_pydict()
     assert all((x < cut) == (sp == "train") for x, sp in zip(t["ts"], t["split"]))
+    assert abs(np.mean(np.asarray(t["ts"]) < cut) - 0.9) < 0.03      # the 0.9 quantile of time
 
 
 def test_items_have_dense_ids_and_images(synthetic_run):
