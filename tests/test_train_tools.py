@@ -100,8 +100,8 @@ def test_rerun_skips_both_stages(pipeline):
 def test_killed_training_resumes_from_its_checkpoint(ray_local, tmp_path):
     """Kill the driver mid-training (SASRec, after an epoch's checkpoint), start again: finished
     tools and epochs are not redone."""
-    overrides = ["tools.enabled=[popularity,sasrec]", "tools.ensemble=false", "tools.params.sasrec.max_epochs=4",
-                 "tools.params.sasrec.patience=4", "run_name=killed"]
+    overrides = ["tools.enabled=[popularity,sasrec]", "tools.ensemble=false", "tools.params.sasrec.max_epochs=8",
+                 "tools.params.sasrec.patience=8", "run_name=killed"]
     cfg = _cfg(tmp_path, *overrides)
     prepare.run(cfg)
     store = ArtifactStore(cfg.output_root, cfg.run_name)
