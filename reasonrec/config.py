@@ -144,6 +144,103 @@ class ToolsConfig:
 
 
 @dataclass
+class InstructionsConfig:
+    """Instruction examples for the VLM fine-tune (paper 3.2, Appendix A)."""
+
+    tasks: List[str] = field(default_factory=lambda: ["sequential", "direct", "ctr", "explanation"])
+    splits: List[str] = field(default_factory=lambda: ["train", "valid"])
+    # A tool is "usable" for a ranking query when it ranked the truth within its top usable_k.
+    usable_k: int = 10
+    max_tool_hints: int = 3          # tools whose answers are shown in a prompt (the paper's cap)
+    noisy_tools_fraction: float = 0.1  # examples whose tool hints are replaced by wrong ones
+    template_mixture: bool = True    # False: every example uses template ``single_template``
+    single_template: int = 0
+    # Cap per (task, split) so a CPU budget stays bounded; 0 = all. Sampled by hash, not head().
+    max_examples_per_task: int = 0
+    seed: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    """Curriculum LoRA fine-tune on Ray Train (TorchTrainer + DDP)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1            # worker-group restarts from the latest checkpoint
+    max_steps: int = 200             # optimizer steps (the curriculum phases are fractions of this)
+    per_device_batch_size: int = 4   # global batch = per_device_batch_size * num_workers * grad_accum
+    grad_accum: int = 1
+    checkpoint_every: int = 50       # steps between checkpoints (ray.train.report)
+    log_every: int = 10
+    time_budget_s: float = 0.0       # 0 = none; stop (and checkpoint) once exceeded
+    grad_clip: float = 1.0
+
+
+@dataclass
+class PlannerConfig:
+    """Risk-aware planner (paper 3.3, 4.3, Appendix B)."""
+
+    # Tiers: low risk = EH bucket in bypass_buckets AND confidence >= bypass_confidence -> tools
+    # only; high risk = EH bucket in consult_buckets AND confidence < consult_confidence -> VLM
+    # consults tools; anything else is medium -> VLM alone. Paper: bypass [low], consult [high].
+    bypass_buckets: List[str] = field(default_factory=lambda: ["low"])
+    consult_buckets: List[str] = field(default_factory=lambda: ["high"])
+    bypass_confidence: float = 0.5
+    consult_confidence: float = 0.3
+    max_tools: int = 3
+    # learned (xgboost on usable labels) | random | oracle (uses the truth: evaluation only) | fixed
+    tool_choice: str = "learned"
+    # "the tool answer is right" = the primary tool ranks the truth within its top correct_k
+    correct_k: int = 5
+    confidence_rounds: int = 100     # xgboost boosting rounds (confidence and tool choice models)
+    seed: int = 0
+
+
+@dataclass
+class ScoreConfig:
+    """The batch-scoring job (the main job)."""
+
+    tasks: List[str] = field(default_factory=lambda: ["sequential", "direct", "ctr", "explanation"])
+    split: str = "test"              # which prepared queries to score, or ...
+    queries_path: Optional[str] = None  # ... a Parquet query file (local or s3://)
+    max_queries_per_task: int = 0    # 0 = all; sampled by hash for CPU budgets
+    k: int = 10                      # items returned per ranking query
+    # "routed" (the planner decides), "tools" (tools only), "vlm" (VLM alone), "vlm_tools" (VLM
+    # + tools always): the last three are the paper's comparison baselines.
+    mode: str = "routed"
+    tool_actors: int = 1
+    vlm_actors: int = 1
+    vlm_gpus: float = 0.0            # GPUs per VLM actor
+    tool_batch_size: int = 256
+    vlm_batch_size: int = 4
+    shard_rows: int = 1000           # queries per output shard (the unit of resume)
+    max_task_retries: int = 3        # actor restarts / batch retries before the job fails
+
+
+@dataclass
+class ServeConfig:
+    """Ray Serve application (reasonrec/serve)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_history: int = 1000          # longer inline histories / candidate lists -> 413
+    max_candidates: int = 1000
+    max_items_ctr: int = 1000
+    tool_replicas: List[int] = field(default_factory=lambda: [1, 4])   # autoscaling min, max
+    vlm_replicas: List[int] = field(default_factory=lambda: [1, 2])
+    planner_replicas: List[int] = field(default_factory=lambda: [1, 2])
+    target_ongoing_requests: int = 4
+    max_ongoing_requests: int = 16
+    max_queued_requests: int = 64
+    vlm_batch_size: int = 4
+    vlm_batch_wait_s: float = 0.02
+    tool_cpus: float = 0.5
+    vlm_cpus: float = 1.0
+    vlm_gpus: float = 0.0
+
+
+@dataclass
 class RunConfig:
     run_name: str = "quickstart"
     output_root: str = "runs"
@@ -154,6 +251,11 @@ class RunConfig:
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     vlm: VLMConfig = field(default_factory=VLMConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    instructions: InstructionsConfig = field(default_factory=InstructionsConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -220,16 +322,39 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 _CHOICES = {
     "data.eh_normalizer": ("max", "quantile", "rank", "log"),
+    "planner.tool_choice": ("learned", "random", "oracle", "fixed"),
+    "score.mode": ("routed", "tools", "vlm", "vlm_tools"),
 }
+TASKS = ("sequential", "direct", "ctr", "explanation")
+EH_BUCKETS = ("low", "medium", "high")
 SOURCE_KINDS = ("synthetic", "p5", "amazon", "recbole", "pixelrec", "hm")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def validate(cfg: RunConfig) -> None:
     """Checks the schema's types cannot express (choices, ranges)."""
-    if cfg.data.eh_normalizer not in _CHOICES["data.eh_normalizer"]:
-        raise ConfigError(
-            f"config error: key 'data.eh_normalizer': '{cfg.data.eh_normalizer}' not in "
-            f"{_CHOICES['data.eh_normalizer']}")
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"config error: key '{key}': '{_get(cfg, key)}' not in {choices}")
+    for key in ("instructions.tasks", "score.tasks"):
+        bad = [t for t in _get(cfg, key) if t not in TASKS]
+        if bad:
+            raise ConfigError(f"config error: key '{key}': unknown task(s) {bad}; choose from {TASKS}")
+    for key in ("planner.bypass_buckets", "planner.consult_buckets"):
+        bad = [b for b in _get(cfg, key) if b not in EH_BUCKETS]
+        if bad:
+            raise ConfigError(f"config error: key '{key}': unknown bucket(s) {bad}; choose from {EH_BUCKETS}")
+    if not 1 <= cfg.planner.max_tools <= 3:
+        raise ConfigError("config error: key 'planner.max_tools': must be 1..3 (the paper caps tool use at 3)")
+    for key in ("serve.tool_replicas", "serve.vlm_replicas", "serve.planner_replicas"):
+        v = _get(cfg, key)
+        if len(v) != 2 or not 0 <= v[0] <= v[1] or v[1] < 1:
+            raise ConfigError(f"config error: key '{key}': need [min, max] with 0 <= min <= max, max >= 1")
     lo, hi = (list(cfg.data.eh_thresholds) + [None, None])[:2]
     if len(cfg.data.eh_thresholds) != 2 or not (0.0 <= lo <= hi <= 1.0):
         raise ConfigError("config error: key 'data.eh_thresholds': need two values 0 <= low <= high <= 1")
