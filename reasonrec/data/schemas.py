@@ -120,10 +120,43 @@ TIMESHIFT = pa.schema([
     ("split", pa.string()),        # train (ts < cutoff) | test
 ])
 
+# Instruction examples for the VLM fine-tune (build_instructions -> finetune). Photos are
+# referenced by item id (``image_items``, in placeholder order) and looked up in the items table:
+# never copied per example.
+INSTRUCTIONS = pa.schema([
+    ("example_id", pa.int64()),
+    ("user_id", pa.int64()),
+    ("task", pa.string()),          # sequential | direct | ctr | explanation
+    ("split", pa.string()),         # train | valid
+    ("phase", pa.string()),         # the user's EH bucket: low | medium | high (curriculum phase tag)
+    ("template_id", pa.int32()),
+    ("prompt", pa.string()),
+    ("image_items", pa.list_(pa.int64())),
+    ("target", pa.string()),        # thought line + "Answer: ..."
+    ("tools_usable", pa.list_(pa.string())),
+    ("noisy_tools", pa.bool_()),    # tool hints deliberately wrong (overrule training)
+])
+
+# Queries to score (score job input, and the shape the Serve app builds per request). Truth
+# columns (target, label, reference) are null for production queries.
+QUERIES = pa.schema([
+    ("query_id", pa.int64()),
+    ("task", pa.string()),
+    ("user_id", pa.int64()),
+    ("history", pa.list_(pa.int64())),     # null: the user's history from the prepared data
+    ("candidates", pa.list_(pa.int64())),  # direct
+    ("item_id", pa.int64()),               # ctr / explanation target item
+    ("rating", pa.float32()),              # explanation
+    ("target", pa.int64()),                # truth: next item (sequential / direct)
+    ("label", pa.int8()),                  # truth: click (ctr)
+    ("reference", pa.string()),            # truth: review text (explanation)
+])
+
 PREDICTIONS = pa.schema([
+    ("query_id", pa.int64()),
     ("user_id", pa.int64()),
     ("task", pa.string()),
-    ("route", pa.string()),
+    ("route", pa.string()),                # low | medium | high (risk tier)
     ("tools_used", pa.list_(pa.string())),
     ("confidence", pa.float32()),
     ("items", pa.list_(pa.int64())),
@@ -131,6 +164,9 @@ PREDICTIONS = pa.schema([
     ("text", pa.string()),
     ("rationale", pa.string()),
     ("latency_ms", pa.float32()),
+    ("eh_bucket", pa.string()),
+    ("cold_user", pa.bool_()),             # unknown user: treated as cold (high EH), flagged
+    ("vlm_called", pa.bool_()),
 ])
 
 
