@@ -152,6 +152,9 @@ class InstructionsConfig:
     # A tool is "usable" for a ranking query when it ranked the truth within its top usable_k.
     usable_k: int = 10
     max_tool_hints: int = 3          # tools whose answers are shown in a prompt (the paper's cap)
+    # Direct prompts list this many of the candidates (a seeded subset that ignores the truth);
+    # the VLM still scores every candidate by answer likelihood.
+    prompt_candidates: int = 20
     noisy_tools_fraction: float = 0.1  # examples whose tool hints are replaced by wrong ones
     template_mixture: bool = True    # False: every example uses template ``single_template``
     single_template: int = 0

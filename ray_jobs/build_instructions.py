@@ -1,0 +1,145 @@
+"""build_instructions: reasoning-aware instruction examples for the VLM fine-tune (Ray Data).
+
+    python -m ray_jobs.build_instructions --config configs/quickstart.yaml [key=value ...] [--force]
+
+For every task in ``instructions.tasks`` and split in ``instructions.splits`` the prepared queries
+(hash-sampled to ``instructions.max_examples_per_task``) stream through an actor pool that loads
+the trained tools once per actor and labels each query (usable tools, hints, reference answer
+right or not); the calibrated confidence table is fitted on the validation rows; a second actor
+pool renders prompts and chain-of-thought targets. Output: ``{run}/instructions/examples/``
+(schema ``INSTRUCTIONS``; photos referenced by item id) and ``summary.json``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ray_jobs.common import write_dataset
+from reasonrec.config import RunConfig, parse_cli, section_hash
+from reasonrec.data.schemas import INSTRUCTIONS
+from reasonrec.io import ArtifactStore
+
+STAGE = "instructions"
+log = logging.getLogger("reasonrec.build_instructions")
+
+
+class _Context:
+    """Per actor: the run's catalog, users, prompt builder and (optionally) tools, loaded once."""
+
+    def __init__(self, cfg: RunConfig, with_tools: bool):
+        from reasonrec.context import load_context
+        from reasonrec.planner import load_toolbox
+        from reasonrec.prompts.templates import TemplateSampler
+
+        self.cfg = cfg
+        store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+        ic = cfg.instructions
+        sampler = TemplateSampler(ic.template_mixture, ic.single_template, ic.seed)
+        self.catalog, self.users, self.prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds, sampler,
+                                                              ic.prompt_candidates)
+        self.toolbox = load_toolbox(store) if with_tools else None
+
+
+class _Labeler(_Context):
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg, with_tools=True)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from reasonrec.instructions import label_batch
+        parts = []
+        for split in pc.unique(batch.column("split")).to_pylist():
+            sub = batch.filter(pc.equal(batch.column("split"), split)).drop_columns(["split"])
+            parts.append(label_batch(sub, split, self.toolbox, self.users, self.catalog, self.cfg.instructions))
+        return pa.concat_tables(parts)
+
+
+class _Renderer(_Context):
+    def __init__(self, cfg: RunConfig, conf: dict):
+        super().__init__(cfg, with_tools=False)
+        self.conf = conf
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from reasonrec.instructions import render_batch
+        return render_batch(batch, self.conf, self.prompts, self.users, self.catalog, self.cfg.instructions)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    v = cfg.vlm
+    return section_hash({"instructions": section_hash(cfg.instructions), "direct_negatives": cfg.data.direct_negatives,
+                         "render": [v.max_history_items, v.max_history_photos, v.max_candidate_photos],
+                         "eh_thresholds": list(cfg.data.eh_thresholds)})
+
+
+def run(cfg: RunConfig, force: bool = False) -> dict:
+    from reasonrec.runtime import init_ray
+    t0 = time.time()
+    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    inputs = {"prepare": store.require("prepare").fingerprint, "train_tools": store.require("train_tools").fingerprint}
+    chash = config_hash(cfg)
+    if not force and store.is_done(STAGE, chash, inputs):
+        log.info("instructions: manifest matches under %s; skipping (use --force to re-run)", store.url(STAGE))
+        return {"skipped": True, **store.manifest(STAGE).metrics}
+    ray = init_ray(cfg.ray)
+    from ray.data import ActorPoolStrategy
+
+    from reasonrec.instructions import confidence_table, prepared_queries
+
+    ic = cfg.instructions
+    n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
+    tables = {n: store.read_table("prepare", n) for n in ("loo", "direct_candidates", "ctr", "explanation")}
+    blocks = []
+    for task in ic.tasks:
+        for split in ic.splits:
+            q = prepared_queries(tables, task, split, n_items, cfg.data.direct_negatives, ic.seed,
+                                 ic.max_examples_per_task)
+            blocks.append(q.append_column("split", pa.array([split] * q.num_rows, pa.string())))
+    queries = pa.concat_tables(blocks)
+    del tables
+    log.info("instructions: labelling %d queries with the tools (%s)", queries.num_rows,
+             ", ".join(f"{t}" for t in ic.tasks))
+    pool = ActorPoolStrategy(size=max(cfg.score.tool_actors, 1))
+    labeled = ray.data.from_arrow(queries).repartition(max(cfg.score.tool_actors * 4, 1)).map_batches(
+        _Labeler, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=cfg.score.tool_batch_size,
+        compute=pool).materialize()
+    # Five small columns per query: the only data the driver collects.
+    stats = pa.concat_tables(ray.get(labeled.select_columns(
+        ["task", "split", "eh_bucket", "len_bin", "ref_right"]).to_arrow_refs()))
+    fit = stats.filter(pc.equal(stats.column("split"), "valid"))
+    fit = fit if fit.num_rows else stats
+    conf = confidence_table(*(fit.column(c).to_pylist() for c in ("task", "eh_bucket", "len_bin", "ref_right")))
+    examples = labeled.map_batches(_Renderer, fn_constructor_kwargs={"cfg": cfg, "conf": conf},
+                                   batch_format="pyarrow", batch_size=cfg.score.tool_batch_size, compute=pool)
+    with store.stage_writer(STAGE, chash, inputs) as w:
+        rows = write_dataset(examples, w, store, "examples", INSTRUCTIONS)
+        counts = {}
+        for t, s in zip(stats.column("task").to_pylist(), stats.column("split").to_pylist()):
+            counts[f"{t}/{s}"] = counts.get(f"{t}/{s}", 0) + 1
+        summary = {"examples": rows, "by_task_split": counts, "confidence_table": conf,
+                   "seconds": round(time.time() - t0, 1)}
+        w.write_json("summary.json", summary)
+        w.manifest.metrics = {k: v for k, v in summary.items() if k != "confidence_table"}
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    if s.get("skipped"):
+        return "build_instructions: skipped (outputs up to date)"
+    lines = [f"build_instructions: {s['examples']} examples in {s['seconds']:.0f}s"]
+    lines += [f"  {k:24s} {v}" for k, v in sorted(s["by_task_split"].items())]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    args, cfg = parse_cli("Build the reasoning-aware instruction examples.", argv)
+    print(format_summary(run(cfg, force=args.force)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

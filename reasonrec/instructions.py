@@ -1,0 +1,237 @@
+"""Reasoning-aware instruction examples (paper 3.2, Appendix A), Ray-free.
+
+Queries come from the prepared splits (:func:`prepared_queries`, shared with the scoring job).
+Building an example takes two passes so that the confidence target is a calibrated frequency:
+
+1. :func:`label_batch` runs every tool on the query (the same :class:`~reasonrec.planner.ToolBox`
+   the planner uses at scoring time) and records which tools are *usable* (the truth in their
+   top ``usable_k``; CTR: the right side of 0.5), their answers as hints, and whether the
+   reference answer -- the majority-vote ensemble, else the mean over tools -- is right;
+2. the confidence target of a query is the rate at which the reference answer is right among
+   training queries of its (task, EH bucket, history-length bin): a calibrated probability of
+   being right given what the model can see, not a constant (:func:`confidence_table`);
+3. :func:`render_batch` writes the prompt (template mixture or one template), the photo item ids,
+   and the chain-of-thought target. Half of the ranking/CTR examples (by hash) show up to
+   ``max_tool_hints`` tools' answers (the high-risk prompt) and name the usable ones among them;
+   the rest show none (the medium-risk prompt) and name up to 3 usable tools. A configured share
+   of hinted examples gets wrong hints (``NoisyTools``) and names no tool: learning to overrule.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reasonrec.config import InstructionsConfig
+from reasonrec.context import Catalog, PromptBuilder, UserDirectory
+from reasonrec.metrics import rouge_l_scores
+from reasonrec.data.schemas import INSTRUCTIONS, QUERIES
+from reasonrec.planner import ToolBox
+from reasonrec.prompts.cot import NoisyTools, compose_target, ctr_answer
+from reasonrec.prompts.templates import TASKS, ToolHint, _splitmix64
+
+TASK_BASE = {t: (i + 1) * 10**12 for i, t in enumerate(TASKS)}   # query-id ranges per task
+SPLIT_BASE = {"train": 0, "valid": 3 * 10**11, "test": 6 * 10**11}
+
+LABELED = pa.schema(list(QUERIES) + [
+    pa.field("split", pa.string()), pa.field("eh", pa.float32()), pa.field("eh_bucket", pa.string()),
+    pa.field("len_bin", pa.int32()), pa.field("usable", pa.list_(pa.string())),
+    pa.field("hints", pa.string()), pa.field("ref_right", pa.float32()),
+])
+
+
+def len_bin(n: np.ndarray) -> np.ndarray:
+    """History-length bin: floor(log2(1 + n)), capped at 6 (fixed edges: no global pass)."""
+    return np.minimum(np.floor(np.log2(1 + np.asarray(n, np.float64))), 6).astype(np.int32)
+
+
+def _sample(ids: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Row positions of a stable hash sample of ``cap`` ids (all when cap is 0 or larger)."""
+    if not cap or len(ids) <= cap:
+        return np.arange(len(ids))
+    h = _splitmix64(ids.astype(np.uint64) ^ np.uint64(seed * 2654435761 + 1))
+    return np.sort(np.argsort(h, kind="stable")[:cap])
+
+
+def prepared_queries(tables: Mapping[str, pa.Table], task: str, split: str, n_items: int,
+                     direct_negatives: int = 99, seed: int = 0, cap: int = 0) -> pa.Table:
+    """QUERIES rows of one task and split from the ``prepare`` tables (``loo``, and by task
+    ``direct_candidates`` / ``ctr`` / ``explanation``), with truth columns. Query ids are stable:
+    task and split ranges plus the row's position in the (deterministic) table."""
+    base = TASK_BASE[task] + SPLIT_BASE[split]
+    if task in ("sequential", "direct") and not (task == "direct" and split != "train"):
+        loo = tables["loo"].sort_by("user_id")
+        users = loo.column("user_id").to_numpy()
+        train = loo.column("train_items").to_pylist()
+        if split == "train":
+            keep = [i for i, t in enumerate(train) if len(t) >= 2]
+            target = [train[i][-1] for i in keep]
+        else:
+            col = loo.column(f"{split}_item").to_pylist()
+            keep = [i for i, v in enumerate(col) if v is not None]
+            target = [col[i] for i in keep]
+        users, target = users[keep], np.asarray(target, np.int64)
+        qid = base + np.arange(len(users))
+        pick = _sample(qid, cap, seed)
+        users, target, qid = users[pick], target[pick], qid[pick]
+        cands = None
+        if task == "direct":   # training lists: the target + negatives the user never touched
+            pos = {int(u): i for i, u in enumerate(loo.column("user_id").to_numpy())}
+            cands = []
+            for u, t in zip(users, target):
+                rng = np.random.default_rng([seed, int(u), 3])
+                pool = np.setdiff1d(np.arange(n_items), np.asarray(train[pos[int(u)]], np.int64))
+                negs = rng.choice(pool, min(direct_negatives, len(pool)), replace=False)
+                cands.append(rng.permutation(np.append(negs, t)).tolist())
+        return _conform({"query_id": qid, "task": [task] * len(qid), "user_id": users, "candidates": cands,
+                         "target": target})
+    if task == "direct":
+        t = tables["direct_candidates"]
+        t = t.filter(pc.equal(t.column("split"), split)).sort_by("user_id")
+        qid = base + np.arange(t.num_rows)
+        pick = _sample(qid, cap, seed)
+        return _conform({"query_id": qid[pick], "task": [task] * len(pick),
+                         "user_id": t.column("user_id").to_numpy()[pick],
+                         "candidates": [t.column("candidates")[int(i)].as_py() for i in pick],
+                         "target": t.column("positive").to_numpy()[pick]})
+    name = "ctr" if task == "ctr" else "explanation"
+    t = tables[name]
+    t = t.filter(pc.equal(t.column("split"), split)).sort_by([("user_id", "ascending"), ("item_id", "ascending")])
+    qid = base + np.arange(t.num_rows)
+    pick = _sample(qid, cap, seed)
+    t = t.take(pa.array(pick, pa.int64()))
+    cols = {"query_id": qid[pick], "task": [task] * len(pick), "user_id": t.column("user_id").to_numpy(),
+            "item_id": t.column("item_id").to_numpy()}
+    if task == "ctr":
+        cols["label"] = t.column("label").to_numpy()
+    else:
+        cols["rating"] = t.column("rating").to_numpy(zero_copy_only=False)
+        cols["reference"] = t.column("review").to_pylist()
+    return _conform(cols)
+
+
+def _conform(cols: dict[str, Any]) -> pa.Table:
+    n = len(cols["query_id"])
+    arrays = []
+    for f in QUERIES:
+        v = cols.get(f.name)
+        arrays.append(pa.nulls(n, f.type) if v is None else pa.array(v, f.type) if not isinstance(v, np.ndarray)
+                      else pa.array(v).cast(f.type))
+    return pa.Table.from_arrays(arrays, schema=QUERIES)
+
+
+# ------------------------------------------------------------------------------ pass 1
+def label_batch(queries: pa.Table, split: str, toolbox: ToolBox, users: UserDirectory, catalog: Catalog,
+                cfg: InstructionsConfig) -> pa.Table:
+    """LABELED rows: usable tools, all tools' answers (hints JSON) and the reference answer's
+    correctness, per query (one task per batch or mixed)."""
+    rows = queries.to_pylist()
+    out = []
+    for task in {r["task"] for r in rows}:
+        idx = [i for i, r in enumerate(rows) if r["task"] == task]
+        sub = [rows[i] for i in idx]
+        states = [users.resolve(r["user_id"], r.get("history"), split) for r in sub]
+        usable: list[list[str]] = [[] for _ in sub]
+        hints: list[list[dict]] = [[] for _ in sub]
+        ref = np.zeros(len(sub))
+        if task == "explanation":
+            # No tools explain; "right" is graded: ROUGE-L of the review against the item's own
+            # text (how much of the review the item description predicts).
+            ref = rouge_l_scores([catalog.text[r["item_id"]] for r in sub], [r["reference"] or "" for r in sub])
+        else:
+            groups: dict[int, list[int]] = {}
+            for j, r in enumerate(sub):
+                groups.setdefault(len(r["candidates"]) if task == "direct" else 0, []).append(j)
+            for js in groups.values():
+                u = np.array([states[j].user_id for j in js], np.int64)
+                h = [states[j].history for j in js]
+                kw = {}
+                if task == "direct":
+                    kw["candidates"] = np.array([sub[j]["candidates"] for j in js], np.int64)
+                if task == "ctr":
+                    kw["items"] = np.array([sub[j]["item_id"] for j in js], np.int64)
+                truth = np.array([sub[j]["label" if task == "ctr" else "target"] for j in js])
+                ans = toolbox.answer(task, u, h, cfg.usable_k, **kw)
+                ok = {n: ans.correct(n, truth, cfg.usable_k) for n in ans.names}
+                if "ensemble" in toolbox.tools:
+                    ens = toolbox.answer(task, u, h, cfg.usable_k, names=["ensemble"], **kw)
+                    ref_ok = ens.correct("ensemble", truth, cfg.usable_k).astype(float)
+                else:
+                    ref_ok = np.mean([ok[n] for n in ans.names], 0) if ans.names else np.zeros(len(js))
+                for a, j in enumerate(js):
+                    usable[j] = [n for n in ans.names if ok[n][a]]
+                    hints[j] = [vars(ans.hint(n, a, catalog.text)) for n in ans.names]
+                    ref[j] = ref_ok[a]
+        for j, (r, st) in enumerate(zip(sub, states)):
+            out.append({**r, "history": None, "split": split, "eh": st.eh, "eh_bucket": st.bucket,
+                        "len_bin": int(len_bin(np.array([len(st.history)]))[0]), "usable": usable[j],
+                        "hints": json.dumps(hints[j]), "ref_right": float(ref[j])})
+    return pa.Table.from_pylist(out, schema=LABELED)
+
+
+def confidence_table(task: Sequence[str], bucket: Sequence[str], lbin: Sequence[int], ref_right: Sequence[float],
+                     prior: float = 2.0) -> dict[str, float]:
+    """Calibrated P(right) per (task, bucket, length bin): the group's mean of ``ref_right``
+    shrunk toward the task's mean with ``prior`` pseudo-counts (small groups stay sensible).
+    Keys ``task|bucket|bin`` and ``task`` (the fallback). Fit it on validation rows: tools were
+    trained on the training split, so their training-query accuracy is optimistic."""
+    task, bucket = np.asarray(task, object), np.asarray(bucket, object)
+    lbin, ref = np.asarray(lbin), np.asarray(ref_right, np.float64)
+    out: dict[str, float] = {}
+    for t in np.unique(task):
+        m = task == t
+        mean = float(ref[m].mean())
+        out[str(t)] = mean
+        keys = np.array([f"{t}|{b}|{int(x)}" for b, x in zip(bucket[m], lbin[m])], object)
+        for k in np.unique(keys):
+            g = ref[m][keys == k]
+            out[str(k)] = float((g.sum() + prior * mean) / (len(g) + prior))
+    return out
+
+
+# ------------------------------------------------------------------------------ pass 2
+def _frac(keys: np.ndarray, salt: int) -> np.ndarray:
+    h = _splitmix64(np.asarray(keys, np.int64).astype(np.uint64) ^ np.uint64(salt))
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def render_batch(labeled: pa.Table, conf: Mapping[str, float], prompts: PromptBuilder, users: UserDirectory,
+                 catalog: Catalog, cfg: InstructionsConfig) -> pa.Table:
+    """INSTRUCTIONS rows for LABELED rows."""
+    noisy = NoisyTools(cfg.noisy_tools_fraction, cfg.seed)
+    rows = labeled.to_pylist()
+    qids = np.array([r["query_id"] for r in rows], np.int64)
+    with_hints = _frac(qids, cfg.seed * 31 + 5) < 0.5
+    out = []
+    for i, r in enumerate(rows):
+        task, key = r["task"], int(r["query_id"])
+        st = users.resolve(r["user_id"], None, r["split"])
+        c = conf.get(f"{task}|{r['eh_bucket']}|{r['len_bin']}", conf.get(task, 0.5))
+        all_hints = [ToolHint(h["name"], list(h.get("items") or []), h.get("prob")) for h in json.loads(r["hints"])]
+        shown, tools, corrupted = [], list(r["usable"])[:3], False
+        if task != "explanation" and all_hints and with_hints[i]:
+            order = np.random.default_rng([cfg.seed, key & 0x7FFFFFFF, 11]).permutation(len(all_hints))
+            shown = [all_hints[o] for o in order[: cfg.max_tool_hints]]
+            names = {h.name for h in shown}
+            truth_text = [catalog.text[r["target"]]] if r.get("target") is not None else []
+            distractors = [catalog.text[j] for j in np.random.default_rng([cfg.seed, key & 0x7FFFFFFF, 13])
+                           .choice(catalog.n_items, min(catalog.n_items, 20), replace=False)]
+            shown, tools, corrupted = noisy.apply(key, shown, [n for n in r["usable"] if n in names],
+                                                  truth_text, distractors)
+        if task == "ctr":
+            answer = ctr_answer(r["label"])
+        elif task == "explanation":
+            answer = r["reference"] or ""
+        else:
+            answer = catalog.text[r["target"]]
+        target = compose_target(task, answer, c, st.bucket, st.eh, tools)
+        rendered = prompts.render(task, st, key, candidates=r.get("candidates") or (), item_id=r.get("item_id"),
+                                  rating=r.get("rating"), hints=shown)
+        out.append({"example_id": key, "user_id": r["user_id"], "task": task, "split": r["split"],
+                    "phase": st.bucket, "template_id": rendered["template_id"], "prompt": rendered["prompt"],
+                    "image_items": rendered["image_items"], "target": target, "tools_usable": tools,
+                    "noisy_tools": corrupted})
+    return pa.Table.from_pylist(out, schema=INSTRUCTIONS)

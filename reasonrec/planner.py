@@ -1,0 +1,319 @@
+"""Risk-aware planner (paper sections 3.3, 4.3, Appendix B): one implementation shared by the
+batch-scoring job and the Serve app.
+
+Per query, before any VLM runs:
+
+1. every tool of the task answers (cheap): :class:`ToolBox` -> :class:`ToolAnswers`;
+2. cheap features from those answers (:func:`query_features`): EH, history length, agreement
+   between the tools' top answers, score margins, popularity of the agreed item;
+3. tool choice (at most 3): ``learned`` = xgboost P(tool usable | features) per tool, trained on
+   the "usable" labels of validation queries; or the paper's baselines ``random``, ``oracle``
+   (the tools that ARE right: needs the truth, evaluation only) and ``fixed`` (the tools with the
+   best validation usable rate). The first chosen tool is the primary;
+4. confidence = calibrated P(the primary tool's answer is right) from an xgboost model on the same
+   features plus the primary's own margin, trained on validation queries;
+5. tier (:func:`assign_tier`): low risk -> the primary tool answers, the VLM is never called;
+   medium -> the VLM alone; high risk -> the VLM with the chosen tools' answers in its prompt.
+
+Every decision is recorded (:class:`Decision`): tier, confidence, tools used, rationale.
+Explanation queries have no tools (paper): always the VLM alone.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from reasonrec.config import PlannerConfig
+from reasonrec.prompts.templates import ToolHint, _splitmix64
+from reasonrec.tools.base import Tool
+
+RANKING = ("sequential", "direct")
+TIERS = ("low", "medium", "high")
+N_HINT_ITEMS = 5
+
+
+# ------------------------------------------------------------------------------ tools
+@dataclass
+class ToolAnswers:
+    """All tools' answers for a batch of queries of one task. Ranking: ``items``/``scores``
+    [B, k] per tool (direct: the whole candidate list, ordered); CTR: ``prob`` [B] per tool.
+    ``margin`` [B] is each tool's cheap confidence signal (Tool.confidence)."""
+
+    task: str
+    names: list[str]
+    items: dict[str, np.ndarray] = field(default_factory=dict)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    prob: dict[str, np.ndarray] = field(default_factory=dict)
+    margin: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def correct(self, name: str, truth: np.ndarray, k: int) -> np.ndarray:
+        """Per query: is tool ``name`` right? Ranking: the truth in its top ``k``; CTR: the
+        predicted side of 0.5 equals the label."""
+        if self.task == "ctr":
+            return (self.prob[name] >= 0.5) == (np.asarray(truth) > 0)
+        return (self.items[name][:, :k] == np.asarray(truth)[:, None]).any(1)
+
+    def hint(self, name: str, row: int, item_text: Sequence[str]) -> ToolHint:
+        if self.task == "ctr":
+            return ToolHint(name, prob=float(self.prob[name][row]))
+        return ToolHint(name, items=[item_text[int(i)] for i in self.items[name][row, :N_HINT_ITEMS]])
+
+
+class ToolBox:
+    """The loaded tool repository; answers a batch of queries of one task with every tool that
+    can do it. The majority-vote ensemble is kept apart (a baseline, not a tool to choose)."""
+
+    def __init__(self, tools: Mapping[str, Tool]):
+        self.tools = dict(tools)
+
+    def names(self, task: str) -> list[str]:
+        want = "ctr" if task == "ctr" else task
+        return sorted(n for n, t in self.tools.items() if n != "ensemble" and want in t.tasks)
+
+    def answer(self, task: str, users: np.ndarray, histories: list[np.ndarray], k: int = 10,
+               candidates: np.ndarray | None = None, items: np.ndarray | None = None,
+               names: Sequence[str] | None = None) -> ToolAnswers:
+        names = list(names) if names is not None else self.names(task)
+        out = ToolAnswers(task, names)
+        for n in names:
+            tool = self.tools[n]
+            if task == "ctr":
+                p = np.asarray(tool.predict_ctr(users, items, histories), np.float64)
+                out.prob[n], out.margin[n] = p, Tool.confidence(p)
+            elif task == "direct":
+                s = np.asarray(tool.score_candidates(users, histories, candidates), np.float64)
+                order = np.argsort(-s, axis=1, kind="stable")
+                out.items[n] = np.take_along_axis(np.asarray(candidates, np.int64), order, 1)
+                out.scores[n] = np.take_along_axis(s, order, 1)
+                out.margin[n] = Tool.confidence(s)
+            else:  # sequential: full-catalog top-k (history not excluded: the evaluation protocol)
+                s = np.asarray(tool.score_items(users, histories), np.float64)
+                kk = min(k, s.shape[1])
+                top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+                order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
+                out.items[n] = np.take_along_axis(top, order, 1).astype(np.int64)
+                out.scores[n] = np.take_along_axis(s, out.items[n], 1)
+                out.margin[n] = Tool.confidence(s)
+        return out
+
+
+# --------------------------------------------------------------------------- features
+FEATURES = ("eh", "log_hist", "agree_top1", "mean_margin", "max_margin", "log_pop_top1", "spread")
+
+
+def query_features(answers: ToolAnswers, eh: np.ndarray, hist_len: np.ndarray,
+                   popularity: np.ndarray) -> np.ndarray:
+    """[B, len(FEATURES) + n_tools]: the shared features, then each tool's margin (tool order =
+    ``answers.names``). Ranking: agreement = share of tools whose top-1 is the most voted top-1;
+    spread = number of distinct top-1 items / tools. CTR: agreement = 1 - 2 * std of the tools'
+    probabilities; spread = mean probability."""
+    B, names = len(eh), answers.names
+    margins = np.stack([answers.margin[n] for n in names], 1) if names else np.zeros((B, 0))
+    if answers.task == "ctr":
+        probs = np.stack([answers.prob[n] for n in names], 1)
+        agree = 1.0 - 2.0 * probs.std(1)
+        pop = np.zeros(B)
+        spread = probs.mean(1)
+    else:
+        top1 = np.stack([answers.items[n][:, 0] for n in names], 1)
+        agree, pop, spread = np.zeros(B), np.zeros(B), np.zeros(B)
+        for b in range(B):
+            vals, counts = np.unique(top1[b], return_counts=True)
+            agree[b] = counts.max() / len(names)
+            pop[b] = np.log1p(popularity[vals[counts.argmax()]])
+            spread[b] = len(vals) / len(names)
+    base = np.stack([np.asarray(eh, np.float64), np.log1p(np.asarray(hist_len, np.float64)), agree,
+                     margins.mean(1), margins.max(1), pop, spread], 1)
+    return np.concatenate([base, margins], 1).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ model
+def _fit_binary(x: np.ndarray, y: np.ndarray, rounds: int, seed: int) -> Any:
+    import xgboost as xgb
+    params = {"objective": "binary:logistic", "max_depth": 3, "eta": 0.1, "min_child_weight": 5,
+              "subsample": 0.9, "seed": seed, "nthread": 1, "eval_metric": "logloss"}
+    return xgb.train(params, xgb.DMatrix(x, label=y.astype(np.float32)), num_boost_round=rounds)
+
+
+def _predict(booster: Any, x: np.ndarray) -> np.ndarray:
+    import xgboost as xgb
+    return booster.predict(xgb.DMatrix(x)).astype(np.float64)
+
+
+@dataclass
+class Decision:
+    tier: str
+    tools: list[str]          # chosen tools, primary first (at most max_tools)
+    confidence: float         # calibrated P(primary tool right)
+    rationale: str
+
+
+class TaskPlanner:
+    """Fitted planner for one task: per-tool usable models, the confidence model, fixed ranking."""
+
+    def __init__(self, task: str, names: list[str], cfg: PlannerConfig, usable_models: dict[str, Any],
+                 confidence_model: Any, usable_rate: dict[str, float], calibration: dict[str, Any]):
+        self.task, self.names, self.cfg = task, names, cfg
+        self.usable_models, self.confidence_model = usable_models, confidence_model
+        self.usable_rate, self.calibration = usable_rate, calibration
+
+    # ---------------------------------------------------------------------------- fitting
+    @classmethod
+    def fit(cls, task: str, answers: ToolAnswers, features: np.ndarray, truth: np.ndarray,
+            cfg: PlannerConfig) -> "TaskPlanner":
+        names = answers.names
+        usable = {n: answers.correct(n, truth, cfg.correct_k) for n in names}
+        rate = {n: float(u.mean()) for n, u in usable.items()}
+        models = {}
+        for n in names:
+            y = usable[n]
+            # A label with one class has no model: its constant rate is the prediction.
+            models[n] = _fit_binary(features, y, cfg.confidence_rounds, cfg.seed) if 0 < y.sum() < len(y) else None
+        planner = cls(task, names, cfg, models, None, rate, {})
+        choice = planner.choose(features, truth_usable=usable)
+        conf_x, y = planner._confidence_inputs(features, answers, choice), planner._primary_right(usable, choice)
+        planner.confidence_model = _fit_binary(conf_x, y, cfg.confidence_rounds, cfg.seed) if 0 < y.sum() < len(y) else None
+        planner.calibration = {"fit_rows": int(len(y)), "fit_positive_rate": float(y.mean()) if len(y) else 0.0,
+                               "usable_rate": rate}
+        return planner
+
+    # --------------------------------------------------------------------------- inference
+    def usable_prob(self, features: np.ndarray) -> np.ndarray:
+        cols = [(_predict(m, features) if m is not None else np.full(len(features), self.usable_rate[n]))
+                for n, m in zip(self.names, (self.usable_models.get(n) for n in self.names))]
+        return np.stack(cols, 1) if cols else np.zeros((len(features), 0))
+
+    def choose(self, features: np.ndarray, truth_usable: Mapping[str, np.ndarray] | None = None,
+               keys: np.ndarray | None = None, how: str | None = None) -> np.ndarray:
+        """[B, m] tool indices (into ``names``), primary first, m = min(max_tools, n tools)."""
+        how = how or self.cfg.tool_choice
+        B, m = len(features), min(self.cfg.max_tools, len(self.names))
+        if how == "learned":
+            p = self.usable_prob(features)
+            return np.argsort(-p, axis=1, kind="stable")[:, :m]
+        if how == "fixed":
+            order = np.argsort([-self.usable_rate[n] for n in self.names], kind="stable")[:m]
+            return np.tile(order, (B, 1))
+        if how == "random":
+            keys = np.arange(B) if keys is None else np.asarray(keys)
+            h = _splitmix64((keys.astype(np.int64)[:, None] * 131 + np.arange(len(self.names))[None, :]
+                             + self.cfg.seed * 7919).astype(np.uint64))
+            return np.argsort(h, axis=1, kind="stable")[:, :m].astype(np.int64)
+        if how == "oracle":
+            if truth_usable is None:
+                raise ValueError("oracle tool choice needs the truth (evaluation only)")
+            # Usable tools first, then by validation usable rate (ties keep tool order).
+            u = np.stack([truth_usable[n] for n in self.names], 1).astype(np.float64)
+            key = u * 10.0 + np.array([self.usable_rate[n] for n in self.names])[None, :]
+            return np.argsort(-key, axis=1, kind="stable")[:, :m]
+        raise ValueError(f"unknown tool choice '{how}'")
+
+    def _confidence_inputs(self, features: np.ndarray, answers: ToolAnswers, choice: np.ndarray) -> np.ndarray:
+        rows = np.arange(len(features))
+        primary = choice[:, 0]
+        margins = features[:, len(FEATURES):]
+        extra = np.stack([margins[rows, primary], self.usable_prob(features)[rows, primary]], 1)
+        return np.concatenate([features[:, :len(FEATURES)], extra], 1).astype(np.float32)
+
+    def _primary_right(self, usable: Mapping[str, np.ndarray], choice: np.ndarray) -> np.ndarray:
+        u = np.stack([usable[n] for n in self.names], 1)
+        return u[np.arange(len(choice)), choice[:, 0]]
+
+    def confidence(self, features: np.ndarray, answers: ToolAnswers, choice: np.ndarray) -> np.ndarray:
+        if self.confidence_model is None:
+            return np.full(len(features), self.calibration.get("fit_positive_rate", 0.0))
+        return _predict(self.confidence_model, self._confidence_inputs(features, answers, choice))
+
+    # ----------------------------------------------------------------------- persistence
+    def state(self) -> dict[str, Any]:
+        def dump(m):
+            return None if m is None else json.loads(m.save_raw("json").decode())
+        return {"task": self.task, "names": self.names, "usable_rate": self.usable_rate,
+                "calibration": self.calibration, "confidence_model": dump(self.confidence_model),
+                "usable_models": {n: dump(m) for n, m in self.usable_models.items()}}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], cfg: PlannerConfig) -> "TaskPlanner":
+        import xgboost as xgb
+
+        def load(d):
+            if d is None:
+                return None
+            b = xgb.Booster()
+            b.load_model(bytearray(json.dumps(d).encode()))
+            b.set_param({"nthread": 1})
+            return b
+        return cls(state["task"], list(state["names"]), cfg, {n: load(d) for n, d in state["usable_models"].items()},
+                   load(state["confidence_model"]), dict(state["usable_rate"]), dict(state["calibration"]))
+
+
+# ------------------------------------------------------------------------------ tiers
+def assign_tier(bucket: str, confidence: float, cfg: PlannerConfig, mode: str = "routed") -> str:
+    """The paper's rule, thresholds from config; ``mode`` forces the comparison baselines
+    (tools only -> low, VLM alone -> medium, VLM + tools always -> high)."""
+    if mode != "routed":
+        return {"tools": "low", "vlm": "medium", "vlm_tools": "high"}[mode]
+    if bucket in cfg.bypass_buckets and confidence >= cfg.bypass_confidence:
+        return "low"
+    if bucket in cfg.consult_buckets and confidence < cfg.consult_confidence:
+        return "high"
+    return "medium"
+
+
+def rationale(tier: str, bucket: str, eh: float, confidence: float, tools: Sequence[str], cfg: PlannerConfig,
+              cold_user: bool = False, mode: str = "routed") -> str:
+    who = "unknown user treated as cold; " if cold_user else ""
+    head = f"{who}EH {bucket} ({eh:.2f}), P(tool right)={confidence:.2f}"
+    if mode != "routed":
+        return f"{head}; forced by mode '{mode}'"
+    if tier == "low":
+        return f"{head} >= {cfg.bypass_confidence:g}: {tools[0]} answers, VLM bypassed"
+    if tier == "high":
+        return f"{head} < {cfg.consult_confidence:g}: VLM consults {'/'.join(tools)} and may overrule them"
+    return f"{head}: VLM answers alone"
+
+
+def plan(task_planner: TaskPlanner, answers: ToolAnswers, features: np.ndarray, buckets: Sequence[str],
+         eh: np.ndarray, keys: np.ndarray, cfg: PlannerConfig, mode: str = "routed",
+         cold: Sequence[bool] | None = None, truth: np.ndarray | None = None) -> list[Decision]:
+    """Decisions for a batch of queries of one task (ranking or CTR)."""
+    truth_usable = ({n: answers.correct(n, truth, cfg.correct_k) for n in answers.names}
+                    if cfg.tool_choice == "oracle" and truth is not None else None)
+    choice = task_planner.choose(features, truth_usable=truth_usable, keys=keys)
+    conf = task_planner.confidence(features, answers, choice)
+    cold = cold if cold is not None else [False] * len(features)
+    out = []
+    for b in range(len(features)):
+        tools = [task_planner.names[i] for i in choice[b]]
+        tier = assign_tier(buckets[b], float(conf[b]), cfg, mode)
+        used = tools[:1] if tier == "low" else (tools if tier == "high" else [])
+        out.append(Decision(tier, used, float(conf[b]),
+                            rationale(tier, buckets[b], float(eh[b]), float(conf[b]), tools, cfg, bool(cold[b]), mode)))
+    return out
+
+
+def explanation_decision(bucket: str, eh: float, cold_user: bool = False) -> Decision:
+    who = "unknown user treated as cold; " if cold_user else ""
+    return Decision("medium", [], float("nan"), f"{who}EH {bucket} ({eh:.2f}): explanations are written by the VLM")
+
+
+# ------------------------------------------------------------------------------ loading
+def load_toolbox(store, names: Sequence[str] | None = None) -> ToolBox:
+    """Every tool the ``train_tools`` stage saved (members before the ensemble)."""
+    from reasonrec.tools.persist import load_tool
+    store.require("train_tools")
+    names = list(names) if names is not None else store.read_json("train_tools", "metrics.json")["tools"]
+    tools: dict[str, Tool] = {}
+    for n in sorted(names, key=lambda n: n == "ensemble"):
+        tools[n] = load_tool(store.url("train_tools", "tools", n), store.storage, members=tools)
+    return ToolBox(tools)
+
+
+def load_planners(store, cfg: PlannerConfig) -> dict[str, TaskPlanner]:
+    """The fitted per-task planners of a run (the ``planner`` stage)."""
+    store.require("planner")
+    state = store.read_json("planner", "planner.json")
+    return {task: TaskPlanner.from_state(s, cfg) for task, s in state["tasks"].items()}

@@ -1,0 +1,198 @@
+"""Scoring a batch of queries: the planner's routing (tools, tiers, low-risk answers) and the VLM's
+answers for medium / high risk. Ray-free: the batch job wraps :class:`Router` and
+:class:`VLMAnswerer` in Ray Data actor pools, the Serve app in deployments.
+
+A query row follows ``schemas.QUERIES``; routing adds the decision columns (``ROUTED``); the VLM
+step turns routed rows into ``schemas.PREDICTIONS``. A row that cannot be scored (unknown task,
+unknown item ids, empty candidate list, ...) is rejected with its reason in ``error``, never
+dropped: input rows = predictions + rejected.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from reasonrec.config import PlannerConfig
+from reasonrec.context import Catalog, PromptBuilder, UserDirectory, UserState
+from reasonrec.data.schemas import PREDICTIONS, QUERIES
+from reasonrec.planner import (RANKING, Decision, TaskPlanner, ToolBox, ToolHint, explanation_decision, plan,
+                               query_features)
+
+ROUTED = pa.schema(list(QUERIES) + [
+    pa.field("route", pa.string()),
+    pa.field("tools_used", pa.list_(pa.string())),
+    pa.field("tool_confidence", pa.float32()),
+    pa.field("items", pa.list_(pa.int64())),      # low tier: the tool's answer
+    pa.field("prob", pa.float32()),
+    pa.field("rationale", pa.string()),
+    pa.field("hints", pa.string()),               # JSON: the consulted tools' answers (high tier)
+    pa.field("eh_bucket", pa.string()),
+    pa.field("cold_user", pa.bool_()),
+    pa.field("tools_ms", pa.float32()),
+    pa.field("error", pa.string()),
+])
+SCORED = pa.schema(list(PREDICTIONS) + [pa.field("tool_confidence", pa.float32()), pa.field("error", pa.string())])
+
+
+def _validate(task: str, row: Mapping[str, Any], catalog: Catalog) -> str | None:
+    """Why a query cannot be scored, or None."""
+    if task not in ("sequential", "direct", "ctr", "explanation"):
+        return f"unknown task '{task}'"
+    if row.get("user_id") is None:
+        return "user_id is required"
+    try:
+        if row.get("history") is not None:
+            catalog.check(row["history"], "history")
+        if task == "direct":
+            cands = row.get("candidates") or []
+            if not cands:
+                return "direct queries need a non-empty candidates list"
+            if len(set(cands)) != len(cands):
+                return "candidates list has duplicate items"
+            catalog.check(cands, "candidates")
+        if task in ("ctr", "explanation"):
+            if row.get("item_id") is None:
+                return f"{task} queries need item_id"
+            catalog.check([row["item_id"]], "item_id")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+class Router:
+    """Loads nothing itself (tools, planners and context are passed in: load once per actor)."""
+
+    def __init__(self, toolbox: ToolBox, planners: Mapping[str, TaskPlanner], users: UserDirectory,
+                 catalog: Catalog, cfg: PlannerConfig, k: int = 10, mode: str = "routed", split: str = "test"):
+        self.toolbox, self.planners, self.users, self.catalog = toolbox, dict(planners), users, catalog
+        self.cfg, self.k, self.mode, self.split = cfg, k, mode, split
+
+    def __call__(self, queries: pa.Table) -> pa.Table:
+        rows = queries.to_pylist()
+        out: list[dict[str, Any]] = [None] * len(rows)  # type: ignore[list-item]
+        by_task: dict[tuple[str, int], list[int]] = {}
+        states: dict[int, UserState] = {}
+        for i, r in enumerate(rows):
+            err = _validate(r.get("task"), r, self.catalog)
+            if err is None:
+                try:
+                    states[i] = self.users.resolve(r["user_id"], r.get("history"), self.split)
+                except ValueError as exc:
+                    err = str(exc)
+            if err is not None:
+                out[i] = {**r, "route": "rejected", "error": err, "tools_used": [], "cold_user": False}
+                continue
+            # Direct queries are grouped by candidate-list length (tools score a [B, C] block).
+            group = (r["task"], len(r["candidates"]) if r["task"] == "direct" else 0)
+            by_task.setdefault(group, []).append(i)
+        for (task, _), idx in by_task.items():
+            t0 = time.perf_counter()
+            if task == "explanation":
+                decisions = [explanation_decision(states[i].bucket, states[i].eh, states[i].cold_user) for i in idx]
+                answers = None
+            else:
+                decisions, answers = self._plan(task, [rows[i] for i in idx], [states[i] for i in idx])
+            ms = (time.perf_counter() - t0) * 1000 / len(idx)
+            for j, (i, d) in enumerate(zip(idx, decisions)):
+                st = states[i]
+                rec = {**rows[i], "route": d.tier, "tools_used": d.tools,
+                       "tool_confidence": None if np.isnan(d.confidence) else d.confidence,
+                       "rationale": d.rationale, "eh_bucket": st.bucket, "cold_user": st.cold_user,
+                       "tools_ms": ms, "error": None, "history": st.history.tolist()}
+                if d.tier == "low":
+                    name = d.tools[0]
+                    if task == "ctr":
+                        rec["prob"] = float(answers.prob[name][j])
+                    else:
+                        rec["items"] = answers.items[name][j, : self.k].tolist()
+                elif d.tier == "high" and answers is not None:
+                    rec["hints"] = json.dumps([vars(answers.hint(n, j, self.catalog.text)) for n in d.tools])
+                out[i] = rec
+        return pa.Table.from_pylist(out, schema=ROUTED)
+
+    def _plan(self, task: str, rows: list[dict], states: list[UserState]) -> tuple[list[Decision], Any]:
+        users = np.array([s.user_id for s in states], np.int64)
+        hists = [s.history for s in states]
+        cands = np.array([r["candidates"] for r in rows], np.int64) if task == "direct" else None
+        items = np.array([r["item_id"] for r in rows], np.int64) if task == "ctr" else None
+        answers = self.toolbox.answer(task, users, hists, self.k, candidates=cands, items=items)
+        eh = np.array([s.eh for s in states])
+        feats = query_features(answers, eh, np.array([len(h) for h in hists]), self.catalog.popularity)
+        truth = None
+        if self.cfg.tool_choice == "oracle":
+            col = "label" if task == "ctr" else "target"
+            truth = np.array([-1 if r.get(col) is None else r[col] for r in rows])
+        keys = np.array([r["query_id"] for r in rows], np.int64)
+        decisions = plan(self.planners[task], answers, feats, [s.bucket for s in states], eh, keys, self.cfg,
+                         self.mode, [s.cold_user for s in states], truth)
+        return decisions, answers
+
+
+# --------------------------------------------------------------------------------- VLM
+class VLMAnswerer:
+    """Answers routed medium / high rows with the fine-tuned VLM; low and rejected rows pass
+    through untouched (the VLM never sees them). ``calls`` counts VLM-answered queries."""
+
+    def __init__(self, predictor, prompts: PromptBuilder, users: UserDirectory, catalog: Catalog,
+                 k: int = 10, split: str = "test"):
+        from reasonrec.vlm.infer import ItemTrie
+        self.predictor, self.prompts, self.users, self.catalog = predictor, prompts, users, catalog
+        self.k, self.split = k, split
+        self.trie = ItemTrie(predictor.tok, catalog.text, list(range(catalog.n_items)))
+        self.calls = 0
+
+    def __call__(self, routed: pa.Table) -> pa.Table:
+        rows = routed.to_pylist()
+        out = []
+        todo: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            if r["route"] in ("medium", "high"):
+                todo.setdefault(r["task"], []).append(i)
+        answers: dict[int, dict] = {}
+        for task, idx in todo.items():
+            answers.update(self._answer(task, [rows[i] for i in idx], idx))
+        for i, r in enumerate(rows):
+            a = answers.get(i, {})
+            vlm = i in answers
+            conf = a.get("confidence", r.get("tool_confidence"))
+            out.append({
+                "query_id": r["query_id"], "user_id": r["user_id"], "task": r["task"], "route": r["route"],
+                "tools_used": r.get("tools_used") or [], "confidence": conf,
+                "items": a.get("items", r.get("items")), "prob": a.get("prob", r.get("prob")),
+                "text": a.get("text"), "rationale": r.get("rationale"),
+                "latency_ms": (r.get("tools_ms") or 0.0) + a.get("ms", 0.0),
+                "eh_bucket": r.get("eh_bucket"), "cold_user": r.get("cold_user"), "vlm_called": vlm,
+                "tool_confidence": r.get("tool_confidence"), "error": r.get("error"),
+            })
+        return pa.Table.from_pylist(out, schema=SCORED)
+
+    def _answer(self, task: str, rows: list[dict], idx: list[int]) -> dict[int, dict]:
+        examples = []
+        for r in rows:
+            st = self.users.resolve(r["user_id"], r["history"], self.split)
+            hints = [ToolHint(h["name"], list(h.get("items") or []), h.get("prob"))
+                     for h in json.loads(r["hints"])] if r.get("hints") else []
+            rendered = self.prompts.render(task, st, r["query_id"], candidates=r.get("candidates") or (),
+                                           item_id=r.get("item_id"), rating=r.get("rating"), hints=hints)
+            examples.append(self.prompts.example(rendered))
+        p = self.predictor
+        if task == "sequential":
+            res = p.rank_catalog(examples, self.trie, k=self.k)
+        elif task == "direct":
+            res = p.score_candidates(examples, [[self.catalog.text[c] for c in r["candidates"]] for r in rows],
+                                     [r["candidates"] for r in rows])
+        elif task == "ctr":
+            res = p.ctr(examples)
+        else:
+            res = p.explain(examples)
+        self.calls += len(rows)
+        out = {}
+        for i, o in zip(idx, res):
+            conf = o.conf_verbal if o.conf_verbal is not None else o.conf_token
+            out[i] = {"items": o.items[: self.k] if o.items is not None else None, "prob": o.prob,
+                      "text": o.text, "confidence": conf, "ms": o.latency_ms}
+        return out
