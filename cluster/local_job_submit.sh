@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Submit a stage with `ray job submit` to a separate local Ray head on 127.0.0.1, exactly as one
+# submits to a cluster (the automated version is tests/test_job_submit.py). Run from anywhere:
+#
+#   cluster/local_job_submit.sh [OUTPUT_ROOT] [-- ENTRYPOINT...]
+#
+# Default entrypoint: prepare on a tiny synthetic world into OUTPUT_ROOT (default: a new temp dir).
+#
+# The head gets its own --temp-dir and free ports, and only ITS processes are stopped at the end
+# (its process group): never `ray stop` on a shared machine, it stops every Ray on the host.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV_BIN="$(pwd)/.venv/bin"
+export PATH="$VENV_BIN:$PATH" RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+unset RAY_ADDRESS
+
+OUT="${1:-$(mktemp -d /tmp/rrjob-out.XXXXXX)}"
+[ "$#" -gt 0 ] && shift
+[ "${1:-}" = "--" ] && shift
+if [ "$#" -eq 0 ]; then
+  set -- python -m ray_jobs.prepare --config configs/quickstart.yaml "output_root=$OUT" run_name=jobtest \
+    data.sources.0.synthetic.n_users=60 data.sources.0.synthetic.n_items=30 \
+    data.direct_negatives=5 ray.shuffle_partitions=2
+fi
+
+TMP="$(mktemp -d /tmp/rrj.XXXXXX)"      # short: Ray's socket paths must stay < 108 bytes
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+GCS_PORT=$(free_port); DASH_PORT=$(free_port); CLIENT_PORT=$(free_port)
+
+HEAD_PGID=""
+cleanup() {
+  if [ -n "$HEAD_PGID" ]; then
+    kill -TERM -- "-$HEAD_PGID" 2>/dev/null || true
+    for _ in $(seq 20); do
+      ps -o pid= -g "$HEAD_PGID" >/dev/null 2>&1 || break
+      sleep 0.5
+    done
+    kill -KILL -- "-$HEAD_PGID" 2>/dev/null || true
+  fi
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# setsid: the head and everything it starts share a new process group, stopped in cleanup().
+setsid ray start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
+  --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --include-dashboard=true \
+  --ray-client-server-port="$CLIENT_PORT" --num-cpus=2 --temp-dir="$TMP" --disable-usage-stats &
+HEAD_PGID=$!
+wait "$HEAD_PGID"
+
+ray job submit --address "http://127.0.0.1:$DASH_PORT" --working-dir . \
+  --runtime-env-json '{"excludes": [".venv", "runs", ".git", "bench/results", "__pycache__", "*.egg-info", ".pytest_cache"], "env_vars": {"HF_HUB_OFFLINE": "1"}}' \
+  -- "$@"
+
+echo "outputs under: $OUT"
+ls "$OUT"/*/ 2>/dev/null || true
