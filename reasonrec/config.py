@@ -197,6 +197,8 @@ class PlannerConfig:
     # "the tool answer is right" = the primary tool ranks the truth within its top correct_k
     correct_k: int = 5
     confidence_rounds: int = 100     # xgboost boosting rounds (confidence and tool choice models)
+    max_fit_queries: int = 5000      # validation queries per task the planner models are fitted on
+    calibration_holdout: float = 0.3  # share of them held out to report the confidence's calibration
     seed: int = 0
 
 

@@ -162,19 +162,17 @@ class TaskPlanner:
 
     # ---------------------------------------------------------------------------- fitting
     @classmethod
-    def fit(cls, task: str, answers: ToolAnswers, features: np.ndarray, truth: np.ndarray,
+    def fit(cls, task: str, names: list[str], features: np.ndarray, usable: Mapping[str, np.ndarray],
             cfg: PlannerConfig) -> "TaskPlanner":
-        names = answers.names
-        usable = {n: answers.correct(n, truth, cfg.correct_k) for n in names}
-        rate = {n: float(u.mean()) for n, u in usable.items()}
-        models = {}
-        for n in names:
-            y = usable[n]
-            # A label with one class has no model: its constant rate is the prediction.
-            models[n] = _fit_binary(features, y, cfg.confidence_rounds, cfg.seed) if 0 < y.sum() < len(y) else None
+        """Fit on validation queries: ``usable[name]`` says whether each tool was right."""
+        usable = {n: np.asarray(usable[n], bool) for n in names}
+        rate = {n: float(u.mean()) if len(u) else 0.0 for n, u in usable.items()}
+        # A label with one class has no model: its constant rate is the prediction.
+        models = {n: _fit_binary(features, y, cfg.confidence_rounds, cfg.seed) if 0 < y.sum() < len(y) else None
+                  for n, y in usable.items()}
         planner = cls(task, names, cfg, models, None, rate, {})
         choice = planner.choose(features, truth_usable=usable)
-        conf_x, y = planner._confidence_inputs(features, answers, choice), planner._primary_right(usable, choice)
+        conf_x, y = planner._confidence_inputs(features, choice), planner._primary_right(usable, choice)
         planner.confidence_model = _fit_binary(conf_x, y, cfg.confidence_rounds, cfg.seed) if 0 < y.sum() < len(y) else None
         planner.calibration = {"fit_rows": int(len(y)), "fit_positive_rate": float(y.mean()) if len(y) else 0.0,
                                "usable_rate": rate}
@@ -211,7 +209,7 @@ class TaskPlanner:
             return np.argsort(-key, axis=1, kind="stable")[:, :m]
         raise ValueError(f"unknown tool choice '{how}'")
 
-    def _confidence_inputs(self, features: np.ndarray, answers: ToolAnswers, choice: np.ndarray) -> np.ndarray:
+    def _confidence_inputs(self, features: np.ndarray, choice: np.ndarray) -> np.ndarray:
         rows = np.arange(len(features))
         primary = choice[:, 0]
         margins = features[:, len(FEATURES):]
@@ -222,10 +220,10 @@ class TaskPlanner:
         u = np.stack([usable[n] for n in self.names], 1)
         return u[np.arange(len(choice)), choice[:, 0]]
 
-    def confidence(self, features: np.ndarray, answers: ToolAnswers, choice: np.ndarray) -> np.ndarray:
+    def confidence(self, features: np.ndarray, choice: np.ndarray) -> np.ndarray:
         if self.confidence_model is None:
             return np.full(len(features), self.calibration.get("fit_positive_rate", 0.0))
-        return _predict(self.confidence_model, self._confidence_inputs(features, answers, choice))
+        return _predict(self.confidence_model, self._confidence_inputs(features, choice))
 
     # ----------------------------------------------------------------------- persistence
     def state(self) -> dict[str, Any]:
@@ -283,7 +281,7 @@ def plan(task_planner: TaskPlanner, answers: ToolAnswers, features: np.ndarray, 
     truth_usable = ({n: answers.correct(n, truth, cfg.correct_k) for n in answers.names}
                     if cfg.tool_choice == "oracle" and truth is not None else None)
     choice = task_planner.choose(features, truth_usable=truth_usable, keys=keys)
-    conf = task_planner.confidence(features, answers, choice)
+    conf = task_planner.confidence(features, choice)
     cold = cold if cold is not None else [False] * len(features)
     out = []
     for b in range(len(features)):

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from reasonrec.config import PlannerConfig
 from reasonrec.context import Catalog, PromptBuilder, UserDirectory, UserState
@@ -133,44 +134,60 @@ class Router:
 
 
 # --------------------------------------------------------------------------------- VLM
+def to_scored(routed: pa.Table, answers: Mapping[int, dict] | None = None) -> pa.Table:
+    """Routed rows -> SCORED rows; ``answers[row]`` holds the VLM's answer where it ran."""
+    answers = answers or {}
+    out = []
+    for i, r in enumerate(routed.to_pylist()):
+        a = answers.get(i, {})
+        out.append({
+            "query_id": r["query_id"], "user_id": r["user_id"], "task": r["task"], "route": r["route"],
+            "tools_used": r.get("tools_used") or [], "confidence": a.get("confidence", r.get("tool_confidence")),
+            "items": a.get("items", r.get("items")), "prob": a.get("prob", r.get("prob")), "text": a.get("text"),
+            "rationale": r.get("rationale"), "latency_ms": (r.get("tools_ms") or 0.0) + a.get("ms", 0.0),
+            "eh_bucket": r.get("eh_bucket"), "cold_user": r.get("cold_user"), "vlm_called": i in answers,
+            "tool_confidence": r.get("tool_confidence"), "error": r.get("error"),
+        })
+    return pa.Table.from_pylist(out, schema=SCORED)
+
+
+def passthrough(routed: pa.Table) -> pa.Table:
+    """Tools-only scoring: no VLM step (only valid when no row needs the VLM)."""
+    pending = pc.is_in(routed.column("route"), pa.array(["medium", "high"]))
+    if pc.any(pending).as_py():
+        raise ValueError("queries routed to the VLM but no VLM step is configured")
+    shard = routed.column("shard") if "shard" in routed.column_names else None
+    out = to_scored(routed.drop_columns(["shard"]) if shard is not None else routed)
+    return out.append_column("shard", shard) if shard is not None else out
+
+
 class VLMAnswerer:
-    """Answers routed medium / high rows with the fine-tuned VLM; low and rejected rows pass
-    through untouched (the VLM never sees them). ``calls`` counts VLM-answered queries."""
+    """Answers routed medium / high rows with the fine-tuned VLM in chunks of ``batch_size``;
+    low and rejected rows pass through untouched (the VLM never sees them). ``calls`` counts
+    the queries the VLM answered."""
 
     def __init__(self, predictor, prompts: PromptBuilder, users: UserDirectory, catalog: Catalog,
-                 k: int = 10, split: str = "test"):
+                 k: int = 10, split: str = "test", batch_size: int = 4):
         from reasonrec.vlm.infer import ItemTrie
         self.predictor, self.prompts, self.users, self.catalog = predictor, prompts, users, catalog
-        self.k, self.split = k, split
+        self.k, self.split, self.batch_size = k, split, max(batch_size, 1)
         self.trie = ItemTrie(predictor.tok, catalog.text, list(range(catalog.n_items)))
         self.calls = 0
 
     def __call__(self, routed: pa.Table) -> pa.Table:
         rows = routed.to_pylist()
-        out = []
         todo: dict[str, list[int]] = {}
         for i, r in enumerate(rows):
             if r["route"] in ("medium", "high"):
                 todo.setdefault(r["task"], []).append(i)
         answers: dict[int, dict] = {}
         for task, idx in todo.items():
-            answers.update(self._answer(task, [rows[i] for i in idx], idx))
-        for i, r in enumerate(rows):
-            a = answers.get(i, {})
-            vlm = i in answers
-            conf = a.get("confidence", r.get("tool_confidence"))
-            out.append({
-                "query_id": r["query_id"], "user_id": r["user_id"], "task": r["task"], "route": r["route"],
-                "tools_used": r.get("tools_used") or [], "confidence": conf,
-                "items": a.get("items", r.get("items")), "prob": a.get("prob", r.get("prob")),
-                "text": a.get("text"), "rationale": r.get("rationale"),
-                "latency_ms": (r.get("tools_ms") or 0.0) + a.get("ms", 0.0),
-                "eh_bucket": r.get("eh_bucket"), "cold_user": r.get("cold_user"), "vlm_called": vlm,
-                "tool_confidence": r.get("tool_confidence"), "error": r.get("error"),
-            })
-        return pa.Table.from_pylist(out, schema=SCORED)
+            for lo in range(0, len(idx), self.batch_size):
+                chunk = idx[lo: lo + self.batch_size]
+                answers.update(self.answer(task, [rows[i] for i in chunk], chunk))
+        return to_scored(routed, answers)
 
-    def _answer(self, task: str, rows: list[dict], idx: list[int]) -> dict[int, dict]:
+    def answer(self, task: str, rows: list[dict], idx: list[int]) -> dict[int, dict]:
         examples = []
         for r in rows:
             st = self.users.resolve(r["user_id"], r["history"], self.split)
