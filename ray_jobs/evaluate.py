@@ -145,6 +145,161 @@ def markdown_tables(records: list[dict], protocol: dict[str, str]) -> str:
     return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------- system
+def per_query_correct(preds, queries, correct_k: int = 5) -> dict[str, np.ndarray]:
+    """Join predictions to their queries' truth: per prediction row ``rank`` (0-based position
+    of the target in the answer list, a large value when absent), ``label``/``prob`` (ctr),
+    ``text``/``reference`` (explanation). Rows keep the predictions' order."""
+    q = {int(i): j for j, i in enumerate(queries.column("query_id").to_pylist())}
+    idx = np.array([q[int(i)] for i in preds.column("query_id").to_pylist()], np.int64)
+    target = queries.column("target").to_numpy(zero_copy_only=False)[idx] if len(idx) else np.zeros(0)
+    items = preds.column("items").to_pylist()
+    rank = np.full(len(idx), 10**6, np.int64)
+    for r, (lst, t) in enumerate(zip(items, target)):
+        if lst and t == t and t is not None and int(t) in lst:
+            rank[r] = lst.index(int(t))
+    label = queries.column("label").to_numpy(zero_copy_only=False)[idx]
+    reference = [queries.column("reference")[int(i)].as_py() for i in idx]
+    return {"rank": rank, "label": label, "reference": reference}
+
+
+def system_records(preds, queries, users, cfg: RunConfig, model: str = "reasonrec") -> list[dict]:
+    """Metrics of scored predictions per task: overall, per tier (``tier:low|medium|high``), per
+    EH bucket and cold-start group; plus route shares, tool use and latency per tier."""
+    from reasonrec.metrics import rouge_l_scores, sentence_bleu4
+    proto = {**protocols(cfg), "explanation": "8:1:1 per-user split (test), review text as reference"}
+    truth = per_query_correct(preds, queries)
+    tasks = preds.column("task").to_numpy(zero_copy_only=False)
+    routes = preds.column("route").to_numpy(zero_copy_only=False)
+    uids = preds.column("user_id").to_numpy()
+    lat = preds.column("latency_ms").to_numpy(zero_copy_only=False).astype(np.float64)
+    used = np.array([len(t or []) > 0 for t in preds.column("tools_used").to_pylist()])
+    vlm = preds.column("vlm_called").to_numpy(zero_copy_only=False).astype(bool)
+    records: list[dict] = []
+    for task in ("sequential", "direct", "ctr", "explanation"):
+        m = tasks == task
+        if not m.any():
+            continue
+        known = np.isin(uids[m], users.column("user_id").to_numpy())
+        buckets, groups = np.array(["high"] * m.sum(), object), np.full(m.sum(), 0, np.int64)
+        if known.any():
+            b, g = _segments(users, uids[m][known])
+            buckets[known], groups[known] = b, g
+        tier = routes[m]
+        if task in ("sequential", "direct"):
+            rank = truth["rank"][m]
+            per_query = {f"{name}@{k}": f(rank, k) for k in (5, 10) for name, f in (("hr", hit_at_k), ("ndcg", ndcg_at_k))}
+            table = breakdown(per_query, buckets, groups)
+            for t in ("low", "medium", "high"):
+                sel = tier == t
+                if sel.any():
+                    table[f"tier:{t}"] = {k: float(v[sel].mean()) for k, v in per_query.items()} | {"n": int(sel.sum())}
+        elif task == "ctr":
+            labels = truth["label"][m].astype(np.float64)
+            probs = preds.column("prob").to_numpy(zero_copy_only=False)[m].astype(np.float64)
+
+            def fn(mask, labels=labels, probs=probs):
+                if len(np.unique(labels[mask])) < 2:
+                    return {"auc": float("nan"), "logloss": float("nan")}
+                return ctr_metrics(labels[mask], probs[mask])
+            table = breakdown_fn(fn, int(m.sum()), buckets, groups)
+            for t in ("low", "medium", "high"):
+                sel = tier == t
+                if sel.any():
+                    table[f"tier:{t}"] = {**fn(sel), "n": int(sel.sum())}
+        else:
+            hyp = [x or "" for x in preds.column("text").to_numpy(zero_copy_only=False)[m]]
+            ref = [x or "" for x in np.asarray(truth["reference"], object)[m]]
+            per_query = {"bleu4": np.asarray(sentence_bleu4(hyp, ref), np.float64),
+                         "rouge_l": np.asarray(rouge_l_scores(hyp, ref), np.float64)}
+            table = breakdown(per_query, buckets, groups)
+        records += _records(task, model, proto[task], table)
+        # Route shares, tool use (paper Tables 4, 6), latency per tier (Table A3).
+        for t in ("low", "medium", "high"):
+            sel = tier == t
+            records.append({"task": task, "model": model, "protocol": "routing", "metric": "route_share", "k": None,
+                            "group": f"tier:{t}", "value": float(sel.mean()), "n": int(sel.sum())})
+            if sel.any():
+                records.append({"task": task, "model": model, "protocol": "routing", "metric": "latency_ms_p50",
+                                "k": None, "group": f"tier:{t}", "value": float(np.median(lat[m][sel])),
+                                "n": int(sel.sum())})
+        tool_use = breakdown({"tool_use": used[m].astype(np.float64), "vlm_call": vlm[m].astype(np.float64)},
+                             buckets, groups)
+        records += [{**r, "protocol": "routing"} for r in _records(task, model, "routing", tool_use)]
+    return records
+
+
+def system_markdown(records: list[dict]) -> str:
+    out = ["## System (ReasonRec routed scoring)\n"]
+    head = {"sequential": [("hr", 5), ("ndcg", 5), ("hr", 10)], "direct": [("hr", 5), ("ndcg", 5), ("hr", 10)],
+            "ctr": [("auc", None), ("logloss", None)], "explanation": [("bleu4", None), ("rouge_l", None)]}
+    val = {(r["task"], r["model"], r["metric"], r["k"], r["group"]): r for r in records}
+    for task, cols in head.items():
+        if not any(r["task"] == task for r in records):
+            continue
+        proto = next(r["protocol"] for r in records if r["task"] == task and r["protocol"] != "routing")
+        out.append(f"### {task} ({proto})\n")
+        out.append("| group | n | " + " | ".join(f"{m.upper()}@{k}" if k else m.upper() for m, k in cols)
+                   + " | route share | tool use | VLM calls |")
+        out.append("|---|---|" + "---|" * (len(cols) + 3))
+        for g in ("all", "tier:low", "tier:medium", "tier:high", "eh:low", "eh:medium", "eh:high",
+                  "cs:coldest", "cs:medium", "cs:normal"):
+            first = val.get((task, "reasonrec", cols[0][0], cols[0][1], g))
+            share = val.get((task, "reasonrec", "route_share", None, g))
+            tu = val.get((task, "reasonrec", "tool_use", None, g))
+            vc = val.get((task, "reasonrec", "vlm_call", None, g))
+            if not first and not share:
+                continue
+            n = (first or share)["n"]
+            cells = [f"{val[(task, 'reasonrec', m, k, g)]['value']:.4f}" if (task, "reasonrec", m, k, g) in val else ""
+                     for m, k in cols]
+            out.append(f"| {g} | {n} | " + " | ".join(cells) + f" | {share['value']:.3f} |" if share else
+                       f"| {g} | {n} | " + " | ".join(cells) + " | |")
+            out[-1] += (f" {tu['value']:.3f} |" if tu else " |") + (f" {vc['value']:.3f} |" if vc else " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plots(records: list[dict], writer) -> list[str]:
+    """PNG plots next to the report: a metric by EH bucket per task, route shares, latency per tier."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = []
+    main = {"sequential": "hr", "direct": "hr", "ctr": "auc", "explanation": "rouge_l"}
+    figs = {
+        "metric_by_eh.png": lambda ax: [ax.plot(["eh:low", "eh:medium", "eh:high"],
+                                                [next((r["value"] for r in records if r["task"] == t and r["metric"] == m
+                                                       and r["group"] == g and r["k"] in (5, None)), np.nan)
+                                                 for g in ("eh:low", "eh:medium", "eh:high")], marker="o", label=t)
+                                        for t, m in main.items()],
+        "route_shares.png": lambda ax: [ax.bar([f"{t[:4]}:{tier}" for tier in ("low", "medium", "high")],
+                                               [next((r["value"] for r in records if r["task"] == t and
+                                                      r["metric"] == "route_share" and r["group"] == f"tier:{tier}"), 0)
+                                                for tier in ("low", "medium", "high")], label=t) for t in main],
+        "latency_by_tier.png": lambda ax: [ax.bar([f"{t[:4]}:{tier}" for tier in ("low", "medium", "high")],
+                                                  [next((r["value"] for r in records if r["task"] == t and
+                                                         r["metric"] == "latency_ms_p50" and r["group"] == f"tier:{tier}"),
+                                                        0) for tier in ("low", "medium", "high")], label=t)
+                                           for t in main],
+    }
+    for name, draw in figs.items():
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        draw(ax)
+        ax.set_title(name[:-4].replace("_", " "))
+        ax.legend(fontsize=7)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        writer.write_bytes(name, buf.getvalue())
+        names.append(name)
+    return names
+
+
 def run(cfg: RunConfig, force: bool = False) -> dict:
     init_ray(cfg.ray)
     t0 = time.time()
@@ -152,20 +307,35 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     tools = store.require("train_tools")
     prep = store.require("prepare")
     inputs = {"prepare": prep.fingerprint, "train_tools": tools.fingerprint}
+    scored = store.manifest("score")
+    if scored is not None:
+        inputs["score"] = scored.fingerprint
     config_hash = section_hash({"data": prep.config_hash, "ks": list(KS)})
     if not force and store.is_done(STAGE, config_hash, inputs):
         log.info("evaluate: manifest matches under %s; skipping (use --force)", store.url(STAGE))
         return {"skipped": True, **store.manifest(STAGE).metrics}
     records = evaluate_tools(store, cfg)
     tables = markdown_tables(records, protocols(cfg))
+    system = ""
+    if scored is not None:
+        users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
+        sys_records = system_records(store.read_table("score", "predictions"), store.read_table("score", "queries"),
+                                     users, cfg)
+        system = system_markdown(sys_records)
+        records += sys_records
     with store.stage_writer(STAGE, config_hash, inputs) as w:
         w.write_bytes("metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
         w.write_bytes("tools.md", (f"# Tool evaluation: run `{cfg.run_name}`\n\n" + tables).encode())
+        pngs = []
+        if system:
+            pngs = plots([r for r in records if r["model"] == "reasonrec"], w)
+            w.write_bytes("report.md", (f"# ReasonRec report: run `{cfg.run_name}`\n\n" + system + "\n"
+                                        + "".join(f"![{p}]({p})\n" for p in pngs) + "\n" + tables).encode())
         w.manifest.rows["metrics"] = len(records)
         summary = {"n_records": len(records), "seconds": round(time.time() - t0, 1),
-                   "report": store.url(STAGE, "tools.md")}
+                   "report": store.url(STAGE, "report.md" if system else "tools.md"), "plots": pngs}
         w.manifest.metrics = summary
-    summary["tables"] = tables
+    summary["tables"] = system or tables
     return summary
 
 

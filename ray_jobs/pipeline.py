@@ -2,8 +2,8 @@
 
     python -m ray_jobs.pipeline --config configs/quickstart.yaml [key=value ...] [--force]
 
-Stages today: prepare -> train_tools -> evaluate. (build_instructions, finetune and score join
-as they land; see the issues.) ``--force`` re-runs every stage.
+Stages: prepare -> train_tools -> build_instructions -> finetune -> score (fits the planner first)
+-> evaluate. ``--force`` re-runs every stage.
 """
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import logging
 import sys
 import time
 
-from ray_jobs import evaluate, prepare, train_tools
+from ray_jobs import build_instructions, evaluate, finetune, prepare, score, train_tools
 from reasonrec.config import parse_cli
 
-STAGES = (("prepare", prepare), ("train_tools", train_tools), ("evaluate", evaluate))
+STAGES = (("prepare", prepare), ("train_tools", train_tools), ("build_instructions", build_instructions),
+          ("finetune", finetune), ("score", score), ("evaluate", evaluate))
 
 
 def main(argv=None) -> int:
