@@ -1,0 +1,136 @@
+"""Planner rules (Ray-free): tiers, the cap of 3 tools, tool-choice strategies, calibration,
+persistence."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reasonrec.config import ConfigError, PlannerConfig, load_config
+from reasonrec.planner import (FEATURES, TaskPlanner, ToolAnswers, assign_tier, explanation_decision, plan,
+                               query_features)
+
+NAMES = ["a", "b", "c", "d", "e"]
+
+
+@pytest.mark.parametrize("bucket,conf,tier", [
+    ("low", 0.5, "low"),        # exactly at the bypass threshold: bypass
+    ("low", 0.4999, "medium"),  # just below it, low EH: VLM alone
+    ("medium", 0.99, "medium"),  # confident but not a low-EH user (paper rule)
+    ("high", 0.2999, "high"),   # cold and unsure: VLM consults tools
+    ("high", 0.3, "medium"),    # exactly at the consult threshold: not high risk
+    ("high", 0.9, "medium"),    # cold but confident
+    ("low", 0.1, "medium"),     # dense user, unsure: low EH is never high risk by default
+])
+def test_tier_edges_follow_the_paper_rule(bucket, conf, tier):
+    assert assign_tier(bucket, conf, PlannerConfig()) == tier
+
+
+def test_tier_buckets_and_modes_come_from_config():
+    cfg = PlannerConfig(bypass_buckets=["low", "medium"], consult_buckets=["medium", "high"],
+                        bypass_confidence=0.7, consult_confidence=0.2)
+    assert assign_tier("medium", 0.7, cfg) == "low"
+    assert assign_tier("medium", 0.1, cfg) == "high"
+    assert assign_tier("high", 0.99, cfg) == "medium"
+    assert [assign_tier("low", 0.99, cfg, m) for m in ("tools", "vlm", "vlm_tools")] == ["low", "medium", "high"]
+
+
+def test_more_than_three_tools_is_a_config_error():
+    with pytest.raises(ConfigError, match="planner.max_tools"):
+        load_config(None, ["planner.max_tools=4"])
+
+
+def _world(n=600, seed=0, p_right=None):
+    """Features where tool 'a' can be right only when x0 > 0.5 and 'b' only when x0 <= 0.5, each
+    with probability ``p_right(x)`` (default 1); c/d/e are noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, len(FEATURES) + len(NAMES))).astype(np.float32)
+    lucky = rng.random(n) < (p_right(x) if p_right else 1.0)
+    usable = {"a": (x[:, 0] > 0.5) & lucky, "b": (x[:, 0] <= 0.5) & lucky}
+    for name in ("c", "d", "e"):
+        usable[name] = rng.random(n) < 0.1
+    return x, usable
+
+
+def test_learned_choice_picks_the_right_tool_and_caps_at_three():
+    x, usable = _world()
+    planner = TaskPlanner.fit("sequential", NAMES, x, usable, PlannerConfig(confidence_rounds=40))
+    xt, ut = _world(seed=1)
+    choice = planner.choose(xt)
+    assert choice.shape == (len(xt), 3)                                   # the cap
+    assert all(len(set(row)) == 3 for row in choice.tolist())             # no tool twice
+    primary = np.array(NAMES)[choice[:, 0]]
+    right = np.where(xt[:, 0] > 0.5, primary == "a", primary == "b")
+    assert right.mean() > 0.9
+
+
+def test_oracle_random_and_fixed_baselines():
+    x, usable = _world()
+    cfg = PlannerConfig(confidence_rounds=10)
+    planner = TaskPlanner.fit("sequential", NAMES, x, usable, cfg)
+    oracle = planner.choose(x, truth_usable=usable, how="oracle")
+    prim = np.array(NAMES)[oracle[:, 0]]
+    assert np.all(np.where(x[:, 0] > 0.5, prim == "a", prim == "b"))     # a usable tool always first
+    with pytest.raises(ValueError, match="truth"):
+        planner.choose(x, how="oracle")
+    keys = np.arange(len(x))
+    r1, r2 = planner.choose(x, keys=keys, how="random"), planner.choose(x, keys=keys, how="random")
+    assert np.array_equal(r1, r2)                                        # seeded: reproducible
+    assert len({tuple(r) for r in r1.tolist()}) > 10                     # but varies across queries
+    fixed = planner.choose(x, how="fixed")
+    assert (fixed == fixed[0]).all() and set(np.array(NAMES)[fixed[0, :2]]) == {"a", "b"}
+
+
+def test_confidence_is_calibrated_on_held_out_queries():
+    def p_right(x):   # how likely the right tool is right depends on a cheap feature (x1)
+        return 0.2 + 0.7 * x[:, 1]
+    x, usable = _world(n=3000, p_right=p_right)
+    planner = TaskPlanner.fit("sequential", NAMES, x, usable, PlannerConfig(confidence_rounds=60))
+    xt, ut = _world(n=3000, seed=3, p_right=p_right)
+    choice = planner.choose(xt)
+    conf = planner.confidence(xt, choice)
+    right = np.stack([ut[n] for n in NAMES], 1)[np.arange(len(xt)), choice[:, 0]]
+    assert abs(conf.mean() - right.mean()) < 0.05
+    assert np.corrcoef(conf, p_right(xt))[0, 1] > 0.7                   # per query, not a constant
+    from reasonrec.vlm.infer import expected_calibration_error
+    assert expected_calibration_error(conf, right) < 0.06
+
+
+def test_state_round_trip_gives_identical_decisions():
+    x, usable = _world()
+    cfg = PlannerConfig(confidence_rounds=20)
+    planner = TaskPlanner.fit("direct", NAMES, x, usable, cfg)
+    again = TaskPlanner.from_state(planner.state(), cfg)
+    c1, c2 = planner.choose(x), again.choose(x)
+    assert np.array_equal(c1, c2)
+    assert np.allclose(planner.confidence(x, c1), again.confidence(x, c2))
+
+
+def _answers(b=4):
+    items = {n: np.tile(np.arange(10), (b, 1)) + i for i, n in enumerate(NAMES)}
+    return ToolAnswers("sequential", NAMES, items=items, scores={n: -np.arange(10.0)[None].repeat(b, 0) for n in NAMES},
+                       margin={n: np.full(b, 0.1 * i) for i, n in enumerate(NAMES)})
+
+
+def test_plan_records_tier_tools_and_rationale():
+    x, usable = _world()
+    cfg = PlannerConfig(confidence_rounds=10, bypass_confidence=0.0, bypass_buckets=["low"],
+                        consult_buckets=["high"], consult_confidence=1.01)
+    planner = TaskPlanner.fit("sequential", NAMES, x, usable, cfg)
+    ans = _answers()
+    feats = query_features(ans, np.array([0.1, 0.5, 0.9, 0.9]), np.array([20, 5, 1, 1]), np.ones(20))
+    assert feats.shape == (4, len(FEATURES) + len(NAMES))
+    ds = plan(planner, ans, feats, ["low", "medium", "high", "high"], np.array([0.1, 0.5, 0.9, 0.9]),
+              np.arange(4), cfg, cold=[False, False, False, True])
+    assert [d.tier for d in ds] == ["low", "medium", "high", "high"]
+    assert len(ds[0].tools) == 1 and ds[1].tools == [] and len(ds[2].tools) == 3   # low: primary only
+    assert "VLM bypassed" in ds[0].rationale and "consults" in ds[2].rationale
+    assert ds[3].rationale.startswith("unknown user treated as cold")
+    e = explanation_decision("high", 0.9)
+    assert e.tier == "medium" and e.tools == []
+
+
+def test_correct_means_truth_in_top_k_or_right_side_of_half():
+    ans = _answers(2)
+    assert ans.correct("a", np.array([4, 7]), 5).tolist() == [True, False]
+    ctr = ToolAnswers("ctr", ["x"], prob={"x": np.array([0.7, 0.2, 0.5])})
+    assert ctr.correct("x", np.array([1, 1, 0]), 5).tolist() == [True, False, False]
