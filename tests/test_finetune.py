@@ -1,0 +1,263 @@
+"""Curriculum LoRA fine-tune: the Ray-free loop (determinism, exact resume, rank slices, reload)
+and the Ray Train job on a real local Ray (DDP with 2 workers, skip, kill + resume)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+from PIL import Image
+
+from ray_jobs import finetune, prepare
+from reasonrec.config import CONFIG_DIR, load_config
+from reasonrec.curriculum import CurriculumSampler
+from reasonrec.data.schemas import INSTRUCTIONS
+from reasonrec.io import ArtifactStore
+from reasonrec.prompts.cot import compose_target
+from reasonrec.prompts.templates import ItemRef, PromptInputs, RenderOptions, item_text, render_prompt
+from reasonrec.vlm.builder import load_adapter
+from reasonrec.vlm.config import CurriculumConfig, VLMConfig
+from reasonrec.vlm.train import (FinetuneLoop, InstructionDataset, dataset_loss, finetune_data, load_finetuned,
+                                 valid_subset)
+
+TINY_VLM = dict(model="tiny", image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
+                image_tokens_per_item=4, max_length=192, max_history_items=4, max_history_photos=2)
+WORLD = ["data.sources.0.synthetic.n_users=120", "data.sources.0.synthetic.n_items=40", "ray.shuffle_partitions=2",
+         "data.direct_negatives=10"]
+JOB = WORLD + [f"vlm.{k}={v}" for k, v in TINY_VLM.items()] + [
+    "curriculum.lr=0.005", "curriculum.warmup_end=0.25", "curriculum.cold_start_begin=0.8",
+    "finetune.per_device_batch_size=2", "finetune.log_every=4"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # 2 shared cores: one BLAS thread per process is faster and steadier for tiny matrices.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------- instruction data
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (seed * 37 % 255, 90, seed * 11 % 255)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _rows(users, titles: dict, has_photo: dict, n_train: int, n_valid: int) -> list[dict]:
+    """Sequential examples from (user_id, history, next item, eh, bucket) tuples: the first
+    n_train users train, the next n_valid validate."""
+    opts = RenderOptions(max_history_items=TINY_VLM["max_history_items"],
+                         max_history_photos=TINY_VLM["max_history_photos"])
+    rows = []
+    for k, (uid, hist, nxt, eh, bucket) in enumerate(users[: n_train + n_valid]):
+        refs = [ItemRef(int(i), titles[i], has_photo[i]) for i in hist]
+        r = render_prompt("sequential", PromptInputs(uid, "likes tinted things", refs, eh, bucket), uid % 10, opts)
+        rows.append(dict(example_id=k, user_id=uid, task="sequential", split="train" if k < n_train else "valid",
+                         phase=bucket, template_id=uid % 10, prompt=r.text, image_items=r.image_items,
+                         target=compose_target("sequential", titles[nxt], 0.5, bucket, eh, ["sasrec"]),
+                         tools_usable=["sasrec"], noisy_tools=False))
+    return rows
+
+
+def _synthetic_tables(n_train=24, n_valid=8, seed=0) -> tuple[pa.Table, pa.Table]:
+    rng = np.random.default_rng(seed)
+    words = "rose lip tint volume mascara nail polish red shimmer face cream argan oil matte gloss".split()
+    titles = {i: " ".join(rng.choice(words, 3)) for i in range(12)}
+    photo = {i: i % 5 != 0 for i in range(12)}
+    items = pa.table({"item_id": pa.array(range(12), pa.int64()),
+                      "image": pa.array([_png(i) if photo[i] else None for i in range(12)], pa.binary())})
+    users = []
+    for u in range(n_train + n_valid):
+        hist = rng.choice(12, 4, replace=False)
+        eh = float(rng.random())
+        users.append((u, hist.tolist(), int((hist[-1] + 1) % 12), eh, "low" if eh < 0.3 else "medium" if eh <= 0.7 else "high"))
+    return pa.Table.from_pylist(_rows(users, titles, photo, n_train, n_valid), schema=INSTRUCTIONS), items
+
+
+def write_instructions(store: ArtifactStore, n_train: int = 32, n_valid: int = 8) -> None:
+    """A valid ``instructions`` stage on top of a real ``prepare`` output (sequential task)."""
+    prep = store.require("prepare")
+    items = store.read_table("prepare", "items").to_pylist()
+    titles = {r["item_id"]: item_text(r["title"], r["brand"], (r["categories"] or [None])[-1]) for r in items}
+    photo = {r["item_id"]: r["image"] is not None for r in items}
+    users = {r["user_id"]: r for r in store.read_table("prepare", "users").to_pylist()}
+    loo = sorted(store.read_table("prepare", "loo").to_pylist(), key=lambda r: r["user_id"])
+    seqs = [(r["user_id"], r["train_items"], r["valid_item"], users[r["user_id"]]["evidence_horizon"],
+             users[r["user_id"]]["eh_bucket"]) for r in loo if r["valid_item"] is not None]
+    table = pa.Table.from_pylist(_rows(seqs, titles, photo, n_train, n_valid), schema=INSTRUCTIONS)
+    with store.stage_writer("instructions", "test", {"prepare": prep.fingerprint}) as w:
+        w.write_table("examples/part-0.parquet", table)
+
+
+# ----------------------------------------------------------------- the loop, in-process
+def _loop(data, steps=6, **kw):
+    return FinetuneLoop(data, VLMConfig(**TINY_VLM), CurriculumConfig(lr=5e-3, warmup_end=0.3, cold_start_begin=0.8),
+                        max_steps=steps, per_device_batch_size=2, **kw)
+
+
+def _trainable(loop):
+    return {n: p.detach().clone() for n, p in loop.bundle.model.named_parameters() if p.requires_grad}
+
+
+def test_loop_is_deterministic_and_resumes_exactly(tmp_path):
+    data = finetune_data(*_synthetic_tables())
+    straight, losses = _loop(data), []
+    straight.train_steps(on_step=lambda m: losses.append(m.loss))
+    first, part = _loop(data), []
+    first.train_steps(end_step=3, on_step=lambda m: part.append(m.loss))
+    assert part == losses[:3]                                    # same seed -> same run
+    first.save_state(tmp_path)
+    resumed, rest = _loop(data), []
+    resumed.load_state(tmp_path)
+    assert resumed.step == 3
+    resumed.train_steps(on_step=lambda m: rest.append(m.loss))
+    assert rest == pytest.approx(losses[3:], rel=1e-6)           # continues as if never stopped
+    a, b = _trainable(straight), _trainable(resumed)
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    assert losses[-1] < losses[0]
+
+
+def test_grad_accum_ranks_and_time_budget():
+    data = finetune_data(*_synthetic_tables())
+    seen = {}
+    for rank in (0, 1):
+        loop = _loop(data, steps=4, grad_accum=2, rank=rank, world_size=2)
+        loop.train_steps(end_step=1, on_step=lambda m, r=rank: seen.setdefault(r, m.example_ids))
+        assert len(seen[rank]) == 4                               # per_device 2 x grad_accum 2
+    want = loop.sampler.global_batch_at(0)
+    assert seen[0] + seen[1] == data.train.column("example_id").to_numpy()[want].tolist()
+    stopped = _loop(data, steps=6)
+    assert stopped.train_steps(time_budget_s=1e-9) == 1          # budget spent after the first step
+
+
+def test_saved_adapter_reloads_with_identical_logits(tmp_path):
+    train, items = _synthetic_tables()
+    data = finetune_data(train, items)
+    loop = _loop(data, steps=3)
+    loop.train_steps()
+    loop.save_state(tmp_path)
+    reloaded = load_adapter(tmp_path / "adapter", VLMConfig(**TINY_VLM))
+    batch = loop.collator([InstructionDataset(data.valid, data.images)[i] for i in range(2)])
+    loop.bundle.model.eval()
+    with torch.no_grad():
+        want = loop.bundle.model(**batch).logits
+        got = reloaded.model(**batch).logits
+    assert torch.allclose(want, got, atol=1e-5)
+    assert not torch.allclose(want, _loop(data).bundle.model.eval()(**batch).logits, atol=1e-3)  # training moved it
+
+
+def test_missing_photo_items_are_an_error():
+    train, items = _synthetic_tables()
+    with pytest.raises(ValueError, match="missing from the items"):
+        finetune_data(train, items.slice(0, 5))
+
+
+# ------------------------------------------------------------------------ the Ray job
+def _cfg(root, *extra):
+    return load_config(CONFIG_DIR / "quickstart.yaml", JOB + [f"output_root={root}", *extra])
+
+
+@pytest.fixture(scope="module")
+def instructions_root(ray_local, tmp_path_factory):
+    """prepare (real, tiny world) + a test instructions stage; tests copy it to their own root."""
+    root = tmp_path_factory.mktemp("base")
+    cfg = _cfg(root)
+    prepare.run(cfg)
+    write_instructions(ArtifactStore(cfg.output_root, cfg.run_name))
+    return root / cfg.run_name
+
+
+def _fresh_root(instructions_root, tmp_path, run_name="quickstart"):
+    shutil.copytree(instructions_root, tmp_path / run_name)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def finetuned(instructions_root, tmp_path_factory):
+    root = _fresh_root(instructions_root, tmp_path_factory.mktemp("ddp"))
+    cfg = _cfg(root, "finetune.num_workers=2", "finetune.max_steps=24", "finetune.checkpoint_every=12")
+    summary = finetune.run(cfg)
+    return cfg, summary, ArtifactStore(cfg.output_root, cfg.run_name)
+
+
+def test_two_workers_train_disjoint_slices_and_the_loss_drops(finetuned):
+    cfg, s, store = finetuned
+    assert s["num_workers"] == 2 and s["steps"] == 24 and s["global_batch"] == 4
+    ranks = s["first_batch"]["by_rank"]
+    assert len(ranks) == 2 and len(ranks[0]) == len(ranks[1]) == 2
+    examples = store.read_table("instructions", "examples")
+    train = examples.filter(pc.equal(examples.column("split"), "train")).sort_by("example_id")
+    sampler = CurriculumSampler(train.column("phase").to_pylist(), 24, 2, cfg.curriculum, world_size=2)
+    assert ranks[0] + ranks[1] == train.column("example_id").to_numpy()[sampler.global_batch_at(0)].tolist()
+    assert s["log"][-1]["loss"] < s["log"][0]["loss"]           # overfits the tiny set
+    assert s["valid_loss"] < s["valid_loss_before"]
+    assert set(s["loss_by_phase"]) == {"warmup", "progressive", "cold_start"}
+    assert s["tokens_per_s"] > 0 and s["resumes"] == []
+    files = set(os.listdir(store.path("finetune", "adapter")))
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files
+    assert store.read_json("finetune", "metrics.json")["valid_loss"] == s["valid_loss"]
+    assert "finetune summary" in finetune.format_summary(s)
+
+
+def test_reloaded_adapter_reproduces_the_trained_models_validation_loss(finetuned):
+    cfg, s, store = finetuned
+    bundle = load_finetuned(store, cfg.vlm)
+    data = finetune_data(store.read_table("instructions", "examples"), store.read_table("prepare", "items"))
+    valid = InstructionDataset(data.valid, data.images)
+    loss = dataset_loss(bundle, valid, valid_subset(len(valid), finetune.MAX_VALID_EXAMPLES, cfg.curriculum.seed), 2)
+    assert loss == pytest.approx(s["valid_loss"], rel=1e-4)      # computed by the Ray workers
+
+
+def test_rerun_skips(finetuned):
+    cfg, s, _ = finetuned
+    again = finetune.run(cfg)
+    assert again["skipped"] is True and again["valid_loss"] == s["valid_loss"]
+
+
+def test_killed_finetune_resumes_from_its_checkpoint(instructions_root, ray_local, tmp_path):
+    overrides = ["finetune.max_steps=60", "finetune.checkpoint_every=5"]
+    root = _fresh_root(instructions_root, tmp_path)
+    cfg = _cfg(root, *overrides)
+    store = ArtifactStore(cfg.output_root, cfg.run_name)
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    args = [sys.executable, "-m", "ray_jobs.finetune", "--config", str(CONFIG_DIR / "quickstart.yaml"),
+            *JOB, f"output_root={root}", *overrides]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    seen, deadline = None, time.time() + 150
+    try:
+        while seen is None and time.time() < deadline and proc.poll() is None:
+            # Only checkpoints Ray Train has *registered* (named in its snapshot) are restored.
+            for snap in store.fs.glob(store.path("_ray_train", "*", "checkpoint_manager_snapshot.json")):
+                try:
+                    with store.fs.open(snap) as f:
+                        metrics = (json.load(f).get("latest_checkpoint_result") or {}).get("metrics", {})
+                except ValueError:  # caught mid-write
+                    continue
+                if 0 < metrics.get("step", 0) < 60:
+                    seen = metrics["step"]
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert seen is not None, "no mid-run checkpoint appeared"
+    assert store.manifest("finetune") is None                    # the killed run committed nothing
+    summary = finetune.run(cfg)
+    (resume,) = summary["resumes"]
+    assert seen <= resume["from_step"] < 60 and resume["from_step"] % 5 == 0
+    assert summary["steps"] == 60 and summary["log"][-1]["step"] == 60
+    assert load_finetuned(store).is_peft
