@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ray_jobs import finetune, prepare
-from reasonrec.config import CONFIG_DIR, load_config
+from reasonrec.config import CONFIG_DIR, StorageConfig, load_config
 from reasonrec.curriculum import CurriculumSampler
 from reasonrec.data.schemas import INSTRUCTIONS
 from reasonrec.io import ArtifactStore
@@ -142,7 +142,7 @@ def test_grad_accum_ranks_and_time_budget():
     assert stopped.train_steps(time_budget_s=1e-9) == 1          # budget spent after the first step
 
 
-def test_saved_adapter_reloads_with_identical_logits(tmp_path):
+def test_saved_adapter_reloads_with_identical_logits(tmp_path, s3_bucket):
     train, items = _synthetic_tables()
     data = finetune_data(train, items)
     loop = _loop(data, steps=3)
@@ -156,6 +156,14 @@ def test_saved_adapter_reloads_with_identical_logits(tmp_path):
         got = reloaded.model(**batch).logits
     assert torch.allclose(want, got, atol=1e-5)
     assert not torch.allclose(want, _loop(data).bundle.model.eval()(**batch).logits, atol=1e-3)  # training moved it
+    # The same adapter committed as an S3 stage (moto on loopback) loads through load_finetuned.
+    endpoint, bucket = s3_bucket
+    store = ArtifactStore(bucket, "run", StorageConfig(s3_endpoint_url=endpoint))
+    with store.stage_writer("finetune", "test", {}) as w:
+        for f in os.listdir(tmp_path / "adapter"):
+            w.write_bytes(f"adapter/{f}", (tmp_path / "adapter" / f).read_bytes())
+    with torch.no_grad():
+        assert torch.allclose(want, load_finetuned(store, VLMConfig(**TINY_VLM)).model(**batch).logits, atol=1e-5)
 
 
 def test_missing_photo_items_are_an_error():
