@@ -62,7 +62,7 @@ def bench_config(size: int, workdir: str, side: str, n_items: int, per_shard: in
 
 
 # -------------------------------------------------------------------------------- baseline
-def baseline_prepare(cfg, out_dir: str, chunk_users: int = 65_536) -> dict:
+def baseline_prepare(cfg, out_dir: str, chunk_users: int = 8192) -> dict:
     """The prepare computation in one process: read every shard in turn, validate, deduplicate
     items, remap ids, build per-user sequences, fit the EH normalizer on the count histogram,
     derive users/interactions/loo/direct_candidates/ctr/explanation/timeshift and write Parquet.
@@ -180,14 +180,13 @@ def baseline_prepare(cfg, out_dir: str, chunk_users: int = 65_536) -> dict:
         # Progress in the log, so a run killed at the time limit still shows how far it got.
         logging.getLogger("bench.prepare").info("baseline: derive users %d-%d of %d at %.1fs", lo,
                                                 min(lo + chunk_users, seqs.num_rows), seqs.num_rows, time.time() - t0)
-        batch = seqs.slice(lo, chunk_users).to_pandas()
+        batch = seqs.slice(lo, chunk_users)
         for name, (schema, fn) in derive.items():
-            df = fn(batch)
+            tab = fn(batch)
             if name == "interactions":
-                ts_tab = P.to_arrow(P.timeshift_table(df, cutoff), schemas.TIMESHIFT)
+                ts_tab = P.timeshift_table(tab, cutoff)
                 writers["timeshift"].write_table(ts_tab)
                 rows["timeshift"] += ts_tab.num_rows
-            tab = P.to_arrow(df, schema)
             writers[name].write_table(tab)
             rows[name] += tab.num_rows
     for w in writers.values():
@@ -449,7 +448,8 @@ def main(argv=None) -> int:
                     help="synthetic user shards = size / this (the Ray read parallelism)")
     ap.add_argument("--interactions-per-partition", type=int, default=250_000,
                     help="ray.shuffle_partitions = max(8, size / this)")
-    ap.add_argument("--chunk-users", type=int, default=65_536, help="baseline: users per derive/write chunk")
+    ap.add_argument("--chunk-users", type=int, default=8192,
+                    help="baseline: users per derive/write chunk (the Ray job derives 8192 users per batch)")
     ap.add_argument("--timeout-s", type=int, default=900, help="per side and size; the child is killed after it")
     ap.add_argument("--workdir", default=None, help="outputs and logs (default: a temp dir, removed unless --keep)")
     ap.add_argument("--keep", action="store_true", help="keep the Parquet outputs and logs")

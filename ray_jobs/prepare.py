@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -35,6 +36,7 @@ TABLE_SCHEMAS = {
     "direct_candidates": schemas.DIRECT_CANDIDATES, "ctr": schemas.CTR, "explanation": schemas.EXPLANATION,
     "timeshift": schemas.TIMESHIFT, "quarantine": schemas.QUARANTINE,
 }
+DERIVE_BATCH_USERS = 8192
 log = logging.getLogger("reasonrec.prepare")
 
 
@@ -218,15 +220,16 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     params = P.SplitParams(n_items=n_items, seed=d.seed, direct_negatives=d.direct_negatives,
                            ctr_negatives=d.ctr_negatives, ctr_split=tuple(d.ctr_split),
                            explanation_split=tuple(d.explanation_split), eh_thresholds=tuple(d.eh_thresholds))
-    tables = {
-        "users": seqs.map_batches(lambda b: P.to_arrow(P.users_table(b, normalizer, d.eh_thresholds), schemas.USERS), batch_format="pandas"),
-        "interactions": seqs.map_batches(lambda b: P.to_arrow(P.interactions_table(b), schemas.INTERACTIONS), batch_format="pandas"),
-        "loo": seqs.map_batches(lambda b: P.to_arrow(P.loo_table(b), schemas.LOO), batch_format="pandas"),
-        "direct_candidates": seqs.map_batches(lambda b: P.to_arrow(P.direct_candidates_table(b, params), schemas.DIRECT_CANDIDATES), batch_format="pandas"),
-        "ctr": seqs.map_batches(lambda b: P.to_arrow(P.ctr_table(b, params), schemas.CTR), batch_format="pandas"),
-        "explanation": seqs.map_batches(lambda b: P.to_arrow(P.explanation_table(b, params), schemas.EXPLANATION), batch_format="pandas"),
-        "items": items_out,
+    derive = {
+        "users": partial(P.users_table, normalizer=normalizer, thresholds=d.eh_thresholds),
+        "interactions": P.interactions_table, "loo": P.loo_table,
+        "direct_candidates": partial(P.direct_candidates_table, p=params), "ctr": partial(P.ctr_table, p=params),
+        "explanation": partial(P.explanation_table, p=params),
     }
+    # Vectorised over the batch; batches bound the per-task working set (negative sampling draws
+    # ~130 numbers per direct-candidate list), results do not depend on the batch size.
+    tables = {name: seqs.map_batches(fn, batch_size=DERIVE_BATCH_USERS, batch_format="pyarrow") for name, fn in derive.items()}
+    tables["items"] = items_out
 
     with _step("time-shift cutoff"):
         # Materialised once: the cut-off, the interactions table and the time-shift table all read it.
@@ -242,7 +245,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             agg = rel.aggregate(ApproximateQuantile(on="dt", quantiles=[d.timeshift_quantile]))
             cutoff = t0 + int(round(float(np.asarray(list(agg.values())[0]).ravel()[0])))
         tables["timeshift"] = tables["interactions"].map_batches(
-            lambda b: P.to_arrow(P.timeshift_table(b, cutoff), schemas.TIMESHIFT), batch_format="pandas")
+            partial(P.timeshift_table, cutoff=cutoff), batch_format="pyarrow")
 
     tables["quarantine"] = quarantine_parts[0].union(*quarantine_parts[1:])
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from ray_jobs import prepare as job
 from reasonrec.config import CONFIG_DIR, load_config
+from reasonrec.data import prepare as P
 from reasonrec.io import ArtifactStore
 
 TINY = ["data.sources.0.synthetic.n_users=150", "data.sources.0.synthetic.n_items=60",
@@ -123,6 +125,86 @@ def test_rerun_is_skipped_and_force_reruns(synthetic_run):
     before = store.manifest("prepare").created_at
     assert job.run(cfg)["skipped"] is True
     assert store.manifest("prepare").created_at == before
+
+
+# ---------------------------------------------------------- task tables, one block (no Ray)
+def _seqs(n_users: int, n_items: int, seed: int = 0) -> pa.Table:
+    """Sequence rows as ``build_sequences`` makes them: long-tailed lengths, repeats, a few heavy
+    users, blank and missing reviews, NaN ratings."""
+    rng = np.random.default_rng(seed)
+    lens = np.minimum(np.maximum(1, rng.geometric(0.2, n_users)), n_items)
+    lens[:3] = n_items            # heavy users: the catalog nearly runs out for them
+    items = rng.integers(0, n_items, lens.sum())
+    off = pa.array(np.r_[0, np.cumsum(lens)].astype(np.int32))
+    reviews = rng.choice(np.array(["good", " ", None], dtype=object), lens.sum(), p=[0.7, 0.15, 0.15])
+    ratings = rng.random(lens.sum()).astype(np.float32)
+    ratings[::5] = np.nan
+    return pa.table({
+        "user_id": pa.array(np.arange(n_users) * 7 + 11, pa.int64()),
+        "items": pa.ListArray.from_arrays(off, pa.array(items)),
+        "ts": pa.ListArray.from_arrays(off, pa.array(np.arange(lens.sum()))),
+        "ratings": pa.ListArray.from_arrays(off, pa.array(ratings)),
+        "reviews": pa.ListArray.from_arrays(off, pa.array(reviews, pa.string())),
+    })
+
+
+def _params(n_items: int, k: int, seed: int = 1) -> P.SplitParams:
+    return P.SplitParams(n_items=n_items, seed=seed, direct_negatives=k, ctr_negatives=4, ctr_split=(0.8, 0.1, 0.1),
+                         explanation_split=(0.8, 0.1, 0.1), eh_thresholds=(0.3, 0.7))
+
+
+# 60 items: most lists take the dense path (rank the whole complement); 5000: rejection sampling.
+@pytest.mark.parametrize("n_items,k", [(60, 20), (5000, 99), (5000, 0)])
+def test_vectorised_negatives(n_items, k):
+    seqs, p = _seqs(400, n_items), _params(n_items, k)
+    hist = {u: set(x) for u, x in zip(seqs.column("user_id").to_pylist(), seqs.column("items").to_pylist())}
+    lens = {u: len(x) for u, x in zip(seqs.column("user_id").to_pylist(), seqs.column("items").to_pylist())}
+    direct = P.direct_candidates_table(seqs, p)
+    expect = [u for u in hist if lens[u] >= 3 and n_items - len(hist[u]) >= k]
+    assert direct.column("user_id").to_pylist() == [u for u in expect for _ in (0, 1)]
+    assert direct.column("split").to_pylist() == ["valid", "test"] * len(expect)
+    for r in direct.to_pylist():
+        cands = r["candidates"]
+        assert len(cands) == k + 1 and len(set(cands)) == k + 1 and r["positive"] in cands
+        assert not (set(cands) - {r["positive"]}) & hist[r["user_id"]]
+    ctr = P.ctr_table(seqs, p)
+    rows = {}
+    for r in ctr.to_pylist():
+        rows.setdefault(r["user_id"], {0: [], 1: []})[r["label"]].append((r["item_id"], r["split"]))
+    for u, h in hist.items():
+        pos, neg = rows[u][1], rows[u][0]
+        assert sorted(i for i, _ in pos) == sorted(h)
+        negs = [i for i, _ in neg]
+        assert len(negs) == len(set(negs)) == min(4 * len(h), n_items - len(h)) and not set(negs) & h
+        splits = [sp for _, sp in pos]
+        if len(h) >= 3:
+            assert {"train", "valid", "test"} == set(splits)
+        if 4 * len(h) <= n_items - len(h):   # uncapped: 4 negatives per positive, in its split
+            assert all([sp for _, sp in neg].count(x) == 4 * splits.count(x) for x in set(splits))
+
+
+@pytest.mark.parametrize("table", ["direct_candidates_table", "ctr_table", "explanation_table"])
+def test_task_tables_are_deterministic_and_block_independent(table):
+    seqs, p = _seqs(300, 80), _params(80, 20)
+    fn = getattr(P, table)
+    whole = fn(seqs, p)
+    assert whole.equals(fn(seqs, p))
+    assert whole.equals(pa.concat_tables([fn(seqs.slice(lo, 37), p) for lo in range(0, seqs.num_rows, 37)]))
+    assert not whole.equals(fn(seqs, _params(80, 20, seed=2)))
+
+
+def test_explanation_rows_and_split_sizes():
+    seqs, p = _seqs(300, 80), _params(80, 20)
+    expl = P.explanation_table(seqs, p)
+    reviews = pc.list_flatten(seqs.column("reviews")).to_pylist()
+    assert expl.num_rows == sum(1 for r in reviews if r is not None and r.strip())
+    assert expl.column("review").to_pylist() == [r for r in reviews if r is not None and r.strip()]
+    ratings = expl.column("rating")
+    assert ratings.null_count > 0 and not pc.any(pc.is_nan(ratings)).as_py()
+    codes = P.split_labels(0, 3, np.arange(4), np.array([1, 2, 3, 20]), (0.8, 0.1, 0.1))
+    assert codes[:3].tolist() == [0, 0, 0]
+    assert sorted(codes[3:6].tolist()) == [0, 1, 2]
+    assert np.bincount(codes[6:], minlength=3).tolist() == [16, 2, 2]
 
 
 # ------------------------------------------------------------------ corrupt, multi-source, S3
