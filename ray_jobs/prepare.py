@@ -4,8 +4,9 @@
 
 Streams with Ray Data: sources are read per shard in parallel, per-user work runs on hash
 partitions by user (every row of a user in one block), global values (the count histogram, the
-time-shift cutoff, the distinct keys) come from Ray Data aggregations. The only things collected on the driver are the sorted distinct user
-and item keys (to assign dense ids deterministically) and small histograms.
+time-shift cutoff) come from Ray Data aggregations. Dense ids are numbered across the cluster
+(distributed sort of the distinct keys, per-block offsets) and joined back by hash partition, so
+the driver holds only per-block counts and small histograms: its memory does not grow with the data.
 """
 from __future__ import annotations
 
@@ -100,25 +101,86 @@ def _per_key_partition(ds, key: str, fn, partitions: int):
     return ds.repartition(partitions, keys=[key], sort=True).map_batches(fn, batch_size=None, batch_format="pyarrow")
 
 
-def _kcore(ray, inter, k: int, partitions: int):
-    """Iteratively drop users/items with fewer than k interactions. Returns (kept, removed)."""
+def _dense_ids(ray, keys, key: str, id_col: str, flag: str | None = None):
+    """Number the distinct values of ``key`` in ``keys`` 0..N-1 in sorted order, on the cluster:
+    distinct per block -> Ray Data ``sort`` (range partitions: equal keys land in one block) ->
+    distinct per sorted block -> (first key, last key, rows) per block to the driver, which orders
+    the blocks and turns their row counts into offsets -> id = offset + position in the block.
+    With ``flag``, each key also keeps the flag's max. Returns (Dataset[key, flag?, id_col], N)."""
+    distinct = partial(P.distinct_keys, key=key, flag=flag)
+    blocks = keys.map_batches(distinct, batch_format="pyarrow").sort(key).to_arrow_refs()
+
+    @ray.remote(num_returns=2)
+    def dedup(t: pa.Table):
+        out = distinct(t)
+        return out, P.key_range(out, key)
+
+    @ray.remote
+    def number(t: pa.Table, offset: int) -> pa.Table:
+        return P.number_rows(t, offset, id_col)
+
+    deduped = [dedup.remote(b) for b in blocks]
+    ranges = ray.get([r for _, r in deduped])
+    order = sorted((i for i, r in enumerate(ranges) if r[2]), key=lambda i: ranges[i][0])
+    numbered, offset = [], 0
+    for prev, i in zip([None] + order, order):
+        if prev is not None and ranges[i][0] <= ranges[prev][1]:  # the sort's range partitions overlap
+            raise RuntimeError(f"prepare: sorted {key} blocks overlap; dense ids would not be unique")
+        numbered.append(number.remote(deduped[i][0], offset))
+        offset += ranges[i][2]
+    return ray.data.from_arrow_refs(numbered), offset
+
+
+def _join_on_key(ds, ids, key: str, col: str, partitions: int, then: Callable | None = None):
+    """Left join of ``ids`` (one row per ``key``, carrying the int64 ``col``) onto ``ds`` by hash partition:
+    both go through one shuffle by ``key`` (id rows padded to ``ds``'s columns) and each partition
+    fills ``col`` from the id rows it holds. Ray Data's ``Dataset.join`` does the same but needs
+    polars, which this stack does not install. ``then`` runs on the joined partition: a following
+    step that needs the same partitioning saves its own shuffle."""
+    target = ds.schema().base_schema.append(pa.field(col, pa.int64()))
+
+    def joined(t: pa.Table) -> pa.Table:
+        out = P.attach_ids(t, key, col)
+        return then(out) if then else out
+
+    both = ds.map_batches(partial(schemas.conform, schema=target), batch_format="pyarrow").union(
+        ids.map_batches(partial(schemas.conform, schema=target), batch_format="pyarrow"))
+    return _per_key_partition(both, key, joined, partitions)
+
+
+def _kcore(inter, k: int, partitions: int):
+    """Iteratively drop users/items with fewer than k interactions. The counts and the keys under
+    k stay on the cluster and are joined back by key. Returns (kept, removed)."""
     removed = []
     while True:
-        ucount = {r["user_key"]: r["count()"] for r in inter.groupby("user_key", num_partitions=partitions).count().iter_rows()}
-        icount = {r["_ikey"]: r["count()"] for r in inter.groupby("_ikey", num_partitions=partitions).count().iter_rows()}
-        bad_users = pa.array(sorted(u for u, c in ucount.items() if c < k), pa.string())
-        bad_items = pa.array(sorted(i for i, c in icount.items() if c < k), pa.string())
-        if len(bad_users) == 0 and len(bad_items) == 0:
+        low = {key: inter.groupby(key, num_partitions=partitions).count().map_batches(
+                   partial(_below, key=key, k=k), batch_format="pyarrow").materialize()
+               for key in ("user_key", "_ikey")}
+        if all(ds.count() == 0 for ds in low.values()):
             break
+        marked = inter
+        for key, ds in low.items():
+            marked = _join_on_key(marked, ds, key, f"_low{key}", partitions)
 
-        def mark(t: pa.Table, bu=bad_users, bi=bad_items) -> pa.Table:
-            bad = pc.or_(pc.is_in(t.column("user_key"), value_set=bu), pc.is_in(t.column("_ikey"), value_set=bi))
+        def mark(t: pa.Table) -> pa.Table:
+            bad = pc.or_(pc.is_valid(t.column("_lowuser_key")), pc.is_valid(t.column("_low_ikey")))
+            t = t.drop_columns(["_lowuser_key", "_low_ikey"])
             return t.append_column("reason", pc.if_else(bad, pa.scalar(f"k-core filter (k={k})"), pa.scalar(None, pa.string())))
 
-        marked = inter.map_batches(mark, batch_format="pyarrow").materialize()
+        marked = marked.map_batches(mark, batch_format="pyarrow").materialize()
         removed.append(marked)
         inter = marked.map_batches(_rows_without_reason, batch_format="pyarrow").materialize()
     return inter, removed
+
+
+def _below(counts: pa.Table, key: str, k: int) -> pa.Table:
+    """The keys of a ``groupby(key).count()`` block with fewer than ``k`` rows, flagged for a join."""
+    low = counts.filter(pc.less(counts.column("count()"), k))
+    return pa.table({key: low.column(key), f"_low{key}": pa.array(np.ones(low.num_rows, np.int64))})
+
+
+def _in_catalog(t: pa.Table, value: int) -> pa.Table:
+    return t.filter(pc.equal(t.column("in_catalog"), value))
 
 
 def _count_values(t: pa.Table) -> pa.Table:
@@ -152,53 +214,51 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         if n_input_inter == 0:
             raise ValueError("prepare: the sources produced no interaction rows; check data.sources paths")
 
-    with _step("read + validate + deduplicate items"):
+    with _step("read + validate items"):
         items = _read_source_table(ray, sources, "items").map_batches(P.validate_items, batch_format="pyarrow").materialize()
         n_input_items = items.count()
         quarantine_parts.append(_quarantined(items, "items"))
         items = items.map_batches(_rows_without_reason, batch_format="pyarrow").map_batches(
             _with_lookup_key, batch_format="pyarrow").materialize()
-        if items.count() > 0:
-            items = _per_key_partition(items, "_ikey", P.dedup_items, parts).materialize()
-            quarantine_parts.append(_quarantined(items, "items"))
-            items = items.map_batches(_rows_without_reason, batch_format="pyarrow").materialize()
+        has_catalog = items.count() > 0
 
     if d.kcore > 0:
         with _step(f"k-core filter (k={d.kcore})"):
-            inter, removed = _kcore(ray, inter, d.kcore, parts)
+            inter, removed = _kcore(inter, d.kcore, parts)
             quarantine_parts.extend(_quarantined(r, "interactions") for r in removed)
 
     with _step("assign dense ids"):
-        from ray.data.aggregate import Unique
-        distinct = inter.aggregate(Unique("user_key"), Unique("_ikey"))  # one pass for both key sets
-        user_keys = pa.array(sorted(distinct["unique(user_key)"]), pa.string())
-        inter_ikeys = set(distinct["unique(_ikey)"])
-        catalog_ikeys = set(items.aggregate(Unique("_ikey"))["unique(_ikey)"]) if items.count() else set()
-        item_lookup = pa.array(sorted(inter_ikeys | catalog_ikeys), pa.string())
-        n_items = len(item_lookup)
-        user_ref, item_ref = ray.put(user_keys), ray.put(item_lookup)
+        user_ids, n_users = _dense_ids(ray, inter.select_columns(["user_key"]), "user_key", "user_id")
 
-        def remap(t: pa.Table) -> pa.Table:
-            return P.remap_interactions(t, ray.get(user_ref), ray.get(item_ref))
+        def flagged(t: pa.Table, in_catalog: int) -> pa.Table:
+            return pa.table({"_ikey": t.column("_ikey"), "in_catalog": pa.array(np.full(t.num_rows, in_catalog, np.int8))})
 
-        def remap_items(t: pa.Table) -> pa.Table:
-            iid = pc.index_in(t.column("_ikey"), value_set=ray.get(item_ref)).cast(pa.int64())
-            return schemas.conform(t.append_column("item_id", iid), schemas.ITEMS)
-
-        inter = inter.map_batches(remap, batch_format="pyarrow")
+        # Item ids number the interactions' and the catalog's keys together; the flag marks stubs.
+        item_keys = inter.map_batches(partial(flagged, in_catalog=0), batch_format="pyarrow")
+        if has_catalog:
+            item_keys = item_keys.union(items.map_batches(partial(flagged, in_catalog=1), batch_format="pyarrow"))
+        item_ids, n_items = _dense_ids(ray, item_keys, "_ikey", "item_id", flag="in_catalog")
+        item_ids = item_ids.materialize()
         # Items that interactions reference but the catalog lacks get a stub row (key only).
-        stubs = sorted(inter_ikeys - catalog_ikeys)
-        stub_table = pa.table({
-            "item_key": [k.split(P.KEY_SEP, 1)[1] for k in stubs],
-            "domain": [k.split(P.KEY_SEP, 1)[0] for k in stubs],
-            "_ikey": stubs,
-        })
-        items_out = ray.data.from_arrow(stub_table).map_batches(remap_items, batch_format="pyarrow")
-        if items.count():
-            items_out = items.map_batches(remap_items, batch_format="pyarrow").union(items_out)
+        stubs = item_ids.map_batches(partial(_in_catalog, value=0), batch_format="pyarrow").map_batches(
+            P.stub_items, batch_format="pyarrow").materialize()
+        n_stubs = stubs.count()
 
-    with _step("per-user sequences"):
-        seqs = _per_key_partition(inter, "user_id", P.build_sequences, parts).materialize()
+    with _step("deduplicate items, attach item ids"):
+        items_out = stubs
+        if has_catalog:
+            catalog_ids = item_ids.map_batches(partial(_in_catalog, value=1), batch_format="pyarrow").select_columns(
+                ["_ikey", "item_id"])
+            items = _join_on_key(items, catalog_ids, "_ikey", "item_id", parts, then=P.dedup_items).materialize()
+            quarantine_parts.append(_quarantined(items, "items"))
+            items_out = items.map_batches(_rows_without_reason, batch_format="pyarrow").map_batches(
+                partial(schemas.conform, schema=schemas.ITEMS), batch_format="pyarrow").union(stubs)
+
+    with _step("attach item ids to interactions"):
+        inter = _join_on_key(inter, item_ids.select_columns(["_ikey", "item_id"]), "_ikey", "item_id", parts).materialize()
+
+    with _step("per-user sequences (with user ids)"):
+        seqs = _join_on_key(inter, user_ids, "user_key", "user_id", parts, then=P.build_sequences).materialize()
 
         def dup_quarantine(t: pa.Table) -> pa.Table:
             recs = [r for lst in t.column("duplicates").to_pylist() for r in lst]
@@ -262,15 +322,15 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         bucket_counts = {b: int(nusers[user_buckets == b].sum()) for b in BUCKETS}
         rows = w.manifest.rows
         balance_inter = n_input_inter == rows["interactions"] + q_by_table.get("interactions", 0)
-        balance_items = n_input_items == rows["items"] - len(stubs) + q_by_table.get("items", 0)
+        balance_items = n_input_items == rows["items"] - n_stubs + q_by_table.get("items", 0)
         if not (balance_inter and balance_items):
             raise RuntimeError(
                 f"prepare: row accounting failed: interactions in={n_input_inter} kept={rows['interactions']} "
-                f"quarantined={q_by_table.get('interactions', 0)}; items in={n_input_items} kept={rows['items'] - len(stubs)} "
+                f"quarantined={q_by_table.get('interactions', 0)}; items in={n_input_items} kept={rows['items'] - n_stubs} "
                 f"quarantined={q_by_table.get('items', 0)}")
         summary = {
             "rows": dict(rows), "input_rows": {"interactions": n_input_inter, "items": n_input_items},
-            "stub_items": len(stubs), "n_users": len(user_keys), "n_items": n_items,
+            "stub_items": n_stubs, "n_users": n_users, "n_items": n_items,
             "eh_normalizer": d.eh_normalizer, "eh_max_count": normalizer.max_count,
             "users_per_bucket": {b: int(bucket_counts.get(b, 0)) for b in BUCKETS},
             "bucket_shares_by_normalizer": shares, "quarantine_by_reason": dict(reasons),

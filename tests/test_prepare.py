@@ -120,6 +120,58 @@ def test_items_have_dense_ids_and_images(synthetic_run):
     assert items.column("image").null_count == 0
 
 
+def test_ids_are_dense_sorted_and_consistent_between_tables(synthetic_run):
+    _, s, store = synthetic_run
+    users, items, inter, loo, direct, ctr = _tables(store, "users", "items", "interactions", "loo", "direct_candidates", "ctr")
+    # ids are the ranks of the sorted source keys (items: domain + separator + key)
+    by_uid = dict(zip(users.column("user_id").to_pylist(), users.column("user_key").to_pylist()))
+    assert sorted(by_uid) == list(range(s["n_users"])) and [by_uid[i] for i in range(len(by_uid))] == sorted(by_uid.values())
+    ikeys = P.item_lookup_key(items.column("domain"), items.column("item_key")).to_pylist()
+    by_iid = dict(zip(items.column("item_id").to_pylist(), ikeys))
+    assert sorted(by_iid) == list(range(s["n_items"])) and [by_iid[i] for i in range(len(by_iid))] == sorted(ikeys)
+    for t in (inter, loo, direct, ctr):
+        assert set(t.column("user_id").to_pylist()) <= set(by_uid)
+    for col in (inter.column("item_id"), ctr.column("item_id"), pc.list_flatten(direct.column("candidates"))):
+        assert set(col.to_pylist()) <= set(by_iid)
+
+
+@pytest.fixture(scope="module")
+def synthetic_rerun(ray_local, tmp_path_factory):
+    """The same world read and shuffled with other block counts."""
+    root = tmp_path_factory.mktemp("rerun")
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", TINY + [
+        f"output_root={root}", "ray.shuffle_partitions=5", "data.sources.0.synthetic.n_user_shards=3"])
+    job.run(cfg)
+    return ArtifactStore(cfg.output_root, cfg.run_name)
+
+
+@pytest.mark.parametrize("table,key", [("users", ["user_id"]), ("items", ["item_id"]), ("loo", ["user_id"]),
+                                       ("direct_candidates", ["user_id", "split"]),
+                                       ("ctr", ["user_id", "label", "item_id"]), ("explanation", ["user_id", "item_id"])])
+def test_outputs_do_not_depend_on_partitioning(synthetic_run, synthetic_rerun, table, key):
+    _, _, store = synthetic_run
+    a, b = store.read_table("prepare", table), synthetic_rerun.read_table("prepare", table)
+    order = [(k, "ascending") for k in key]
+    assert a.num_rows > 0 and a.sort_by(order).equals(b.sort_by(order))
+
+
+def test_dense_ids_across_block_counts(ray_local):
+    rng = np.random.default_rng(3)
+    keys = [f"k{i}" for i in rng.integers(0, 500, 4000)] + ["é", "Z", "k 1"]   # repeats, non-ASCII, space
+    expected = {k: i for i, k in enumerate(sorted(set(keys)))}
+    flags = rng.integers(0, 2, len(keys))
+    flag_max = {}
+    for k, f in zip(keys, flags):
+        flag_max[k] = max(flag_max.get(k, 0), int(f))
+    for blocks in (1, 3, 17):
+        ds = ray_local.data.from_arrow(pa.table({"key": keys, "flag": flags})).repartition(blocks)
+        ids, n = job._dense_ids(ray_local, ds, "key", "id", flag="flag")
+        rows = ids.take_all()
+        assert n == len(expected) == len(rows)
+        assert {r["key"]: r["id"] for r in rows} == expected
+        assert {r["key"]: r["flag"] for r in rows} == flag_max
+
+
 def test_rerun_is_skipped_and_force_reruns(synthetic_run):
     cfg, _, store = synthetic_run
     before = store.manifest("prepare").created_at

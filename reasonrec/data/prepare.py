@@ -83,10 +83,48 @@ def item_lookup_key(domain: pa.Array, item_key: pa.Array) -> pa.Array:
 # ------------------------------------------------------------------------------ id remapping
 def remap_interactions(table: pa.Table, user_keys: pa.Array, item_lookup: pa.Array) -> pa.Table:
     """Attach dense ``user_id``/``item_id``: the position of the key in the sorted key arrays
-    (deterministic: ids follow the sorted source keys, not the order rows arrive in)."""
+    (deterministic: ids follow the sorted source keys, not the order rows arrive in). For one
+    process holding every key; the Ray job numbers keys across the cluster (below)."""
     uid = pc.index_in(table.column("user_key"), value_set=user_keys)
     iid = pc.index_in(item_lookup_key(table.column("domain"), table.column("item_key")), value_set=item_lookup)
     return table.append_column("user_id", uid.cast(pa.int64())).append_column("item_id", iid.cast(pa.int64()))
+
+
+def distinct_keys(t: pa.Table, key: str, flag: str | None = None) -> pa.Table:
+    """The sorted distinct ``key`` values of a block; with ``flag``, also the flag's max per key."""
+    if flag is None:
+        return pa.table({key: pc.unique(t.column(key)).sort()})
+    g = t.group_by(key).aggregate([(flag, "max")])
+    return pa.table({key: g.column(key), flag: g.column(f"{flag}_max")}).sort_by(key)
+
+
+def key_range(t: pa.Table, key: str) -> tuple:
+    """(first key, last key, rows) of a sorted block: all the driver needs to order blocks."""
+    if t.num_rows == 0:
+        return None, None, 0
+    col = t.column(key)
+    return col[0].as_py(), col[-1].as_py(), t.num_rows
+
+
+def number_rows(t: pa.Table, offset: int, id_col: str) -> pa.Table:
+    return t.append_column(id_col, pa.array(np.arange(offset, offset + t.num_rows, dtype=np.int64)))
+
+
+def attach_ids(t: pa.Table, key: str, id_col: str) -> pa.Table:
+    """A hash partition holding data rows (``id_col`` null) and the id rows of their keys (``id_col``
+    set, one per key): the data rows with ``id_col`` taken from the id row of the same key (null
+    where there is none, i.e. a left join)."""
+    is_id = pc.is_valid(t.column(id_col))
+    ids, data = t.filter(is_id), t.filter(pc.invert(is_id))
+    idx = pc.index_in(data.column(key), value_set=ids.column(key).combine_chunks())
+    return data.set_column(data.schema.get_field_index(id_col), id_col, ids.column(id_col).take(idx))
+
+
+def stub_items(ids: pa.Table) -> pa.Table:
+    """ITEMS rows (key and domain only) for numbered item lookup keys that the catalog lacks."""
+    parts = pc.split_pattern(ids.column("_ikey"), KEY_SEP, max_splits=1)
+    return schemas.conform(pa.table({"item_id": ids.column("item_id"), "item_key": pc.list_element(parts, 1),
+                                     "domain": pc.list_element(parts, 0)}), schemas.ITEMS)
 
 
 # ------------------------------------------------------------------------- per-user sequences
