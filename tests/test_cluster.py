@@ -30,8 +30,8 @@ CLUSTER = REPO / "cluster"
 GPU_PRESET = "configs/llava7b.yaml"
 WORKER_GROUPS = {"cpu-workers", "gpu-workers"}
 SERVE_IMPORT_PATH = "reasonrec.serve.app:build_app"
-EXPECTED_FILES = ["aws.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml",
-                  "local_job_submit.sh"]
+EXPECTED_FILES = ["aws.yaml", "serve.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
+                  "kuberay/rayservice.yaml", "local_job_submit.sh", "Dockerfile"]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -318,6 +318,37 @@ def _head_ports(spec: dict) -> dict:
     return {p.get("name"): p.get("containerPort") for p in c[0].get("ports") or []}
 
 
+def check_serve_config(obj, repo: Path, where: str, head_ports: dict | None = None,
+                       cap: Capacity | None = None) -> list[str]:
+    """A Ray Serve config (RayService serveConfigV2, or a file for `serve deploy`)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    errs = []
+    try:
+        serve_cfg = ServeDeploySchema.model_validate(obj)
+    except Exception as exc:
+        return [f"{where}: Serve config invalid: {str(exc).splitlines()[0]}"]
+    port = serve_cfg.http_options.port
+    if head_ports is not None and head_ports.get("serve") != port:
+        errs.append(f"{where}: head container exposes no port 'serve' = http_options.port {port}")
+    if len(serve_cfg.applications) != 1:
+        errs.append(f"{where}: expected one application, got {len(serve_cfg.applications)}")
+    for app in serve_cfg.applications:
+        if app.import_path != SERVE_IMPORT_PATH:
+            errs.append(f"{where}: import_path {app.import_path!r} != {SERVE_IMPORT_PATH!r}")
+        if app.route_prefix != "/":
+            errs.append(f"{where}: route_prefix {app.route_prefix!r} != '/'")
+        args = app.args or {}
+        if not isinstance(args.get("config"), str) or not isinstance(args.get("overrides", []), list):
+            errs.append(f"{where}: args need config (a preset path) and overrides (a list)")
+            continue
+        cfg, e = _load_preset(repo, args["config"], [str(o) for o in args.get("overrides", [])], f"{where} args")
+        errs += e
+        if cfg is not None and cap is not None:
+            errs += cap.check(cfg, f"{where} args")
+    return errs
+
+
 def check_kuberay(doc: dict, repo: Path, where: str) -> tuple[Capacity | None, list[str]]:
     kind = doc.get("kind")
     where = f"{where} ({kind})"
@@ -349,31 +380,11 @@ def check_kuberay(doc: dict, repo: Path, where: str) -> tuple[Capacity | None, l
         return None, errs
     if kind == "RayService":
         cap, e = check_ray_cluster_spec(spec.get("rayClusterConfig"), where)
-        errs += e
-        from ray.serve.schema import ServeDeploySchema
         try:
-            serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(spec.get("serveConfigV2") or ""))
-        except Exception as exc:
-            return cap, errs + [f"{where}: serveConfigV2 invalid: {str(exc).splitlines()[0]}"]
-        port = serve_cfg.http_options.port
-        if _head_ports(spec.get("rayClusterConfig") or {}).get("serve") != port:
-            errs.append(f"{where}: head container exposes no port 'serve' = http_options.port {port}")
-        if len(serve_cfg.applications) != 1:
-            errs.append(f"{where}: expected one application, got {len(serve_cfg.applications)}")
-        for app in serve_cfg.applications:
-            if app.import_path != SERVE_IMPORT_PATH:
-                errs.append(f"{where}: import_path {app.import_path!r} != {SERVE_IMPORT_PATH!r}")
-            if app.route_prefix != "/":
-                errs.append(f"{where}: route_prefix {app.route_prefix!r} != '/'")
-            args = app.args or {}
-            if not isinstance(args.get("config"), str) or not isinstance(args.get("overrides", []), list):
-                errs.append(f"{where}: args need config (a preset path) and overrides (a list)")
-                continue
-            cfg, e = _load_preset(repo, args["config"], [str(o) for o in args.get("overrides", [])], f"{where} args")
-            errs += e
-            if cfg is not None and cap is not None:
-                errs += cap.check(cfg, f"{where} args")
-        return cap, errs
+            serve_obj = yaml.safe_load(spec.get("serveConfigV2") or "")
+        except yaml.YAMLError as exc:
+            return cap, errs + e + [f"{where}: serveConfigV2 is not YAML: {str(exc).splitlines()[0]}"]
+        return cap, errs + e + check_serve_config(serve_obj, repo, where, _head_ports(spec.get("rayClusterConfig") or {}), cap)
     return None, errs + [f"{where}: unexpected kind {kind!r}"]
 
 
@@ -400,8 +411,10 @@ def check_file(path: Path, repo: Path, where: str) -> list[str]:
         elif "available_node_types" in doc or "provider" in doc:
             errs += check_launcher(doc, w)
             caps.append(launcher_capacity(doc))
+        elif "applications" in doc:
+            errs += check_serve_config(doc, repo, w)
         else:
-            errs.append(f"{w}: neither a KubeRay object nor a Ray cluster-launcher config")
+            errs.append(f"{w}: neither a KubeRay object, a Ray cluster-launcher config nor a Serve config")
     cap = next((c for c in caps if c is not None), None)
     strings = "\n".join(s for d in docs for s in _strings(d) if _CMD.search(s))
     return errs + check_commands_in(strings + "\n" + _comment_text(text), repo, where, cap)
@@ -439,6 +452,7 @@ def test_every_yaml_under_cluster_parses_and_has_a_known_shape():
             if d:
                 kinds.add(d.get("kind", "launcher"))
     assert {"launcher", "RayCluster", "RayJob", "RayService"} <= kinds
+    assert yaml.safe_load((CLUSTER / "serve.yaml").read_text())["applications"]
 
 
 def test_manifests_name_real_entry_points_and_presets():
@@ -457,6 +471,18 @@ def test_rayjob_cluster_spec_equals_the_raycluster():
     assert job["spec"]["rayClusterSpec"] == cluster["spec"]
     assert service["spec"]["rayClusterConfig"] == cluster["spec"]
     assert "s3://" in job["spec"]["entrypoint"]
+
+
+def test_serve_file_equals_the_rayservice_config():
+    (service,) = yaml.safe_load_all((CLUSTER / "kuberay/rayservice.yaml").read_text())
+    assert yaml.safe_load((CLUSTER / "serve.yaml").read_text()) == yaml.safe_load(service["spec"]["serveConfigV2"])
+
+
+def test_dockerfile_installs_like_the_makefile():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert "make setup VARIANT=${VARIANT}" in text and "ARG VARIANT=gpu" in text
+    assert "WORKDIR /home/ray/reasonrec" in text  # relative --config paths in the manifests
+    assert "/home/ray/reasonrec/.venv/bin" in text  # ray, python and workers from the venv
 
 
 def test_gpu_preset_fits_every_cluster():
@@ -506,6 +532,9 @@ MUTATIONS = [
      "preset configs/nope.yaml does not exist"),
     ("kuberay/rayservice.yaml", "route_prefix: /", "route_prefix: /api", "route_prefix"),
     ("kuberay/rayservice.yaml", "port: 8000", "port: 9000", "no port 'serve'"),
+    ("kuberay/rayservice.yaml", "import_path: reasonrec.serve.app:build_app", "import_pathx: x", "Serve config invalid"),
+    ("serve.yaml", "config: configs/quickstart.yaml", "config: configs/quickstart.yml", "does not exist"),
+    ("serve.yaml", "import_path: reasonrec.serve.app:build_app", "import_path: reasonrec.serve:app", "import_path"),
     ("aws.yaml", "head_node_type: head", "head_node_type: headnode", "head_node_type 'headnode'"),
     ("aws.yaml", "min_workers: 0\n    max_workers: 8\n    resources: {CPU: 16}",
      "min_workers: 9\n    max_workers: 8\n    resources: {CPU: 16}", "min_workers (9) <= max_workers (8)"),
