@@ -1,11 +1,10 @@
 """Curriculum LoRA fine-tune: the Ray-free loop (determinism, exact resume, rank slices, reload)
-and the Ray Train job on a real local Ray (DDP with 2 workers, skip, kill + resume)."""
+and the Ray Train job on a real local Ray (2 DDP workers, killed mid-run and resumed, skip)."""
 from __future__ import annotations
 
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -173,87 +172,27 @@ def test_missing_photo_items_are_an_error():
 
 
 # ------------------------------------------------------------------------ the Ray job
+STEPS, EVERY = 32, 8
+
+
 def _cfg(root, *extra):
     return load_config(CONFIG_DIR / "quickstart.yaml", JOB + [f"output_root={root}", *extra])
 
 
-@pytest.fixture(scope="module")
-def instructions_root(ray_local, tmp_path_factory):
-    """prepare (real, tiny world) + a test instructions stage; tests copy it to their own root."""
-    root = tmp_path_factory.mktemp("base")
-    cfg = _cfg(root)
-    prepare.run(cfg)
-    write_instructions(ArtifactStore(cfg.output_root, cfg.run_name))
-    return root / cfg.run_name
-
-
-def _fresh_root(instructions_root, tmp_path, run_name="quickstart"):
-    shutil.copytree(instructions_root, tmp_path / run_name)
-    return tmp_path
-
-
-@pytest.fixture(scope="module")
-def finetuned(instructions_root, tmp_path_factory):
-    root = _fresh_root(instructions_root, tmp_path_factory.mktemp("ddp"))
-    cfg = _cfg(root, "finetune.num_workers=2", "finetune.max_steps=24", "finetune.checkpoint_every=12")
-    summary = finetune.run(cfg)
-    return cfg, summary, ArtifactStore(cfg.output_root, cfg.run_name)
-
-
-def test_two_workers_train_disjoint_slices_and_the_loss_drops(finetuned):
-    cfg, s, store = finetuned
-    assert s["num_workers"] == 2 and s["steps"] == 24 and s["global_batch"] == 4
-    ranks = s["first_batch"]["by_rank"]
-    assert len(ranks) == 2 and len(ranks[0]) == len(ranks[1]) == 2
-    examples = store.read_table("instructions", "examples")
-    train = examples.filter(pc.equal(examples.column("split"), "train")).sort_by("example_id")
-    sampler = CurriculumSampler(train.column("phase").to_pylist(), 24, 2, cfg.curriculum, world_size=2)
-    assert ranks[0] + ranks[1] == train.column("example_id").to_numpy()[sampler.global_batch_at(0)].tolist()
-    assert s["log"][-1]["loss"] < s["log"][0]["loss"]           # overfits the tiny set
-    assert s["valid_loss"] < s["valid_loss_before"]
-    assert set(s["loss_by_phase"]) == {"warmup", "progressive", "cold_start"}
-    assert s["tokens_per_s"] > 0 and s["resumes"] == []
-    files = set(os.listdir(store.path("finetune", "adapter")))
-    assert {"adapter_model.safetensors", "adapter_config.json"} <= files
-    assert store.read_json("finetune", "metrics.json")["valid_loss"] == s["valid_loss"]
-    assert "finetune summary" in finetune.format_summary(s)
-
-
-def test_reloaded_adapter_reproduces_the_trained_models_validation_loss(finetuned):
-    cfg, s, store = finetuned
-    bundle = load_finetuned(store, cfg.vlm)
-    data = finetune_data(store.read_table("instructions", "examples"), store.read_table("prepare", "items"))
-    valid = InstructionDataset(data.valid, data.images)
-    loss = dataset_loss(bundle, valid, valid_subset(len(valid), finetune.MAX_VALID_EXAMPLES, cfg.curriculum.seed), 2)
-    assert loss == pytest.approx(s["valid_loss"], rel=1e-4)      # computed by the Ray workers
-
-
-def test_rerun_skips(finetuned):
-    cfg, s, _ = finetuned
-    again = finetune.run(cfg)
-    assert again["skipped"] is True and again["valid_loss"] == s["valid_loss"]
-
-
-def test_killed_finetune_resumes_from_its_checkpoint(instructions_root, ray_local, tmp_path):
-    overrides = ["finetune.max_steps=60", "finetune.checkpoint_every=5"]
-    root = _fresh_root(instructions_root, tmp_path)
-    cfg = _cfg(root, *overrides)
-    store = ArtifactStore(cfg.output_root, cfg.run_name)
-    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    args = [sys.executable, "-m", "ray_jobs.finetune", "--config", str(CONFIG_DIR / "quickstart.yaml"),
-            *JOB, f"output_root={root}", *overrides]
+def _kill_after_a_mid_run_checkpoint(store: ArtifactStore, args: list[str], env: dict) -> int:
+    """Run the job in a subprocess until Ray Train has *registered* a mid-run checkpoint (named in
+    its snapshot: only those are restored), then SIGKILL it. Returns that checkpoint's step."""
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     seen, deadline = None, time.time() + 150
     try:
         while seen is None and time.time() < deadline and proc.poll() is None:
-            # Only checkpoints Ray Train has *registered* (named in its snapshot) are restored.
             for snap in store.fs.glob(store.path("_ray_train", "*", "checkpoint_manager_snapshot.json")):
                 try:
                     with store.fs.open(snap) as f:
                         metrics = (json.load(f).get("latest_checkpoint_result") or {}).get("metrics", {})
                 except ValueError:  # caught mid-write
                     continue
-                if 0 < metrics.get("step", 0) < 60:
+                if 0 < metrics.get("step", 0) < STEPS:
                     seen = metrics["step"]
             try:
                 proc.wait(timeout=0.2)
@@ -263,9 +202,63 @@ def test_killed_finetune_resumes_from_its_checkpoint(instructions_root, ray_loca
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert seen is not None, "no mid-run checkpoint appeared"
+    return seen
+
+
+@pytest.fixture(scope="module")
+def finetuned(ray_local, tmp_path_factory):
+    """prepare (real, tiny world) + a test instructions stage, then the job with 2 Ray Train
+    workers: started in a subprocess, killed after a mid-run checkpoint, run again to the end."""
+    root = tmp_path_factory.mktemp("runs")
+    overrides = ["finetune.num_workers=2", f"finetune.max_steps={STEPS}", f"finetune.checkpoint_every={EVERY}"]
+    cfg = _cfg(root, *overrides)
+    prepare.run(cfg)
+    store = ArtifactStore(cfg.output_root, cfg.run_name)
+    write_instructions(store)
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    seen = _kill_after_a_mid_run_checkpoint(store, [
+        sys.executable, "-m", "ray_jobs.finetune", "--config", str(CONFIG_DIR / "quickstart.yaml"), *JOB,
+        f"output_root={root}", *overrides], env)
     assert store.manifest("finetune") is None                    # the killed run committed nothing
-    summary = finetune.run(cfg)
-    (resume,) = summary["resumes"]
-    assert seen <= resume["from_step"] < 60 and resume["from_step"] % 5 == 0
-    assert summary["steps"] == 60 and summary["log"][-1]["step"] == 60
-    assert load_finetuned(store).is_peft
+    return cfg, finetune.run(cfg), store, seen
+
+
+def test_killed_job_resumes_from_its_checkpoint_and_finishes(finetuned):
+    _, s, store, seen = finetuned
+    (resume,) = s["resumes"]
+    assert seen <= resume["from_step"] < STEPS and resume["from_step"] % EVERY == 0
+    assert s["steps"] == STEPS and s["log"][-1]["step"] == STEPS
+    files = set(os.listdir(store.path("finetune", "adapter")))
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files
+    assert store.read_json("finetune", "metrics.json")["resumes"] == s["resumes"]
+    assert "resumes 1" in finetune.format_summary(s)
+
+
+def test_two_workers_train_disjoint_slices_and_the_loss_drops(finetuned):
+    cfg, s, store, _ = finetuned
+    assert s["num_workers"] == 2 and s["global_batch"] == 4
+    ranks = s["first_batch"]["by_rank"]
+    assert s["first_batch"]["step"] == 0 and len(ranks) == 2 and len(ranks[0]) == len(ranks[1]) == 2
+    examples = store.read_table("instructions", "examples")
+    train = examples.filter(pc.equal(examples.column("split"), "train")).sort_by("example_id")
+    sampler = CurriculumSampler(train.column("phase").to_pylist(), STEPS, 2, cfg.curriculum, world_size=2)
+    assert ranks[0] + ranks[1] == train.column("example_id").to_numpy()[sampler.global_batch_at(0)].tolist()
+    assert s["log"][-1]["loss"] < s["log"][0]["loss"]           # overfits the tiny set
+    assert s["valid_loss"] < s["valid_loss_before"]
+    assert set(s["loss_by_phase"]) == {"warmup", "progressive", "cold_start"}
+    assert s["tokens_per_s"] > 0
+
+
+def test_reloaded_adapter_reproduces_the_trained_models_validation_loss(finetuned):
+    cfg, s, store, _ = finetuned
+    bundle = load_finetuned(store, cfg.vlm)
+    data = finetune_data(store.read_table("instructions", "examples"), store.read_table("prepare", "items"))
+    valid = InstructionDataset(data.valid, data.images)
+    loss = dataset_loss(bundle, valid, valid_subset(len(valid), finetune.MAX_VALID_EXAMPLES, cfg.curriculum.seed), 2)
+    assert loss == pytest.approx(s["valid_loss"], rel=1e-4)      # computed by the Ray workers
+
+
+def test_rerun_skips(finetuned):
+    cfg, s, _, _ = finetuned
+    again = finetune.run(cfg)
+    assert again["skipped"] is True and again["valid_loss"] == s["valid_loss"]
