@@ -18,7 +18,6 @@ world size and a DDP wrapper come from there); tests and benchmarks run it in-pr
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import tempfile
@@ -135,7 +134,7 @@ class FinetuneLoop:
                  world_size: int = 1, device: torch.device | str = "cpu"):
         if not vlm_cfg.lora.enabled:
             raise ValueError("the fine-tune trains a LoRA adapter: set vlm.lora.enabled=true")
-        self.data, self.cur = data, cur_cfg
+        self.cur = cur_cfg
         self.max_steps, self.per_device, self.grad_accum = int(max_steps), int(per_device_batch_size), int(grad_accum)
         self.grad_clip, self.rank, self.world_size = grad_clip, rank, world_size
         self.device = torch.device(device)
@@ -340,4 +339,4 @@ def training_config(vlm_cfg: VLMConfig) -> dict:
     d = asdict(vlm_cfg)
     for k in ("num_beams", "max_thought_tokens", "max_explanation_tokens", "cache_dir", "local_files_only"):
         d.pop(k)
-    return json.loads(json.dumps(d))
+    return d
