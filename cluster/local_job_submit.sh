@@ -8,11 +8,17 @@
 #
 # The head gets its own --temp-dir and free ports, and only ITS processes are stopped at the end
 # (its process group): never `ray stop` on a shared machine, it stops every Ray on the host.
-set -euo pipefail
+set -euo pipefail  # pipefail: `ray job submit | tee` fails when the job does
 cd "$(dirname "$0")/.."
 VENV_BIN="$(pwd)/.venv/bin"
 export PATH="$VENV_BIN:$PATH" RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 unset RAY_ADDRESS
+# Token auth with a token of this head's own (in the environment of the head, its workers and the
+# submitting CLI), whatever ~/.ray/auth_token holds: Ray turns token auth on for a head when that
+# file exists, but `ray job submit` with RAY_AUTH_MODE unset sends no token.
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$(python -c 'import uuid; print(uuid.uuid4().hex)')"
+# On a loaded machine the dashboard agent can take longer to come up than the raylet's default wait.
+export RAY_agent_register_timeout_ms=120000
 
 OUT="${1:-$(mktemp -d /tmp/rrjob-out.XXXXXX)}"
 [ "$#" -gt 0 ] && shift
@@ -48,9 +54,18 @@ setsid ray start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
 HEAD_PGID=$!
 wait "$HEAD_PGID"
 
-ray job submit --address "http://127.0.0.1:$DASH_PORT" --working-dir . \
-  --runtime-env-json '{"excludes": [".venv", "runs", ".git", "bench/results", "__pycache__", "*.egg-info", ".pytest_cache"], "env_vars": {"HF_HUB_OFFLINE": "1"}}' \
-  -- "$@"
+# `ray start` returns before the head's dashboard agent has registered; until then the job API
+# answers "No available agent" (after waiting 10 s server-side). Only that answer is retried.
+for attempt in $(seq 12); do
+  rc=0
+  ray job submit --address "http://127.0.0.1:$DASH_PORT" --working-dir . \
+    --runtime-env-json '{"excludes": [".venv", "runs", ".git", "bench/results", "__pycache__", "*.egg-info", ".pytest_cache"], "env_vars": {"HF_HUB_OFFLINE": "1"}}' \
+    -- "$@" 2>&1 | tee "$TMP/submit.log" || rc=$?
+  [ "$rc" -eq 0 ] && break
+  grep -q "No available agent to submit job" "$TMP/submit.log" || exit "$rc"
+  echo "(job agent not registered yet; attempt $attempt)"
+done
+[ "$rc" -eq 0 ] || exit "$rc"
 
 echo "outputs under: $OUT"
 ls "$OUT"/*/ 2>/dev/null || true

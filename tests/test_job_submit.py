@@ -52,6 +52,12 @@ def _env() -> dict:
     # On a loaded 2-core machine the dashboard agent can take longer than the raylet's default
     # wait for its port file (~15 s), and the raylet then aborts the head's start-up.
     env["RAY_agent_register_timeout_ms"] = "120000"
+    # Token auth with a token of this head's own, in the environment of the head, its workers and
+    # every client below (whatever HOME/.ray/auth_token and this process's RAY_AUTH_MODE are:
+    # Ray turns token auth on for a head when that file exists, but a CLI with RAY_AUTH_MODE
+    # unset sends no token).
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     return env
 
 
@@ -126,7 +132,7 @@ def test_ray_job_submit_prepare(tmp_path):
         # `ray start` returns before the head's dashboard agent has registered; until it has, the
         # job API answers "No available agent" after waiting (10 s) for it server-side. Only that
         # answer is retried: it comes before any job is created.
-        for attempt in range(6):
+        for attempt in range(12):
             sid = f"jobtest-{uuid.uuid4().hex[:8]}"
             submit = subprocess.run(
                 [RAY, "job", "submit", "--address", address, "--submission-id", sid, "--working-dir", ".",
@@ -142,13 +148,18 @@ def test_ray_job_submit_prepare(tmp_path):
         assert "prepare summary" in log  # the driver's output streamed back
 
         # The entrypoint attached to THIS head (RAY_ADDRESS set by the job supervisor) instead of
-        # starting its own local Ray: its driver is registered under the submission.
-        from ray.job_submission import JobStatus, JobSubmissionClient
-        client = JobSubmissionClient(address)
-        assert client.get_job_status(sid) == JobStatus.SUCCEEDED
-        info = client.get_job_info(sid)
-        assert info.driver_info is not None, info
-        assert info.entrypoint.startswith("python -m ray_jobs.prepare")
+        # starting its own local Ray: its driver is registered under the submission. (Asked in a
+        # subprocess: the client needs the head's token from the environment.)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient; "
+             "i = JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2]); "
+             "print(i.model_dump_json() if hasattr(i, 'model_dump_json') else i.json())", address, sid],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        info = json.loads(probe.stdout.strip().splitlines()[-1])
+        assert info["status"] == "SUCCEEDED", info
+        assert info["driver_info"] is not None, info
+        assert info["entrypoint"].startswith("python -m ray_jobs.prepare")
 
         stage = out / "jobtest" / "prepare"
         manifest = json.loads((stage / "_manifest.json").read_text())
