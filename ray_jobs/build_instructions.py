@@ -15,7 +15,6 @@ import logging
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 

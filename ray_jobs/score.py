@@ -20,7 +20,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -34,7 +33,7 @@ from reasonrec.config import RunConfig, parse_cli, section_hash
 from reasonrec.data.schemas import QUERIES
 from reasonrec.io import ArtifactStore, TMP_DIR
 
-STAGE, PLANNER_STAGE = "score", "planner"
+PLANNER_STAGE = "planner"
 log = logging.getLogger("reasonrec.score")
 REJECTED = pa.schema([("query_id", pa.int64()), ("task", pa.string()), ("user_id", pa.int64()), ("error", pa.string())])
 
@@ -88,13 +87,8 @@ class _PlannerFeatures:
 
 class _RouterActor:
     def __init__(self, cfg: RunConfig, split: str):
-        from reasonrec.context import load_context
-        from reasonrec.planner import load_planners, load_toolbox
-        from reasonrec.scoring import Router
-        store = _store(cfg)
-        catalog, users, _ = load_context(store, cfg.vlm, cfg.data.eh_thresholds)
-        self.router = Router(load_toolbox(store), load_planners(store, cfg.planner), users, catalog, cfg.planner,
-                             cfg.score.k, cfg.score.mode, split)
+        from reasonrec.scoring import build_router
+        self.router = build_router(cfg, _store(cfg), split)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         shard = batch.column("shard")
@@ -104,18 +98,8 @@ class _RouterActor:
 
 class _VLMActor:
     def __init__(self, cfg: RunConfig, split: str):
-        from reasonrec.context import load_context
-        from reasonrec.prompts.templates import TemplateSampler
-        from reasonrec.scoring import VLMAnswerer
-        from reasonrec.vlm.infer import VLMPredictor
-        from reasonrec.vlm.train import load_finetuned
-        store = _store(cfg)
-        ic = cfg.instructions
-        catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
-                                               TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
-                                               ic.prompt_candidates)
-        predictor = VLMPredictor(load_finetuned(store, cfg.vlm))
-        self.answerer = VLMAnswerer(predictor, prompts, users, catalog, cfg.score.k, split, cfg.score.vlm_batch_size)
+        from reasonrec.scoring import build_vlm_answerer
+        self.answerer = build_vlm_answerer(cfg, _store(cfg), split)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         shard = batch.column("shard")
@@ -259,26 +243,38 @@ def _init(cfg: RunConfig):
 def config_hash(cfg: RunConfig) -> str:
     s = cfg.score
     return section_hash({"score": [s.tasks, s.split, s.queries_path, s.max_queries_per_task, s.k, s.mode,
-                                   s.shard_rows], "planner": section_hash(cfg.planner), "seed": cfg.seed,
+                                   s.shard_rows, s.stage_name], "planner": section_hash(cfg.planner), "seed": cfg.seed,
                          "prompt": [section_hash(cfg.instructions), cfg.vlm.max_history_items,
                                     cfg.vlm.max_history_photos, cfg.vlm.num_beams]})
+
+
+def _inputs(cfg: RunConfig, store: ArtifactStore) -> dict:
+    inputs = {st: store.require(st).fingerprint for st in ("prepare", "train_tools", PLANNER_STAGE)}
+    if cfg.score.mode != "tools" or "explanation" in cfg.score.tasks:
+        inputs["finetune"] = store.require("finetune").fingerprint
+    if cfg.score.queries_path:
+        from reasonrec.io import file_fingerprint
+        inputs["queries"] = file_fingerprint(cfg.score.queries_path, cfg.storage)
+    return inputs
+
+
+def staging_name(cfg: RunConfig, store: ArtifactStore) -> str:
+    """Folder under ``{run}/_tmp`` holding finished shards; keyed by config and inputs, so a
+    re-run of the same job finds them and a changed job starts afresh."""
+    return f"{cfg.score.stage_name}-{section_hash({'c': config_hash(cfg), 'i': _inputs(cfg, store)})}"
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:
     t0 = time.time()
     store = _store(cfg)
     planner_summary = fit_planner(cfg, force=force)
-    inputs = {st: store.require(st).fingerprint for st in ("prepare", "train_tools", PLANNER_STAGE)}
-    needs_vlm = cfg.score.mode != "tools" or "explanation" in cfg.score.tasks
-    if needs_vlm:
-        inputs["finetune"] = store.require("finetune").fingerprint
-    if cfg.score.queries_path:
-        from reasonrec.io import file_fingerprint
-        inputs["queries"] = file_fingerprint(cfg.score.queries_path, cfg.storage)
+    stage = cfg.score.stage_name
+    inputs = _inputs(cfg, store)
+    needs_vlm = "finetune" in inputs
     chash = config_hash(cfg)
-    if not force and store.is_done(STAGE, chash, inputs):
-        log.info("score: manifest matches under %s; skipping (use --force to re-run)", store.url(STAGE))
-        return {"skipped": True, **store.manifest(STAGE).metrics}
+    if not force and store.is_done(stage, chash, inputs):
+        log.info("score: manifest matches under %s; skipping (use --force to re-run)", store.url(stage))
+        return {"skipped": True, **store.manifest(stage).metrics}
     ray = _init(cfg)
     from ray.data import ActorPoolStrategy
 
@@ -286,13 +282,12 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     n = queries.num_rows
     shard_of = np.arange(n) // max(cfg.score.shard_rows, 1)
     n_shards = int(shard_of.max()) + 1 if n else 0
-    # Staging keyed by config and inputs: a re-run of the same job finds its finished shards.
-    staging_key = section_hash({"c": chash, "i": inputs})
-    staging = store.url(TMP_DIR, f"score-{staging_key}")
-    if force and store.fs.exists(store.path(TMP_DIR, f"score-{staging_key}")):
-        store.fs.rm(store.path(TMP_DIR, f"score-{staging_key}"), recursive=True)
+    stage_dir = staging_name(cfg, store)
+    staging = store.url(TMP_DIR, stage_dir)
+    if force and store.fs.exists(store.path(TMP_DIR, stage_dir)):
+        store.fs.rm(store.path(TMP_DIR, stage_dir), recursive=True)
     done = set()
-    pred_dir = store.path(TMP_DIR, f"score-{staging_key}", "predictions")
+    pred_dir = store.path(TMP_DIR, stage_dir, "predictions")
     if store.fs.exists(pred_dir):
         done = {int(p.rsplit("-", 1)[1].split(".")[0]) for p in store.fs.ls(pred_dir, detail=False)
                 if p.endswith(".parquet")}
@@ -325,22 +320,21 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
                      row["shard"], row["rows"], row["low"], row["vlm_calls"], row["rejected"], finished, len(todo))
 
     # Every query exactly once across the shards, or the job fails before committing.
-    preds = pq.read_table(store.path(TMP_DIR, f"score-{staging_key}", "predictions"), filesystem=store.arrow_fs)
-    rejected = pq.read_table(store.path(TMP_DIR, f"score-{staging_key}", "rejected"), filesystem=store.arrow_fs,
-                             schema=REJECTED)
+    preds = pq.read_table(store.path(TMP_DIR, stage_dir, "predictions"), filesystem=store.arrow_fs)
+    rejected = pq.read_table(store.path(TMP_DIR, stage_dir, "rejected"), filesystem=store.arrow_fs, schema=REJECTED)
     got = np.concatenate([preds.column("query_id").to_numpy(), rejected.column("query_id").to_numpy()])
     if len(got) != n or len(np.unique(got)) != n or set(got.tolist()) != set(queries.column("query_id").to_pylist()):
         raise RuntimeError(f"score: {n} queries in, {preds.num_rows} predictions + {rejected.num_rows} rejected out "
                            f"({len(np.unique(got))} distinct): refusing to commit")
     summary = _summarize(preds, rejected, n, n_shards, len(done), time.time() - t0, cfg, planner_summary)
-    with store.stage_writer(STAGE, chash, inputs) as w:
+    with store.stage_writer(stage, chash, inputs) as w:
         w.write_table("predictions/part-0.parquet", preds)
         w.write_table("rejected/part-0.parquet", rejected)
         w.write_table("queries/part-0.parquet", queries)
         w.write_json("summary.json", summary)
         w.manifest.rows = {"queries": n, "predictions": preds.num_rows, "rejected": rejected.num_rows}
         w.manifest.metrics = summary
-    store.fs.rm(store.path(TMP_DIR, f"score-{staging_key}"), recursive=True)
+    store.fs.rm(store.path(TMP_DIR, stage_dir), recursive=True)
     return summary
 
 

@@ -214,6 +214,9 @@ class ScoreConfig:
     # "routed" (the planner decides), "tools" (tools only), "vlm" (VLM alone), "vlm_tools" (VLM
     # + tools always): the last three are the paper's comparison baselines.
     mode: str = "routed"
+    # Stage (folder) the predictions go to: other names keep side runs (a query file, a baseline
+    # mode) next to the main "score" output, which evaluate reads.
+    stage_name: str = "score"
     tool_actors: int = 1
     vlm_actors: int = 1
     vlm_gpus: float = 0.0            # GPUs per VLM actor
@@ -243,6 +246,12 @@ class ServeConfig:
     tool_cpus: float = 0.5
     vlm_cpus: float = 1.0
     vlm_gpus: float = 0.0
+    # The FastAPI ingress and the planner deployment (ingress -> planner -> tools / VLM). The
+    # request limits above apply to every deployment; defaults fit one replica each on 2 CPUs.
+    ingress_replicas: List[int] = field(default_factory=lambda: [1, 2])
+    ingress_cpus: float = 0.1
+    planner_cpus: float = 0.25
+    request_timeout_s: float = 60.0  # HTTP requests still running after this get 408, never hang
 
 
 @dataclass
@@ -356,7 +365,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config error: key '{key}': unknown bucket(s) {bad}; choose from {EH_BUCKETS}")
     if not 1 <= cfg.planner.max_tools <= 3:
         raise ConfigError("config error: key 'planner.max_tools': must be 1..3 (the paper caps tool use at 3)")
-    for key in ("serve.tool_replicas", "serve.vlm_replicas", "serve.planner_replicas"):
+    for key in ("serve.tool_replicas", "serve.vlm_replicas", "serve.planner_replicas", "serve.ingress_replicas"):
         v = _get(cfg, key)
         if len(v) != 2 or not 0 <= v[0] <= v[1] or v[1] < 1:
             raise ConfigError(f"config error: key '{key}': need [min, max] with 0 <= min <= max, max >= 1")

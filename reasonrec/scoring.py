@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from reasonrec.config import PlannerConfig
 from reasonrec.context import Catalog, PromptBuilder, UserDirectory, UserState
 from reasonrec.data.schemas import PREDICTIONS, QUERIES
-from reasonrec.planner import (RANKING, Decision, TaskPlanner, ToolBox, ToolHint, explanation_decision, plan,
+from reasonrec.planner import (Decision, TaskPlanner, ToolBox, ToolHint, explanation_decision, plan,
                                query_features)
 
 ROUTED = pa.schema(list(QUERIES) + [
@@ -131,6 +131,33 @@ class Router:
         decisions = plan(self.planners[task], answers, feats, [s.bucket for s in states], eh, keys, self.cfg,
                          self.mode, [s.cold_user for s in states], truth)
         return decisions, answers
+
+
+def build_router(cfg, store, split: str = "test", toolbox=None) -> Router:
+    """The router a run's config describes (the batch job's actors and the Serve planner build it
+    here, so online and offline decisions match). ``toolbox`` replaces the in-process tools (the
+    Serve planner passes one that calls the tool deployment); None loads them from ``store``."""
+    from reasonrec.context import load_context
+    from reasonrec.planner import load_planners, load_toolbox
+    catalog, users, _ = load_context(store, cfg.vlm, cfg.data.eh_thresholds)
+    return Router(toolbox if toolbox is not None else load_toolbox(store), load_planners(store, cfg.planner), users,
+                  catalog, cfg.planner, cfg.score.k, cfg.score.mode, split)
+
+
+def build_vlm_answerer(cfg, store, split: str = "test", batch_size: int | None = None) -> "VLMAnswerer":
+    """The fine-tuned VLM answerer of a run, with the instruction builder's template mixture and
+    prompt candidates (what the adapter was trained on)."""
+    from reasonrec.context import load_context
+    from reasonrec.prompts.templates import TemplateSampler
+    from reasonrec.vlm.infer import VLMPredictor
+    from reasonrec.vlm.train import load_finetuned
+    ic = cfg.instructions
+    catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
+                                           TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
+                                           ic.prompt_candidates)
+    predictor = VLMPredictor(load_finetuned(store, cfg.vlm))
+    return VLMAnswerer(predictor, prompts, users, catalog, cfg.score.k, split,
+                       cfg.score.vlm_batch_size if batch_size is None else batch_size)
 
 
 # --------------------------------------------------------------------------------- VLM

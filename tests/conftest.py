@@ -69,3 +69,34 @@ def s3_bucket(s3_endpoint):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir(name)
     yield s3_endpoint, f"s3://{name}"
+
+
+# A whole tiny run (every pipeline stage), built once per session and shared by the scoring and
+# serving tests. Small enough for 2 CPUs; the numbers it produces mean nothing.
+TINY_RUN = [
+    "data.sources.0.synthetic.n_users=120", "data.sources.0.synthetic.n_items=40", "ray.shuffle_partitions=2",
+    "data.direct_negatives=10", "tools.enabled=[popularity,sasrec,bpr_mf,xgb_ctr]",
+    "tools.params.sasrec.max_epochs=3", "tools.params.bpr_mf.max_epochs=5", "tools.params.xgb_ctr.num_boost_round=20",
+    "vlm.max_length=256", "vlm.max_history_items=4", "vlm.max_history_photos=1", "vlm.num_beams=4",
+    "vlm.max_thought_tokens=12", "vlm.max_explanation_tokens=8",
+    "instructions.max_examples_per_task=24", "instructions.prompt_candidates=5",
+    "finetune.max_steps=6", "finetune.checkpoint_every=3", "finetune.per_device_batch_size=2",
+    "planner.max_fit_queries=200", "planner.confidence_rounds=20",
+    "planner.bypass_buckets=[low,medium,high]", "planner.bypass_confidence=0.4",
+    "score.max_queries_per_task=12", "score.shard_rows=16", "score.vlm_batch_size=4",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_local, tmp_path_factory):
+    """(cfg, store) of a finished tiny run: prepare -> train_tools -> build_instructions ->
+    finetune -> score -> evaluate."""
+    from ray_jobs import pipeline
+    from reasonrec.config import CONFIG_DIR, load_config
+    from reasonrec.io import ArtifactStore
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", TINY_RUN + [f"output_root={root}"])
+    for _, stage in pipeline.STAGES:
+        stage.run(cfg)
+    return cfg, ArtifactStore(cfg.output_root, cfg.run_name)

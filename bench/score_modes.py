@@ -1,0 +1,90 @@
+"""Routed scoring vs the paper's baselines, measured in one run on the same queries.
+
+    python -m bench.score_modes --config configs/quickstart.yaml [key=value ...] [--variants a,b,...]
+
+Needs a run whose stages up to ``finetune`` are done (``python -m ray_jobs.pipeline``). Each
+variant is one ``ray_jobs.score`` run written to its own stage (``bench_<variant>``) and scored by
+``ray_jobs.evaluate.system_records``:
+
+* ``routed``      the planner decides (learned tool choice)         -- ReasonRec
+* ``tools``       tools only (the primary tool answers everything)  -- tool-only baseline
+* ``vlm``         the VLM alone for every query                     -- VLM-only baseline
+* ``vlm_tools``   the VLM consults the chosen tools for every query -- VLM + tools always
+* ``random`` / ``oracle`` / ``fixed``: routed with that tool choice (paper Table A4)
+* ``routed_2actors``: routed with 2 router and 2 VLM actors (pool scaling)
+
+Prints one Markdown table (queries/s, VLM calls, wall time, HR@5 / NDCG@5 sequential, HR@5
+direct, AUC CTR, ROUGE-L explanation, bypass rate) and writes it with the raw numbers to
+``{run}/bench_score_modes.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+from ray_jobs import evaluate, score
+from reasonrec.config import load_config
+from reasonrec.io import ArtifactStore
+
+VARIANTS = {
+    "routed": [],
+    "tools": ["score.mode=tools"],
+    "vlm": ["score.mode=vlm"],
+    "vlm_tools": ["score.mode=vlm_tools"],
+    "random": ["planner.tool_choice=random"],
+    "oracle": ["planner.tool_choice=oracle"],
+    "fixed": ["planner.tool_choice=fixed"],
+    "routed_2actors": ["score.tool_actors=2", "score.vlm_actors=2"],
+}
+
+
+def _metric(records, task, metric, k=None):
+    for r in records:
+        if r["task"] == task and r["metric"] == metric and r["k"] == k and r["group"] == "all":
+            return r["value"]
+    return float("nan")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    rows = []
+    for name in a.variants.split(","):
+        extra = VARIANTS[name]
+        # The planner stage is shared: tool choice is applied at scoring time, not in the fit.
+        cfg = load_config(a.config, list(a.overrides) + extra + [f"score.stage_name=bench_{name}"])
+        store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+        t0 = time.time()
+        s = score.run(cfg, force=True)
+        wall = time.time() - t0
+        users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
+        recs = evaluate.system_records(store.read_table(cfg.score.stage_name, "predictions"),
+                                       store.read_table(cfg.score.stage_name, "queries"), users, cfg)
+        rows.append({"variant": name, "queries": s["queries"], "wall_s": round(wall, 1),
+                     "queries_per_s": round(s["queries"] / wall, 2), "vlm_calls": s["vlm_calls"],
+                     "bypass_rate": round(s["bypass_rate"], 3),
+                     "seq_hr5": _metric(recs, "sequential", "hr", 5), "seq_ndcg5": _metric(recs, "sequential", "ndcg", 5),
+                     "direct_hr5": _metric(recs, "direct", "hr", 5), "ctr_auc": _metric(recs, "ctr", "auc"),
+                     "expl_rouge_l": _metric(recs, "explanation", "rouge_l"), "routes": s["routes"]})
+        print(json.dumps(rows[-1]), flush=True)
+    cols = ["variant", "queries", "wall_s", "queries_per_s", "vlm_calls", "bypass_rate", "seq_hr5", "seq_ndcg5",
+            "direct_hr5", "ctr_auc", "expl_rouge_l"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) and c not in ("wall_s", "queries_per_s",
+                                                                                              "bypass_rate")
+                                       else str(r[c]) for c in cols) + " |")
+    table = "\n".join(lines)
+    print(table)
+    with store.fs.open(store.path("bench_score_modes.json"), "w") as f:
+        json.dump({"rows": rows, "table": table}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The scoring job end to end on a real local Ray: routing, exactly-once output, the VLM only
+on medium/high risk, batch == serial, kill + resume, bad query files, the system report."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import TINY_RUN
+from ray_jobs import score
+from reasonrec.config import CONFIG_DIR, load_config
+from reasonrec.context import load_context
+from reasonrec.data.schemas import QUERIES
+from reasonrec.io import TMP_DIR
+from reasonrec.planner import load_planners, load_toolbox
+from reasonrec.prompts.templates import TemplateSampler
+from reasonrec.scoring import Router, VLMAnswerer
+from reasonrec.vlm.infer import VLMPredictor
+from reasonrec.vlm.train import load_finetuned
+
+
+def test_every_query_is_answered_once_with_a_recorded_decision(tiny_run):
+    cfg, store = tiny_run
+    s = store.read_json("score", "summary.json")
+    preds = store.read_table("score", "predictions")
+    queries = store.read_table("score", "queries")
+    assert s["queries"] == queries.num_rows == preds.num_rows + s["rejected"] == 48   # 12 per task x 4 tasks
+    assert sorted(preds.column("query_id").to_pylist()) == sorted(queries.column("query_id").to_pylist())
+    for r in preds.to_pylist():
+        assert r["route"] in ("low", "medium", "high") and r["rationale"]
+        assert len(r["tools_used"]) <= 3
+        if r["route"] == "low":
+            assert not r["vlm_called"] and len(r["tools_used"]) == 1
+            assert (r["prob"] is not None) if r["task"] == "ctr" else len(r["items"]) == cfg.score.k
+        else:
+            assert r["vlm_called"]
+        if r["task"] == "explanation":
+            assert r["route"] == "medium" and r["tools_used"] == [] and r["text"] is not None
+        if r["route"] == "high":
+            assert 1 <= len(r["tools_used"]) <= 3
+    assert s["vlm_calls"] == int(pc.sum(preds.column("vlm_called")).as_py())
+    assert 0 < s["bypass_rate"] < 1                                     # both paths exercised
+    report = store.fs.cat(store.path("report", "report.md")).decode()
+    assert "## System" in report and "tier:low" in report
+    for png in ("metric_by_eh.png", "route_shares.png", "latency_by_tier.png"):
+        assert store.fs.cat(store.path("report", png))[:4] == b"\x89PNG"
+
+
+class _Counting:
+    """The real predictor, counting the examples each call receives."""
+
+    def __init__(self, inner):
+        self.inner, self.tok, self.seen = inner, inner.tok, 0
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+
+        def counted(examples, *a, **kw):
+            self.seen += len(examples)
+            return fn(examples, *a, **kw)
+        return counted
+
+
+def _router_and_vlm(cfg, store, batch_size):
+    torch.manual_seed(0)
+    ic = cfg.instructions
+    catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
+                                           TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
+                                           ic.prompt_candidates)
+    router = Router(load_toolbox(store), load_planners(store, cfg.planner), users, catalog, cfg.planner, cfg.score.k)
+    vlm = VLMAnswerer(_Counting(VLMPredictor(load_finetuned(store, cfg.vlm))), prompts, users, catalog,
+                      cfg.score.k, batch_size=batch_size)
+    return router, vlm
+
+
+def test_vlm_sees_only_medium_and_high_risk_and_batch_equals_serial(tiny_run):
+    cfg, store = tiny_run
+    queries = store.read_table("score", "queries")
+    router, vlm = _router_and_vlm(cfg, store, batch_size=4)
+    routed = router(queries)
+    out = vlm(routed)
+    routes = routed.column("route").to_pylist()
+    assert vlm.predictor.seen == sum(r in ("medium", "high") for r in routes) > 0
+    assert vlm.predictor.seen < len(routes)
+    # Serial: one query at a time through both steps gives the same decisions and answers.
+    router1, vlm1 = _router_and_vlm(cfg, store, batch_size=1)
+    serial = pa.concat_tables([vlm1(router1(queries.slice(i, 1))) for i in range(queries.num_rows)])
+    for a, b in zip(out.to_pylist(), serial.to_pylist()):
+        assert (a["route"], a["tools_used"], a["items"]) == (b["route"], b["tools_used"], b["items"]), a["query_id"]
+        if a["prob"] is not None:
+            assert a["prob"] == pytest.approx(b["prob"], abs=1e-4)
+    # And the job's own output agrees with this in-process run.
+    job = {r["query_id"]: r for r in store.read_table("score", "predictions").to_pylist()}
+    for a in out.to_pylist():
+        assert (a["route"], a["tools_used"], a["items"]) == (job[a["query_id"]]["route"], job[a["query_id"]]["tools_used"],
+                                                            job[a["query_id"]]["items"])
+
+
+def _query_file(tmp_path, rows):
+    path = str(tmp_path / "queries.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=QUERIES), path)
+    return path
+
+
+def test_unknown_users_are_cold_and_bad_items_are_rejected(tiny_run, tmp_path):
+    cfg, store = tiny_run
+    path = _query_file(tmp_path, [
+        {"query_id": 1, "task": "sequential", "user_id": 10**9},                          # unknown, no history
+        {"query_id": 2, "task": "sequential", "user_id": 10**9 + 1, "history": [1, 2, 3]},  # unknown + inline history
+        {"query_id": 3, "task": "direct", "user_id": 0, "candidates": [1, 2, 10**6]},      # unknown item
+        {"query_id": 4, "task": "ctr", "user_id": 0, "item_id": 3},
+    ])
+    c = load_config(CONFIG_DIR / "quickstart.yaml", TINY_RUN + [f"output_root={cfg.output_root}", f"score.queries_path={path}",
+                                                                 "score.stage_name=score_adhoc"])
+    s = score.run(c)
+    assert (s["queries"], s["predictions"], s["rejected"]) == (4, 3, 1)
+    preds = {r["query_id"]: r for r in store.read_table("score_adhoc", "predictions").to_pylist()}
+    assert preds[1]["cold_user"] and preds[1]["eh_bucket"] == "high" and "unknown user" in preds[1]["rationale"]
+    assert preds[2]["cold_user"] and not preds[4]["cold_user"]
+    rej = store.read_table("score_adhoc", "rejected").to_pylist()
+    assert rej[0]["query_id"] == 3 and "unknown item id" in rej[0]["error"]
+
+
+def test_empty_or_malformed_query_files_fail_fast_naming_the_row(tiny_run, tmp_path):
+    cfg, store = tiny_run
+    empty = str(tmp_path / "empty.parquet")
+    pq.write_table(QUERIES.empty_table(), empty)
+    with pytest.raises(score.QueryFileError, match="no rows"):
+        score.load_query_file(empty, store)
+    bad = str(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"query_id": [1, 2, 3], "task": ["ctr", "ctr", "ctr"], "user_id": [1, 2, None]}), bad)
+    with pytest.raises(score.QueryFileError, match="row 2 has a null 'user_id'"):
+        score.load_query_file(bad, store)
+    dup = str(tmp_path / "dup.parquet")
+    pq.write_table(pa.table({"query_id": [5, 5], "task": ["ctr", "ctr"], "user_id": [1, 2]}), dup)
+    with pytest.raises(score.QueryFileError, match="query_id 5 is not unique"):
+        score.load_query_file(dup, store)
+    nocol = str(tmp_path / "nocol.parquet")
+    pq.write_table(pa.table({"query_id": [1], "user_id": [1]}), nocol)
+    with pytest.raises(score.QueryFileError, match=r"missing required column\(s\) \['task'\]"):
+        score.load_query_file(nocol, store)
+
+
+def test_killed_job_resumes_and_writes_every_query_once(tiny_run):
+    cfg, store = tiny_run
+    extra = ["score.shard_rows=4", "score.stage_name=score_resume"]
+    args = [sys.executable, "-m", "ray_jobs.score", "--config", str(CONFIG_DIR / "quickstart.yaml"),
+            *TINY_RUN, f"output_root={cfg.output_root}", *extra]
+    c = load_config(CONFIG_DIR / "quickstart.yaml", TINY_RUN + [f"output_root={cfg.output_root}", *extra])
+    staging = store.path(TMP_DIR, score.staging_name(c, store), "predictions")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if store.fs.exists(staging) and len(store.fs.ls(staging)) >= 2:
+                break
+            time.sleep(0.2)   # polling a file system for another process's progress, not a fixed wait
+        assert proc.poll() is None, "the job finished before it could be killed; make it longer"
+        written = len(store.fs.ls(staging))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    s = score.run(c)
+    assert s["shards_resumed"] >= written >= 2
+    preds = store.read_table("score_resume", "predictions")
+    ids = preds.column("query_id").to_pylist()
+    assert len(ids) == len(set(ids)) == s["queries"] - s["rejected"] == 48
