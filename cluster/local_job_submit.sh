@@ -31,7 +31,17 @@ fi
 
 TMP="$(mktemp -d /tmp/rrj.XXXXXX)"      # short: Ray's socket paths must stay < 108 bytes
 free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-GCS_PORT=$(free_port); DASH_PORT=$(free_port); CLIENT_PORT=$(free_port)
+# Every port the head binds, free ones: Ray's fixed defaults (dashboard agent 52365, client server
+# 10001, ...) are taken whenever another Ray runs here, and a dashboard agent that cannot bind its
+# port leaves the job API answering "No available agent".
+PORT_ARGS=()
+for flag in --port --dashboard-port --ray-client-server-port --dashboard-agent-listen-port \
+            --dashboard-agent-grpc-port --runtime-env-agent-port --metrics-export-port \
+            --node-manager-port --object-manager-port; do
+  port=$(free_port)
+  PORT_ARGS+=("$flag=$port")
+  [ "$flag" = --dashboard-port ] && DASH_PORT=$port
+done
 
 HEAD_PGID=""
 cleanup() {
@@ -48,9 +58,8 @@ cleanup() {
 trap cleanup EXIT
 
 # setsid: the head and everything it starts share a new process group, stopped in cleanup().
-setsid ray start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
-  --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --include-dashboard=true \
-  --ray-client-server-port="$CLIENT_PORT" --num-cpus=2 --temp-dir="$TMP" --disable-usage-stats &
+setsid ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --include-dashboard=true \
+  "${PORT_ARGS[@]}" --num-cpus=2 --temp-dir="$TMP" --disable-usage-stats &
 HEAD_PGID=$!
 wait "$HEAD_PGID"
 

@@ -27,6 +27,12 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 EXCLUDES = [".venv", "runs", ".git", "bench/results", "__pycache__", "*.egg-info", ".pytest_cache", "out"]
+# Every port the head binds, free ones: Ray's fixed defaults (dashboard agent 52365, client
+# server 10001, ...) are taken whenever another Ray runs on the machine, and a dashboard agent
+# that cannot bind its port leaves the job API with "No available agent" for good.
+PORT_FLAGS = ["--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+              "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+              "--node-manager-port", "--object-manager-port"]
 TINY = ["data.sources.0.synthetic.n_users=60", "data.sources.0.synthetic.n_items=30",
         "data.direct_negatives=5", "ray.shuffle_partitions=2"]
 
@@ -93,18 +99,19 @@ def _stop_head(pgid: int, markers: list[str]) -> list[int]:
 
 @contextlib.contextmanager
 def local_head(markers: list[str], attempts: int = 2):
-    """A Ray head on 127.0.0.1 with its own temp dir and free ports; yields the job API address.
+    """A Ray head on 127.0.0.1 with its own temp dir and free ports; yields the job API address
+    and the environment for its clients.
     A start that fails (on a loaded machine the raylet can abort while the dashboard agent is
     still importing) is cleaned up and tried once more on fresh ports."""
     env = _env()
     for attempt in range(attempts):
         temp_dir = tempfile.mkdtemp(prefix="rrj", dir="/tmp")  # short: Ray socket paths < 108 bytes
-        gcs_port, dash_port, client_port = _free_ports(3)
+        ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))
+        dash_port = ports["--dashboard-port"]
         head = subprocess.Popen(
-            [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
-             f"--ray-client-server-port={client_port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-             "--disable-usage-stats"],
+            [RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+             "--include-dashboard=true", *(f"{flag}={port}" for flag, port in ports.items()),
+             "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)  # its own process group: see _stop_head
         try:
