@@ -303,8 +303,9 @@ def run_side(side: str, size: int, args, workdir: str) -> dict:
     peak = {"driver_rss": 0, "driver_uss": 0, "cluster_rss": 0, "cluster_pss": 0, "cluster_uss": 0, "n_procs": 0}
     timeline = []
     timed_out = False
+    limit_s = args.ray_timeout_s if side == "ray" and args.ray_timeout_s else args.timeout_s
     while proc.poll() is None:
-        if time.time() - t0 > args.timeout_s:
+        if time.time() - t0 > limit_s:
             timed_out = True
             break
         try:
@@ -336,7 +337,7 @@ def run_side(side: str, size: int, args, workdir: str) -> dict:
     if rc == 0 and os.path.exists(result_path):
         out.update(json.loads(Path(result_path).read_text()))
     else:
-        out["error"] = ("timed out after %ds" % args.timeout_s if timed_out else
+        out["error"] = ("timed out after %ds" % limit_s if timed_out else
                         "killed by signal %d (SIGKILL: likely the OOM killer)" % -rc if rc < 0 else f"exit status {rc}")
         out["log_tail"] = Path(log_path).read_text()[-3000:]
         steps_file = result_path + ".steps.jsonl"
@@ -451,6 +452,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-users", type=int, default=8192,
                     help="baseline: users per derive/write chunk (the Ray job derives 8192 users per batch)")
     ap.add_argument("--timeout-s", type=int, default=900, help="per side and size; the child is killed after it")
+    ap.add_argument("--ray-timeout-s", type=int, default=None, help="the Ray side's limit, if not --timeout-s")
     ap.add_argument("--workdir", default=None, help="outputs and logs (default: a temp dir, removed unless --keep)")
     ap.add_argument("--keep", action="store_true", help="keep the Parquet outputs and logs")
     ap.add_argument("--out", default=str(RESULTS))

@@ -38,6 +38,9 @@ TABLE_SCHEMAS = {
     "timeshift": schemas.TIMESHIFT, "quarantine": schemas.QUARANTINE,
 }
 DERIVE_BATCH_USERS = 8192
+# An id table up to this many keys is joined by broadcast (one Arrow table per worker, gathered by a
+# task, never by the driver) instead of shuffling the data rows to it: ~50 MB of string keys.
+BROADCAST_MAX_KEYS = 1_000_000
 log = logging.getLogger("reasonrec.prepare")
 
 
@@ -148,6 +151,23 @@ def _join_on_key(ds, ids, key: str, col: str, partitions: int, then: Callable | 
     return _per_key_partition(both, key, joined, partitions)
 
 
+def _broadcast_join(ray, ds, ids, key: str, col: str):
+    """Left join of a small id table (``key`` -> ``col``) onto ``ds`` without moving ``ds``: a task
+    concatenates the id blocks into one object and every batch looks its keys up there."""
+    @ray.remote
+    def gather(*blocks: pa.Table) -> pa.Table:
+        return pa.concat_tables(blocks).select([key, col]).combine_chunks()
+
+    lookup = gather.remote(*ids.to_arrow_refs())
+
+    def attach(t: pa.Table) -> pa.Table:
+        table = ray.get(lookup)
+        idx = pc.index_in(t.column(key), value_set=table.column(key).chunk(0))
+        return t.append_column(col, table.column(col).take(idx))
+
+    return ds.map_batches(attach, batch_format="pyarrow")
+
+
 def _kcore(inter, k: int, partitions: int):
     """Iteratively drop users/items with fewer than k interactions. The counts and the keys under
     k stay on the cluster and are joined back by key. Returns (kept, removed)."""
@@ -255,7 +275,9 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
                 partial(schemas.conform, schema=schemas.ITEMS), batch_format="pyarrow").union(stubs)
 
     with _step("attach item ids to interactions"):
-        inter = _join_on_key(inter, item_ids.select_columns(["_ikey", "item_id"]), "_ikey", "item_id", parts).materialize()
+        lookup = item_ids.select_columns(["_ikey", "item_id"])
+        inter = (_broadcast_join(ray, inter, lookup, "_ikey", "item_id") if n_items <= BROADCAST_MAX_KEYS
+                 else _join_on_key(inter, lookup, "_ikey", "item_id", parts)).materialize()
 
     with _step("per-user sequences (with user ids)"):
         seqs = _join_on_key(inter, user_ids, "user_key", "user_id", parts, then=P.build_sequences).materialize()

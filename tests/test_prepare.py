@@ -137,11 +137,17 @@ def test_ids_are_dense_sorted_and_consistent_between_tables(synthetic_run):
 
 @pytest.fixture(scope="module")
 def synthetic_rerun(ray_local, tmp_path_factory):
-    """The same world read and shuffled with other block counts."""
+    """The same world read and shuffled with other block counts, item ids joined by hash
+    partition instead of broadcast."""
     root = tmp_path_factory.mktemp("rerun")
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", TINY + [
         f"output_root={root}", "ray.shuffle_partitions=5", "data.sources.0.synthetic.n_user_shards=3"])
-    job.run(cfg)
+    broadcast_max = job.BROADCAST_MAX_KEYS
+    job.BROADCAST_MAX_KEYS = 0
+    try:
+        job.run(cfg)
+    finally:
+        job.BROADCAST_MAX_KEYS = broadcast_max
     return ArtifactStore(cfg.output_root, cfg.run_name)
 
 
