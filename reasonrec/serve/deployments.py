@@ -1,0 +1,246 @@
+"""The Ray Serve deployment graph: ingress (FastAPI) -> planner -> tools / VLM.
+
+* ``Ingress``: the HTTP API (typed models in :mod:`reasonrec.serve.models`), size limits (413),
+  turns a request into query rows of the batch job's schema (``schemas.QUERIES``) and a scored row
+  back into a response.
+* ``Planner``: the batch job's :class:`~reasonrec.scoring.Router` (same code, same config, so the
+  same tier, tools and low-tier answers), whose tool calls go to the ``Tools`` deployment; then
+  sends the medium / high rows to the ``VLM`` deployment. Low-risk rows never reach the VLM.
+* ``Tools``: the run's tool repository; cheap replicas, scaled out.
+* ``VLM``: the fine-tuned model; few replicas, requests batched dynamically with ``@serve.batch``
+  (size and wait from ``serve.vlm_batch_size`` / ``vlm_batch_wait_s`` through ``user_config``, so
+  ``serve deploy`` can change them without restarting replicas).
+
+Every replica loads its artifacts once, in its constructor, from the run's store (local or s3://).
+Replica options (autoscaling, resources, queue limits) are set by :func:`reasonrec.serve.app.build`.
+"""
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from reasonrec.config import RunConfig
+from reasonrec.data.schemas import QUERIES
+from reasonrec.io import ArtifactStore
+from reasonrec.serve.models import (
+    CTRPrediction,
+    CTRRequest,
+    CTRResponse,
+    ExplainRequest,
+    ExplainResponse,
+    Health,
+    Ready,
+    RecommendRequest,
+    RecommendResponse,
+)
+
+ANONYMOUS_USER = -1   # a request with only an inline history: no stored user (tools fall back, user is cold)
+VLM_TIERS = ("medium", "high")
+_QUERY_FIELDS = ("history", "candidates", "item_id", "user_id")
+
+
+def _store(cfg: RunConfig) -> ArtifactStore:
+    return ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+
+
+# ------------------------------------------------------------------------------ tools
+@serve.deployment(name="Tools")
+class Tools:
+    def __init__(self, cfg: RunConfig):
+        from reasonrec.planner import load_toolbox
+        self.box = load_toolbox(_store(cfg))
+
+    def answer(self, task: str, users, histories, k: int = 10, candidates=None, items=None, names=None):
+        return self.box.answer(task, users, histories, k, candidates=candidates, items=items, names=names)
+
+    def ready(self) -> list[str]:
+        return sorted(self.box.tools)
+
+
+class RemoteToolBox:
+    """What the Router needs of a ToolBox, answered by the ``Tools`` deployment. Called from the
+    planner's sync method (Serve runs those in a thread pool), so blocking on ``result()`` is fine."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    def answer(self, task, users, histories, k=10, candidates=None, items=None, names=None):
+        return self.handle.answer.remote(task, users, histories, k, candidates=candidates, items=items,
+                                         names=names).result()
+
+
+# ------------------------------------------------------------------------------ VLM
+@serve.deployment(name="VLM")
+class VLM:
+    def __init__(self, cfg: RunConfig):
+        from reasonrec.scoring import build_vlm_answerer
+        self.answerer = build_vlm_answerer(cfg, _store(cfg), "test")
+
+    def reconfigure(self, user_config: dict) -> None:
+        self._answer_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+        self._answer_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    async def answer(self, rows: list[dict]) -> list[dict]:
+        """Routed rows (``scoring.ROUTED``) -> the VLM's answers (items / prob / text, confidence).
+        One call per planner request holds one slot of the queue limits; its rows join the
+        replica's batch queue one by one, so batches mix rows of concurrent requests."""
+        return list(await asyncio.gather(*(self._answer_batch(r) for r in rows)))
+
+    @serve.batch
+    async def _answer_batch(self, rows: list[dict]) -> list[dict]:
+        # The model runs off the event loop so the replica keeps queueing the next batch meanwhile.
+        return await asyncio.to_thread(self._answer_all, rows)
+
+    def _answer_all(self, rows: list[dict]) -> list[dict]:
+        by_task: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_task.setdefault(r["task"], []).append(i)
+        out: dict[int, dict] = {}
+        for task, idx in by_task.items():
+            out.update(self.answerer.answer(task, [rows[i] for i in idx], idx))
+        return [out[i] for i in range(len(rows))]
+
+    def ready(self) -> bool:
+        return True
+
+
+# ------------------------------------------------------------------------------ planner
+@serve.deployment(name="Planner")
+class Planner:
+    def __init__(self, cfg: RunConfig, tools: DeploymentHandle, vlm: DeploymentHandle):
+        from reasonrec.scoring import build_router
+        self.router = build_router(cfg, _store(cfg), "test", toolbox=RemoteToolBox(tools))
+        self.tools, self.vlm = tools, vlm
+
+    def score(self, rows: list[dict]) -> list[dict]:
+        """Query rows -> scored rows (``scoring.SCORED``), rejected ones with their ``error``."""
+        from reasonrec.scoring import to_scored
+        routed = self.router(pa.Table.from_pylist(rows, schema=QUERIES))
+        recs = routed.to_pylist()
+        idx = [i for i, r in enumerate(recs) if r["route"] in VLM_TIERS]
+        answers = self.vlm.answer.remote([recs[i] for i in idx]).result() if idx else []
+        return to_scored(routed, dict(zip(idx, answers))).to_pylist()
+
+    async def ready(self) -> dict:
+        tools, _ = await asyncio.gather(self.tools.ready.remote(), self.vlm.ready.remote())
+        return {"tasks": sorted(self.router.planners) + ["explanation"], "tools": tools}
+
+
+# ------------------------------------------------------------------------------ ingress
+app = FastAPI(title="ReasonRec", version="1", description=(
+    "Reasoning-augmented recommendation. Each query is routed by risk tier: low -> a classical tool answers, "
+    "medium -> the VLM alone, high -> the VLM consults up to 3 tools. Every answer says which."))
+_ERRORS = {413: {"description": "a list is longer than the server's limit (named in the message)"},
+           503: {"description": "overloaded (queue full) or not ready; retry later"}}
+
+
+@app.exception_handler(BackPressureError)
+async def _overloaded(request: Request, exc: BackPressureError) -> JSONResponse:
+    # A downstream deployment's queue is full: 503 at once (the proxy does the same for the ingress').
+    return JSONResponse(status_code=503, content={"detail": f"overloaded, retry later: {exc}"})
+
+
+def _query_key(*parts: Any) -> int:
+    """A stable query id from the request's content (63 bits)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "big") >> 1
+
+
+def _field_error(field: str, msg: str, value: Any = None) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": msg, "input": value}])
+
+
+def _decision(row: dict) -> dict:
+    return {"query_id": row["query_id"], "tier": row["route"], "tools_used": row["tools_used"] or [],
+            "confidence": row["confidence"], "tool_confidence": row["tool_confidence"],
+            "rationale": row["rationale"] or "", "eh_bucket": row["eh_bucket"], "cold_user": bool(row["cold_user"]),
+            "vlm_called": bool(row["vlm_called"]), "latency_ms": float(row["latency_ms"] or 0.0)}
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, cfg: RunConfig, planner: DeploymentHandle):
+        self.cfg, self.planner = cfg, planner
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz(self) -> Health:
+        """Liveness: the HTTP front end answers."""
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Ready, responses={503: _ERRORS[503]})
+    async def readyz(self) -> Ready:
+        """Readiness: planner, tools and VLM replicas answer."""
+        try:
+            info = await asyncio.wait_for(self.planner.ready.remote(), timeout=10)
+        except Exception as exc:  # noqa: BLE001 -- any failure downstream means "not ready"
+            raise HTTPException(503, f"not ready: {type(exc).__name__}: {exc}") from None
+        return Ready(status="ready", run=self.cfg.run_name, **info)
+
+    @app.post("/v1/recommend", response_model=RecommendResponse, responses=_ERRORS)
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        """Next items for a user (sequential: full catalog), or the given candidates ranked (direct)."""
+        s = self.cfg.serve
+        self._limit("history", req.history, s.max_history, "serve.max_history")
+        self._limit("candidates", req.candidates, s.max_candidates, "serve.max_candidates")
+        if req.k > self.cfg.score.k:
+            raise _field_error("k", f"k must be <= {self.cfg.score.k} (the run's score.k)", req.k)
+        task = "direct" if req.candidates is not None else "sequential"
+        qid = req.query_id if req.query_id is not None else _query_key(task, req.user_id, req.history, req.candidates)
+        (out,) = await self._score([self._row(qid, task, req, candidates=req.candidates)], {})
+        return RecommendResponse(task=task, user_id=req.user_id, items=out["items"][: req.k], **_decision(out))
+
+    @app.post("/v1/ctr", response_model=CTRResponse, responses=_ERRORS)
+    async def ctr(self, req: CTRRequest) -> CTRResponse:
+        """Click probabilities, one query per item (each routed on its own). With ``query_id`` the
+        i-th item's query id is ``query_id + i``."""
+        s = self.cfg.serve
+        self._limit("history", req.history, s.max_history, "serve.max_history")
+        self._limit("items", req.items, s.max_items_ctr, "serve.max_items_ctr")
+        rows = [self._row(req.query_id + i if req.query_id is not None else
+                          _query_key("ctr", req.user_id, req.history, item), "ctr", req, item_id=item)
+                for i, item in enumerate(req.items)]
+        out = await self._score(rows, {"item_id": "items"})
+        return CTRResponse(user_id=req.user_id, predictions=[
+            CTRPrediction(item_id=item, prob=r["prob"], **_decision(r)) for item, r in zip(req.items, out)])
+
+    @app.post("/v1/explain", response_model=ExplainResponse, responses=_ERRORS)
+    async def explain(self, req: ExplainRequest) -> ExplainResponse:
+        """Why the user would like (or not) the item, written by the VLM."""
+        self._limit("history", req.history, self.cfg.serve.max_history, "serve.max_history")
+        qid = req.query_id if req.query_id is not None else _query_key(
+            "explanation", req.user_id, req.history, req.item_id, req.rating)
+        (out,) = await self._score([self._row(qid, "explanation", req, item_id=req.item_id, rating=req.rating)], {})
+        return ExplainResponse(user_id=req.user_id, item_id=req.item_id, text=out["text"] or "", **_decision(out))
+
+    # ------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _limit(field: str, values: Sequence | None, limit: int, key: str) -> None:
+        if values is not None and len(values) > limit:
+            raise HTTPException(413, f"{field} has {len(values)} items; the limit is {limit} ({key})")
+
+    @staticmethod
+    def _row(qid: int, task: str, req, **extra) -> dict:
+        uid = req.user_id if req.user_id is not None else ANONYMOUS_USER
+        return {"query_id": qid, "task": task, "user_id": uid, "history": req.history, **extra}
+
+    async def _score(self, rows: list[dict], field_names: dict[str, str]) -> list[dict]:
+        out = await self.planner.score.remote(rows)
+        for r in out:
+            if r["error"]:
+                # The router's reasons start with the query field at fault ("candidates: unknown ...").
+                field = next((f for f in _QUERY_FIELDS if r["error"].startswith(f)), None)
+                raise RequestValidationError([{"type": "value_error", "msg": r["error"], "loc": (
+                    "body", field_names.get(field, field)) if field else ("body",)}])
+        return out
+
