@@ -1,0 +1,253 @@
+"""The Serve app over real HTTP on 127.0.0.1, serving the session's tiny run (every pipeline stage,
+built once in the session's local Ray by conftest's ``tiny_run``; re-scored here so every tier occurs):
+each endpoint, each risk tier, the same answers as the batch job, bad input (422 / 413), unknown
+users (cold path), overload (503 at once), a killed replica being replaced, the OpenAPI schema and
+the Serve config file (Ray Serve's own schema)."""
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from reasonrec.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+SERVE_YAML = REPO / "cluster" / "serve_local.yaml"
+# Small replicas (they share the 2 test CPUs) and tiny queue limits, so overload is cheap to cause.
+SERVE = ["serve.ingress_cpus=0.05", "serve.planner_cpus=0.05", "serve.tool_cpus=0.05", "serve.vlm_cpus=0.1",
+         "serve.max_ongoing_requests=2", "serve.max_queued_requests=2", "serve.vlm_batch_size=2",
+         "serve.ingress_replicas=[1,1]", "serve.planner_replicas=[1,1]", "serve.tool_replicas=[1,1]",
+         "serve.vlm_replicas=[1,1]", "serve.max_history=50", "serve.max_candidates=120", "serve.max_items_ctr=8"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiered(tiny_run, tmp_path_factory):
+    """A copy of the session's tiny run scored again by ``ray_jobs.score`` with tier thresholds
+    taken from its own planner confidences, so that the batch job uses all three tiers (the shared
+    run's thresholds need not): any bucket, lowest confidence -> high, highest -> low."""
+    import shutil
+
+    from ray_jobs import score
+    from reasonrec.config import EH_BUCKETS
+    from reasonrec.io import ArtifactStore
+    from reasonrec.scoring import build_router
+    run_cfg, store = tiny_run
+    routed = build_router(run_cfg, store)(store.read_table("score", "queries"))
+    conf = sorted(set(routed.column("tool_confidence").drop_null().to_pylist()))
+    assert len(conf) >= 2, conf
+    root = tmp_path_factory.mktemp("serve-run")
+    shutil.copytree(store.path(), root / run_cfg.run_name, ignore=shutil.ignore_patterns("_ray_train", "_tmp"))
+    cfg = replace(run_cfg, output_root=str(root), planner=replace(
+        run_cfg.planner, bypass_buckets=list(EH_BUCKETS), consult_buckets=list(EH_BUCKETS),
+        bypass_confidence=(conf[-2] + conf[-1]) / 2, consult_confidence=(conf[0] + conf[1]) / 2))
+    score.run(cfg)
+    return cfg, ArtifactStore(cfg.output_root, cfg.run_name)
+
+
+@pytest.fixture(scope="module")
+def app(tiered):
+    """The app serving that run with the run's own config: only the ``serve`` section differs."""
+    from ray import serve
+
+    from ray_jobs.serve import start
+    run_cfg, _ = tiered
+    cfg = replace(run_cfg, serve=load_config(None, [*SERVE, f"serve.port={_free_port()}"]).serve)
+    url = start(cfg)
+    assert url.startswith("http://127.0.0.1:")
+    yield url, cfg
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def batch(tiered):
+    """The batch job's queries joined with its predictions."""
+    _, store = tiered
+    preds = {r["query_id"]: r for r in store.read_table("score", "predictions").to_pylist()}
+    return [(q, preds[q["query_id"]]) for q in store.read_table("score", "queries").to_pylist()]
+
+
+def _request(q: dict) -> tuple[str, dict]:
+    """The HTTP request for a batch query (same user, item(s), query id)."""
+    body = {"user_id": q["user_id"], "query_id": q["query_id"]}
+    if q["task"] == "ctr":
+        return "/v1/ctr", {**body, "items": [q["item_id"]]}
+    if q["task"] == "explanation":
+        return "/v1/explain", {**body, "item_id": q["item_id"], "rating": q["rating"]}
+    return "/v1/recommend", {**body, **({"candidates": q["candidates"]} if q["task"] == "direct" else {})}
+
+
+def _post(url: str, path: str, body, timeout: float = 120) -> requests.Response:
+    return requests.post(url + path, json=body, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------ files
+def test_serve_config_file_passes_serves_schema_and_names_our_builder():
+    from ray._common.utils import import_attr
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
+    (application,) = spec.applications
+    assert application.import_path == "reasonrec.serve.app:build_app"
+    assert callable(import_attr(application.import_path))
+    assert spec.http_options.host == "127.0.0.1"
+    cfg = load_config(REPO / application.args["config"], application.args["overrides"])
+    assert (spec.http_options.port, spec.http_options.request_timeout_s) == (cfg.serve.port, cfg.serve.request_timeout_s)
+
+
+def test_build_app_takes_preset_and_overrides():
+    from ray.serve import Application
+
+    from reasonrec.config import ConfigError
+    from reasonrec.serve.app import build_app
+    assert isinstance(build_app({"config": "configs/quickstart.yaml", "overrides": ["serve.vlm_batch_size=8"]}),
+                      Application)
+    with pytest.raises(Exception, match="overridez"):
+        build_app({"config": "configs/quickstart.yaml", "overridez": []})
+    with pytest.raises(ConfigError, match="serve.nope"):
+        build_app({"config": "configs/quickstart.yaml", "overrides": ["serve.nope=1"]})
+
+
+# ------------------------------------------------------------------------------ API
+def test_health_ready_and_openapi(app):
+    url, cfg = app
+    assert requests.get(url + "/healthz", timeout=10).json() == {"status": "ok"}
+    ready = requests.get(url + "/readyz", timeout=30).json()
+    assert ready["status"] == "ready" and ready["run"] == cfg.run_name
+    assert set(ready["tools"]) >= set(cfg.tools.enabled)
+    spec = requests.get(url + "/openapi.json", timeout=10).json()
+    assert {"/v1/recommend", "/v1/ctr", "/v1/explain", "/healthz", "/readyz"} <= set(spec["paths"])
+    schemas = spec["components"]["schemas"]
+    for name in ("RecommendResponse", "CTRPrediction", "ExplainResponse"):
+        assert {"tier", "tools_used", "confidence", "rationale", "cold_user"} <= set(schemas[name]["properties"])
+    assert {"user_id", "history", "candidates", "k"} <= set(schemas["RecommendRequest"]["properties"])
+    assert {"413", "422"} <= set(spec["paths"]["/v1/recommend"]["post"]["responses"])
+
+
+def test_same_answers_as_the_batch_job_for_every_task_and_tier(app, batch):
+    """A sample of the batch job's queries (up to 2 per task and tier), asked over HTTP."""
+    url, _ = app
+    taken: dict[tuple, int] = {}
+    for q, p in batch:
+        key = (q["task"], p["route"])
+        if taken.get(key, 0) == 2:
+            continue
+        taken[key] = taken.get(key, 0) + 1
+        path, body = _request(q)
+        r = _post(url, path, body)
+        assert r.status_code == 200, r.text
+        got = r.json()["predictions"][0] if q["task"] == "ctr" else r.json()
+        assert (got["tier"], got["tools_used"]) == (p["route"], p["tools_used"]), (key, q["query_id"], got)
+        assert got["vlm_called"] == p["vlm_called"] and got["cold_user"] is False
+        assert got["rationale"] == p["rationale"]
+        if q["task"] in ("sequential", "direct"):
+            assert got["items"] == p["items"], (key, q["query_id"])
+        elif q["task"] == "ctr":
+            assert got["prob"] == pytest.approx(p["prob"], abs=1e-5)
+        else:
+            assert got["text"] == (p["text"] or "")
+    assert {t for _, t in taken} == {"low", "medium", "high"}, f"the batch job lacks a tier: {sorted(taken)}"
+    assert {t for t, _ in taken} == {"sequential", "direct", "ctr", "explanation"}
+
+
+def test_inline_history_and_unknown_user_take_the_cold_path(app):
+    url, _ = app
+    unknown = _post(url, "/v1/recommend", {"user_id": 10**9, "k": 3}).json()
+    assert unknown["cold_user"] is True and unknown["eh_bucket"] == "high" and len(unknown["items"]) == 3
+    assert "unknown user treated as cold" in unknown["rationale"]
+    anon = _post(url, "/v1/recommend", {"history": [1, 2, 3], "candidates": [5, 6, 7, 8]}).json()
+    assert anon["cold_user"] is True and anon["user_id"] is None and sorted(anon["items"]) == [5, 6, 7, 8]
+    ctr = _post(url, "/v1/ctr", {"user_id": 1, "items": [0, 1, 2]}).json()
+    assert [p["item_id"] for p in ctr["predictions"]] == [0, 1, 2]
+    assert all(0.0 <= p["prob"] <= 1.0 and p["tier"] in ("low", "medium", "high") for p in ctr["predictions"])
+    # The same request twice: the same query key, so the same answer.
+    assert _post(url, "/v1/recommend", {"user_id": 10**9, "k": 3}).json()["items"] == unknown["items"]
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/recommend", {"user_id": "seven"}, "user_id"),
+    ("/v1/recommend", {"user_id": 1, "candidates": [1, "x"]}, "candidates"),
+    ("/v1/recommend", {"user_id": 1, "candidates": []}, "candidates"),
+    ("/v1/recommend", {"user_id": 1, "candidates": [1, 2, 99999]}, "candidates"),
+    ("/v1/recommend", {"user_id": 1, "candidates": [3, 3]}, "candidates"),
+    ("/v1/recommend", {"user_id": 1, "history": [-4]}, "history"),
+    ("/v1/recommend", {"user_id": 1, "k": 0}, "k"),
+    ("/v1/recommend", {"user_id": 1, "k": 11}, "k"),
+    ("/v1/recommend", {"user_id": 1, "topk": 3}, "topk"),
+    ("/v1/ctr", {"user_id": 1}, "items"),
+    ("/v1/ctr", {"user_id": 1, "items": [99999]}, "items"),
+    ("/v1/explain", {"user_id": 1, "item_id": 2, "rating": "great"}, "rating"),
+])
+def test_bad_input_is_422_naming_the_field(app, path, body, field):
+    r = _post(app[0], path, body, timeout=60)
+    assert r.status_code == 422, r.text
+    assert any(field in e["loc"] for e in r.json()["detail"]), r.json()
+
+
+def test_malformed_json_and_no_user_are_422(app):
+    url, _ = app
+    r = requests.post(url + "/v1/recommend", data='{"user_id": 1,', headers={"content-type": "application/json"},
+                      timeout=30)
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+    r = _post(url, "/v1/explain", {"item_id": 1})
+    assert r.status_code == 422 and "user_id, history" in r.json()["detail"][0]["msg"]
+
+
+@pytest.mark.parametrize("path,body,limit", [
+    ("/v1/recommend", {"user_id": 1, "history": list(range(40)) * 250}, "serve.max_history"),
+    ("/v1/recommend", {"user_id": 1, "candidates": list(range(10_000))}, "serve.max_candidates"),
+    ("/v1/ctr", {"user_id": 1, "items": list(range(9))}, "serve.max_items_ctr"),
+])
+def test_too_large_is_413_with_the_limit(app, path, body, limit):
+    r = _post(app[0], path, body, timeout=60)
+    assert r.status_code == 413 and limit in r.json()["detail"], r.text
+
+
+# ------------------------------------------------------------------------------ overload, failures
+def test_overload_beyond_the_queue_is_503_at_once(app):
+    url, _ = app
+
+    def ask(i):
+        t0 = time.perf_counter()
+        r = _post(url, "/v1/explain", {"user_id": i % 40, "item_id": i % 30, "query_id": 1000 + i}, timeout=120)
+        return r.status_code, time.perf_counter() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(ask, range(24)))
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 2 and codes.count(503) >= 1, codes
+    rejected = [t for c, t in results if c == 503]
+    assert max(rejected) < 5.0, rejected       # turned away, not queued behind the slow ones
+    # Once the burst is over, requests go through again.
+    assert _post(url, "/v1/explain", {"user_id": 1, "item_id": 2}).status_code == 200
+
+
+def test_a_killed_replica_is_replaced_and_later_requests_succeed(app):
+    import ray
+    url, _ = app
+
+    def tool_replicas() -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and "#Tools#" in a["name"]}
+
+    (victim,) = tool_replicas()
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    deadline, replaced, ok = time.monotonic() + 120, False, False
+    while time.monotonic() < deadline and not (replaced and ok):
+        replaced = bool(tool_replicas() - {victim})
+        ok = replaced and _post(url, "/v1/recommend", {"user_id": 3, "k": 5}, timeout=60).status_code == 200
+        time.sleep(0.5)
+    assert replaced and ok, f"replica {victim} not replaced within 120 s (now {tool_replicas()})"
+    for u in range(3):
+        assert _post(url, "/v1/ctr", {"user_id": u, "items": [u]}, timeout=60).status_code == 200
