@@ -346,6 +346,12 @@ def check_serve_config(obj, repo: Path, where: str, head_ports: dict | None = No
         errs += e
         if cfg is not None and cap is not None:
             errs += cap.check(cfg, f"{where} args")
+        if cfg is not None and port != cfg.serve.port:
+            errs.append(f"{where}: http_options.port {port} != the preset's serve.port {cfg.serve.port}")
+        timeout = serve_cfg.http_options.request_timeout_s
+        if cfg is not None and timeout is not None and timeout != cfg.serve.request_timeout_s:
+            errs.append(f"{where}: http_options.request_timeout_s {timeout} != the preset's "
+                        f"serve.request_timeout_s {cfg.serve.request_timeout_s}")
     return errs
 
 
@@ -534,6 +540,7 @@ MUTATIONS = [
     ("kuberay/rayservice.yaml", "port: 8000", "port: 9000", "no port 'serve'"),
     ("kuberay/rayservice.yaml", "import_path: reasonrec.serve.app:build_app", "import_pathx: x", "Serve config invalid"),
     ("serve.yaml", "config: configs/quickstart.yaml", "config: configs/quickstart.yml", "does not exist"),
+    ("serve.yaml", "request_timeout_s: 60", "request_timeout_s: 30", "serve.request_timeout_s 60"),
     ("serve.yaml", "import_path: reasonrec.serve.app:build_app", "import_path: reasonrec.serve:app", "import_path"),
     ("aws.yaml", "head_node_type: head", "head_node_type: headnode", "head_node_type 'headnode'"),
     ("aws.yaml", "min_workers: 0\n    max_workers: 8\n    resources: {CPU: 16}",
