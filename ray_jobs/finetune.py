@@ -105,8 +105,7 @@ def _train_loop(config: dict) -> None:
     close_window(progress, last)
     if progress["valid_loss"] is None:
         progress["valid_loss"] = loop.validation_loss(MAX_VALID_EXAMPLES)
-    progress["finished"] = True
-    report({"step": loop.step, "finished": 1.0, "valid_loss": progress["valid_loss"]})
+    report({"step": loop.step, "finished": 1.0})
 
 
 def _gather(obj) -> list:

@@ -280,7 +280,7 @@ def dataset_loss(bundle: VLMBundle, dataset: InstructionDataset, indices: Sequen
 def new_progress() -> dict:
     """Run record kept in every checkpoint (JSON): bounded size whatever the step count."""
     return {"step": 0, "train_seconds": 0.0, "tokens": 0, "phase_loss": {}, "log": [], "resumes": [],
-            "valid_loss_before": None, "valid_loss": None, "finished": False, "window": None}
+            "valid_loss_before": None, "valid_loss": None, "window": None}
 
 
 def record_step(progress: dict, m: StepMetrics, log_every: int) -> dict | None:
