@@ -119,6 +119,31 @@ def test_build_app_takes_preset_and_overrides():
         build_app({"config": "configs/quickstart.yaml", "overrides": ["serve.nope=1"]})
 
 
+def test_replicas_load_the_run_from_s3(tiny_run, s3_bucket):
+    """The tool and planner replicas' loading (their constructors' code) from a run under s3://
+    (moto). The VLM replica's adapter download is ``vlm.train.load_finetuned``'s (40 s to build the
+    model here, so left out)."""
+    import numpy as np
+    import s3fs
+
+    from reasonrec.io import ArtifactStore
+    from reasonrec.scoring import build_router
+    from reasonrec.serve.deployments import Tools
+    run_cfg, store = tiny_run
+    endpoint, bucket = s3_bucket
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    for stage in ("prepare", "train_tools", "planner"):
+        fs.put(store.path(stage), f"{bucket}/runs/{run_cfg.run_name}/{stage}", recursive=True)
+    cfg = replace(run_cfg, output_root=f"{bucket}/runs", storage=replace(run_cfg.storage, s3_endpoint_url=endpoint))
+    s3_store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    queries = store.read_table("score", "queries")
+    queries = queries.filter(np.isin(queries.column("task").to_numpy(zero_copy_only=False), ["direct", "ctr"]))
+    preds = {r["query_id"]: r for r in store.read_table("score", "predictions").to_pylist()}
+    for r in build_router(cfg, s3_store)(queries).to_pylist():     # the batch job's decisions
+        assert (r["route"], r["tools_used"]) == (preds[r["query_id"]]["route"], preds[r["query_id"]]["tools_used"])
+    assert set(Tools.func_or_class(cfg).ready()) >= set(cfg.tools.enabled)
+
+
 # ------------------------------------------------------------------------------ API
 def test_health_ready_and_openapi(app):
     url, cfg = app
