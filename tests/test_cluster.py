@@ -575,3 +575,8 @@ def test_checker_catches_a_broken_readme_command():
     errs = check_commands_in(readme_code_blocks(text), REPO, "README")
     assert any("data.kcore" in e for e in errs) and any("ray_jobs/nosuch.py" in e for e in errs)
     assert any("configs/missing.yaml" in e for e in errs)
+
+
+def test_the_serve_import_path_named_in_cluster_imports():
+    from ray._common.utils import import_attr
+    assert callable(import_attr(SERVE_IMPORT_PATH))
