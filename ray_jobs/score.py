@@ -193,7 +193,12 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
     store = _store(cfg)
     inputs = {"prepare": store.require("prepare").fingerprint, "train_tools": store.require("train_tools").fingerprint}
     pc_cfg = cfg.planner
-    chash = section_hash({"planner": section_hash(pc_cfg), "k": cfg.score.k, "neg": cfg.data.direct_negatives})
+    # Only what the fit uses: tier thresholds and buckets apply at scoring time, changing them
+    # must not refit.
+    fit_keys = {k: getattr(pc_cfg, k) for k in ("tool_choice", "max_tools", "correct_k", "confidence_rounds",
+                                                 "max_fit_queries", "calibration_holdout", "seed")}
+    chash = section_hash({"planner": fit_keys, "k": cfg.score.k, "neg": cfg.data.direct_negatives,
+                          "tasks": [t for t in cfg.score.tasks if t != "explanation"]})
     if not force and store.is_done(PLANNER_STAGE, chash, inputs):
         return {"skipped": True, **store.manifest(PLANNER_STAGE).metrics}
     t0 = time.time()

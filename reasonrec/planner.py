@@ -127,7 +127,9 @@ def query_features(answers: ToolAnswers, eh: np.ndarray, hist_len: np.ndarray,
             spread[b] = len(vals) / len(names)
     base = np.stack([np.asarray(eh, np.float64), np.log1p(np.asarray(hist_len, np.float64)), agree,
                      margins.mean(1), margins.max(1), pop, spread], 1)
-    return np.concatenate([base, margins], 1).astype(np.float32)
+    # Rounded: a tool's scores for a batch of one and a batch of many can differ in the last
+    # float bits, which must not flip an xgboost split (online and batch answers must match).
+    return np.round(np.concatenate([base, margins], 1), 5).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ model
