@@ -134,13 +134,15 @@ def _dense_ids(ray, keys, key: str, id_col: str, flag: str | None = None):
     return ray.data.from_arrow_refs(numbered), offset
 
 
-def _join_on_key(ds, ids, key: str, col: str, partitions: int, then: Callable | None = None):
+def _join_on_key(ds, ids, key: str, col: str, partitions: int, then: Callable | None = None,
+                 schema: pa.Schema | None = None):
     """Left join of ``ids`` (one row per ``key``, carrying the int64 ``col``) onto ``ds`` by hash partition:
     both go through one shuffle by ``key`` (id rows padded to ``ds``'s columns) and each partition
     fills ``col`` from the id rows it holds. Ray Data's ``Dataset.join`` does the same but needs
     polars, which this stack does not install. ``then`` runs on the joined partition: a following
-    step that needs the same partitioning saves its own shuffle."""
-    target = ds.schema().base_schema.append(pa.field(col, pa.int64()))
+    step that needs the same partitioning saves its own shuffle. ``schema`` gives ``ds``'s columns
+    when ``ds`` is lazy (Ray would otherwise execute part of it to find them)."""
+    target = (schema or ds.schema().base_schema).append(pa.field(col, pa.int64()))
 
     def joined(t: pa.Table) -> pa.Table:
         out = P.attach_ids(t, key, col)
@@ -274,13 +276,14 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             items_out = items.map_batches(_rows_without_reason, batch_format="pyarrow").map_batches(
                 partial(schemas.conform, schema=schemas.ITEMS), batch_format="pyarrow").union(stubs)
 
-    with _step("attach item ids to interactions"):
+    with _step("per-user sequences (joins item and user ids)"):
+        # Item ids stream into the per-user shuffle: no materialised copy of the interactions.
         lookup = item_ids.select_columns(["_ikey", "item_id"])
+        with_items = inter.schema().base_schema.append(pa.field("item_id", pa.int64()))
         inter = (_broadcast_join(ray, inter, lookup, "_ikey", "item_id") if n_items <= BROADCAST_MAX_KEYS
-                 else _join_on_key(inter, lookup, "_ikey", "item_id", parts)).materialize()
-
-    with _step("per-user sequences (with user ids)"):
-        seqs = _join_on_key(inter, user_ids, "user_key", "user_id", parts, then=P.build_sequences).materialize()
+                 else _join_on_key(inter, lookup, "_ikey", "item_id", parts))
+        seqs = _join_on_key(inter, user_ids, "user_key", "user_id", parts, then=P.build_sequences,
+                            schema=with_items).materialize()
 
         def dup_quarantine(t: pa.Table) -> pa.Table:
             recs = [r for lst in t.column("duplicates").to_pylist() for r in lst]
