@@ -24,6 +24,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
@@ -159,7 +160,7 @@ def per_query_correct(preds, queries, correct_k: int = 5) -> dict[str, np.ndarra
         if lst and t == t and t is not None and int(t) in lst:
             rank[r] = lst.index(int(t))
     label = queries.column("label").to_numpy(zero_copy_only=False)[idx]
-    reference = [queries.column("reference")[int(i)].as_py() for i in idx]
+    reference = queries.column("reference").take(pa.array(idx, pa.int64())).to_pylist()
     return {"rank": rank, "label": label, "reference": reference}
 
 

@@ -95,7 +95,7 @@ def prepared_queries(tables: Mapping[str, pa.Table], task: str, split: str, n_it
         pick = _sample(qid, cap, seed)
         return _conform({"query_id": qid[pick], "task": [task] * len(pick),
                          "user_id": t.column("user_id").to_numpy()[pick],
-                         "candidates": [t.column("candidates")[int(i)].as_py() for i in pick],
+                         "candidates": t.column("candidates").take(pa.array(pick, pa.int64())).to_pylist(),
                          "target": t.column("positive").to_numpy()[pick]})
     name = "ctr" if task == "ctr" else "explanation"
     t = tables[name]
