@@ -117,7 +117,8 @@ def _train_loop(config: dict) -> None:
 class _RankingPredictor:
     """Ray Data actor: loads every tool once, writes ranking predictions for batches of LOO rows."""
 
-    def __init__(self, tools_dir: str, storage: dict, names: list[str], k: int, candidates_url: str):
+    def __init__(self, tools_dir: str, storage: dict, names: list[str], k: int, candidates_url: str,
+                 splits: list[str]):
         from reasonrec.config import StorageConfig
         from reasonrec.io import arrow_filesystem, filesystem
         from reasonrec.tools.persist import load_tool
@@ -126,7 +127,7 @@ class _RankingPredictor:
         self.tools = {}
         for n in names:
             self.tools[n] = load_tool(f"{tools_dir}/{n}", st, members=self.tools)
-        self.k = k
+        self.k, self.splits = k, tuple(splits)
         fs, path = filesystem(candidates_url, st)
         import pyarrow.parquet as pq
         cands = pq.read_table(path, filesystem=arrow_filesystem(fs))
@@ -135,7 +136,7 @@ class _RankingPredictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from reasonrec.tools.predict import ranking_predictions
-        return ranking_predictions(self.tools, batch, self.k, self.candidates)
+        return ranking_predictions(self.tools, batch, self.k, self.candidates, self.splits)
 
 
 class _CTRPredictor:
@@ -229,7 +230,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         preds = loo.map_batches(
             _RankingPredictor, batch_format="pyarrow", batch_size=cfg.tools.predict_batch_size,
             fn_constructor_kwargs=dict(tools_dir=tools_url, storage=storage_dict, names=names,
-                                       k=cfg.tools.prediction_k, candidates_url=store.url("prepare", "direct_candidates")),
+                                       k=cfg.tools.prediction_k, candidates_url=store.url("prepare", "direct_candidates"),
+                                       splits=list(cfg.tools.predict_splits)),
             compute=ActorPoolStrategy(size=cfg.tools.predict_actors))
         write_dataset(preds, w, store, "predictions", PREDICTIONS)
         ctr = ray.data.read_parquet(store.url("prepare", "ctr"), filesystem=store.arrow_fs).map_batches(

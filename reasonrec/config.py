@@ -141,6 +141,9 @@ class ToolsConfig:
     prediction_k: int = 20           # top-K kept per query in the tool predictions
     predict_batch_size: int = 512
     predict_actors: int = 1          # actor-pool size for writing predictions
+    # LOO query splits the ranking predictions cover (evaluate reads valid/test; train-split
+    # predictions are for offline analysis -- build_instructions asks the tools live).
+    predict_splits: List[str] = field(default_factory=lambda: ["train", "valid", "test"])
 
 
 @dataclass
@@ -359,6 +362,10 @@ def validate(cfg: RunConfig) -> None:
         bad = [t for t in _get(cfg, key) if t not in TASKS]
         if bad:
             raise ConfigError(f"config error: key '{key}': unknown task(s) {bad}; choose from {TASKS}")
+    bad = [s for s in cfg.tools.predict_splits if s not in ("train", "valid", "test")]
+    if bad or not cfg.tools.predict_splits:
+        raise ConfigError(f"config error: key 'tools.predict_splits': need a non-empty subset of train/valid/test, "
+                          f"got {list(cfg.tools.predict_splits)}")
     for key in ("planner.bypass_buckets", "planner.consult_buckets"):
         bad = [b for b in _get(cfg, key) if b not in EH_BUCKETS]
         if bad:

@@ -123,6 +123,27 @@ def test_ensemble_averages_rank_normalised(trained, data):
         Ensemble.from_state(*ens.state())
 
 
+def test_prediction_writer_reuses_member_scores(trained, data):
+    """The prediction writer combines the members' already computed scores for the ensemble; the
+    rows must equal scoring the ensemble on its own, and only the configured splits are written."""
+    import pyarrow as pa
+
+    from reasonrec.tools.predict import ranking_predictions
+
+    users = np.arange(8)
+    loo = pa.table({"user_id": users, "train_items": [data.train_seqs[u].tolist() for u in users],
+                    "valid_item": data.valid_item[users], "test_item": data.test_item[users]})
+    tools = {n: trained[n] for n in ("sasrec", "gru4rec", "semantic", "ensemble")}
+    out = ranking_predictions(tools, loo, k=5, splits=("valid", "test"))
+    assert set(out.column("split").to_pylist()) == {"valid", "test"}
+    ens = out.filter(pa.compute.equal(out.column("tool"), "ensemble")).to_pylist()
+    test_rows = [r for r in ens if r["split"] == "test"]
+    alone = trained["ensemble"].score_items(users, [np.append(data.train_seqs[u], data.valid_item[u]) for u in users])
+    assert [r["rank"] for r in test_rows] == rank_full_catalog(alone, data.test_item[users]).tolist()
+    # Vote ties may order items differently; the top-5 scores must match.
+    np.testing.assert_allclose([r["scores"] for r in test_rows], -np.sort(-alone, axis=1)[:, :5], rtol=1e-6)
+
+
 def test_ragged_roundtrip():
     seqs = [np.array([3, 1]), np.zeros(0, dtype=np.int64), np.array([7])]
     values, offsets = pack_ragged(seqs)

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from reasonrec.metrics import rank_full_catalog, rank_in_candidates
 from reasonrec.tools.base import Tool
+from reasonrec.tools.ensemble import Ensemble
 
 PREDICTIONS = pa.schema([
     ("user_id", pa.int64()),
@@ -58,15 +59,23 @@ def loo_queries(batch: pa.Table) -> dict[str, tuple[np.ndarray, list[np.ndarray]
 
 
 def ranking_predictions(tools: dict[str, Tool], batch: pa.Table, k: int,
-                        candidates: dict[tuple[int, str], np.ndarray] | None = None) -> pa.Table:
+                        candidates: dict[tuple[int, str], np.ndarray] | None = None,
+                        splits: tuple[str, ...] = ("train", "valid", "test")) -> pa.Table:
     """PREDICTIONS rows for every ranking tool x query split in ``batch`` (LOO rows)."""
     candidates = candidates or {}
     cols: dict[str, list] = {f.name: [] for f in PREDICTIONS}
     for split, (users, hists, targets) in loo_queries(batch).items():
+        if split not in splits:
+            continue
+        computed: dict[str, np.ndarray] = {}
         for name, tool in tools.items():
             if "sequential" not in tool.tasks and "direct" not in tool.tasks:
                 continue
-            scores = np.asarray(tool.score_items(users, hists), dtype=np.float32)
+            if isinstance(tool, Ensemble) and set(tool.ranking_members()) <= computed.keys():
+                scores = tool.combine_scores(computed)  # the ensemble: reuse its members' scores
+            else:
+                scores = np.asarray(tool.score_items(users, hists), dtype=np.float32)
+            computed[name] = scores
             kk = min(k, scores.shape[1])
             top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
             order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
@@ -101,11 +110,15 @@ def ctr_predictions(tools: dict[str, Tool], batch: pa.Table, histories: dict[int
     users = batch.column("user_id").to_numpy()
     items = batch.column("item_id").to_numpy()
     hists = [histories.get(int(u), np.empty(0, np.int64)) for u in users]
-    parts = []
+    parts, computed = [], {}
     for name, tool in tools.items():
         if "ctr" not in tool.tasks:
             continue
-        prob = np.asarray(tool.predict_ctr(users, items, hists), dtype=np.float32)
+        if isinstance(tool, Ensemble) and set(tool.ctr_members()) <= computed.keys():
+            prob = np.asarray(tool.combine_ctr(computed), dtype=np.float32)  # reuse its members' outputs
+        else:
+            prob = np.asarray(tool.predict_ctr(users, items, hists), dtype=np.float32)
+        computed[name] = prob
         parts.append(pa.table({
             "user_id": users, "item_id": items, "split": batch.column("split"),
             "label": batch.column("label"), "tool": pa.array([name] * len(users), pa.string()), "prob": prob,
