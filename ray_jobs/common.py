@@ -10,8 +10,11 @@ from reasonrec.io import ArtifactStore, StageWriter
 def write_dataset(ds, writer: StageWriter, store: ArtifactStore, name: str, schema: pa.Schema) -> int:
     """Write a Ray Dataset as the Parquet folder ``name`` of a stage and return its row count
     (read from the Parquet footers, no extra Ray execution). Ray writes no file for an empty
-    dataset, so an empty one gets a zero-row file with ``schema``: readers always find the table."""
-    ds.write_parquet(writer.path(name), filesystem=store.arrow_fs)
+    dataset, so an empty one gets a zero-row file with ``schema``: readers always find the table.
+
+    On object stores Ray must not "create the directory": after an empty write it then deletes
+    that never-materialised prefix, which fails on S3 (prefixes need no creating anyway)."""
+    ds.write_parquet(writer.path(name), filesystem=store.arrow_fs, try_create_dir=not store.scheme)
     if not store.fs.exists(writer.path(name)):
         writer.write_table(f"{name}/empty.parquet", schema.empty_table())
     rows = pads.dataset(writer.path(name), filesystem=store.arrow_fs, format="parquet").count_rows()
