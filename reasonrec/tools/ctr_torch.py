@@ -351,7 +351,7 @@ def train_model_parallel(module: CTRModule, tensors: Sequence[torch.Tensor], cfg
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         dmp.train()
-        total, steps = 0.0, 0
+        total, steps, rows = 0.0, 0, 0
         for idx in epoch_batches(n_rows, cfg.batch_size, epoch, cfg.seed, rank, world):
             idx_t = torch.from_numpy(idx)
             loss = dmp(*[t[idx_t] for t in tensors])
@@ -362,13 +362,16 @@ def train_model_parallel(module: CTRModule, tensors: Sequence[torch.Tensor], cfg
             opt.step()
             total += float(loss.detach())
             steps += 1
+            rows += len(idx)
         train_seconds = time.time() - t0
         metrics = run_validation()  # identical on every rank (all-gathered logits)
         lt = torch.tensor([total / max(steps, 1)], dtype=torch.float64)
         dist.all_reduce(lt)
         metrics["loss"] = float(lt) / world
         epoch_seconds = time.time() - t0
-        metrics.update(epoch=epoch, seconds=epoch_seconds, train_seconds=train_seconds)
+        # every rank takes equally many rows (epoch_batches), so the global rate is rows * world
+        metrics.update(epoch=epoch, seconds=epoch_seconds, train_seconds=train_seconds,
+                       examples_per_s=rows * world / max(train_seconds, 1e-9))
         last_epoch = epoch
         value = metrics.get(cfg.key)
         improved = valid is not None and value is not None and value > best_value + cfg.min_delta

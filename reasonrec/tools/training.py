@@ -175,7 +175,7 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         module.train()
-        total, steps = 0.0, 0
+        total, steps, rows = 0.0, 0, 0
         for idx in epoch_batches(n_rows, cfg.batch_size, epoch, cfg.seed, rank, world, lengths):
             idx_t = torch.from_numpy(idx)
             loss = model(*[t[idx_t] for t in tensors])
@@ -186,6 +186,7 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
             opt.step()
             total += float(loss.detach())
             steps += 1
+            rows += len(idx)
         train_seconds = time.time() - t0
         metrics = run_validation()
         metrics["loss"] = total / max(steps, 1)
@@ -194,7 +195,9 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
             torch.distributed.all_reduce(lt)
             metrics["loss"] = float(lt) / world
         epoch_seconds = time.time() - t0
-        metrics.update(epoch=epoch, seconds=epoch_seconds, train_seconds=train_seconds)
+        # every rank takes equally many rows (epoch_batches), so the global rate is rows * world
+        metrics.update(epoch=epoch, seconds=epoch_seconds, train_seconds=train_seconds,
+                       examples_per_s=rows * world / max(train_seconds, 1e-9))
         last_epoch = epoch
 
         value = metrics.get(cfg.key)
