@@ -161,7 +161,7 @@ def per_query_correct(preds, queries, correct_k: int = 5) -> dict[str, np.ndarra
             rank[r] = lst.index(int(t))
     label = queries.column("label").to_numpy(zero_copy_only=False)[idx]
     reference = queries.column("reference").take(pa.array(idx, pa.int64())).to_pylist()
-    return {"rank": rank, "label": label, "reference": reference}
+    return {"rank": rank, "label": label, "reference": reference, "target": target}
 
 
 def system_records(preds, queries, users, cfg: RunConfig, model: str = "reasonrec") -> list[dict]:
@@ -224,10 +224,68 @@ def system_records(preds, queries, users, cfg: RunConfig, model: str = "reasonre
                 records.append({"task": task, "model": model, "protocol": "routing", "metric": "latency_ms_p50",
                                 "k": None, "group": f"tier:{t}", "value": float(np.median(lat[m][sel])),
                                 "n": int(sel.sum())})
+        if task != "explanation":
+            records += disagreement_records(task, model, preds, truth, m, tier)
         tool_use = breakdown({"tool_use": used[m].astype(np.float64), "vlm_call": vlm[m].astype(np.float64)},
                              buckets, groups)
         records += [{**r, "protocol": "routing"} for r in _records(task, model, "routing", tool_use)]
     return records
+
+
+DISAGREEMENT_PROTOCOL = "VLM-answered queries vs the planner's primary tool: right = truth in top-5 (ranking), " \
+                        "correct side of 0.5 (ctr); disagree = different top-1 item / side"
+
+
+def disagreement_records(task: str, model: str, preds, truth: dict, m: np.ndarray, tier: np.ndarray) -> list[dict]:
+    """Paper Table 7 on the queries the VLM answered (medium + high, and high alone = with tools
+    in its prompt): the primary tool's accuracy, the system's, how often they disagree and who is
+    right when they do."""
+    if task == "ctr":
+        label = truth["label"][m].astype(np.float64)
+        sys_p = preds.column("prob").to_numpy(zero_copy_only=False)[m].astype(np.float64)
+        tool_p = preds.column("tool_prob").to_numpy(zero_copy_only=False)[m].astype(np.float64)
+        has_tool = ~np.isnan(tool_p)
+        sys_ok, tool_ok = (sys_p >= 0.5) == (label > 0.5), (tool_p >= 0.5) == (label > 0.5)
+        disagree = (sys_p >= 0.5) != (tool_p >= 0.5)
+    else:
+        sys_items = [x for i, x in enumerate(preds.column("items").to_pylist()) if m[i]]
+        tool_items = [x for i, x in enumerate(preds.column("tool_items").to_pylist()) if m[i]]
+        sys_ok = truth["rank"][m] < 5
+        target = truth["target"][m]
+        has_tool = np.array([bool(t) for t in tool_items])
+        tool_ok = np.array([bool(t) and g == g and int(g) in t[:5] for t, g in zip(tool_items, target)])
+        disagree = np.array([bool(t) and bool(s) and t[0] != s[0] for s, t in zip(sys_items, tool_items)])
+    out = []
+    for group, sel in (("vlm_answered", np.isin(tier, ["medium", "high"])), ("tier:high", tier == "high")):
+        sel = sel & has_tool
+        if not sel.any():
+            continue
+        d = sel & disagree
+        values = {"tool_accuracy": tool_ok[sel].mean(), "system_accuracy": sys_ok[sel].mean(),
+                  "disagreement_rate": disagree[sel].mean(),
+                  "tool_accuracy_on_disagreement": tool_ok[d].mean() if d.any() else float("nan"),
+                  "system_accuracy_on_disagreement": sys_ok[d].mean() if d.any() else float("nan")}
+        out += [{"task": task, "model": model, "protocol": DISAGREEMENT_PROTOCOL, "metric": k, "k": None,
+                 "group": group, "value": float(v), "n": int(d.sum() if "on_disagreement" in k else sel.sum())}
+                for k, v in values.items()]
+    return out
+
+
+def disagreement_markdown(records: list[dict]) -> str:
+    rows = [r for r in records if r["protocol"] == DISAGREEMENT_PROTOCOL]
+    if not rows:
+        return ""
+    val = {(r["task"], r["group"], r["metric"]): r for r in rows}
+    cols = ("tool_accuracy", "system_accuracy", "disagreement_rate", "tool_accuracy_on_disagreement",
+            "system_accuracy_on_disagreement")
+    out = [f"### Tool vs system disagreements (paper Table 7; {DISAGREEMENT_PROTOCOL})\n",
+           "| task | queries | n | tool acc. | system acc. | disagreement | tool acc. on disagr. | system acc. on disagr. |",
+           "|---|---|---|---|---|---|---|---|"]
+    for task, group in sorted({(r["task"], r["group"]) for r in rows}):
+        cells = [val.get((task, group, c)) for c in cols]
+        out.append(f"| {task} | {group} | {cells[0]['n']} | " + " | ".join(
+            f"{c['value']:.3f}" if c and c["value"] == c["value"] else "" for c in cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def system_markdown(records: list[dict]) -> str:
@@ -258,6 +316,7 @@ def system_markdown(records: list[dict]) -> str:
                        f"| {g} | {n} | " + " | ".join(cells) + " | |")
             out[-1] += (f" {tu['value']:.3f} |" if tu else " |") + (f" {vc['value']:.3f} |" if vc else " |")
         out.append("")
+    out.append(disagreement_markdown(records))
     return "\n".join(out)
 
 

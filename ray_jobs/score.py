@@ -85,23 +85,66 @@ class _PlannerFeatures:
         return pa.Table.from_pylist(out)
 
 
+class _Attempts:
+    """Empty marker files under ``{staging}/_attempts/{run token}``: one per actor start and one
+    per (shard, attempt) an actor begins. Ray restarts crashed actors and retries their batch
+    without telling the driver; the markers let the job count both (restarts = starts beyond the
+    pool size, retries = attempts beyond one per shard), on any store, from any node."""
+
+    def __init__(self, url: str, storage: dict, kind: str):
+        from reasonrec.config import StorageConfig
+        from reasonrec.io import filesystem
+        import uuid
+        self.fs, self.root = filesystem(url, StorageConfig(**storage))
+        self.kind, self.uuid = kind, uuid.uuid4().hex
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.mark("actor")
+
+    def mark(self, what: str) -> None:
+        self.fs.pipe_file(f"{self.root}/{self.kind}-{what}-{self.uuid}-{time.time_ns()}", b"")
+
+    def shard_started(self, batch: pa.Table) -> None:
+        for s in pc.unique(batch.column("shard")).to_pylist():
+            self.mark(f"shard{s:05d}")
+
+
+def count_attempts(fs, root: str, pool_sizes: dict[str, int]) -> dict:
+    """{"actor_restarts": {kind: n}, "batch_retries": {kind: n}} from the markers under ``root``."""
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.exists(root) else []
+    out: dict = {"actor_restarts": {}, "batch_retries": {}}
+    for kind, size in pool_sizes.items():
+        starts = sum(n.startswith(f"{kind}-actor-") for n in names)
+        shards: dict[str, int] = {}
+        for n in names:
+            if n.startswith(f"{kind}-shard"):
+                key = n.split("-")[1]
+                shards[key] = shards.get(key, 0) + 1
+        out["actor_restarts"][kind] = max(starts - size, 0)
+        out["batch_retries"][kind] = sum(c - 1 for c in shards.values())
+    return out
+
+
 class _RouterActor:
-    def __init__(self, cfg: RunConfig, split: str):
+    def __init__(self, cfg: RunConfig, split: str, attempts: str):
         from reasonrec.scoring import build_router
+        self.attempts = _Attempts(attempts, _storage(cfg), "router")
         self.router = build_router(cfg, _store(cfg), split)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.attempts.shard_started(batch)
         shard = batch.column("shard")
         out = self.router(batch.drop_columns(["shard"]))
         return out.append_column("shard", shard)
 
 
 class _VLMActor:
-    def __init__(self, cfg: RunConfig, split: str):
+    def __init__(self, cfg: RunConfig, split: str, attempts: str):
         from reasonrec.scoring import build_vlm_answerer
+        self.attempts = _Attempts(attempts, _storage(cfg), "vlm")
         self.answerer = build_vlm_answerer(cfg, _store(cfg), split)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.attempts.shard_started(batch)
         shard = batch.column("shard")
         return self.answerer(batch.drop_columns(["shard"])).append_column("shard", shard)
 
@@ -300,17 +343,22 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     log.info("score: %d queries in %d shards (%d already written, %d to go), mode=%s", n, n_shards,
              len(done), len(todo), cfg.score.mode)
     retries = {"max_restarts": cfg.score.max_task_retries, "max_task_retries": cfg.score.max_task_retries}
+    import uuid
+    attempts = f"{staging}/_attempts/{uuid.uuid4().hex[:12]}"   # this run's markers only
+    pools = {"router": max(cfg.score.tool_actors, 1), **({"vlm": max(cfg.score.vlm_actors, 1)} if needs_vlm else {})}
     if todo:
         # Shards are contiguous row ranges: a zero-copy slice each (not a filter pass per shard).
         blocks = [queries.slice(s * rows, rows) for s in todo]
         blocks = [b.append_column("shard", pa.array(np.full(b.num_rows, s), pa.int64())) for s, b in zip(todo, blocks)]
         expected = {str(s): b.num_rows for s, b in zip(todo, blocks)}
         ds = ray.data.from_arrow(blocks).map_batches(
-            _RouterActor, fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split}, batch_format="pyarrow",
+            _RouterActor, fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split, "attempts": attempts},
+            batch_format="pyarrow",
             batch_size=None, compute=ActorPoolStrategy(size=max(cfg.score.tool_actors, 1)), **_remote(retries))
         if needs_vlm:
             ds = ds.map_batches(
-                _VLMActor, fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split}, batch_format="pyarrow",
+                _VLMActor, fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split, "attempts": attempts},
+                batch_format="pyarrow",
                 batch_size=None, compute=ActorPoolStrategy(size=max(cfg.score.vlm_actors, 1)),
                 num_gpus=cfg.score.vlm_gpus or None, **_remote(retries))
         else:
@@ -333,6 +381,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         raise RuntimeError(f"score: {n} queries in, {preds.num_rows} predictions + {rejected.num_rows} rejected out "
                            f"({len(np.unique(got))} distinct): refusing to commit")
     summary = _summarize(preds, rejected, n, n_shards, len(done), time.time() - t0, cfg, planner_summary)
+    summary.update(count_attempts(store.fs, store.path(TMP_DIR, stage_dir, "_attempts", attempts.rsplit("/", 1)[1]),
+                                  pools if todo else {}))
     with store.stage_writer(stage, chash, inputs) as w:
         w.write_table("predictions/part-0.parquet", preds)
         w.write_table("rejected/part-0.parquet", rejected)
@@ -375,6 +425,9 @@ def format_summary(s: dict) -> str:
     lines = [f"score ({s['mode']}): {s['queries']} queries -> {s['predictions']} predictions + {s['rejected']} "
              f"rejected in {s['seconds']:.0f}s ({s['queries_per_s']} q/s); VLM calls {s['vlm_calls']}; "
              f"bypass rate {s['bypass_rate']:.1%}; shards {s['shards']} ({s['shards_resumed']} resumed)"]
+    restarts, retried = s.get("actor_restarts", {}), s.get("batch_retries", {})
+    if any(restarts.values()) or any(retried.values()):
+        lines.append(f"  crashed actors restarted by Ray: {restarts}; batches retried: {retried}")
     for t, r in s["routes"].items():
         lines.append(f"  {t:12s} low {r['low']:5d}  medium {r['medium']:5d}  high {r['high']:5d}")
     return "\n".join(lines)

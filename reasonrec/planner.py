@@ -148,9 +148,11 @@ def _predict(booster: Any, x: np.ndarray) -> np.ndarray:
 @dataclass
 class Decision:
     tier: str
-    tools: list[str]          # chosen tools, primary first (at most max_tools)
+    tools: list[str]          # tools used: the primary for low risk, up to max_tools for high, none for medium
     confidence: float         # calibrated P(primary tool right)
     rationale: str
+    primary: str = ""         # the planner's first-choice tool, whatever the tier (its answer is
+                              # what the VLM agrees with or overrules: Table 7)
 
 
 class TaskPlanner:
@@ -300,7 +302,8 @@ def plan(task_planner: TaskPlanner, answers: ToolAnswers, features: np.ndarray, 
         tier = assign_tier(buckets[b], float(conf[b]), cfg, mode)
         used = tools[:1] if tier == "low" else (tools if tier == "high" else [])
         out.append(Decision(tier, used, float(conf[b]),
-                            rationale(tier, buckets[b], float(eh[b]), float(conf[b]), tools, cfg, bool(cold[b]), mode)))
+                            rationale(tier, buckets[b], float(eh[b]), float(conf[b]), tools, cfg, bool(cold[b]), mode),
+                            primary=tools[0]))
     return out
 
 

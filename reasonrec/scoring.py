@@ -31,6 +31,9 @@ ROUTED = pa.schema(list(QUERIES) + [
     pa.field("prob", pa.float32()),
     pa.field("rationale", pa.string()),
     pa.field("hints", pa.string()),               # JSON: the consulted tools' answers (high tier)
+    pa.field("primary_tool", pa.string()),
+    pa.field("tool_items", pa.list_(pa.int64())), # the primary tool's answer, every tier
+    pa.field("tool_prob", pa.float32()),
     pa.field("eh_bucket", pa.string()),
     pa.field("cold_user", pa.bool_()),
     pa.field("tools_ms", pa.float32()),
@@ -104,12 +107,14 @@ class Router:
                        "tool_confidence": None if np.isnan(d.confidence) else d.confidence,
                        "rationale": d.rationale, "eh_bucket": st.bucket, "cold_user": st.cold_user,
                        "tools_ms": ms, "error": None, "history": st.history.tolist()}
-                if d.tier == "low":
-                    name = d.tools[0]
+                if answers is not None:
+                    rec["primary_tool"] = d.primary
                     if task == "ctr":
-                        rec["prob"] = float(answers.prob[name][j])
+                        rec["tool_prob"] = float(answers.prob[d.primary][j])
                     else:
-                        rec["items"] = answers.items[name][j, : self.k].tolist()
+                        rec["tool_items"] = answers.items[d.primary][j, : self.k].tolist()
+                if d.tier == "low":  # the tool's answer is the answer
+                    rec["prob"], rec["items"] = rec.get("tool_prob"), rec.get("tool_items")
                 elif d.tier == "high" and answers is not None:
                     rec["hints"] = json.dumps([vars(answers.hint(n, j, self.catalog.text)) for n in d.tools])
                 out[i] = rec
@@ -173,6 +178,7 @@ def to_scored(routed: pa.Table, answers: Mapping[int, dict] | None = None) -> pa
             "items": a.get("items", r.get("items")), "prob": a.get("prob", r.get("prob")), "text": a.get("text"),
             "rationale": r.get("rationale"), "latency_ms": (r.get("tools_ms") or 0.0) + a.get("ms", 0.0),
             "eh_bucket": r.get("eh_bucket"), "cold_user": r.get("cold_user"), "vlm_called": i in answers,
+            "primary_tool": r.get("primary_tool"), "tool_items": r.get("tool_items"), "tool_prob": r.get("tool_prob"),
             "tool_confidence": r.get("tool_confidence"), "error": r.get("error"),
         })
     return pa.Table.from_pylist(out, schema=SCORED)

@@ -152,3 +152,45 @@ def test_breakdown_fn_for_auc():
     out = M.breakdown_fn(lambda m: M.ctr_metrics(y[m], p[m]), 4, eh_bucket=eh)
     assert out["eh:low"]["auc"] == 1.0 and out["eh:high"]["auc"] == 0.0
     assert out["all"]["auc"] == pytest.approx(3 / 4) and out["all"]["n"] == 4
+
+
+def test_system_disagreement_table_hand_computed():
+    """Table 7 numbers from a hand-made set of scored queries (evaluate.disagreement_records)."""
+    import pyarrow as pa
+
+    from ray_jobs.evaluate import disagreement_records, per_query_correct
+
+    # Sequential, target 7 for every query. Tool top-5 / system top-5 and their top-1:
+    #  q0 medium: tool [7..] right,  system [1..] wrong -> disagree (tool right)
+    #  q1 high:   tool [1..] wrong,  system [7..] right -> disagree (system right)
+    #  q2 high:   tool [7..] right,  system [7..] right -> agree
+    #  q3 low:    not answered by the VLM -> left out
+    tool = [[7, 1, 2, 3, 4], [1, 2, 3, 4, 5], [7, 1, 2, 3, 4], [7, 1, 2, 3, 4]]
+    syst = [[1, 2, 3, 4, 5], [7, 1, 2, 3, 4], [7, 2, 3, 4, 5], [7, 1, 2, 3, 4]]
+    preds = pa.table({"query_id": [0, 1, 2, 3], "task": ["sequential"] * 4, "items": syst, "tool_items": tool,
+                      "prob": pa.array([None] * 4, pa.float32()), "tool_prob": pa.array([None] * 4, pa.float32())})
+    queries = pa.table({"query_id": [3, 2, 1, 0], "target": [7] * 4, "label": pa.array([None] * 4, pa.int8()),
+                        "reference": pa.array([None] * 4, pa.string())})
+    tier = np.array(["medium", "high", "high", "low"])
+    got = {(r["group"], r["metric"]): (r["value"], r["n"]) for r in
+           disagreement_records("sequential", "m", preds, per_query_correct(preds, queries), np.ones(4, bool), tier)}
+    assert got[("vlm_answered", "tool_accuracy")] == (2 / 3, 3)
+    assert got[("vlm_answered", "system_accuracy")] == (2 / 3, 3)
+    assert got[("vlm_answered", "disagreement_rate")] == (2 / 3, 3)
+    assert got[("vlm_answered", "system_accuracy_on_disagreement")] == (0.5, 2)
+    assert got[("tier:high", "disagreement_rate")] == (0.5, 2)
+    assert got[("tier:high", "system_accuracy_on_disagreement")] == (1.0, 1)
+    assert got[("tier:high", "tool_accuracy_on_disagreement")] == (0.0, 1)
+
+    # CTR: label 1, 0; tool says 0.8 / 0.7 (right, wrong); system 0.3 / 0.2 (wrong, right).
+    preds = pa.table({"query_id": [0, 1], "task": ["ctr"] * 2, "items": pa.array([None, None], pa.list_(pa.int64())),
+                      "tool_items": pa.array([None, None], pa.list_(pa.int64())), "prob": [0.3, 0.2],
+                      "tool_prob": [0.8, 0.7]})
+    queries = pa.table({"query_id": [0, 1], "target": pa.array([None, None], pa.int64()), "label": pa.array([1, 0], pa.int8()),
+                        "reference": pa.array([None, None], pa.string())})
+    got = {(r["group"], r["metric"]): r["value"] for r in
+           disagreement_records("ctr", "m", preds, per_query_correct(preds, queries), np.ones(2, bool),
+                                np.array(["high", "medium"]))}
+    assert got[("vlm_answered", "disagreement_rate")] == 1.0
+    assert got[("vlm_answered", "tool_accuracy_on_disagreement")] == 0.5
+    assert got[("tier:high", "system_accuracy")] == 0.0

@@ -167,6 +167,11 @@ PREDICTIONS = pa.schema([
     ("eh_bucket", pa.string()),
     ("cold_user", pa.bool_()),             # unknown user: treated as cold (high EH), flagged
     ("vlm_called", pa.bool_()),
+    # The planner's first-choice tool and its own answer, for every ranking / CTR query (equal to
+    # items / prob on the low tier): disagreement analyses compare the system with it.
+    ("primary_tool", pa.string()),
+    ("tool_items", pa.list_(pa.int64())),
+    ("tool_prob", pa.float32()),
 ])
 
 
