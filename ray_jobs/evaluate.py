@@ -176,6 +176,8 @@ def system_records(preds, queries, users, cfg: RunConfig, model: str = "reasonre
     lat = preds.column("latency_ms").to_numpy(zero_copy_only=False).astype(np.float64)
     used = np.array([len(t or []) > 0 for t in preds.column("tools_used").to_pylist()])
     vlm = preds.column("vlm_called").to_numpy(zero_copy_only=False).astype(bool)
+    flops = (preds.column("flops").to_numpy(zero_copy_only=False).astype(np.float64)
+             if "flops" in preds.column_names else np.full(preds.num_rows, np.nan))
     records: list[dict] = []
     for task in ("sequential", "direct", "ctr", "explanation"):
         m = tasks == task
@@ -224,6 +226,11 @@ def system_records(preds, queries, users, cfg: RunConfig, model: str = "reasonre
                 records.append({"task": task, "model": model, "protocol": "routing", "metric": "latency_ms_p50",
                                 "k": None, "group": f"tier:{t}", "value": float(np.median(lat[m][sel])),
                                 "n": int(sel.sum())})
+            counted = sel & ~np.isnan(flops[m])
+            if counted.any():
+                records.append({"task": task, "model": model, "protocol": "routing: torch FLOPs per query",
+                                "metric": "gflops_mean", "k": None, "group": f"tier:{t}",
+                                "value": float(flops[m][counted].mean() / 1e9), "n": int(counted.sum())})
         if task != "explanation":
             records += disagreement_records(task, model, preds, truth, m, tier)
         tool_use = breakdown({"tool_use": used[m].astype(np.float64), "vlm_call": vlm[m].astype(np.float64)},
@@ -317,7 +324,27 @@ def system_markdown(records: list[dict]) -> str:
             out[-1] += (f" {tu['value']:.3f} |" if tu else " |") + (f" {vc['value']:.3f} |" if vc else " |")
         out.append("")
     out.append(disagreement_markdown(records))
+    out.append(cost_markdown(records))
     return "\n".join(out)
+
+
+def cost_markdown(records: list[dict]) -> str:
+    """Paper Table A3 on our run: share of queries, p50 latency and torch GFLOPs per tier."""
+    val = {(r["task"], r["metric"], r["group"]): r for r in records if r["model"] == "reasonrec"}
+    tasks = [t for t in ("sequential", "direct", "ctr", "explanation") if (t, "route_share", "tier:low") in val]
+    if not tasks:
+        return ""
+    out = ["### Cost per tier (paper Table A3; GFLOPs = torch ops only, when `score.count_flops` is on)\n",
+           "| task | tier | share | p50 latency (ms) | mean GFLOPs / query |", "|---|---|---|---|---|"]
+    for task in tasks:
+        for tier in ("low", "medium", "high"):
+            g = f"tier:{tier}"
+            share, lat, gf = (val.get((task, m, g)) for m in ("route_share", "latency_ms_p50", "gflops_mean"))
+            if not share or not share["n"]:
+                continue
+            out.append(f"| {task} | {tier} | {share['value']:.3f} | {lat['value']:.1f} | "
+                       + (f"{gf['value']:.4f} |" if gf else "|"))
+    return "\n".join(out) + "\n"
 
 
 def plots(records: list[dict], writer) -> list[str]:

@@ -33,8 +33,6 @@ from reasonrec.vlm.train import ADAPTER_DIR, INSTRUCTIONS_STAGE, STAGE, training
 
 log = logging.getLogger("reasonrec.finetune")
 PROGRESS = "progress.json"
-# Held out of the validation loss to bound its cost on big instruction sets (seeded sample).
-MAX_VALID_EXAMPLES = 256
 
 
 # ------------------------------------------------------------------------- Ray Train worker
@@ -86,7 +84,7 @@ def _train_loop(config: dict) -> None:
 
     progress["torch_threads"] = torch.get_num_threads()   # what tokens/s was measured with
     if loop.step == 0 and progress["valid_loss_before"] is None:
-        progress["valid_loss_before"] = loop.validation_loss(MAX_VALID_EXAMPLES)
+        progress["valid_loss_before"] = loop.validation_loss(ft["max_valid_examples"])
     last = None
 
     def on_step(m) -> None:
@@ -104,7 +102,7 @@ def _train_loop(config: dict) -> None:
     loop.train_steps(on_step=on_step, time_budget_s=ft["time_budget_s"], elapsed_s=progress["train_seconds"])
     close_window(progress, last)
     if progress["valid_loss"] is None:
-        progress["valid_loss"] = loop.validation_loss(MAX_VALID_EXAMPLES)
+        progress["valid_loss"] = loop.validation_loss(ft["max_valid_examples"])
     report({"step": loop.step, "finished": 1.0})
 
 

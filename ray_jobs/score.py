@@ -124,6 +124,33 @@ def count_attempts(fs, root: str, pool_sizes: dict[str, int]) -> dict:
     return out
 
 
+class _VLMCalibration:
+    """Validation queries -> was the fine-tuned VLM, with the planner's chosen tools in its prompt
+    (the strongest VLM path), right? Feeds the VLM-aware bypass (``planner.vlm_aware``)."""
+
+    def __init__(self, cfg: RunConfig, planner_state: dict):
+        from reasonrec.context import load_context
+        from reasonrec.planner import TaskPlanner, load_toolbox
+        from reasonrec.scoring import Router, build_vlm_answerer
+        store = _store(cfg)
+        catalog, users, _ = load_context(store, cfg.vlm, cfg.data.eh_thresholds)
+        planners = {t: TaskPlanner.from_state(st, cfg.planner) for t, st in planner_state["tasks"].items()}
+        self.router = Router(load_toolbox(store), planners, users, catalog, cfg.planner, cfg.score.k, "vlm_tools", "valid")
+        self.answerer = build_vlm_answerer(cfg, store, "valid")
+        self.correct_k = cfg.planner.correct_k
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        routed = self.router(batch)
+        scored = self.answerer(routed).to_pylist()
+        right = []
+        for q, a in zip(batch.to_pylist(), scored):
+            if q["task"] == "ctr":
+                right.append(a["prob"] is not None and (a["prob"] >= 0.5) == bool(q["label"]))
+            else:
+                right.append(q["target"] in (a["items"] or [])[: self.correct_k])
+        return pa.table({"task": batch.column("task"), "bucket": routed.column("eh_bucket"), "right": right})
+
+
 class _RouterActor:
     def __init__(self, cfg: RunConfig, split: str, attempts: str):
         from reasonrec.scoring import build_router
@@ -239,7 +266,10 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
     # Only what the fit uses: tier thresholds and buckets apply at scoring time, changing them
     # must not refit.
     fit_keys = {k: getattr(pc_cfg, k) for k in ("tool_choice", "max_tools", "correct_k", "confidence_rounds",
-                                                 "max_fit_queries", "calibration_holdout", "seed")}
+                                                 "max_fit_queries", "calibration_holdout", "seed", "vlm_aware",
+                                                 "vlm_fit_queries")}
+    if pc_cfg.vlm_aware:
+        inputs["finetune"] = store.require("finetune").fingerprint
     chash = section_hash({"planner": fit_keys, "k": cfg.score.k, "neg": cfg.data.direct_negatives,
                           "tasks": [t for t in cfg.score.tasks if t != "explanation"]})
     if not force and store.is_done(PLANNER_STAGE, chash, inputs):
@@ -274,12 +304,37 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
                             "brier": float(np.mean((conf - right) ** 2)), "mean_confidence": float(conf.mean()),
                             "primary_right_rate": float(right.mean())}
         state["tasks"][task] = planner.state()
+    vlm_right = _fit_vlm_right(ray, cfg, queries, state) if pc_cfg.vlm_aware and state["tasks"] else {}
     with store.stage_writer(PLANNER_STAGE, chash, inputs) as w:
         w.write_json("planner.json", state)
-        summary = {"calibration": report, "fit_queries": feats.num_rows, "seconds": round(time.time() - t0, 1)}
+        summary = {"calibration": report, "vlm_right": vlm_right, "fit_queries": feats.num_rows,
+                   "seconds": round(time.time() - t0, 1)}
         w.write_json("summary.json", summary)
         w.manifest.metrics = summary
     return summary
+
+
+def _fit_vlm_right(ray, cfg: RunConfig, queries: pa.Table, state: dict) -> dict:
+    """The VLM answers the first ``planner.vlm_fit_queries`` validation queries of each task; its
+    hit rate per EH bucket goes into each task's planner state (``vlm_right``)."""
+    from ray.data import ActorPoolStrategy
+
+    from reasonrec.planner import TaskPlanner
+    n = cfg.planner.vlm_fit_queries
+    sample = pa.concat_tables([queries.filter(pc.equal(queries.column("task"), t)).slice(0, n) for t in state["tasks"]])
+    log.info("planner: the VLM answers %d validation queries for the VLM-aware bypass", sample.num_rows)
+    ds = ray.data.from_arrow(sample).map_batches(
+        _VLMCalibration, fn_constructor_kwargs={"cfg": cfg, "planner_state": state}, batch_format="pyarrow",
+        batch_size=max(cfg.score.vlm_batch_size, 1) * 4, compute=ActorPoolStrategy(size=max(cfg.score.vlm_actors, 1)),
+        num_gpus=cfg.score.vlm_gpus or None)
+    got = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    report = {}
+    for task in state["tasks"]:
+        t = got.filter(pc.equal(got.column("task"), task))
+        planner = TaskPlanner.from_state(state["tasks"][task], cfg.planner)
+        report[task] = planner.set_vlm_right(t.column("bucket").to_pylist(), t.column("right").to_pylist())
+        state["tasks"][task] = planner.state()
+    return report
 
 
 # ------------------------------------------------------------------------------ driver

@@ -181,6 +181,9 @@ class FinetuneConfig:
     log_every: int = 10
     time_budget_s: float = 0.0       # 0 = none; stop (and checkpoint) once exceeded
     grad_clip: float = 1.0
+    # Validation loss (before/after) on a seeded sample of at most this many examples: bounds
+    # its cost on big instruction sets.
+    max_valid_examples: int = 256
 
 
 @dataclass
@@ -194,6 +197,13 @@ class PlannerConfig:
     consult_buckets: List[str] = field(default_factory=lambda: ["high"])
     bypass_confidence: float = 0.5
     consult_confidence: float = 0.3
+    # VLM-aware bypass (our extension of the paper's rule): the planner stage also measures how
+    # often the fine-tuned VLM (with the chosen tools in its prompt) is right on validation
+    # queries per EH bucket; a query is low risk too when P(tool right) >= that rate +
+    # vlm_margin, i.e. the tools are likelier right than the VLM would be.
+    vlm_aware: bool = False
+    vlm_margin: float = 0.0
+    vlm_fit_queries: int = 64        # validation queries per task the VLM answers for that estimate
     max_tools: int = 3
     # learned (xgboost on usable labels) | random | oracle (uses the truth: evaluation only) | fixed
     tool_choice: str = "learned"
@@ -227,6 +237,9 @@ class ScoreConfig:
     vlm_batch_size: int = 4
     shard_rows: int = 1000           # queries per output shard (the unit of resume)
     max_task_retries: int = 3        # actor restarts / batch retries before the job fails
+    # Count torch FLOPs per query (torch.utils.flop_counter) for the cost-per-tier table (paper
+    # Table A3). Only torch ops are counted (not NumPy top-k or xgboost); slows scoring a little.
+    count_flops: bool = False
 
 
 @dataclass

@@ -159,10 +159,26 @@ class TaskPlanner:
     """Fitted planner for one task: per-tool usable models, the confidence model, fixed ranking."""
 
     def __init__(self, task: str, names: list[str], cfg: PlannerConfig, usable_models: dict[str, Any],
-                 confidence_model: Any, usable_rate: dict[str, float], calibration: dict[str, Any]):
+                 confidence_model: Any, usable_rate: dict[str, float], calibration: dict[str, Any],
+                 vlm_right: Mapping[str, float] | None = None):
         self.task, self.names, self.cfg = task, names, cfg
         self.usable_models, self.confidence_model = usable_models, confidence_model
         self.usable_rate, self.calibration = usable_rate, calibration
+        # EH bucket -> estimated P(the VLM with tools is right), measured on validation queries
+        self.vlm_right: dict[str, float] = dict(vlm_right or {})
+
+    def set_vlm_right(self, buckets: Sequence[str], right: Sequence[bool]) -> dict[str, dict[str, float]]:
+        """Estimate P(VLM right) per EH bucket from validation answers, Laplace-smoothed
+        ((hits + 1) / (n + 2): a bucket with few answers stays near 0.5, i.e. no strong claim
+        either way). Returns the counts for the report."""
+        b, r = np.asarray(buckets, object), np.asarray(right, bool)
+        report = {}
+        for bucket in ("low", "medium", "high"):
+            sel = b == bucket
+            n, hits = int(sel.sum()), int(r[sel].sum())
+            self.vlm_right[bucket] = (hits + 1) / (n + 2)
+            report[bucket] = {"n": n, "right": hits, "p_vlm_right": self.vlm_right[bucket]}
+        return report
 
     # ---------------------------------------------------------------------------- fitting
     @classmethod
@@ -244,7 +260,7 @@ class TaskPlanner:
             return None if m is None else json.loads(m.save_raw("json").decode())
         return {"task": self.task, "names": self.names, "usable_rate": self.usable_rate,
                 "calibration": self.calibration, "confidence_model": dump(self.confidence_model),
-                "usable_models": {n: dump(m) for n, m in self.usable_models.items()}}
+                "usable_models": {n: dump(m) for n, m in self.usable_models.items()}, "vlm_right": self.vlm_right}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], cfg: PlannerConfig) -> "TaskPlanner":
@@ -258,16 +274,22 @@ class TaskPlanner:
             b.set_param({"nthread": 1})
             return b
         return cls(state["task"], list(state["names"]), cfg, {n: load(d) for n, d in state["usable_models"].items()},
-                   load(state["confidence_model"]), dict(state["usable_rate"]), dict(state["calibration"]))
+                   load(state["confidence_model"]), dict(state["usable_rate"]), dict(state["calibration"]),
+                   state.get("vlm_right"))
 
 
 # ------------------------------------------------------------------------------ tiers
-def assign_tier(bucket: str, confidence: float, cfg: PlannerConfig, mode: str = "routed") -> str:
+def assign_tier(bucket: str, confidence: float, cfg: PlannerConfig, mode: str = "routed",
+                vlm_right: float | None = None) -> str:
     """The paper's rule, thresholds from config; ``mode`` forces the comparison baselines
-    (tools only -> low, VLM alone -> medium, VLM + tools always -> high)."""
+    (tools only -> low, VLM alone -> medium, VLM + tools always -> high). With
+    ``cfg.vlm_aware`` and the VLM's estimated P(right) for this bucket (``vlm_right``), a query
+    whose tool is at least that likely right (+ ``vlm_margin``) is low risk as well."""
     if mode != "routed":
         return {"tools": "low", "vlm": "medium", "vlm_tools": "high"}[mode]
     if bucket in cfg.bypass_buckets and confidence >= cfg.bypass_confidence:
+        return "low"
+    if cfg.vlm_aware and vlm_right is not None and confidence >= vlm_right + cfg.vlm_margin:
         return "low"
     if bucket in cfg.consult_buckets and confidence < cfg.consult_confidence:
         return "high"
@@ -275,11 +297,14 @@ def assign_tier(bucket: str, confidence: float, cfg: PlannerConfig, mode: str = 
 
 
 def rationale(tier: str, bucket: str, eh: float, confidence: float, tools: Sequence[str], cfg: PlannerConfig,
-              cold_user: bool = False, mode: str = "routed") -> str:
+              cold_user: bool = False, mode: str = "routed", vlm_right: float | None = None) -> str:
     who = "unknown user treated as cold; " if cold_user else ""
     head = f"{who}EH {bucket} ({eh:.2f}), P(tool right)={confidence:.2f}"
     if mode != "routed":
         return f"{head}; forced by mode '{mode}'"
+    if tier == "low" and not (bucket in cfg.bypass_buckets and confidence >= cfg.bypass_confidence):
+        return f"{head} >= P(VLM right)={vlm_right:.2f}{f' + {cfg.vlm_margin:g}' if cfg.vlm_margin else ''}: " \
+               f"{tools[0]} answers, VLM bypassed"
     if tier == "low":
         return f"{head} >= {cfg.bypass_confidence:g}: {tools[0]} answers, VLM bypassed"
     if tier == "high":
@@ -299,10 +324,12 @@ def plan(task_planner: TaskPlanner, answers: ToolAnswers, features: np.ndarray, 
     out = []
     for b in range(len(features)):
         tools = [task_planner.names[i] for i in choice[b]]
-        tier = assign_tier(buckets[b], float(conf[b]), cfg, mode)
+        vlm_right = task_planner.vlm_right.get(buckets[b])
+        tier = assign_tier(buckets[b], float(conf[b]), cfg, mode, vlm_right)
         used = tools[:1] if tier == "low" else (tools if tier == "high" else [])
         out.append(Decision(tier, used, float(conf[b]),
-                            rationale(tier, buckets[b], float(eh[b]), float(conf[b]), tools, cfg, bool(cold[b]), mode),
+                            rationale(tier, buckets[b], float(eh[b]), float(conf[b]), tools, cfg, bool(cold[b]), mode,
+                                      vlm_right),
                             primary=tools[0]))
     return out
 

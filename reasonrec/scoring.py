@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -37,9 +38,22 @@ ROUTED = pa.schema(list(QUERIES) + [
     pa.field("eh_bucket", pa.string()),
     pa.field("cold_user", pa.bool_()),
     pa.field("tools_ms", pa.float32()),
+    pa.field("tools_flops", pa.float64()),
     pa.field("error", pa.string()),
 ])
 SCORED = pa.schema(list(PREDICTIONS) + [pa.field("tool_confidence", pa.float32()), pa.field("error", pa.string())])
+
+
+@contextmanager
+def counted_flops(enabled: bool) -> Iterator[Callable[[], float | None]]:
+    """``with counted_flops(on) as total:`` ... ``total()`` = torch FLOPs inside the block (None
+    when off). torch's own counter: no hand-written per-layer formulas."""
+    if not enabled:
+        yield lambda: None
+        return
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        yield lambda: float(counter.get_total_flops())
 
 
 def _validate(task: str, row: Mapping[str, Any], catalog: Catalog) -> str | None:
@@ -71,9 +85,10 @@ class Router:
     """Loads nothing itself (tools, planners and context are passed in: load once per actor)."""
 
     def __init__(self, toolbox: ToolBox, planners: Mapping[str, TaskPlanner], users: UserDirectory,
-                 catalog: Catalog, cfg: PlannerConfig, k: int = 10, mode: str = "routed", split: str = "test"):
+                 catalog: Catalog, cfg: PlannerConfig, k: int = 10, mode: str = "routed", split: str = "test",
+                 count_flops: bool = False):
         self.toolbox, self.planners, self.users, self.catalog = toolbox, dict(planners), users, catalog
-        self.cfg, self.k, self.mode, self.split = cfg, k, mode, split
+        self.cfg, self.k, self.mode, self.split, self.count_flops = cfg, k, mode, split, count_flops
 
     def __call__(self, queries: pa.Table) -> pa.Table:
         rows = queries.to_pylist()
@@ -95,18 +110,22 @@ class Router:
             by_task.setdefault(group, []).append(i)
         for (task, _), idx in by_task.items():
             t0 = time.perf_counter()
-            if task == "explanation":
-                decisions = [explanation_decision(states[i].bucket, states[i].eh, states[i].cold_user) for i in idx]
-                answers = None
-            else:
-                decisions, answers = self._plan(task, [rows[i] for i in idx], [states[i] for i in idx])
+            with counted_flops(self.count_flops) as flops:
+                if task == "explanation":
+                    decisions = [explanation_decision(states[i].bucket, states[i].eh, states[i].cold_user)
+                                 for i in idx]
+                    answers = None
+                else:
+                    decisions, answers = self._plan(task, [rows[i] for i in idx], [states[i] for i in idx])
             ms = (time.perf_counter() - t0) * 1000 / len(idx)
+            per_query_flops = None if flops() is None else flops() / len(idx)
             for j, (i, d) in enumerate(zip(idx, decisions)):
                 st = states[i]
                 rec = {**rows[i], "route": d.tier, "tools_used": d.tools,
                        "tool_confidence": None if np.isnan(d.confidence) else d.confidence,
                        "rationale": d.rationale, "eh_bucket": st.bucket, "cold_user": st.cold_user,
-                       "tools_ms": ms, "error": None, "history": st.history.tolist()}
+                       "tools_ms": ms, "tools_flops": per_query_flops, "error": None,
+                       "history": st.history.tolist()}
                 if answers is not None:
                     rec["primary_tool"] = d.primary
                     if task == "ctr":
@@ -146,7 +165,7 @@ def build_router(cfg, store, split: str = "test", toolbox=None) -> Router:
     from reasonrec.planner import load_planners, load_toolbox
     catalog, users, _ = load_context(store, cfg.vlm, cfg.data.eh_thresholds)
     return Router(toolbox if toolbox is not None else load_toolbox(store), load_planners(store, cfg.planner), users,
-                  catalog, cfg.planner, cfg.score.k, cfg.score.mode, split)
+                  catalog, cfg.planner, cfg.score.k, cfg.score.mode, split, cfg.score.count_flops)
 
 
 def build_vlm_answerer(cfg, store, split: str = "test", batch_size: int | None = None) -> "VLMAnswerer":
@@ -162,7 +181,7 @@ def build_vlm_answerer(cfg, store, split: str = "test", batch_size: int | None =
                                            ic.prompt_candidates)
     predictor = VLMPredictor(load_finetuned(store, cfg.vlm))
     return VLMAnswerer(predictor, prompts, users, catalog, cfg.score.k, split,
-                       cfg.score.vlm_batch_size if batch_size is None else batch_size)
+                       cfg.score.vlm_batch_size if batch_size is None else batch_size, cfg.score.count_flops)
 
 
 # --------------------------------------------------------------------------------- VLM
@@ -179,6 +198,7 @@ def to_scored(routed: pa.Table, answers: Mapping[int, dict] | None = None) -> pa
             "rationale": r.get("rationale"), "latency_ms": (r.get("tools_ms") or 0.0) + a.get("ms", 0.0),
             "eh_bucket": r.get("eh_bucket"), "cold_user": r.get("cold_user"), "vlm_called": i in answers,
             "primary_tool": r.get("primary_tool"), "tool_items": r.get("tool_items"), "tool_prob": r.get("tool_prob"),
+            "flops": None if r.get("tools_flops") is None else r["tools_flops"] + a.get("flops", 0.0),
             "tool_confidence": r.get("tool_confidence"), "error": r.get("error"),
         })
     return pa.Table.from_pylist(out, schema=SCORED)
@@ -200,10 +220,10 @@ class VLMAnswerer:
     the queries the VLM answered."""
 
     def __init__(self, predictor, prompts: PromptBuilder, users: UserDirectory, catalog: Catalog,
-                 k: int = 10, split: str = "test", batch_size: int = 4):
+                 k: int = 10, split: str = "test", batch_size: int = 4, count_flops: bool = False):
         from reasonrec.vlm.infer import ItemTrie
         self.predictor, self.prompts, self.users, self.catalog = predictor, prompts, users, catalog
-        self.k, self.split, self.batch_size = k, split, max(batch_size, 1)
+        self.k, self.split, self.batch_size, self.count_flops = k, split, max(batch_size, 1), count_flops
         self.trie = ItemTrie(predictor.tok, catalog.text, list(range(catalog.n_items)))
         self.calls = 0
 
@@ -230,19 +250,22 @@ class VLMAnswerer:
                                            item_id=r.get("item_id"), rating=r.get("rating"), hints=hints)
             examples.append(self.prompts.example(rendered))
         p = self.predictor
-        if task == "sequential":
-            res = p.rank_catalog(examples, self.trie, k=self.k)
-        elif task == "direct":
-            res = p.score_candidates(examples, [[self.catalog.text[c] for c in r["candidates"]] for r in rows],
-                                     [r["candidates"] for r in rows])
-        elif task == "ctr":
-            res = p.ctr(examples)
-        else:
-            res = p.explain(examples)
+        with counted_flops(self.count_flops) as flops:
+            if task == "sequential":
+                res = p.rank_catalog(examples, self.trie, k=self.k)
+            elif task == "direct":
+                res = p.score_candidates(examples, [[self.catalog.text[c] for c in r["candidates"]] for r in rows],
+                                         [r["candidates"] for r in rows])
+            elif task == "ctr":
+                res = p.ctr(examples)
+            else:
+                res = p.explain(examples)
+        per_query_flops = None if flops() is None else flops() / len(rows)
         self.calls += len(rows)
         out = {}
         for i, o in zip(idx, res):
             conf = o.conf_verbal if o.conf_verbal is not None else o.conf_token
             out[i] = {"items": o.items[: self.k] if o.items is not None else None, "prob": o.prob,
-                      "text": o.text, "confidence": conf, "ms": o.latency_ms}
+                      "text": o.text, "confidence": conf, "ms": o.latency_ms,
+                      **({} if per_query_flops is None else {"flops": per_query_flops})}
         return out

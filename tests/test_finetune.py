@@ -254,7 +254,7 @@ def test_reloaded_adapter_reproduces_the_trained_models_validation_loss(finetune
     bundle = load_finetuned(store, cfg.vlm)
     data = finetune_data(store.read_table("instructions", "examples"), store.read_table("prepare", "items"))
     valid = InstructionDataset(data.valid, data.images)
-    loss = dataset_loss(bundle, valid, valid_subset(len(valid), finetune.MAX_VALID_EXAMPLES, cfg.curriculum.seed), 2)
+    loss = dataset_loss(bundle, valid, valid_subset(len(valid), cfg.finetune.max_valid_examples, cfg.curriculum.seed), 2)
     assert loss == pytest.approx(s["valid_loss"], rel=1e-4)      # computed by the Ray workers
 
 

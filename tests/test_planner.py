@@ -34,6 +34,41 @@ def test_tier_buckets_and_modes_come_from_config():
     assert [assign_tier("low", 0.99, cfg, m) for m in ("tools", "vlm", "vlm_tools")] == ["low", "medium", "high"]
 
 
+@pytest.mark.parametrize("aware,bucket,conf,p_vlm,margin,tier", [
+    (True, "high", 0.40, 0.40, 0.0, "low"),      # tool exactly as likely right as the VLM: bypass
+    (True, "high", 0.3999, 0.40, 0.0, "medium"),  # just below: the VLM answers (not < consult 0.3)
+    (True, "high", 0.25, 0.40, 0.0, "high"),     # unsure and the VLM is better: VLM consults tools
+    (True, "medium", 0.45, 0.40, 0.1, "medium"),  # the margin asks for a clear lead
+    (True, "medium", 0.50, 0.40, 0.1, "low"),
+    (True, "high", 0.90, None, 0.0, "medium"),   # no VLM estimate for the bucket: the paper rule
+    (False, "high", 0.90, 0.10, 0.0, "medium"),  # switched off: the paper rule
+])
+def test_vlm_aware_bypass_when_the_tool_is_likelier_right(aware, bucket, conf, p_vlm, margin, tier):
+    assert assign_tier(bucket, conf, PlannerConfig(vlm_aware=aware, vlm_margin=margin), vlm_right=p_vlm) == tier
+
+
+def test_vlm_right_is_smoothed_per_bucket_saved_and_used_by_plan():
+    x, usable = _world()
+    cfg = PlannerConfig(confidence_rounds=20, vlm_aware=True)
+    planner = TaskPlanner.fit("sequential", NAMES, x, usable, cfg)
+    rep = planner.set_vlm_right(["low", "low", "high", "high", "high", "high"], [True, True, False, False, False, True])
+    assert planner.vlm_right == {"low": 3 / 4, "medium": 1 / 2, "high": 2 / 6}      # (hits + 1) / (n + 2)
+    assert rep["high"] == {"n": 4, "right": 1, "p_vlm_right": 2 / 6}
+    again = TaskPlanner.from_state(planner.state(), cfg)
+    assert again.vlm_right == planner.vlm_right
+    # plan(): a high-EH query whose tool confidence beats the VLM's 1/3 is answered by the tool.
+    xt = x[:40]
+    conf = again.confidence(xt, again.choose(xt))
+    ans = ToolAnswers("sequential", NAMES, items={n: np.zeros((40, 10), np.int64) for n in NAMES},
+                      margin={n: np.zeros(40) for n in NAMES})
+    ds = plan(again, ans, xt, ["high"] * 40, np.full(40, 0.9), np.arange(40), cfg)
+    for d, c in zip(ds, conf):
+        assert d.tier == ("low" if c >= 2 / 6 else ("high" if c < cfg.consult_confidence else "medium"))
+        if d.tier == "low":
+            assert "P(VLM right)=0.33" in d.rationale
+    assert {d.tier for d in ds} >= {"low"}
+
+
 def test_more_than_three_tools_is_a_config_error():
     with pytest.raises(ConfigError, match="planner.max_tools"):
         load_config(None, ["planner.max_tools=4"])

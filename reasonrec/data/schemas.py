@@ -172,6 +172,7 @@ PREDICTIONS = pa.schema([
     ("primary_tool", pa.string()),
     ("tool_items", pa.list_(pa.int64())),
     ("tool_prob", pa.float32()),
+    ("flops", pa.float64()),               # torch FLOPs spent on the query (score.count_flops), else null
 ])
 
 
