@@ -3,7 +3,8 @@
     python -m ray_jobs.evaluate --config configs/quickstart.yaml [key=value ...] [--force]
 
 Protocols (stated next to every number):
-* sequential: leave-one-out test item, ranked over the full catalog (history not excluded);
+* sequential: leave-one-out test item, ranked over the full catalog, once with the history kept
+  and once with the history items masked (RecBole's full-sort protocol);
 * direct: the test item among its candidate list (1 + ``data.direct_negatives`` sampled unseen items);
 * ctr: the 8:1:1 per-user CTR test split with ``data.ctr_negatives`` sampled negatives per positive.
 
@@ -36,6 +37,9 @@ from reasonrec.runtime import init_ray
 STAGE = "report"
 KS = (5, 10, 20)
 log = logging.getLogger("reasonrec.evaluate")
+
+
+SEQ_MASKED = "full-catalog ranking with history items masked (RecBole full-sort), leave-one-out test item"
 
 
 def protocols(cfg: RunConfig) -> dict[str, str]:
@@ -83,14 +87,16 @@ def evaluate_tools(store: ArtifactStore, cfg: RunConfig) -> list[dict]:
     users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
     proto = protocols(cfg)
     records: list[dict] = []
-    preds = _read(store, "train_tools", "predictions", ["user_id", "tool", "rank", "cand_rank", "n_candidates", "split"])
+    preds = _read(store, "train_tools", "predictions",
+                  ["user_id", "tool", "rank", "rank_excl", "cand_rank", "n_candidates", "split"])
     for tool in sorted(set(preds.column("tool").to_pylist())):
         t = preds.filter(pc.equal(preds.column("tool"), tool))
         uids = t.column("user_id").to_numpy()
         buckets, groups = _segments(users, uids)
-        ranks = t.column("rank").to_numpy()
-        per_query = {f"{m}@{k}": f(ranks, k) for k in KS for m, f in (("hr", hit_at_k), ("ndcg", ndcg_at_k))}
-        records += _records("sequential", tool, proto["sequential"], breakdown(per_query, buckets, groups))
+        for column, protocol in (("rank", proto["sequential"]), ("rank_excl", SEQ_MASKED)):
+            ranks = t.column(column).to_numpy()
+            per_query = {f"{m}@{k}": f(ranks, k) for k in KS for m, f in (("hr", hit_at_k), ("ndcg", ndcg_at_k))}
+            records += _records("sequential", tool, protocol, breakdown(per_query, buckets, groups))
         has = t.column("n_candidates").to_numpy() > 0
         if has.any():
             cr = t.column("cand_rank").to_numpy()[has]
@@ -114,16 +120,17 @@ def evaluate_tools(store: ArtifactStore, cfg: RunConfig) -> list[dict]:
 def markdown_tables(records: list[dict], protocol: dict[str, str]) -> str:
     """Readable tables: per task, models x (metric@k) overall, then per EH bucket and cold-start group."""
     out = []
-    for task, cols in (("sequential", [("hr", 5), ("ndcg", 5), ("hr", 10), ("ndcg", 10), ("hr", 20), ("ndcg", 20)]),
-                       ("direct", [("hr", 5), ("ndcg", 5), ("hr", 10), ("ndcg", 10)]),
-                       ("ctr", [("auc", None), ("logloss", None)])):
-        rows = [r for r in records if r["task"] == task]
+    seq = [("hr", 5), ("ndcg", 5), ("hr", 10), ("ndcg", 10), ("hr", 20), ("ndcg", 20)]
+    for task, proto, cols in (("sequential", protocol["sequential"], seq), ("sequential", SEQ_MASKED, seq),
+                              ("direct", protocol["direct"], [("hr", 5), ("ndcg", 5), ("hr", 10), ("ndcg", 10)]),
+                              ("ctr", protocol["ctr"], [("auc", None), ("logloss", None)])):
+        rows = [r for r in records if r["task"] == task and r["protocol"] == proto]
         if not rows:
             continue
         val = {(r["model"], r["metric"], r["k"], r["group"]): r for r in rows}
         models = sorted({r["model"] for r in rows})
         head = [f"{m.upper()}@{k}" if k else m.upper() for m, k in cols]
-        out.append(f"### {task} ({protocol[task]})\n")
+        out.append(f"### {task} ({proto})\n")
         out.append("| model | n | " + " | ".join(head) + " |")
         out.append("|---|---|" + "---|" * len(cols))
         for model in models:

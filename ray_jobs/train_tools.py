@@ -5,8 +5,9 @@
 All enabled tools train one after another inside ONE Ray Train ``TorchTrainer`` run
 (``ScalingConfig(num_workers, use_gpu)`` from ``tools.*``), so the worker-group start-up is paid
 once, not once per tool. Torch tools are data-parallel (DDP; TorchRec DMP for DLRM/DCNv2) when
-``num_workers > 1``. Every epoch reports through ``ray.train.report`` with a checkpoint holding
-the finished tools, the current tool and its epoch: a killed run started again with the same
+``num_workers > 1``. Every finished tool, and mid-tool at most every ``tools.checkpoint_every_s``
+seconds (at an epoch end), reports through ``ray.train.report`` with a checkpoint holding the
+finished tools, the current tool and its epoch: a killed run started again with the same
 config resumes from the latest checkpoint (Ray Train restores a run with the same name and
 storage path), skipping finished tools and finished epochs.
 
@@ -52,7 +53,7 @@ def _train_loop(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     store = ArtifactStore(config["output_root"], config["run_name"], StorageConfig(**config["storage"]))
     data = load_tool_data(store)
-    rank = ray.train.get_context().get_world_rank()
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
 
     state = tempfile.mkdtemp(prefix="tools-state-")
     progress = {"done": {}, "current": None, "epoch": -1, "resumes": []}
@@ -84,6 +85,21 @@ def _train_loop(config: dict) -> None:
                 checkpoint = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
+    last_checkpoint = [time.time()]
+
+    def checkpoint_due() -> bool:
+        """Time for a mid-tool checkpoint? Rank 0 decides for all ranks (every rank must call
+        ray.train.report at the same epochs, and clocks differ)."""
+        due = time.time() - last_checkpoint[0] >= config["checkpoint_every_s"]
+        if world > 1:
+            import torch.distributed as dist
+            box = [due]
+            dist.broadcast_object_list(box, src=0)
+            due = box[0]
+        if due:
+            last_checkpoint[0] = time.time()
+        return due
+
     for name in config["names"]:
         if name in progress["done"]:
             continue
@@ -98,6 +114,8 @@ def _train_loop(config: dict) -> None:
 
         def reporter(epoch: int, metrics: dict, tool=tool, name=name) -> None:
             progress["epoch"] = epoch
+            if not checkpoint_due():
+                return
             report({"tool": name, "epoch": epoch, **{k: float(v) for k, v in metrics.items()
                                                      if isinstance(v, (int, float))}}, tool)
 
@@ -111,6 +129,7 @@ def _train_loop(config: dict) -> None:
         progress["current"], progress["epoch"] = None, -1
         log.info("tool %s trained in %.1fs: %s", name, metrics["train_seconds"], metrics)
         report({"tool": name, "epoch": -1, "finished": 1.0})
+        last_checkpoint[0] = time.time()
 
 
 # ------------------------------------------------------------------- prediction actors
@@ -178,7 +197,15 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
     prep = store.require("prepare")
     names = _tool_order(list(cfg.tools.enabled), cfg.tools.ensemble)
-    config_hash = section_hash({"tools": section_hash(cfg.tools), "data": prep.config_hash})
+    tc = cfg.tools
+    # What the trained weights depend on names the Ray Train run (so a changed prediction or
+    # checkpoint setting resumes the finished training instead of redoing it); the stage's hash
+    # adds what the written predictions depend on.
+    train_hash = section_hash({"enabled": list(tc.enabled), "params": tc.params, "ensemble": tc.ensemble,
+                               "num_workers": tc.num_workers, "use_gpu": tc.use_gpu, "data": prep.config_hash})
+    # The prediction schemas are hashed too: a new prediction column re-writes the predictions.
+    config_hash = section_hash({"train": train_hash, "k": tc.prediction_k, "splits": list(tc.predict_splits),
+                                "columns": [f.name for f in PREDICTIONS] + [f.name for f in CTR_PREDICTIONS]})
     inputs = {"prepare": prep.fingerprint}
     if not force and store.is_done(STAGE, config_hash, inputs):
         log.info("train_tools: manifest matches under %s; skipping (use --force to re-run)", store.url(STAGE))
@@ -190,10 +217,10 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         params["ensemble"] = {"members": trained, **params.get("ensemble", {})}
     storage_dict = {"s3_endpoint_url": cfg.storage.s3_endpoint_url, "s3_anon": cfg.storage.s3_anon}
     train_cfg = {"output_root": cfg.output_root, "run_name": cfg.run_name, "storage": storage_dict,
-                 "names": trained, "params": params}
+                 "names": trained, "params": params, "checkpoint_every_s": cfg.tools.checkpoint_every_s}
     # Ray Train keeps its checkpoints next to the run (same name -> a restarted job resumes).
     storage_path = store.url("_ray_train") if store.scheme else store.path("_ray_train")
-    train_name = f"train_tools-{config_hash}"
+    train_name = f"train_tools-{train_hash}"
     if force and store.fs.exists(store.path("_ray_train", train_name)):
         store.fs.rm(store.path("_ray_train", train_name), recursive=True)  # --force: no resume
     trainer = TorchTrainer(
@@ -226,7 +253,12 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             members = {n: load_tool(f"{tools_url}/{n}", cfg.storage) for n in trained}
             save_tool(tool_class("ensemble")(params["ensemble"], members=members), f"{tools_url}/ensemble", cfg.storage)
 
-        loo = ray.data.read_parquet(store.url("prepare", "loo"), filesystem=store.arrow_fs)
+        # Inputs are read and split into blocks before the actor pools start: an actor pool as
+        # large as the cluster would otherwise hold every CPU while the read task waits for one
+        # (seen on 2 CPUs with predict_actors=2), and one block would feed only one actor.
+        blocks = max(4 * cfg.tools.predict_actors, 1)
+        loo = ray.data.read_parquet(store.url("prepare", "loo"), filesystem=store.arrow_fs).repartition(
+            blocks).materialize()
         preds = loo.map_batches(
             _RankingPredictor, batch_format="pyarrow", batch_size=cfg.tools.predict_batch_size,
             fn_constructor_kwargs=dict(tools_dir=tools_url, storage=storage_dict, names=names,
@@ -235,7 +267,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             compute=ActorPoolStrategy(size=cfg.tools.predict_actors))
         write_dataset(preds, w, store, "predictions", PREDICTIONS)
         ctr = ray.data.read_parquet(store.url("prepare", "ctr"), filesystem=store.arrow_fs).map_batches(
-            lambda t: t.filter(pc.not_equal(t.column("split"), "train")), batch_format="pyarrow")
+            lambda t: t.filter(pc.not_equal(t.column("split"), "train")), batch_format="pyarrow"
+        ).repartition(blocks).materialize()
         ctr_preds = ctr.map_batches(
             _CTRPredictor, batch_format="pyarrow", batch_size=4 * cfg.tools.predict_batch_size,
             fn_constructor_kwargs=dict(tools_dir=tools_url, storage=storage_dict, names=names,

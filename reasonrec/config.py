@@ -138,6 +138,10 @@ class ToolsConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 1            # worker-group restarts (from the last checkpoint) before failing
+    # Mid-tool checkpoints (through ray.train.report) at most this often; a finished tool is
+    # always checkpointed. 0 = after every epoch. Tiny tools' epochs take milliseconds: a
+    # checkpoint per epoch made the quickstart's train_tools mostly checkpoint copying.
+    checkpoint_every_s: float = 30.0
     prediction_k: int = 20           # top-K kept per query in the tool predictions
     predict_batch_size: int = 512
     predict_actors: int = 1          # actor-pool size for writing predictions

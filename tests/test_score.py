@@ -226,7 +226,8 @@ def test_vlm_aware_planner_bypasses_where_the_tool_is_likelier_right(tiny_run, t
     cfg, store = tiny_run
     root = tmp_path / "copy"
     shutil.copytree(cfg.output_root, root)   # the shared run's planner stays untouched
-    base = TINY_RUN + [f"output_root={root}", "planner.bypass_buckets=[low]", "planner.bypass_confidence=0.5"]
+    base = TINY_RUN + [f"output_root={root}", "planner.bypass_buckets=[low]", "planner.bypass_confidence=0.5",
+                       "score.max_queries_per_task=6"]
     paper = score.run(load_config(CONFIG_DIR / "quickstart.yaml", base + ["score.stage_name=paper"]))
     c = load_config(CONFIG_DIR / "quickstart.yaml", base + ["planner.vlm_aware=true", "planner.vlm_fit_queries=6",
                                                            "score.stage_name=aware", "score.count_flops=true"])

@@ -67,6 +67,7 @@ def test_prediction_ranks_agree_with_top_k(pipeline):
     for p in preds[:2000]:
         in_top = p["target"] in p["items"]
         assert in_top == (p["rank"] < len(p["items"])), p
+        assert 0 <= p["rank_excl"] <= p["rank"]          # masking the history only removes competitors
         if p["n_candidates"]:
             assert 0 <= p["cand_rank"] < p["n_candidates"]
 
@@ -89,6 +90,12 @@ def test_metrics_jsonl_has_protocols_and_segments(pipeline):
     auc = [r for r in recs if r["metric"] == "auc" and r["group"] == "all" and r["model"] == "xgb_ctr"]
     assert len(auc) == 1 and 0.5 < auc[0]["value"] <= 1.0
     assert "### sequential (full-catalog ranking" in report["tables"]
+    assert "### sequential (full-catalog ranking with history items masked (RecBole" in report["tables"]
+    masked = [r for r in recs if r["task"] == "sequential" and "masked" in r["protocol"] and r["group"] == "all"
+              and r["metric"] == "hr" and r["k"] == 10]
+    kept = {r["model"]: r["value"] for r in recs if r["task"] == "sequential" and "masked" not in r["protocol"]
+            and r["group"] == "all" and r["metric"] == "hr" and r["k"] == 10}
+    assert masked and all(r["value"] >= kept[r["model"]] for r in masked)
 
 
 def test_rerun_skips_both_stages(pipeline):
@@ -101,7 +108,7 @@ def test_killed_training_resumes_from_its_checkpoint(ray_local, tmp_path):
     """Kill the driver mid-training (SASRec, after an epoch's checkpoint), start again: finished
     tools and epochs are not redone."""
     overrides = ["tools.enabled=[popularity,sasrec]", "tools.ensemble=false", "tools.params.sasrec.max_epochs=8",
-                 "tools.params.sasrec.patience=8", "run_name=killed"]
+                 "tools.params.sasrec.patience=8", "tools.checkpoint_every_s=0", "run_name=killed"]
     cfg = _cfg(tmp_path, *overrides)
     prepare.run(cfg)
     store = ArtifactStore(cfg.output_root, cfg.run_name)

@@ -7,7 +7,8 @@ Queries per user (leave-one-out):
 
 For every ranking tool and query we keep the top-K items and scores, a confidence, the target's
 rank over the whole catalog (full ranking, history not excluded: the RecBole protocol) and, where
-the query has a direct-recommendation candidate list, the target's rank within it.
+the query has a direct-recommendation candidate list, the target's rank within it; and the
+full-catalog rank with the query's history masked (RecBole's full-sort protocol).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ PREDICTIONS = pa.schema([
     ("scores", pa.list_(pa.float32())),
     ("confidence", pa.float32()),
     ("rank", pa.int64()),          # 0-based rank of the target over the whole catalog
+    ("rank_excl", pa.int64()),     # the same with the query's history items masked (the truth kept):
+                                   # RecBole's full-sort protocol
     ("cand_rank", pa.int64()),     # 0-based rank of the target among direct candidates, -1 if none
     ("n_candidates", pa.int64()),
 ])
@@ -81,6 +84,7 @@ def ranking_predictions(tools: dict[str, Tool], batch: pa.Table, k: int,
             order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
             top = np.take_along_axis(top, order, axis=1)
             ranks = rank_full_catalog(scores, targets)
+            ranks_excl = rank_full_catalog(scores, targets, exclude=hists)
             cand_rank = np.full(len(users), -1, np.int64)
             n_cand = np.zeros(len(users), np.int64)
             rows = [i for i, u in enumerate(users) if (int(u), split) in candidates]
@@ -97,6 +101,7 @@ def ranking_predictions(tools: dict[str, Tool], batch: pa.Table, k: int,
             cols["scores"].extend(np.take_along_axis(scores, top, axis=1).tolist())
             cols["confidence"].append(Tool.confidence(scores))
             cols["rank"].append(np.asarray(ranks, np.int64))
+            cols["rank_excl"].append(np.asarray(ranks_excl, np.int64))
             cols["cand_rank"].append(cand_rank)
             cols["n_candidates"].append(n_cand)
     if not cols["user_id"]:
