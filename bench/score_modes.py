@@ -7,6 +7,7 @@ variant is one ``ray_jobs.score`` run written to its own stage (``bench_<variant
 ``ray_jobs.evaluate.system_records``:
 
 * ``routed``      the planner decides (learned tool choice)         -- ReasonRec
+* ``paper_rule``  routed, tiers from the paper's rule only (no VLM-aware bypass; same planner fit)
 * ``tools``       tools only (the primary tool answers everything)  -- tool-only baseline
 * ``vlm``         the VLM alone for every query                     -- VLM-only baseline
 * ``vlm_tools``   the VLM consults the chosen tools for every query -- VLM + tools always
@@ -30,6 +31,7 @@ from reasonrec.io import ArtifactStore
 
 VARIANTS = {
     "routed": [],
+    "paper_rule": ["planner.vlm_margin=2"],   # the VLM-aware bypass can never fire: the paper's rule
     "tools": ["score.mode=tools"],
     "vlm": ["score.mode=vlm"],
     "vlm_tools": ["score.mode=vlm_tools"],

@@ -83,6 +83,7 @@ TINY_RUN = [
     "finetune.max_steps=6", "finetune.checkpoint_every=3", "finetune.per_device_batch_size=2",
     "planner.max_fit_queries=200", "planner.confidence_rounds=20",
     "planner.bypass_buckets=[low,medium,high]", "planner.bypass_confidence=0.4",
+    "planner.vlm_aware=false", "score.count_flops=false",   # tests that want them switch them on
     "score.max_queries_per_task=12", "score.shard_rows=16", "score.vlm_batch_size=4",
 ]
 
