@@ -66,7 +66,13 @@ def test_prediction_ranks_agree_with_top_k(pipeline):
     assert {p["split"] for p in preds} == {"train", "valid", "test"}
     for p in preds[:2000]:
         in_top = p["target"] in p["items"]
-        assert in_top == (p["rank"] < len(p["items"])), p
+        if p["rank"] < len(p["items"]):
+            assert in_top, p
+        elif in_top:
+            # Ranks count ties pessimistically; top-K breaks them arbitrarily (the ensemble's
+            # averaged ranks tie often). The target may then sit in the top-K only on a tie with
+            # the K-th score.
+            assert p["scores"][p["items"].index(p["target"])] == p["scores"][-1], p
         assert 0 <= p["rank_excl"] <= p["rank"]          # masking the history only removes competitors
         if p["n_candidates"]:
             assert 0 <= p["cand_rank"] < p["n_candidates"]
