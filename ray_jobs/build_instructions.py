@@ -18,7 +18,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_jobs.common import write_dataset
+from ray_jobs.common import arrow_blocks, write_dataset
 from reasonrec.config import RunConfig, parse_cli, section_hash
 from reasonrec.data.schemas import INSTRUCTIONS
 from reasonrec.io import ArtifactStore
@@ -102,7 +102,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     log.info("instructions: labelling %d queries with the tools (%s)", queries.num_rows,
              ", ".join(f"{t}" for t in ic.tasks))
     pool = ActorPoolStrategy(size=max(cfg.score.tool_actors, 1))
-    labeled = ray.data.from_arrow(queries).repartition(max(cfg.score.tool_actors * 4, 1)).map_batches(
+    labeled = ray.data.from_arrow(arrow_blocks(queries, cfg.score.tool_actors * 4)).map_batches(
         _Labeler, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=cfg.score.tool_batch_size,
         compute=pool).materialize()
     # Five small columns per query: the only data the driver collects.

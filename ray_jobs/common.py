@@ -20,3 +20,13 @@ def write_dataset(ds, writer: StageWriter, store: ArtifactStore, name: str, sche
     rows = pads.dataset(writer.path(name), filesystem=store.arrow_fs, format="parquet").count_rows()
     writer.manifest.rows[name] = rows
     return rows
+
+
+def arrow_blocks(table: pa.Table, n_blocks: int) -> list[pa.Table]:
+    """``table`` cut into at most ``n_blocks`` zero-copy slices, for ``ray.data.from_arrow``.
+
+    Used instead of ``Dataset.repartition`` in front of an actor pool: a pool as large as the
+    cluster holds every CPU while the repartition's tasks wait for one (hung with 2 actors on 2 CPUs).
+    """
+    step = max(-(-table.num_rows // max(n_blocks, 1)), 1)
+    return [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ray_jobs.common import arrow_blocks
 from reasonrec.config import RunConfig, parse_cli, section_hash
 from reasonrec.data.schemas import QUERIES
 from reasonrec.io import ArtifactStore, TMP_DIR
@@ -280,7 +281,7 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
     tasks = [t for t in cfg.score.tasks if t != "explanation"]
     queries = pa.concat_tables([prepared_queries(tables, t, "valid", n_items, cfg.data.direct_negatives,
                                                  pc_cfg.seed, pc_cfg.max_fit_queries) for t in tasks])
-    ds = ray.data.from_arrow(queries).repartition(max(cfg.score.tool_actors * 4, 1)).map_batches(
+    ds = ray.data.from_arrow(arrow_blocks(queries, cfg.score.tool_actors * 4)).map_batches(
         _PlannerFeatures, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
         batch_size=cfg.score.tool_batch_size, compute=ActorPoolStrategy(size=max(cfg.score.tool_actors, 1)))
     feats = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("query_id")
@@ -367,10 +368,11 @@ def staging_name(cfg: RunConfig, store: ArtifactStore) -> str:
     return f"{cfg.score.stage_name}-{section_hash({'c': config_hash(cfg), 'i': _inputs(cfg, store)})}"
 
 
-def run(cfg: RunConfig, force: bool = False) -> dict:
+def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) -> dict:
+    """``force`` re-runs the scoring and, unless ``refit_planner`` says otherwise, the planner fit."""
     t0 = time.time()
     store = _store(cfg)
-    planner_summary = fit_planner(cfg, force=force)
+    planner_summary = fit_planner(cfg, force=force if refit_planner is None else refit_planner)
     stage = cfg.score.stage_name
     inputs = _inputs(cfg, store)
     needs_vlm = "finetune" in inputs

@@ -229,8 +229,11 @@ def test_vlm_aware_planner_bypasses_where_the_tool_is_likelier_right(tiny_run, t
     base = TINY_RUN + [f"output_root={root}", "planner.bypass_buckets=[low]", "planner.bypass_confidence=0.5",
                        "score.max_queries_per_task=6"]
     paper = score.run(load_config(CONFIG_DIR / "quickstart.yaml", base + ["score.stage_name=paper"]))
+    # Two actors per pool on the 2-CPU test cluster: pools as large as the cluster must not
+    # starve the planner fit's input (it once hung on a repartition waiting for a CPU).
     c = load_config(CONFIG_DIR / "quickstart.yaml", base + ["planner.vlm_aware=true", "planner.vlm_fit_queries=6",
-                                                           "score.stage_name=aware", "score.count_flops=true"])
+                                                           "score.stage_name=aware", "score.count_flops=true",
+                                                           "score.tool_actors=2", "score.vlm_actors=2"])
     aware = score.run(c)
     from reasonrec.io import ArtifactStore
     st = ArtifactStore(c.output_root, c.run_name)

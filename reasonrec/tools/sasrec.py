@@ -6,8 +6,6 @@ Defaults suit Amazon Beauty (small and sparse: heavy dropout, 2 layers of width 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,0 +1,96 @@
+"""Curriculum vs uniform sampling, template mixture vs one template: the paper's Figure 5
+ablations, each fine-tuned on the same budget and scored on the same queries.
+
+    python -m bench.finetune_ablation --config configs/quickstart.yaml [key=value ...] [--variants a,b,...]
+
+Needs a run whose ``prepare`` and ``train_tools`` stages are done (``python -m ray_jobs.pipeline``).
+Each variant gets its own run ``{run_name}-ablation-{variant}`` that starts from a copy of those two
+stages, then runs ``build_instructions`` -> ``finetune`` -> ``score`` with ``score.mode=vlm`` (the
+VLM answers every query, so the numbers measure the fine-tuned model, not the router) and is
+scored by ``ray_jobs.evaluate.system_records``:
+
+* ``curriculum``      the preset as configured (EH curriculum, ten-template mixture)
+* ``uniform``         ``curriculum.enabled=false``: uniform sampling over all examples
+* ``single_template`` ``instructions.template_mixture=false``: every example in template 0
+
+Prints one Markdown table (validation loss, sequential HR@5 / NDCG@5 for all and high-EH users,
+direct HR@5, CTR AUC, explanation ROUGE-L, fine-tune wall time) and writes it with the raw numbers
+to ``{run}/bench_finetune_ablation.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+from ray_jobs import build_instructions, evaluate, finetune, score
+from reasonrec.config import load_config
+from reasonrec.io import ArtifactStore
+
+VARIANTS = {
+    "curriculum": [],
+    "uniform": ["curriculum.enabled=false"],
+    "single_template": ["instructions.template_mixture=false"],
+}
+SHARED_STAGES = ("prepare", "train_tools")    # identical for every variant: copied, not re-run
+# The VLM answers everything; the VLM-aware planner would only add a calibration pass.
+SCORING = ["score.mode=vlm", "planner.vlm_aware=false", "score.count_flops=false"]
+
+
+def _metric(records, task, metric, k=None, group="all"):
+    for r in records:
+        if r["task"] == task and r["metric"] == metric and r["k"] == k and r["group"] == group:
+            return r["value"]
+    return float("nan")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    base_cfg = load_config(a.config, list(a.overrides))
+    base = ArtifactStore(base_cfg.output_root, base_cfg.run_name, base_cfg.storage)
+    for stage in SHARED_STAGES:
+        base.require(stage)
+    rows = []
+    for name in a.variants.split(","):
+        run_name = f"{base_cfg.run_name}-ablation-{name}"
+        cfg = load_config(a.config, list(a.overrides) + VARIANTS[name] + SCORING + [f"run_name={run_name}"])
+        store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+        for stage in SHARED_STAGES:
+            if store.manifest(stage) is None:
+                store.fs.copy(base.path(stage), store.path(stage), recursive=True)
+        t0 = time.time()
+        inst = build_instructions.run(cfg)
+        ft = finetune.run(cfg)
+        ft_wall = time.time() - t0
+        s = score.run(cfg)
+        users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
+        recs = evaluate.system_records(store.read_table(cfg.score.stage_name, "predictions"),
+                                       store.read_table(cfg.score.stage_name, "queries"), users, cfg)
+        rows.append({"variant": name, "examples": inst.get("examples"), "steps": ft.get("steps"),
+                     "valid_loss": ft.get("valid_loss"), "build_and_finetune_s": round(ft_wall, 1),
+                     "queries": s["queries"],
+                     "seq_hr5": _metric(recs, "sequential", "hr", 5),
+                     "seq_ndcg5": _metric(recs, "sequential", "ndcg", 5),
+                     "seq_hr5_eh_high": _metric(recs, "sequential", "hr", 5, "eh:high"),
+                     "direct_hr5": _metric(recs, "direct", "hr", 5), "ctr_auc": _metric(recs, "ctr", "auc"),
+                     "expl_rouge_l": _metric(recs, "explanation", "rouge_l")})
+        print(json.dumps(rows[-1]), flush=True)
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) and c != "build_and_finetune_s" else str(v)
+                                       for c, v in r.items()) + " |")
+    table = "\n".join(lines)
+    print(table)
+    with base.fs.open(base.path("bench_finetune_ablation.json"), "w") as f:
+        json.dump({"rows": rows, "table": table}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
