@@ -24,6 +24,7 @@ import json
 import logging
 import time
 
+from bench.report import markdown_table, system_metric
 from ray_jobs import build_instructions, evaluate, finetune, score
 from reasonrec.config import load_config
 from reasonrec.io import ArtifactStore
@@ -36,13 +37,6 @@ VARIANTS = {
 SHARED_STAGES = ("prepare", "train_tools")    # identical for every variant: copied, not re-run
 # The VLM answers everything; the VLM-aware planner would only add a calibration pass.
 SCORING = ["score.mode=vlm", "planner.vlm_aware=false", "score.count_flops=false"]
-
-
-def _metric(records, task, metric, k=None, group="all"):
-    for r in records:
-        if r["task"] == task and r["metric"] == metric and r["k"] == k and r["group"] == group:
-            return r["value"]
-    return float("nan")
 
 
 def main() -> None:
@@ -75,18 +69,13 @@ def main() -> None:
         rows.append({"variant": name, "examples": inst.get("examples"), "steps": ft.get("steps"),
                      "valid_loss": ft.get("valid_loss"), "build_and_finetune_s": round(ft_wall, 1),
                      "queries": s["queries"],
-                     "seq_hr5": _metric(recs, "sequential", "hr", 5),
-                     "seq_ndcg5": _metric(recs, "sequential", "ndcg", 5),
-                     "seq_hr5_eh_high": _metric(recs, "sequential", "hr", 5, "eh:high"),
-                     "direct_hr5": _metric(recs, "direct", "hr", 5), "ctr_auc": _metric(recs, "ctr", "auc"),
-                     "expl_rouge_l": _metric(recs, "explanation", "rouge_l")})
+                     "seq_hr5": system_metric(recs, "sequential", "hr", 5),
+                     "seq_ndcg5": system_metric(recs, "sequential", "ndcg", 5),
+                     "seq_hr5_eh_high": system_metric(recs, "sequential", "hr", 5, "eh:high"),
+                     "direct_hr5": system_metric(recs, "direct", "hr", 5), "ctr_auc": system_metric(recs, "ctr", "auc"),
+                     "expl_rouge_l": system_metric(recs, "explanation", "rouge_l")})
         print(json.dumps(rows[-1]), flush=True)
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) and c != "build_and_finetune_s" else str(v)
-                                       for c, v in r.items()) + " |")
-    table = "\n".join(lines)
+    table = markdown_table(rows, list(rows[0]), raw=("build_and_finetune_s",))
     print(table)
     with base.fs.open(base.path("bench_finetune_ablation.json"), "w") as f:
         json.dump({"rows": rows, "table": table}, f, indent=2)

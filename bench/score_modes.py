@@ -26,6 +26,7 @@ import json
 import logging
 import time
 
+from bench.report import markdown_table, system_metric
 from ray_jobs import evaluate, score
 from reasonrec.config import load_config
 from reasonrec.io import ArtifactStore
@@ -44,13 +45,6 @@ VARIANTS = {
     "routed_8shards": ["score.shard_rows=40"],
     "routed_8shards_2actors": ["score.shard_rows=40", "score.tool_actors=2", "score.vlm_actors=2"],
 }
-
-
-def _metric(records, task, metric, k=None):
-    for r in records:
-        if r["task"] == task and r["metric"] == metric and r["k"] == k and r["group"] == "all":
-            return r["value"]
-    return float("nan")
 
 
 def main() -> None:
@@ -77,18 +71,14 @@ def main() -> None:
         rows.append({"variant": name, "queries": s["queries"], "wall_s": round(wall, 1),
                      "queries_per_s": round(s["queries"] / wall, 2), "vlm_calls": s["vlm_calls"],
                      "bypass_rate": round(s["bypass_rate"], 3),
-                     "seq_hr5": _metric(recs, "sequential", "hr", 5), "seq_ndcg5": _metric(recs, "sequential", "ndcg", 5),
-                     "direct_hr5": _metric(recs, "direct", "hr", 5), "ctr_auc": _metric(recs, "ctr", "auc"),
-                     "expl_rouge_l": _metric(recs, "explanation", "rouge_l"), "routes": s["routes"]})
+                     "seq_hr5": system_metric(recs, "sequential", "hr", 5),
+                     "seq_ndcg5": system_metric(recs, "sequential", "ndcg", 5),
+                     "direct_hr5": system_metric(recs, "direct", "hr", 5), "ctr_auc": system_metric(recs, "ctr", "auc"),
+                     "expl_rouge_l": system_metric(recs, "explanation", "rouge_l"), "routes": s["routes"]})
         print(json.dumps(rows[-1]), flush=True)
     cols = ["variant", "queries", "wall_s", "queries_per_s", "vlm_calls", "bypass_rate", "seq_hr5", "seq_ndcg5",
             "direct_hr5", "ctr_auc", "expl_rouge_l"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) and c not in ("wall_s", "queries_per_s",
-                                                                                              "bypass_rate")
-                                       else str(r[c]) for c in cols) + " |")
-    table = "\n".join(lines)
+    table = markdown_table(rows, cols, raw=("wall_s", "queries_per_s", "bypass_rate"))
     print(table)
     with store.fs.open(store.path("bench_score_modes.json"), "w") as f:
         json.dump({"rows": rows, "table": table}, f, indent=2)
