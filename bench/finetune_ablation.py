@@ -19,12 +19,10 @@ to ``{run}/bench_finetune_ablation.json``.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import time
 
-from bench.report import markdown_table, system_metric
+from bench.report import markdown_table, system_metric, variant_args
 from ray_jobs import build_instructions, evaluate, finetune, score
 from reasonrec.config import load_config
 from reasonrec.io import ArtifactStore
@@ -40,12 +38,7 @@ SCORING = ["score.mode=vlm", "planner.vlm_aware=false", "score.count_flops=false
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
-    p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/quickstart.yaml")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("overrides", nargs="*")
-    a = p.parse_args()
+    a = variant_args(VARIANTS)
     base_cfg = load_config(a.config, list(a.overrides))
     base = ArtifactStore(base_cfg.output_root, base_cfg.run_name, base_cfg.storage)
     for stage in SHARED_STAGES:

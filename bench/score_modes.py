@@ -21,12 +21,10 @@ direct, AUC CTR, ROUGE-L explanation, bypass rate) and writes it with the raw nu
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import time
 
-from bench.report import markdown_table, system_metric
+from bench.report import markdown_table, system_metric, variant_args
 from ray_jobs import evaluate, score
 from reasonrec.config import load_config
 from reasonrec.io import ArtifactStore
@@ -48,12 +46,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
-    p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/quickstart.yaml")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("overrides", nargs="*")
-    a = p.parse_args()
+    a = variant_args(VARIANTS)
     rows = []
     for name in a.variants.split(","):
         extra = VARIANTS[name]
