@@ -13,7 +13,7 @@ variant is one ``ray_jobs.score`` run written to its own stage (``bench_<variant
 * ``vlm_tools``   the VLM consults the chosen tools for every query -- VLM + tools always
 * ``random`` / ``oracle`` / ``fixed``: routed with that tool choice (paper Table A4)
 * ``routed_8shards`` / ``routed_8shards_2actors``: routed in 8 shards with 1 or 2 router and VLM actors
-  (pool scaling)
+  (pool scaling); ``routed_8shards_2actors_half_cpu``: 2 + 2 actors reserving 0.5 CPU each
 
 Prints one Markdown table (queries/s, VLM calls, wall time, HR@5 / NDCG@5 sequential, HR@5
 direct, AUC CTR, ROUGE-L explanation, bypass rate) and writes it with the raw numbers to
@@ -42,6 +42,9 @@ VARIANTS = {
     # have work to share; 1 vs 2 router and VLM actors.
     "routed_8shards": ["score.shard_rows=40"],
     "routed_8shards_2actors": ["score.shard_rows=40", "score.tool_actors=2", "score.vlm_actors=2"],
+    # ... and with half a CPU reserved per actor, so both 2-actor pools fit on 2 CPUs at once.
+    "routed_8shards_2actors_half_cpu": ["score.shard_rows=40", "score.tool_actors=2", "score.vlm_actors=2",
+                                        "score.tool_cpus=0.5", "score.vlm_cpus=0.5"],
 }
 
 

@@ -35,6 +35,8 @@ from reasonrec.data.schemas import QUERIES
 from reasonrec.io import ArtifactStore, TMP_DIR
 
 PLANNER_STAGE = "planner"
+# Bump when the VLM-aware criterion changes, so fitted planners are refitted (2: CTR by AUC).
+VLM_RULE_VERSION = 2
 log = logging.getLogger("reasonrec.score")
 REJECTED = pa.schema([("query_id", pa.int64()), ("task", pa.string()), ("user_id", pa.int64()), ("error", pa.string())])
 
@@ -143,13 +145,13 @@ class _VLMCalibration:
     def __call__(self, batch: pa.Table) -> pa.Table:
         routed = self.router(batch)
         scored = self.answerer(routed).to_pylist()
-        right = []
-        for q, a in zip(batch.to_pylist(), scored):
-            if q["task"] == "ctr":
-                right.append(a["prob"] is not None and (a["prob"] >= 0.5) == bool(q["label"]))
-            else:
-                right.append(q["target"] in (a["items"] or [])[: self.correct_k])
-        return pa.table({"task": batch.column("task"), "bucket": routed.column("eh_bucket"), "right": right})
+        # Ranking: was the truth in the VLM's top correct_k? CTR: the VLM's and the primary tool's
+        # probabilities with the label (compared by AUC per bucket, TaskPlanner.set_vlm_auc).
+        right = [q["task"] != "ctr" and q["target"] in (a["items"] or [])[: self.correct_k]
+                 for q, a in zip(batch.to_pylist(), scored)]
+        return pa.table({"task": batch.column("task"), "bucket": routed.column("eh_bucket"), "right": right,
+                         "label": batch.column("label"), "vlm_prob": [a["prob"] for a in scored],
+                         "tool_prob": routed.column("tool_prob")})
 
 
 class _RouterActor:
@@ -271,6 +273,7 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
                                                  "vlm_fit_queries")}
     if pc_cfg.vlm_aware:
         inputs["finetune"] = store.require("finetune").fingerprint
+        fit_keys["vlm_rule"] = VLM_RULE_VERSION
     chash = section_hash({"planner": fit_keys, "k": cfg.score.k, "neg": cfg.data.direct_negatives,
                           "tasks": [t for t in cfg.score.tasks if t != "explanation"]})
     if not force and store.is_done(PLANNER_STAGE, chash, inputs):
@@ -283,7 +286,8 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
                                                  pc_cfg.seed, pc_cfg.max_fit_queries) for t in tasks])
     ds = ray.data.from_arrow(arrow_blocks(queries, cfg.score.tool_actors * 4)).map_batches(
         _PlannerFeatures, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
-        batch_size=cfg.score.tool_batch_size, compute=ActorPoolStrategy(size=max(cfg.score.tool_actors, 1)))
+        batch_size=cfg.score.tool_batch_size, compute=ActorPoolStrategy(size=max(cfg.score.tool_actors, 1)),
+        num_cpus=cfg.score.tool_cpus)
     feats = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("query_id")
     state, report = {"tasks": {}}, {}
     for task in tasks:
@@ -317,7 +321,8 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
 
 def _fit_vlm_right(ray, cfg: RunConfig, queries: pa.Table, state: dict) -> dict:
     """The VLM answers the first ``planner.vlm_fit_queries`` validation queries of each task; its
-    hit rate per EH bucket goes into each task's planner state (``vlm_right``)."""
+    hit rate per EH bucket (CTR: its AUC against the tool's) goes into each task's planner state
+    (``vlm_right``)."""
     from ray.data import ActorPoolStrategy
 
     from reasonrec.planner import TaskPlanner
@@ -327,13 +332,16 @@ def _fit_vlm_right(ray, cfg: RunConfig, queries: pa.Table, state: dict) -> dict:
     ds = ray.data.from_arrow(sample).map_batches(
         _VLMCalibration, fn_constructor_kwargs={"cfg": cfg, "planner_state": state}, batch_format="pyarrow",
         batch_size=max(cfg.score.vlm_batch_size, 1) * 4, compute=ActorPoolStrategy(size=max(cfg.score.vlm_actors, 1)),
-        num_gpus=cfg.score.vlm_gpus or None)
+        num_cpus=cfg.score.vlm_cpus, num_gpus=cfg.score.vlm_gpus or None)
     got = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     report = {}
     for task in state["tasks"]:
         t = got.filter(pc.equal(got.column("task"), task))
         planner = TaskPlanner.from_state(state["tasks"][task], cfg.planner)
-        report[task] = planner.set_vlm_right(t.column("bucket").to_pylist(), t.column("right").to_pylist())
+        buckets = t.column("bucket").to_pylist()
+        report[task] = (planner.set_vlm_auc(buckets, t.column("label").to_pylist(), t.column("vlm_prob").to_pylist(),
+                                            t.column("tool_prob").to_pylist()) if task == "ctr"
+                        else planner.set_vlm_right(buckets, t.column("right").to_pylist()))
         state["tasks"][task] = planner.state()
     return report
 
@@ -411,13 +419,14 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         ds = ray.data.from_arrow(blocks).map_batches(
             _RouterActor, fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split, "attempts": attempts},
             batch_format="pyarrow",
-            batch_size=None, compute=ActorPoolStrategy(size=max(cfg.score.tool_actors, 1)), **_remote(retries))
+            batch_size=None, compute=ActorPoolStrategy(size=max(cfg.score.tool_actors, 1)),
+            num_cpus=cfg.score.tool_cpus, **_remote(retries))
         if needs_vlm:
             ds = ds.map_batches(
                 _VLMActor, fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split, "attempts": attempts},
                 batch_format="pyarrow",
                 batch_size=None, compute=ActorPoolStrategy(size=max(cfg.score.vlm_actors, 1)),
-                num_gpus=cfg.score.vlm_gpus or None, **_remote(retries))
+                num_cpus=cfg.score.vlm_cpus, num_gpus=cfg.score.vlm_gpus or None, **_remote(retries))
         else:
             from reasonrec.scoring import passthrough
             ds = ds.map_batches(passthrough, batch_format="pyarrow", batch_size=None)

@@ -237,6 +237,10 @@ class ScoreConfig:
     tool_actors: int = 1
     vlm_actors: int = 1
     vlm_gpus: float = 0.0            # GPUs per VLM actor
+    # CPUs each actor reserves (Ray's logical CPUs). 1 each means a router pool and a VLM pool
+    # as large as the machine run one after the other; fractions let them overlap.
+    tool_cpus: float = 1.0
+    vlm_cpus: float = 1.0
     tool_batch_size: int = 256
     vlm_batch_size: int = 4
     shard_rows: int = 1000           # queries per output shard (the unit of resume)

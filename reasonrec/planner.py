@@ -160,12 +160,15 @@ class TaskPlanner:
 
     def __init__(self, task: str, names: list[str], cfg: PlannerConfig, usable_models: dict[str, Any],
                  confidence_model: Any, usable_rate: dict[str, float], calibration: dict[str, Any],
-                 vlm_right: Mapping[str, float] | None = None):
+                 vlm_right: Mapping[str, float] | None = None, vlm_auc: Mapping[str, dict] | None = None):
         self.task, self.names, self.cfg = task, names, cfg
         self.usable_models, self.confidence_model = usable_models, confidence_model
         self.usable_rate, self.calibration = usable_rate, calibration
-        # EH bucket -> estimated P(the VLM with tools is right), measured on validation queries
+        # EH bucket -> the bar P(tool right) must reach for the VLM-aware bypass, measured on
+        # validation queries: ranking, the VLM's hit rate; CTR, 0 where the tool ranks at least as
+        # well (AUC) as the VLM, absent where the VLM is better (:meth:`set_vlm_auc`).
         self.vlm_right: dict[str, float] = dict(vlm_right or {})
+        self.vlm_auc: dict[str, dict[str, float]] = dict(vlm_auc or {})   # CTR only: the evidence
 
     def set_vlm_right(self, buckets: Sequence[str], right: Sequence[bool]) -> dict[str, dict[str, float]]:
         """Estimate P(VLM right) per EH bucket from validation answers, Laplace-smoothed
@@ -179,6 +182,43 @@ class TaskPlanner:
             self.vlm_right[bucket] = (hits + 1) / (n + 2)
             report[bucket] = {"n": n, "right": hits, "p_vlm_right": self.vlm_right[bucket]}
         return report
+
+    def set_vlm_auc(self, buckets: Sequence[str], labels: Sequence[bool], vlm_prob: Sequence[float | None],
+                    tool_prob: Sequence[float]) -> dict[str, dict[str, float]]:
+        """CTR is judged by AUC, which no per-query hit measures: a VLM that always answers "no
+        click" is on the right side of 0.5 for ~80% of 1:4 queries while ranking nothing. So per EH
+        bucket the validation AUC of the VLM and of the primary tool are compared on the same
+        queries; where the tool's is at least the VLM's, the bar is 0 (the tool keeps the bucket's
+        CTR queries), else there is no bar (the paper rule decides). A bucket without both labels
+        is judged by all buckets pooled. A missing VLM probability counts as 0.5 (no information).
+        Returns the AUCs for the report."""
+        from reasonrec.metrics import auc
+        b = np.asarray(buckets, object)
+        y = np.asarray(labels, bool)
+        v = np.array([0.5 if p is None else p for p in vlm_prob], np.float64)
+        t = np.asarray(tool_prob, np.float64)
+        pooled = {"vlm": auc(y, v), "tool": auc(y, t)}
+        self.vlm_right, self.vlm_auc, report = {}, {}, {}
+        for bucket in ("low", "medium", "high"):
+            sel = b == bucket
+            own = {"vlm": auc(y[sel], v[sel]), "tool": auc(y[sel], t[sel])}
+            got = own if not np.isnan(own["vlm"]) else pooled
+            if not np.isnan(got["vlm"]):    # else no labelled evidence at all: the paper rule
+                self.vlm_auc[bucket] = {**got, "pooled": got is pooled}
+                if got["tool"] >= got["vlm"]:
+                    self.vlm_right[bucket] = 0.0
+            a = self.vlm_auc.get(bucket, {})
+            report[bucket] = {"n": int(sel.sum()), "auc_vlm": a.get("vlm"), "auc_tool": a.get("tool"),
+                              "pooled": a.get("pooled"), "bypass_bar": self.vlm_right.get(bucket)}
+        return report
+
+    def vlm_basis(self, bucket: str) -> str:
+        """Why the VLM-aware rule bypassed a query of this bucket (for its rationale)."""
+        if bucket in self.vlm_auc:
+            a = self.vlm_auc[bucket]
+            where = "all buckets" if a.get("pooled") else f"{bucket} EH"
+            return f"; validation AUC of the tool {a['tool']:.2f} >= the VLM's {a['vlm']:.2f} ({where})"
+        return f" >= P(VLM right)={self.vlm_right[bucket]:.2f}"
 
     # ---------------------------------------------------------------------------- fitting
     @classmethod
@@ -260,7 +300,8 @@ class TaskPlanner:
             return None if m is None else json.loads(m.save_raw("json").decode())
         return {"task": self.task, "names": self.names, "usable_rate": self.usable_rate,
                 "calibration": self.calibration, "confidence_model": dump(self.confidence_model),
-                "usable_models": {n: dump(m) for n, m in self.usable_models.items()}, "vlm_right": self.vlm_right}
+                "usable_models": {n: dump(m) for n, m in self.usable_models.items()}, "vlm_right": self.vlm_right,
+                "vlm_auc": self.vlm_auc}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], cfg: PlannerConfig) -> "TaskPlanner":
@@ -275,7 +316,7 @@ class TaskPlanner:
             return b
         return cls(state["task"], list(state["names"]), cfg, {n: load(d) for n, d in state["usable_models"].items()},
                    load(state["confidence_model"]), dict(state["usable_rate"]), dict(state["calibration"]),
-                   state.get("vlm_right"))
+                   state.get("vlm_right"), state.get("vlm_auc"))
 
 
 # ------------------------------------------------------------------------------ tiers
@@ -283,8 +324,9 @@ def assign_tier(bucket: str, confidence: float, cfg: PlannerConfig, mode: str = 
                 vlm_right: float | None = None) -> str:
     """The paper's rule, thresholds from config; ``mode`` forces the comparison baselines
     (tools only -> low, VLM alone -> medium, VLM + tools always -> high). With
-    ``cfg.vlm_aware`` and the VLM's estimated P(right) for this bucket (``vlm_right``), a query
-    whose tool is at least that likely right (+ ``vlm_margin``) is low risk as well."""
+    ``cfg.vlm_aware`` and this bucket's bar ``vlm_right`` (:attr:`TaskPlanner.vlm_right`: the
+    VLM's estimated P(right) for ranking, 0 for CTR where the tool ranks at least as well), a
+    query whose tool is at least that likely right (+ ``vlm_margin``) is low risk as well."""
     if mode != "routed":
         return {"tools": "low", "vlm": "medium", "vlm_tools": "high"}[mode]
     if bucket in cfg.bypass_buckets and confidence >= cfg.bypass_confidence:
@@ -297,13 +339,13 @@ def assign_tier(bucket: str, confidence: float, cfg: PlannerConfig, mode: str = 
 
 
 def rationale(tier: str, bucket: str, eh: float, confidence: float, tools: Sequence[str], cfg: PlannerConfig,
-              cold_user: bool = False, mode: str = "routed", vlm_right: float | None = None) -> str:
+              cold_user: bool = False, mode: str = "routed", vlm_basis: str = "") -> str:
     who = "unknown user treated as cold; " if cold_user else ""
     head = f"{who}EH {bucket} ({eh:.2f}), P(tool right)={confidence:.2f}"
     if mode != "routed":
         return f"{head}; forced by mode '{mode}'"
     if tier == "low" and not (bucket in cfg.bypass_buckets and confidence >= cfg.bypass_confidence):
-        return f"{head} >= P(VLM right)={vlm_right:.2f}{f' + {cfg.vlm_margin:g}' if cfg.vlm_margin else ''}: " \
+        return f"{head}{vlm_basis}{f' (+ margin {cfg.vlm_margin:g})' if cfg.vlm_margin else ''}: " \
                f"{tools[0]} answers, VLM bypassed"
     if tier == "low":
         return f"{head} >= {cfg.bypass_confidence:g}: {tools[0]} answers, VLM bypassed"
@@ -329,7 +371,7 @@ def plan(task_planner: TaskPlanner, answers: ToolAnswers, features: np.ndarray, 
         used = tools[:1] if tier == "low" else (tools if tier == "high" else [])
         out.append(Decision(tier, used, float(conf[b]),
                             rationale(tier, buckets[b], float(eh[b]), float(conf[b]), tools, cfg, bool(cold[b]), mode,
-                                      vlm_right),
+                                      task_planner.vlm_basis(buckets[b]) if vlm_right is not None else ""),
                             primary=tools[0]))
     return out
 

@@ -69,6 +69,39 @@ def test_vlm_right_is_smoothed_per_bucket_saved_and_used_by_plan():
     assert {d.tier for d in ds} >= {"low"}
 
 
+def test_ctr_vlm_aware_bar_compares_auc_not_hits():
+    """A VLM that always says "no click" is on the right side of 0.5 for most 1:4 CTR queries but
+    ranks nothing (AUC 0.5): the tool keeps a bucket's CTR queries whenever its validation AUC is
+    at least the VLM's; where the VLM ranks better there is no bar (paper rule); a bucket with one
+    label only is judged on all buckets pooled."""
+    x, usable = _world()
+    cfg = PlannerConfig(confidence_rounds=20, vlm_aware=True)
+    planner = TaskPlanner.fit("ctr", NAMES, x, usable, cfg)
+    rng = np.random.default_rng(0)
+    n = 300
+    buckets = np.array(["low", "high", "medium"])[np.arange(n) % 3]
+    labels = rng.random(n) < 0.2
+    labels[buckets == "medium"] = False                                   # one class: pooled
+    tool = np.clip(labels * 0.3 + rng.random(n) * 0.7, 0, 1)              # informative
+    vlm = np.where(buckets == "high", np.clip(labels * 0.9 + rng.random(n) * 0.1, 0, 1), 0.2)  # better on high only
+    vlm = [None if i == 0 else float(v) for i, v in enumerate(vlm)]       # a missing answer counts 0.5
+    rep = planner.set_vlm_auc(buckets.tolist(), labels.tolist(), vlm, tool.tolist())
+    assert planner.vlm_right == {"low": 0.0, "medium": 0.0}               # "high": VLM better, no bar
+    assert rep["high"]["auc_vlm"] > rep["high"]["auc_tool"] and rep["high"]["bypass_bar"] is None
+    assert rep["low"]["auc_vlm"] == pytest.approx(0.5, abs=0.02) and rep["medium"]["pooled"]
+    again = TaskPlanner.from_state(planner.state(), cfg)
+    assert again.vlm_right == planner.vlm_right and again.vlm_auc == planner.vlm_auc
+    xt = x[:30]
+    ans = ToolAnswers("ctr", NAMES, prob={nm: np.full(30, 0.1) for nm in NAMES}, margin={nm: np.zeros(30) for nm in NAMES})
+    qb = ["low", "medium", "high"] * 10
+    ds = plan(again, ans, xt, qb, np.full(30, 0.5), np.arange(30), PlannerConfig(vlm_aware=True, bypass_buckets=[]))
+    for d, b in zip(ds, qb):
+        if b == "high":
+            assert d.tier != "low"
+        else:
+            assert d.tier == "low" and "validation AUC of the tool" in d.rationale
+
+
 def test_more_than_three_tools_is_a_config_error():
     with pytest.raises(ConfigError, match="planner.max_tools"):
         load_config(None, ["planner.max_tools=4"])

@@ -245,7 +245,7 @@ def test_vlm_aware_planner_bypasses_where_the_tool_is_likelier_right(tiny_run, t
     for r in st.read_table("aware", "predictions").to_pylist():
         if r["route"] == "low" and r["task"] != "explanation" and not (r["eh_bucket"] == "low" and r["confidence"] >= 0.5):
             assert r["confidence"] >= planners[r["task"]].vlm_right[r["eh_bucket"]] - 1e-6
-            assert "P(VLM right)=" in r["rationale"]
+            assert ("validation AUC" if r["task"] == "ctr" else "P(VLM right)=") in r["rationale"]
     # score.count_flops: torch FLOPs per query; the VLM tiers cost more than the tool tier.
     from ray_jobs.evaluate import cost_markdown, system_records
     preds = st.read_table("aware", "predictions")

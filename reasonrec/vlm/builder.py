@@ -418,7 +418,7 @@ def lora_config(bundle: VLMBundle):
     lc = bundle.config.lora
     names = "|".join(sorted(set(lc.target_modules)))
     modules_to_save = (["multi_modal_projector"] if lc.train_projector else []) + \
-        (["vision_tower"] if _train_vision(bundle) else [])
+        (["vision_tower"] if _train_vision(bundle) else []) + list(lc.modules_to_save)
     return LoraConfig(
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
         # A regex keeps LoRA on the language model: CLIP's attention uses the same q/k/v names.

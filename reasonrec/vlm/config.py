@@ -16,6 +16,10 @@ class LoRAConfig:
     # restricts the match to the language model).
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     train_projector: bool = True
+    # Further language-model modules trained in full and saved with the adapter (peft
+    # modules_to_save), e.g. [embed_tokens, lm_head] for a randomly initialised text model, whose
+    # frozen random embeddings and head otherwise cap what low-rank updates can learn.
+    modules_to_save: List[str] = field(default_factory=list)
     # "auto": train (and save with the adapter) the vision tower when it was randomly
     # initialised (tiny/small), keep it frozen for a pretrained checkpoint. Or "yes" / "no".
     train_vision_tower: str = "auto"
