@@ -35,8 +35,8 @@ from reasonrec.data.schemas import QUERIES
 from reasonrec.io import ArtifactStore, TMP_DIR
 
 PLANNER_STAGE = "planner"
-# Bump when the VLM-aware criterion changes, so fitted planners are refitted (2: CTR by AUC).
-VLM_RULE_VERSION = 2
+# Bump when the VLM-aware criterion changes, so fitted planners are refitted (2: CTR by AUC; 3: small buckets pooled).
+VLM_RULE_VERSION = 3
 log = logging.getLogger("reasonrec.score")
 REJECTED = pa.schema([("query_id", pa.int64()), ("task", pa.string()), ("user_id", pa.int64()), ("error", pa.string())])
 
@@ -432,7 +432,11 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             ds = ds.map_batches(passthrough, batch_format="pyarrow", batch_size=None)
         ds = ds.map_batches(_write_shard, fn_kwargs={"staging": staging, "storage": _storage(cfg),
                                                      "expected": expected},
-                            batch_format="pyarrow", batch_size=None, max_retries=cfg.score.max_task_retries)
+                            batch_format="pyarrow", batch_size=None, max_retries=cfg.score.max_task_retries,
+                            # Writing a shard is I/O: with actor pools that reserve every CPU
+                            # (fractional score.*_cpus) a 1-CPU write task would wait for the
+                            # whole pool to finish, and no shard would be saved for resuming.
+                            num_cpus=0.1)
         finished = 0
         for row in ds.iter_rows():
             finished += 1

@@ -33,6 +33,7 @@ from reasonrec.tools.base import Tool
 RANKING = ("sequential", "direct")
 TIERS = ("low", "medium", "high")
 N_HINT_ITEMS = 5
+MIN_AUC_CLASS = 5    # positives and negatives a bucket needs for its own CTR AUC comparison
 
 
 # ------------------------------------------------------------------------------ tools
@@ -189,9 +190,10 @@ class TaskPlanner:
         click" is on the right side of 0.5 for ~80% of 1:4 queries while ranking nothing. So per EH
         bucket the validation AUC of the VLM and of the primary tool are compared on the same
         queries; where the tool's is at least the VLM's, the bar is 0 (the tool keeps the bucket's
-        CTR queries), else there is no bar (the paper rule decides). A bucket without both labels
-        is judged by all buckets pooled. A missing VLM probability counts as 0.5 (no information).
-        Returns the AUCs for the report."""
+        CTR queries), else there is no bar (the paper rule decides). A bucket with fewer than
+        ``MIN_AUC_CLASS`` queries of either label is judged by all buckets pooled (an AUC on 3
+        positives flips with one query). A missing VLM probability counts as 0.5 (no
+        information). Returns the AUCs for the report."""
         from reasonrec.metrics import auc
         b = np.asarray(buckets, object)
         y = np.asarray(labels, bool)
@@ -201,8 +203,8 @@ class TaskPlanner:
         self.vlm_right, self.vlm_auc, report = {}, {}, {}
         for bucket in ("low", "medium", "high"):
             sel = b == bucket
-            own = {"vlm": auc(y[sel], v[sel]), "tool": auc(y[sel], t[sel])}
-            got = own if not np.isnan(own["vlm"]) else pooled
+            enough = min(int(y[sel].sum()), int((~y[sel]).sum())) >= MIN_AUC_CLASS
+            got = {"vlm": auc(y[sel], v[sel]), "tool": auc(y[sel], t[sel])} if enough else pooled
             if not np.isnan(got["vlm"]):    # else no labelled evidence at all: the paper rule
                 self.vlm_auc[bucket] = {**got, "pooled": got is pooled}
                 if got["tool"] >= got["vlm"]:

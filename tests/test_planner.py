@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from reasonrec.config import ConfigError, PlannerConfig, load_config
+from reasonrec.metrics import auc
 from reasonrec.planner import (FEATURES, TaskPlanner, ToolAnswers, assign_tier, explanation_decision, plan,
                                query_features)
 
@@ -72,8 +73,8 @@ def test_vlm_right_is_smoothed_per_bucket_saved_and_used_by_plan():
 def test_ctr_vlm_aware_bar_compares_auc_not_hits():
     """A VLM that always says "no click" is on the right side of 0.5 for most 1:4 CTR queries but
     ranks nothing (AUC 0.5): the tool keeps a bucket's CTR queries whenever its validation AUC is
-    at least the VLM's; where the VLM ranks better there is no bar (paper rule); a bucket with one
-    label only is judged on all buckets pooled."""
+    at least the VLM's; where the VLM ranks better there is no bar (paper rule); a bucket with
+    too few of either label is judged on all buckets pooled."""
     x, usable = _world()
     cfg = PlannerConfig(confidence_rounds=20, vlm_aware=True)
     planner = TaskPlanner.fit("ctr", NAMES, x, usable, cfg)
@@ -81,7 +82,8 @@ def test_ctr_vlm_aware_bar_compares_auc_not_hits():
     n = 300
     buckets = np.array(["low", "high", "medium"])[np.arange(n) % 3]
     labels = rng.random(n) < 0.2
-    labels[buckets == "medium"] = False                                   # one class: pooled
+    labels[buckets == "medium"] = False
+    labels[np.flatnonzero(buckets == "medium")[:3]] = True                # 3 positives (< MIN_AUC_CLASS): pooled
     tool = np.clip(labels * 0.3 + rng.random(n) * 0.7, 0, 1)              # informative
     vlm = np.where(buckets == "high", np.clip(labels * 0.9 + rng.random(n) * 0.1, 0, 1), 0.2)  # better on high only
     vlm = [None if i == 0 else float(v) for i, v in enumerate(vlm)]       # a missing answer counts 0.5
@@ -89,6 +91,8 @@ def test_ctr_vlm_aware_bar_compares_auc_not_hits():
     assert planner.vlm_right == {"low": 0.0, "medium": 0.0}               # "high": VLM better, no bar
     assert rep["high"]["auc_vlm"] > rep["high"]["auc_tool"] and rep["high"]["bypass_bar"] is None
     assert rep["low"]["auc_vlm"] == pytest.approx(0.5, abs=0.02) and rep["medium"]["pooled"]
+    assert not rep["low"]["pooled"] and not rep["high"]["pooled"]
+    assert rep["medium"]["auc_tool"] == pytest.approx(auc(labels, tool))  # the pooled AUC, not its own
     again = TaskPlanner.from_state(planner.state(), cfg)
     assert again.vlm_right == planner.vlm_right and again.vlm_auc == planner.vlm_auc
     xt = x[:30]

@@ -171,6 +171,29 @@ def test_lora_step_reduces_loss_and_adapter_round_trip(tmp_path):
         assert not torch.allclose(base.model(**batch).logits, ref)
 
 
+def test_modules_to_save_trains_and_saves_embeddings_and_head(tmp_path):
+    """vlm.lora.modules_to_save: a random text model's embeddings and LM head train in full and
+    travel with the adapter."""
+    from reasonrec.vlm.config import LoRAConfig
+    plain = build_vlm(VLMConfig(**TINY))
+    b = build_vlm(VLMConfig(**TINY, lora=LoRAConfig(modules_to_save=["embed_tokens", "lm_head"])))
+    names = [n for n, p in b.model.named_parameters() if p.requires_grad]
+    assert any("lm_head" in n for n in names) and any("embed_tokens" in n for n in names)
+    assert trainable_parameters(b)[0] > trainable_parameters(plain)[0]
+    batch = VLMCollator(b)([_example()])
+    opt = torch.optim.AdamW([p for p in b.model.parameters() if p.requires_grad], lr=5e-3)
+    b.model.train()
+    b.model(**batch).loss.backward()
+    opt.step()
+    b.model.eval()
+    with torch.no_grad():
+        ref = b.model(**batch).logits
+    save_adapter(b, tmp_path / "adapter")
+    b2 = load_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(ref, b2.model(**VLMCollator(b2)([_example()])).logits)
+
+
 # ------------------------------------------------------------------------------ inference
 def test_trie_constraint_is_a_distribution_over_items(tiny):
     trie = ItemTrie(tiny.tokenizer, TITLES + ["rose lip"], item_ids=IDS + [999])

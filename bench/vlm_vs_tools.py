@@ -1,0 +1,68 @@
+"""The fine-tuned VLM against every tool on the same test users, per segment (issue: "the VLM
+beats popularity and at least matches the best tool on cold users").
+
+    python -m bench.vlm_vs_tools --config configs/quickstart.yaml --stage bench_vlm [key=value ...]
+
+Reads a scored stage of the run (``--stage``; VLM answers, e.g. ``bench.score_modes``'s
+``bench_vlm`` or ``bench_vlm_tools``) and the ``train_tools`` stage's test predictions, and prints
+HR@5 / NDCG@5 for sequential (full-catalog, history kept) and HR@5 for direct (1 + N sampled
+candidates) overall, per EH bucket and for the cold-start aggregates. The comparison is only
+like-for-like when the stage scored every test query of the task (``score.max_queries_per_task=0``):
+the script checks that the two sides cover the same users and says so otherwise. Cold-start groups
+are computed over the evaluated users (the same rule as ``ray_jobs.evaluate``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from bench.report import markdown_table, system_metric
+from ray_jobs import evaluate
+from reasonrec.config import load_config
+from reasonrec.io import ArtifactStore
+
+GROUPS = ("all", "eh:low", "eh:medium", "eh:high", "cs:coldest", "cs:medium")
+METRICS = (("sequential", "hr", 5), ("sequential", "ndcg", 5), ("direct", "hr", 5))
+
+
+def comparison(tool_records: list[dict], vlm_records: list[dict], seq_protocol: str) -> list[dict]:
+    """One row per (model, task, metric): the VLM first, then the tools by their overall value."""
+    rows = []
+    for task, metric, k in METRICS:
+        def cells(recs, model=None):
+            pick = [r for r in recs if (model is None or r["model"] == model)
+                    and (task != "sequential" or r["protocol"] == seq_protocol)]
+            return {g: system_metric(pick, task, metric, k, g) for g in GROUPS}
+        block = [{"model": "VLM", "task": task, "metric": f"{metric}@{k}", **cells(vlm_records)}]
+        tools = sorted({r["model"] for r in tool_records if r["task"] == task})
+        block += sorted(({"model": t, "task": task, "metric": f"{metric}@{k}", **cells(tool_records, t)} for t in tools),
+                        key=lambda r: -r["all"])
+        rows += block
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--stage", default="bench_vlm", help="scored stage holding the VLM's answers")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    cfg = load_config(a.config, list(a.overrides))
+    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
+    preds = store.read_table(a.stage, "predictions")
+    vlm = evaluate.system_records(preds, store.read_table(a.stage, "queries"), users, cfg, model="VLM")
+    tools = evaluate.evaluate_tools(store, cfg)
+    rows = comparison(tools, vlm, evaluate.protocols(cfg)["sequential"])
+    same = all(next(r["n"] for r in vlm if r["task"] == t and r["group"] == "all")
+               == next(r["n"] for r in tools if r["task"] == t and r["group"] == "all")
+               for t in ("sequential", "direct") if any(r["task"] == t for r in vlm))
+    table = markdown_table(rows, ["model", "task", "metric", *GROUPS])
+    note = "same test users on both sides" if same else "WARNING: the VLM stage did not score every test query"
+    print(f"{note}\n{table}")
+    with store.fs.open(store.path(f"bench_vlm_vs_tools_{a.stage}.json"), "w") as f:
+        json.dump({"rows": rows, "table": table, "same_users": same}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
