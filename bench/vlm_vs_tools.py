@@ -8,7 +8,7 @@ Reads a scored stage of the run (``--stage``; VLM answers, e.g. ``bench.score_mo
 HR@5 / NDCG@5 for sequential (full-catalog, history kept) and HR@5 for direct (1 + N sampled
 candidates) overall, per EH bucket and for the cold-start aggregates. The comparison is only
 like-for-like when the stage scored every test query of the task (``score.max_queries_per_task=0``):
-the script checks that the two sides cover the same users and says so otherwise. Cold-start groups
+the script checks that both sides hold as many queries per task and warns otherwise. Cold-start groups
 are computed over the evaluated users (the same rule as ``ray_jobs.evaluate``).
 """
 from __future__ import annotations

@@ -373,7 +373,8 @@ def plan(task_planner: TaskPlanner, answers: ToolAnswers, features: np.ndarray, 
         used = tools[:1] if tier == "low" else (tools if tier == "high" else [])
         out.append(Decision(tier, used, float(conf[b]),
                             rationale(tier, buckets[b], float(eh[b]), float(conf[b]), tools, cfg, bool(cold[b]), mode,
-                                      task_planner.vlm_basis(buckets[b]) if vlm_right is not None else ""),
+                                      task_planner.vlm_basis(buckets[b]) if tier == "low" and vlm_right is not None
+                                      else ""),
                             primary=tools[0]))
     return out
 
