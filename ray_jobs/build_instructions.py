@@ -95,7 +95,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     for task in ic.tasks:
         for split in ic.splits:
             q = prepared_queries(tables, task, split, n_items, cfg.data.direct_negatives, ic.seed,
-                                 ic.max_examples_per_task)
+                                 ic.max_examples_per_task, ic.train_prefixes)
             blocks.append(q.append_column("split", pa.array([split] * q.num_rows, pa.string())))
     queries = pa.concat_tables(blocks)
     del tables

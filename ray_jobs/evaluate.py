@@ -143,7 +143,7 @@ def markdown_tables(records: list[dict], protocol: dict[str, str]) -> str:
         for model in models:
             first = val.get((model, cols[0][0], cols[0][1], "all"), {})
             cells = [f"{val[(model, m, k, 'all')]['value']:.4f}" if (model, m, k, "all") in val else "" for m, k in cols]
-            mark = " (optimistic\*)" if first.get("protocol", "").endswith(CTR_LEAK) else ""
+            mark = " (optimistic\\*)" if first.get("protocol", "").endswith(CTR_LEAK) else ""
             out.append(f"| {model}{mark} | {first.get('n', 0)} | " + " | ".join(cells) + " |")
         if any(r["protocol"].endswith(CTR_LEAK) for r in rows):
             out.append("\n\\* trained on leave-one-out histories that contain the users' CTR valid/test positives "

@@ -167,6 +167,10 @@ class InstructionsConfig:
     single_template: int = 0
     # Cap per (task, split) so a CPU budget stays bounded; 0 = all. Sampled by hash, not head().
     max_examples_per_task: int = 0
+    # Training split, sequential + direct: also predict up to this many earlier items of each
+    # user's training sequence from the items before them (0: only the last training item, one
+    # example per user). A sequential tool learns from every transition; this lets the VLM too.
+    train_prefixes: int = 0
     seed: int = 0
 
 

@@ -19,6 +19,7 @@ Building an example takes two passes so that the confidence target is a calibrat
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,10 +32,12 @@ from reasonrec.metrics import rouge_l_scores
 from reasonrec.data.schemas import INSTRUCTIONS, QUERIES
 from reasonrec.planner import ToolBox
 from reasonrec.prompts.cot import NoisyTools, compose_target, ctr_answer
+from reasonrec.prompts.user_desc import describe_users
 from reasonrec.prompts.templates import TASKS, ToolHint, _splitmix64
 
 TASK_BASE = {t: (i + 1) * 10**12 for i, t in enumerate(TASKS)}   # query-id ranges per task
 SPLIT_BASE = {"train": 0, "valid": 3 * 10**11, "test": 6 * 10**11}
+PREFIX_STRIDE = 10**9   # query-id offset per earlier training position (prepared_queries ``prefixes``)
 
 LABELED = pa.schema(list(QUERIES) + [
     pa.field("split", pa.string()), pa.field("eh", pa.float32()), pa.field("eh_bucket", pa.string()),
@@ -57,37 +60,62 @@ def _sample(ids: np.ndarray, cap: int, seed: int) -> np.ndarray:
 
 
 def prepared_queries(tables: Mapping[str, pa.Table], task: str, split: str, n_items: int,
-                     direct_negatives: int = 99, seed: int = 0, cap: int = 0) -> pa.Table:
+                     direct_negatives: int = 99, seed: int = 0, cap: int = 0, prefixes: int = 0) -> pa.Table:
     """QUERIES rows of one task and split from the ``prepare`` tables (``loo``, and by task
     ``direct_candidates`` / ``ctr`` / ``explanation``), with truth columns. Query ids are stable:
-    task and split ranges plus the row's position in the (deterministic) table."""
+    task and split ranges plus the row's position in the (deterministic) table.
+
+    ``prefixes`` (training split, sequential and direct only): besides each user's last training
+    item, also predict up to that many earlier items of the training sequence from the items
+    before them (the row's ``history``), so the VLM sees every transition a sequential tool
+    learns from instead of one per user."""
     base = TASK_BASE[task] + SPLIT_BASE[split]
     if task in ("sequential", "direct") and not (task == "direct" and split != "train"):
         loo = tables["loo"].sort_by("user_id")
-        users = loo.column("user_id").to_numpy()
+        all_users = loo.column("user_id").to_numpy()
         train = loo.column("train_items").to_pylist()
+        histories = None
         if split == "train":
             keep = [i for i, t in enumerate(train) if len(t) >= 2]
-            target = [train[i][-1] for i in keep]
+            users, target, qid = all_users[keep], [train[i][-1] for i in keep], base + np.arange(len(keep))
+            if prefixes:
+                # Earlier positions of the same training sequence (P5-style augmentation): the
+                # item at len - 1 - k predicted from the items before it. Ids: k * PREFIX_STRIDE
+                # above the last-item example's, so those (k = 0) keep their ids.
+                histories = [None] * len(keep)
+                extra_u, extra_t, extra_h, extra_q = [], [], [], []
+                for k in range(1, prefixes + 1):
+                    for pos, i in enumerate(keep):
+                        if len(train[i]) >= 2 + k:
+                            extra_u.append(all_users[i])
+                            extra_t.append(train[i][-1 - k])
+                            extra_h.append(train[i][:-1 - k])
+                            extra_q.append(base + k * PREFIX_STRIDE + pos)
+                users = np.append(users, np.asarray(extra_u, users.dtype))
+                target, histories = target + extra_t, histories + extra_h
+                qid = np.append(qid, np.asarray(extra_q, np.int64))
         else:
             col = loo.column(f"{split}_item").to_pylist()
             keep = [i for i, v in enumerate(col) if v is not None]
-            target = [col[i] for i in keep]
-        users, target = users[keep], np.asarray(target, np.int64)
-        qid = base + np.arange(len(users))
+            users, target, qid = all_users[keep], [col[i] for i in keep], base + np.arange(len(keep))
+        target = np.asarray(target, np.int64)
         pick = _sample(qid, cap, seed)
         users, target, qid = users[pick], target[pick], qid[pick]
+        if histories is not None:
+            histories = [histories[i] for i in pick]
         cands = None
         if task == "direct":   # training lists: the target + negatives the user never touched
             pos = {int(u): i for i, u in enumerate(loo.column("user_id").to_numpy())}
             cands = []
-            for u, t in zip(users, target):
-                rng = np.random.default_rng([seed, int(u), 3])
+            for u, t, q in zip(users, target, qid):
+                # Seeded by user (the last-item example keeps its list) and prefix offset.
+                k = int(q - base) // PREFIX_STRIDE
+                rng = np.random.default_rng([seed, int(u), 3] + ([k] if k else []))
                 pool = np.setdiff1d(np.arange(n_items), np.asarray(train[pos[int(u)]], np.int64))
                 negs = rng.choice(pool, min(direct_negatives, len(pool)), replace=False)
                 cands.append(rng.permutation(np.append(negs, t)).tolist())
         return _conform({"query_id": qid, "task": [task] * len(qid), "user_id": users, "candidates": cands,
-                         "target": target})
+                         "target": target, "history": histories})
     if task == "direct":
         t = tables["direct_candidates"]
         t = t.filter(pc.equal(t.column("split"), split)).sort_by("user_id")
@@ -166,7 +194,7 @@ def label_batch(queries: pa.Table, split: str, toolbox: ToolBox, users: UserDire
                     hints[j] = [vars(ans.hint(n, a, catalog.text)) for n in ans.names]
                     ref[j] = ref_ok[a]
         for j, (r, st) in enumerate(zip(sub, states)):
-            out.append({**r, "history": None, "split": split, "eh": st.eh, "eh_bucket": st.bucket,
+            out.append({**r, "split": split, "eh": st.eh, "eh_bucket": st.bucket,
                         "len_bin": int(len_bin(np.array([len(st.history)]))[0]), "usable": usable[j],
                         "hints": json.dumps(hints[j]), "ref_right": float(ref[j])})
     return pa.Table.from_pylist(out, schema=LABELED)
@@ -208,7 +236,9 @@ def render_batch(labeled: pa.Table, conf: Mapping[str, float], prompts: PromptBu
     out = []
     for i, r in enumerate(rows):
         task, key = r["task"], int(r["query_id"])
-        st = users.resolve(r["user_id"], None, r["split"])
+        st = users.resolve(r["user_id"], r.get("history"), r["split"])
+        if r.get("history") is not None:   # a training prefix: describe what came before it only
+            st = replace(st, desc=describe_users([st.history], catalog.attrs)[0])
         c = conf.get(f"{task}|{r['eh_bucket']}|{r['len_bin']}", conf.get(task, 0.5))
         all_hints = [ToolHint(h["name"], list(h.get("items") or []), h.get("prob")) for h in json.loads(r["hints"])]
         shown, tools, corrupted = [], list(r["usable"])[:3], False

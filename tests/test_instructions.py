@@ -1,0 +1,89 @@
+"""The instruction builder on the shared tiny run: what the ``instructions`` stage wrote, and the
+training-prefix augmentation through both passes (label with the tools, render)."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from reasonrec.context import load_context
+from reasonrec.instructions import confidence_table, label_batch, prepared_queries, render_batch
+from reasonrec.planner import load_toolbox
+from reasonrec.prompts.cot import parse_output
+from reasonrec.prompts.templates import DEFAULT_IMAGE_TOKEN, TemplateSampler
+from reasonrec.prompts.user_desc import describe_users
+
+
+def _tables(store):
+    return {n: store.read_table("prepare", n) for n in ("loo", "direct_candidates", "ctr", "explanation")}
+
+
+def test_stage_tags_phase_confidence_tools_and_photos(tiny_run):
+    cfg, store = tiny_run
+    ex = store.read_table("instructions", "examples").to_pylist()
+    conf = store.read_json("instructions", "summary.json")["confidence_table"]
+    buckets = dict(zip(*store.read_table("prepare", "users", columns=["user_id", "eh_bucket"]).to_pydict().values()))
+    n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
+    tools = set(store.read_json("train_tools", "metrics.json")["tools"])
+    assert {e["task"] for e in ex} == set(cfg.instructions.tasks)
+    by_task: dict[str, set] = {}
+    for e in ex:
+        assert e["phase"] == buckets[e["user_id"]]            # curriculum tag = the user's EH bucket
+        parsed = parse_output(e["target"], e["task"])
+        assert parsed.complete, e["target"]
+        # The confidence target is an entry of the fitted table (2 decimals), per task.
+        assert any(abs(parsed.thought.confidence - v) < 0.0051 for k, v in conf.items()
+                   if k.split("|")[0] == e["task"]), e["target"]
+        by_task.setdefault(e["task"], set()).add(round(parsed.thought.confidence, 2))
+        # Photos are item ids, one per placeholder, never bytes.
+        assert e["prompt"].count(DEFAULT_IMAGE_TOKEN) == len(e["image_items"])
+        assert all(0 <= i < n_items for i in e["image_items"])
+        assert set(e["tools_usable"]) <= tools
+        if e["noisy_tools"]:
+            assert e["tools_usable"] == [] and "none" in e["target"]
+    # Calibrated by group, not a constant.
+    assert any(len(v) > 1 for v in by_task.values()), by_task
+
+
+def test_train_prefixes_predict_each_earlier_item_from_the_items_before_it(tiny_run):
+    cfg, store = tiny_run
+    tables = _tables(store)
+    n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
+    train = dict(zip(*tables["loo"].select(["user_id", "train_items"]).to_pydict().values()))
+    base = prepared_queries(tables, "sequential", "train", n_items)
+    aug = prepared_queries(tables, "sequential", "train", n_items, prefixes=2)
+    # The last-item examples keep their ids and rows; the extra ones add earlier positions.
+    assert aug.slice(0, base.num_rows).drop_columns(["history"]).equals(base.drop_columns(["history"]))
+    assert base.column("history").null_count == base.num_rows
+    extra = aug.slice(base.num_rows).to_pylist()
+    assert len(extra) == sum(min(2, max(len(t) - 2, 0)) for t in train.values())
+    assert len({r["query_id"] for r in aug.to_pylist()}) == aug.num_rows
+    for r in extra:
+        t = train[r["user_id"]]
+        assert 1 <= len(r["history"]) <= len(t) - 2
+        assert r["history"] == t[: len(r["history"])] and r["target"] == t[len(r["history"])]
+    # Direct training lists: the prefix's target is among its candidates, history excluded.
+    direct = prepared_queries(tables, "direct", "train", n_items, cfg.data.direct_negatives, prefixes=1)
+    for r in direct.to_pylist():
+        assert r["target"] in r["candidates"] and len(set(r["candidates"])) == len(r["candidates"])
+
+    # Both passes use the prefix, not the user's full history.
+    ic = cfg.instructions
+    catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
+                                           TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
+                                           ic.prompt_candidates)
+    rows = pa.Table.from_pylist(extra[:8], schema=aug.schema)
+    labeled = label_batch(rows, "train", load_toolbox(store), users, catalog, ic)
+    assert labeled.column("history").to_pylist() == [r["history"] for r in extra[:8]]
+    stats = labeled.to_pydict()
+    conf = confidence_table(stats["task"], stats["eh_bucket"], stats["len_bin"], stats["ref_right"])
+    out = render_batch(labeled, conf, prompts, users, catalog, ic).to_pylist()
+    for r, e in zip(extra[:8], out):
+        assert parse_output(e["target"], "sequential").answer == catalog.text[r["target"]]
+        # The user description summarises the prefix, not items bought after it.
+        assert describe_users([np.array(r["history"])], catalog.attrs)[0] in e["prompt"]
+        shown = r["history"][-cfg.vlm.max_history_items:]
+        assert catalog.text[shown[-1]] in e["prompt"]
+        later = [i for i in train[r["user_id"]][len(r["history"]):] if i not in r["history"]]
+        assert not any(catalog.text[i] in e["prompt"].split("Tool hints")[0] for i in later
+                       if catalog.text[i] not in {catalog.text[h] for h in r["history"]}), e["prompt"]
+    assert np.all(labeled.column("len_bin").to_numpy() <= np.log2(1 + max(len(r["history"]) for r in extra[:8])))
