@@ -15,7 +15,7 @@ scored by ``ray_jobs.evaluate.system_records``:
 
 Prints one Markdown table (validation loss, sequential HR@5 / NDCG@5 for all and high-EH users,
 direct HR@5, CTR AUC, explanation ROUGE-L, fine-tune wall time) and writes it with the raw numbers
-to ``{run}/bench_finetune_ablation.json``.
+to ``{run}/bench_finetune_ablation.json`` (with the overrides; each variant's row also to its own run).
 """
 from __future__ import annotations
 
@@ -68,10 +68,14 @@ def main() -> None:
                      "direct_hr5": system_metric(recs, "direct", "hr", 5), "ctr_auc": system_metric(recs, "ctr", "auc"),
                      "expl_rouge_l": system_metric(recs, "explanation", "rouge_l")})
         print(json.dumps(rows[-1]), flush=True)
+        # Each variant's own row stays with its run: a later command with other variants or
+        # overrides rewrites the base run's table below, not this.
+        with store.fs.open(store.path("bench_finetune_ablation.json"), "w") as f:
+            json.dump({"row": rows[-1], "overrides": list(a.overrides)}, f, indent=2)
     table = markdown_table(rows, list(rows[0]), raw=("build_and_finetune_s",))
     print(table)
     with base.fs.open(base.path("bench_finetune_ablation.json"), "w") as f:
-        json.dump({"rows": rows, "table": table}, f, indent=2)
+        json.dump({"rows": rows, "table": table, "overrides": list(a.overrides)}, f, indent=2)
 
 
 if __name__ == "__main__":
