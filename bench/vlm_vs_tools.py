@@ -9,18 +9,24 @@ HR@5 / NDCG@5 for sequential (full-catalog, history kept) and HR@5 for direct (1
 candidates) overall, per EH bucket and for the cold-start aggregates. The comparison is only
 like-for-like when the stage scored every test query of the task (``score.max_queries_per_task=0``):
 the script checks that both sides hold as many queries per task and warns otherwise. Cold-start groups
-are computed over the evaluated users (the same rule as ``ray_jobs.evaluate``).
+are computed over the evaluated users (the same rule as ``ray_jobs.evaluate``). Then, per tool,
+sequential HR@5 paired per user: the users only the VLM hits, only the tool hits, and McNemar's
+exact p-value (is the gap more than the draw of test users?).
 """
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Mapping
+
+import pyarrow.compute as pc
 
 from bench.report import markdown_table, system_metric
 from ray_jobs import evaluate
 from reasonrec.config import load_config
 from reasonrec.io import ArtifactStore
 
+PAIRED_K = 5
 GROUPS = ("all", "eh:low", "eh:medium", "eh:high", "cs:coldest", "cs:medium")
 METRICS = (("sequential", "hr", 5), ("sequential", "ndcg", 5), ("direct", "hr", 5))
 
@@ -39,6 +45,36 @@ def comparison(tool_records: list[dict], vlm_records: list[dict], seq_protocol: 
                         key=lambda r: -r["all"])
         rows += block
     return rows
+
+
+def paired(vlm_hits: Mapping[int, bool], tool_hits: Mapping[str, Mapping[int, bool]]) -> list[dict]:
+    """Per tool, on the users both sides answered: each side's hits, the users only one side hits,
+    and the exact McNemar p-value (a binomial test on those discordant users). Says whether a gap
+    in HR@K is more than the luck of which ~160 users were drawn. Tools with the most hits first."""
+    from scipy.stats import binomtest
+    rows = []
+    for tool, hits in tool_hits.items():
+        users = [u for u in vlm_hits if u in hits]
+        only_vlm = sum(bool(vlm_hits[u]) and not hits[u] for u in users)
+        only_tool = sum(bool(hits[u]) and not vlm_hits[u] for u in users)
+        n = only_vlm + only_tool
+        rows.append({"tool": tool, "users": len(users), "vlm_hits": sum(bool(vlm_hits[u]) for u in users),
+                     "tool_hits": sum(bool(hits[u]) for u in users), "only_vlm": only_vlm, "only_tool": only_tool,
+                     "p_mcnemar": float(binomtest(min(only_vlm, only_tool), n, 0.5).pvalue) if n else 1.0})
+    return sorted(rows, key=lambda r: (-r["tool_hits"], r["tool"]))
+
+
+def _sequential_hits(store, stage: str, k: int = PAIRED_K) -> tuple[dict, dict]:
+    """Per user HR@K hits (sequential, history kept) of the stage's answers and of every tool."""
+    preds = store.read_table(stage, "predictions")
+    preds = preds.filter(pc.equal(preds.column("task"), "sequential"))
+    ranks = evaluate.per_query_correct(preds, store.read_table(stage, "queries"))["rank"]
+    vlm = dict(zip(preds.column("user_id").to_pylist(), (ranks < k).tolist()))
+    tools: dict[str, dict[int, bool]] = {}
+    t = evaluate.read_split(store, "train_tools", "predictions", ["user_id", "tool", "rank", "split"])
+    for u, name, r in zip(*(t.column(c).to_pylist() for c in ("user_id", "tool", "rank"))):
+        tools.setdefault(name, {})[u] = r is not None and 0 <= r < k
+    return vlm, tools
 
 
 def main() -> None:
@@ -60,8 +96,12 @@ def main() -> None:
     table = markdown_table(rows, ["model", "task", "metric", *GROUPS])
     note = "same test users on both sides" if same else "WARNING: the VLM stage did not score every test query"
     print(f"{note}\n{table}")
+    pairs = paired(*_sequential_hits(store, a.stage)) if any(r["task"] == "sequential" for r in vlm) else []
+    pair_table = markdown_table(pairs, list(pairs[0])) if pairs else ""
+    print(f"\nsequential HR@{PAIRED_K}, paired per user (VLM vs each tool):\n{pair_table}")
     with store.fs.open(store.path(f"bench_vlm_vs_tools_{a.stage}.json"), "w") as f:
-        json.dump({"rows": rows, "table": table, "same_users": same}, f, indent=2)
+        json.dump({"rows": rows, "table": table, "same_users": same, "paired": pairs, "paired_table": pair_table},
+                  f, indent=2)
 
 
 if __name__ == "__main__":

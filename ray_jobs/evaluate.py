@@ -51,7 +51,8 @@ def protocols(cfg: RunConfig) -> dict[str, str]:
     }
 
 
-def _read(store: ArtifactStore, stage: str, name: str, columns: list[str], split: str = "test"):
+def read_split(store: ArtifactStore, stage: str, name: str, columns: list[str], split: str = "test"):
+    """One split's rows of a stage's Parquet table (predictions carry a ``split`` column)."""
     ds = pads.dataset(store.path(stage, name), filesystem=store.arrow_fs, format="parquet")
     return ds.to_table(columns=columns, filter=pc.field("split") == split)
 
@@ -88,7 +89,7 @@ def evaluate_tools(store: ArtifactStore, cfg: RunConfig) -> list[dict]:
     users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
     proto = protocols(cfg)
     records: list[dict] = []
-    preds = _read(store, "train_tools", "predictions",
+    preds = read_split(store, "train_tools", "predictions",
                   ["user_id", "tool", "rank", "rank_excl", "cand_rank", "n_candidates", "split"])
     for tool in sorted(set(preds.column("tool").to_pylist())):
         t = preds.filter(pc.equal(preds.column("tool"), tool))
@@ -104,7 +105,7 @@ def evaluate_tools(store: ArtifactStore, cfg: RunConfig) -> list[dict]:
             per_query = {f"{m}@{k}": f(cr, k) for k in (5, 10) for m, f in (("hr", hit_at_k), ("ndcg", ndcg_at_k))}
             records += _records("direct", tool, proto["direct"], breakdown(per_query, buckets[has], groups[has]))
     from reasonrec.tools import tool_class
-    ctr = _read(store, "train_tools", "ctr_predictions", ["user_id", "tool", "label", "prob", "split"])
+    ctr = read_split(store, "train_tools", "ctr_predictions", ["user_id", "tool", "label", "prob", "split"])
     for tool in sorted(set(ctr.column("tool").to_pylist())):
         # The ranking tools (and the ensemble, which averages them in) learn from the users'
         # leave-one-out training histories, and those contain the users' CTR valid/test

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from bench.vlm_vs_tools import comparison
+from bench.vlm_vs_tools import comparison, paired
 
 
 def _rec(model, task, metric, k, group, value, protocol="full"):
@@ -23,3 +23,16 @@ def test_vlm_vs_tools_keeps_the_protocol_and_orders_tools():
     assert math.isnan(seq[2]["cs:coldest"])                              # absent segment: NaN, not 0
     direct = [r for r in rows if r["task"] == "direct"]
     assert [r["model"] for r in direct] == ["VLM", "pop"] and math.isnan(direct[0]["all"])
+
+
+def test_paired_hits_count_discordant_users_and_test_them():
+    vlm = {u: u < 30 for u in range(100)}                  # hits users 0-29
+    tools = {"pop": {u: 10 <= u < 40 for u in range(100)},   # 10-39: 20 shared, 10 each side alone
+             "sas": {u: u < 90 for u in range(100)},         # 0-89: 60 tool-only, none VLM-only
+             "half": {u: u < 30 for u in range(50)}}         # answered for 50 users only
+    rows = {r["tool"]: r for r in paired(vlm, tools)}
+    assert [r["tool"] for r in paired(vlm, tools)] == ["sas", "half", "pop"]
+    assert (rows["pop"]["only_vlm"], rows["pop"]["only_tool"], rows["pop"]["users"]) == (10, 10, 100)
+    assert rows["pop"]["p_mcnemar"] == 1.0                  # a tie is no evidence
+    assert (rows["sas"]["only_vlm"], rows["sas"]["only_tool"]) == (0, 60) and rows["sas"]["p_mcnemar"] < 1e-10
+    assert rows["half"]["users"] == 50 and rows["half"]["vlm_hits"] == rows["half"]["tool_hits"] == 30
