@@ -224,7 +224,9 @@ class VLMAnswerer:
         from reasonrec.vlm.infer import ItemTrie
         self.predictor, self.prompts, self.users, self.catalog = predictor, prompts, users, catalog
         self.k, self.split, self.batch_size, self.count_flops = k, split, max(batch_size, 1), count_flops
-        self.trie = ItemTrie(predictor.tok, catalog.text, list(range(catalog.n_items)))
+        # Items sharing a title split its probability by training popularity (+1: unseen items).
+        self.prior = catalog.popularity.astype(np.float64) + 1.0
+        self.trie = ItemTrie(predictor.tok, catalog.text, list(range(catalog.n_items)), prior=self.prior)
         self.calls = 0
 
     def __call__(self, routed: pa.Table) -> pa.Table:
@@ -255,7 +257,8 @@ class VLMAnswerer:
                 res = p.rank_catalog(examples, self.trie, k=self.k)
             elif task == "direct":
                 res = p.score_candidates(examples, [[self.catalog.text[c] for c in r["candidates"]] for r in rows],
-                                         [r["candidates"] for r in rows])
+                                         [r["candidates"] for r in rows],
+                                         candidate_prior=[self.prior[r["candidates"]] for r in rows])
             elif task == "ctr":
                 res = p.ctr(examples)
             else:

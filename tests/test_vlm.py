@@ -18,7 +18,7 @@ from reasonrec.vlm.builder import (IMAGE_TOKEN, ModelUnavailableError, build_vlm
 from reasonrec.vlm.collate import VLMCollator
 from reasonrec.vlm.config import VLMConfig
 from reasonrec.vlm.infer import (ItemTrie, TrieConstraint, VLMPredictor, calibration_report,
-                                 expected_calibration_error)
+                                 expected_calibration_error, shared_text_log_share)
 
 TINY = dict(model="tiny", image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
             image_tokens_per_item=4, max_length=400, max_thought_tokens=8, num_beams=6)
@@ -212,6 +212,38 @@ def test_trie_constraint_is_a_distribution_over_items(tiny):
             lp += float(proc(torch.tensor([list(seq[:j])], dtype=torch.long), scores)[0, token])
         total += math.exp(lp)
     assert total == pytest.approx(1.0, abs=1e-4)
+
+
+def test_items_sharing_a_title_split_its_probability_by_prior(tiny):
+    assert np.allclose(shared_text_log_share(["a", "b", "a "], [1, 5, 3]), np.log([0.25, 1.0, 0.75]))
+    assert np.allclose(shared_text_log_share(["a", "a"]), np.log([0.5, 0.5]))
+    with pytest.raises(ValueError, match="positive"):
+        shared_text_log_share(["a"], [0])
+    trie = ItemTrie(tiny.tokenizer, TITLES + ["rose lip"], item_ids=IDS + [999], prior=[1] * len(IDS) + [3])
+    leaf = tiny.tokenizer(" rose lip", add_special_tokens=False)["input_ids"] + [trie.eos_id]
+    assert trie.items(leaf) == [999, 506] and trie.log_share[999] == pytest.approx(math.log(0.75))
+
+    # Same model, same beams: a duplicated title only moves its copies' scores down by log(share),
+    # so other titles can fill the top K instead of the copies.
+    pred = VLMPredictor(tiny)
+    exs = [{k: v for k, v in _example(user=2).items() if k != "target"}]
+    thoughts = pred.thoughts(exs)
+    k = len(TITLES) + 1   # same k: the same number of beams on both tries
+    plain = pred.rank_catalog(exs, ItemTrie(tiny.tokenizer, TITLES, item_ids=IDS), k=k, thoughts=thoughts)[0]
+    dup = pred.rank_catalog(exs, ItemTrie(tiny.tokenizer, TITLES + [TITLES[0]], item_ids=IDS + [999],
+                                          prior=[1] * len(IDS) + [3]), k=k, thoughts=thoughts)[0]
+    before, after = dict(zip(plain.items, plain.scores)), dict(zip(dup.items, dup.scores))
+    assert IDS[0] in before and set(after) == set(before) | {999}
+    assert after[999] == pytest.approx(before[IDS[0]] + math.log(0.75), abs=1e-4)
+    assert after[IDS[0]] == pytest.approx(before[IDS[0]] + math.log(0.25), abs=1e-4)
+    assert all(after[i] == pytest.approx(v, abs=1e-4) for i, v in before.items() if i != IDS[0])
+    assert dup.scores == sorted(dup.scores, reverse=True)
+
+    given = "EH: high (0.80); Tools: sasrec; Confidence: 0.64\n" + ANSWER_MARKER
+    texts = [TITLES[0], TITLES[0], TITLES[1]]
+    out = pred.score_candidates(exs, [texts], [[1, 2, 3]], thoughts=[given], candidate_prior=[[1, 3, 1]])[0]
+    sc = dict(zip(out.items, out.scores))
+    assert sc[2] - sc[1] == pytest.approx(math.log(3), abs=1e-4) and out.items.index(2) < out.items.index(1)
 
 
 def test_infer_rank_score_ctr_explain(tiny):

@@ -52,16 +52,34 @@ class VLMOutput:
 
 
 # ------------------------------------------------------------------------------- trie
+def shared_text_log_share(texts: Sequence[str], prior: Sequence[float] | None = None) -> np.ndarray:
+    """log(w_i / sum of w over the entries with the same text). The model scores a text, not an
+    item: items that share a text (catalogs repeat titles; the synthetic world's 120 items have 58)
+    split that text's probability in proportion to a prior (e.g. training popularity + 1), so a
+    ranked list interleaves other texts instead of filling its top K with one text's copies."""
+    keys = [t.strip() for t in texts]
+    w = np.ones(len(keys)) if prior is None else np.asarray(prior, np.float64)
+    if (w <= 0).any():
+        raise ValueError("item prior weights must be positive")
+    total: dict[str, float] = {}
+    for key, x in zip(keys, w):
+        total[key] = total.get(key, 0.0) + float(x)
+    return np.log(w / np.array([total[key] for key in keys]))
+
+
 class ItemTrie:
     """Prefix trie over the token sequences ``tok(" " + text) + [eos]`` of catalog items (the
-    answer is tokenized with its leading space after ``Answer:``, as in training)."""
+    answer is tokenized with its leading space after ``Answer:``, as in training). Items with the
+    same text share a leaf and its probability (:func:`shared_text_log_share` with ``prior``)."""
 
     _END = -1   # key under which a terminal node stores its item ids
 
-    def __init__(self, tokenizer, texts: Sequence[str], item_ids: Sequence[int] | None = None):
+    def __init__(self, tokenizer, texts: Sequence[str], item_ids: Sequence[int] | None = None,
+                 prior: Sequence[float] | None = None):
         self.eos_id = tokenizer.eos_token_id
         item_ids = list(range(len(texts))) if item_ids is None else [int(i) for i in item_ids]
         seqs = tokenizer([" " + t.strip() for t in texts], add_special_tokens=False)["input_ids"]
+        self.log_share = dict(zip(item_ids, shared_text_log_share(texts, prior).tolist()))
         self.root: dict = {}
         self.depth = 0
         for seq, iid in zip(seqs, item_ids):
@@ -70,7 +88,16 @@ class ItemTrie:
                 node = node.setdefault(t, {})
             node.setdefault(self._END, []).append(iid)   # identical titles share a leaf
             self.depth = max(self.depth, len(seq) + 1)
+        for leaf in self._leaves(self.root):               # most likely item of a shared text first
+            leaf.sort(key=lambda i: -self.log_share[i])
         self._allowed_cache: dict[int, torch.Tensor] = {}
+
+    def _leaves(self, node: dict):
+        for key, child in node.items():
+            if key == self._END:
+                yield child
+            else:
+                yield from self._leaves(child)
 
     def node(self, prefix: Sequence[int]) -> dict | None:
         node = self.root
@@ -227,7 +254,7 @@ class VLMPredictor:
                 for iid in trie.items(seqs[j].tolist()):
                     if iid not in items:
                         items.append(iid)
-                        item_scores.append(float(scores[j]))
+                        item_scores.append(float(scores[j]) + trie.log_share[iid])
             order = np.argsort(-np.asarray(item_scores), kind="stable")[:k]
             items = [items[o] for o in order]
             item_scores = [item_scores[o] for o in order]
@@ -271,15 +298,17 @@ class VLMPredictor:
     @torch.no_grad()
     def score_candidates(self, examples: Sequence[Mapping[str, Any]], candidate_texts: Sequence[Sequence[str]],
                          candidate_ids: Sequence[Sequence[int]], thoughts: Sequence[str] | None = None,
-                         chunk: int = 16) -> list[VLMOutput]:
-        """Direct recommendation: rank each example's candidates by answer log-likelihood."""
+                         chunk: int = 16, candidate_prior: Sequence[Sequence[float]] | None = None) -> list[VLMOutput]:
+        """Direct recommendation: rank each example's candidates by answer log-likelihood
+        (candidates with the same text split its likelihood by ``candidate_prior``)."""
         t0 = time.perf_counter()
         thoughts = self._with_thoughts(examples, thoughts)
         eos = self.tok.eos_token_id
         results = []
-        for ex, thought, texts, ids in zip(examples, thoughts, candidate_texts, candidate_ids):
+        priors = candidate_prior if candidate_prior is not None else [None] * len(examples)
+        for ex, thought, texts, ids, prior in zip(examples, thoughts, candidate_texts, candidate_ids, priors):
             conts = [self.tok(" " + t.strip(), add_special_tokens=False)["input_ids"] + [eos] for t in texts]
-            lp = self._continuation_logprobs(ex, thought, conts, chunk)
+            lp = self._continuation_logprobs(ex, thought, conts, chunk) + shared_text_log_share(texts, prior)
             order = np.argsort(-lp, kind="stable")
             probs = np.exp(lp - lp.max())
             probs /= probs.sum()
