@@ -153,7 +153,7 @@ def test_empty_or_malformed_query_files_fail_fast_naming_the_row(tiny_run, tmp_p
         score.load_query_file(nocol, store)
 
 
-def test_killed_job_resumes_and_writes_every_query_once(tiny_run):
+def test_killed_job_resumes_and_writes_every_query_once(tiny_run, tmp_path):
     cfg, store = tiny_run
     extra = ["score.shard_rows=4", "score.stage_name=score_resume"]
     args = [sys.executable, "-m", "ray_jobs.score", "--config", str(CONFIG_DIR / "quickstart.yaml"),
@@ -161,7 +161,8 @@ def test_killed_job_resumes_and_writes_every_query_once(tiny_run):
     c = load_config(CONFIG_DIR / "quickstart.yaml", TINY_RUN + [f"output_root={cfg.output_root}", *extra])
     staging = store.path(TMP_DIR, score.staging_name(c, store), "predictions")
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    log = tmp_path / "score.log"
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
                             start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -169,7 +170,8 @@ def test_killed_job_resumes_and_writes_every_query_once(tiny_run):
             if store.fs.exists(staging) and len(store.fs.ls(staging)) >= 2:
                 break
             time.sleep(0.2)   # polling a file system for another process's progress, not a fixed wait
-        assert proc.poll() is None, "the job finished before it could be killed; make it longer"
+        assert proc.poll() is None, (f"the job ended (exit {proc.returncode}) before it could be killed; "
+                                     f"its log ends:\n{log.read_text()[-3000:]}")
         written = len(store.fs.ls(staging))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
