@@ -64,11 +64,10 @@ def paired(vlm_hits: Mapping[int, bool], tool_hits: Mapping[str, Mapping[int, bo
     return sorted(rows, key=lambda r: (-r["tool_hits"], r["tool"]))
 
 
-def _sequential_hits(store, stage: str, k: int = PAIRED_K) -> tuple[dict, dict]:
-    """Per user HR@K hits (sequential, history kept) of the stage's answers and of every tool."""
-    preds = store.read_table(stage, "predictions")
+def _sequential_hits(store, preds, queries, k: int = PAIRED_K) -> tuple[dict, dict]:
+    """Per user HR@K hits (sequential, history kept) of a stage's answers and of every tool."""
     preds = preds.filter(pc.equal(preds.column("task"), "sequential"))
-    ranks = evaluate.per_query_correct(preds, store.read_table(stage, "queries"))["rank"]
+    ranks = evaluate.per_query_correct(preds, queries)["rank"]
     vlm = dict(zip(preds.column("user_id").to_pylist(), (ranks < k).tolist()))
     tools: dict[str, dict[int, bool]] = {}
     t = evaluate.read_split(store, "train_tools", "predictions", ["user_id", "tool", "rank", "split"])
@@ -86,8 +85,8 @@ def main() -> None:
     cfg = load_config(a.config, list(a.overrides))
     store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
     users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
-    preds = store.read_table(a.stage, "predictions")
-    vlm = evaluate.system_records(preds, store.read_table(a.stage, "queries"), users, cfg, model="VLM")
+    preds, queries = store.read_table(a.stage, "predictions"), store.read_table(a.stage, "queries")
+    vlm = evaluate.system_records(preds, queries, users, cfg, model="VLM")
     tools = evaluate.evaluate_tools(store, cfg)
     rows = comparison(tools, vlm, evaluate.protocols(cfg)["sequential"])
     same = all(next(r["n"] for r in vlm if r["task"] == t and r["group"] == "all")
@@ -96,7 +95,7 @@ def main() -> None:
     table = markdown_table(rows, ["model", "task", "metric", *GROUPS])
     note = "same test users on both sides" if same else "WARNING: the VLM stage did not score every test query"
     print(f"{note}\n{table}")
-    pairs = paired(*_sequential_hits(store, a.stage)) if any(r["task"] == "sequential" for r in vlm) else []
+    pairs = paired(*_sequential_hits(store, preds, queries)) if any(r["task"] == "sequential" for r in vlm) else []
     pair_table = markdown_table(pairs, list(pairs[0])) if pairs else ""
     print(f"\nsequential HR@{PAIRED_K}, paired per user (VLM vs each tool):\n{pair_table}")
     with store.fs.open(store.path(f"bench_vlm_vs_tools_{a.stage}.json"), "w") as f:
