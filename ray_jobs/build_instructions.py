@@ -58,13 +58,14 @@ class _Labeler(_Context):
 
 
 class _Renderer(_Context):
-    def __init__(self, cfg: RunConfig, conf: dict):
+    def __init__(self, cfg: RunConfig, conf: dict, tool_rank: dict):
         super().__init__(cfg, with_tools=False)
-        self.conf = conf
+        self.conf, self.tool_rank = conf, tool_rank
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from reasonrec.instructions import render_batch
-        return render_batch(batch, self.conf, self.prompts, self.users, self.catalog, self.cfg.instructions)
+        return render_batch(batch, self.conf, self.prompts, self.users, self.catalog, self.cfg.instructions,
+                            self.tool_rank)
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -86,7 +87,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     ray = init_ray(cfg.ray)
     from ray.data import ActorPoolStrategy
 
-    from reasonrec.instructions import confidence_table, prepared_queries
+    from reasonrec.instructions import confidence_table, prepared_queries, tool_ranking
 
     ic = cfg.instructions
     n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
@@ -105,13 +106,14 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     labeled = ray.data.from_arrow(arrow_blocks(queries, cfg.score.tool_actors * 4)).map_batches(
         _Labeler, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=cfg.score.tool_batch_size,
         compute=pool).materialize()
-    # Five small columns per query: the only data the driver collects.
+    # Six small columns per query: the only data the driver collects.
     stats = pa.concat_tables(ray.get(labeled.select_columns(
-        ["task", "split", "eh_bucket", "len_bin", "ref_right"]).to_arrow_refs()))
+        ["task", "split", "eh_bucket", "len_bin", "ref_right", "usable"]).to_arrow_refs()))
     fit = stats.filter(pc.equal(stats.column("split"), "valid"))
     fit = fit if fit.num_rows else stats
     conf = confidence_table(*(fit.column(c).to_pylist() for c in ("task", "eh_bucket", "len_bin", "ref_right")))
-    examples = labeled.map_batches(_Renderer, fn_constructor_kwargs={"cfg": cfg, "conf": conf},
+    tool_rank = tool_ranking(fit.column("task").to_pylist(), fit.column("usable").to_pylist())
+    examples = labeled.map_batches(_Renderer, fn_constructor_kwargs={"cfg": cfg, "conf": conf, "tool_rank": tool_rank},
                                    batch_format="pyarrow", batch_size=cfg.score.tool_batch_size, compute=pool)
     with store.stage_writer(STAGE, chash, inputs) as w:
         rows = write_dataset(examples, w, store, "examples", INSTRUCTIONS)
@@ -119,9 +121,9 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         for t, s in zip(stats.column("task").to_pylist(), stats.column("split").to_pylist()):
             counts[f"{t}/{s}"] = counts.get(f"{t}/{s}", 0) + 1
         summary = {"examples": rows, "by_task_split": counts, "confidence_table": conf,
-                   "seconds": round(time.time() - t0, 1)}
+                   "tool_ranking": tool_rank, "seconds": round(time.time() - t0, 1)}
         w.write_json("summary.json", summary)
-        w.manifest.metrics = {k: v for k, v in summary.items() if k != "confidence_table"}
+        w.manifest.metrics = {k: v for k, v in summary.items() if k not in ("confidence_table", "tool_ranking")}
     return summary
 
 

@@ -159,6 +159,13 @@ class InstructionsConfig:
     # A tool is "usable" for a ranking query when it ranked the truth within its top usable_k.
     usable_k: int = 10
     max_tool_hints: int = 3          # tools whose answers are shown in a prompt (the paper's cap)
+    # Share of ranking/CTR examples whose prompt shows tool hints (the high-risk prompt); the
+    # rest show none (the medium-risk prompt).
+    hint_fraction: float = 0.5
+    # Which tools a hinted example shows: "random" (a seeded draw per example) or "usable_rate"
+    # (the task's tools with the highest usable rate on validation rows, best first: what the
+    # planner's ``fixed`` tool choice shows at scoring time).
+    hint_order: str = "random"
     # Direct prompts list this many of the candidates (a seeded subset that ignores the truth);
     # the VLM still scores every candidate by answer likelihood.
     prompt_candidates: int = 20
@@ -365,6 +372,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 _CHOICES = {
     "data.eh_normalizer": ("max", "quantile", "rank", "log"),
     "planner.tool_choice": ("learned", "random", "oracle", "fixed"),
+    "instructions.hint_order": ("random", "usable_rate"),
     "score.mode": ("routed", "tools", "vlm", "vlm_tools"),
 }
 TASKS = ("sequential", "direct", "ctr", "explanation")
@@ -395,6 +403,8 @@ def validate(cfg: RunConfig) -> None:
         bad = [b for b in _get(cfg, key) if b not in EH_BUCKETS]
         if bad:
             raise ConfigError(f"config error: key '{key}': unknown bucket(s) {bad}; choose from {EH_BUCKETS}")
+    if not 0.0 <= cfg.instructions.hint_fraction <= 1.0:
+        raise ConfigError("config error: key 'instructions.hint_fraction': must be in [0, 1]")
     if not 1 <= cfg.planner.max_tools <= 3:
         raise ConfigError("config error: key 'planner.max_tools': must be 1..3 (the paper caps tool use at 3)")
     for key in ("serve.tool_replicas", "serve.vlm_replicas", "serve.planner_replicas", "serve.ingress_replicas"):

@@ -11,9 +11,10 @@ Building an example takes two passes so that the confidence target is a calibrat
    training queries of its (task, EH bucket, history-length bin): a calibrated probability of
    being right given what the model can see, not a constant (:func:`confidence_table`);
 3. :func:`render_batch` writes the prompt (template mixture or one template), the photo item ids,
-   and the chain-of-thought target. Half of the ranking/CTR examples (by hash) show up to
-   ``max_tool_hints`` tools' answers (the high-risk prompt) and name the usable ones among them;
-   the rest show none (the medium-risk prompt) and name up to 3 usable tools. A configured share
+   and the chain-of-thought target. A share ``hint_fraction`` of the ranking/CTR examples (by
+   hash) shows up to ``max_tool_hints`` tools' answers (the high-risk prompt; a random draw of
+   tools, or the best by validation usable rate) and names the usable ones among them; the rest
+   show none (the medium-risk prompt) and name up to 3 usable tools. A configured share
    of hinted examples gets wrong hints (``NoisyTools``) and names no tool: learning to overrule.
 """
 from __future__ import annotations
@@ -200,6 +201,21 @@ def label_batch(queries: pa.Table, split: str, toolbox: ToolBox, users: UserDire
     return pa.Table.from_pylist(out, schema=LABELED)
 
 
+def tool_ranking(task: Sequence[str], usable: Sequence[Sequence[str]]) -> dict[str, list[str]]:
+    """Per task, the tools usable on at least one row, by usable rate (best first, ties by name):
+    the order the planner's ``fixed`` tool choice shows them in. Fit it on validation rows, like
+    the confidence table."""
+    out: dict[str, list[str]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for t, names in zip(task, usable):
+        c = counts.setdefault(str(t), {})
+        for n in names:
+            c[n] = c.get(n, 0) + 1
+    for t, c in counts.items():
+        out[t] = sorted(c, key=lambda n: (-c[n], n))
+    return out
+
+
 def confidence_table(task: Sequence[str], bucket: Sequence[str], lbin: Sequence[int], ref_right: Sequence[float],
                      prior: float = 2.0) -> dict[str, float]:
     """Calibrated P(right) per (task, bucket, length bin): the group's mean of ``ref_right``
@@ -227,12 +243,16 @@ def _frac(keys: np.ndarray, salt: int) -> np.ndarray:
 
 
 def render_batch(labeled: pa.Table, conf: Mapping[str, float], prompts: PromptBuilder, users: UserDirectory,
-                 catalog: Catalog, cfg: InstructionsConfig) -> pa.Table:
-    """INSTRUCTIONS rows for LABELED rows."""
+                 catalog: Catalog, cfg: InstructionsConfig, tool_rank: Mapping[str, Sequence[str]] | None = None
+                 ) -> pa.Table:
+    """INSTRUCTIONS rows for LABELED rows. ``tool_rank`` (:func:`tool_ranking`) is needed when
+    ``cfg.hint_order == "usable_rate"``."""
+    if cfg.hint_order == "usable_rate" and tool_rank is None:
+        raise ValueError("hint_order 'usable_rate' needs the tools' ranking (tool_ranking on validation rows)")
     noisy = NoisyTools(cfg.noisy_tools_fraction, cfg.seed)
     rows = labeled.to_pylist()
     qids = np.array([r["query_id"] for r in rows], np.int64)
-    with_hints = _frac(qids, cfg.seed * 31 + 5) < 0.5
+    with_hints = _frac(qids, cfg.seed * 31 + 5) < cfg.hint_fraction
     out = []
     for i, r in enumerate(rows):
         task, key = r["task"], int(r["query_id"])
@@ -243,8 +263,12 @@ def render_batch(labeled: pa.Table, conf: Mapping[str, float], prompts: PromptBu
         all_hints = [ToolHint(h["name"], list(h.get("items") or []), h.get("prob")) for h in json.loads(r["hints"])]
         shown, tools, corrupted = [], list(r["usable"])[:3], False
         if task != "explanation" and all_hints and with_hints[i]:
-            order = np.random.default_rng([cfg.seed, key & 0x7FFFFFFF, 11]).permutation(len(all_hints))
-            shown = [all_hints[o] for o in order[: cfg.max_tool_hints]]
+            if cfg.hint_order == "usable_rate":
+                rank = {n: i for i, n in enumerate(tool_rank.get(task, ()))}   # never-usable tools last
+                shown = sorted(all_hints, key=lambda h: rank.get(h.name, len(rank)))[: cfg.max_tool_hints]
+            else:
+                order = np.random.default_rng([cfg.seed, key & 0x7FFFFFFF, 11]).permutation(len(all_hints))
+                shown = [all_hints[o] for o in order[: cfg.max_tool_hints]]
             names = {h.name for h in shown}
             truth_text = [catalog.text[r["target"]]] if r.get("target") is not None else []
             distractors = [catalog.text[j] for j in np.random.default_rng([cfg.seed, key & 0x7FFFFFFF, 13])

@@ -60,7 +60,10 @@ class ToolAnswers:
     def hint(self, name: str, row: int, item_text: Sequence[str]) -> ToolHint:
         if self.task == "ctr":
             return ToolHint(name, prob=float(self.prob[name][row]))
-        return ToolHint(name, items=[item_text[int(i)] for i in self.items[name][row, :N_HINT_ITEMS]])
+        # Distinct texts: items that share a title are one answer to the VLM, and repeating it would
+        # crowd the tool's other suggestions out of the hint.
+        texts = dict.fromkeys(item_text[int(i)] for i in self.items[name][row])
+        return ToolHint(name, items=list(texts)[:N_HINT_ITEMS])
 
 
 class ToolBox:

@@ -2,11 +2,15 @@
 training-prefix augmentation through both passes (label with the tools, render)."""
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from reasonrec.context import load_context
-from reasonrec.instructions import confidence_table, label_batch, prepared_queries, render_batch
+from reasonrec.instructions import confidence_table, label_batch, prepared_queries, render_batch, tool_ranking
 from reasonrec.planner import load_toolbox
 from reasonrec.prompts.cot import parse_output
 from reasonrec.prompts.templates import DEFAULT_IMAGE_TOKEN, TemplateSampler
@@ -87,3 +91,39 @@ def test_train_prefixes_predict_each_earlier_item_from_the_items_before_it(tiny_
         assert not any(catalog.text[i] in e["prompt"].split("Tool hints")[0] for i in later
                        if catalog.text[i] not in {catalog.text[h] for h in r["history"]}), e["prompt"]
     assert np.all(labeled.column("len_bin").to_numpy() <= np.log2(1 + max(len(r["history"]) for r in extra[:8])))
+
+
+def test_tool_ranking_orders_by_usable_rate_per_task():
+    rank = tool_ranking(["sequential"] * 4 + ["direct"] * 2,
+                        [["b", "a"], ["b"], ["c", "b"], [], ["a"], ["a", "c"]])
+    assert rank == {"sequential": ["b", "a", "c"], "direct": ["a", "c"]}
+
+
+def test_hint_fraction_and_usable_rate_order_choose_the_shown_tools(tiny_run):
+    cfg, store = tiny_run
+    tables = _tables(store)
+    n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
+    ic = cfg.instructions
+    catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
+                                           TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
+                                           ic.prompt_candidates)
+    queries = prepared_queries(tables, "sequential", "train", n_items).slice(0, 24)
+    labeled = label_batch(queries, "train", load_toolbox(store), users, catalog, ic)
+    stats = labeled.to_pydict()
+    conf = confidence_table(stats["task"], stats["eh_bucket"], stats["len_bin"], stats["ref_right"])
+    rank = tool_ranking(stats["task"], stats["usable"])
+    names = load_toolbox(store).names("sequential")
+    # A ranking that differs from the tools' name order, so the test sees which one is used.
+    order = rank["sequential"] + sorted(set(names) - set(rank["sequential"]))
+    order = order[::-1]
+    every = replace(ic, hint_fraction=1.0, hint_order="usable_rate", noisy_tools_fraction=0.0)
+    with pytest.raises(ValueError, match="usable_rate"):
+        render_batch(labeled, conf, prompts, users, catalog, every)
+    out = render_batch(labeled, conf, prompts, users, catalog, every, {"sequential": order}).to_pylist()
+    for e in out:
+        shown = re.findall(r"(\w+) suggests", e["prompt"].split("Tool hints: ")[1])
+        assert shown == order[: ic.max_tool_hints], e["prompt"]
+    none = render_batch(labeled, conf, prompts, users, catalog, replace(ic, hint_fraction=0.0)).to_pylist()
+    assert not any("Tool hints" in e["prompt"] for e in none)
+    half = render_batch(labeled, conf, prompts, users, catalog, ic).to_pylist()     # default: random, ~half
+    assert 0 < sum("Tool hints" in e["prompt"] for e in half) < len(half)

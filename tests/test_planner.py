@@ -206,3 +206,11 @@ def test_correct_means_truth_in_top_k_or_right_side_of_half():
     assert ans.correct("a", np.array([4, 7]), 5).tolist() == [True, False]
     ctr = ToolAnswers("ctr", ["x"], prob={"x": np.array([0.7, 0.2, 0.5])})
     assert ctr.correct("x", np.array([1, 1, 0]), 5).tolist() == [True, False, False]
+
+
+def test_hint_shows_distinct_texts_in_rank_order():
+    """Items that share a title are one answer to the VLM: a hint lists each text once, in the
+    tool's order, and fills its five slots from further down the ranking."""
+    text = ["A", "A", "B", "C", "B", "D", "E", "F"]
+    ans = ToolAnswers("sequential", ["t"], items={"t": np.array([[0, 1, 2, 4, 3, 5, 6, 7]])})
+    assert ans.hint("t", 0, text).items == ["A", "B", "C", "D", "E"]
