@@ -10,8 +10,8 @@ candidates) overall, per EH bucket and for the cold-start aggregates. The compar
 like-for-like when the stage scored every test query of the task (``score.max_queries_per_task=0``):
 the script checks that both sides hold as many queries per task and warns otherwise. Cold-start groups
 are computed over the evaluated users (the same rule as ``ray_jobs.evaluate``). Then, per tool,
-sequential HR@5 paired per user: the users only the VLM hits, only the tool hits, and McNemar's
-exact p-value (is the gap more than the draw of test users?).
+sequential HR@5 paired per user, on all users and on the coldest ones: the users only the VLM
+hits, only the tool hits, and McNemar's exact p-value (is the gap more than the draw of test users?).
 """
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ import argparse
 import json
 from typing import Mapping
 
+import numpy as np
 import pyarrow.compute as pc
 
 from bench.report import markdown_table, system_metric
 from ray_jobs import evaluate
 from reasonrec.config import load_config
 from reasonrec.io import ArtifactStore
+from reasonrec.metrics import COLD_START_AGGREGATES
 
 PAIRED_K = 5
 GROUPS = ("all", "eh:low", "eh:medium", "eh:high", "cs:coldest", "cs:medium")
@@ -64,6 +66,18 @@ def paired(vlm_hits: Mapping[int, bool], tool_hits: Mapping[str, Mapping[int, bo
     return sorted(rows, key=lambda r: (-r["tool_hits"], r["tool"]))
 
 
+def paired_by_group(vlm_hits: Mapping[int, bool], tool_hits: Mapping[str, Mapping[int, bool]], users) -> list[dict]:
+    """:func:`paired` on all users, then on the coldest (cold-start groups over the users the VLM
+    answered, the rule of ``ray_jobs.evaluate``); each row tagged with its ``group``."""
+    uids = np.array(sorted(vlm_hits), np.int64)
+    _, groups = evaluate.segments(users, uids)
+    coldest = uids[np.isin(groups, COLD_START_AGGREGATES["coldest"])].tolist()
+    rows = []
+    for group, keep in (("all", uids.tolist()), ("cs:coldest", coldest)):
+        rows += [{"group": group, **r} for r in paired({u: vlm_hits[u] for u in keep}, tool_hits)]
+    return rows
+
+
 def _sequential_hits(store, preds, queries, k: int = PAIRED_K) -> tuple[dict, dict]:
     """Per user HR@K hits (sequential, history kept) of a stage's answers and of every tool."""
     preds = preds.filter(pc.equal(preds.column("task"), "sequential"))
@@ -95,9 +109,10 @@ def main() -> None:
     table = markdown_table(rows, ["model", "task", "metric", *GROUPS])
     note = "same test users on both sides" if same else "WARNING: the VLM stage did not score every test query"
     print(f"{note}\n{table}")
-    pairs = paired(*_sequential_hits(store, preds, queries)) if any(r["task"] == "sequential" for r in vlm) else []
+    pairs = (paired_by_group(*_sequential_hits(store, preds, queries), users)
+             if any(r["task"] == "sequential" for r in vlm) else [])
     pair_table = markdown_table(pairs, list(pairs[0])) if pairs else ""
-    print(f"\nsequential HR@{PAIRED_K}, paired per user (VLM vs each tool):\n{pair_table}")
+    print(f"\nsequential HR@{PAIRED_K}, paired per user (VLM vs each tool; all users, then the coldest):\n{pair_table}")
     with store.fs.open(store.path(f"bench_vlm_vs_tools_{a.stage}.json"), "w") as f:
         json.dump({"rows": rows, "table": table, "same_users": same, "paired": pairs, "paired_table": pair_table},
                   f, indent=2)

@@ -57,7 +57,7 @@ def read_split(store: ArtifactStore, stage: str, name: str, columns: list[str], 
     return ds.to_table(columns=columns, filter=pc.field("split") == split)
 
 
-def _segments(users, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def segments(users, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """EH bucket and cold-start group per query (groups are computed over the evaluated users)."""
     uid = users.column("user_id").to_numpy()
     pos = np.full(int(uid.max()) + 1, -1, np.int64)
@@ -94,7 +94,7 @@ def evaluate_tools(store: ArtifactStore, cfg: RunConfig) -> list[dict]:
     for tool in sorted(set(preds.column("tool").to_pylist())):
         t = preds.filter(pc.equal(preds.column("tool"), tool))
         uids = t.column("user_id").to_numpy()
-        buckets, groups = _segments(users, uids)
+        buckets, groups = segments(users, uids)
         for column, protocol in (("rank", proto["sequential"]), ("rank_excl", SEQ_MASKED)):
             ranks = t.column(column).to_numpy()
             per_query = {f"{m}@{k}": f(ranks, k) for k in KS for m, f in (("hr", hit_at_k), ("ndcg", ndcg_at_k))}
@@ -113,7 +113,7 @@ def evaluate_tools(store: ArtifactStore, cfg: RunConfig) -> list[dict]:
         leaky = bool({"sequential", "direct"} & set(tool_class(tool).tasks))
         t = ctr.filter(pc.equal(ctr.column("tool"), tool))
         labels, probs = t.column("label").to_numpy().astype(np.float64), t.column("prob").to_numpy()
-        buckets, groups = _segments(users, t.column("user_id").to_numpy())
+        buckets, groups = segments(users, t.column("user_id").to_numpy())
 
         def fn(mask, labels=labels, probs=probs):
             if len(np.unique(labels[mask])) < 2:
@@ -206,7 +206,7 @@ def system_records(preds, queries, users, cfg: RunConfig, model: str = "reasonre
         known = np.isin(uids[m], users.column("user_id").to_numpy())
         buckets, groups = np.array(["high"] * m.sum(), object), np.full(m.sum(), 0, np.int64)
         if known.any():
-            b, g = _segments(users, uids[m][known])
+            b, g = segments(users, uids[m][known])
             buckets[known], groups[known] = b, g
         tier = routes[m]
         if task in ("sequential", "direct"):

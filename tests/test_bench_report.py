@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 
-from bench.vlm_vs_tools import comparison, paired
+import pyarrow as pa
+
+from bench.vlm_vs_tools import comparison, paired, paired_by_group
 
 
 def _rec(model, task, metric, k, group, value, protocol="full"):
@@ -36,3 +38,17 @@ def test_paired_hits_count_discordant_users_and_test_them():
     assert rows["pop"]["p_mcnemar"] == 1.0                  # a tie is no evidence
     assert (rows["sas"]["only_vlm"], rows["sas"]["only_tool"]) == (0, 60) and rows["sas"]["p_mcnemar"] < 1e-10
     assert rows["half"]["users"] == 50 and rows["half"]["vlm_hits"] == rows["half"]["tool_hits"] == 30
+
+
+def test_paired_by_group_adds_the_coldest_users_of_those_evaluated():
+    # 40 users; user u has u training items except that users 0-9 have 1 (the coldest of all, but
+    # not evaluated): "coldest" = cold-start groups 1-3 of 10 over the 20 evaluated users 10-29 =
+    # users 10-15.
+    users = pa.table({"user_id": list(range(40)), "n_train": [1] * 10 + list(range(10, 40)),
+                      "eh_bucket": ["high"] * 40})
+    vlm = {u: u % 2 == 0 for u in range(10, 30)}
+    tools = {"t": {u: True for u in range(40)}}
+    rows = paired_by_group(vlm, tools, users)
+    assert [r["group"] for r in rows] == ["all", "cs:coldest"]
+    assert (rows[0]["users"], rows[0]["vlm_hits"], rows[0]["only_tool"]) == (20, 10, 10)
+    assert (rows[1]["users"], rows[1]["vlm_hits"], rows[1]["only_tool"]) == (6, 3, 3)
