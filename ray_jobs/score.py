@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_jobs.common import arrow_blocks
-from reasonrec.config import RunConfig, parse_cli, section_hash
+from reasonrec.config import RunConfig, parse_cli, planner_warnings, section_hash
 from reasonrec.data.schemas import QUERIES
 from reasonrec.io import ArtifactStore, TMP_DIR
 
@@ -379,6 +379,8 @@ def staging_name(cfg: RunConfig, store: ArtifactStore) -> str:
 def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) -> dict:
     """``force`` re-runs the scoring and, unless ``refit_planner`` says otherwise, the planner fit."""
     t0 = time.time()
+    for warning in planner_warnings(cfg):
+        log.warning("score: %s", warning)
     store = _store(cfg)
     planner_summary = fit_planner(cfg, force=force if refit_planner is None else refit_planner)
     stage = cfg.score.stage_name

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from reasonrec.config import RunConfig, parse_cli
+from reasonrec.config import RunConfig, parse_cli, planner_warnings
 
 APP_NAME = "reasonrec"
 
@@ -26,6 +26,8 @@ def start(cfg: RunConfig) -> str:
     from reasonrec.runtime import init_ray
     from reasonrec.serve.app import build
 
+    for warning in planner_warnings(cfg):
+        logging.getLogger("reasonrec.serve").warning("serve: %s", warning)
     init_ray(cfg.ray)
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})

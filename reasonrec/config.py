@@ -380,6 +380,17 @@ EH_BUCKETS = ("low", "medium", "high")
 SOURCE_KINDS = ("synthetic", "p5", "amazon", "recbole", "pixelrec", "hm")
 
 
+def planner_warnings(cfg: RunConfig) -> list[str]:
+    """Valid settings that work against each other where the planner consults the VLM (score and
+    Serve log them)."""
+    out = []
+    if cfg.instructions.hint_order == "usable_rate" and cfg.planner.tool_choice != "fixed":
+        out.append(f"instructions.hint_order=usable_rate trained the VLM on the tools that planner.tool_choice=fixed "
+                   f"shows, but planner.tool_choice={cfg.planner.tool_choice} shows others per query: expect the VLM "
+                   f"to use their answers far less (RESULTS.md, 'Hints in most training examples')")
+    return out
+
+
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from reasonrec.config import CONFIG_DIR, ConfigError, RunConfig, load_config, parse_cli, section_hash
+from reasonrec.config import CONFIG_DIR, ConfigError, RunConfig, load_config, parse_cli, planner_warnings, section_hash
 
 PRESETS = sorted(p for p in CONFIG_DIR.rglob("*.yaml"))
 
@@ -67,3 +67,16 @@ def test_section_hash_changes_with_content():
     b = load_config(CONFIG_DIR / "quickstart.yaml", ["data.seed=1"])
     assert section_hash(a.data) == section_hash(load_config(CONFIG_DIR / "quickstart.yaml").data)
     assert section_hash(a.data) != section_hash(b.data)
+
+
+def test_hints_trained_on_the_fixed_tools_warn_under_another_tool_choice():
+    q = CONFIG_DIR / "quickstart.yaml"
+    assert planner_warnings(load_config(q)) == []                       # defaults: random hints, learned choice
+    assert planner_warnings(load_config(q, ["instructions.hint_order=usable_rate",
+                                            "planner.tool_choice=fixed"])) == []
+    (w,) = planner_warnings(load_config(q, ["instructions.hint_order=usable_rate"]))
+    assert "planner.tool_choice=learned" in w
+    with pytest.raises(ConfigError, match="instructions.hint_order"):
+        load_config(q, ["instructions.hint_order=best"])
+    with pytest.raises(ConfigError, match="instructions.hint_fraction"):
+        load_config(q, ["instructions.hint_fraction=1.5"])
