@@ -212,7 +212,8 @@ def tool_ranking(task: Sequence[str], usable: Sequence[Sequence[str]]) -> dict[s
         for n in names:
             c[n] = c.get(n, 0) + 1
     for t, c in counts.items():
-        out[t] = sorted(c, key=lambda n: (-c[n], n))
+        if c:   # explanation has no tools
+            out[t] = sorted(c, key=lambda n: (-c[n], n))
     return out
 
 

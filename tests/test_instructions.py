@@ -46,6 +46,10 @@ def test_stage_tags_phase_confidence_tools_and_photos(tiny_run):
             assert e["tools_usable"] == [] and "none" in e["target"]
     # Calibrated by group, not a constant.
     assert any(len(v) > 1 for v in by_task.values()), by_task
+    # The tools' order for hint_order=usable_rate, fitted on the validation rows, is recorded.
+    rank = store.read_json("instructions", "summary.json")["tool_ranking"]
+    assert set(rank) <= set(cfg.instructions.tasks) - {"explanation"} and rank
+    assert all(r and set(r) <= tools and len(set(r)) == len(r) for r in rank.values()), rank
 
 
 def test_train_prefixes_predict_each_earlier_item_from_the_items_before_it(tiny_run):
@@ -94,8 +98,8 @@ def test_train_prefixes_predict_each_earlier_item_from_the_items_before_it(tiny_
 
 
 def test_tool_ranking_orders_by_usable_rate_per_task():
-    rank = tool_ranking(["sequential"] * 4 + ["direct"] * 2,
-                        [["b", "a"], ["b"], ["c", "b"], [], ["a"], ["a", "c"]])
+    rank = tool_ranking(["sequential"] * 4 + ["direct"] * 2 + ["explanation"],
+                        [["b", "a"], ["b"], ["c", "b"], [], ["a"], ["a", "c"], []])
     assert rank == {"sequential": ["b", "a", "c"], "direct": ["a", "c"]}
 
 
