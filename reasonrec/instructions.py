@@ -254,6 +254,8 @@ def render_batch(labeled: pa.Table, conf: Mapping[str, float], prompts: PromptBu
     rows = labeled.to_pylist()
     qids = np.array([r["query_id"] for r in rows], np.int64)
     with_hints = _frac(qids, cfg.seed * 31 + 5) < cfg.hint_fraction
+    # usable_rate: each task's tools by position in the ranking; never-usable tools go last.
+    position = {t: {n: i for i, n in enumerate(names)} for t, names in (tool_rank or {}).items()}
     out = []
     for i, r in enumerate(rows):
         task, key = r["task"], int(r["query_id"])
@@ -265,8 +267,8 @@ def render_batch(labeled: pa.Table, conf: Mapping[str, float], prompts: PromptBu
         shown, tools, corrupted = [], list(r["usable"])[:3], False
         if task != "explanation" and all_hints and with_hints[i]:
             if cfg.hint_order == "usable_rate":
-                rank = {n: i for i, n in enumerate(tool_rank.get(task, ()))}   # never-usable tools last
-                shown = sorted(all_hints, key=lambda h: rank.get(h.name, len(rank)))[: cfg.max_tool_hints]
+                pos = position.get(task, {})
+                shown = sorted(all_hints, key=lambda h: pos.get(h.name, len(pos)))[: cfg.max_tool_hints]
             else:
                 order = np.random.default_rng([cfg.seed, key & 0x7FFFFFFF, 11]).permutation(len(all_hints))
                 shown = [all_hints[o] for o in order[: cfg.max_tool_hints]]

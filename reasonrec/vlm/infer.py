@@ -307,8 +307,12 @@ class VLMPredictor:
         results = []
         priors = candidate_prior if candidate_prior is not None else [None] * len(examples)
         for ex, thought, texts, ids, prior in zip(examples, thoughts, candidate_texts, candidate_ids, priors):
-            conts = [self.tok(" " + t.strip(), add_special_tokens=False)["input_ids"] + [eos] for t in texts]
-            lp = self._continuation_logprobs(ex, thought, conts, chunk) + shared_text_log_share(texts, prior)
+            # Each distinct text is scored once: candidates that share a title have its likelihood.
+            keys = [t.strip() for t in texts]
+            uniq = list(dict.fromkeys(keys))
+            conts = [self.tok(" " + t, add_special_tokens=False)["input_ids"] + [eos] for t in uniq]
+            lp_text = dict(zip(uniq, self._continuation_logprobs(ex, thought, conts, chunk)))
+            lp = np.array([lp_text[k] for k in keys]) + shared_text_log_share(texts, prior)
             order = np.argsort(-lp, kind="stable")
             probs = np.exp(lp - lp.max())
             probs /= probs.sum()
