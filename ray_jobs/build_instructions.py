@@ -42,6 +42,9 @@ class _Context:
         self.catalog, self.users, self.prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds, sampler,
                                                               ic.prompt_candidates)
         self.toolbox = load_toolbox(store) if with_tools else None
+        # What train_tools actually held out (its config may differ from this run's overrides).
+        self.holdout_items = store.read_json("train_tools", "metrics.json").get("holdout_items", 0)
+        self.holdout = load_toolbox(store, holdout=True) if with_tools and self.holdout_items else None
 
 
 class _Labeler(_Context):
@@ -53,7 +56,8 @@ class _Labeler(_Context):
         parts = []
         for split in pc.unique(batch.column("split")).to_pylist():
             sub = batch.filter(pc.equal(batch.column("split"), split)).drop_columns(["split"])
-            parts.append(label_batch(sub, split, self.toolbox, self.users, self.catalog, self.cfg.instructions))
+            parts.append(label_batch(sub, split, self.toolbox, self.users, self.catalog, self.cfg.instructions,
+                                     self.holdout, self.holdout_items))
         return pa.concat_tables(parts)
 
 
@@ -120,7 +124,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         counts = {}
         for t, s in zip(stats.column("task").to_pylist(), stats.column("split").to_pylist()):
             counts[f"{t}/{s}"] = counts.get(f"{t}/{s}", 0) + 1
-        summary = {"examples": rows, "by_task_split": counts, "confidence_table": conf,
+        holdout = store.read_json("train_tools", "metrics.json").get("holdout_items", 0)
+        summary = {"examples": rows, "by_task_split": counts, "hints_holdout_items": holdout, "confidence_table": conf,
                    "tool_ranking": tool_rank, "seconds": round(time.time() - t0, 1)}
         w.write_json("summary.json", summary)
         w.manifest.metrics = {k: v for k, v in summary.items() if k not in ("confidence_table", "tool_ranking")}

@@ -36,6 +36,7 @@ from reasonrec.runtime import init_ray
 from reasonrec.tools.predict import CTR_PREDICTIONS, PREDICTIONS
 
 STAGE = "train_tools"
+HOLDOUT = "holdout"   # tools/holdout/<name>: ranking tools trained without each user's last items
 log = logging.getLogger("reasonrec.train_tools")
 
 
@@ -47,12 +48,13 @@ def _train_loop(config: dict) -> None:
 
     from reasonrec.config import StorageConfig
     from reasonrec.tools import tool_class
-    from reasonrec.tools.data import load_tool_data
+    from reasonrec.tools.data import hold_out_last, load_tool_data
     from reasonrec.tools.persist import load_tool, save_tool
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     store = ArtifactStore(config["output_root"], config["run_name"], StorageConfig(**config["storage"]))
     data = load_tool_data(store)
+    held_out = hold_out_last(data, config["holdout_items"]) if config["holdout_items"] else None
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
 
     state = tempfile.mkdtemp(prefix="tools-state-")
@@ -105,11 +107,13 @@ def _train_loop(config: dict) -> None:
             continue
         t0 = time.time()
         start_epoch = 0
+        # "holdout/<tool>": the same tool trained without each user's last holdout_items items.
+        kind = name.removeprefix(HOLDOUT + "/")
         if progress["current"] == name and os.path.exists(os.path.join(state, "current", "config.json")):
             tool = load_tool(os.path.join(state, "current"))
             start_epoch = progress["epoch"] + 1
         else:
-            tool = tool_class(name)(config["params"].get(name) or {})
+            tool = tool_class(kind)(config["params"].get(kind) or {})
         progress["current"] = name
 
         def reporter(epoch: int, metrics: dict, tool=tool, name=name) -> None:
@@ -119,7 +123,7 @@ def _train_loop(config: dict) -> None:
             report({"tool": name, "epoch": epoch, **{k: float(v) for k, v in metrics.items()
                                                      if isinstance(v, (int, float))}}, tool)
 
-        metrics = tool.fit(data, reporter=reporter, start_epoch=start_epoch)
+        metrics = tool.fit(held_out if kind != name else data, reporter=reporter, start_epoch=start_epoch)
         metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
         metrics["train_seconds"] = round(time.time() - t0, 2)
         if rank == 0:
@@ -187,6 +191,14 @@ def _tool_order(names: list[str], ensemble: bool) -> list[str]:
     return list(names) + (["ensemble"] if ensemble and "ensemble" not in names and len(names) > 1 else [])
 
 
+def holdout_names(trained: list[str], holdout_items: int) -> list[str]:
+    """``holdout/<name>`` for every trained ranking tool when ``holdout_items`` > 0."""
+    from reasonrec.tools import tool_class
+    if not holdout_items:
+        return []
+    return [f"{HOLDOUT}/{n}" for n in trained if {"sequential", "direct"} & set(tool_class(n).tasks)]
+
+
 def run(cfg: RunConfig, force: bool = False) -> dict:
     ray = init_ray(cfg.ray)
     from ray.data import ActorPoolStrategy
@@ -202,7 +214,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     # checkpoint setting resumes the finished training instead of redoing it); the stage's hash
     # adds what the written predictions depend on.
     train_hash = section_hash({"enabled": list(tc.enabled), "params": tc.params, "ensemble": tc.ensemble,
-                               "num_workers": tc.num_workers, "use_gpu": tc.use_gpu, "data": prep.config_hash})
+                               "num_workers": tc.num_workers, "use_gpu": tc.use_gpu, "data": prep.config_hash,
+                               **({"holdout_items": tc.holdout_items} if tc.holdout_items else {})})
     # The prediction schemas are hashed too: a new prediction column re-writes the predictions.
     config_hash = section_hash({"train": train_hash, "k": tc.prediction_k, "splits": list(tc.predict_splits),
                                 "columns": [f.name for f in PREDICTIONS] + [f.name for f in CTR_PREDICTIONS]})
@@ -212,12 +225,14 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         return {"skipped": True, **store.manifest(STAGE).metrics}
 
     trained = [n for n in names if n != "ensemble"]
+    held_out = holdout_names(trained, tc.holdout_items)
     params = {n: dict(cfg.tools.params.get(n, {})) for n in names}
     if "ensemble" in names:
         params["ensemble"] = {"members": trained, **params.get("ensemble", {})}
     storage_dict = {"s3_endpoint_url": cfg.storage.s3_endpoint_url, "s3_anon": cfg.storage.s3_anon}
     train_cfg = {"output_root": cfg.output_root, "run_name": cfg.run_name, "storage": storage_dict,
-                 "names": trained, "params": params, "checkpoint_every_s": cfg.tools.checkpoint_every_s}
+                 "names": trained + held_out, "params": params, "checkpoint_every_s": cfg.tools.checkpoint_every_s,
+                 "holdout_items": tc.holdout_items}
     # Ray Train keeps its checkpoints next to the run (same name -> a restarted job resumes).
     storage_path = store.url("_ray_train") if store.scheme else store.path("_ray_train")
     train_name = f"train_tools-{train_hash}"
@@ -233,15 +248,15 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=cfg.tools.max_failures)),
     )
-    log.info("training %d tools on Ray Train (%d worker(s), gpu=%s): %s", len(trained), cfg.tools.num_workers,
-             cfg.tools.use_gpu, ", ".join(trained))
+    log.info("training %d tools on Ray Train (%d worker(s), gpu=%s): %s", len(trained) + len(held_out),
+             cfg.tools.num_workers, cfg.tools.use_gpu, ", ".join(trained + held_out))
     result = trainer.fit()
 
     with store.stage_writer(STAGE, config_hash, inputs) as w:
         with result.checkpoint.as_directory() as d:
             with open(os.path.join(d, "progress.json")) as f:
                 progress = json.load(f)
-            for n in trained:
+            for n in trained + held_out:
                 src = os.path.join(d, "done", n)
                 for fname in os.listdir(src):
                     with open(os.path.join(src, fname), "rb") as f:
@@ -275,7 +290,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
                                        loo_url=store.url("prepare", "loo")),
             compute=ActorPoolStrategy(size=cfg.tools.predict_actors))
         write_dataset(ctr_preds, w, store, "ctr_predictions", CTR_PREDICTIONS)
-        summary = {"tools": names, "validation": progress["done"], "seconds": round(time.time() - t_start, 1),
+        summary = {"tools": names, "holdout_tools": [n.split("/", 1)[1] for n in held_out],
+                   "holdout_items": tc.holdout_items, "validation": progress["done"], "seconds": round(time.time() - t_start, 1),
                    "num_workers": cfg.tools.num_workers, "resumes": progress.get("resumes", [])}
         w.write_json("metrics.json", summary)
         w.manifest.metrics = summary

@@ -148,6 +148,11 @@ class ToolsConfig:
     # LOO query splits the ranking predictions cover (evaluate reads valid/test; train-split
     # predictions are for offline analysis -- build_instructions asks the tools live).
     predict_splits: List[str] = field(default_factory=lambda: ["train", "valid", "test"])
+    # > 0: also train a copy of each ranking tool without every user's last N training items
+    # (``tools/holdout/<name>``); build_instructions then takes the hints of training examples
+    # that predict one of those items from these copies (out-of-sample, like test time) and shows
+    # no hints on the other training examples. 0 = hints from the tools trained on everything.
+    holdout_items: int = 0
 
 
 @dataclass
@@ -414,6 +419,8 @@ def validate(cfg: RunConfig) -> None:
         bad = [b for b in _get(cfg, key) if b not in EH_BUCKETS]
         if bad:
             raise ConfigError(f"config error: key '{key}': unknown bucket(s) {bad}; choose from {EH_BUCKETS}")
+    if cfg.tools.holdout_items < 0:
+        raise ConfigError("config error: key 'tools.holdout_items': must be >= 0")
     if not 0.0 <= cfg.instructions.hint_fraction <= 1.0:
         raise ConfigError("config error: key 'instructions.hint_fraction': must be in [0, 1]")
     if not 1 <= cfg.planner.max_tools <= 3:

@@ -388,14 +388,17 @@ def explanation_decision(bucket: str, eh: float, cold_user: bool = False) -> Dec
 
 
 # ------------------------------------------------------------------------------ loading
-def load_toolbox(store, names: Sequence[str] | None = None) -> ToolBox:
-    """Every tool the ``train_tools`` stage saved (members before the ensemble)."""
+def load_toolbox(store, names: Sequence[str] | None = None, holdout: bool = False) -> ToolBox:
+    """Every tool the ``train_tools`` stage saved (members before the ensemble); ``holdout``: the
+    copies trained without each user's last ``tools.holdout_items`` items (``tools/holdout/``)."""
     from reasonrec.tools.persist import load_tool
     store.require("train_tools")
-    names = list(names) if names is not None else store.read_json("train_tools", "metrics.json")["tools"]
+    if names is None:
+        names = store.read_json("train_tools", "metrics.json").get("holdout_tools" if holdout else "tools", [])
+    parts = ("tools", "holdout") if holdout else ("tools",)
     tools: dict[str, Tool] = {}
     for n in sorted(names, key=lambda n: n == "ensemble"):
-        tools[n] = load_tool(store.url("train_tools", "tools", n), store.storage, members=tools)
+        tools[n] = load_tool(store.url("train_tools", *parts, n), store.storage, members=tools)
     return ToolBox(tools)
 
 

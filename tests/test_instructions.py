@@ -2,6 +2,7 @@
 training-prefix augmentation through both passes (label with the tools, render)."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 
@@ -10,11 +11,14 @@ import pyarrow as pa
 import pytest
 
 from reasonrec.context import load_context
-from reasonrec.instructions import confidence_table, label_batch, prepared_queries, render_batch, tool_ranking
-from reasonrec.planner import load_toolbox
+from reasonrec.instructions import (confidence_table, label_batch, prefix_position, prepared_queries, render_batch,
+                                    tool_ranking)
+from reasonrec.planner import ToolBox, load_toolbox
 from reasonrec.prompts.cot import parse_output
 from reasonrec.prompts.templates import DEFAULT_IMAGE_TOKEN, TemplateSampler
 from reasonrec.prompts.user_desc import describe_users
+from reasonrec.tools import tool_class
+from reasonrec.tools.data import hold_out_last, load_tool_data
 
 
 def _tables(store):
@@ -131,3 +135,44 @@ def test_hint_fraction_and_usable_rate_order_choose_the_shown_tools(tiny_run):
     assert not any("Tool hints" in e["prompt"] for e in none)
     half = render_batch(labeled, conf, prompts, users, catalog, ic).to_pylist()     # default: random, ~half
     assert 0 < sum("Tool hints" in e["prompt"] for e in half) < len(half)
+
+
+def test_holdout_tools_give_the_hints_of_held_out_transitions_and_no_others(tiny_run):
+    cfg, store = tiny_run
+    tables = _tables(store)
+    n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
+    ic = replace(cfg.instructions, hint_fraction=1.0, noisy_tools_fraction=0.0)
+    catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
+                                           TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
+                                           ic.prompt_candidates)
+    # Popularity without each user's last training item: its counts differ from the full tool's.
+    held = tool_class("popularity")({})
+    held.fit(hold_out_last(load_tool_data(store), 1))
+    holdout, full = ToolBox({"popularity": held}), load_toolbox(store)
+    queries = prepared_queries(tables, "sequential", "train", n_items, prefixes=1)
+    labeled = label_batch(queries, "train", full, users, catalog, ic, holdout, 1)
+    assert sorted(labeled.column("query_id").to_pylist()) == sorted(queries.column("query_id").to_pylist())
+    k = dict(zip(queries.column("query_id").to_pylist(),
+                 prefix_position(queries.column("query_id").to_numpy(), queries.column("task").to_pylist(), "train")))
+    assert set(k.values()) == {0, 1}
+    # What each toolbox alone says about the last-item (k = 0) queries.
+    last = queries.filter(pa.array([k[q] == 0 for q in queries.column("query_id").to_pylist()]))
+    by_held = {r["query_id"]: r for r in label_batch(last, "train", holdout, users, catalog, ic).to_pylist()}
+    by_full = {r["query_id"]: r for r in label_batch(last, "train", full, users, catalog, ic).to_pylist()}
+    for r in labeled.to_pylist():
+        if k[r["query_id"]] == 0:      # predicts the held-out item: the held-out tools label it
+            assert json.loads(r["hints"]) == json.loads(by_held[r["query_id"]]["hints"]) != []
+            assert r["usable"] == by_held[r["query_id"]]["usable"] and set(r["usable"]) <= {"popularity"}
+        else:                          # in-sample for every tool: usable tools kept, no hints
+            assert r["hints"] == "[]"
+    # The full toolbox has more tools than the held-out one, so the hints show which one answered.
+    assert all([h["name"] for h in json.loads(by_held[q]["hints"])] == ["popularity"]
+               != [h["name"] for h in json.loads(by_full[q]["hints"])] for q in by_held)
+    stats = labeled.to_pydict()
+    conf = confidence_table(stats["task"], stats["eh_bucket"], stats["len_bin"], stats["ref_right"])
+    for r, e in zip(labeled.to_pylist(), render_batch(labeled, conf, prompts, users, catalog, ic).to_pylist()):
+        assert ("Tool hints" in e["prompt"]) == (k[r["query_id"]] == 0), e["prompt"]
+    # Validation rows are out-of-sample for the full tools already: the held-out copies are not used.
+    valid = prepared_queries(tables, "sequential", "valid", n_items).slice(0, 8)
+    assert label_batch(valid, "valid", full, users, catalog, ic, holdout, 1).equals(
+        label_batch(valid, "valid", full, users, catalog, ic))

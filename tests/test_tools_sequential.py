@@ -238,3 +238,21 @@ def test_training_under_torch_distributed(tmp_path):
     for k in r0.files:
         if k != "reports":
             np.testing.assert_array_equal(r0[k], r1[k])
+
+
+def test_hold_out_last_removes_each_users_last_items():
+    from reasonrec.tools.data import hold_out_last
+    data = ToolData(n_users=3, n_items=8, train_seqs=[np.array([1, 2, 3]), np.array([4]), np.array([5, 6])],
+                    valid_item=np.array([7, 7, 7]), test_item=np.array([0, 0, 0]),
+                    ctr={"train": (np.array([0]), np.array([1]), np.array([1.0], np.float32))})
+    held = hold_out_last(data, 1)
+    assert [s.tolist() for s in held.train_seqs] == [[1, 2], [], [5]]
+    # The first held-out item is the tools' validation target; nothing is left to test on.
+    assert held.valid_item.tolist() == [3, -1, 6] and held.test_item.tolist() == [-1, -1, -1]
+    assert held.ctr == {} and held.direct_valid is None
+    assert held.item_popularity.tolist() == [0, 1, 1, 0, 0, 1, 0, 0]
+    assert [s.tolist() for s in hold_out_last(data, 2).train_seqs] == [[1], [], []]
+    assert hold_out_last(data, 2).valid_item.tolist() == [2, -1, -1]   # nothing left to train on: none
+    assert [s.tolist() for s in data.train_seqs] == [[1, 2, 3], [4], [5, 6]]   # the input is untouched
+    with pytest.raises(ValueError, match="n >= 1"):
+        hold_out_last(data, 0)

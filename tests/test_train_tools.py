@@ -15,6 +15,7 @@ import pytest
 from ray_jobs import evaluate, prepare, train_tools
 from reasonrec.config import CONFIG_DIR, load_config
 from reasonrec.io import ArtifactStore
+from reasonrec.planner import load_toolbox
 from reasonrec.tools.persist import load_tool
 
 TINY = ["data.sources.0.synthetic.n_users=300", "data.sources.0.synthetic.n_items=80",
@@ -30,7 +31,7 @@ def _cfg(root, *extra):
 
 @pytest.fixture(scope="module")
 def pipeline(ray_local, tmp_path_factory):
-    cfg = _cfg(tmp_path_factory.mktemp("runs"))
+    cfg = _cfg(tmp_path_factory.mktemp("runs"), "tools.holdout_items=1")
     prepare.run(cfg)
     summary = train_tools.run(cfg)
     report = evaluate.run(cfg)
@@ -58,6 +59,24 @@ def test_every_tool_is_saved_and_reloads_with_identical_outputs(pipeline):
     ctr = store.read_table("train_tools", "ctr_predictions")
     assert set(ctr.column("tool").to_pylist()) >= {"dlrm", "xgb_ctr", "ensemble"}
     assert set(ctr.column("split").to_pylist()) == {"valid", "test"}
+
+
+def test_holdout_copies_train_without_each_users_last_item(pipeline):
+    cfg, summary, _, store = pipeline
+    # Ranking tools only (dlrm and xgb_ctr are CTR tools), saved apart from the main ones.
+    assert summary["holdout_tools"] == ["popularity", "sasrec", "bpr_mf"] and summary["holdout_items"] == 1
+    assert load_toolbox(store, holdout=True).names("sequential") == ["bpr_mf", "popularity", "sasrec"]
+    n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
+    counts = np.zeros(n_items)
+    for seq in store.read_table("prepare", "loo").column("train_items").to_pylist():
+        np.add.at(counts, seq[:-1], 1.0)
+    held = load_tool(store.url("train_tools", "tools", "holdout", "popularity"))
+    assert np.allclose(held.counts, counts)
+    assert not np.allclose(load_tool(store.url("train_tools", "tools", "popularity")).counts, counts)
+    # The predictions and the toolbox the planner loads are the main tools only.
+    assert set(store.read_table("train_tools", "predictions").column("tool").to_pylist()) == {
+        "popularity", "sasrec", "bpr_mf", "ensemble"}
+    assert sorted(load_toolbox(store).tools) == sorted(summary["tools"])
 
 
 def test_prediction_ranks_agree_with_top_k(pipeline):

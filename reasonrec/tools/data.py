@@ -1,6 +1,8 @@
 """Build :class:`ToolData` from the ``prepare`` stage's tables (Arrow in, NumPy out)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 
@@ -71,3 +73,17 @@ def load_tool_data(store, with_ctr: bool = True, with_direct: bool = True) -> To
     ctr = store.read_table("prepare", "ctr") if with_ctr else None
     direct = store.read_table("prepare", "direct_candidates") if with_direct else None
     return tool_data_from_tables(items, loo, ctr, direct)
+
+
+def hold_out_last(data: ToolData, n: int) -> ToolData:
+    """``data`` with each user's last ``n`` training items removed, for tools whose answers on
+    those transitions must be out-of-sample (the VLM's training hints: a tool scored on items it
+    was trained on looks far more reliable than it is on test users). The first removed item is
+    the user's validation item (the tools' own early stopping); there is no test item. CTR rows
+    and direct validation lists are dropped: only ranking tools are trained on this."""
+    if n < 1:
+        raise ValueError(f"hold_out_last needs n >= 1, got {n}")
+    seqs = [s[:-n] if len(s) > n else s[:0] for s in data.train_seqs]
+    valid = np.array([s[len(s) - n] if len(s) > n else -1 for s in data.train_seqs], np.int64)
+    return replace(data, train_seqs=seqs, valid_item=valid, test_item=np.full(data.n_users, -1, np.int64),
+                   ctr={}, direct_valid=None)
