@@ -36,20 +36,20 @@ class _Context:
         from reasonrec.prompts.templates import TemplateSampler
 
         self.cfg = cfg
-        store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+        self.store = store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
         ic = cfg.instructions
         sampler = TemplateSampler(ic.template_mixture, ic.single_template, ic.seed)
         self.catalog, self.users, self.prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds, sampler,
                                                               ic.prompt_candidates)
         self.toolbox = load_toolbox(store) if with_tools else None
-        # What train_tools actually held out (its config may differ from this run's overrides).
-        self.holdout_items = store.read_json("train_tools", "metrics.json").get("holdout_items", 0)
-        self.holdout = load_toolbox(store, holdout=True) if with_tools and self.holdout_items else None
 
 
 class _Labeler(_Context):
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, holdout_items: int):
+        from reasonrec.planner import load_toolbox
         super().__init__(cfg, with_tools=True)
+        self.holdout_items = holdout_items
+        self.holdout = load_toolbox(self.store, holdout=True) if holdout_items else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from reasonrec.instructions import label_batch
@@ -106,10 +106,12 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     del tables
     log.info("instructions: labelling %d queries with the tools (%s)", queries.num_rows,
              ", ".join(f"{t}" for t in ic.tasks))
+    # What train_tools actually held out (a skipped stage may predate this run's overrides).
+    holdout = store.read_json("train_tools", "metrics.json").get("holdout_items", 0)
     pool = ActorPoolStrategy(size=max(cfg.score.tool_actors, 1))
     labeled = ray.data.from_arrow(arrow_blocks(queries, cfg.score.tool_actors * 4)).map_batches(
-        _Labeler, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=cfg.score.tool_batch_size,
-        compute=pool).materialize()
+        _Labeler, fn_constructor_kwargs={"cfg": cfg, "holdout_items": holdout}, batch_format="pyarrow",
+        batch_size=cfg.score.tool_batch_size, compute=pool).materialize()
     # Six small columns per query: the only data the driver collects.
     stats = pa.concat_tables(ray.get(labeled.select_columns(
         ["task", "split", "eh_bucket", "len_bin", "ref_right", "usable"]).to_arrow_refs()))
@@ -124,7 +126,6 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         counts = {}
         for t, s in zip(stats.column("task").to_pylist(), stats.column("split").to_pylist()):
             counts[f"{t}/{s}"] = counts.get(f"{t}/{s}", 0) + 1
-        holdout = store.read_json("train_tools", "metrics.json").get("holdout_items", 0)
         summary = {"examples": rows, "by_task_split": counts, "hints_holdout_items": holdout, "confidence_table": conf,
                    "tool_ranking": tool_rank, "seconds": round(time.time() - t0, 1)}
         w.write_json("summary.json", summary)
