@@ -108,9 +108,8 @@ def prepared_queries(tables: Mapping[str, pa.Table], task: str, split: str, n_it
         if task == "direct":   # training lists: the target + negatives the user never touched
             pos = {int(u): i for i, u in enumerate(loo.column("user_id").to_numpy())}
             cands = []
-            for u, t, q in zip(users, target, qid):
+            for u, t, k in zip(users, target, prefix_position(qid, [task] * len(qid), split).tolist()):
                 # Seeded by user (the last-item example keeps its list) and prefix offset.
-                k = int(q - base) // PREFIX_STRIDE
                 rng = np.random.default_rng([seed, int(u), 3] + ([k] if k else []))
                 pool = np.setdiff1d(np.arange(n_items), np.asarray(train[pos[int(u)]], np.int64))
                 negs = rng.choice(pool, min(direct_negatives, len(pool)), replace=False)
