@@ -9,8 +9,10 @@ equal slice of every global batch drawn by the evidence-horizon curriculum sampl
 step + the run record) through ``ray.train.report``. A killed job started again with the same
 config resumes from the latest checkpoint (Ray Train restores a run with the same name under
 ``{run}/_ray_train/``); ``--force`` discards that state. Training stops early, with a
-checkpoint, once ``finetune.time_budget_s`` is spent. Every ``log_every`` steps a line with the
-phase, loss, LR and tokens/s is logged.
+checkpoint, once ``finetune.time_budget_s`` (training seconds over all resumes) is spent; started
+again with a larger budget, the job continues that run from its last checkpoint (the budget is
+not part of the Ray Train run's name). Every ``log_every`` steps a line with the phase, loss, LR
+and tokens/s is logged.
 
 Outputs under ``{run}/finetune/``: ``adapter/`` (LoRA + trained projector/vision tower as
 safetensors, loadable with ``reasonrec.vlm.train.load_finetuned``) and ``metrics.json`` (steps,
@@ -101,7 +103,7 @@ def _train_loop(config: dict) -> None:
 
     loop.train_steps(on_step=on_step, time_budget_s=ft["time_budget_s"], elapsed_s=progress["train_seconds"])
     close_window(progress, last)
-    if progress["valid_loss"] is None:
+    if progress["valid_loss"] is None or last is not None:   # a continued run trained further
         progress["valid_loss"] = loop.validation_loss(ft["max_valid_examples"])
     report({"step": loop.step, "finished": 1.0})
 
@@ -115,8 +117,12 @@ def _gather(obj) -> list:
 
 
 # ------------------------------------------------------------------------------ driver
-def _config_hash(cfg: RunConfig, inputs: dict) -> str:
-    train = {k: v for k, v in asdict(cfg.finetune).items() if k not in ("log_every", "max_failures", "cpus_per_worker")}
+def _config_hash(cfg: RunConfig, inputs: dict, with_budget: bool = True) -> str:
+    """The stage's hash (``with_budget``: another time budget re-runs the stage) or, without the
+    time budget, the Ray Train run's: a run stopped by its budget then continues from its last
+    checkpoint when the job is started again with a larger one, instead of starting over."""
+    runtime = ("log_every", "max_failures", "cpus_per_worker") + (() if with_budget else ("time_budget_s",))
+    train = {k: v for k, v in asdict(cfg.finetune).items() if k not in runtime}
     return section_hash({"vlm": training_config(cfg.vlm), "curriculum": section_hash(cfg.curriculum),
                          "finetune": train, "inputs": inputs})
 
@@ -148,7 +154,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
                  "storage": {"s3_endpoint_url": cfg.storage.s3_endpoint_url, "s3_anon": cfg.storage.s3_anon},
                  "vlm": _worker_vlm(cfg), "curriculum": asdict(cfg.curriculum), "finetune": asdict(ft)}
     storage_path = store.url("_ray_train") if store.scheme else store.path("_ray_train")
-    train_name = f"finetune-{config_hash}"
+    train_name = f"finetune-{_config_hash(cfg, inputs, with_budget=False)}"
     if force and store.fs.exists(store.path("_ray_train", train_name)):
         store.fs.rm(store.path("_ray_train", train_name), recursive=True)  # --force: no resume
     trainer = TorchTrainer(

@@ -139,6 +139,8 @@ def test_grad_accum_ranks_and_time_budget():
     assert seen[0] + seen[1] == data.train.column("example_id").to_numpy()[want].tolist()
     stopped = _loop(data, steps=6)
     assert stopped.train_steps(time_budget_s=1e-9) == 1          # budget spent after the first step
+    assert stopped.train_steps(time_budget_s=5.0, elapsed_s=5.0) == 1   # spent before: no step
+    assert stopped.train_steps(time_budget_s=1e9, elapsed_s=5.0) == 6   # a larger budget goes on
 
 
 def test_saved_adapter_reloads_with_identical_logits(tmp_path, s3_bucket):
@@ -262,3 +264,19 @@ def test_rerun_skips(finetuned):
     cfg, s, _, _ = finetuned
     again = finetune.run(cfg)
     assert again["skipped"] is True and again["valid_loss"] == s["valid_loss"]
+
+
+def test_a_run_stopped_by_its_time_budget_continues_with_a_larger_one(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    steps = ["finetune.max_steps=6", "finetune.checkpoint_every=100"]
+    cfg = _cfg(root, *steps, "finetune.time_budget_s=0.001")
+    prepare.run(cfg)
+    store = ArtifactStore(cfg.output_root, cfg.run_name)
+    write_instructions(store)
+    stopped = finetune.run(cfg)
+    assert stopped["steps"] == 1 and stopped["resumes"] == []
+    more = finetune.run(_cfg(root, *steps, "finetune.time_budget_s=0"))   # another budget: re-run
+    assert more["steps"] == 6 and [r["from_step"] for r in more["resumes"]] == [1]
+    assert more["log"][-1]["step"] == 6 and more["train_seconds"] > stopped["train_seconds"]
+    assert more["valid_loss_before"] == stopped["valid_loss_before"]
+    assert more["valid_loss"] != stopped["valid_loss"]           # measured again after the new steps

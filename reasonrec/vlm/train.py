@@ -176,9 +176,9 @@ class FinetuneLoop:
                     time_budget_s: float = 0.0, elapsed_s: float = 0.0) -> int:
         """Train from ``self.step`` to ``end_step`` (default: ``max_steps``). Stops early, on every
         rank at the same step, once ``elapsed_s`` + this call's time exceeds ``time_budget_s``
-        (0 = no budget). Returns the step reached."""
+        (0 = no budget); trains nothing when ``elapsed_s`` already has. Returns the step reached."""
         end = self.max_steps if end_step is None else min(end_step, self.max_steps)
-        if self.step >= end:
+        if self.step >= end or (time_budget_s and elapsed_s >= time_budget_s):
             return self.step
         self.sampler.set_start_step(self.step)
         loader = DataLoader(self.train_set, batch_size=self.per_device, sampler=self.sampler,
