@@ -274,6 +274,17 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
     if pc_cfg.vlm_aware:
         inputs["finetune"] = store.require("finetune").fingerprint
         fit_keys["vlm_rule"] = VLM_RULE_VERSION
+    # The VLM learned from hints in the instructions' tool ranking: the fixed choice shows that
+    # ranking (one order for training and scoring, not two fits of "usable rate" that can differ).
+    trained_order: dict[str, list[str]] = {}
+    if cfg.instructions.hint_order == "usable_rate":
+        built = store.manifest("instructions")
+        if built is not None:
+            inputs["instructions"] = built.fingerprint
+            trained_order = store.read_json("instructions", "summary.json").get("tool_ranking", {})
+        else:
+            log.warning("instructions.hint_order=usable_rate but no instructions stage: the fixed tool choice "
+                        "ranks the tools by its own validation usable rate")
     chash = section_hash({"planner": fit_keys, "k": cfg.score.k, "neg": cfg.data.direct_negatives,
                           "tasks": [t for t in cfg.score.tasks if t != "explanation"]})
     if not force and store.is_done(PLANNER_STAGE, chash, inputs):
@@ -289,7 +300,7 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
         batch_size=cfg.score.tool_batch_size, compute=ActorPoolStrategy(size=max(cfg.score.tool_actors, 1)),
         num_cpus=cfg.score.tool_cpus)
     feats = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("query_id")
-    state, report = {"tasks": {}}, {}
+    state, report, fixed = {"tasks": {}}, {}, {}
     for task in tasks:
         t = feats.filter(pc.equal(feats.column("task"), task))
         if t.num_rows == 0:
@@ -299,7 +310,8 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
         u = np.array(t.column("usable").to_pylist(), bool)
         hold = np.random.default_rng(pc_cfg.seed).random(len(x)) < pc_cfg.calibration_holdout
         fit_rows = ~hold if (~hold).sum() >= 10 else np.ones(len(x), bool)
-        planner = TaskPlanner.fit(task, names, x[fit_rows], {n: u[fit_rows, i] for i, n in enumerate(names)}, pc_cfg)
+        planner = TaskPlanner.fit(task, names, x[fit_rows], {n: u[fit_rows, i] for i, n in enumerate(names)}, pc_cfg,
+                                  fixed_order=trained_order.get(task))
         if hold.any():
             choice = planner.choose(x[hold], truth_usable={n: u[hold, i] for i, n in enumerate(names)},
                                     keys=t.column("query_id").to_numpy()[hold])
@@ -309,10 +321,11 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
                             "brier": float(np.mean((conf - right) ** 2)), "mean_confidence": float(conf.mean()),
                             "primary_right_rate": float(right.mean())}
         state["tasks"][task] = planner.state()
+        fixed[task] = [names[i] for i in planner.fixed_ranking()[:pc_cfg.max_tools]]
     vlm_right = _fit_vlm_right(ray, cfg, queries, state) if pc_cfg.vlm_aware and state["tasks"] else {}
     with store.stage_writer(PLANNER_STAGE, chash, inputs) as w:
         w.write_json("planner.json", state)
-        summary = {"calibration": report, "vlm_right": vlm_right, "fit_queries": feats.num_rows,
+        summary = {"calibration": report, "vlm_right": vlm_right, "fit_queries": feats.num_rows, "fixed_tools": fixed,
                    "seconds": round(time.time() - t0, 1)}
         w.write_json("summary.json", summary)
         w.manifest.metrics = summary

@@ -226,6 +226,8 @@ class PlannerConfig:
     vlm_fit_queries: int = 64        # validation queries per task the VLM answers for that estimate
     max_tools: int = 3
     # learned (xgboost on usable labels) | random | oracle (uses the truth: evaluation only) | fixed
+    # (one ranking for every query: validation usable rate, or the instructions' tool_ranking
+    # under instructions.hint_order=usable_rate)
     tool_choice: str = "learned"
     # "the tool answer is right" = the primary tool ranks the truth within its top correct_k
     correct_k: int = 5

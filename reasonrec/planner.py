@@ -164,7 +164,8 @@ class TaskPlanner:
 
     def __init__(self, task: str, names: list[str], cfg: PlannerConfig, usable_models: dict[str, Any],
                  confidence_model: Any, usable_rate: dict[str, float], calibration: dict[str, Any],
-                 vlm_right: Mapping[str, float] | None = None, vlm_auc: Mapping[str, dict] | None = None):
+                 vlm_right: Mapping[str, float] | None = None, vlm_auc: Mapping[str, dict] | None = None,
+                 fixed_order: Sequence[str] | None = None):
         self.task, self.names, self.cfg = task, names, cfg
         self.usable_models, self.confidence_model = usable_models, confidence_model
         self.usable_rate, self.calibration = usable_rate, calibration
@@ -173,6 +174,9 @@ class TaskPlanner:
         # well (AUC) as the VLM, absent where the VLM is better (:meth:`set_vlm_auc`).
         self.vlm_right: dict[str, float] = dict(vlm_right or {})
         self.vlm_auc: dict[str, dict[str, float]] = dict(vlm_auc or {})   # CTR only: the evidence
+        # The ``fixed`` choice's ranking when it must follow another one (the order the VLM's
+        # training prompts showed the tools in); None: by validation usable rate.
+        self.fixed_order: list[str] | None = list(fixed_order) if fixed_order is not None else None
 
     def set_vlm_right(self, buckets: Sequence[str], right: Sequence[bool]) -> dict[str, dict[str, float]]:
         """Estimate P(VLM right) per EH bucket from validation answers, Laplace-smoothed
@@ -228,8 +232,10 @@ class TaskPlanner:
     # ---------------------------------------------------------------------------- fitting
     @classmethod
     def fit(cls, task: str, names: list[str], features: np.ndarray, usable: Mapping[str, np.ndarray],
-            cfg: PlannerConfig) -> "TaskPlanner":
-        """Fit on validation queries: ``usable[name]`` says whether each tool was right."""
+            cfg: PlannerConfig, fixed_order: Sequence[str] | None = None) -> "TaskPlanner":
+        """Fit on validation queries: ``usable[name]`` says whether each tool was right.
+        ``fixed_order``: see the constructor (set before the confidence model learns on the
+        choices)."""
         usable = {n: np.asarray(usable[n], bool) for n in names}
         rate = {n: float(u.mean()) if len(u) else 0.0 for n, u in usable.items()}
         # Cross-fitting: the tool-choice models learn on one half, the confidence model on the
@@ -242,7 +248,8 @@ class TaskPlanner:
         # A label with one class has no model: its constant rate is the prediction.
         models = {n: _fit_binary(features[a], y[a], cfg.confidence_rounds, cfg.seed) if 0 < y[a].sum() < a.sum()
                   else None for n, y in usable.items()}
-        planner = cls(task, names, cfg, models, None, {n: float(u[a].mean()) for n, u in usable.items()}, {})
+        planner = cls(task, names, cfg, models, None, {n: float(u[a].mean()) for n, u in usable.items()}, {},
+                      fixed_order=fixed_order)
         sub = {n: u[b] for n, u in usable.items()}
         choice = planner.choose(features[b], truth_usable=sub)
         conf_x, y = planner._confidence_inputs(features[b], choice), planner._primary_right(sub, choice)
@@ -267,8 +274,7 @@ class TaskPlanner:
             p = self.usable_prob(features)
             return np.argsort(-p, axis=1, kind="stable")[:, :m]
         if how == "fixed":
-            order = np.argsort([-self.usable_rate[n] for n in self.names], kind="stable")[:m]
-            return np.tile(order, (B, 1))
+            return np.tile(self.fixed_ranking()[:m], (B, 1))
         if how == "random":
             keys = np.arange(B) if keys is None else np.asarray(keys)
             h = _splitmix64((keys.astype(np.int64)[:, None] * 131 + np.arange(len(self.names))[None, :]
@@ -282,6 +288,16 @@ class TaskPlanner:
             key = u * 10.0 + np.array([self.usable_rate[n] for n in self.names])[None, :]
             return np.argsort(-key, axis=1, kind="stable")[:, :m]
         raise ValueError(f"unknown tool choice '{how}'")
+
+    def fixed_ranking(self) -> np.ndarray:
+        """Tool indices of the ``fixed`` choice, best first: ``fixed_order``'s tools (those this
+        planner has), then the others by validation usable rate (ties keep tool order)."""
+        by_rate = np.argsort([-self.usable_rate[n] for n in self.names], kind="stable")
+        if self.fixed_order is None:
+            return by_rate
+        index = {n: i for i, n in enumerate(self.names)}
+        first = [index[n] for n in dict.fromkeys(self.fixed_order) if n in index]
+        return np.array(first + [i for i in by_rate if i not in first], np.int64)
 
     def _confidence_inputs(self, features: np.ndarray, choice: np.ndarray) -> np.ndarray:
         rows = np.arange(len(features))
@@ -306,7 +322,7 @@ class TaskPlanner:
         return {"task": self.task, "names": self.names, "usable_rate": self.usable_rate,
                 "calibration": self.calibration, "confidence_model": dump(self.confidence_model),
                 "usable_models": {n: dump(m) for n, m in self.usable_models.items()}, "vlm_right": self.vlm_right,
-                "vlm_auc": self.vlm_auc}
+                "vlm_auc": self.vlm_auc, "fixed_order": self.fixed_order}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], cfg: PlannerConfig) -> "TaskPlanner":
@@ -321,7 +337,7 @@ class TaskPlanner:
             return b
         return cls(state["task"], list(state["names"]), cfg, {n: load(d) for n, d in state["usable_models"].items()},
                    load(state["confidence_model"]), dict(state["usable_rate"]), dict(state["calibration"]),
-                   state.get("vlm_right"), state.get("vlm_auc"))
+                   state.get("vlm_right"), state.get("vlm_auc"), state.get("fixed_order"))
 
 
 # ------------------------------------------------------------------------------ tiers

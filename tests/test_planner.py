@@ -152,6 +152,22 @@ def test_oracle_random_and_fixed_baselines():
     assert (fixed == fixed[0]).all() and set(np.array(NAMES)[fixed[0, :2]]) == {"a", "b"}
 
 
+def test_fixed_choice_follows_a_given_order_and_its_confidence_learns_on_it():
+    x, usable = _world()
+    cfg = PlannerConfig(confidence_rounds=20, tool_choice="fixed")
+    by_rate = TaskPlanner.fit("sequential", NAMES, x, usable, cfg)
+    assert set(np.array(NAMES)[by_rate.choose(x)[0, :2]]) == {"a", "b"}
+    # The VLM trained on hints ordered c, a (a tool it never saw, "zz", is skipped); the rest
+    # follow by validation usable rate (b ~0.5 before d, e ~0.1).
+    planner = TaskPlanner.fit("sequential", NAMES, x, usable, cfg, fixed_order=["c", "zz", "a"])
+    choice = planner.choose(x)
+    assert (choice == choice[0]).all() and list(np.array(NAMES)[choice[0]]) == ["c", "a", "b"]
+    # The confidence is P(primary right) for c (usable ~10%), not for the by-rate primary (~50%).
+    assert planner.confidence(x, choice).mean() < 0.25 < by_rate.confidence(x, by_rate.choose(x)).mean()
+    again = TaskPlanner.from_state(planner.state(), cfg)
+    assert again.fixed_order == ["c", "zz", "a"] and np.array_equal(again.choose(x), choice)
+
+
 def test_confidence_is_calibrated_on_held_out_queries():
     def p_right(x):   # how likely the right tool is right depends on a cheap feature (x1)
         return 0.2 + 0.7 * x[:, 1]

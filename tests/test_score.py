@@ -264,3 +264,35 @@ def test_vlm_aware_planner_bypasses_where_the_tool_is_likelier_right(tiny_run, t
     assert any(r["route"] != "low" and r["task"] != "explanation" for r in st.read_table("paper", "predictions").to_pylist())
     assert "(paper Table 7;" in system_markdown(system_records(
         st.read_table("paper", "predictions"), st.read_table("paper", "queries"), st.read_table("prepare", "users"), c))
+
+
+def test_fixed_tool_choice_shows_the_tools_in_the_order_the_vlm_trained_on(tiny_run, tmp_path, caplog):
+    """instructions.hint_order=usable_rate: the planner's fixed choice takes the instructions'
+    recorded tool ranking (what the VLM's training prompts showed), not a refit of its own."""
+    import json
+    import shutil
+
+    from reasonrec.io import ArtifactStore
+
+    cfg, store = tiny_run
+    root = tmp_path / "copy"
+    shutil.copytree(cfg.output_root, root)   # the shared run's planner stays untouched
+    ranked = {t: [p.names[i] for i in p.fixed_ranking()] for t, p in load_planners(store, cfg.planner).items()}
+    by_rate = {t: names[:3] for t, names in ranked.items()}
+    # A ranking the planner's own fit would not give: its tools worst-first by validation usable rate.
+    trained = {t: names[::-1] for t, names in ranked.items()}
+    c = load_config(CONFIG_DIR / "quickstart.yaml", TINY_RUN + [f"output_root={root}", "planner.tool_choice=fixed",
+                                                               "instructions.hint_order=usable_rate"])
+    st = ArtifactStore(c.output_root, c.run_name)
+    summary_path = root / c.run_name / "instructions" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "tool_ranking": trained}))
+    fitted = score.fit_planner(c)
+    assert fitted["fixed_tools"] == {t: names[:3] for t, names in trained.items()} != by_rate
+    # Saved with the planner: scoring and Serve load it from planner.json.
+    assert {t: [p.names[i] for i in p.fixed_ranking()] for t, p in load_planners(st, c.planner).items()} == trained
+    # Without an instructions stage the fixed choice falls back to the planner's own ranking.
+    shutil.rmtree(root / c.run_name / "instructions")
+    with caplog.at_level("WARNING", logger="reasonrec.score"):
+        assert score.fit_planner(c)["fixed_tools"] == by_rate
+    assert "no instructions stage" in caplog.text
