@@ -15,7 +15,7 @@ import pytest
 from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS, RAW_USERS
 from reasonrec.data.sources import get_source, read_all_interactions, read_all_items
-from reasonrec.data.sources._common import csv_chunk, line_chunks, price, read_chunk
+from reasonrec.data.sources._common import csv_chunk, csv_records, line_chunks, price, read_chunk
 from reasonrec.data.sources.p5 import BEAUTY_TOP, split_attributes, top_categories
 
 BEAUTY = "/work/shared/data/amazon_beauty"
@@ -92,6 +92,28 @@ def test_csv_chunk_reports_bad_lines(tmp_path):
     t, bad = csv_chunk(fs, chunk, ["a", "b"], delimiter="\t", quoting=False)
     assert t.to_pylist() == [{"a": "1", "b": '"x'}]
     assert len(bad) == 2 and bad[0].startswith("malformed csv: 'utf-8' codec") and bad[1].endswith("got 1")
+
+
+def test_csv_records_keep_quoted_newlines_and_report_bad_rows():
+    import csv
+    import io
+    huge = "x" * (csv.field_size_limit() + 1)    # the csv module refuses it: one error, then go on
+    data = ('\ufeffID, Title ,Desc\n'
+            'i1,Cat,"line one\nline two"\n'
+            '\n'                                     # blank: skipped
+            'i2,Dog\n'                               # a field short
+            f'i3,Big,"{huge}"\n'
+            'i4, ,last\n').encode()
+    rows = [(get and {c: get(c) for c in ("id", "title", "desc", "missing")}, err)
+            for get, err in csv_records(io.BytesIO(data), lower_header=True)]
+    assert rows[0] == ({"id": "i1", "title": "Cat", "desc": "line one\nline two", "missing": None}, None)
+    assert rows[1] == (None, "malformed csv: expected 3 fields, got 2")
+    assert rows[2][0] is None and rows[2][1].startswith("malformed csv: field larger than field limit")
+    assert rows[3] == ({"id": "i4", "title": None, "desc": "last", "missing": None}, None)
+    assert len(rows) == 4
+    # Without lower_header the names are only stripped (the BOM is dropped either way).
+    ((get, err), *_) = csv_records(io.BytesIO(data))
+    assert err is None and get("ID") == "i1" and get("id") is None
 
 
 @pytest.mark.parametrize("raw,expected", [

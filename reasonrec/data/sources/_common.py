@@ -18,7 +18,7 @@ import math
 import posixpath
 import re
 import zlib
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -253,6 +253,34 @@ def csv_fields(line: str, sep: str = ",") -> list[str]:
     if '"' not in line:
         return line.split(sep)
     return next(csv.reader([line], delimiter=sep, strict=True))
+
+
+def csv_records(f, lower_header: bool = False) -> Iterator[tuple[Callable[[str], str | None] | None, str | None]]:
+    """The rows of a whole CSV file (binary file object, header first) whose fields may hold
+    quoted newlines: ``(get, None)`` per well-formed row, where ``get(column)`` is the stripped
+    value or None (empty or no such column), ``(None, reason)`` per malformed one; blank lines
+    are skipped. The csv module rather than pyarrow: a bad row must become an error row, not
+    fail the file."""
+    reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline=""))
+    header = [c.strip().lower() if lower_header else c.strip() for c in next(reader, [])]
+    pos = {c: i for i, c in enumerate(header)}
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield None, f"malformed csv: {short(exc)}"
+            continue
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            yield None, f"malformed csv: expected {len(header)} fields, got {len(values)}"
+            continue
+
+        def get(col: str, values: list[str] = values) -> str | None:
+            return (values[pos[col]].strip() or None) if col in pos else None
+        yield get, None
 
 
 def csv_chunk(fs, chunk: Chunk, columns: Sequence[str], delimiter: str = ",",

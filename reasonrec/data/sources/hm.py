@@ -26,8 +26,8 @@ import pyarrow.csv as pacsv
 from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS, RAW_USERS, conform
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, csv_chunk, decode, error_rows, first_line,
-                                            fingerprint, key, line_chunks, offset_after_lines, short, table)
+from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, csv_chunk, csv_records, decode, error_rows, first_line,
+                                            fingerprint, key, line_chunks, offset_after_lines, table)
 
 TRANSACTIONS = "transactions_train.csv"
 ARTICLES = "articles.csv"
@@ -139,25 +139,9 @@ class HMSource:
         prices = self.mean_prices() if self.loc.fs.exists(self.loc.join(TRANSACTIONS)) else {}
         images = self.images()
         with self.loc.fs.open(shard, "rb") as f:
-            reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline=""))
-            header = [c.strip() for c in next(reader, [])]
-            pos = {c: i for i, c in enumerate(header)}
-            while True:
-                try:
-                    values = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as exc:
-                    values, err = None, f"malformed csv: {short(exc)}"
-                else:
-                    if not any(v.strip() for v in values):
-                        continue
-                    err = None if len(values) == len(header) else \
-                        f"malformed csv: expected {len(header)} fields, got {len(values)}"
+            for get, err in csv_records(f):
                 row = dict.fromkeys(names)
                 if err is None:
-                    def get(col: str) -> str | None:
-                        return (values[pos[col]].strip() or None) if col in pos else None
                     art = article_key(get("article_id"))
                     cats: list[str] = []
                     for c in CATEGORY_COLUMNS:

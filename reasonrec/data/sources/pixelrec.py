@@ -18,7 +18,6 @@ Covers: ``<item_id>.jpg`` (or .png) in ``cfg.images_dir``, else ``images/`` or `
 from __future__ import annotations
 
 import csv
-import io
 import posixpath
 import re
 from datetime import datetime, timezone
@@ -30,7 +29,7 @@ import pyarrow.compute as pc
 from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS, conform
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, csv_chunk, error_rows, first_line, fingerprint,
+from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, csv_chunk, csv_records, error_rows, first_line, fingerprint,
                                             key, line_chunks, short, table, to_float)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -169,25 +168,9 @@ class PixelRecSource:
         cols: dict[str, list] = {c: [] for c in names}
         images = self.images()
         with self.loc.fs.open(shard, "rb") as f:
-            reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline=""))
-            header = [c.strip().lower() for c in next(reader, [])]
-            pos = {c: i for i, c in enumerate(header)}
-            while True:
-                try:
-                    values = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as exc:
-                    values, err = None, f"malformed csv: {short(exc)}"
-                else:
-                    if not any(v.strip() for v in values):
-                        continue
-                    err = None if len(values) == len(header) else \
-                        f"malformed csv: expected {len(header)} fields, got {len(values)}"
+            for get, err in csv_records(f, lower_header=True):
                 row = dict.fromkeys(names)
                 if err is None:
-                    def get(col: str) -> str | None:
-                        return (values[pos[col]].strip() or None) if col in pos else None
                     row["item_key"] = key(get("item_id"))
                     row["title"] = get("title")
                     row["description"] = get("description")
