@@ -248,6 +248,18 @@ def parse_record(text: str) -> dict:
     return obj
 
 
+def json_records(fs, chunk: Chunk) -> Iterator[tuple[dict | None, str | None]]:
+    """The chunk's JSON-line records: ``(record, None)`` per parsed line, ``(None, reason)`` per
+    bad one (malformed JSON or UTF-8); blank lines are skipped."""
+    for _, raw in read_chunk(fs, chunk):
+        if not raw.strip():
+            continue
+        try:
+            yield parse_record(decode(raw)), None
+        except (ValueError, UnicodeDecodeError) as exc:
+            yield None, short(exc) if isinstance(exc, ValueError) else f"bad utf-8: {short(exc)}"
+
+
 def csv_fields(line: str, sep: str = ",") -> list[str]:
     # Most lines carry no quotes; split them directly and let the csv module handle the rest.
     if '"' not in line:

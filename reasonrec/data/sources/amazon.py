@@ -24,8 +24,8 @@ import pyarrow as pa
 from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, decode, fingerprint, key, line_chunks,
-                                            parse_record, price, read_chunk, short, table, text)
+from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, fingerprint, json_records, key, line_chunks,
+                                            price, short, table, text)
 
 _JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -140,15 +140,10 @@ class AmazonSource:
         embed = bool(self.cfg.images_dir)
         images = self.images() if embed else {}
         img_fs = self._image_fs() if embed else None
-        for _, raw in read_chunk(self.loc.fs, shard):
-            if not raw.strip():
-                continue
+        for rec, err in json_records(self.loc.fs, shard):
             row = dict.fromkeys(names)
-            try:
-                rec = parse_record(decode(raw))
-            except (ValueError, UnicodeDecodeError) as exc:
-                row["error"] = short(exc) if isinstance(exc, ValueError) else f"bad utf-8: {short(exc)}"
-            else:
+            row["error"] = err
+            if rec is not None:
                 asin = key(rec.get("asin"))
                 title = text(rec.get("title"))
                 row.update(
@@ -178,15 +173,10 @@ class AmazonSource:
     def read_interactions(self, shard: Chunk) -> pa.Table:
         names = ("user_key", "item_key", "ts", "rating", "review", "error")
         cols: dict[str, list] = {c: [] for c in names}
-        for _, raw in read_chunk(self.loc.fs, shard):
-            if not raw.strip():
-                continue
+        for rec, err in json_records(self.loc.fs, shard):
             row = dict.fromkeys(names)
-            try:
-                rec = parse_record(decode(raw))
-            except (ValueError, UnicodeDecodeError) as exc:
-                row["error"] = short(exc) if isinstance(exc, ValueError) else f"bad utf-8: {short(exc)}"
-            else:
+            row["error"] = err
+            if rec is not None:
                 row.update(user_key=key(rec.get("reviewerID")), item_key=key(rec.get("asin")),
                            review=review_text(rec.get("summary"), rec.get("reviewText")))
                 try:

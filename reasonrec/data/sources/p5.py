@@ -20,8 +20,8 @@ import pyarrow as pa
 from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, decode, fingerprint, key, line_chunks,
-                                            parse_record, read_chunk, short, table)
+from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, decode, fingerprint, json_records, key,
+                                            line_chunks, read_chunk, short, table)
 
 # Top-level categories of Amazon's Beauty tree (below the dropped root "Beauty").
 BEAUTY_TOP = frozenset({"Makeup", "Skin Care", "Hair Care", "Fragrance", "Tools & Accessories", "Bath & Body"})
@@ -109,13 +109,7 @@ class P5Source:
         if self._exists(self.ITEMS):
             path = self.loc.join(self.ITEMS)
             for chunk in line_chunks(self.loc.fs, path, shard_bytes=1 << 62):
-                for _, raw in read_chunk(self.loc.fs, chunk):
-                    if not raw.strip():
-                        continue
-                    try:
-                        recs.append((parse_record(decode(raw)), None))
-                    except (ValueError, UnicodeDecodeError) as exc:
-                        recs.append((None, short(exc) if isinstance(exc, ValueError) else f"bad utf-8: {short(exc)}"))
+                recs.extend(json_records(self.loc.fs, chunk))
         attrs_of = [[html.unescape(str(a)).strip() for a in (r.get("attributes") or []) if a is not None and str(a).strip()]
                     if r is not None and isinstance(r.get("attributes"), list) else [] for r, _ in recs]
         top = BEAUTY_TOP | top_categories(attrs_of)
