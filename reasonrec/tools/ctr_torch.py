@@ -6,7 +6,9 @@ torch.distributed is initialised).
 
 TorchRec tools under torch.distributed (e.g. a Ray Train ``TorchTrainer`` with 2 gloo workers):
 :func:`train_model_parallel` wraps the module in ``DistributedModelParallel`` with the embedding
-tables sharded table-wise over the ranks. That needs a loop of its own, because
+tables sharded table-wise over the ranks. It runs the same epoch loop
+(:func:`reasonrec.tools.training.run_epochs`) with its own validation, optimizer parameters and
+weight snapshots, because
 * the sharded embedding forward is a collective (all-to-all), so validation must run on every
   rank over its shard of the rows (rank-0-only validation as in ``train_loop`` would hang);
 * the embedding tables are updated by TorchRec's fused optimizer inside backward -- Adagrad with
@@ -15,14 +17,12 @@ tables sharded table-wise over the ranks. That needs a loop of its own, because
 * the weights are sharded, so the best weights are gathered into a full state dict (on every
   rank), which a plain unsharded module then loads: after ``fit`` the tool scores locally on any
   rank with no collectives, and saves like in single-process mode.
-Epoch batches, patience, time budget and ``reporter(epoch, metrics)`` follow ``train_loop``.
 """
 from __future__ import annotations
 
 import abc
 import logging
 import math
-import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -35,7 +35,7 @@ from reasonrec.tools.base import Tool, ToolData, ToolInputError
 from reasonrec.tools.bpr_common import sample_negatives_for
 from reasonrec.tools.ctr_features import (DENSE_FEATURES, CTRFeaturizer, check_ctr_input, ctr_rows,
                                           histories_for)
-from reasonrec.tools.training import TrainConfig, TrainResult, dist_info, epoch_batches, train_loop
+from reasonrec.tools.training import TrainConfig, TrainResult, dist_info, run_epochs, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -321,83 +321,17 @@ def train_model_parallel(module: CTRModule, tensors: Sequence[torch.Tensor], cfg
     ``on_snapshot(full_state)`` runs on every rank after each epoch, before ``reporter``, with the
     current weights gathered (``module`` itself is sharded in place meanwhile, so a checkpoint
     taken from the reporter must use this snapshot)."""
-    import torch.distributed as dist
-
-    rank, world = dist_info()
+    _, world = dist_info()
     dmp = shard_model(module, sparse_lr, sharding)
+    # The dense parameters only: the embedding tables step inside backward (fused optimizer).
     dense_params = _dense_parameters(dmp)
-    opt = torch.optim.AdamW(dense_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_rows = int(tensors[0].shape[0])
 
-    def run_validation() -> dict[str, float]:
-        if valid is None:
-            return {}
+    def run_validation() -> dict[str, float]:   # identical on every rank (all-gathered logits)
         logits = dmp_logits(dmp, *valid[:3])
         return {"auc": auc(valid[3], logits), "logloss": log_loss(valid[3], _sigmoid(logits))}
 
-    t_start = time.time()
-    best_value, best_epoch, best_metrics, best_state = -math.inf, -1, {}, None
-    if valid is not None and start_epoch > 0:
-        best_metrics = run_validation()
-        best_value, best_epoch = best_metrics.get(cfg.key, -math.inf), start_epoch - 1
-        best_state = _gather_full_state(dmp)
-    history: list[dict[str, float]] = []
-    stopped, bad_epochs, last_epoch, epoch_seconds = "max_epochs", 0, start_epoch - 1, 0.0
-    for epoch in range(start_epoch, cfg.max_epochs):
-        if cfg.time_budget_s and (time.time() - t_start) + epoch_seconds > cfg.time_budget_s:
-            stopped = "time_budget"
-            break
-        t0 = time.time()
-        if on_epoch_start is not None:
-            on_epoch_start(epoch)
-        dmp.train()
-        total, steps, rows = 0.0, 0, 0
-        for idx in epoch_batches(n_rows, cfg.batch_size, epoch, cfg.seed, rank, world):
-            idx_t = torch.from_numpy(idx)
-            loss = dmp(*[t[idx_t] for t in tensors])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # the embedding tables step here (fused optimizer)
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(dense_params, cfg.grad_clip)
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
-            rows += len(idx)
-        train_seconds = time.time() - t0
-        metrics = run_validation()  # identical on every rank (all-gathered logits)
-        lt = torch.tensor([total / max(steps, 1)], dtype=torch.float64)
-        dist.all_reduce(lt)
-        metrics["loss"] = float(lt) / world
-        epoch_seconds = time.time() - t0
-        # every rank takes equally many rows (epoch_batches), so the global rate is rows * world
-        metrics.update(epoch=epoch, seconds=epoch_seconds, train_seconds=train_seconds,
-                       examples_per_s=rows * world / max(train_seconds, 1e-9))
-        last_epoch = epoch
-        value = metrics.get(cfg.key)
-        improved = valid is not None and value is not None and value > best_value + cfg.min_delta
-        current = _gather_full_state(dmp) if (improved or on_snapshot is not None) else None
-        if on_snapshot is not None:
-            on_snapshot(current)
-        if valid is None:
-            best_metrics, best_epoch = dict(metrics), epoch
-        elif improved:
-            best_value, best_metrics, best_epoch = value, dict(metrics), epoch
-            best_state = current
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        metrics["best_" + cfg.key] = float(best_value) if best_epoch >= 0 and valid is not None else float("nan")
-        history.append(metrics)
-        if rank == 0:
-            log.info("%s (DMP x%d) epoch %d: loss %.4f %s %s %.1fs", name, world, epoch, metrics["loss"],
-                     cfg.key, f"{value:.4f}" if value is not None else "-", epoch_seconds)
-        if reporter is not None:
-            reporter(epoch, dict(metrics))
-        if valid is not None and bad_epochs >= cfg.patience:
-            stopped = "early_stopping"
-            break
-    if best_state is None:
-        best_state = _gather_full_state(dmp)
-    return best_state, TrainResult(best_metrics=best_metrics, best_epoch=best_epoch,
-                                   epochs_run=last_epoch - start_epoch + 1, last_epoch=last_epoch,
-                                   stopped=stopped, seconds=time.time() - t_start, history=history)
+    best_state, result = run_epochs(dmp, dmp, tensors, dense_params, cfg, run_validation if valid is not None else None,
+                                    lambda: _gather_full_state(dmp), reporter=reporter, start_epoch=start_epoch,
+                                    name=f"{name} (DMP x{world})", on_epoch_start=on_epoch_start,
+                                    on_snapshot=on_snapshot)
+    return (best_state if best_state is not None else _gather_full_state(dmp)), result

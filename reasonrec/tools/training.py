@@ -129,8 +129,7 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
     ``lengths`` (per row) turns on length-bucketed batches (see :func:`epoch_batches`). Under
     torch.distributed ``cfg.batch_size`` is per rank."""
     rank, world = dist_info()
-    n_rows = int(tensors[0].shape[0])
-    if any(int(t.shape[0]) != n_rows for t in tensors):
+    if any(int(t.shape[0]) != int(tensors[0].shape[0]) for t in tensors):
         raise ValueError("all training tensors must have the same number of rows")
     model: nn.Module = module
     if world > 1:
@@ -138,35 +137,54 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
         # DDP broadcasts rank 0's initial weights, so ranks start identical even if seeded apart.
         model = DistributedDataParallel(module, find_unused_parameters=cfg.find_unused_parameters)
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    t_start = time.time()
-    best_metrics: dict[str, float] = {}
-    best_value = -math.inf
-    best_epoch = -1
-    best_state: dict[str, torch.Tensor] | None = None
-    history: list[dict[str, float]] = []
 
     def run_validation() -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if validate is not None and rank == 0:
+        if rank == 0:
             module.eval()
             with torch.no_grad():
                 metrics = {k: float(v) for k, v in validate().items()}
             module.train()
         return _broadcast(metrics, world)
 
+    best_state, result = run_epochs(model, module, tensors, params, cfg, run_validation if validate else None,
+                                    lambda: copy.deepcopy(module.state_dict()), reporter=reporter,
+                                    start_epoch=start_epoch, name=name, on_epoch_start=on_epoch_start,
+                                    lengths=lengths)
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return result
+
+
+def run_epochs(model: nn.Module, module: nn.Module, tensors: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+               cfg: TrainConfig, validate: Validator | None, snapshot: Callable[[], dict[str, torch.Tensor]],
+               reporter: Reporter | None = None, start_epoch: int = 0, name: str = "tool",
+               on_epoch_start: Callable[[int], None] | None = None, lengths: np.ndarray | None = None,
+               on_snapshot: Callable[[dict[str, torch.Tensor]], None] | None = None,
+               ) -> tuple[dict[str, torch.Tensor] | None, TrainResult]:
+    """The epoch loop both :func:`train_loop` (one module, DDP) and the TorchRec CTR tools' model
+    parallel loop run: AdamW on ``params``, ``model(*batch)`` -> loss (``module`` is what train()
+    switches), the time budget, per-epoch validation, patience, best weights and the reporter.
+    ``validate()`` must return the same metrics on every rank and ``snapshot()`` the full weights
+    (every rank calls both, so they may be collective). ``on_snapshot(weights)`` runs on every rank
+    after each epoch. Returns the best weights (None: no validation improved on the start, or no
+    validation at all) and the result."""
+    rank, world = dist_info()
+    n_rows = int(tensors[0].shape[0])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    t_start = time.time()
+    best_metrics: dict[str, float] = {}
+    best_value, best_epoch = -math.inf, -1
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = []
     if validate is not None and start_epoch > 0:
         # Resuming: the weights we continue from are the best so far until beaten.
-        best_metrics = run_validation()
-        best_value = best_metrics.get(cfg.key, -math.inf)
-        best_epoch = start_epoch - 1
-        best_state = copy.deepcopy(module.state_dict())
+        best_metrics = validate()
+        best_value, best_epoch = best_metrics.get(cfg.key, -math.inf), start_epoch - 1
+        best_state = snapshot()
 
-    stopped = "max_epochs"
-    bad_epochs = 0
-    last_epoch = start_epoch - 1
-    epoch_seconds = 0.0
+    stopped, bad_epochs, last_epoch, epoch_seconds = "max_epochs", 0, start_epoch - 1, 0.0
     for epoch in range(start_epoch, cfg.max_epochs):
         if cfg.time_budget_s and (time.time() - t_start) + epoch_seconds > cfg.time_budget_s:
             stopped = "time_budget"
@@ -188,7 +206,7 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
             steps += 1
             rows += len(idx)
         train_seconds = time.time() - t0
-        metrics = run_validation()
+        metrics = dict(validate()) if validate is not None else {}
         metrics["loss"] = total / max(steps, 1)
         if world > 1:  # mean loss over ranks, so every rank reports the same number
             lt = torch.tensor([metrics["loss"]], dtype=torch.float64)
@@ -201,11 +219,14 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
         last_epoch = epoch
 
         value = metrics.get(cfg.key)
+        improved = validate is not None and value is not None and value > best_value + cfg.min_delta
+        current = snapshot() if (improved or on_snapshot is not None) else None
+        if on_snapshot is not None:
+            on_snapshot(current)
         if validate is None:
             best_metrics, best_epoch = dict(metrics), epoch
-        elif value is not None and value > best_value + cfg.min_delta:
-            best_value, best_metrics, best_epoch = value, dict(metrics), epoch
-            best_state = copy.deepcopy(module.state_dict())
+        elif improved:
+            best_value, best_metrics, best_epoch, best_state = value, dict(metrics), epoch, current
             bad_epochs = 0
         else:
             bad_epochs += 1
@@ -220,13 +241,9 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
         if validate is not None and bad_epochs >= cfg.patience:
             stopped = "early_stopping"
             break
-
-    if best_state is not None:
-        module.load_state_dict(best_state)
-    module.eval()
-    return TrainResult(best_metrics=best_metrics, best_epoch=best_epoch,
-                       epochs_run=last_epoch - start_epoch + 1, last_epoch=last_epoch, stopped=stopped,
-                       seconds=time.time() - t_start, history=history)
+    return best_state, TrainResult(best_metrics=best_metrics, best_epoch=best_epoch,
+                                   epochs_run=last_epoch - start_epoch + 1, last_epoch=last_epoch, stopped=stopped,
+                                   seconds=time.time() - t_start, history=history)
 
 
 # ------------------------------------------------------------------------------- validation
