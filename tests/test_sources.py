@@ -163,6 +163,20 @@ def _write_p5(root: Path):
     ]) + "\n")
 
 
+@pytest.mark.parametrize("kind,needs", [("amazon", "review and meta files"), ("hm", "transactions_train.csv"),
+                                        ("p5", "sequential_data.txt"), ("pixelrec", "CSV files"),
+                                        ("recbole", "<name>.inter")])
+def test_folder_sources_need_a_path_and_ship_without_their_caches(kind, needs, tmp_path):
+    with pytest.raises(ValueError, match=f"{kind} source needs data.sources\\[\\].path \\(folder with .*{needs}"):
+        get_source(SourceConfig(kind=kind, path=None))
+    s = src(kind, tmp_path)
+    for name in s.lazy:
+        setattr(s, name, {"cached": 1})
+    shipped = pickle.loads(pickle.dumps(s))   # what a Ray worker receives: caches rebuilt there
+    assert all(getattr(shipped, name) is None for name in s.lazy)
+    assert shipped.cfg == s.cfg and shipped.loc.path == s.loc.path
+
+
 def test_p5_fixture(tmp_path):
     root = tmp_path / "p5"
     _write_p5(root)

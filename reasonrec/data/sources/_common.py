@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from reasonrec.config import StorageConfig
+from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import conform
 from reasonrec.io import file_fingerprint, filesystem
 
@@ -72,6 +72,30 @@ class Loc:
 
     def __setstate__(self, state):
         self.__init__(state["url"], state["storage"])
+
+
+class FolderSource:
+    """What the file-folder sources share: ``cfg.path`` is required (``needs`` names what the
+    folder holds), its :class:`Loc` and the shard size. The attributes in ``lazy`` are caches
+    (listings, id maps): None at first, and dropped when the source is pickled to a Ray worker,
+    which rebuilds its own."""
+
+    kind = ""
+    needs = ""
+    lazy: tuple[str, ...] = ()
+
+    def __init__(self, cfg: SourceConfig, storage: StorageConfig):
+        if not cfg.path:
+            raise ValueError(f"{self.kind} source needs data.sources[].path ({self.needs})")
+        self.cfg = cfg
+        self.storage = storage
+        self.loc = Loc(cfg.path, storage)
+        self.shard_bytes = SHARD_BYTES
+        for name in self.lazy:
+            setattr(self, name, None)
+
+    def __getstate__(self):
+        return {**self.__dict__, **dict.fromkeys(self.lazy)}
 
 
 class Chunk(NamedTuple):

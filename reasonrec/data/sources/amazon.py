@@ -24,7 +24,7 @@ import pyarrow as pa
 from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, fingerprint, json_records, key, line_chunks,
+from reasonrec.data.sources._common import (Chunk, FolderSource, Loc, fingerprint, json_records, key, line_chunks,
                                             price, short, table, text)
 
 _JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -79,21 +79,12 @@ def review_ts(rec: dict) -> int | None:
 
 
 @register("amazon")
-class AmazonSource:
-    def __init__(self, cfg: SourceConfig, storage: StorageConfig):
-        if not cfg.path:
-            raise ValueError("amazon source needs data.sources[].path (folder with the review and meta files)")
-        self.cfg = cfg
-        self.storage = storage
-        self.loc = Loc(cfg.path, storage)
-        self.shard_bytes = SHARD_BYTES
-        self._files: tuple[str, str | None] | None = None
-        self._images: dict[str, str] | None = None
+class AmazonSource(FolderSource):
+    kind, needs, lazy = "amazon", "folder with the review and meta files", ("_images",)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_images"] = None  # listed again lazily in each worker
-        return state
+    def __init__(self, cfg: SourceConfig, storage: StorageConfig):
+        super().__init__(cfg, storage)
+        self._files: tuple[str, str | None] | None = None
 
     # ------------------------------------------------------------------------------ files
     def files(self) -> tuple[str, str | None]:

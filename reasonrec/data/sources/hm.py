@@ -23,11 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS, RAW_USERS, conform
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, csv_chunk, csv_records, decode, error_rows, first_line,
-                                            fingerprint, key, line_chunks, offset_after_lines, table)
+from reasonrec.data.sources._common import (Chunk, FolderSource, Loc, csv_chunk, csv_records, decode, error_rows,
+                                            fingerprint, first_line, key, line_chunks, offset_after_lines, table)
 
 TRANSACTIONS = "transactions_train.csv"
 ARTICLES = "articles.csv"
@@ -58,21 +57,8 @@ class Shard(NamedTuple):
 
 
 @register("hm")
-class HMSource:
-    def __init__(self, cfg: SourceConfig, storage: StorageConfig):
-        if not cfg.path:
-            raise ValueError("hm source needs data.sources[].path (folder with transactions_train.csv)")
-        self.cfg = cfg
-        self.storage = storage
-        self.loc = Loc(cfg.path, storage)
-        self.shard_bytes = SHARD_BYTES
-        self._images: dict[str, str] | None = None
-        self._prices: dict[str, float] | None = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_images"] = state["_prices"] = None
-        return state
+class HMSource(FolderSource):
+    kind, needs, lazy = "hm", "folder with transactions_train.csv", ("_images", "_prices")
 
     def _image_loc(self) -> Loc:
         return Loc(self.cfg.images_dir or self.loc.to_url(self.loc.join("images")), self.storage)

@@ -17,11 +17,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, decode, fingerprint, json_records, key,
-                                            line_chunks, read_chunk, short, table)
+from reasonrec.data.sources._common import (Chunk, FolderSource, decode, fingerprint, json_records, key, line_chunks,
+                                            read_chunk, short, table)
 
 # Top-level categories of Amazon's Beauty tree (below the dropped root "Beauty").
 BEAUTY_TOP = frozenset({"Makeup", "Skin Care", "Hair Care", "Fragrance", "Tools & Accessories", "Bath & Body"})
@@ -60,24 +59,12 @@ def split_attributes(attrs: list[str], top: frozenset[str]) -> tuple[str | None,
 
 
 @register("p5")
-class P5Source:
+class P5Source(FolderSource):
     SEQUENCES = "sequential_data.txt"
     DATAMAPS = "datamaps.json"
     ITEMS = "items.jsonl"
 
-    def __init__(self, cfg: SourceConfig, storage: StorageConfig):
-        if not cfg.path:
-            raise ValueError("p5 source needs data.sources[].path (folder with sequential_data.txt)")
-        self.cfg = cfg
-        self.storage = storage
-        self.loc = Loc(cfg.path, storage)
-        self.shard_bytes = SHARD_BYTES
-        self._maps: tuple[dict, dict] | None = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_maps"] = None  # rebuilt lazily in each worker
-        return state
+    kind, needs, lazy = "p5", "folder with sequential_data.txt", ("_maps",)
 
     # ------------------------------------------------------------------------------ helpers
     def _exists(self, name: str) -> bool:

@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS, conform
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, csv_chunk, csv_records, error_rows, first_line, fingerprint,
-                                            key, line_chunks, short, table, to_float)
+from reasonrec.data.sources._common import (Chunk, FolderSource, Loc, csv_chunk, csv_records, error_rows, fingerprint,
+                                            first_line, key, line_chunks, short, table, to_float)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 IMAGE_FOLDERS = ("images", "cover", "covers")
@@ -81,21 +81,12 @@ class Shard(NamedTuple):
 
 
 @register("pixelrec")
-class PixelRecSource:
-    def __init__(self, cfg: SourceConfig, storage: StorageConfig):
-        if not cfg.path:
-            raise ValueError("pixelrec source needs data.sources[].path (folder with the CSV files)")
-        self.cfg = cfg
-        self.storage = storage
-        self.loc = Loc(cfg.path, storage)
-        self.shard_bytes = SHARD_BYTES
-        self._files: tuple[str, str | None] | None = None
-        self._images: dict[str, str] | None = None
+class PixelRecSource(FolderSource):
+    kind, needs, lazy = "pixelrec", "folder with the CSV files", ("_images",)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_images"] = None
-        return state
+    def __init__(self, cfg: SourceConfig, storage: StorageConfig):
+        super().__init__(cfg, storage)
+        self._files: tuple[str, str | None] | None = None
 
     # ------------------------------------------------------------------------------ files
     def files(self) -> tuple[str, str | None]:

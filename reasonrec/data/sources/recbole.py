@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS, RAW_USERS, conform
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (SHARD_BYTES, Chunk, Loc, csv_chunk, decode, error_rows, first_line,
-                                            fingerprint, key, line_chunks, read_chunk, short, table, to_float)
+from reasonrec.data.sources._common import (Chunk, FolderSource, csv_chunk, decode, error_rows, fingerprint, first_line,
+                                            key, line_chunks, read_chunk, short, table, to_float)
 
 # RAW column <- the first of these RecBole field names that the file has.
 INTER_FIELDS = {
@@ -86,14 +86,11 @@ class Shard(NamedTuple):
 
 
 @register("recbole")
-class RecBoleSource:
+class RecBoleSource(FolderSource):
+    kind, needs = "recbole", "folder with <name>.inter"
+
     def __init__(self, cfg: SourceConfig, storage: StorageConfig):
-        if not cfg.path:
-            raise ValueError("recbole source needs data.sources[].path (folder with <name>.inter)")
-        self.cfg = cfg
-        self.storage = storage
-        self.loc = Loc(cfg.path, storage)
-        self.shard_bytes = SHARD_BYTES
+        super().__init__(cfg, storage)
         self._name: str | None = cfg.dataset_name
 
     def name(self) -> str:
