@@ -12,6 +12,8 @@ the script checks that both sides hold as many queries per task and warns otherw
 are computed over the evaluated users (the same rule as ``ray_jobs.evaluate``). Then, per tool,
 sequential HR@5 paired per user, on all users and on the coldest ones: the users only the VLM
 hits, only the tool hits, and McNemar's exact p-value (is the gap more than the draw of test users?).
+``--against RUN:STAGE`` (repeatable) pairs another run's scored stage the same way, e.g. the same
+recipe under another seed (the runs must share the prepare stage, hence the test users).
 """
 from __future__ import annotations
 
@@ -78,11 +80,16 @@ def paired_by_group(vlm_hits: Mapping[int, bool], tool_hits: Mapping[str, Mappin
     return rows
 
 
-def _sequential_hits(store, preds, queries, k: int = PAIRED_K) -> tuple[dict, dict]:
-    """Per user HR@K hits (sequential, history kept) of a stage's answers and of every tool."""
+def stage_hits(preds, queries, k: int = PAIRED_K) -> dict[int, bool]:
+    """Per user HR@K hit of a scored stage's sequential answers."""
     preds = preds.filter(pc.equal(preds.column("task"), "sequential"))
     ranks = evaluate.per_query_correct(preds, queries)["rank"]
-    vlm = dict(zip(preds.column("user_id").to_pylist(), (ranks < k).tolist()))
+    return dict(zip(preds.column("user_id").to_pylist(), (ranks < k).tolist()))
+
+
+def _sequential_hits(store, preds, queries, k: int = PAIRED_K) -> tuple[dict, dict]:
+    """Per user HR@K hits (sequential, history kept) of a stage's answers and of every tool."""
+    vlm = stage_hits(preds, queries, k)
     tools: dict[str, dict[int, bool]] = {}
     t = evaluate.read_split(store, "train_tools", "predictions", ["user_id", "tool", "rank", "split"])
     for u, name, r in zip(*(t.column(c).to_pylist() for c in ("user_id", "tool", "rank"))):
@@ -94,6 +101,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--stage", default="bench_vlm", help="scored stage holding the VLM's answers")
+    p.add_argument("--against", action="append", default=[], metavar="RUN:STAGE",
+                   help="also pair with another run's scored stage (e.g. another seed), as if it were a tool")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     cfg = load_config(a.config, list(a.overrides))
@@ -109,8 +118,14 @@ def main() -> None:
     table = markdown_table(rows, ["model", "task", "metric", *GROUPS])
     note = "same test users on both sides" if same else "WARNING: the VLM stage did not score every test query"
     print(f"{note}\n{table}")
-    pairs = (paired_by_group(*_sequential_hits(store, preds, queries), users)
-             if any(r["task"] == "sequential" for r in vlm) else [])
+    pairs = []
+    if any(r["task"] == "sequential" for r in vlm):
+        vlm_hits, tool_hits = _sequential_hits(store, preds, queries)
+        for spec in a.against:
+            run, _, stage = spec.partition(":")
+            other = ArtifactStore(cfg.output_root, run, cfg.storage)
+            tool_hits[spec] = stage_hits(other.read_table(stage, "predictions"), other.read_table(stage, "queries"))
+        pairs = paired_by_group(vlm_hits, tool_hits, users)
     pair_table = markdown_table(pairs, list(pairs[0])) if pairs else ""
     print(f"\nsequential HR@{PAIRED_K}, paired per user (VLM vs each tool; all users, then the coldest):\n{pair_table}")
     with store.fs.open(store.path(f"bench_vlm_vs_tools_{a.stage}.json"), "w") as f:

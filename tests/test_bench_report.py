@@ -5,7 +5,7 @@ import math
 
 import pyarrow as pa
 
-from bench.vlm_vs_tools import comparison, paired, paired_by_group
+from bench.vlm_vs_tools import comparison, paired, paired_by_group, stage_hits
 
 
 def _rec(model, task, metric, k, group, value, protocol="full"):
@@ -52,3 +52,13 @@ def test_paired_by_group_adds_the_coldest_users_of_those_evaluated():
     assert [r["group"] for r in rows] == ["all", "cs:coldest"]
     assert (rows[0]["users"], rows[0]["vlm_hits"], rows[0]["only_tool"]) == (20, 10, 10)
     assert (rows[1]["users"], rows[1]["vlm_hits"], rows[1]["only_tool"]) == (6, 3, 3)
+
+
+def test_stage_hits_are_per_user_sequential_hits_at_5():
+    queries = pa.table({"query_id": [1, 2, 3, 4], "target": [7, 8, 9, 5], "label": [None] * 4,
+                        "reference": [None] * 4})
+    preds = pa.table({"query_id": [2, 1, 3, 4], "task": ["sequential", "sequential", "sequential", "direct"],
+                      "user_id": [20, 10, 30, 40],
+                      "items": [[1, 2, 3, 4, 5, 8], [7, 1], [], [5]]})       # 8 at rank 5: a miss at 5
+    assert stage_hits(preds, queries) == {20: False, 10: True, 30: False}  # direct rows left out
+    assert stage_hits(preds, queries, k=6)[20] is True
