@@ -147,7 +147,8 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
             module.train()
         return _broadcast(metrics, world)
 
-    best_state, result = run_epochs(model, module, tensors, params, cfg, run_validation if validate else None,
+    best_state, result = run_epochs(model, module, tensors, params, cfg,
+                                    run_validation if validate is not None else None,
                                     lambda: copy.deepcopy(module.state_dict()), reporter=reporter,
                                     start_epoch=start_epoch, name=name, on_epoch_start=on_epoch_start,
                                     lengths=lengths)
