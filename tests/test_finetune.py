@@ -280,3 +280,5 @@ def test_a_run_stopped_by_its_time_budget_continues_with_a_larger_one(ray_local,
     assert more["log"][-1]["step"] == 6 and more["train_seconds"] > stopped["train_seconds"]
     assert more["valid_loss_before"] == stopped["valid_loss_before"]
     assert more["valid_loss"] != stopped["valid_loss"]           # measured again after the new steps
+    done = finetune.run(_cfg(root, *steps, "finetune.time_budget_s=3600"))   # finished: nothing to train
+    assert done["steps"] == 6 and done["resumes"] == more["resumes"] and done["valid_loss"] == more["valid_loss"]
