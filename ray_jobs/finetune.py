@@ -66,9 +66,11 @@ def _train_loop(config: dict) -> None:
             loop.load_state(d)
             with open(os.path.join(d, PROGRESS)) as f:
                 progress = json.load(f)
-        if loop.step < loop.max_steps:   # a finished run started with another budget trains nothing
+        if loop.step < loop.max_steps:
             progress["resumes"].append({"from_step": loop.step, "train_seconds": round(progress["train_seconds"], 2)})
             log.info("resuming from step %d of %d", loop.step, loop.max_steps)
+        else:   # a finished run started again with another budget: nothing to train, no resume
+            log.info("restored a finished run (%d of %d steps): nothing to train", loop.step, loop.max_steps)
     if world > 1:
         # Unused parameters: a micro-batch without photos leaves the vision side without grads.
         loop.wrap(lambda m: ray.train.torch.prepare_model(
