@@ -14,6 +14,8 @@ sequential HR@5 paired per user, on all users and on the coldest ones: the users
 hits, only the tool hits, and McNemar's exact p-value (is the gap more than the draw of test users?).
 ``--against RUN:STAGE`` (repeatable) pairs another run's scored stage the same way, e.g. the same
 recipe under another seed (the runs must share the prepare stage, hence the test users).
+Last, where the stage kept the first tool's answers (``tool_items``: the tool shown first in the
+prompt), how the VLM's answers relate to them by item text, the unit the VLM answers in.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import pyarrow.compute as pc
 from bench.report import markdown_table, system_metric
 from ray_jobs import evaluate
 from reasonrec.config import load_config
+from reasonrec.context import Catalog
 from reasonrec.io import ArtifactStore
 from reasonrec.metrics import COLD_START_AGGREGATES
 
@@ -87,6 +90,33 @@ def stage_hits(preds, queries, k: int = PAIRED_K) -> dict[int, bool]:
     return dict(zip(preds.column("user_id").to_pylist(), (ranks < k).tolist()))
 
 
+def text_agreement(preds, queries, item_text, k: int = PAIRED_K) -> dict:
+    """The VLM's sequential top K against the first tool's (``tool_items``), by item text: the texts
+    the two share (mean per query); the queries where the VLM named the truth's text but ranked
+    another item with that text in its place (a catalog that repeats titles costs it these); and,
+    of the queries only the tool hits, those whose truth's text is not in the VLM's top 2K at all
+    (it did not come close, rather than ranking it just below K)."""
+    preds = preds.filter(pc.equal(preds.column("task"), "sequential"))
+    target = evaluate.per_query_correct(preds, queries)["target"]
+    out = {"queries": 0, "mean_shared_texts": float("nan"), "text_hit_item_miss": 0, "only_tool": 0,
+           "only_tool_text_not_in_top_2k": 0}
+    shared = []
+    for vlm, tool, t in zip(preds.column("items").to_pylist(), preds.column("tool_items").to_pylist(), target):
+        if not tool or t is None or t != t:
+            continue
+        t, vlm = int(t), vlm or []
+        texts = {item_text[i] for i in vlm[:k]}
+        shared.append(len(texts & {item_text[i] for i in tool[:k]}))
+        hit = t in vlm[:k]
+        out["text_hit_item_miss"] += not hit and item_text[t] in texts
+        if t in tool[:k] and not hit:
+            out["only_tool"] += 1
+            out["only_tool_text_not_in_top_2k"] += item_text[t] not in {item_text[i] for i in vlm[:2 * k]}
+    if shared:
+        out.update(queries=len(shared), mean_shared_texts=float(np.mean(shared)))
+    return out
+
+
 def _sequential_hits(store, preds, queries, k: int = PAIRED_K) -> tuple[dict, dict]:
     """Per user HR@K hits (sequential, history kept) of a stage's answers and of every tool."""
     vlm = stage_hits(preds, queries, k)
@@ -128,9 +158,15 @@ def main() -> None:
         pairs = paired_by_group(vlm_hits, tool_hits, users)
     pair_table = markdown_table(pairs, list(pairs[0])) if pairs else ""
     print(f"\nsequential HR@{PAIRED_K}, paired per user (VLM vs each tool; all users, then the coldest):\n{pair_table}")
+    agreement = None
+    if any(r["task"] == "sequential" for r in vlm) and "tool_items" in preds.column_names:
+        items = store.read_table("prepare", "items", columns=["item_id", "item_key", "title", "brand", "categories",
+                                                              "price"])
+        agreement = text_agreement(preds, queries, Catalog(items).text)
+        print(f"\nsequential top {PAIRED_K} vs the first tool in the prompt, by item text: {json.dumps(agreement)}")
     with store.fs.open(store.path(f"bench_vlm_vs_tools_{a.stage}.json"), "w") as f:
-        json.dump({"rows": rows, "table": table, "same_users": same, "paired": pairs, "paired_table": pair_table},
-                  f, indent=2)
+        json.dump({"rows": rows, "table": table, "same_users": same, "paired": pairs, "paired_table": pair_table,
+                   "text_agreement": agreement}, f, indent=2)
 
 
 if __name__ == "__main__":

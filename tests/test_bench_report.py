@@ -5,7 +5,7 @@ import math
 
 import pyarrow as pa
 
-from bench.vlm_vs_tools import comparison, paired, paired_by_group, stage_hits
+from bench.vlm_vs_tools import comparison, paired, paired_by_group, stage_hits, text_agreement
 
 
 def _rec(model, task, metric, k, group, value, protocol="full"):
@@ -62,3 +62,21 @@ def test_stage_hits_are_per_user_sequential_hits_at_5():
                       "items": [[1, 2, 3, 4, 5, 8], [7, 1], [], [5]]})       # 8 at rank 5: a miss at 5
     assert stage_hits(preds, queries) == {20: False, 10: True, 30: False}  # direct rows left out
     assert stage_hits(preds, queries, k=6)[20] is True
+
+
+def test_text_agreement_compares_the_vlm_and_the_first_tool_by_item_text():
+    text = ["red bag", "red bag", "blue mug", "green cap", "pink hat", "gray sock"]   # items 0 and 1 share a text
+    queries = pa.table({"query_id": [1, 2, 3, 4], "target": [1, 3, 4, 2], "label": [None] * 4,
+                        "reference": [None] * 4})
+    preds = pa.table({"query_id": [1, 2, 3, 4], "task": ["sequential"] * 3 + ["direct"],
+                      "items": [[0, 2], [0, 5], [4, 2], [2]],
+                      "tool_items": [[1, 3], [3, 0], None, [2]]})     # query 3: no tool answer kept
+    out = text_agreement(preds, queries, text, k=1)
+    # query 1: top-1 texts {red bag} vs {red bag}: 1 shared; truth 1 ("red bag") is the tool's
+    # top 1, the VLM ranked item 0 of that text instead: text hit but item miss, tool-only hit
+    # (its text is in the VLM's top 2). Query 2: {red bag} vs {green cap}: 0 shared; tool-only hit
+    # (3) and "green cap" is not in the VLM's top 2 (items 0, 5).
+    assert out == {"queries": 2, "mean_shared_texts": 0.5, "text_hit_item_miss": 1, "only_tool": 2,
+                   "only_tool_text_not_in_top_2k": 1}
+    two = text_agreement(preds, queries, text, k=2)   # "red bag" shared by both queries' top 2
+    assert two["mean_shared_texts"] == 1.0 and two["text_hit_item_miss"] == 1 and two["only_tool"] == 2
