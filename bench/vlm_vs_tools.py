@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from bench.report import markdown_table, system_metric
 from ray_jobs import evaluate
 from reasonrec.config import load_config
-from reasonrec.context import Catalog
+from reasonrec.context import load_catalog
 from reasonrec.io import ArtifactStore
 from reasonrec.metrics import COLD_START_AGGREGATES
 
@@ -160,9 +160,7 @@ def main() -> None:
     print(f"\nsequential HR@{PAIRED_K}, paired per user (VLM vs each tool; all users, then the coldest):\n{pair_table}")
     agreement = None
     if any(r["task"] == "sequential" for r in vlm) and "tool_items" in preds.column_names:
-        items = store.read_table("prepare", "items", columns=["item_id", "item_key", "title", "brand", "categories",
-                                                              "price"])
-        agreement = text_agreement(preds, queries, Catalog(items).text)
+        agreement = text_agreement(preds, queries, load_catalog(store, photos=False).text)
         print(f"\nsequential top {PAIRED_K} vs the first tool in the prompt, by item text: {json.dumps(agreement)}")
     with store.fs.open(store.path(f"bench_vlm_vs_tools_{a.stage}.json"), "w") as f:
         json.dump({"rows": rows, "table": table, "same_users": same, "paired": pairs, "paired_table": pair_table,

@@ -167,12 +167,18 @@ def item_popularity(loo: pa.Table, n_items: int) -> np.ndarray:
     return np.bincount(flat.astype(np.int64), minlength=n_items)
 
 
+def load_catalog(store, photos: bool = True) -> Catalog:
+    """The run's catalog from the committed ``prepare`` outputs (``photos=False``: texts and
+    popularity only, without reading the image bytes)."""
+    items = store.read_table("prepare", "items", columns=["item_id", "item_key", "title", "brand", "categories",
+                                                          "price", *(["image"] if photos else [])])
+    loo = store.read_table("prepare", "loo", columns=["train_items"])
+    return Catalog(items, item_popularity(loo, items.num_rows))
+
+
 def load_context(store, vlm: VLMConfig, thresholds: Sequence[float], sampler: TemplateSampler | None = None,
                  prompt_candidates: int = 20) -> tuple[Catalog, UserDirectory, PromptBuilder]:
     """Catalog, users and prompt builder of a run (reads the committed ``prepare`` outputs)."""
-    items = store.read_table("prepare", "items", columns=["item_id", "item_key", "title", "brand", "categories",
-                                                          "price", "image"])
-    loo = store.read_table("prepare", "loo", columns=["train_items"])
-    catalog = Catalog(items, item_popularity(loo, items.num_rows))
+    catalog = load_catalog(store)
     users = UserDirectory.from_store(store, catalog, thresholds)
     return catalog, users, PromptBuilder(catalog, vlm, sampler, prompt_candidates)
