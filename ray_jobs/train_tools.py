@@ -303,7 +303,8 @@ def format_summary(s: dict) -> str:
         return "train_tools: skipped (outputs up to date)"
     lines = ["train_tools summary (validation metrics, leave-one-out)", "-" * 56]
     for name, m in s["validation"].items():
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if k != "train_seconds")
+        shown = ", ".join(f"{k}={v:.0f}" if k == "ranked_among" else f"{k}={v:.4f}"
+                          for k, v in sorted(m.items()) if k != "train_seconds")
         lines.append(f"{name:12s} {m.get('train_seconds', 0):7.1f}s  {shown}")
     lines.append(f"time taken: {s['seconds']:.1f}s")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ import torch
 
 from reasonrec.metrics import auc, rank_in_candidates, ranking_metrics
 from reasonrec.tools import ToolData, ToolInputError, tool_class
+from reasonrec.tools.bpr_common import validation_candidates
 from reasonrec.tools.persist import load_tool, save_tool
 
 DIRECT = ("bpr_mf", "bpr_mlp", "lightgcn")
@@ -133,6 +134,8 @@ def test_direct_tool_beats_popularity(name, world, trained):
     got = ranking_metrics(rank_in_candidates(tool.score_candidates(users, hist, cands), cands, pos), (5,))
     assert got["hr@5"] > pop["hr@5"] + 0.2, (got, pop)
     assert trained[1][name]["ndcg@5"] > 0.2  # validation metric returned by fit
+    # ... on the sampled protocol (1 positive + never-seen negatives), which the metrics name
+    assert trained[1][name]["ranked_among"] == validation_candidates(data)[1].shape[1] < data.n_items
     epochs = [e for e, _ in trained[2][name]]
     assert epochs == list(range(len(epochs))) and len(epochs) >= 1  # reporter(epoch, metrics) per epoch
     # full-catalog path and CTR-by-sigmoid path

@@ -72,6 +72,12 @@ def test_tool_beats_popularity(trained, data, name):
     assert hr > pop + 0.1, f"{name} HR@10 {hr:.3f} vs popularity {pop:.3f}"
 
 
+def test_validation_ranks_the_whole_catalog(data):
+    # full ranking, unlike the BPR tools' sampled lists: metrics.json tells them apart by this
+    metrics = tool_class("popularity")().fit(data)
+    assert metrics["ranked_among"] == data.n_items and 0 < metrics["hr@10"] < 1
+
+
 @pytest.mark.parametrize("name", ["sasrec", "lightsans", "gru4rec", "semantic", "ensemble", "popularity"])
 def test_save_load_identical(trained, data, tmp_path, name):
     for n, tool in trained.items():

@@ -95,7 +95,9 @@ def candidate_validator(score_candidates: Callable[[np.ndarray, np.ndarray], np.
         ranks = [rank_in_candidates(score_candidates(users[s:s + batch_size], cands[s:s + batch_size]),
                                     cands[s:s + batch_size], pos[s:s + batch_size])
                  for s in range(0, len(users), batch_size)]
-        return ranking_metrics(np.concatenate(ranks) if ranks else np.zeros(0), ks)
+        # the sampled protocol, not full ranking: metrics.json says so through the list width
+        return {**ranking_metrics(np.concatenate(ranks) if ranks else np.zeros(0), ks),
+                "ranked_among": float(cands.shape[1])}
     return validate
 
 

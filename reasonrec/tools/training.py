@@ -255,7 +255,8 @@ def ranking_validator(score_fn: Callable[[np.ndarray, list[np.ndarray]], np.ndar
     """A ``validate`` callable: full-catalog ranking of ``targets[u]`` from ``histories[u]``
     (users with target -1 or an empty history are skipped); returns ``{"hr@10": ..., ...}``.
     ``max_users`` subsamples users once (fixed seed) to keep validation cheap on big data.
-    All items are ranked, history included (the RecBole protocol)."""
+    All items are ranked, history included (the RecBole protocol); ``ranked_among`` says how many
+    (candidate-list validators give their list width there, so metrics.json names its protocol)."""
     from reasonrec.metrics import rank_full_catalog, ranking_metrics
 
     targets = np.asarray(targets, dtype=np.int64)
@@ -264,11 +265,12 @@ def ranking_validator(score_fn: Callable[[np.ndarray, list[np.ndarray]], np.ndar
         users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
 
     def validate() -> dict[str, float]:
-        ranks = []
+        ranks, width = [], 0
         for start in range(0, len(users), batch_size):
             ub = users[start:start + batch_size]
             scores = np.asarray(score_fn(ub, [histories[u] for u in ub]))
             ranks.append(rank_full_catalog(scores, targets[ub]))
-        return ranking_metrics(np.concatenate(ranks) if ranks else np.zeros(0), ks)
+            width = scores.shape[1]
+        return {**ranking_metrics(np.concatenate(ranks) if ranks else np.zeros(0), ks), "ranked_among": float(width)}
 
     return validate
