@@ -2,8 +2,13 @@
 
     python bench/vlm_step_time.py --model tiny --threads 2
     python bench/vlm_step_time.py --model small --threads 2 --batch 4 --history 10
+    python bench/vlm_step_time.py --model small --autocast none,bfloat16 --steps 4
 
-Prints one JSON line. Inputs are rendered with the real templates (sequential task, history
+Prints one JSON line. ``--autocast`` lists training precisions (``finetune.autocast`` values);
+their steps alternate (one step of each per round) so a load change on a shared machine hits
+all of them alike, and the line carries each one's median step time and its ratio to the first.
+
+Inputs are rendered with the real templates (sequential task, history
 items with photos) so token counts match what the fine-tune job sees.
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ from reasonrec.vlm.builder import build_vlm, trainable_parameters  # noqa: E402
 from reasonrec.vlm.collate import VLMCollator  # noqa: E402
 from reasonrec.vlm.config import VLMConfig  # noqa: E402
 from reasonrec.vlm.infer import ItemTrie, VLMPredictor  # noqa: E402
+from reasonrec.vlm.train import training_autocast  # noqa: E402
 
 
 def main():
@@ -34,7 +40,8 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--history", type=int, default=10)
     ap.add_argument("--photos", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="training steps per precision")
+    ap.add_argument("--autocast", default="none", help="comma-separated finetune.autocast values")
     ap.add_argument("--catalog", type=int, default=2000)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--device", default="cpu")
@@ -69,14 +76,18 @@ def main():
     batch = {k: v.to(args.device) for k, v in batch.items()}
     opt = torch.optim.AdamW([p for p in bundle.model.parameters() if p.requires_grad], lr=1e-4)
     bundle.model.train()
-    times = []
+    modes = args.autocast.split(",")
+    times = {m: [] for m in modes}
     for _ in range(args.steps):
-        t = time.perf_counter()
-        out = bundle.model(**batch)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t)
+        for mode in modes:
+            t = time.perf_counter()
+            with training_autocast(args.device, mode):
+                out = bundle.model(**batch)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+            times[mode].append(time.perf_counter() - t)
+    median = {m: float(np.median(ts[1:] or ts)) for m, ts in times.items()}
     bundle.model.eval()
     pred = VLMPredictor(bundle)
     t = time.perf_counter()
@@ -89,7 +100,9 @@ def main():
     print(json.dumps({
         "model": args.model, "threads": args.threads, "build_s": round(build_s, 2),
         "batch": args.batch, "seq_len": int(batch["input_ids"].shape[1]), "images": int(batch["pixel_values"].shape[0]),
-        "step_s_first": round(times[0], 3), "step_s_median": round(float(np.median(times[1:] or times)), 3),
+        "step_s_first": {m: round(ts[0], 3) for m, ts in times.items()},
+        "step_s_median": {m: round(v, 3) for m, v in median.items()},
+        "speedup_vs_first": {m: round(median[modes[0]] / v, 3) for m, v in median.items()},
         "loss": round(float(out.loss.detach()), 3), "trainable": trainable, "total": total,
         "trie_build_s": round(trie_s, 2), "catalog": args.catalog, "trie_depth": trie.depth,
         "rank_catalog_s_per_user": round(rank_s, 2), "top": res[0].items[:3], "device": args.device,

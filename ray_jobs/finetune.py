@@ -58,7 +58,8 @@ def _train_loop(config: dict) -> None:
     loop = FinetuneLoop(load_finetune_data(store), vlm_config_from_dict(config["vlm"]),
                         CurriculumConfig(**config["curriculum"]), max_steps=ft["max_steps"],
                         per_device_batch_size=ft["per_device_batch_size"], grad_accum=ft["grad_accum"],
-                        grad_clip=ft["grad_clip"], rank=rank, world_size=world, device=ray.train.torch.get_device())
+                        grad_clip=ft["grad_clip"], rank=rank, world_size=world, device=ray.train.torch.get_device(),
+                        autocast=ft["autocast"])
     progress = new_progress()
     ckpt = ray.train.get_checkpoint()
     if ckpt:

@@ -201,6 +201,11 @@ class FinetuneConfig:
     log_every: int = 10
     time_budget_s: float = 0.0       # 0 = none; stop (and checkpoint) once exceeded
     grad_clip: float = 1.0
+    # Mixed precision: "bfloat16" runs the training forward under torch.autocast (matmuls in bf16,
+    # weights, optimizer state and gradients in vlm.dtype); "none" trains in vlm.dtype. bf16 needs
+    # no loss scaling (float16 would, so it is not offered). Validation loss is always computed
+    # without autocast, so runs with and without it compare.
+    autocast: str = "none"
     # Validation loss (before/after) on a seeded sample of at most this many examples: bounds
     # its cost on big instruction sets.
     max_valid_examples: int = 256
@@ -381,6 +386,7 @@ _CHOICES = {
     "planner.tool_choice": ("learned", "random", "oracle", "fixed"),
     "instructions.hint_order": ("random", "usable_rate"),
     "score.mode": ("routed", "tools", "vlm", "vlm_tools"),
+    "finetune.autocast": ("none", "bfloat16"),   # reasonrec.vlm.train.AUTOCAST_DTYPES
 }
 TASKS = ("sequential", "direct", "ctr", "explanation")
 EH_BUCKETS = ("low", "medium", "high")

@@ -29,6 +29,7 @@ def test_layering_order_and_overrides():
     ("data.eh_normalizer=median", "data.eh_normalizer"),
     ("data.ctr_split=[0.5,0.5,0.5]", "data.ctr_split"),
     ("ray.shuffle_partitions=many", "ray.shuffle_partitions"),
+    ("finetune.autocast=float16", "finetune.autocast"),
 ])
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):

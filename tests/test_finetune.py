@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from ray_jobs import finetune, prepare
+from reasonrec import config as config_module
 from reasonrec.config import CONFIG_DIR, StorageConfig, load_config
 from reasonrec.curriculum import CurriculumSampler
 from reasonrec.data.schemas import INSTRUCTIONS
@@ -26,8 +28,8 @@ from reasonrec.prompts.cot import compose_target
 from reasonrec.prompts.templates import ItemRef, PromptInputs, RenderOptions, item_text, render_prompt
 from reasonrec.vlm.builder import load_adapter
 from reasonrec.vlm.config import CurriculumConfig, VLMConfig
-from reasonrec.vlm.train import (FinetuneLoop, InstructionDataset, dataset_loss, finetune_data, load_finetuned,
-                                 valid_subset)
+from reasonrec.vlm.train import (AUTOCAST_DTYPES, FinetuneLoop, InstructionDataset, dataset_loss, finetune_data,
+                                 load_finetuned, valid_subset)
 
 TINY_VLM = dict(model="tiny", image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
                 image_tokens_per_item=4, max_length=192, max_history_items=4, max_history_photos=2)
@@ -126,6 +128,25 @@ def test_loop_is_deterministic_and_resumes_exactly(tmp_path):
     a, b = _trainable(straight), _trainable(resumed)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
     assert losses[-1] < losses[0]
+
+
+def test_bf16_autocast_computes_in_bf16_and_keeps_full_precision_weights():
+    data = finetune_data(*_synthetic_tables())
+    loop, losses = _loop(data, autocast="bfloat16"), []
+    seen = []   # dtype of one attention projection's output, per forward
+    q_proj = next(m for n, m in loop.bundle.model.named_modules() if n.endswith("q_proj.base_layer"))
+    hook = q_proj.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    loop.train_steps(on_step=lambda m: losses.append(m.loss))
+    assert seen and set(seen) == {torch.bfloat16}               # the training forward ran under autocast
+    assert all(p.dtype == torch.float32 for p in loop.params)   # master weights (and AdamW state) stay fp32
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    seen.clear()
+    loop.validation_loss()
+    hook.remove()
+    assert seen and set(seen) == {torch.float32}                # validation without autocast: comparable
+    with pytest.raises(ValueError, match="finetune.autocast='float16'"):
+        _loop(data, autocast="float16")
+    assert set(config_module._CHOICES["finetune.autocast"]) == set(AUTOCAST_DTYPES)   # the config check knows them all
 
 
 def test_grad_accum_ranks_and_time_budget():

@@ -10,7 +10,8 @@ world size and a DDP wrapper come from there); tests and benchmarks run it in-pr
   world_size`` examples; each rank takes its own equal slice, split into ``grad_accum``
   micro-batches (``DataLoader(batch_size=per_device_batch_size)`` over the rank's slice).
 * Optimisation: AdamW + the phase-aligned LR schedule from ``reasonrec.curriculum``, gradient
-  accumulation (DDP gradient sync only on the last micro-batch), gradient clipping.
+  accumulation (DDP gradient sync only on the last micro-batch), gradient clipping, optional bf16
+  mixed precision (``torch.autocast`` around the forward; backward and the update in full precision).
 * Determinism: the LoRA init is seeded, the sampler is a pure function of (seed, step), and the
   dropout RNG is reseeded from (seed, step, rank) every step, so a run resumed from a checkpoint
   (adapter + optimizer + scheduler + step) continues exactly as the uninterrupted run would.
@@ -43,6 +44,7 @@ INSTRUCTIONS_TABLE = "examples"      # {run}/instructions/examples/*.parquet
 ADAPTER_DIR = "adapter"              # inside a checkpoint and inside the finetune stage
 TRAINER_STATE = "trainer_state.pt"
 PHASE_NAMES = {1: "warmup", 2: "progressive", 3: "cold_start"}
+AUTOCAST_DTYPES = {"none": None, "bfloat16": torch.bfloat16}   # finetune.autocast -> compute dtype
 _COLUMNS = ["example_id", "split", "phase", "prompt", "image_items", "target"]
 
 
@@ -120,6 +122,14 @@ class StepMetrics:
     example_ids: list         # this rank's examples in this step (its slice of the global batch)
 
 
+def training_autocast(device: torch.device | str, mode: str) -> torch.autocast:
+    """The training forward's precision context for ``finetune.autocast`` (``"none"``: disabled)."""
+    if mode not in AUTOCAST_DTYPES:
+        raise ValueError(f"finetune.autocast={mode!r}: expected one of {sorted(AUTOCAST_DTYPES)}")
+    dtype = AUTOCAST_DTYPES[mode]
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
 def _dist() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -131,9 +141,11 @@ class FinetuneLoop:
 
     def __init__(self, data: FinetuneData, vlm_cfg: VLMConfig, cur_cfg: CurriculumConfig, max_steps: int,
                  per_device_batch_size: int, grad_accum: int = 1, grad_clip: float = 1.0, rank: int = 0,
-                 world_size: int = 1, device: torch.device | str = "cpu"):
+                 world_size: int = 1, device: torch.device | str = "cpu", autocast: str = "none"):
         if not vlm_cfg.lora.enabled:
             raise ValueError("the fine-tune trains a LoRA adapter: set vlm.lora.enabled=true")
+        self.autocast = autocast
+        training_autocast(device, autocast)    # an unknown value fails here, not at the first step
         self.cur = cur_cfg
         self.max_steps, self.per_device, self.grad_accum = int(max_steps), int(per_device_batch_size), int(grad_accum)
         self.grad_clip, self.rank, self.world_size = grad_clip, rank, world_size
@@ -197,8 +209,9 @@ class FinetuneLoop:
                 batch = self._to_device(batch)
                 sync = not ddp or k == self.grad_accum - 1
                 with contextlib.nullcontext() if sync else self.model.no_sync():
-                    loss = self.model(**batch).loss
-                    (loss / self.grad_accum).backward()
+                    with training_autocast(self.device, self.autocast):
+                        loss = self.model(**batch).loss
+                    (loss / self.grad_accum).backward()     # outside autocast, as torch recommends
                 loss_sum += float(loss.detach())
                 tokens += int(batch["attention_mask"].sum())
                 ids += batch_ids
