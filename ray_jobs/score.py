@@ -422,6 +422,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
     todo = [s for s in range(n_shards) if s not in done]
     log.info("score: %d queries in %d shards (%d already written, %d to go), mode=%s", n, n_shards,
              len(done), len(todo), cfg.score.mode)
+    # Actor options passed through map_batches: a crashed actor restarts, its batch is retried.
     retries = {"max_restarts": cfg.score.max_task_retries, "max_task_retries": cfg.score.max_task_retries}
     import uuid
     attempts = f"{staging}/_attempts/{uuid.uuid4().hex[:12]}"   # this run's markers only
@@ -435,13 +436,13 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             _RouterActor, fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split, "attempts": attempts},
             batch_format="pyarrow",
             batch_size=None, compute=ActorPoolStrategy(size=max(cfg.score.tool_actors, 1)),
-            num_cpus=cfg.score.tool_cpus, **_remote(retries))
+            num_cpus=cfg.score.tool_cpus, **retries)
         if needs_vlm:
             ds = ds.map_batches(
                 _VLMActor, fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split, "attempts": attempts},
                 batch_format="pyarrow",
                 batch_size=None, compute=ActorPoolStrategy(size=max(cfg.score.vlm_actors, 1)),
-                num_cpus=cfg.score.vlm_cpus, num_gpus=cfg.score.vlm_gpus or None, **_remote(retries))
+                num_cpus=cfg.score.vlm_cpus, num_gpus=cfg.score.vlm_gpus or None, **retries)
         else:
             from reasonrec.scoring import passthrough
             ds = ds.map_batches(passthrough, batch_format="pyarrow", batch_size=None)
@@ -481,11 +482,6 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
 
 def _storage(cfg: RunConfig) -> dict:
     return {"s3_endpoint_url": cfg.storage.s3_endpoint_url, "s3_anon": cfg.storage.s3_anon}
-
-
-def _remote(retries: dict) -> dict:
-    """Actor options passed through map_batches: a crashed actor restarts, its batch is retried."""
-    return dict(retries)
 
 
 def _summarize(preds: pa.Table, rejected: pa.Table, n: int, n_shards: int, resumed: int, seconds: float,
