@@ -79,6 +79,10 @@ class SyntheticConfig:
     p_burst: float = 0.3
     image_size: int = 32
     with_images: bool = True
+    # Append a product-line name so no two items share a title. Off, items of one brand, colour,
+    # pattern and category share title and photo (120 items: 58 texts), so a model that reads
+    # text cannot tell apart items whose successors differ, while id-based tools can.
+    distinct_titles: bool = False
     n_user_shards: int = 4
     n_item_shards: int = 2
     seed: int = 0

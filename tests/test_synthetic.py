@@ -122,6 +122,20 @@ def test_images_decode_and_show_the_item_colour(tiny):
     assert no_images.read_items(no_images.item_shards()[0]).column("image").null_count > 0
 
 
+def test_distinct_titles_name_every_item_once(tiny):
+    src, items, _ = tiny
+    shared = items.column("title").to_pylist()
+    assert len(set(shared)) < len(shared)          # the default world repeats titles
+    distinct = read_all_items(_source(distinct_titles=True, n_item_shards=3)).column("title").to_pylist()
+    assert len(set(distinct)) == len(distinct)
+    # The same title with a product-line name; items that shared a title get different lines.
+    assert all(d.startswith(s + " ") for s, d in zip(shared, distinct))
+    rank = item_attributes(src.syn)["title_rank"]
+    for title in {t for t, n in Counter(shared).items() if n > 1}:
+        ks = [k for k, t in enumerate(shared) if t == title]
+        assert rank[ks].tolist() == list(range(len(ks)))   # by item id: the same in every sharding
+
+
 def test_reviews_mention_an_item_feature(tiny):
     src, _, inter = tiny
     attrs = item_attributes(src.syn)

@@ -20,7 +20,8 @@ Items (``world(cfg)``; small per-item arrays every shard can rebuild from the se
   * popularity ``pop_i = exp(popularity_sigma * N(0,1))``; quality ``q_i = 0.4 * N(0,1)``;
     price = category base * brand premium * ``exp(0.25 N(0,1))``.
   * title, description and categories ``[department, category]`` are rendered from these
-    attributes; the image (PNG, ``image_size`` square) is the item's shape filled with its colour
+    attributes (items of one brand, colour, pattern and category share a title unless
+    ``distinct_titles`` appends a product-line name, ``title_rank``-th of ``_LINES``); the image (PNG, ``image_size`` square) is the item's shape filled with its colour
     on a style-tinted background, overlaid (inside the shape only) with its pattern in a darker
     shade of the colour. The plain colour is always the most frequent non-background pixel.
   * successors: item i in bucket (c, s) has K successors; slot k draws an item proportional to
@@ -97,6 +98,8 @@ CATEGORIES = [
 ASPECTS = ["colour", "shape", "pattern", "brand"]
 _BRAND_HEAD = ["Lu", "Ve", "Ka", "No", "Zi", "Ora", "Pel", "Tri", "Mo", "Sa"]
 _BRAND_TAIL = ["mina", "tex", "ro", "vo", "sana", "lyx"]
+# Product-line names that make titles distinct (``distinct_titles``): n-th item of a shared title.
+_LINES = ["Aria", "Nova", "Velvet", "Bloom", "Luxe", "Silk", "Ember", "Opal"]
 # Review templates per sentiment (negative, neutral, positive): prefix + aspect phrase + suffix.
 _REVIEW_TEMPLATES = [
     [("Disappointed by ", ". Would not buy again."), ("Did not like ", " at all."),
@@ -352,7 +355,21 @@ def item_attributes(cfg: SyntheticConfig, item_ids: Sequence[int] | np.ndarray |
         "category_id": w.category[ids], "style_id": w.style[ids], "brand_id": w.brand[ids],
         "colour_id": w.colour[ids], "popularity": w.popularity[ids], "quality": w.quality[ids],
         "price": w.price[ids],
+        "title_rank": title_rank(w)[ids],
     }
+
+
+def title_rank(w: World) -> np.ndarray:
+    """Per item: how many lower-id items have the same brand, colour, pattern and category (the
+    attributes its title is made of), so ``(title, rank)`` names each item once."""
+    key = ((w.brand * len(COLOURS) + w.colour) * len(PATTERNS) + w.pattern) * len(CATEGORIES) + w.category
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    first = np.r_[True, sorted_key[1:] != sorted_key[:-1]]
+    group_start = np.maximum.accumulate(np.where(first, np.arange(len(key)), 0))
+    rank = np.empty(len(key), dtype=np.int64)
+    rank[order] = np.arange(len(key)) - group_start
+    return rank
 
 
 # ----------------------------------------------------------------------------------- users
@@ -650,7 +667,8 @@ class SyntheticSource:
             dept = CATEGORIES[c % len(CATEGORIES)][2]
             colour, shape, pattern, brand, style = (a["colour"][k], a["shape"][k], a["pattern"][k],
                                                     a["brand"][k], a["style"][k])
-            titles.append(f"{brand} {colour.title()} {pattern.title()} {noun}")
+            line = f" {_named(_LINES, int(a['title_rank'][k]))}" if syn.distinct_titles else ""
+            titles.append(f"{brand} {colour.title()} {pattern.title()} {noun}{line}")
             article = "An" if colour[0] in "aeiou" else "A"
             descs.append(f"{article} {colour} {shape} {noun.lower()} with a {pattern} pattern in {style} style, "
                          f"by {brand}. Part of our {w.category_names[c].lower()} collection.")
