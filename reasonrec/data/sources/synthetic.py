@@ -21,8 +21,9 @@ Items (``world(cfg)``; small per-item arrays every shard can rebuild from the se
     price = category base * brand premium * ``exp(0.25 N(0,1))``.
   * title, description and categories ``[department, category]`` are rendered from these
     attributes (items of one brand, colour, pattern and category share a title unless
-    ``distinct_titles`` appends a product-line name, ``title_rank``-th of ``_LINES``); the image (PNG, ``image_size`` square) is the item's shape filled with its colour
-    on a style-tinted background, overlaid (inside the shape only) with its pattern in a darker
+    ``distinct_titles`` appends a product-line name, the ``title_rank``-th of ``_LINES``); the
+    image (PNG, ``image_size`` square) is the item's shape filled with its colour on a
+    style-tinted background, overlaid (inside the shape only) with its pattern in a darker
     shade of the colour. The plain colour is always the most frequent non-background pixel.
   * successors: item i in bucket (c, s) has K successors; slot k draws an item proportional to
     ``pop`` from bucket (c, s) for even k ("substitutes") or ((c + 1) % C, s) for odd k
@@ -362,13 +363,12 @@ def item_attributes(cfg: SyntheticConfig, item_ids: Sequence[int] | np.ndarray |
 def title_rank(w: World) -> np.ndarray:
     """Per item: how many lower-id items have the same brand, colour, pattern and category (the
     attributes its title is made of), so ``(title, rank)`` names each item once."""
-    key = ((w.brand * len(COLOURS) + w.colour) * len(PATTERNS) + w.pattern) * len(CATEGORIES) + w.category
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    first = np.r_[True, sorted_key[1:] != sorted_key[:-1]]
-    group_start = np.maximum.accumulate(np.where(first, np.arange(len(key)), 0))
-    rank = np.empty(len(key), dtype=np.int64)
-    rank[order] = np.arange(len(key)) - group_start
+    attrs = np.stack([w.brand, w.colour, w.pattern, w.category], axis=1)
+    group = np.unique(attrs, axis=0, return_inverse=True)[1].ravel()
+    order = np.argsort(group, kind="stable")      # by group, then by item id
+    sizes = np.bincount(group)
+    rank = np.empty(len(group), dtype=np.int64)
+    rank[order] = np.arange(len(group)) - (np.cumsum(sizes) - sizes)[group[order]]
     return rank
 
 
