@@ -11,6 +11,8 @@ variant is one ``ray_jobs.score`` run written to its own stage (``bench_<variant
 * ``tools``       tools only (the primary tool answers everything)  -- tool-only baseline
 * ``vlm``         the VLM alone for every query                     -- VLM-only baseline
 * ``vlm_tools``   the VLM consults the chosen tools for every query -- VLM + tools always
+* ``vlm_tools_mixed``: vlm_tools, sequential ranked as a mixture over the 3 likeliest values of
+  the thought's tool field (``vlm.thought_tool_sets=3``) instead of under the greedy thought
 * ``random`` / ``oracle`` / ``fixed``: routed with that tool choice (paper Table A4)
 * ``routed_8shards`` / ``routed_8shards_2actors``: routed in 8 shards with 1 or 2 router and VLM actors
   (pool scaling); ``routed_8shards_2actors_half_cpu``: 2 + 2 actors reserving 0.5 CPU each
@@ -35,6 +37,7 @@ VARIANTS = {
     "tools": ["score.mode=tools"],
     "vlm": ["score.mode=vlm"],
     "vlm_tools": ["score.mode=vlm_tools"],
+    "vlm_tools_mixed": ["score.mode=vlm_tools", "vlm.thought_tool_sets=3"],
     "random": ["planner.tool_choice=random"],
     "oracle": ["planner.tool_choice=oracle"],
     "fixed": ["planner.tool_choice=fixed"],

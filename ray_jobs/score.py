@@ -370,7 +370,7 @@ def config_hash(cfg: RunConfig) -> str:
     return section_hash({"score": [s.tasks, s.split, s.queries_path, s.max_queries_per_task, s.k, s.mode,
                                    s.shard_rows, s.stage_name], "planner": section_hash(cfg.planner), "seed": cfg.seed,
                          "prompt": [section_hash(cfg.instructions), cfg.vlm.max_history_items,
-                                    cfg.vlm.max_history_photos, cfg.vlm.num_beams]})
+                                    cfg.vlm.max_history_photos, cfg.vlm.num_beams, cfg.vlm.thought_tool_sets]})
 
 
 def _inputs(cfg: RunConfig, store: ArtifactStore) -> dict:

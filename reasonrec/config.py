@@ -431,8 +431,9 @@ def validate(cfg: RunConfig) -> None:
         bad = [b for b in _get(cfg, key) if b not in EH_BUCKETS]
         if bad:
             raise ConfigError(f"config error: key '{key}': unknown bucket(s) {bad}; choose from {EH_BUCKETS}")
-    if cfg.tools.holdout_items < 0:
-        raise ConfigError("config error: key 'tools.holdout_items': must be >= 0")
+    for key in ("tools.holdout_items", "vlm.thought_tool_sets"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"config error: key '{key}': must be >= 0")
     if not 0.0 <= cfg.instructions.hint_fraction <= 1.0:
         raise ConfigError("config error: key 'instructions.hint_fraction': must be in [0, 1]")
     if not 1 <= cfg.planner.max_tools <= 3:

@@ -32,7 +32,7 @@ from reasonrec.context import Catalog, PromptBuilder, UserDirectory
 from reasonrec.metrics import rouge_l_scores
 from reasonrec.data.schemas import INSTRUCTIONS, QUERIES
 from reasonrec.planner import ToolBox
-from reasonrec.prompts.cot import NoisyTools, compose_target, ctr_answer
+from reasonrec.prompts.cot import MAX_THOUGHT_TOOLS, NoisyTools, compose_target, ctr_answer
 from reasonrec.prompts.user_desc import describe_users
 from reasonrec.prompts.templates import TASKS, ToolHint, _splitmix64
 
@@ -287,7 +287,7 @@ def render_batch(labeled: pa.Table, conf: Mapping[str, float], prompts: PromptBu
             st = replace(st, desc=describe_users([st.history], catalog.attrs)[0])
         c = conf.get(f"{task}|{r['eh_bucket']}|{r['len_bin']}", conf.get(task, 0.5))
         all_hints = [ToolHint(h["name"], list(h.get("items") or []), h.get("prob")) for h in json.loads(r["hints"])]
-        shown, tools, corrupted = [], list(r["usable"])[:3], False
+        shown, tools, corrupted = [], list(r["usable"])[:MAX_THOUGHT_TOOLS], False
         if task != "explanation" and all_hints and with_hints[i]:
             if cfg.hint_order == "usable_rate":
                 pos = position.get(task, {})

@@ -243,7 +243,7 @@ class VLMAnswerer:
         return to_scored(routed, answers)
 
     def answer(self, task: str, rows: list[dict], idx: list[int]) -> dict[int, dict]:
-        examples = []
+        examples, shown = [], []
         for r in rows:
             st = self.users.resolve(r["user_id"], r["history"], self.split)
             hints = [ToolHint(h["name"], list(h.get("items") or []), h.get("prob"))
@@ -251,10 +251,11 @@ class VLMAnswerer:
             rendered = self.prompts.render(task, st, r["query_id"], candidates=r.get("candidates") or (),
                                            item_id=r.get("item_id"), rating=r.get("rating"), hints=hints)
             examples.append(self.prompts.example(rendered))
+            shown.append([h.name for h in hints])
         p = self.predictor
         with counted_flops(self.count_flops) as flops:
             if task == "sequential":
-                res = p.rank_catalog(examples, self.trie, k=self.k)
+                res = p.rank_catalog(examples, self.trie, k=self.k, shown_tools=shown)
             elif task == "direct":
                 res = p.score_candidates(examples, [[self.catalog.text[c] for c in r["candidates"]] for r in rows],
                                          [r["candidates"] for r in rows],

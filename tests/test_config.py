@@ -30,6 +30,8 @@ def test_layering_order_and_overrides():
     ("data.ctr_split=[0.5,0.5,0.5]", "data.ctr_split"),
     ("ray.shuffle_partitions=many", "ray.shuffle_partitions"),
     ("finetune.autocast=float16", "finetune.autocast"),
+    ("vlm.thought_tool_sets=-1", "vlm.thought_tool_sets"),
+    ("tools.holdout_items=-2", "tools.holdout_items"),
 ])
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from reasonrec.prompts.cot import (ANSWER_MARKER, NoisyTools, compose_target, format_thought,
-                                   parse_output, split_target)
+                                   parse_output, split_target, tool_alternatives)
 from reasonrec.prompts.templates import (N_TEMPLATES, REQUIRED_SLOTS, TASKS, TEMPLATES, ItemRef,
                                          PromptInputs, RenderOptions, TemplateSampler, ToolHint,
                                          item_text, render_prompt)
@@ -150,6 +150,23 @@ def test_parser_is_robust_to_junk():
     assert parse_output("", "ctr").answer is None
     c = parse_output("Confidence: 7.5 Answer: no", "ctr")
     assert c.thought.confidence == pytest.approx(0.075) and c.answer == "no"
+
+
+def test_tool_alternatives_are_the_thoughts_training_writes():
+    written = format_thought("sequential", 0.62, "high", 0.97, ["lightsans"]) + "\n" + ANSWER_MARKER
+    alts = tool_alternatives(written, ["sasrec", "lightsans", "lightgcn"])
+    # none, 3 singles, 3 pairs, the triple; each exactly the thought the instruction builder would
+    # write for that usable set (tools in name order), with the written confidence kept
+    sets = [[]] + [[t] for t in ("lightgcn", "lightsans", "sasrec")] + [
+        ["lightgcn", "lightsans"], ["lightgcn", "sasrec"], ["lightsans", "sasrec"], ["lightgcn", "lightsans", "sasrec"]]
+    assert [full for _, full in alts] == [
+        split_target(compose_target("sequential", "x", 0.62, "high", 0.97, s))[0] for s in sets]
+    for (head, full), s in zip(alts, sets):
+        assert full.startswith(head) and head.endswith(";") and parse_output(full, "sequential").thought.tools == s
+    assert len({head for head, _ in alts}) == 8
+    # more shown tools than a thought names: subsets stop at three names
+    assert len(tool_alternatives(written, ["a", "b", "c", "d"])) == 1 + 4 + 6 + 4
+    assert tool_alternatives(written, []) == [] and tool_alternatives("Confidence: 0.5", ["sasrec"]) == []
 
 
 def test_noisy_tools_fraction_and_corruption():

@@ -62,13 +62,14 @@ class _Counting:
     """The real predictor, counting the examples each call receives."""
 
     def __init__(self, inner):
-        self.inner, self.tok, self.seen = inner, inner.tok, 0
+        self.inner, self.tok, self.seen, self.shown = inner, inner.tok, 0, []
 
     def __getattr__(self, name):
         fn = getattr(self.inner, name)
 
         def counted(examples, *a, **kw):
             self.seen += len(examples)
+            self.shown += kw.get("shown_tools") or []
             return fn(examples, *a, **kw)
         return counted
 
@@ -94,6 +95,10 @@ def test_vlm_sees_only_medium_and_high_risk_and_batch_equals_serial(tiny_run):
     routes = routed.column("route").to_pylist()
     assert vlm.predictor.seen == sum(r in ("medium", "high") for r in routes) > 0
     assert vlm.predictor.seen < len(routes)
+    # The ranking is told which tools each prompt shows: the high-risk rows' consulted tools.
+    seq = [r for r in routed.to_pylist() if r["task"] == "sequential" and r["route"] in ("medium", "high")]
+    assert vlm.predictor.shown == [r["tools_used"] if r["route"] == "high" else [] for r in seq]
+    assert any(vlm.predictor.shown)
     # Serial: one query at a time through both steps gives the same decisions and answers.
     router1, vlm1 = _router_and_vlm(cfg, store, batch_size=1)
     serial = pa.concat_tables([vlm1(router1(queries.slice(i, 1))) for i in range(queries.num_rows)])

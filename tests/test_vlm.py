@@ -5,13 +5,14 @@ import io
 import math
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from reasonrec.prompts.cot import ANSWER_MARKER, compose_target
+from reasonrec.prompts.cot import ANSWER_MARKER, compose_target, parse_output
 from reasonrec.prompts.templates import ItemRef, PromptInputs, RenderOptions, render_prompt
 from reasonrec.vlm.builder import (IMAGE_TOKEN, ModelUnavailableError, build_vlm, load_adapter, locate_gguf,
                                    save_adapter, trainable_parameters)
@@ -275,6 +276,56 @@ def test_infer_rank_score_ctr_explain(tiny):
 
     expl = pred.explain(exs, thoughts=[given] * 2, max_new_tokens=6)
     assert all(isinstance(e.text, str) and 0.0 <= e.conf_token <= 1.0 for e in expl)
+
+
+def test_ranking_mixes_over_the_thoughts_tool_field(tiny):
+    pred = VLMPredictor(tiny)
+    ex = {k: v for k, v in _example(user=3).items() if k != "target"}
+    thought = "EH: high (0.80); Tools: sasrec; Confidence: 0.64\n" + ANSWER_MARKER
+    shown = ["sasrec", "lightsans"]
+    post = pred.tool_field_posterior(ex, thought, shown)
+    probs = [p for _, p in post]
+    assert len(post) == 4 and sum(probs) == pytest.approx(1.0) and probs == sorted(probs, reverse=True)
+    assert {tuple(parse_output(t, "sequential").thought.tools) for t, _ in post} == {
+        (), ("lightsans",), ("sasrec",), ("lightsans", "sasrec")}
+    assert all(t.endswith("Confidence: 0.64\n" + ANSWER_MARKER) for t, _ in post)
+
+    # Each value's probability is what a training forward pass gives the same tokens: the field
+    # is scored as the collator tokenizes a target (the thought whole), up to its ';'.
+    col = VLMCollator(tiny)
+    def field_logprob(full_thought):
+        enc = col.encode({**ex, "target": full_thought + " x"})
+        head = full_thought[: full_thought.index("Confidence")].rstrip(" ")
+        n_head = len(tiny.tokenizer(head, add_special_tokens=False)["input_ids"])
+        start = enc.labels.index(next(t for t in enc.labels if t != -100))
+        assert enc.input_ids[start: start + n_head] == tiny.tokenizer(head, add_special_tokens=False)["input_ids"]
+        batch = col.batch([enc])
+        with torch.no_grad():
+            logits = tiny.base_model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        return sum(float(lp[j - 1, enc.input_ids[j]]) for j in range(start, start + n_head))
+    ref = np.array([field_logprob(t) for t, _ in post])
+    assert np.allclose(np.exp(ref - ref.max()) / np.exp(ref - ref.max()).sum(), probs, atol=1e-4)
+
+    trie = ItemTrie(tiny.tokenizer, TITLES, item_ids=IDS)
+    greedy = pred.rank_catalog([ex], trie, k=4, thoughts=[thought], shown_tools=[shown])[0]   # N = 0
+    assert greedy.items == pred.rank_catalog([ex], trie, k=4, thoughts=[thought])[0].items
+    pred.cfg = replace(pred.cfg, thought_tool_sets=1)
+    one = pred.rank_catalog([ex], trie, k=4, thoughts=[thought], shown_tools=[shown])[0]
+    under_top = pred.rank_catalog([ex], trie, k=4, thoughts=[post[0][0]])[0]
+    assert one.items == under_top.items and np.allclose(one.scores, under_top.scores, atol=1e-5)
+    assert one.thought_text == thought            # the written thought is what is reported
+    assert pred.rank_catalog([ex], trie, k=4, thoughts=[thought], shown_tools=[[]])[0].items == greedy.items
+
+    pred.cfg = replace(pred.cfg, thought_tool_sets=3)
+    mixed = pred.rank_catalog([ex], trie, k=4, thoughts=[thought], shown_tools=[shown])[0]
+    mass = sum(probs[:3])
+    parts = [(math.log(p / mass), pred.rank_catalog([ex], trie, k=4, thoughts=[t])[0]) for t, p in post[:3]]
+    for item, score in zip(mixed.items, mixed.scores):
+        terms = [w + dict(zip(o.items, o.scores))[item] for w, o in parts if item in o.items]
+        assert score == pytest.approx(float(np.logaddexp.reduce(terms)), abs=1e-5)
+    assert mixed.scores == sorted(mixed.scores, reverse=True) and len(mixed.items) == 4
+    assert set(mixed.items) <= set().union(*(o.items for _, o in parts))
 
 
 def test_expected_calibration_error():

@@ -17,6 +17,7 @@ tool, so the model learns to overrule tools instead of copying them.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field, replace
 from typing import Sequence
@@ -28,6 +29,7 @@ from reasonrec.prompts.templates import TASKS, ToolHint, _splitmix64
 ANSWER_MARKER = "Answer:"
 EH_BUCKETS = ("low", "medium", "high")
 NO_TOOLS = "none"
+MAX_THOUGHT_TOOLS = 3    # a thought names at most this many usable tools
 
 
 @dataclass
@@ -57,8 +59,26 @@ def format_thought(task: str, confidence: float, eh_bucket: str | None = None,
     if task == "explanation":
         return conf
     eh = f"EH: {eh_bucket or 'unknown'}" + (f" ({eh_value:.2f})" if eh_value is not None else "")
-    tool_text = "/".join(t.replace("/", "_").replace(";", "_") for t in tools) or NO_TOOLS
-    return f"{eh}; Tools: {tool_text}; {conf}"
+    return f"{eh}; {_tools_field(tools)}; {conf}"
+
+
+def _tools_field(tools: Sequence[str]) -> str:
+    return "Tools: " + ("/".join(t.replace("/", "_").replace(";", "_") for t in tools) or NO_TOOLS)
+
+
+def tool_alternatives(thought: str, shown: Sequence[str]) -> list[tuple[str, str]]:
+    """Every value a written thought's ``Tools:`` field can take when ``shown`` tools are in the
+    prompt: 'none', then each subset of up to MAX_THOUGHT_TOOLS of them, names in name order (the
+    toolbox's order, which the instruction builder keeps). Per value: (the thought up to and including that field and its
+    ';', the whole thought with that value). Empty when the thought has no such field."""
+    m = _TOOLS_FIELD_RE.search(thought)
+    names = sorted(set(shown))
+    if m is None or not names:
+        return []
+    head, tail = thought[: m.start()], thought[m.end():]
+    fields = [_tools_field(c) for n in range(min(len(names), MAX_THOUGHT_TOOLS) + 1)
+              for c in itertools.combinations(names, n)]
+    return [(f"{head}{f};", f"{head}{f}{tail}") for f in fields]
 
 
 def compose_target(task: str, answer: str, confidence: float, eh_bucket: str | None = None,
@@ -81,6 +101,7 @@ def split_target(target: str) -> tuple[str, str]:
 
 _EH_RE = re.compile(r"EH\s*[:=]\s*(low|medium|high)\b\s*(?:\(\s*([01](?:\.\d+)?|\.\d+)\s*\))?", re.I)
 _TOOLS_RE = re.compile(r"Tools?\s*[:=]\s*([^;\n]*)", re.I)
+_TOOLS_FIELD_RE = re.compile(r"Tools?\s*[:=][^;\n]*", re.I)
 _CONF_RE = re.compile(r"Confidence\s*[:=]\s*([-+]?\d*\.?\d+)(\s*%)?", re.I)
 _ANSWER_RE = re.compile(r"Answer\s*:", re.I)
 _STOP_RE = re.compile(r"<\|im_end\|>|<\|endoftext\|>|</s>|<STOP>", re.I)

@@ -98,5 +98,11 @@ class VLMConfig:
     max_thought_tokens: int = 40
     max_explanation_tokens: int = 64
     num_beams: int = 20
+    # Sequential ranking when tools are shown: 0 ranks under the greedy thought (the paper). N > 0
+    # ranks under each of the N likeliest values of the thought's ``Tools:`` field ('none' or a
+    # subset of the shown tools) and mixes the item probabilities by those values' probabilities:
+    # the field is trained on which tools hold the truth, so one greedy value commits the answer to,
+    # e.g., the intersection of three tools' lists. Costs N beam searches per query.
+    thought_tool_sets: int = 0
 
     lora: LoRAConfig = field(default_factory=LoRAConfig)

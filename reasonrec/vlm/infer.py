@@ -12,7 +12,8 @@ verbalised confidence, then produces the answer after that thought:
   once per row and its KV cache copied to the beams (not re-encoded per beam). The trie processor also
   renormalises each step over the allowed tokens, so a beam's summed log-prob is the model's
   probability of that item *within the catalog*; the top beam's probability is the token-level
-  confidence.
+  confidence. With ``thought_tool_sets`` = N > 0 and tools shown, the items' probabilities are
+  mixed over the N likeliest values of the thought's ``Tools:`` field (N beam searches).
 * direct: log-likelihood of each given candidate's text as the answer (prompt prefilled once,
   KV cache shared by chunks of candidates); softmax over candidates -> confidence.
 * ctr: P(yes) = softmax over the " yes" / " no" answer tokens; confidence max(p, 1 - p).
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from reasonrec.prompts.cot import ANSWER_MARKER, Thought, parse_output
+from reasonrec.prompts.cot import ANSWER_MARKER, Thought, parse_output, tool_alternatives
 from reasonrec.vlm.builder import VLMBundle
 from reasonrec.vlm.collate import VLMCollator
 
@@ -222,11 +223,70 @@ class VLMPredictor:
 
     # --------------------------------------------------------------------------- tasks
     @torch.no_grad()
+    def tool_field_posterior(self, example: Mapping[str, Any], thought: str,
+                             shown: Sequence[str]) -> list[tuple[str, float]]:
+        """The thought under each value its ``Tools:`` field can take with ``shown`` tools in the
+        prompt, and the model's probability of that value given the prompt and the thought before
+        it, normalised over the values; likeliest first. The rest of the thought (the confidence) is
+        kept as written. ``[(thought, 1.0)]`` when no tool is shown or the thought has no field."""
+        alts = tool_alternatives(thought, shown)
+        if not alts:
+            return [(thought, 1.0)]
+        # The thought is tokenized whole, as in training; its shared head cancels in the softmax.
+        conts = [self.tok(head, add_special_tokens=False)["input_ids"] for head, _ in alts]
+        lp = self._continuation_logprobs(example, "", conts, len(conts))
+        p = np.exp(lp - lp.max())
+        p /= p.sum()
+        return [(alts[j][1], float(p[j])) for j in np.argsort(-p, kind="stable")]
+
+    @torch.no_grad()
     def rank_catalog(self, examples: Sequence[Mapping[str, Any]], trie: ItemTrie, k: int = 10,
-                     thoughts: Sequence[str] | None = None) -> list[VLMOutput]:
-        """Sequential recommendation: top-``k`` items of the whole catalog per example."""
+                     thoughts: Sequence[str] | None = None,
+                     shown_tools: Sequence[Sequence[str]] | None = None) -> list[VLMOutput]:
+        """Sequential recommendation: top-``k`` items of the whole catalog per example.
+        ``shown_tools`` (the tools whose answers each prompt shows) with ``thought_tool_sets`` = N > 0:
+        the items' probabilities are mixed over the N likeliest values of the thought's tool field
+        (weights renormalised over those N) instead of taken under the greedy thought alone."""
         t0 = time.perf_counter()
         thoughts = self._with_thoughts(examples, thoughts)
+        top = self.cfg.thought_tool_sets
+        if top > 0 and shown_tools is not None and any(shown_tools):
+            ranked = self._mixed_items(examples, trie, k, thoughts, shown_tools, top)
+        else:
+            ranked = self._beam_items(examples, trie, k, thoughts)
+        results, ms = [], (time.perf_counter() - t0) * 1000 / len(examples)
+        for thought, (items, item_scores) in zip(thoughts, ranked):
+            th = self._verbal(thought, "sequential")
+            results.append(VLMOutput("sequential", items=items, scores=item_scores,
+                                     conf_verbal=th.confidence, thought=th, thought_text=thought,
+                                     conf_token=float(min(max(math.exp(item_scores[0]), 0.0), 1.0)) if items else 0.0,
+                                     latency_ms=ms))
+        return results
+
+    def _mixed_items(self, examples, trie, k, thoughts, shown_tools, top) -> list[tuple[list[int], list[float]]]:
+        rows, owner, log_w = [], [], []
+        for i, (ex, thought, shown) in enumerate(zip(examples, thoughts, shown_tools)):
+            post = self.tool_field_posterior(ex, thought, shown)[:top]
+            mass = sum(p for _, p in post)
+            for alt, p in post:
+                rows.append(alt)
+                owner.append(i)
+                log_w.append(math.log(max(p / mass, 1e-300)))
+        scores: list[dict[int, float]] = [{} for _ in examples]
+        ranked = self._beam_items([examples[i] for i in owner], trie, k, rows)
+        # An item outside one thought's beams gets no probability from that thought (a lower bound).
+        for i, w, (items, item_scores) in zip(owner, log_w, ranked):
+            for iid, s in zip(items, item_scores):
+                scores[i][iid] = float(np.logaddexp(scores[i].get(iid, -np.inf), w + s))
+        out = []
+        for sc in scores:
+            items = sorted(sc, key=lambda it: -sc[it])[:k]
+            out.append((items, [sc[it] for it in items]))
+        return out
+
+    def _beam_items(self, examples, trie, k, thoughts) -> list[tuple[list[int], list[float]]]:
+        """Constrained beam search over the catalog trie after each (prompt + thought): the top-``k``
+        items and their log-probabilities within the catalog."""
         beams = max(self.cfg.num_beams, k)
         batch = self._prompts(examples, thoughts)
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -245,8 +305,8 @@ class VLMPredictor:
             early_stopping=True, logits_processor=LogitsProcessorList([proc]), return_dict_in_generate=True,
             output_scores=True, **self._gen_kwargs())
         seqs, scores = out.sequences[:, ids.shape[1]:], out.sequences_scores
-        results, ms = [], (time.perf_counter() - t0) * 1000 / len(examples)
-        for i, thought in enumerate(thoughts):
+        ranked = []
+        for i in range(len(examples)):
             items, item_scores = [], []
             for j in range(i * beams, (i + 1) * beams):
                 if not float(scores[j]) > -1e8:   # filler beams (fewer live paths than beams)
@@ -256,14 +316,8 @@ class VLMPredictor:
                         items.append(iid)
                         item_scores.append(float(scores[j]) + trie.log_share[iid])
             order = np.argsort(-np.asarray(item_scores), kind="stable")[:k]
-            items = [items[o] for o in order]
-            item_scores = [item_scores[o] for o in order]
-            th = self._verbal(thought, "sequential")
-            results.append(VLMOutput("sequential", items=items, scores=item_scores,
-                                     conf_verbal=th.confidence, thought=th, thought_text=thought,
-                                     conf_token=float(min(max(math.exp(item_scores[0]), 0.0), 1.0)) if items else 0.0,
-                                     latency_ms=ms))
-        return results
+            ranked.append(([items[o] for o in order], [item_scores[o] for o in order]))
+        return ranked
 
     @torch.no_grad()
     def _continuation_logprobs(self, example, prefix: str, continuations: list[list[int]], chunk: int) -> np.ndarray:

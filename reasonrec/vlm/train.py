@@ -350,6 +350,6 @@ def training_config(vlm_cfg: VLMConfig) -> dict:
     """The VLM settings that shape training (inference-only and cache settings left out), for
     the stage's config hash: changing beam width must not retrain the adapter."""
     d = asdict(vlm_cfg)
-    for k in ("num_beams", "max_thought_tokens", "max_explanation_tokens", "cache_dir", "local_files_only"):
+    for k in ("num_beams", "thought_tool_sets", "max_thought_tokens", "max_explanation_tokens", "cache_dir", "local_files_only"):
         d.pop(k)
     return d
