@@ -74,13 +74,14 @@ class _Counting:
         return counted
 
 
-def _router_and_vlm(cfg, store, batch_size):
+def _router_and_vlm(cfg, store, batch_size, mode="routed"):
     torch.manual_seed(0)
     ic = cfg.instructions
     catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
                                            TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
                                            ic.prompt_candidates)
-    router = Router(load_toolbox(store), load_planners(store, cfg.planner), users, catalog, cfg.planner, cfg.score.k)
+    router = Router(load_toolbox(store), load_planners(store, cfg.planner), users, catalog, cfg.planner, cfg.score.k,
+                    mode)
     vlm = VLMAnswerer(_Counting(VLMPredictor(load_finetuned(store, cfg.vlm))), prompts, users, catalog,
                       cfg.score.k, batch_size=batch_size)
     return router, vlm
@@ -95,10 +96,6 @@ def test_vlm_sees_only_medium_and_high_risk_and_batch_equals_serial(tiny_run):
     routes = routed.column("route").to_pylist()
     assert vlm.predictor.seen == sum(r in ("medium", "high") for r in routes) > 0
     assert vlm.predictor.seen < len(routes)
-    # The ranking is told which tools each prompt shows: the high-risk rows' consulted tools.
-    seq = [r for r in routed.to_pylist() if r["task"] == "sequential" and r["route"] in ("medium", "high")]
-    assert vlm.predictor.shown == [r["tools_used"] if r["route"] == "high" else [] for r in seq]
-    assert any(vlm.predictor.shown)
     # Serial: one query at a time through both steps gives the same decisions and answers.
     router1, vlm1 = _router_and_vlm(cfg, store, batch_size=1)
     serial = pa.concat_tables([vlm1(router1(queries.slice(i, 1))) for i in range(queries.num_rows)])
@@ -111,6 +108,19 @@ def test_vlm_sees_only_medium_and_high_risk_and_batch_equals_serial(tiny_run):
     for a in out.to_pylist():
         assert (a["route"], a["tools_used"], a["items"]) == (job[a["query_id"]]["route"], job[a["query_id"]]["tools_used"],
                                                             job[a["query_id"]]["items"])
+
+
+def test_ranking_is_told_which_tools_each_prompt_shows(tiny_run):
+    cfg, store = tiny_run
+    queries = store.read_table("score", "queries")
+    queries = queries.filter(pc.equal(queries.column("task"), "sequential"))
+    router, vlm = _router_and_vlm(cfg, store, batch_size=4, mode="vlm_tools")
+    routed = router(queries)
+    vlm(routed)
+    # vlm_tools: every query consults tools; the ranking gets the tools whose answers its prompt
+    # shows (the thought's tool field ranges over them under vlm.thought_tool_sets)
+    assert routed.column("route").to_pylist() == ["high"] * queries.num_rows
+    assert vlm.predictor.shown == routed.column("tools_used").to_pylist() and all(vlm.predictor.shown)
 
 
 def _query_file(tmp_path, rows):
