@@ -5,6 +5,7 @@ import math
 
 import pyarrow as pa
 
+from bench.cold_queries import coldest
 from bench.vlm_vs_tools import comparison, paired, paired_by_group, stage_hits, text_agreement
 
 
@@ -80,3 +81,15 @@ def test_text_agreement_compares_the_vlm_and_the_first_tool_by_item_text():
                    "only_tool_text_not_in_top_2k": 1}
     two = text_agreement(preds, queries, text, k=2)   # "red bag" shared by both queries' top 2
     assert two["mean_shared_texts"] == 1.0 and two["text_hit_item_miss"] == 1 and two["only_tool"] == 2
+
+
+def test_cold_queries_keep_the_coldest_users_of_each_task():
+    # 20 users; user u has 20 - u training items: the highest ids are the coldest
+    users = pa.table({"user_id": list(range(20)), "n_train": [20 - u for u in range(20)], "eh_bucket": ["high"] * 20})
+    seq = list(range(20))              # every user: groups of 2, groups 1-3 = the 6 coldest
+    direct = list(range(0, 20, 2))     # 10 users: groups of 1, computed over these users only
+    q = pa.table({"query_id": list(range(30)), "task": ["sequential"] * 20 + ["direct"] * 10,
+                  "user_id": seq + direct})
+    out = coldest(q, users)
+    got = {(t, u) for t, u in zip(out.column("task").to_pylist(), out.column("user_id").to_pylist())}
+    assert got == {("sequential", u) for u in range(14, 20)} | {("direct", u) for u in (14, 16, 18)}

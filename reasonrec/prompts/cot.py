@@ -69,8 +69,9 @@ def _tools_field(tools: Sequence[str]) -> str:
 def tool_alternatives(thought: str, shown: Sequence[str]) -> list[tuple[str, str]]:
     """Every value a written thought's ``Tools:`` field can take when ``shown`` tools are in the
     prompt: 'none', then each subset of up to MAX_THOUGHT_TOOLS of them, names in name order (the
-    toolbox's order, which the instruction builder keeps). Per value: (the thought up to and including that field and its
-    ';', the whole thought with that value). Empty when the thought has no such field."""
+    toolbox's order, which the instruction builder keeps). Per value: (the thought up to and
+    including that field and its ';', the whole thought with that value). Empty when the thought
+    has no such field."""
     m = _TOOLS_FIELD_RE.search(thought)
     names = sorted(set(shown))
     if m is None or not names:

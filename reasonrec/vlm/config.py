@@ -102,7 +102,8 @@ class VLMConfig:
     # ranks under each of the N likeliest values of the thought's ``Tools:`` field ('none' or a
     # subset of the shown tools) and mixes the item probabilities by those values' probabilities:
     # the field is trained on which tools hold the truth, so one greedy value commits the answer to,
-    # e.g., the intersection of three tools' lists. Costs N beam searches per query.
+    # e.g., the intersection of three tools' lists. Costs N beam searches per query. An ablation:
+    # no better than the greedy thought on the synthetic world's coldest users (RESULTS.md).
     thought_tool_sets: int = 0
 
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -1,0 +1,52 @@
+"""Write a run's test queries of its coldest users (cold-start groups 1-3 over all test users of
+the task: the rule of ``ray_jobs.evaluate``) to a Parquet query file, so that a costly scoring
+variant can be measured on exactly the users item 9 asks about (``score.queries_path=OUT``):
+
+    python -m bench.cold_queries --config configs/quickstart.yaml --out /tmp/coldest.parquet [key=value ...]
+
+``bench.vlm_vs_tools --stage ... score.queries_path=OUT`` then pairs those users against every
+tool in its ``all`` rows (its ``cs:coldest`` rows are the coldest *of* them).
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ray_jobs import evaluate
+from ray_jobs.score import score_queries
+from reasonrec.config import load_config
+from reasonrec.io import ArtifactStore
+from reasonrec.metrics import COLD_START_AGGREGATES
+
+
+def coldest(queries: pa.Table, users: pa.Table) -> pa.Table:
+    """The queries of the coldest users, task by task (groups are computed per task)."""
+    parts = []
+    for task in sorted(set(queries.column("task").to_pylist())):
+        q = queries.filter(pc.equal(queries.column("task"), task))
+        _, groups = evaluate.segments(users, np.array(q.column("user_id").to_pylist(), np.int64))
+        parts.append(q.filter(pa.array(np.isin(groups, COLD_START_AGGREGATES["coldest"]))))
+    return pa.concat_tables(parts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--out", required=True, help="Parquet query file to write (local path)")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    cfg = load_config(a.config, list(a.overrides))
+    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
+    queries = score_queries(cfg, store)
+    out = coldest(queries, users)
+    pq.write_table(out, a.out)
+    print(f"wrote {out.num_rows} of {queries.num_rows} queries (the coldest users' of each task) to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
