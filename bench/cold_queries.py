@@ -4,8 +4,8 @@ variant can be measured on exactly the users item 9 asks about (``score.queries_
 
     python -m bench.cold_queries --config configs/quickstart.yaml --out /tmp/coldest.parquet [key=value ...]
 
-``bench.vlm_vs_tools --stage ... score.queries_path=OUT`` then pairs those users against every
-tool in its ``all`` rows (its ``cs:coldest`` rows are the coldest *of* them).
+``bench.vlm_vs_tools --stage <that variant's stage>`` then pairs those users against every tool
+in its ``all`` rows (its ``cs:coldest`` rows are the coldest *of* them).
 """
 from __future__ import annotations
 
