@@ -297,7 +297,7 @@ def test_ranking_mixes_over_the_thoughts_tool_field(tiny):
         enc = col.encode({**ex, "target": full_thought + " x"})
         head = full_thought[: full_thought.index("Confidence")].rstrip(" ")
         n_head = len(tiny.tokenizer(head, add_special_tokens=False)["input_ids"])
-        start = enc.labels.index(next(t for t in enc.labels if t != -100))
+        start = next(j for j, t in enumerate(enc.labels) if t != -100)   # first target token
         assert enc.input_ids[start: start + n_head] == tiny.tokenizer(head, add_special_tokens=False)["input_ids"]
         batch = col.batch([enc])
         with torch.no_grad():
