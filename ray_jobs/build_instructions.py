@@ -62,14 +62,14 @@ class _Labeler(_Context):
 
 
 class _Renderer(_Context):
-    def __init__(self, cfg: RunConfig, conf: dict, tool_rank: dict):
+    def __init__(self, cfg: RunConfig, conf: dict, tool_rank: dict, hint_keep: dict):
         super().__init__(cfg, with_tools=False)
-        self.conf, self.tool_rank = conf, tool_rank
+        self.conf, self.tool_rank, self.hint_keep = conf, tool_rank, hint_keep
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from reasonrec.instructions import render_batch
         return render_batch(batch, self.conf, self.prompts, self.users, self.catalog, self.cfg.instructions,
-                            self.tool_rank)
+                            self.tool_rank, self.hint_keep)
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -91,7 +91,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     ray = init_ray(cfg.ray)
     from ray.data import ActorPoolStrategy
 
-    from reasonrec.instructions import confidence_table, prepared_queries, tool_ranking
+    from reasonrec.instructions import confidence_table, hint_keep_rates, prepared_queries, tool_ranking
 
     ic = cfg.instructions
     n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
@@ -119,7 +119,12 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     fit = fit if fit.num_rows else stats
     conf = confidence_table(*(fit.column(c).to_pylist() for c in ("task", "eh_bucket", "len_bin", "ref_right")))
     tool_rank = tool_ranking(fit.column("task").to_pylist(), fit.column("usable").to_pylist())
-    examples = labeled.map_batches(_Renderer, fn_constructor_kwargs={"cfg": cfg, "conf": conf, "tool_rank": tool_rank},
+    hint_keep = hint_keep_rates(*(stats.column(c).to_pylist() for c in ("task", "split", "usable")))
+    if ic.hint_calibration:
+        log.info("instructions: hint calibration keeps these shares of each tool's right training answers: %s",
+                 {t: {n: round(k, 3) for n, k in v.items()} for t, v in hint_keep.items()})
+    examples = labeled.map_batches(_Renderer, fn_constructor_kwargs={"cfg": cfg, "conf": conf, "tool_rank": tool_rank,
+                                                                     "hint_keep": hint_keep},
                                    batch_format="pyarrow", batch_size=cfg.score.tool_batch_size, compute=pool)
     with store.stage_writer(STAGE, chash, inputs) as w:
         rows = write_dataset(examples, w, store, "examples", INSTRUCTIONS)
@@ -127,9 +132,10 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         for t, s in zip(stats.column("task").to_pylist(), stats.column("split").to_pylist()):
             counts[f"{t}/{s}"] = counts.get(f"{t}/{s}", 0) + 1
         summary = {"examples": rows, "by_task_split": counts, "hints_holdout_items": holdout, "confidence_table": conf,
-                   "tool_ranking": tool_rank, "seconds": round(time.time() - t0, 1)}
+                   "tool_ranking": tool_rank, "hint_keep": hint_keep, "seconds": round(time.time() - t0, 1)}
         w.write_json("summary.json", summary)
-        w.manifest.metrics = {k: v for k, v in summary.items() if k not in ("confidence_table", "tool_ranking")}
+        w.manifest.metrics = {k: v for k, v in summary.items()
+                              if k not in ("confidence_table", "tool_ranking", "hint_keep")}
     return summary
 
 

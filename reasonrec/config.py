@@ -179,6 +179,10 @@ class InstructionsConfig:
     # the VLM still scores every candidate by answer likelihood.
     prompt_candidates: int = 20
     noisy_tools_fraction: float = 0.1  # examples whose tool hints are replaced by wrong ones
+    # Make each ranking tool's training hints as reliable as its answers on validation rows (the
+    # tools answer training prefixes in-sample): a share of its right answers is shown with the
+    # truth ranked out of its list (instructions.hint_keep_rates).
+    hint_calibration: bool = False
     template_mixture: bool = True    # False: every example uses template ``single_template``
     single_template: int = 0
     # Cap per (task, split) so a CPU budget stays bounded; 0 = all. Sampled by hash, not head().

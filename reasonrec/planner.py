@@ -57,13 +57,13 @@ class ToolAnswers:
             return (self.prob[name] >= 0.5) == (np.asarray(truth) > 0)
         return (self.items[name][:, :k] == np.asarray(truth)[:, None]).any(1)
 
-    def hint(self, name: str, row: int, item_text: Sequence[str]) -> ToolHint:
+    def hint(self, name: str, row: int, item_text: Sequence[str], n: int = N_HINT_ITEMS) -> ToolHint:
         if self.task == "ctr":
             return ToolHint(name, prob=float(self.prob[name][row]))
         # Distinct texts: items that share a title are one answer to the VLM, and repeating it would
         # crowd the tool's other suggestions out of the hint.
         texts = dict.fromkeys(item_text[int(i)] for i in self.items[name][row])
-        return ToolHint(name, items=list(texts)[:N_HINT_ITEMS])
+        return ToolHint(name, items=list(texts)[:n])
 
 
 class ToolBox:

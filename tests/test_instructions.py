@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from reasonrec.context import load_context
-from reasonrec.instructions import (confidence_table, label_batch, prefix_position, prepared_queries, render_batch,
-                                    tool_ranking)
+from reasonrec.instructions import (confidence_table, hint_keep_rates, label_batch, prefix_position, prepared_queries,
+                                    render_batch, tool_ranking)
 from reasonrec.planner import ToolBox, load_toolbox
 from reasonrec.prompts.cot import parse_output
 from reasonrec.prompts.templates import DEFAULT_IMAGE_TOKEN, TemplateSampler
@@ -135,6 +135,65 @@ def test_hint_fraction_and_usable_rate_order_choose_the_shown_tools(tiny_run):
     assert not any("Tool hints" in e["prompt"] for e in none)
     half = render_batch(labeled, conf, prompts, users, catalog, ic).to_pylist()     # default: random, ~half
     assert 0 < sum("Tool hints" in e["prompt"] for e in half) < len(half)
+
+
+def test_hint_keep_rates_bring_each_tools_training_rate_to_its_validation_rate():
+    keep = hint_keep_rates(["sequential"] * 6 + ["ctr"] * 2 + ["direct"],
+                           ["train"] * 4 + ["valid"] * 2 + ["train", "valid", "train"],
+                           [["a", "b"], ["a"], ["a"], ["a"], ["a", "b"], [], ["x"], [], ["a"]])
+    # a: right on 4 of 4 training rows, 1 of 2 validation rows; b: 1/4 vs 1/2 (not raised);
+    # direct has no validation rows (nothing to match); CTR is not a ranking task.
+    assert keep == {"sequential": {"a": 0.5, "b": 1.0}, "direct": {"a": 1.0}}
+
+
+def test_hint_calibration_ranks_the_truth_out_of_a_share_of_right_training_hints(tiny_run):
+    cfg, store = tiny_run
+    tables = _tables(store)
+    n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
+    ic = cfg.instructions
+    catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
+                                           TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
+                                           ic.prompt_candidates)
+    toolbox = load_toolbox(store)
+    labeled = label_batch(prepared_queries(tables, "sequential", "train", n_items, prefixes=3), "train", toolbox,
+                          users, catalog, ic)
+    stats = labeled.to_pydict()
+    conf = confidence_table(stats["task"], stats["eh_bucket"], stats["len_bin"], stats["ref_right"])
+    rank = {"sequential": toolbox.names("sequential")}
+    shown = rank["sequential"][: ic.max_tool_hints]
+    every = replace(ic, hint_fraction=1.0, hint_order="usable_rate", noisy_tools_fraction=0.0)
+    calib = replace(every, hint_calibration=True)
+    with pytest.raises(ValueError, match="hint_calibration"):
+        render_batch(labeled, conf, prompts, users, catalog, calib, rank)
+    plain = render_batch(labeled, conf, prompts, users, catalog, every, rank).to_pylist()
+    keep_all = {"sequential": {n: 1.0 for n in shown}}
+    assert render_batch(labeled, conf, prompts, users, catalog, calib, rank, keep_all).to_pylist() == plain
+    half = render_batch(labeled, conf, prompts, users, catalog, calib, rank,
+                        {"sequential": {n: 0.5 for n in shown}}).to_pylist()
+    kept = demoted = 0
+    for r, p, h in zip(labeled.to_pylist(), plain, half):
+        truth = catalog.text[r["target"]]
+        before = parse_output(p["target"], "sequential").thought.tools
+        after = parse_output(h["target"], "sequential").thought.tools
+        assert set(after) <= set(before)
+        for hint in json.loads(r["hints"]):
+            if hint["name"] not in before:
+                assert f"{hint['name']} suggests {'; '.join(hint['items'][:5])}" in h["prompt"]
+            elif hint["name"] in after:
+                kept += 1
+                assert f"{hint['name']} suggests {'; '.join(hint['items'][:5])}" in h["prompt"]
+            else:
+                # Shown as if the tool had ranked the truth lower: its next text takes the place.
+                demoted += 1
+                rest = [t for t in hint["items"] if t != truth][:5]
+                assert f"{hint['name']} suggests {'; '.join(rest)}." in h["prompt"], (truth, h["prompt"])
+    assert kept + demoted >= 20 and 0.25 <= demoted / (kept + demoted) <= 0.75, (kept, demoted)
+    # Validation rows are the tools' out-of-sample answers: never changed.
+    valid = label_batch(prepared_queries(tables, "sequential", "valid", n_items).slice(0, 16), "valid", toolbox,
+                        users, catalog, ic)
+    drop_all = {"sequential": {n: 0.0 for n in shown}}
+    assert (render_batch(valid, conf, prompts, users, catalog, calib, rank, drop_all).to_pylist()
+            == render_batch(valid, conf, prompts, users, catalog, every, rank).to_pylist())
 
 
 def test_holdout_tools_give_the_hints_of_held_out_transitions_and_no_others(tiny_run):
