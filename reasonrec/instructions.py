@@ -275,8 +275,9 @@ def hint_keep_rates(task: Sequence[str], split: Sequence[str], usable: Sequence[
     answers learns the wrong trust (stacking uses out-of-fold predictions for this reason). On the
     1,200-user synthetic world LightGCN holds the truth in its top 10 for 85% of users' last
     training items and 53% of their validation items, SASRec for 65% and 60%: trained on raw hints
-    the VLM learns to trust the weakest of the three tools most. ``tools.holdout_items`` removes the bias at the source but leaves few hinted
-    examples; this keeps them all and lowers each tool's in-sample rate to its validation rate."""
+    the VLM learns to trust the weakest of the three tools most. ``tools.holdout_items`` removes
+    the bias at the source but leaves few hinted examples; this keeps them all and lowers each
+    tool's in-sample rate to its validation rate."""
     rows: dict[tuple[str, str], int] = {}
     hits: dict[tuple[str, str, str], int] = {}
     for t, s, names in zip(task, split, usable):

@@ -25,6 +25,13 @@ def _tables(store):
     return {n: store.read_table("prepare", n) for n in ("loo", "direct_candidates", "ctr", "explanation")}
 
 
+def _prompt_context(cfg, store):
+    """(catalog, users, prompt builder) of the run, as the instructions stage loads them."""
+    ic = cfg.instructions
+    return load_context(store, cfg.vlm, cfg.data.eh_thresholds,
+                        TemplateSampler(ic.template_mixture, ic.single_template, ic.seed), ic.prompt_candidates)
+
+
 def test_stage_tags_phase_confidence_tools_and_photos(tiny_run):
     cfg, store = tiny_run
     ex = store.read_table("instructions", "examples").to_pylist()
@@ -80,9 +87,7 @@ def test_train_prefixes_predict_each_earlier_item_from_the_items_before_it(tiny_
 
     # Both passes use the prefix, not the user's full history.
     ic = cfg.instructions
-    catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
-                                           TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
-                                           ic.prompt_candidates)
+    catalog, users, prompts = _prompt_context(cfg, store)
     rows = pa.Table.from_pylist(extra[:8], schema=aug.schema)
     labeled = label_batch(rows, "train", load_toolbox(store), users, catalog, ic)
     assert labeled.column("history").to_pylist() == [r["history"] for r in extra[:8]]
@@ -112,9 +117,7 @@ def test_hint_fraction_and_usable_rate_order_choose_the_shown_tools(tiny_run):
     tables = _tables(store)
     n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
     ic = cfg.instructions
-    catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
-                                           TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
-                                           ic.prompt_candidates)
+    catalog, users, prompts = _prompt_context(cfg, store)
     queries = prepared_queries(tables, "sequential", "train", n_items).slice(0, 24)
     labeled = label_batch(queries, "train", load_toolbox(store), users, catalog, ic)
     stats = labeled.to_pydict()
@@ -151,9 +154,7 @@ def test_hint_calibration_ranks_the_truth_out_of_a_share_of_right_training_hints
     tables = _tables(store)
     n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
     ic = cfg.instructions
-    catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
-                                           TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
-                                           ic.prompt_candidates)
+    catalog, users, prompts = _prompt_context(cfg, store)
     toolbox = load_toolbox(store)
     labeled = label_batch(prepared_queries(tables, "sequential", "train", n_items, prefixes=3), "train", toolbox,
                           users, catalog, ic)
@@ -201,9 +202,7 @@ def test_holdout_tools_give_the_hints_of_held_out_transitions_and_no_others(tiny
     tables = _tables(store)
     n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
     ic = replace(cfg.instructions, hint_fraction=1.0, noisy_tools_fraction=0.0)
-    catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
-                                           TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
-                                           ic.prompt_candidates)
+    catalog, users, prompts = _prompt_context(cfg, store)
     # Popularity without each user's last training item: its counts differ from the full tool's.
     held = tool_class("popularity")({})
     held.fit(hold_out_last(load_tool_data(store), 1))
