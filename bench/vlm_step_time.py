@@ -30,7 +30,7 @@ from reasonrec.vlm.builder import build_vlm, trainable_parameters  # noqa: E402
 from reasonrec.vlm.collate import VLMCollator  # noqa: E402
 from reasonrec.vlm.config import VLMConfig  # noqa: E402
 from reasonrec.vlm.infer import ItemTrie, VLMPredictor  # noqa: E402
-from reasonrec.vlm.train import training_autocast  # noqa: E402
+from reasonrec.vlm.train import native_bf16, training_autocast  # noqa: E402
 
 
 def main():
@@ -106,6 +106,7 @@ def main():
         "loss": round(float(out.loss.detach()), 3), "trainable": trainable, "total": total,
         "trie_build_s": round(trie_s, 2), "catalog": args.catalog, "trie_depth": trie.depth,
         "rank_catalog_s_per_user": round(rank_s, 2), "top": res[0].items[:3], "device": args.device,
+        "native_bf16": native_bf16(args.device),
     }))
 
 

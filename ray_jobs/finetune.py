@@ -89,6 +89,7 @@ def _train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
     progress["torch_threads"] = torch.get_num_threads()   # what tokens/s was measured with
+    progress["autocast"] = loop.autocast                   # as run ("auto" resolved on this worker)
     if loop.step == 0 and progress["valid_loss_before"] is None:
         progress["valid_loss_before"] = loop.validation_loss(ft["max_valid_examples"])
     last = None
@@ -189,7 +190,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         summary = {**summarize(progress), "max_steps": ft.max_steps, "num_workers": ft.num_workers,
                    "global_batch": ft.per_device_batch_size * ft.grad_accum * ft.num_workers,
                    "model": cfg.vlm.model, "wall_seconds": round(time.time() - t_start, 1),
-                   "torch_threads": progress.get("torch_threads"), "first_batch": progress.get("first_batch")}
+                   "torch_threads": progress.get("torch_threads"), "autocast": progress.get("autocast"),
+                   "first_batch": progress.get("first_batch")}
         w.write_json("metrics.json", summary)
         w.manifest.metrics = {k: v for k, v in summary.items() if k not in ("log", "first_batch")}
     return summary

@@ -212,7 +212,9 @@ class FinetuneConfig:
     # Mixed precision: "bfloat16" runs the training forward under torch.autocast (matmuls in bf16,
     # weights, optimizer state and gradients in vlm.dtype); "none" trains in vlm.dtype. bf16 needs
     # no loss scaling (float16 would, so it is not offered). Validation loss is always computed
-    # without autocast, so runs with and without it compare.
+    # without autocast, so runs with and without it compare. "auto": bfloat16 on hardware with
+    # bf16 kernels (CUDA, AVX-512 CPUs), none elsewhere, decided per worker: emulated bf16 made an
+    # AVX2-only CPU's training step many times slower (BENCHMARKS.md).
     autocast: str = "none"
     # Validation loss (before/after) on a seeded sample of at most this many examples: bounds
     # its cost on big instruction sets.
@@ -394,7 +396,7 @@ _CHOICES = {
     "planner.tool_choice": ("learned", "random", "oracle", "fixed"),
     "instructions.hint_order": ("random", "usable_rate"),
     "score.mode": ("routed", "tools", "vlm", "vlm_tools"),
-    "finetune.autocast": ("none", "bfloat16"),   # reasonrec.vlm.train.AUTOCAST_DTYPES
+    "finetune.autocast": ("none", "bfloat16", "auto"),   # reasonrec.vlm.train.AUTOCAST_CHOICES
 }
 TASKS = ("sequential", "direct", "ctr", "explanation")
 EH_BUCKETS = ("low", "medium", "high")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -28,8 +29,9 @@ from reasonrec.prompts.cot import compose_target
 from reasonrec.prompts.templates import ItemRef, PromptInputs, RenderOptions, item_text, render_prompt
 from reasonrec.vlm.builder import load_adapter
 from reasonrec.vlm.config import CurriculumConfig, VLMConfig
-from reasonrec.vlm.train import (AUTOCAST_DTYPES, FinetuneLoop, InstructionDataset, dataset_loss, finetune_data,
-                                 load_finetuned, valid_subset)
+from reasonrec.vlm import train as train_module
+from reasonrec.vlm.train import (AUTOCAST_CHOICES, FinetuneLoop, InstructionDataset, dataset_loss, finetune_data,
+                                 load_finetuned, resolve_autocast, valid_subset)
 
 TINY_VLM = dict(model="tiny", image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
                 image_tokens_per_item=4, max_length=192, max_history_items=4, max_history_photos=2)
@@ -130,23 +132,46 @@ def test_loop_is_deterministic_and_resumes_exactly(tmp_path):
     assert losses[-1] < losses[0]
 
 
+def _projection_dtypes(loop, run) -> list:
+    """Call ``run()``; the dtype of one attention projection's output in each forward it made."""
+    seen = []
+    q_proj = next(m for n, m in loop.bundle.model.named_modules() if n.endswith("q_proj.base_layer"))
+    hook = q_proj.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen
+
+
 def test_bf16_autocast_computes_in_bf16_and_keeps_full_precision_weights():
     data = finetune_data(*_synthetic_tables())
     loop, losses = _loop(data, autocast="bfloat16"), []
-    seen = []   # dtype of one attention projection's output, per forward
-    q_proj = next(m for n, m in loop.bundle.model.named_modules() if n.endswith("q_proj.base_layer"))
-    hook = q_proj.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-    loop.train_steps(on_step=lambda m: losses.append(m.loss))
+    seen = _projection_dtypes(loop, lambda: loop.train_steps(on_step=lambda m: losses.append(m.loss)))
     assert seen and set(seen) == {torch.bfloat16}               # the training forward ran under autocast
     assert all(p.dtype == torch.float32 for p in loop.params)   # master weights (and AdamW state) stay fp32
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-    seen.clear()
-    loop.validation_loss()
-    hook.remove()
+    seen = _projection_dtypes(loop, loop.validation_loss)
     assert seen and set(seen) == {torch.float32}                # validation without autocast: comparable
     with pytest.raises(ValueError, match="finetune.autocast='float16'"):
         _loop(data, autocast="float16")
-    assert set(config_module._CHOICES["finetune.autocast"]) == set(AUTOCAST_DTYPES)   # the config check knows them all
+    assert set(config_module._CHOICES["finetune.autocast"]) == set(AUTOCAST_CHOICES)   # the config check knows them all
+
+
+def test_autocast_auto_follows_the_hardware_and_forced_bf16_without_it_warns(monkeypatch, caplog):
+    # The bf16 kernel probe is the hardware boundary: each answer is pretended in turn.
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
+    assert resolve_autocast("cpu", "auto") == "bfloat16"
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
+    with caplog.at_level(logging.WARNING, logger="reasonrec.vlm.train"):
+        assert resolve_autocast("cpu", "auto") == "none"
+        assert resolve_autocast("cpu", "none") == "none"
+        assert not caplog.records
+        assert resolve_autocast("cpu", "bfloat16") == "bfloat16"   # asked for explicitly: kept, but said
+    assert len(caplog.records) == 1 and "emulated" in caplog.text
+    loop = _loop(finetune_data(*_synthetic_tables()), steps=1, autocast="auto")
+    seen = _projection_dtypes(loop, loop.train_steps)
+    assert loop.autocast == "none" and seen and set(seen) == {torch.float32}   # auto without bf16 trains in fp32
 
 
 def test_grad_accum_ranks_and_time_budget():

@@ -19,6 +19,7 @@ world size and a DDP wrapper come from there); tests and benchmarks run it in-pr
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
@@ -45,6 +46,8 @@ ADAPTER_DIR = "adapter"              # inside a checkpoint and inside the finetu
 TRAINER_STATE = "trainer_state.pt"
 PHASE_NAMES = {1: "warmup", 2: "progressive", 3: "cold_start"}
 AUTOCAST_DTYPES = {"none": None, "bfloat16": torch.bfloat16}   # finetune.autocast -> compute dtype
+AUTOCAST_CHOICES = (*AUTOCAST_DTYPES, "auto")                  # "auto": bf16 where the hardware has it
+log = logging.getLogger(__name__)
 _COLUMNS = ["example_id", "split", "phase", "prompt", "image_items", "target"]
 
 
@@ -122,10 +125,44 @@ class StepMetrics:
     example_ids: list         # this rank's examples in this step (its slice of the global batch)
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matmuls have fast kernels on ``device``. oneDNN has them from AVX-512 on (native
+    with AVX-512 BF16 or AMX); an AVX2-only CPU emulates bf16, and there a ``small`` VLM training
+    step under bf16 autocast was many times slower than in fp32 (BENCHMARKS.md)."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if d.type == "cpu":
+        # oneDNN's own ISA check, the one torch's bf16 CPU tests use; torch has no public API for it.
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True     # other accelerators: trust the setting
+
+
+def resolve_autocast(device: torch.device | str, mode: str) -> str:
+    """``finetune.autocast`` as this worker runs it: ``"auto"`` becomes ``"bfloat16"`` where
+    :func:`native_bf16`, else ``"none"``; an explicit ``"bfloat16"`` on emulating hardware is kept
+    (it was asked for) with a warning, because the fine-tune will be many times slower."""
+    if mode not in AUTOCAST_CHOICES:
+        raise ValueError(f"finetune.autocast={mode!r}: expected one of {sorted(AUTOCAST_CHOICES)}")
+    if mode == "none":
+        return mode
+    native = native_bf16(device)
+    if mode == "auto":
+        return "bfloat16" if native else "none"
+    if not native:
+        log.warning("finetune.autocast=bfloat16 on a %s without bf16 kernels: bf16 is emulated there and a "
+                    "training step is many times slower than in fp32 (BENCHMARKS.md); "
+                    "set finetune.autocast=auto or none",
+                    torch.device(device).type)
+    return mode
+
+
 def training_autocast(device: torch.device | str, mode: str) -> torch.autocast:
-    """The training forward's precision context for ``finetune.autocast`` (``"none"``: disabled)."""
+    """The training forward's precision context for ``finetune.autocast`` (``"none"``: disabled;
+    ``"auto"``: see :func:`resolve_autocast`)."""
+    mode = resolve_autocast(device, mode) if mode == "auto" else mode
     if mode not in AUTOCAST_DTYPES:
-        raise ValueError(f"finetune.autocast={mode!r}: expected one of {sorted(AUTOCAST_DTYPES)}")
+        raise ValueError(f"finetune.autocast={mode!r}: expected one of {sorted(AUTOCAST_CHOICES)}")
     dtype = AUTOCAST_DTYPES[mode]
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
@@ -144,8 +181,7 @@ class FinetuneLoop:
                  world_size: int = 1, device: torch.device | str = "cpu", autocast: str = "none"):
         if not vlm_cfg.lora.enabled:
             raise ValueError("the fine-tune trains a LoRA adapter: set vlm.lora.enabled=true")
-        self.autocast = autocast
-        training_autocast(device, autocast)    # an unknown value fails here, not at the first step
+        self.autocast = resolve_autocast(device, autocast)    # an unknown value fails here, not at the first step
         self.cur = cur_cfg
         self.max_steps, self.per_device, self.grad_accum = int(max_steps), int(per_device_batch_size), int(grad_accum)
         self.grad_clip, self.rank, self.world_size = grad_clip, rank, world_size
