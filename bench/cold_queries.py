@@ -2,7 +2,10 @@
 the task: the rule of ``ray_jobs.evaluate``) to a Parquet query file, so that a costly scoring
 variant can be measured on exactly the users item 9 asks about (``score.queries_path=OUT``):
 
-    python -m bench.cold_queries --config configs/quickstart.yaml --out /tmp/coldest.parquet [key=value ...]
+    python -m bench.cold_queries --config configs/quickstart.yaml --out OUT score.max_queries_per_task=0 [k=v ...]
+
+(``score.max_queries_per_task`` applies first, as in scoring: left at its default it keeps the
+coldest of a hash sample of the test queries, and the line printed says so.)
 
 ``bench.vlm_vs_tools --stage <that variant's stage>`` then pairs those users against every tool
 in its ``all`` rows (its ``cs:coldest`` rows are the coldest *of* them).
@@ -45,7 +48,10 @@ def main() -> None:
     queries = score_queries(cfg, store)
     out = coldest(queries, users)
     pq.write_table(out, a.out)
-    print(f"wrote {out.num_rows} of {queries.num_rows} queries (the coldest users' of each task) to {a.out}")
+    cap = cfg.score.max_queries_per_task
+    sampled = (f", a hash sample of at most score.max_queries_per_task={cap} per task"
+               if cap and not cfg.score.queries_path else "")
+    print(f"wrote {out.num_rows} of {queries.num_rows} queries (the coldest users' of each task{sampled}) to {a.out}")
 
 
 if __name__ == "__main__":
