@@ -1,0 +1,28 @@
+"""Ray start-up (reasonrec.runtime) on the shared local cluster."""
+from __future__ import annotations
+
+import logging
+
+from reasonrec.runtime import STATE_API_MISS, TRAIN_CLEANER_LOGGER
+
+
+def test_a_local_cluster_without_dashboard_drops_only_the_train_cleaners_state_api_misses(ray_local):
+    ray = ray_local
+
+    class CleanerLogProbe:
+        """Stands where Ray Train's placement-group cleaner runs: a detached actor of the job.
+        (Defined here so that Ray ships it by value: tests/ is not importable on workers.)"""
+
+        def passes(self, messages: list[str]) -> list[bool]:
+            logger = logging.getLogger(TRAIN_CLEANER_LOGGER)
+            return [bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, m, None, None)))
+                    for m in messages]
+
+    probe = ray.remote(num_cpus=0)(CleanerLogProbe).options(lifetime="detached").remote()
+    try:
+        passed = ray.get(probe.passes.remote([
+            f"{STATE_API_MISS}. State API may be temporarily unavailable. Continuing to monitor.",
+            "Controller actor died; removing placement group"]))
+    finally:
+        ray.kill(probe)
+    assert passed == [False, True]
