@@ -9,7 +9,7 @@ from reasonrec.config import RayConfig
 log = logging.getLogger(__name__)
 # Ray Train's placement-group cleaner (a detached actor per training run) asks the State API every
 # second whether the run's controller lives. A local cluster started without a dashboard has no
-# State API, so each check fails and logs this warning: thousands of lines in a long CPU fine-tune.
+# State API, so each check fails and logs this warning: most lines of a long CPU fine-tune's log.
 TRAIN_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 STATE_API_MISS = "Failed to query Ray Train Controller actor state"
 

@@ -134,7 +134,10 @@ def native_bf16(device: torch.device | str) -> bool:
         return torch.cuda.is_bf16_supported()
     if d.type == "cpu":
         # oneDNN's own ISA check, the one torch's bf16 CPU tests use; torch has no public API for it.
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):   # a torch build without oneDNN: no fast bf16 either
+            return False
     return True     # other accelerators: trust the setting
 
 
