@@ -118,7 +118,11 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     fit = stats.filter(pc.equal(stats.column("split"), "valid"))
     fit = fit if fit.num_rows else stats
     conf = confidence_table(*(fit.column(c).to_pylist() for c in ("task", "eh_bucket", "len_bin", "ref_right")))
-    tool_rank = tool_ranking(fit.column("task").to_pylist(), fit.column("usable").to_pylist())
+    tool_rank = tool_ranking(fit.column("task").to_pylist(), fit.column("usable").to_pylist(), ic.tool_order)
+    unknown = sorted(set(ic.tool_order) - {n for names in tool_rank.values() for n in names})
+    if unknown:
+        raise ValueError(f"instructions.tool_order names {unknown}, which no task's ranking holds "
+                         f"(tools right on at least one validation query): {tool_rank}")
     hint_keep = hint_keep_rates(*(stats.column(c).to_pylist() for c in ("task", "split", "usable")))
     if ic.hint_calibration:
         log.info("instructions: hint calibration keeps these shares of each tool's right training answers: %s",

@@ -175,6 +175,10 @@ class InstructionsConfig:
     # (the task's tools with the highest usable rate on validation rows, best first: what the
     # planner's ``fixed`` tool choice shows at scoring time).
     hint_order: str = "random"
+    # With hint_order=usable_rate: these tools lead that ranking, in this order (the rest follow by
+    # usable rate), in training and in the fixed tool choice at scoring. For a tool known to be
+    # better on new traffic than on validation rows, which the tools' training history overlaps.
+    tool_order: List[str] = field(default_factory=list)
     # Direct prompts list this many of the candidates (a seeded subset that ignores the truth);
     # the VLM still scores every candidate by answer likelihood.
     prompt_candidates: int = 20
@@ -440,6 +444,9 @@ def validate(cfg: RunConfig) -> None:
     for key in ("tools.holdout_items", "vlm.thought_tool_sets"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"config error: key '{key}': must be >= 0")
+    if cfg.instructions.tool_order and cfg.instructions.hint_order != "usable_rate":
+        raise ConfigError("config error: key 'instructions.tool_order': orders the usable_rate ranking; "
+                          "set instructions.hint_order=usable_rate (random hints have no order to pin)")
     if not 0.0 <= cfg.instructions.hint_fraction <= 1.0:
         raise ConfigError("config error: key 'instructions.hint_fraction': must be in [0, 1]")
     if not 1 <= cfg.planner.max_tools <= 3:

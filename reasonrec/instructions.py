@@ -229,10 +229,12 @@ def label_batch(queries: pa.Table, split: str, toolbox: ToolBox, users: UserDire
     return pa.Table.from_pylist(out, schema=LABELED)
 
 
-def tool_ranking(task: Sequence[str], usable: Sequence[Sequence[str]]) -> dict[str, list[str]]:
+def tool_ranking(task: Sequence[str], usable: Sequence[Sequence[str]], first: Sequence[str] = ()
+                 ) -> dict[str, list[str]]:
     """Per task, the tools usable on at least one row, by usable rate (best first, ties by name):
     the order the planner's ``fixed`` tool choice shows them in. Fit it on validation rows, like
-    the confidence table."""
+    the confidence table. Tools named in ``first`` (``instructions.tool_order``) lead, in that
+    order, where the task has them."""
     out: dict[str, list[str]] = {}
     counts: dict[str, dict[str, int]] = {}
     for t, names in zip(task, usable):
@@ -241,7 +243,8 @@ def tool_ranking(task: Sequence[str], usable: Sequence[Sequence[str]]) -> dict[s
             c[n] = c.get(n, 0) + 1
     for t, c in counts.items():
         if c:   # explanation has no tools
-            out[t] = sorted(c, key=lambda n: (-c[n], n))
+            pinned = [n for n in first if n in c]
+            out[t] = pinned + sorted((n for n in c if n not in pinned), key=lambda n: (-c[n], n))
     return out
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from ray_jobs import build_instructions
 from reasonrec.context import load_context
 from reasonrec.instructions import (confidence_table, hint_keep_rates, label_batch, prefix_position, prepared_queries,
                                     render_batch, tool_ranking)
@@ -110,6 +113,25 @@ def test_tool_ranking_orders_by_usable_rate_per_task():
     rank = tool_ranking(["sequential"] * 4 + ["direct"] * 2 + ["explanation"],
                         [["b", "a"], ["b"], ["c", "b"], [], ["a"], ["a", "c"], []])
     assert rank == {"sequential": ["b", "a", "c"], "direct": ["a", "c"]}
+    pinned = tool_ranking(["sequential"] * 4 + ["direct"] * 2 + ["explanation"],
+                          [["b", "a"], ["b"], ["c", "b"], [], ["a"], ["a", "c"], []], first=["c", "b"])
+    assert pinned == {"sequential": ["c", "b", "a"], "direct": ["c", "a"]}   # pinned lead where present
+
+
+def test_tool_order_pins_the_stages_ranking_and_an_unknown_name_is_an_error(tiny_run, tmp_path):
+    cfg, store = tiny_run
+    run_dir = tmp_path / cfg.run_name       # a copy of the tiny run's inputs: its own stage stays as it is
+    for stage in ("prepare", "train_tools"):
+        shutil.copytree(Path(store.path(stage)), run_dir / stage)
+    fitted = store.read_json("instructions", "summary.json")["tool_ranking"]["sequential"]
+    assert len(fitted) > 1
+    ic = replace(cfg.instructions, tasks=["sequential"], hint_order="usable_rate", tool_order=[fitted[-1]])
+    pinned = replace(cfg, output_root=str(tmp_path), instructions=ic)
+    build_instructions.run(pinned)
+    got = json.loads((run_dir / "instructions" / "summary.json").read_text())["tool_ranking"]["sequential"]
+    assert got == [fitted[-1]] + fitted[:-1]          # the pinned tool leads, the rest keep their order
+    with pytest.raises(ValueError, match="tool_order names .'no_such_tool'."):
+        build_instructions.run(replace(pinned, instructions=replace(ic, tool_order=["no_such_tool"])))
 
 
 def test_hint_fraction_and_usable_rate_order_choose_the_shown_tools(tiny_run):
