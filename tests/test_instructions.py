@@ -110,11 +110,10 @@ def test_train_prefixes_predict_each_earlier_item_from_the_items_before_it(tiny_
 
 
 def test_tool_ranking_orders_by_usable_rate_per_task():
-    rank = tool_ranking(["sequential"] * 4 + ["direct"] * 2 + ["explanation"],
-                        [["b", "a"], ["b"], ["c", "b"], [], ["a"], ["a", "c"], []])
-    assert rank == {"sequential": ["b", "a", "c"], "direct": ["a", "c"]}
-    pinned = tool_ranking(["sequential"] * 4 + ["direct"] * 2 + ["explanation"],
-                          [["b", "a"], ["b"], ["c", "b"], [], ["a"], ["a", "c"], []], first=["c", "b"])
+    task = ["sequential"] * 4 + ["direct"] * 2 + ["explanation"]
+    usable = [["b", "a"], ["b"], ["c", "b"], [], ["a"], ["a", "c"], []]
+    assert tool_ranking(task, usable) == {"sequential": ["b", "a", "c"], "direct": ["a", "c"]}
+    pinned = tool_ranking(task, usable, first=["c", "b"])
     assert pinned == {"sequential": ["c", "b", "a"], "direct": ["c", "a"]}   # pinned lead where present
 
 
