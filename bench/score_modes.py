@@ -13,6 +13,9 @@ variant is one ``ray_jobs.score`` run written to its own stage (``bench_<variant
 * ``vlm_tools``   the VLM consults the chosen tools for every query -- VLM + tools always
 * ``vlm_tools_mixed``: vlm_tools, sequential ranked as a mixture over the 3 likeliest values of
   the thought's tool field (``vlm.thought_tool_sets=3``) instead of under the greedy thought
+* ``vlm_tools_wide_beam``: vlm_tools with 120 beams, one query per VLM batch (bounds the beams'
+  KV cache): exhaustive on the 120-item synthetic catalog (live prefixes never outnumber items),
+  so against ``vlm_tools`` it measures what the default beam search loses there
 * ``random`` / ``oracle`` / ``fixed``: routed with that tool choice (paper Table A4)
 * ``routed_8shards`` / ``routed_8shards_2actors``: routed in 8 shards with 1 or 2 router and VLM actors
   (pool scaling); ``routed_8shards_2actors_half_cpu``: 2 + 2 actors reserving 0.5 CPU each
@@ -38,6 +41,7 @@ VARIANTS = {
     "vlm": ["score.mode=vlm"],
     "vlm_tools": ["score.mode=vlm_tools"],
     "vlm_tools_mixed": ["score.mode=vlm_tools", "vlm.thought_tool_sets=3"],
+    "vlm_tools_wide_beam": ["score.mode=vlm_tools", "vlm.num_beams=120", "score.vlm_batch_size=1"],
     "random": ["planner.tool_choice=random"],
     "oracle": ["planner.tool_choice=oracle"],
     "fixed": ["planner.tool_choice=fixed"],
