@@ -40,6 +40,10 @@ class RayConfig:
     shuffle_partitions: int = 8
     # Ray Data read/map parallelism (number of shards/blocks); -1 lets Ray decide.
     parallelism: int = -1
+    # Ray Data fails a dataset after this long without any block moving (Ray's default: 1800 s).
+    # A score shard of a large VLM on CPU can legitimately take longer (a 41-query shard did), so
+    # the default is 4 h; 0 keeps Ray's (or RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S), -1 disables it.
+    data_no_progress_timeout_s: float = 14400.0
 
 
 @dataclass
@@ -444,6 +448,8 @@ def validate(cfg: RunConfig) -> None:
     for key in ("tools.holdout_items", "vlm.thought_tool_sets"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"config error: key '{key}': must be >= 0")
+    if cfg.ray.data_no_progress_timeout_s < 0 and cfg.ray.data_no_progress_timeout_s != -1:
+        raise ConfigError("config error: key 'ray.data_no_progress_timeout_s': seconds > 0, 0 (Ray's default) or -1 (off)")
     if cfg.instructions.tool_order and cfg.instructions.hint_order != "usable_rate":
         raise ConfigError("config error: key 'instructions.tool_order': orders the usable_rate ranking; "
                           "set instructions.hint_order=usable_rate (random hints have no order to pin)")

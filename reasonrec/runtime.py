@@ -32,8 +32,17 @@ def init_ray(cfg: RayConfig):
     a local one bound to 127.0.0.1. Idempotent."""
     import ray
 
-    if ray.is_initialized():
-        return ray
+    if not ray.is_initialized():
+        _start_or_attach(ray, cfg)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False
+    if cfg.data_no_progress_timeout_s:   # per job, also on a cluster this process already joined
+        ctx.execution_no_progress_timeout_s = cfg.data_no_progress_timeout_s
+    return ray
+
+
+def _start_or_attach(ray, cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(include_dashboard=cfg.include_dashboard, log_to_driver=True,
                   logging_level=logging.WARNING)
@@ -44,7 +53,3 @@ def init_ray(cfg: RayConfig):
         if not cfg.include_dashboard:
             kwargs["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.quiet_train_cleaner"}
         ray.init(num_cpus=cfg.num_cpus, _node_ip_address="127.0.0.1", **kwargs)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
-    ctx.print_on_execution_start = False
-    return ray

@@ -32,6 +32,7 @@ def test_layering_order_and_overrides():
     ("finetune.autocast=float16", "finetune.autocast"),
     ("vlm.thought_tool_sets=-1", "vlm.thought_tool_sets"),
     ("tools.holdout_items=-2", "tools.holdout_items"),
+    ("ray.data_no_progress_timeout_s=-5", "ray.data_no_progress_timeout_s"),
     ("instructions.tool_order=[sasrec]", "instructions.tool_order"),   # needs hint_order=usable_rate
 ])
 def test_bad_keys_and_types_name_the_key(override, key):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from reasonrec.runtime import STATE_API_MISS, TRAIN_CLEANER_LOGGER
+from reasonrec.config import RayConfig
+from reasonrec.runtime import STATE_API_MISS, TRAIN_CLEANER_LOGGER, init_ray
 
 
 def test_a_local_cluster_without_dashboard_drops_only_the_train_cleaners_state_api_misses(ray_local):
@@ -26,3 +27,19 @@ def test_a_local_cluster_without_dashboard_drops_only_the_train_cleaners_state_a
     finally:
         ray.kill(probe)
     assert passed == [False, True]
+
+
+def test_each_job_sets_ray_datas_no_progress_timeout_also_on_a_joined_cluster(ray_local):
+    """A score shard of a slow VLM moves no block for longer than Ray's 1800 s: the job's setting
+    must reach the DataContext even when this process already joined the cluster."""
+    ctx = ray_local.data.DataContext.get_current()
+    before = ctx.execution_no_progress_timeout_s
+    try:
+        init_ray(RayConfig())
+        assert ctx.execution_no_progress_timeout_s == RayConfig.data_no_progress_timeout_s != 1800
+        init_ray(RayConfig(data_no_progress_timeout_s=-1))
+        assert ctx.execution_no_progress_timeout_s == -1
+        init_ray(RayConfig(data_no_progress_timeout_s=0))       # 0 leaves the current value
+        assert ctx.execution_no_progress_timeout_s == -1
+    finally:
+        ctx.execution_no_progress_timeout_s = before
