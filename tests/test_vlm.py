@@ -247,6 +247,21 @@ def test_items_sharing_a_title_split_its_probability_by_prior(tiny):
     assert sc[2] - sc[1] == pytest.approx(math.log(3), abs=1e-4) and out.items.index(2) < out.items.index(1)
 
 
+def test_beam_search_over_the_whole_catalog_returns_every_item_with_its_probability():
+    # Titles of 1 to 6 words: with HF's early_stopping=True the search stopped before the longest
+    # finished and returned 9 of these 10 items with 0.79-0.86 of the probability mass.
+    titles = ["gift nude lip face matte mascara", "nude matte volume", "set polish tint daily lip", "oil",
+              "lip set", "red", "blue matte red", "face volume nude", "lip hair tint face daily",
+              "mascara cream set nude polish face"]
+    bundle = build_vlm(VLMConfig(**{**TINY, "num_beams": len(titles)}))
+    pred = VLMPredictor(bundle)
+    exs = [{k: v for k, v in _example(user=u, n_hist=1 + u % 3).items() if k != "target"} for u in range(4)]
+    trie = ItemTrie(bundle.tokenizer, titles)
+    for r in pred.rank_catalog(exs, trie, k=len(titles), thoughts=pred.thoughts(exs)):
+        assert sorted(r.items) == list(range(len(titles)))
+        assert sum(math.exp(s) for s in r.scores) == pytest.approx(1.0, abs=1e-3)
+
+
 def test_infer_rank_score_ctr_explain(tiny):
     pred = VLMPredictor(tiny)
     exs = [{k: v for k, v in _example(user=u, n_hist=1 + u).items() if k != "target"} for u in range(2)]
