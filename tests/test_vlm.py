@@ -248,8 +248,8 @@ def test_items_sharing_a_title_split_its_probability_by_prior(tiny):
 
 
 def test_beam_search_over_the_whole_catalog_returns_every_item_with_its_probability():
-    # Titles of 1 to 6 words: with HF's early_stopping=True the search stopped before the longest
-    # finished and returned 9 of these 10 items with 0.79-0.86 of the probability mass.
+    # Titles of 1 to 6 words, as many beams as items: with HF's early_stopping=True the search
+    # stopped early and returned 9 of these 10 items with 0.79-0.86 of the probability mass.
     titles = ["gift nude lip face matte mascara", "nude matte volume", "set polish tint daily lip", "oil",
               "lip set", "red", "blue matte red", "face volume nude", "lip hair tint face daily",
               "mascara cream set nude polish face"]
