@@ -23,6 +23,7 @@ from reasonrec.context import Catalog, PromptBuilder, UserDirectory, UserState
 from reasonrec.data.schemas import PREDICTIONS, QUERIES
 from reasonrec.planner import (Decision, TaskPlanner, ToolBox, ToolHint, explanation_decision, plan,
                                query_features)
+from reasonrec.prompts.cot import ANSWER_MARKER
 
 ROUTED = pa.schema(list(QUERIES) + [
     pa.field("route", pa.string()),
@@ -199,7 +200,7 @@ def to_scored(routed: pa.Table, answers: Mapping[int, dict] | None = None) -> pa
             "eh_bucket": r.get("eh_bucket"), "cold_user": r.get("cold_user"), "vlm_called": i in answers,
             "primary_tool": r.get("primary_tool"), "tool_items": r.get("tool_items"), "tool_prob": r.get("tool_prob"),
             "flops": None if r.get("tools_flops") is None else r["tools_flops"] + a.get("flops", 0.0),
-            "tool_confidence": r.get("tool_confidence"), "error": r.get("error"),
+            "thought": a.get("thought"), "tool_confidence": r.get("tool_confidence"), "error": r.get("error"),
         })
     return pa.Table.from_pylist(out, schema=SCORED)
 
@@ -271,5 +272,6 @@ class VLMAnswerer:
             conf = o.conf_verbal if o.conf_verbal is not None else o.conf_token
             out[i] = {"items": o.items[: self.k] if o.items is not None else None, "prob": o.prob,
                       "text": o.text, "confidence": conf, "ms": o.latency_ms,
+                      "thought": o.thought_text.removesuffix(ANSWER_MARKER).strip(),
                       **({} if per_query_flops is None else {"flops": per_query_flops})}
         return out

@@ -36,6 +36,8 @@ def test_every_query_is_answered_once_with_a_recorded_decision(tiny_run):
     assert sorted(preds.column("query_id").to_pylist()) == sorted(queries.column("query_id").to_pylist())
     for r in preds.to_pylist():
         assert r["route"] in ("low", "medium", "high") and r["rationale"]
+        # The VLM's thought is kept where it answered (without the answer marker), absent elsewhere.
+        assert (r["thought"] is not None) == r["vlm_called"] and "Answer:" not in (r["thought"] or "")
         assert len(r["tools_used"]) <= 3
         if r["route"] == "low":
             assert not r["vlm_called"] and len(r["tools_used"]) == 1

@@ -175,7 +175,7 @@ def test_same_answers_as_the_batch_job_for_every_task_and_tier(app, batch):
         got = r.json()["predictions"][0] if q["task"] == "ctr" else r.json()
         assert (got["tier"], got["tools_used"]) == (p["route"], p["tools_used"]), (key, q["query_id"], got)
         assert got["vlm_called"] == p["vlm_called"] and got["cold_user"] is False
-        assert got["rationale"] == p["rationale"]
+        assert got["rationale"] == p["rationale"] and got["thought"] == p["thought"]
         if q["task"] in ("sequential", "direct"):
             assert got["items"] == p["items"], (key, q["query_id"])
         elif q["task"] == "ctr":

@@ -173,6 +173,9 @@ PREDICTIONS = pa.schema([
     ("tool_items", pa.list_(pa.int64())),
     ("tool_prob", pa.float32()),
     ("flops", pa.float64()),               # torch FLOPs spent on the query (score.count_flops), else null
+    # The VLM's chain of thought before its answer (EH bucket, tools it trusts, verbalised
+    # confidence; paper Figure 3), null where the VLM did not run: why it answered as it did.
+    ("thought", pa.string()),
 ])
 
 

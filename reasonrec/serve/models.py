@@ -75,6 +75,7 @@ class Decision(BaseModel):
     eh_bucket: str = Field(..., description="the user's evidence-horizon bucket")
     cold_user: bool = Field(..., description="unknown user: scored on the cold-start path")
     vlm_called: bool
+    thought: str | None = Field(None, description="the VLM's chain of thought before its answer (null: no VLM)")
     latency_ms: float = Field(..., description="tools + VLM compute time of this query")
 
 
