@@ -164,7 +164,7 @@ def _decision(row: dict) -> dict:
     return {"query_id": row["query_id"], "tier": row["route"], "tools_used": row["tools_used"] or [],
             "confidence": row["confidence"], "tool_confidence": row["tool_confidence"],
             "rationale": row["rationale"] or "", "eh_bucket": row["eh_bucket"], "cold_user": bool(row["cold_user"]),
-            "vlm_called": bool(row["vlm_called"]), "thought": row.get("thought"), "latency_ms": float(row["latency_ms"] or 0.0)}
+            "vlm_called": bool(row["vlm_called"]), "thought": row["thought"], "latency_ms": float(row["latency_ms"] or 0.0)}
 
 
 @serve.deployment(name="Ingress")
