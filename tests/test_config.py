@@ -1,4 +1,5 @@
 """Config: layered composition, overrides, errors naming the key, every preset validates."""
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,24 @@ def test_hints_trained_on_the_fixed_tools_warn_under_another_tool_choice():
         load_config(q, ["instructions.hint_order=best"])
     with pytest.raises(ConfigError, match="instructions.hint_fraction"):
         load_config(q, ["instructions.hint_fraction=1.5"])
+
+
+# RESULTS.md "One tool in the prompt": the quickstart preset plus these overrides (run qs-1t).
+ONE_TOOL_STUDY = (
+    "data.sources.0.synthetic.n_users=1200 vlm.model=small vlm.cache_dir=runs/_cache/vlm_small "
+    "curriculum.lr=0.0002 finetune.max_steps=400 finetune.checkpoint_every=50 finetune.log_every=10 "
+    "finetune.time_budget_s=7200 finetune.cpus_per_worker=2 finetune.max_valid_examples=16 "
+    "instructions.tasks=[sequential] instructions.train_prefixes=100 instructions.max_examples_per_task=0 "
+    "instructions.hint_fraction=0.75 instructions.hint_order=usable_rate score.tasks=[sequential] "
+    "planner.vlm_aware=false score.count_flops=false planner.tool_choice=fixed "
+    "data.sources.0.synthetic.distinct_titles=true finetune.autocast=auto "
+    "instructions.tool_order=[sasrec,lightsans] instructions.max_tool_hints=1 planner.max_tools=1 "
+    "score.max_queries_per_task=0 score.vlm_actors=2 score.shard_rows=41 score.tool_cpus=0.5 score.vlm_cpus=0.75"
+).split()
+
+
+def test_synthetic_small_preset_is_the_recorded_one_tool_study():
+    preset = asdict(load_config(CONFIG_DIR / "synthetic_small.yaml"))
+    study = asdict(load_config(CONFIG_DIR / "quickstart.yaml", ONE_TOOL_STUDY))
+    assert preset.pop("run_name") == "synthetic_small" and study.pop("run_name") == "quickstart"
+    assert preset == study
