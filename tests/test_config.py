@@ -88,7 +88,8 @@ def test_hints_trained_on_the_fixed_tools_warn_under_another_tool_choice():
         load_config(q, ["instructions.hint_fraction=1.5"])
 
 
-# RESULTS.md "One tool in the prompt": the quickstart preset plus these overrides (run qs-1t).
+# RESULTS.md "One tool in the prompt" (run qs-1t): the quickstart preset plus these overrides, with
+# the cache directory and time budget (runtime settings, not the recipe) written as the preset's.
 ONE_TOOL_STUDY = (
     "data.sources.0.synthetic.n_users=1200 vlm.model=small vlm.cache_dir=runs/_cache/vlm_small "
     "curriculum.lr=0.0002 finetune.max_steps=400 finetune.checkpoint_every=50 finetune.log_every=10 "
