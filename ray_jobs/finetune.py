@@ -14,9 +14,15 @@ again with a larger budget, the job continues that run from its last checkpoint 
 not part of the Ray Train run's name). Every ``log_every`` steps a line with the phase, loss, LR
 and tokens/s is logged.
 
+With ``finetune.valid_rank_examples`` > 0 every checkpoint is validated by ranking (HR@k, NDCG@k
+of the whole catalog for sequential validation examples, and the validation loss at that step);
+``finetune.export=best_valid_hr`` then exports the checkpoint with the highest validation HR, which
+Ray Train keeps (``checkpoint_score_attribute``) besides the latest one it resumes from.
+
 Outputs under ``{run}/finetune/``: ``adapter/`` (LoRA + trained projector/vision tower as
-safetensors, loadable with ``reasonrec.vlm.train.load_finetuned``) and ``metrics.json`` (steps,
-loss per phase, validation loss before and after, tokens/s, wall time, resumes).
+safetensors, loadable with ``reasonrec.vlm.train.load_finetuned``; the exported step's) and
+``metrics.json`` (steps, loss per phase, validation loss before and after, the ranking validation
+curve, the exported step, tokens/s, wall time, resumes).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from reasonrec.vlm.train import ADAPTER_DIR, INSTRUCTIONS_STAGE, STAGE, training
 
 log = logging.getLogger("reasonrec.finetune")
 PROGRESS = "progress.json"
+VALID_HR = "valid_hr"     # the checkpoints' score when finetune.export=best_valid_hr
 
 
 # ------------------------------------------------------------------------- Ray Train worker
@@ -77,8 +84,31 @@ def _train_loop(config: dict) -> None:
         loop.wrap(lambda m: ray.train.torch.prepare_model(
             m, parallel_strategy_kwargs={"find_unused_parameters": True}))
 
+    ranked = ft["valid_rank_examples"] > 0
+    progress.setdefault("valid_curve", [])
+
+    def validate(step: int) -> dict:
+        """Ranking validation + validation loss at ``step``, once per step (a restored finished run
+        reports its last entry again)."""
+        curve = progress["valid_curve"]
+        if curve and curve[-1]["step"] == step:
+            return curve[-1]
+        t0 = time.perf_counter()
+        entry = {"step": step, **loop.validation_ranking(ft["valid_rank_examples"], ft["valid_rank_k"],
+                                                         ft["valid_rank_buckets"]),
+                 "loss": loop.validation_loss(ft["max_valid_examples"])}
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        curve.append(entry)
+        if rank == 0:
+            log.info("validation at step %d: HR@%d %.4f NDCG@%d %.4f (%d examples), loss %.4f, %.0f s", step,
+                     ft["valid_rank_k"], entry["hr"], ft["valid_rank_k"], entry["ndcg"], entry["n"], entry["loss"],
+                     entry["seconds"])
+        return entry
+
     def report(metrics: dict) -> None:
         # Every worker calls report; rank 0 attaches the checkpoint.
+        if ranked:
+            metrics[VALID_HR] = validate(metrics["step"])["hr"]
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
@@ -109,7 +139,8 @@ def _train_loop(config: dict) -> None:
     loop.train_steps(on_step=on_step, time_budget_s=ft["time_budget_s"], elapsed_s=progress["train_seconds"])
     close_window(progress, last)
     if progress["valid_loss"] is None or last is not None:   # a continued run trained further
-        progress["valid_loss"] = loop.validation_loss(ft["max_valid_examples"])
+        progress["valid_loss"] = (validate(loop.step)["loss"] if ranked
+                                  else loop.validation_loss(ft["max_valid_examples"]))
     report({"step": loop.step, "finished": 1.0})
 
 
@@ -158,6 +189,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     train_cfg = {"output_root": cfg.output_root, "run_name": cfg.run_name,
                  "storage": {"s3_endpoint_url": cfg.storage.s3_endpoint_url, "s3_anon": cfg.storage.s3_anon},
                  "vlm": _worker_vlm(cfg), "curriculum": asdict(cfg.curriculum), "finetune": asdict(ft)}
+    best = {"checkpoint_score_attribute": VALID_HR, "checkpoint_score_order": "max"} if ft.export != "last" else {}
     storage_path = store.url("_ray_train") if store.scheme else store.path("_ray_train")
     train_name = f"finetune-{_config_hash(cfg, inputs, with_budget=False)}"
     if force and store.fs.exists(store.path("_ray_train", train_name)):
@@ -169,7 +201,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         run_config=TrainRunConfig(
             name=train_name, storage_path=storage_path,
             storage_filesystem=None if not store.scheme else store.arrow_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            # Ray Train always keeps the latest checkpoint (for resuming) besides the num_to_keep best.
+            checkpoint_config=CheckpointConfig(num_to_keep=1, **best),
             failure_config=FailureConfig(max_failures=ft.max_failures)),
     )
     log.info("fine-tuning %s (LoRA r=%d) for %d steps on Ray Train (%d worker(s), gpu=%s, global batch %d)",
@@ -177,10 +210,17 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
              ft.per_device_batch_size * ft.grad_accum * ft.num_workers)
     result = trainer.fit()
 
+    exported, exported_step = result.checkpoint, None
+    if best:
+        exported, metrics = best_checkpoint(result.best_checkpoints)
+        exported_step = metrics["step"]
+        log.info("exporting the adapter of step %d (validation HR@%d %.4f)", exported_step, ft.valid_rank_k,
+                 metrics[VALID_HR])
     with store.stage_writer(STAGE, config_hash, inputs) as w:
-        with result.checkpoint.as_directory() as d:
+        with result.checkpoint.as_directory() as d:     # the latest holds the whole run record
             with open(os.path.join(d, PROGRESS)) as f:
                 progress = json.load(f)
+        with exported.as_directory() as d:
             adapter = os.path.join(d, ADAPTER_DIR)
             for fname in sorted(os.listdir(adapter)):
                 with open(os.path.join(adapter, fname), "rb") as f:
@@ -191,10 +231,20 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
                    "global_batch": ft.per_device_batch_size * ft.grad_accum * ft.num_workers,
                    "model": cfg.vlm.model, "wall_seconds": round(time.time() - t_start, 1),
                    "torch_threads": progress.get("torch_threads"), "autocast": progress.get("autocast"),
-                   "first_batch": progress.get("first_batch")}
+                   "first_batch": progress.get("first_batch"), "export": ft.export,
+                   "exported_step": progress["step"] if exported_step is None else exported_step}
         w.write_json("metrics.json", summary)
-        w.manifest.metrics = {k: v for k, v in summary.items() if k not in ("log", "first_batch")}
+        w.manifest.metrics = {k: v for k, v in summary.items() if k not in ("log", "first_batch", "valid_curve")}
     return summary
+
+
+def best_checkpoint(reported: list) -> tuple:
+    """The (checkpoint, metrics) with the highest validation HR among Ray Train's kept ones; ties
+    go to the later step (it trained more for the same score)."""
+    scored = [(c, m) for c, m in reported or () if m.get(VALID_HR) is not None]
+    if not scored:
+        raise RuntimeError("finetune.export=best_valid_hr: Ray Train kept no checkpoint with a validation HR")
+    return max(scored, key=lambda cm: (cm[1][VALID_HR], cm[1]["step"]))
 
 
 def format_summary(s: dict) -> str:
@@ -209,6 +259,11 @@ def format_summary(s: dict) -> str:
     lines.append(f"loss by phase: {phases}")
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     lines.append(f"validation loss: {fmt(s['valid_loss_before'])} before -> {fmt(s['valid_loss'])} after")
+    for e in s.get("valid_curve", []):
+        lines.append(f"validation at step {e['step']:6d}: HR {e['hr']:.4f}  NDCG {e['ndcg']:.4f}  ({e['n']} ranked)  "
+                     f"loss {e['loss']:.4f}")
+    if s.get("export", "last") != "last":
+        lines.append(f"exported: the adapter of step {s['exported_step']} ({s['export']})")
     lines.append(f"steps {s['steps']}/{s['max_steps']}, {s['tokens_per_s']:.0f} tokens/s, train {s['train_seconds']:.1f}s, "
                  f"wall {s['wall_seconds']:.1f}s, resumes {len(s['resumes'])}")
     return "\n".join(lines)

@@ -227,6 +227,18 @@ class FinetuneConfig:
     # Validation loss (before/after) on a seeded sample of at most this many examples: bounds
     # its cost on big instruction sets.
     max_valid_examples: int = 256
+    # Ranking validation at every checkpoint (0 = off): the model ranks the whole catalog (greedy
+    # thought + constrained beam search, as the scoring job does) for a seeded sample of at most this
+    # many sequential validation examples, of the EH buckets in valid_rank_buckets (empty = all);
+    # HR@valid_rank_k and NDCG go to the checkpoint's metrics and metrics.json's valid_curve, with
+    # the validation loss at that step. Costs a few seconds per example on a CPU.
+    valid_rank_examples: int = 0
+    valid_rank_k: int = 5
+    valid_rank_buckets: List[str] = field(default_factory=list)
+    # The adapter the stage exports: "last" (the final step) or "best_valid_hr" (the checkpoint with
+    # the highest validation HR, ties to the later step; needs valid_rank_examples > 0). The
+    # teacher-forced validation loss is no guide here: it ranked models the wrong way round (RESULTS.md).
+    export: str = "last"
 
 
 @dataclass
@@ -405,6 +417,7 @@ _CHOICES = {
     "instructions.hint_order": ("random", "usable_rate"),
     "score.mode": ("routed", "tools", "vlm", "vlm_tools"),
     "finetune.autocast": ("none", "bfloat16", "auto"),   # reasonrec.vlm.train.AUTOCAST_CHOICES
+    "finetune.export": ("last", "best_valid_hr"),
 }
 TASKS = ("sequential", "direct", "ctr", "explanation")
 EH_BUCKETS = ("low", "medium", "high")
@@ -441,13 +454,23 @@ def validate(cfg: RunConfig) -> None:
     if bad or not cfg.tools.predict_splits:
         raise ConfigError(f"config error: key 'tools.predict_splits': need a non-empty subset of train/valid/test, "
                           f"got {list(cfg.tools.predict_splits)}")
-    for key in ("planner.bypass_buckets", "planner.consult_buckets"):
+    for key in ("planner.bypass_buckets", "planner.consult_buckets", "finetune.valid_rank_buckets"):
         bad = [b for b in _get(cfg, key) if b not in EH_BUCKETS]
         if bad:
             raise ConfigError(f"config error: key '{key}': unknown bucket(s) {bad}; choose from {EH_BUCKETS}")
     for key in ("tools.holdout_items", "vlm.thought_tool_sets"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"config error: key '{key}': must be >= 0")
+    ft = cfg.finetune
+    if ft.valid_rank_examples < 0 or ft.valid_rank_k < 1:
+        raise ConfigError("config error: keys 'finetune.valid_rank_examples' (>= 0) / 'finetune.valid_rank_k' (>= 1)")
+    if ft.valid_rank_examples and not ({"sequential"} <= set(cfg.instructions.tasks)
+                                       and "valid" in cfg.instructions.splits):
+        raise ConfigError("config error: key 'finetune.valid_rank_examples': ranks sequential validation "
+                          "examples; instructions.tasks needs 'sequential' and instructions.splits 'valid'")
+    if ft.export == "best_valid_hr" and not ft.valid_rank_examples:
+        raise ConfigError("config error: key 'finetune.export': 'best_valid_hr' needs ranking validation; "
+                          "set finetune.valid_rank_examples > 0")
     if cfg.ray.data_no_progress_timeout_s < 0 and cfg.ray.data_no_progress_timeout_s != -1:
         raise ConfigError("config error: key 'ray.data_no_progress_timeout_s': seconds > 0, 0 (Ray's default) or -1 (off)")
     if cfg.instructions.tool_order and cfg.instructions.hint_order != "usable_rate":

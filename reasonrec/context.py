@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,9 @@ from reasonrec.prompts.templates import (ItemRef, PromptInputs, RenderOptions, T
                                          item_text, render_prompt)
 from reasonrec.prompts.user_desc import ItemAttributes, describe_users
 from reasonrec.vlm.config import VLMConfig
+
+if TYPE_CHECKING:   # torch and transformers load only where the VLM runs
+    from reasonrec.vlm.infer import ItemTrie
 
 
 class Catalog:
@@ -50,6 +53,17 @@ class Catalog:
 
     def photos(self, ids: Sequence[int]) -> list[bytes | None]:
         return [self.images[int(i)] for i in ids]
+
+    def text_prior(self) -> np.ndarray:
+        """Weights that split a shared text's probability among its items: training popularity,
+        + 1 so unseen items keep a share."""
+        return self.popularity.astype(np.float64) + 1.0
+
+    def trie(self, tokenizer) -> ItemTrie:
+        """The whole catalog as the VLM's constrained-decoding trie (scoring and fine-tune
+        validation rank the same items the same way)."""
+        from reasonrec.vlm.infer import ItemTrie
+        return ItemTrie(tokenizer, self.text, list(range(self.n_items)), prior=self.text_prior())
 
 
 @dataclass

@@ -222,12 +222,10 @@ class VLMAnswerer:
 
     def __init__(self, predictor, prompts: PromptBuilder, users: UserDirectory, catalog: Catalog,
                  k: int = 10, split: str = "test", batch_size: int = 4, count_flops: bool = False):
-        from reasonrec.vlm.infer import ItemTrie
         self.predictor, self.prompts, self.users, self.catalog = predictor, prompts, users, catalog
         self.k, self.split, self.batch_size, self.count_flops = k, split, max(batch_size, 1), count_flops
-        # Items sharing a title split its probability by training popularity (+1: unseen items).
-        self.prior = catalog.popularity.astype(np.float64) + 1.0
-        self.trie = ItemTrie(predictor.tok, catalog.text, list(range(catalog.n_items)), prior=self.prior)
+        self.prior = catalog.text_prior()       # items sharing a title split its probability
+        self.trie = catalog.trie(predictor.tok)
         self.calls = 0
 
     def __call__(self, routed: pa.Table) -> pa.Table:

@@ -35,10 +35,22 @@ def test_layering_order_and_overrides():
     ("tools.holdout_items=-2", "tools.holdout_items"),
     ("ray.data_no_progress_timeout_s=-5", "ray.data_no_progress_timeout_s"),
     ("instructions.tool_order=[sasrec]", "instructions.tool_order"),   # needs hint_order=usable_rate
+    ("finetune.export=best", "finetune.export"),
+    ("finetune.export=best_valid_hr", "finetune.export"),          # needs finetune.valid_rank_examples
+    ("finetune.valid_rank_buckets=[cold]", "finetune.valid_rank_buckets"),
+    ("finetune.valid_rank_k=0", "finetune.valid_rank_k"),
 ])
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(CONFIG_DIR / "quickstart.yaml", [override])
+
+
+def test_ranking_validation_needs_sequential_validation_examples():
+    ok = load_config(CONFIG_DIR / "quickstart.yaml", ["finetune.valid_rank_examples=8", "finetune.export=best_valid_hr"])
+    assert ok.finetune.export == "best_valid_hr" and ok.finetune.valid_rank_buckets == []
+    for no_rows in ("instructions.tasks=[ctr]", "instructions.splits=[train]"):
+        with pytest.raises(ConfigError, match="'finetune.valid_rank_examples'"):
+            load_config(CONFIG_DIR / "quickstart.yaml", ["finetune.valid_rank_examples=8", no_rows])
 
 
 def test_unknown_key_in_a_file_names_file_and_key(tmp_path):

@@ -22,13 +22,15 @@ from PIL import Image
 from ray_jobs import finetune, prepare
 from reasonrec import config as config_module
 from reasonrec.config import CONFIG_DIR, StorageConfig, load_config
+from reasonrec.context import Catalog
 from reasonrec.curriculum import CurriculumSampler
 from reasonrec.data.schemas import INSTRUCTIONS
 from reasonrec.io import ArtifactStore
-from reasonrec.prompts.cot import compose_target
+from reasonrec.prompts.cot import compose_target, parse_output
 from reasonrec.prompts.templates import ItemRef, PromptInputs, RenderOptions, item_text, render_prompt
 from reasonrec.vlm.builder import load_adapter
 from reasonrec.vlm.config import CurriculumConfig, VLMConfig
+from reasonrec.vlm.infer import VLMPredictor
 from reasonrec.vlm import train as train_module
 from reasonrec.vlm.train import (AUTOCAST_CHOICES, FinetuneLoop, InstructionDataset, dataset_loss, finetune_data,
                                  load_finetuned, resolve_autocast, valid_subset)
@@ -75,12 +77,14 @@ def _rows(users, titles: dict, has_photo: dict, n_train: int, n_valid: int) -> l
 
 
 def _synthetic_tables(n_train=24, n_valid=8, seed=0) -> tuple[pa.Table, pa.Table]:
+    """Instruction rows and the items table (id, photo, title) of a 12-item world."""
     rng = np.random.default_rng(seed)
     words = "rose lip tint volume mascara nail polish red shimmer face cream argan oil matte gloss".split()
     titles = {i: " ".join(rng.choice(words, 3)) for i in range(12)}
     photo = {i: i % 5 != 0 for i in range(12)}
     items = pa.table({"item_id": pa.array(range(12), pa.int64()),
-                      "image": pa.array([_png(i) if photo[i] else None for i in range(12)], pa.binary())})
+                      "image": pa.array([_png(i) if photo[i] else None for i in range(12)], pa.binary()),
+                      "title": [titles[i] for i in range(12)]})
     users = []
     for u in range(n_train + n_valid):
         hist = rng.choice(12, 4, replace=False)
@@ -130,6 +134,56 @@ def test_loop_is_deterministic_and_resumes_exactly(tmp_path):
     a, b = _trainable(straight), _trainable(resumed)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
     assert losses[-1] < losses[0]
+
+
+def _catalog(items: pa.Table) -> Catalog:
+    """The catalog of :func:`_synthetic_tables`' items (texts = their titles)."""
+    n = items.num_rows
+    return Catalog(pa.table({"item_id": items.column("item_id"), "item_key": [f"i{i}" for i in range(n)],
+                             "title": items.column("title"), "brand": pa.nulls(n, pa.string()),
+                             "categories": pa.nulls(n, pa.list_(pa.string())), "price": pa.nulls(n, pa.float64())}))
+
+
+def test_ranking_validation_ranks_the_catalog_as_scoring_does_and_leaves_training_as_it_was():
+    train, items = _synthetic_tables()
+    data = finetune_data(train, items, _catalog(items))
+    straight, losses = _loop(data), []
+    straight.train_steps(on_step=lambda m: losses.append(m.loss))
+    loop, seen = _loop(data), []
+    loop.train_steps(end_step=3, on_step=lambda m: seen.append(m.loss))
+    every = loop.validation_ranking(max_examples=0, k=12)       # k = the catalog's size: every answer ranks
+    assert loop.bundle.model.training                            # back in training mode
+    assert every["n"] == data.valid.num_rows == 8 and every["hr"] == 1.0
+    # NDCG from the answer's rank in the scoring path's own list (rank_catalog over the catalog trie).
+    predictor = VLMPredictor(loop.bundle, loop.collator)
+    valid = InstructionDataset(data.valid, data.images)
+    examples = [valid[i] for i in range(8)]
+    ranks = []
+    for ex, out in zip(examples, predictor.rank_catalog(examples, data.catalog.trie(predictor.tok), k=12)):
+        answer = parse_output(ex["target"], "sequential").answer
+        ranks.append(next(r for r, i in enumerate(out.items) if data.catalog.text[i] == answer))
+    assert every["ndcg"] == pytest.approx(np.mean(1 / np.log2(np.array(ranks) + 2)))
+    top1 = loop.validation_ranking(max_examples=0, k=1)
+    assert top1["hr"] == pytest.approx(np.mean(np.array(ranks) == 0)) == top1["ndcg"]
+    phases = data.valid.column("phase").to_pylist()
+    bucket = max(set(phases), key=phases.count)
+    assert loop.validation_ranking(0, k=3, buckets=[bucket])["n"] == phases.count(bucket)
+    assert loop.validation_ranking(3, k=3)["n"] == 3             # a seeded sample
+    with pytest.raises(ValueError, match="no sequential validation examples"):
+        loop.validation_ranking(0, k=3, buckets=["nobody"])
+    with pytest.raises(ValueError, match="needs the catalog"):
+        _loop(finetune_data(train, items), steps=1).validation_ranking(0)
+    loop.train_steps(on_step=lambda m: seen.append(m.loss))
+    assert seen == pytest.approx(losses, rel=1e-6)               # validating changed nothing in training
+
+
+def test_best_checkpoint_takes_the_highest_hr_and_the_later_step_on_ties():
+    reported = [("a", {"step": 8, "valid_hr": 0.25}), ("b", {"step": 16, "valid_hr": 0.5}),
+                ("c", {"step": 24, "valid_hr": 0.5}), ("d", {"step": 32, "valid_hr": 0.375})]
+    assert finetune.best_checkpoint(reported) == reported[2]
+    assert finetune.best_checkpoint(reported[:2] + reported[3:]) == reported[1]
+    with pytest.raises(RuntimeError, match="no checkpoint with a validation HR"):
+        finetune.best_checkpoint([("a", {"step": 8})])
 
 
 def _projection_dtypes(loop, run) -> list:
@@ -256,9 +310,11 @@ def _kill_after_a_mid_run_checkpoint(store: ArtifactStore, args: list[str], env:
 @pytest.fixture(scope="module")
 def finetuned(ray_local, tmp_path_factory):
     """prepare (real, tiny world) + a test instructions stage, then the job with 2 Ray Train
-    workers: started in a subprocess, killed after a mid-run checkpoint, run again to the end."""
+    workers, ranking validation at every checkpoint and the best one exported: started in a
+    subprocess, killed after a mid-run checkpoint, run again to the end."""
     root = tmp_path_factory.mktemp("runs")
-    overrides = ["finetune.num_workers=2", f"finetune.max_steps={STEPS}", f"finetune.checkpoint_every={EVERY}"]
+    overrides = ["finetune.num_workers=2", f"finetune.max_steps={STEPS}", f"finetune.checkpoint_every={EVERY}",
+                 "finetune.valid_rank_examples=8", "finetune.export=best_valid_hr"]
     cfg = _cfg(root, *overrides)
     prepare.run(cfg)
     store = ArtifactStore(cfg.output_root, cfg.run_name)
@@ -297,13 +353,25 @@ def test_two_workers_train_disjoint_slices_and_the_loss_drops(finetuned):
     assert s["tokens_per_s"] > 0
 
 
-def test_reloaded_adapter_reproduces_the_trained_models_validation_loss(finetuned):
+def test_every_checkpoint_is_validated_by_ranking_and_the_best_is_exported(finetuned):
+    _, s, store, _ = finetuned
+    curve = s["valid_curve"]
+    assert [e["step"] for e in curve] == list(range(EVERY, STEPS + 1, EVERY))   # across the kill and resume
+    assert all(e["n"] == 8 and 0 <= e["ndcg"] <= e["hr"] <= 1 for e in curve)  # both workers' shares summed
+    assert s["exported_step"] == max(curve, key=lambda e: (e["hr"], e["step"]))["step"]
+    assert s["valid_loss"] == curve[-1]["loss"]
+    assert store.read_json("finetune", "metrics.json")["exported_step"] == s["exported_step"]
+    assert f"exported: the adapter of step {s['exported_step']}" in finetune.format_summary(s)
+
+
+def test_reloaded_adapter_reproduces_the_exported_checkpoints_validation_loss(finetuned):
     cfg, s, store, _ = finetuned
     bundle = load_finetuned(store, cfg.vlm)
     data = finetune_data(store.read_table("instructions", "examples"), store.read_table("prepare", "items"))
     valid = InstructionDataset(data.valid, data.images)
     loss = dataset_loss(bundle, valid, valid_subset(len(valid), cfg.finetune.max_valid_examples, cfg.curriculum.seed), 2)
-    assert loss == pytest.approx(s["valid_loss"], rel=1e-4)      # computed by the Ray workers
+    exported = next(e for e in s["valid_curve"] if e["step"] == s["exported_step"])
+    assert loss == pytest.approx(exported["loss"], rel=1e-4)     # computed by the Ray workers at that step
 
 
 def test_rerun_skips(finetuned):

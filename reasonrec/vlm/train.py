@@ -34,10 +34,14 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from reasonrec.context import Catalog, load_catalog
 from reasonrec.curriculum import CurriculumSampler, make_lr_scheduler, make_optimizer, phase_at
+from reasonrec.metrics import hit_at_k, ndcg_at_k
+from reasonrec.prompts.cot import parse_output
 from reasonrec.vlm.builder import VLMBundle, build_vlm, load_adapter, save_adapter
 from reasonrec.vlm.collate import VLMCollator
 from reasonrec.vlm.config import CurriculumConfig, VLMConfig
+from reasonrec.vlm.infer import ItemTrie, VLMPredictor
 
 STAGE = "finetune"
 INSTRUCTIONS_STAGE = "instructions"
@@ -48,20 +52,22 @@ PHASE_NAMES = {1: "warmup", 2: "progressive", 3: "cold_start"}
 AUTOCAST_DTYPES = {"none": None, "bfloat16": torch.bfloat16}   # finetune.autocast -> compute dtype
 AUTOCAST_CHOICES = (*AUTOCAST_DTYPES, "auto")                  # "auto": bf16 where the hardware has it
 log = logging.getLogger(__name__)
-_COLUMNS = ["example_id", "split", "phase", "prompt", "image_items", "target"]
+_COLUMNS = ["example_id", "task", "split", "phase", "prompt", "image_items", "target"]
 
 
 # ------------------------------------------------------------------------------------ data
 @dataclass
 class FinetuneData:
-    """Instruction examples (train and valid rows, ordered by example_id) and the photos they use."""
+    """Instruction examples (train and valid rows, ordered by example_id), the photos they use and
+    the catalog (item texts and popularity) that ranking validation ranks."""
 
     train: pa.Table
     valid: pa.Table
     images: dict[int, bytes | None]
+    catalog: Catalog | None = None
 
 
-def finetune_data(examples: pa.Table, items: pa.Table) -> FinetuneData:
+def finetune_data(examples: pa.Table, items: pa.Table, catalog: Catalog | None = None) -> FinetuneData:
     """Split instruction rows by ``split`` and keep the photos of the referenced items only."""
     examples = examples.select(_COLUMNS).sort_by("example_id")
     used = pc.unique(pc.list_flatten(examples.column("image_items")))
@@ -75,14 +81,15 @@ def finetune_data(examples: pa.Table, items: pa.Table) -> FinetuneData:
     train, valid = examples.filter(pc.equal(split, "train")), examples.filter(pc.equal(split, "valid"))
     if train.num_rows == 0:
         raise ValueError("no instruction examples with split == 'train'")
-    return FinetuneData(train=train, valid=valid, images=images)
+    return FinetuneData(train=train, valid=valid, images=images, catalog=catalog)
 
 
 def load_finetune_data(store) -> FinetuneData:
-    """Read the ``instructions`` stage and the photos it references from ``prepare/items``."""
+    """Read the ``instructions`` stage, the photos it references from ``prepare/items`` and the
+    catalog's texts."""
     examples = store.read_table(INSTRUCTIONS_STAGE, INSTRUCTIONS_TABLE, columns=_COLUMNS)
     items = store.read_table("prepare", "items", columns=["item_id", "image"])
-    return finetune_data(examples, items)
+    return finetune_data(examples, items, load_catalog(store, photos=False))
 
 
 class InstructionDataset(Dataset):
@@ -197,6 +204,10 @@ class FinetuneLoop:
         self.collator = VLMCollator(self.bundle)
         self.train_set = InstructionDataset(data.train, data.images)
         self.valid_set = InstructionDataset(data.valid, data.images)
+        self.valid_task = data.valid.column("task").to_pylist()
+        self.valid_bucket = data.valid.column("phase").to_pylist()
+        self.catalog = data.catalog
+        self._ranker: tuple[VLMPredictor, ItemTrie] | None = None    # built on first use
         self.sampler = CurriculumSampler(data.train.column("phase").to_numpy(zero_copy_only=False), self.max_steps,
                                          self.per_device * self.grad_accum, cur_cfg, rank=rank, world_size=world_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -281,6 +292,47 @@ class FinetuneLoop:
         return dataset_loss(self.bundle, self.valid_set, idx[self.rank::self.world_size], self.per_device,
                             self.collator, reduce=self._all_sum)
 
+    def rank_valid_subset(self, max_examples: int, buckets: Sequence[str] = ()) -> np.ndarray:
+        """Indices (into the valid set) of the sequential validation examples ranking validation
+        scores: of the EH ``buckets`` (empty: all), a seeded sample of at most ``max_examples``."""
+        pool = np.array([i for i, (t, b) in enumerate(zip(self.valid_task, self.valid_bucket))
+                         if t == "sequential" and (not buckets or b in buckets)], np.int64)
+        return pool[valid_subset(len(pool), max_examples, self.cur.seed)]
+
+    @torch.no_grad()
+    def validation_ranking(self, max_examples: int, k: int = 5, buckets: Sequence[str] = ()) -> dict[str, float]:
+        """HR@k and NDCG@k of the model ranking the whole catalog for :meth:`rank_valid_subset`'s
+        examples, the way the scoring job ranks (``VLMPredictor.rank_catalog``: greedy thought, then
+        constrained beam search over the catalog trie; without ``thought_tool_sets`` mixing, which
+        needs the shown tools' names the instruction rows do not keep). An example is a hit at the
+        first rank whose item text is its answer's (instruction rows keep the answer's text, not its
+        item id). Each rank scores its share, summed over ranks: ``{"hr", "ndcg", "n"}``."""
+        if self.catalog is None:
+            raise ValueError("ranking validation needs the catalog: build FinetuneData with catalog=")
+        idx = self.rank_valid_subset(max_examples, buckets)
+        if len(idx) == 0:
+            raise ValueError(f"ranking validation: no sequential validation examples (EH buckets "
+                             f"{list(buckets) or 'all'}) among the {len(self.valid_set)} validation rows")
+        was_training = self.bundle.model.training
+        if self._ranker is None:
+            predictor = VLMPredictor(self.bundle, self.collator)     # puts the model in eval mode
+            self._ranker = predictor, self.catalog.trie(predictor.tok)
+        predictor, trie = self._ranker
+        self.bundle.model.eval()
+        hits = ndcg = 0.0
+        mine = idx[self.rank::self.world_size]
+        for lo in range(0, len(mine), self.per_device):
+            examples = [self.valid_set[int(i)] for i in mine[lo: lo + self.per_device]]
+            for ex, out in zip(examples, predictor.rank_catalog(examples, trie, k=k)):
+                answer = (parse_output(ex["target"], "sequential").answer or "").strip()
+                texts = [self.catalog.text[i].strip() for i in out.items[:k]]
+                r = np.array([texts.index(answer) if answer in texts else k])
+                hits += float(hit_at_k(r, k)[0])
+                ndcg += float(ndcg_at_k(r, k)[0])
+        self.bundle.model.train(was_training)
+        hits, ndcg = self._all_sum([hits, ndcg])
+        return {"hr": hits / len(idx), "ndcg": ndcg / len(idx), "n": int(len(idx))}
+
     # ----------------------------------------------------------------------- checkpoints
     def save_state(self, path: str | os.PathLike) -> None:
         """Adapter (safetensors, loadable by ``load_adapter``) + optimizer/scheduler state + step."""
@@ -332,7 +384,7 @@ def dataset_loss(bundle: VLMBundle, dataset: InstructionDataset, indices: Sequen
 def new_progress() -> dict:
     """Run record kept in every checkpoint (JSON): bounded size whatever the step count."""
     return {"step": 0, "train_seconds": 0.0, "tokens": 0, "phase_loss": {}, "log": [], "resumes": [],
-            "valid_loss_before": None, "valid_loss": None, "window": None}
+            "valid_loss_before": None, "valid_loss": None, "valid_curve": [], "window": None}
 
 
 def record_step(progress: dict, m: StepMetrics, log_every: int) -> dict | None:
@@ -367,6 +419,7 @@ def summarize(progress: dict) -> dict:
     loss_by_phase = {k: s / n for k, (s, n) in progress["phase_loss"].items() if n}
     return {"steps": progress["step"], "loss_by_phase": loss_by_phase,
             "valid_loss_before": progress["valid_loss_before"], "valid_loss": progress["valid_loss"],
+            "valid_curve": progress.get("valid_curve", []),
             "train_seconds": round(progress["train_seconds"], 2), "tokens": progress["tokens"],
             "tokens_per_s": progress["tokens"] / max(progress["train_seconds"], 1e-9),
             "log": progress["log"], "resumes": progress["resumes"]}
