@@ -153,12 +153,18 @@ def _gather(obj) -> list:
 
 
 # ------------------------------------------------------------------------------ driver
+# Options added after fine-tunes existed, at their "off" values: left out of the hashes so that a
+# run made before them is still up to date (and resumable) when they stay off.
+_OFF = {"valid_rank_examples": 0, "valid_rank_k": 5, "valid_rank_buckets": [], "export": "last"}
+
+
 def _config_hash(cfg: RunConfig, inputs: dict, with_budget: bool = True) -> str:
     """The stage's hash (``with_budget``: another time budget re-runs the stage) or, without the
     time budget, the Ray Train run's: a run stopped by its budget then continues from its last
     checkpoint when the job is started again with a larger one, instead of starting over."""
     runtime = ("log_every", "max_failures", "cpus_per_worker") + (() if with_budget else ("time_budget_s",))
-    train = {k: v for k, v in asdict(cfg.finetune).items() if k not in runtime}
+    train = {k: v for k, v in asdict(cfg.finetune).items()
+             if k not in runtime and not (k in _OFF and v == _OFF[k])}
     return section_hash({"vlm": training_config(cfg.vlm), "curriculum": section_hash(cfg.curriculum),
                          "finetune": train, "inputs": inputs})
 

@@ -186,6 +186,15 @@ def test_best_checkpoint_takes_the_highest_hr_and_the_later_step_on_ties():
         finetune.best_checkpoint([("a", {"step": 8})])
 
 
+def test_ranking_validation_options_change_the_stage_only_when_on():
+    base = finetune._config_hash(_cfg("/tmp/unused"), {})
+    assert finetune._config_hash(_cfg("/tmp/unused", "finetune.export=last", "finetune.valid_rank_k=5"), {}) == base
+    on = _cfg("/tmp/unused", "finetune.valid_rank_examples=8")
+    best = _cfg("/tmp/unused", "finetune.valid_rank_examples=8", "finetune.export=best_valid_hr")
+    assert len({base, finetune._config_hash(on, {}), finetune._config_hash(best, {})}) == 3
+    assert finetune._config_hash(best, {}, with_budget=False) != finetune._config_hash(on, {}, with_budget=False)
+
+
 def _projection_dtypes(loop, run) -> list:
     """Call ``run()``; the dtype of one attention projection's output in each forward it made."""
     seen = []
