@@ -62,7 +62,8 @@ def _train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     ft = config["finetune"]
     store = ArtifactStore(config["output_root"], config["run_name"], StorageConfig(**config["storage"]))
-    loop = FinetuneLoop(load_finetune_data(store), vlm_config_from_dict(config["vlm"]),
+    data = load_finetune_data(store, with_catalog=ft["valid_rank_examples"] > 0)   # the catalog only to rank
+    loop = FinetuneLoop(data, vlm_config_from_dict(config["vlm"]),
                         CurriculumConfig(**config["curriculum"]), max_steps=ft["max_steps"],
                         per_device_batch_size=ft["per_device_batch_size"], grad_accum=ft["grad_accum"],
                         grad_clip=ft["grad_clip"], rank=rank, world_size=world, device=ray.train.torch.get_device(),

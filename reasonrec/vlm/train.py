@@ -84,12 +84,12 @@ def finetune_data(examples: pa.Table, items: pa.Table, catalog: Catalog | None =
     return FinetuneData(train=train, valid=valid, images=images, catalog=catalog)
 
 
-def load_finetune_data(store) -> FinetuneData:
-    """Read the ``instructions`` stage, the photos it references from ``prepare/items`` and the
-    catalog's texts."""
+def load_finetune_data(store, with_catalog: bool = False) -> FinetuneData:
+    """Read the ``instructions`` stage, the photos it references from ``prepare/items`` and, for
+    ranking validation (``with_catalog``), the catalog's texts."""
     examples = store.read_table(INSTRUCTIONS_STAGE, INSTRUCTIONS_TABLE, columns=_COLUMNS)
     items = store.read_table("prepare", "items", columns=["item_id", "image"])
-    return finetune_data(examples, items, load_catalog(store, photos=False))
+    return finetune_data(examples, items, load_catalog(store, photos=False) if with_catalog else None)
 
 
 class InstructionDataset(Dataset):
