@@ -215,7 +215,7 @@ class FinetuneConfig:
     grad_accum: int = 1
     checkpoint_every: int = 50       # steps between checkpoints (ray.train.report)
     log_every: int = 10
-    time_budget_s: float = 0.0       # 0 = none; stop (and checkpoint) once exceeded
+    time_budget_s: float = 0.0       # training seconds (steps only, over resumes); 0 = none; stop (and checkpoint) once exceeded
     grad_clip: float = 1.0
     # Mixed precision: "bfloat16" runs the training forward under torch.autocast (matmuls in bf16,
     # weights, optimizer state and gradients in vlm.dtype); "none" trains in vlm.dtype. bf16 needs

@@ -252,6 +252,26 @@ def test_grad_accum_ranks_and_time_budget():
     assert stopped.train_steps(time_budget_s=1e9, elapsed_s=5.0) == 6   # a larger budget goes on
 
 
+def test_time_budget_counts_training_seconds_not_the_callbacks(monkeypatch):
+    class Clock:                       # the training loop's only clock; the test moves it
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(train_module, "time", clock)
+    seconds = []
+
+    def slow_checkpoint(m):            # an hour of checkpointing / validation after every step
+        seconds.append(m.seconds)
+        clock.now += 3600.0
+
+    loop = _loop(finetune_data(*_synthetic_tables()), steps=4)
+    assert loop.train_steps(on_step=slow_checkpoint, time_budget_s=60.0) == 4
+    assert seconds == [0.0] * 4        # the callbacks' hours are not the steps' seconds either
+
+
 def test_saved_adapter_reloads_with_identical_logits(tmp_path, s3_bucket):
     train, items = _synthetic_tables()
     data = finetune_data(train, items)

@@ -237,8 +237,12 @@ class FinetuneLoop:
     def train_steps(self, end_step: int | None = None, on_step: Callable[[StepMetrics], None] | None = None,
                     time_budget_s: float = 0.0, elapsed_s: float = 0.0) -> int:
         """Train from ``self.step`` to ``end_step`` (default: ``max_steps``). Stops early, on every
-        rank at the same step, once ``elapsed_s`` + this call's time exceeds ``time_budget_s``
-        (0 = no budget); trains nothing when ``elapsed_s`` already has. Returns the step reached."""
+        rank at the same step, once ``elapsed_s`` + this call's training seconds exceed
+        ``time_budget_s`` (0 = no budget); trains nothing when ``elapsed_s`` already has. Training
+        seconds are the steps' own, what ``StepMetrics.seconds`` reports and the job sums into
+        ``train_seconds``: time spent in ``on_step`` (checkpoints, validations) is not counted, so
+        a resumed run meets its budget at the same step as one that never stopped. Returns the
+        step reached."""
         end = self.max_steps if end_step is None else min(end_step, self.max_steps)
         if self.step >= end or (time_budget_s and elapsed_s >= time_budget_s):
             return self.step
@@ -247,7 +251,7 @@ class FinetuneLoop:
                             collate_fn=self._collate)
         micro = iter(loader)
         ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
-        t_start = time.perf_counter()
+        spent = 0.0
         self.model.train()
         for step in range(self.step, end):
             t0 = time.perf_counter()
@@ -272,7 +276,8 @@ class FinetuneLoop:
             self.optimizer.zero_grad(set_to_none=True)
             self.step = step + 1
             seconds = time.perf_counter() - t0
-            over = bool(time_budget_s) and elapsed_s + time.perf_counter() - t_start > time_budget_s
+            spent += seconds
+            over = bool(time_budget_s) and elapsed_s + spent > time_budget_s
             g_loss, g_n, g_tokens, g_over = self._all_sum([loss_sum, self.grad_accum, tokens, float(over)])
             if on_step is not None:
                 on_step(StepMetrics(step=step, phase=phase_at(step, self.max_steps, self.cur), loss=g_loss / g_n,
