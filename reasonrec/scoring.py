@@ -241,7 +241,9 @@ class VLMAnswerer:
                 answers.update(self.answer(task, [rows[i] for i in chunk], chunk))
         return to_scored(routed, answers)
 
-    def answer(self, task: str, rows: list[dict], idx: list[int]) -> dict[int, dict]:
+    def examples(self, task: str, rows: list[dict]) -> tuple[list[dict], list[list[str]]]:
+        """The VLM's examples for routed rows (prompts with the hints the router attached) and,
+        per row, the names of the tools its prompt shows."""
         examples, shown = [], []
         for r in rows:
             st = self.users.resolve(r["user_id"], r["history"], self.split)
@@ -251,6 +253,10 @@ class VLMAnswerer:
                                            item_id=r.get("item_id"), rating=r.get("rating"), hints=hints)
             examples.append(self.prompts.example(rendered))
             shown.append([h.name for h in hints])
+        return examples, shown
+
+    def answer(self, task: str, rows: list[dict], idx: list[int]) -> dict[int, dict]:
+        examples, shown = self.examples(task, rows)
         p = self.predictor
         with counted_flops(self.count_flops) as flops:
             if task == "sequential":

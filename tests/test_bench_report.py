@@ -6,6 +6,7 @@ import math
 import pyarrow as pa
 
 from bench.cold_queries import coldest
+from bench.vlm_rerank import rank_hit, reranked, split_queries, table
 from bench.vlm_vs_tools import comparison, paired, paired_by_group, stage_hits, text_agreement
 
 
@@ -93,3 +94,38 @@ def test_cold_queries_keep_the_coldest_users_of_each_task():
     out = coldest(q, users)
     got = {(t, u) for t, u in zip(out.column("task").to_pylist(), out.column("user_id").to_pylist())}
     assert got == {("sequential", u) for u in range(14, 20)} | {("direct", u) for u in (14, 16, 18)}
+
+
+def test_vlm_rerank_scores_the_tools_list_in_the_vlms_order_against_the_tools_own():
+    assert rank_hit([4, 7, 9, 1, 2, 3], 9) == (True, 0.5)         # third: 1 / log2(4)
+    assert rank_hit([4, 7, 9, 1, 2, 3], 3) == (False, 0.0)        # sixth: outside the top 5
+    tool = list(range(10, 30))
+    # user 1: the truth is the tool's 7th item and the VLM likes it best; user 2: the tool's 1st,
+    # which the VLM puts last (5th of the tool's top 5, out of the top 5 of its top 10)
+    lp1 = [0.0] * 20
+    lp1[6] = 5.0
+    lp2 = [-float(i) for i in range(20)]
+    lp2[0] = -100.0
+    recs = [{"user_id": 1, "target": 16, "tool_items": tool, "vlm_logprob": lp1},
+            {"user_id": 2, "target": 10, "tool_items": tool, "vlm_logprob": lp2}]
+    assert reranked(recs[0], 10)[0] == 16 and reranked(recs[0], 5) == tool[:5]   # ties keep the tool's order
+    assert reranked(recs[1], 5) == [11, 12, 13, 14, 10]
+    rows = {r["model"]: r for r in table(recs, "sas", 20, {"ref": {1: [16], 2: []}})}
+    assert list(rows) == ["sas (its own order)", "VLM reranks sas's top 5", "VLM reranks sas's top 10",
+                          "VLM reranks sas's top 20", "ref"]
+    own = rows["sas (its own order)"]
+    assert (own["hits"], own["hr@5"], own["ndcg@5"]) == (1, 0.5, 0.5) and own["only_it"] == own["only_sas"] == 0
+    top5 = rows["VLM reranks sas's top 5"]
+    assert top5["hits"] == 1 and top5["ndcg@5"] == round(1 / math.log2(6) / 2, 4)  # user 2's truth fell to 5th
+    top10 = rows["VLM reranks sas's top 10"]
+    assert (top10["hits"], top10["only_it"], top10["only_sas"]) == (1, 1, 1)   # wins user 1, loses user 2
+    assert (rows["ref"]["hits"], rows["ref"]["only_it"], rows["ref"]["only_sas"]) == (1, 1, 1)
+
+
+def test_vlm_rerank_queries_take_the_splits_item_as_their_target():
+    q = pa.table({"query_id": [1, 2, 3, 4], "task": ["sequential", "sequential", "direct", "sequential"],
+                  "user_id": [7, 8, 7, 9], "target": [70, 80, 70, 90]})
+    loo = {7: {"valid_item": 5, "test_item": 70}, 8: {"valid_item": None, "test_item": 80}, 9: {"valid_item": 6, "test_item": 90}}
+    v = split_queries(q, loo, "valid")
+    assert v.column("query_id").to_pylist() == [1, 4] and v.column("target").to_pylist() == [5, 6]
+    assert split_queries(q, loo, "test").column("target").to_pylist() == [70, 80, 90]
