@@ -116,6 +116,8 @@ def synthetic_references(cfg, store, loo: dict, records: list[dict], split: str)
 
 
 def table(records: list[dict], tool: str, pool: int, references: dict) -> list[dict]:
+    """One row per ranking (the tool's order, the VLM's reranks, the references): hits, HR@K and
+    NDCG@K, and against the tool's own order the users only it / only the tool hits, McNemar's p."""
     lists = {f"{tool} (its own order)": {r["user_id"]: r["tool_items"] for r in records}}
     for n in sorted({PAIRED_K, 10, pool} & set(range(PAIRED_K, pool + 1))):
         lists[f"VLM reranks {tool}'s top {n}"] = {r["user_id"]: reranked(r, n) for r in records}

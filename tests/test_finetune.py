@@ -314,7 +314,9 @@ def _kill_after_a_mid_run_checkpoint(store: ArtifactStore, args: list[str], env:
     """Run the job in a subprocess until Ray Train has *registered* a mid-run checkpoint (named in
     its snapshot: only those are restored), then SIGKILL it. Returns that checkpoint's step."""
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    seen, deadline = None, time.time() + 150
+    # A bound for a hung job, not a speed check: the loop returns at the first registered
+    # checkpoint (150 s was once too short with the 2 CPUs shared with another job).
+    seen, deadline = None, time.time() + 600
     try:
         while seen is None and time.time() < deadline and proc.poll() is None:
             for snap in store.fs.glob(store.path("_ray_train", "*", "checkpoint_manager_snapshot.json")):
