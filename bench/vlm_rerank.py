@@ -36,6 +36,7 @@ from ray_jobs.score import score_queries
 from reasonrec.config import load_config
 from reasonrec.data.sources.synthetic import item_key, oracle_next_item_scores, user_key
 from reasonrec.io import ArtifactStore
+from reasonrec.metrics import hit_at_k, ndcg_at_k
 from reasonrec.scoring import build_router, build_vlm_answerer
 
 SPLIT_TARGET = {"valid": "valid_item", "test": "test_item"}
@@ -44,9 +45,8 @@ SPLIT_TARGET = {"valid": "valid_item", "test": "test_item"}
 def rank_hit(order, target, k: int = PAIRED_K) -> tuple[bool, float]:
     """HR@k hit and NDCG@k gain of one ranked list."""
     top = list(order[:k])
-    if target not in top:
-        return False, 0.0
-    return True, float(1.0 / np.log2(top.index(target) + 2))
+    rank = top.index(target) if target in top else k     # k: outside the top k
+    return bool(hit_at_k(rank, k)), float(ndcg_at_k(rank, k))
 
 
 def reranked(rec: dict, n: int) -> list[int]:
