@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(VARIANT)
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart test test-fast clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ quickstart: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -x --durations=15 tests
+
+# Unit tests only: no Ray cluster, no subprocess jobs (tests/conftest.py marks the others `ray`).
+test-fast: setup
+	HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -x -m "not ray" --durations=10 tests
 
 clean:
 	rm -rf $(VENV) runs

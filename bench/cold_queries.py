@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from ray_jobs import evaluate
 from ray_jobs.score import score_queries
 from reasonrec.config import load_config
-from reasonrec.io import ArtifactStore
+from reasonrec.io import open_store
 from reasonrec.metrics import COLD_START_AGGREGATES
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     cfg = load_config(a.config, list(a.overrides))
-    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    store = open_store(cfg)
     users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
     queries = score_queries(cfg, store)
     out = coldest(queries, users)

@@ -25,7 +25,7 @@ import time
 from bench.report import markdown_table, system_metric, variant_args
 from ray_jobs import build_instructions, evaluate, finetune, score
 from reasonrec.config import load_config
-from reasonrec.io import ArtifactStore
+from reasonrec.io import open_store
 
 VARIANTS = {
     "curriculum": [],
@@ -40,14 +40,14 @@ SCORING = ["score.mode=vlm", "planner.vlm_aware=false", "score.count_flops=false
 def main() -> None:
     a = variant_args(VARIANTS)
     base_cfg = load_config(a.config, list(a.overrides))
-    base = ArtifactStore(base_cfg.output_root, base_cfg.run_name, base_cfg.storage)
+    base = open_store(base_cfg)
     for stage in SHARED_STAGES:
         base.require(stage)
     rows = []
     for name in a.variants.split(","):
         run_name = f"{base_cfg.run_name}-ablation-{name}"
         cfg = load_config(a.config, list(a.overrides) + VARIANTS[name] + SCORING + [f"run_name={run_name}"])
-        store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+        store = open_store(cfg)
         for stage in SHARED_STAGES:
             if store.manifest(stage) is None:
                 store.fs.copy(base.path(stage), store.path(stage), recursive=True)

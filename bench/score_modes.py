@@ -32,7 +32,7 @@ import time
 from bench.report import markdown_table, system_metric, variant_args
 from ray_jobs import evaluate, score
 from reasonrec.config import load_config
-from reasonrec.io import ArtifactStore
+from reasonrec.io import open_store
 
 VARIANTS = {
     "routed": [],
@@ -61,7 +61,7 @@ def main() -> None:
     for name in a.variants.split(","):
         extra = VARIANTS[name]
         cfg = load_config(a.config, list(a.overrides) + extra + [f"score.stage_name=bench_{name}"])
-        store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+        store = open_store(cfg)
         # Fit (or find) the planner outside the timer: tool_choice is part of the fit, so the
         # strategy variants each fit their own; the scoring timed below does not include it.
         score.fit_planner(cfg)

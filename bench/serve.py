@@ -145,10 +145,10 @@ def main(argv=None) -> int:
 
     from reasonrec.config import load_config
     from reasonrec.data.schemas import QUERIES
-    from reasonrec.io import ArtifactStore
+    from reasonrec.io import open_store
     from reasonrec.scoring import build_router
     cfg = load_config(args.config, [*args.overrides, f"serve.port={_free_port()}", "serve.host=127.0.0.1"])
-    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    store = open_store(cfg)
     by_task: dict[str, list[dict]] = {}
     for q in store.read_table("score", "queries").to_pylist():
         by_task.setdefault(q["task"], []).append(q)

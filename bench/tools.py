@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from reasonrec.config import load_config
-from reasonrec.io import ArtifactStore
+from reasonrec.io import ArtifactStore, open_store
 from reasonrec.runtime import init_ray
 
 TRAIN_TOOLS = ["sasrec", "lightsans", "gru4rec", "bpr_mf", "bpr_mlp", "lightgcn", "dlrm", "dcnv2", "xdeepfm",
@@ -171,7 +171,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     cfg = load_config(a.config, a.overrides)
-    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    store = open_store(cfg)
     report: dict = {"args": vars(a)}
     parts = a.parts.split(",")
     if "training" in parts:

@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 
 from reasonrec.config import CONFIG_DIR, load_config  # noqa: E402
 from reasonrec.data.schemas import INSTRUCTIONS, ITEMS, conform  # noqa: E402
-from reasonrec.io import ArtifactStore  # noqa: E402
+from reasonrec.io import ArtifactStore, open_store  # noqa: E402
 from reasonrec.prompts.cot import compose_target  # noqa: E402
 from reasonrec.prompts.templates import ItemRef, PromptInputs, RenderOptions, render_prompt  # noqa: E402
 
@@ -104,7 +104,7 @@ def main() -> None:
         cfg = load_config(CONFIG_DIR / PRESET[model], base + [f"run_name=inputs-{model}"])
         if model == "small":
             build_vlm(cfg.vlm, lora=False)   # convert the GGUF once into the cache, outside the timings
-        inputs = ArtifactStore(cfg.output_root, cfg.run_name)
+        inputs = open_store(cfg)
         if inputs.manifest("instructions") is None:
             v = cfg.vlm
             write_inputs(inputs, RenderOptions(max_history_items=v.max_history_items,

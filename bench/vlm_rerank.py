@@ -35,7 +35,7 @@ from bench.vlm_vs_tools import PAIRED_K, paired
 from ray_jobs.score import score_queries
 from reasonrec.config import load_config
 from reasonrec.data.sources.synthetic import item_key, oracle_next_item_scores, user_key
-from reasonrec.io import ArtifactStore
+from reasonrec.io import open_store
 from reasonrec.metrics import hit_at_k, ndcg_at_k
 from reasonrec.scoring import build_router, build_vlm_answerer
 
@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     cfg = load_config(a.config, list(a.overrides) + ["score.mode=vlm_tools"])
-    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    store = open_store(cfg)
     loo = {r["user_id"]: r for r in store.read_table("prepare", "loo").to_pylist()}
     preds = store.read_table("train_tools", "predictions")
     preds = preds.filter(pc.equal(preds.column("tool"), a.tool))

@@ -30,7 +30,7 @@ from bench.report import markdown_table, system_metric
 from ray_jobs import evaluate
 from reasonrec.config import load_config
 from reasonrec.context import load_catalog
-from reasonrec.io import ArtifactStore
+from reasonrec.io import ArtifactStore, open_store
 from reasonrec.metrics import COLD_START_AGGREGATES
 
 PAIRED_K = 5
@@ -136,7 +136,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     cfg = load_config(a.config, list(a.overrides))
-    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    store = open_store(cfg)
     users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
     preds, queries = store.read_table(a.stage, "predictions"), store.read_table(a.stage, "queries")
     vlm = evaluate.system_records(preds, queries, users, cfg, model="VLM")

@@ -2,9 +2,12 @@
 # Submit a stage with `ray job submit` to a separate local Ray head on 127.0.0.1, exactly as one
 # submits to a cluster (the automated version is tests/test_job_submit.py). Run from anywhere:
 #
-#   cluster/local_job_submit.sh [OUTPUT_ROOT] [-- ENTRYPOINT...]
+#   cluster/local_job_submit.sh [COPY_TO] [-- ENTRYPOINT...]
 #
-# Default entrypoint: prepare on a tiny synthetic world into OUTPUT_ROOT (default: a new temp dir).
+# Default entrypoint: prepare on a tiny synthetic world with the relative `output_root=runs`, which
+# a submitted job resolves against ITS working directory (the project as uploaded by --working-dir,
+# unpacked on the head); the run is copied from there to COPY_TO (default: a new temp dir) before
+# the head, and its temp dir, go away. On a real cluster use a shared or s3:// output_root instead.
 #
 # The head gets its own --temp-dir and free ports, and only ITS processes are stopped at the end
 # (its process group): never `ray stop` on a shared machine, it stops every Ray on the host.
@@ -24,7 +27,7 @@ OUT="${1:-$(mktemp -d /tmp/rrjob-out.XXXXXX)}"
 [ "$#" -gt 0 ] && shift
 [ "${1:-}" = "--" ] && shift
 if [ "$#" -eq 0 ]; then
-  set -- python -m ray_jobs.prepare --config configs/quickstart.yaml "output_root=$OUT" run_name=jobtest \
+  set -- python -m ray_jobs.prepare --config configs/quickstart.yaml output_root=runs run_name=jobtest \
     data.sources.0.synthetic.n_users=60 data.sources.0.synthetic.n_items=30 \
     data.direct_negatives=5 ray.shuffle_partitions=2
 fi
@@ -76,5 +79,9 @@ for attempt in $(seq 12); do
 done
 [ "$rc" -eq 0 ] || exit "$rc"
 
+# A relative output_root wrote into the job's working directory under the head's temp dir.
+mkdir -p "$OUT"
+find "$TMP" -path "*/working_dir_files/*/runs/*/*/_manifest.json" -printf '%h\n' 2>/dev/null | xargs -r -n1 dirname \
+  | sort -u | while read -r run_dir; do cp -r "$run_dir" "$OUT/"; done
 echo "outputs under: $OUT"
 ls "$OUT"/*/ 2>/dev/null || true

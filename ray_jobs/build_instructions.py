@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from ray_jobs.common import arrow_blocks, write_dataset
 from reasonrec.config import RunConfig, parse_cli, section_hash
 from reasonrec.data.schemas import INSTRUCTIONS
-from reasonrec.io import ArtifactStore
+from reasonrec.io import open_store
 
 STAGE = "instructions"
 log = logging.getLogger("reasonrec.build_instructions")
@@ -36,7 +36,7 @@ class _Context:
         from reasonrec.prompts.templates import TemplateSampler
 
         self.cfg = cfg
-        self.store = store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+        self.store = store = open_store(cfg)
         ic = cfg.instructions
         sampler = TemplateSampler(ic.template_mixture, ic.single_template, ic.seed)
         self.catalog, self.users, self.prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds, sampler,
@@ -82,7 +82,7 @@ def config_hash(cfg: RunConfig) -> str:
 def run(cfg: RunConfig, force: bool = False) -> dict:
     from reasonrec.runtime import init_ray
     t0 = time.time()
-    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    store = open_store(cfg)
     inputs = {"prepare": store.require("prepare").fingerprint, "train_tools": store.require("train_tools").fingerprint}
     chash = config_hash(cfg)
     if not force and store.is_done(STAGE, chash, inputs):

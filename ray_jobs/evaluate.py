@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from reasonrec.config import RunConfig, parse_cli, section_hash
-from reasonrec.io import ArtifactStore
+from reasonrec.io import ArtifactStore, open_store
 from reasonrec.metrics import breakdown, breakdown_fn, cold_start_groups, ctr_metrics, hit_at_k, ndcg_at_k
 from reasonrec.runtime import init_ray
 
@@ -410,7 +410,7 @@ def plots(records: list[dict], writer) -> list[str]:
 def run(cfg: RunConfig, force: bool = False) -> dict:
     init_ray(cfg.ray)
     t0 = time.time()
-    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    store = open_store(cfg)
     tools = store.require("train_tools")
     prep = store.require("prepare")
     inputs = {"prepare": prep.fingerprint, "train_tools": tools.fingerprint}

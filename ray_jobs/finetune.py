@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict
 
 from reasonrec.config import RunConfig, parse_cli, section_hash
-from reasonrec.io import ArtifactStore
+from reasonrec.io import ArtifactStore, open_store
 from reasonrec.runtime import init_ray
 from reasonrec.vlm.train import ADAPTER_DIR, INSTRUCTIONS_STAGE, STAGE, training_config
 
@@ -170,20 +170,13 @@ def _config_hash(cfg: RunConfig, inputs: dict, with_budget: bool = True) -> str:
                          "finetune": train, "inputs": inputs})
 
 
-def _worker_vlm(cfg: RunConfig) -> dict:
-    d = asdict(cfg.vlm)
-    if d["cache_dir"]:   # workers need not share the driver's working directory
-        d["cache_dir"] = os.path.abspath(d["cache_dir"])
-    return d
-
-
 def run(cfg: RunConfig, force: bool = False) -> dict:
     init_ray(cfg.ray)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t_start = time.time()
-    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    store = open_store(cfg)
     # Photos come from prepare/items, the examples from instructions: both are inputs.
     inputs = {INSTRUCTIONS_STAGE: store.require(INSTRUCTIONS_STAGE).fingerprint,
               "prepare": store.require("prepare").fingerprint}
@@ -195,7 +188,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     ft = cfg.finetune
     train_cfg = {"output_root": cfg.output_root, "run_name": cfg.run_name,
                  "storage": {"s3_endpoint_url": cfg.storage.s3_endpoint_url, "s3_anon": cfg.storage.s3_anon},
-                 "vlm": _worker_vlm(cfg), "curriculum": asdict(cfg.curriculum), "finetune": asdict(ft)}
+                 "vlm": asdict(cfg.vlm), "curriculum": asdict(cfg.curriculum), "finetune": asdict(ft)}
     best = {"checkpoint_score_attribute": VALID_HR, "checkpoint_score_order": "max"} if ft.export != "last" else {}
     storage_path = store.url("_ray_train") if store.scheme else store.path("_ray_train")
     train_name = f"finetune-{_config_hash(cfg, inputs, with_budget=False)}"

@@ -27,7 +27,7 @@ from reasonrec.data import prepare as P
 from reasonrec.data import schemas
 from reasonrec.data.evidence import BUCKETS, bucket, fit_normalizer
 from reasonrec.data.sources import Source, get_source
-from reasonrec.io import ArtifactStore
+from reasonrec.io import open_store
 from reasonrec.runtime import init_ray
 
 STAGE = "prepare"
@@ -213,7 +213,7 @@ def _count_values(t: pa.Table) -> pa.Table:
 def run(cfg: RunConfig, force: bool = False) -> dict:
     ray = init_ray(cfg.ray)
     t_start = time.time()
-    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    store = open_store(cfg)
     sources = [get_source(s, cfg.storage) for s in cfg.data.sources]
     config_hash = section_hash(cfg.data)
     inputs = {f"source:{s.cfg.domain}": s.fingerprint() for s in sources}

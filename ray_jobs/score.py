@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from ray_jobs.common import arrow_blocks
 from reasonrec.config import RunConfig, parse_cli, planner_warnings, section_hash
 from reasonrec.data.schemas import QUERIES
-from reasonrec.io import ArtifactStore, TMP_DIR
+from reasonrec.io import ArtifactStore, TMP_DIR, open_store
 
 PLANNER_STAGE = "planner"
 # Bump when the VLM-aware criterion changes, so fitted planners are refitted (2: CTR by AUC; 3: small buckets pooled).
@@ -47,7 +47,7 @@ class QueryFileError(ValueError):
 
 # ------------------------------------------------------------------------------ actors
 def _store(cfg: RunConfig) -> ArtifactStore:
-    return ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    return open_store(cfg)
 
 
 class _PlannerFeatures:

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from ray_jobs.common import write_dataset
 from reasonrec.config import RunConfig, parse_cli, section_hash
-from reasonrec.io import ArtifactStore
+from reasonrec.io import ArtifactStore, open_store
 from reasonrec.runtime import init_ray
 from reasonrec.tools.predict import CTR_PREDICTIONS, PREDICTIONS
 
@@ -206,7 +206,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     from ray.train.torch import TorchTrainer
 
     t_start = time.time()
-    store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    store = open_store(cfg)
     prep = store.require("prepare")
     names = _tool_order(list(cfg.tools.enabled), cfg.tools.ensemble)
     tc = cfg.tools

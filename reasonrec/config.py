@@ -408,7 +408,64 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     except OmegaConfBaseException as exc:
         raise _format_error(exc, str(path)) from None
     validate(obj)
-    return obj
+    return resolve_paths(obj)
+
+
+# ------------------------------------------------------------------------------------ paths
+def _is_url(value: str) -> bool:
+    return "://" in value
+
+
+def _local_model_dir(value: str, base: str) -> bool:
+    """``vlm.model`` names a built-in ("tiny", "small"), a hub id ("org/name") or a local folder;
+    only the last is a path. A hub id is left alone unless a folder of that name exists."""
+    import os
+    if value in ("tiny", "small") or _is_url(value):
+        return False
+    return value.startswith((".", "/", "~")) or os.path.isdir(os.path.join(base, os.path.expanduser(value)))
+
+
+def _path_fields(cfg: RunConfig) -> list[tuple[str, Any, str]]:
+    """(dotted key, owning dataclass, attribute) of every config value that names a local file or
+    folder. The one list of them: :func:`resolve_paths` and :func:`config_paths` read it."""
+    out: list[tuple[str, Any, str]] = [("output_root", cfg, "output_root"),
+                                       ("score.queries_path", cfg.score, "queries_path"),
+                                       ("vlm.cache_dir", cfg.vlm, "cache_dir")]
+    for i, src in enumerate(cfg.data.sources):
+        out += [(f"data.sources.{i}.path", src, "path"), (f"data.sources.{i}.images_dir", src, "images_dir")]
+    return out
+
+
+def resolve_paths(cfg: RunConfig, base: str | None = None) -> RunConfig:
+    """Make every local path of ``cfg`` absolute against ``base`` (default: the working directory).
+
+    Called once, on the driver, by :func:`load_config`: Ray Train workers, Ray Data tasks and actors
+    and Serve replicas run in other working directories (a Train worker's is the Ray session's
+    ``artifacts/<run>`` folder), so a relative path would name another place there. Under
+    ``ray job submit`` the driver runs in the job's working directory (``--working-dir``), so a
+    relative path means a path inside it. ``s3://`` (any URL) is left as it is; ``~`` is expanded.
+    Idempotent; changes ``cfg`` in place and returns it."""
+    import os
+    base = os.path.abspath(base or os.getcwd())
+
+    def absolute(value: str) -> str:
+        return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+    for _, owner, attr in _path_fields(cfg):
+        value = getattr(owner, attr)
+        if value and not _is_url(value):
+            setattr(owner, attr, absolute(value))
+    if cfg.vlm.model and _local_model_dir(cfg.vlm.model, base):
+        cfg.vlm.model = absolute(cfg.vlm.model)
+    return cfg
+
+
+def config_paths(cfg: RunConfig) -> dict[str, str]:
+    """The config's file and folder locations (set ones only), as stage manifests record them."""
+    out = {key: getattr(owner, attr) for key, owner, attr in _path_fields(cfg) if getattr(owner, attr)}
+    if cfg.vlm.model.startswith("/"):
+        out["vlm.model"] = cfg.vlm.model
+    return out
 
 
 _CHOICES = {

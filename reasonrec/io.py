@@ -18,7 +18,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -26,6 +26,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from reasonrec.config import StorageConfig
+
+if TYPE_CHECKING:
+    from reasonrec.config import RunConfig
 
 MANIFEST = "_manifest.json"
 TMP_DIR = "_tmp"
@@ -72,6 +75,7 @@ class Manifest:
     rows: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=versions)
+    paths: dict[str, str] = field(default_factory=dict)   # the config's (absolute) locations
     created_at: float = field(default_factory=time.time)
     duration_s: float = 0.0
 
@@ -88,12 +92,19 @@ class Manifest:
 class ArtifactStore:
     """Paths, Parquet I/O and manifests under one run root (local or s3://)."""
 
-    def __init__(self, output_root: str, run_name: str, storage: StorageConfig | None = None):
+    def __init__(self, output_root: str, run_name: str, storage: StorageConfig | None = None,
+                 paths: dict[str, str] | None = None):
+        if "://" not in output_root and not posixpath.isabs(output_root):
+            # A relative root means another folder in each Ray worker's working directory; the
+            # config's paths are made absolute once, on the driver (reasonrec.config.resolve_paths).
+            raise ValueError(f"output_root must be absolute or an s3:// URL, got {output_root!r} "
+                             f"(load the config with reasonrec.config.load_config, which resolves it)")
         self.storage = storage or StorageConfig()
         self.fs, root = filesystem(output_root, self.storage)
         self.scheme = "s3://" if output_root.startswith("s3://") else ""
-        self.root = posixpath.join(root, run_name) if self.scheme else _abspath(root, run_name)
+        self.root = posixpath.join(root, run_name)
         self.arrow_fs = arrow_filesystem(self.fs)
+        self.paths = dict(paths or {})   # the config's locations, recorded in every manifest
 
     # ------------------------------------------------------------------------------ paths
     def path(self, *parts: str) -> str:
@@ -147,9 +158,11 @@ class ArtifactStore:
             return json.load(f)
 
 
-def _abspath(root: str, run_name: str) -> str:
-    import os
-    return os.path.abspath(os.path.join(root, run_name))
+def open_store(cfg: "RunConfig") -> ArtifactStore:
+    """The artifact store of ``cfg``'s run (``{output_root}/{run_name}``), its manifests recording
+    the config's resolved file and folder locations."""
+    from reasonrec.config import config_paths
+    return ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage, paths=config_paths(cfg))
 
 
 class StageWriter:
@@ -159,7 +172,7 @@ class StageWriter:
         self.store = store
         self.stage = stage
         self.tmp = store.path(TMP_DIR, f"{stage}-{uuid.uuid4().hex[:12]}")
-        self.manifest = Manifest(stage=stage, config_hash=config_hash, inputs=dict(inputs))
+        self.manifest = Manifest(stage=stage, config_hash=config_hash, inputs=dict(inputs), paths=dict(store.paths))
         self._t0 = time.time()
         store.fs.makedirs(self.tmp, exist_ok=True)
 

@@ -91,13 +91,37 @@ TINY_RUN = [
 @pytest.fixture(scope="session")
 def tiny_run(ray_local, tmp_path_factory):
     """(cfg, store) of a finished tiny run: prepare -> train_tools -> build_instructions ->
-    finetune -> score -> evaluate."""
+    finetune -> score -> evaluate.
+
+    Built as a user runs the main command: from the working directory the run lives in, with the
+    default relative ``output_root: runs``. Ray Train workers, Ray Data tasks and actors work in
+    other directories, so every stage here checks that the config's paths were resolved on the
+    driver (tests/test_paths.py checks where the files went)."""
+    import contextlib
+
     from ray_jobs import pipeline
     from reasonrec.config import CONFIG_DIR, load_config
-    from reasonrec.io import ArtifactStore
+    from reasonrec.io import open_store
 
-    root = tmp_path_factory.mktemp("tiny-run")
-    cfg = load_config(CONFIG_DIR / "quickstart.yaml", TINY_RUN + [f"output_root={root}"])
-    for _, stage in pipeline.STAGES:
-        stage.run(cfg)
-    return cfg, ArtifactStore(cfg.output_root, cfg.run_name)
+    workdir = tmp_path_factory.mktemp("tiny-run")
+    with contextlib.chdir(workdir):
+        cfg = load_config(CONFIG_DIR / "quickstart.yaml", TINY_RUN + ["output_root=runs"])
+        for _, stage in pipeline.STAGES:
+            stage.run(cfg)
+    return cfg, open_store(cfg)
+
+
+# Tests that need a Ray cluster (the session's, or one of their own) are marked ``ray``;
+# `make test-fast` runs the others alone (`pytest -m "not ray"`).
+_RAY_FIXTURES = {"ray_local", "tiny_run"}
+_RAY_MODULES = {"test_job_submit"}   # starts its own head with `ray start`
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ray: needs a Ray cluster (the session's or its own); slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _RAY_FIXTURES & set(item.fixturenames) or item.module.__name__ in _RAY_MODULES:
+            item.add_marker(pytest.mark.ray)

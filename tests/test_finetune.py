@@ -25,7 +25,7 @@ from reasonrec.config import CONFIG_DIR, StorageConfig, load_config
 from reasonrec.context import Catalog
 from reasonrec.curriculum import CurriculumSampler
 from reasonrec.data.schemas import INSTRUCTIONS
-from reasonrec.io import ArtifactStore
+from reasonrec.io import ArtifactStore, open_store
 from reasonrec.prompts.cot import compose_target, parse_output
 from reasonrec.prompts.templates import ItemRef, PromptInputs, RenderOptions, item_text, render_prompt
 from reasonrec.vlm.builder import load_adapter
@@ -348,7 +348,7 @@ def finetuned(ray_local, tmp_path_factory):
                  "finetune.valid_rank_examples=8", "finetune.export=best_valid_hr"]
     cfg = _cfg(root, *overrides)
     prepare.run(cfg)
-    store = ArtifactStore(cfg.output_root, cfg.run_name)
+    store = open_store(cfg)
     write_instructions(store)
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     seen = _kill_after_a_mid_run_checkpoint(store, [
@@ -416,7 +416,7 @@ def test_a_run_stopped_by_its_time_budget_continues_with_a_larger_one(ray_local,
     steps = ["finetune.max_steps=6", "finetune.checkpoint_every=100"]
     cfg = _cfg(root, *steps, "finetune.time_budget_s=0.001")
     prepare.run(cfg)
-    store = ArtifactStore(cfg.output_root, cfg.run_name)
+    store = open_store(cfg)
     write_instructions(store)
     stopped = finetune.run(cfg)
     assert stopped["steps"] == 1 and stopped["resumes"] == []

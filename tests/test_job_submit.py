@@ -99,8 +99,8 @@ def _stop_head(pgid: int, markers: list[str]) -> list[int]:
 
 @contextlib.contextmanager
 def local_head(markers: list[str], attempts: int = 2):
-    """A Ray head on 127.0.0.1 with its own temp dir and free ports; yields the job API address
-    and the environment for its clients.
+    """A Ray head on 127.0.0.1 with its own temp dir and free ports; yields the job API address,
+    the environment for its clients and the head's temp dir.
     A start that fails (on a loaded machine the raylet can abort while the dashboard agent is
     still importing) is cleaned up and tried once more on fresh ports."""
     env = _env()
@@ -120,7 +120,7 @@ def local_head(markers: list[str], attempts: int = 2):
             except subprocess.TimeoutExpired:
                 start_log = "ray start timed out"
             if head.returncode == 0:
-                yield f"http://127.0.0.1:{dash_port}", env
+                yield f"http://127.0.0.1:{dash_port}", env, temp_dir
                 return
             if attempt == attempts - 1:
                 raise AssertionError(f"ray start failed {attempts} times; last:\n{start_log[-4000:]}")
@@ -130,10 +130,13 @@ def local_head(markers: list[str], attempts: int = 2):
             assert not survivors, f"processes of the test head survived: {survivors}"
 
 
-def test_ray_job_submit_prepare(tmp_path):
-    out = tmp_path / "out"
+def test_ray_job_submit_prepare():
+    """Submitted with a relative ``output_root``: the job's driver runs in the job's working
+    directory (the project, unpacked on the head) and its Ray Data tasks elsewhere; the run lands
+    in the working directory, where the manifest says it is."""
+    run = f"jobrun-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
-    with local_head([str(out)]) as (address, env):
+    with local_head([run]) as (address, env, temp_dir):
         t_head = time.monotonic() - t0
         runtime_env = {"excludes": EXCLUDES, "env_vars": {"HF_HUB_OFFLINE": "1"}}
         # `ray start` returns before the head's dashboard agent has registered; until it has, the
@@ -145,7 +148,7 @@ def test_ray_job_submit_prepare(tmp_path):
                 [RAY, "job", "submit", "--address", address, "--submission-id", sid, "--working-dir", ".",
                  "--runtime-env-json", json.dumps(runtime_env), "--",
                  "python", "-m", "ray_jobs.prepare", "--config", "configs/quickstart.yaml",
-                 f"output_root={out}", "run_name=jobtest", *TINY],
+                 "output_root=runs", f"run_name={run}", *TINY],
                 cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
             log = submit.stdout + submit.stderr
             if submit.returncode == 0 or "No available agent to submit job" not in log:
@@ -168,10 +171,14 @@ def test_ray_job_submit_prepare(tmp_path):
         assert info["driver_info"] is not None, info
         assert info["entrypoint"].startswith("python -m ray_jobs.prepare")
 
-        stage = out / "jobtest" / "prepare"
+        # The job's working directory: the uploaded project, unpacked under the head's temp dir.
+        (stage,) = {p.parent.resolve() for p in Path(temp_dir).rglob(f"runs/{run}/prepare/_manifest.json")}
+        workdir = stage.parents[2]
+        assert (workdir / "ray_jobs" / "prepare.py").is_file() and "working_dir_files" in workdir.parts
         manifest = json.loads((stage / "_manifest.json").read_text())
         summary = json.loads((stage / "summary.json").read_text())
         assert summary["n_users"] == 60 and manifest["rows"]["users"] == 60
         assert manifest["stage"] == "prepare" and manifest["metrics"]["n_users"] == 60
+        assert manifest["paths"]["output_root"] == str(workdir / "runs")
         assert {"items", "interactions", "users", "loo", "quarantine"} <= set(manifest["rows"])
         print(f"head start {t_head:.1f}s, head + job {time.monotonic() - t0:.1f}s, submit attempts {attempt + 1}")

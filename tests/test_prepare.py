@@ -12,7 +12,7 @@ import pytest
 from ray_jobs import prepare as job
 from reasonrec.config import CONFIG_DIR, load_config
 from reasonrec.data import prepare as P
-from reasonrec.io import ArtifactStore
+from reasonrec.io import open_store
 
 TINY = ["data.sources.0.synthetic.n_users=150", "data.sources.0.synthetic.n_items=60",
         "ray.shuffle_partitions=2", "data.direct_negatives=20"]
@@ -23,7 +23,7 @@ def synthetic_run(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", TINY + [f"output_root={root}"])
     summary = job.run(cfg)
-    return cfg, summary, ArtifactStore(cfg.output_root, cfg.run_name)
+    return cfg, summary, open_store(cfg)
 
 
 def _tables(store, *names):
@@ -148,7 +148,7 @@ def synthetic_rerun(ray_local, tmp_path_factory):
         job.run(cfg)
     finally:
         job.BROADCAST_MAX_KEYS = broadcast_max
-    return ArtifactStore(cfg.output_root, cfg.run_name)
+    return open_store(cfg)
 
 
 @pytest.mark.parametrize("table,key", [("users", ["user_id"]), ("items", ["item_id"]), ("loo", ["user_id"]),
@@ -305,7 +305,7 @@ def s3_multi_run(ray_local, s3_endpoint, tmp_path_factory):
     ]
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", overrides)
     s = job.run(cfg)
-    return cfg, s, ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    return cfg, s, open_store(cfg)
 
 
 def test_corrupt_rows_are_quarantined_with_reasons(s3_multi_run):

@@ -19,7 +19,7 @@ from ray_jobs import score
 from reasonrec.config import CONFIG_DIR, load_config
 from reasonrec.context import load_context
 from reasonrec.data.schemas import QUERIES
-from reasonrec.io import TMP_DIR
+from reasonrec.io import TMP_DIR, open_store
 from reasonrec.planner import load_planners, load_toolbox
 from reasonrec.prompts.templates import TemplateSampler
 from reasonrec.scoring import Router, VLMAnswerer
@@ -254,8 +254,7 @@ def test_vlm_aware_planner_bypasses_where_the_tool_is_likelier_right(tiny_run, t
                                                            "score.stage_name=aware", "score.count_flops=true",
                                                            "score.tool_actors=2", "score.vlm_actors=2"])
     aware = score.run(c)
-    from reasonrec.io import ArtifactStore
-    st = ArtifactStore(c.output_root, c.run_name)
+    st = open_store(c)
     fitted = st.read_json("planner", "summary.json")["vlm_right"]
     assert set(fitted) == {"sequential", "direct", "ctr"}
     assert all(sum(b["n"] for b in fitted[t].values()) == 6 for t in fitted)   # 6 validation queries per task
@@ -289,7 +288,6 @@ def test_fixed_tool_choice_shows_the_tools_in_the_order_the_vlm_trained_on(tiny_
     import json
     import shutil
 
-    from reasonrec.io import ArtifactStore
 
     cfg, store = tiny_run
     root = tmp_path / "copy"
@@ -300,7 +298,7 @@ def test_fixed_tool_choice_shows_the_tools_in_the_order_the_vlm_trained_on(tiny_
     trained = {t: names[::-1] for t, names in ranked.items()}
     c = load_config(CONFIG_DIR / "quickstart.yaml", TINY_RUN + [f"output_root={root}", "planner.tool_choice=fixed",
                                                                "instructions.hint_order=usable_rate"])
-    st = ArtifactStore(c.output_root, c.run_name)
+    st = open_store(c)
     summary_path = root / c.run_name / "instructions" / "summary.json"
     summary = json.loads(summary_path.read_text())
     summary_path.write_text(json.dumps({**summary, "tool_ranking": trained}))

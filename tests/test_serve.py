@@ -41,7 +41,7 @@ def tiered(tiny_run, tmp_path_factory):
 
     from ray_jobs import score
     from reasonrec.config import EH_BUCKETS
-    from reasonrec.io import ArtifactStore
+    from reasonrec.io import open_store
     from reasonrec.scoring import build_router
     run_cfg, store = tiny_run
     routed = build_router(run_cfg, store)(store.read_table("score", "queries"))
@@ -53,17 +53,26 @@ def tiered(tiny_run, tmp_path_factory):
         run_cfg.planner, bypass_buckets=list(EH_BUCKETS), consult_buckets=list(EH_BUCKETS),
         bypass_confidence=(conf[-2] + conf[-1]) / 2, consult_confidence=(conf[0] + conf[1]) / 2))
     score.run(cfg)
-    return cfg, ArtifactStore(cfg.output_root, cfg.run_name)
+    return cfg, open_store(cfg)
 
 
 @pytest.fixture(scope="module")
-def app(tiered):
-    """The app serving that run with the run's own config: only the ``serve`` section differs."""
+def app(tiered, tmp_path_factory):
+    """The app serving that run with the run's own config: only the ``serve`` section differs, and
+    the run is named by a root relative to the working directory (the replicas work elsewhere)."""
+    import contextlib
+
     from ray import serve
 
     from ray_jobs.serve import start
+    from reasonrec.config import to_yaml
     run_cfg, _ = tiered
-    cfg = replace(run_cfg, serve=load_config(None, [*SERVE, f"serve.port={_free_port()}"]).serve)
+    preset = tmp_path_factory.mktemp("serve-config") / "run.yaml"
+    preset.write_text(to_yaml(run_cfg))
+    root = Path(run_cfg.output_root)
+    with contextlib.chdir(root.parent):
+        cfg = load_config(preset, [*SERVE, f"serve.port={_free_port()}", f"output_root={root.name}"])
+    assert cfg.output_root == str(root)
     url = start(cfg)
     assert url.startswith("http://127.0.0.1:")
     yield url, cfg
@@ -126,7 +135,7 @@ def test_replicas_load_the_run_from_s3(tiny_run, s3_bucket):
     import numpy as np
     import s3fs
 
-    from reasonrec.io import ArtifactStore
+    from reasonrec.io import open_store
     from reasonrec.scoring import build_router
     from reasonrec.serve.deployments import Tools
     run_cfg, store = tiny_run
@@ -135,7 +144,7 @@ def test_replicas_load_the_run_from_s3(tiny_run, s3_bucket):
     for stage in ("prepare", "train_tools", "planner"):
         fs.put(store.path(stage), f"{bucket}/runs/{run_cfg.run_name}/{stage}", recursive=True)
     cfg = replace(run_cfg, output_root=f"{bucket}/runs", storage=replace(run_cfg.storage, s3_endpoint_url=endpoint))
-    s3_store = ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    s3_store = open_store(cfg)
     queries = store.read_table("score", "queries")
     queries = queries.filter(np.isin(queries.column("task").to_numpy(zero_copy_only=False), ["direct", "ctr"]))
     preds = {r["query_id"]: r for r in store.read_table("score", "predictions").to_pylist()}

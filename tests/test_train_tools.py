@@ -14,7 +14,7 @@ import pytest
 
 from ray_jobs import evaluate, prepare, train_tools
 from reasonrec.config import CONFIG_DIR, load_config
-from reasonrec.io import ArtifactStore
+from reasonrec.io import open_store
 from reasonrec.planner import load_toolbox
 from reasonrec.tools.persist import load_tool
 
@@ -35,7 +35,7 @@ def pipeline(ray_local, tmp_path_factory):
     prepare.run(cfg)
     summary = train_tools.run(cfg)
     report = evaluate.run(cfg)
-    return cfg, summary, report, ArtifactStore(cfg.output_root, cfg.run_name)
+    return cfg, summary, report, open_store(cfg)
 
 
 def _metrics(store):
@@ -136,7 +136,7 @@ def test_killed_training_resumes_from_its_checkpoint(ray_local, tmp_path):
                  "tools.params.sasrec.patience=8", "tools.checkpoint_every_s=0", "run_name=killed"]
     cfg = _cfg(tmp_path, *overrides)
     prepare.run(cfg)
-    store = ArtifactStore(cfg.output_root, cfg.run_name)
+    store = open_store(cfg)
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     args = [sys.executable, "-m", "ray_jobs.train_tools", "--config", str(CONFIG_DIR / "quickstart.yaml"),
             *TINY, f"output_root={tmp_path}", *overrides]
@@ -179,6 +179,6 @@ def test_torchrec_dlrm_trains_with_two_ray_train_workers(ray_local, tmp_path):
     assert summary["num_workers"] == 2
     m = summary["validation"]["dlrm"]
     assert 0.5 < m["auc"] <= 1.0
-    store = ArtifactStore(cfg.output_root, cfg.run_name)
+    store = open_store(cfg)
     tool = load_tool(store.url("train_tools", "tools", "dlrm"))
     assert tool.train_info["world"] == 2                    # trained under DistributedModelParallel

@@ -7,8 +7,6 @@ files and KubeRay's RayService; its ``args`` are ``{"config": <preset path>, "ov
 """
 from __future__ import annotations
 
-import os
-from dataclasses import replace
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -51,9 +49,6 @@ def _options(cfg: RunConfig, replicas: list[int], **resources) -> dict:
 def build(cfg: RunConfig) -> Application:
     if cfg.planner.tool_choice == "oracle":
         raise ConfigError("config error: key 'planner.tool_choice': 'oracle' needs the truth; it cannot serve")
-    if "://" not in cfg.output_root:
-        # Replicas may run with another working directory: pin the run root here.
-        cfg = replace(cfg, output_root=os.path.abspath(cfg.output_root))
     s = cfg.serve
     tools = Tools.options(**_options(cfg, s.tool_replicas, num_cpus=s.tool_cpus)).bind(cfg)
     vlm = VLM.options(**_options(cfg, s.vlm_replicas, num_cpus=s.vlm_cpus, num_gpus=s.vlm_gpus),

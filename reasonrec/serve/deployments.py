@@ -31,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 
 from reasonrec.config import RunConfig
 from reasonrec.data.schemas import QUERIES
-from reasonrec.io import ArtifactStore
+from reasonrec.io import ArtifactStore, open_store
 from reasonrec.serve.models import (
     CTRPrediction,
     CTRRequest,
@@ -50,7 +50,7 @@ _QUERY_FIELDS = ("history", "candidates", "item_id", "user_id")
 
 
 def _store(cfg: RunConfig) -> ArtifactStore:
-    return ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage)
+    return open_store(cfg)
 
 
 # ------------------------------------------------------------------------------ tools
