@@ -41,7 +41,8 @@ MB = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------- config
-def bench_config(size: int, workdir: str, side: str, n_items: int, per_shard: int, per_partition: int):
+def bench_config(size: int, workdir: str, side: str, n_items: int, per_shard: int, per_partition: int,
+                 shuffle_strategy: str | None = None):
     """The RunConfig both sides run for ``size`` interactions (expected; the realised count is in
     the result). Users are sized with the world's own expected sequence length."""
     from reasonrec.config import CONFIG_DIR, SyntheticConfig, load_config
@@ -56,6 +57,7 @@ def bench_config(size: int, workdir: str, side: str, n_items: int, per_shard: in
         "data.direct_negatives=99",
         f"ray.shuffle_partitions={max(8, round(size / per_partition))}",
         "ray.address=local",  # a fresh cluster of our own, never one another job started
+        *([f"ray.shuffle_strategy={shuffle_strategy}"] if shuffle_strategy else []),
         f"output_root={workdir}/{side}", "run_name=bench",
     ]
     return load_config(CONFIG_DIR / "quickstart.yaml", overrides), overrides
@@ -247,7 +249,7 @@ def run_child(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     _STEPS_FILE = args.result + ".steps.jsonl"
     cfg, _ = bench_config(args.size, args.workdir, args.child, args.n_items, args.interactions_per_shard,
-                          args.interactions_per_partition)
+                          args.interactions_per_partition, args.shuffle_strategy)
     out: dict = {"side": args.child, "rss_at_start_mb": round(_self_rss() / MB, 1)}
     t0 = time.time()
     if args.child == "ray":
@@ -289,7 +291,8 @@ def run_side(side: str, size: int, args, workdir: str) -> dict:
            "--result", result_path, "--n-items", str(args.n_items),
            "--interactions-per-shard", str(args.interactions_per_shard),
            "--interactions-per-partition", str(args.interactions_per_partition),
-           "--chunk-users", str(args.chunk_users)]
+           "--chunk-users", str(args.chunk_users),
+           *(["--shuffle-strategy", args.shuffle_strategy] if args.shuffle_strategy else [])]
     # Ray's session dir (logs, spilled objects) apart from the "ray" outputs, whose size is reported.
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=os.path.join(workdir, "ray-tmp"),
                PYTHONUNBUFFERED="1")
@@ -445,6 +448,7 @@ def main(argv=None) -> int:
                     help="expected interactions per run (the world is sized from its expected sequence length)")
     ap.add_argument("--sides", nargs="+", choices=("baseline", "ray"), default=["baseline", "ray"])
     ap.add_argument("--n-items", type=int, default=50_000)
+    ap.add_argument("--shuffle-strategy", default=None, help="ray.shuffle_strategy of the Ray side (default: the config's)")
     ap.add_argument("--interactions-per-shard", type=int, default=250_000,
                     help="synthetic user shards = size / this (the Ray read parallelism)")
     ap.add_argument("--interactions-per-partition", type=int, default=250_000,
@@ -477,7 +481,7 @@ def main(argv=None) -> int:
     earlier = [r for r in earlier if r.get("size") not in args.sizes]
     for size in args.sizes:
         cfg, overrides = bench_config(size, workdir, "x", args.n_items, args.interactions_per_shard,
-                                      args.interactions_per_partition)
+                                      args.interactions_per_partition, args.shuffle_strategy)
         r: dict = {"size": size, "n_users": cfg.data.sources[0].synthetic.n_users, "overrides": [o for o in overrides if not o.startswith("output_root")]}
         for side in args.sides:
             load = round(os.getloadavg()[0], 2)

@@ -28,7 +28,7 @@ from reasonrec.data import schemas
 from reasonrec.data.evidence import BUCKETS, bucket, fit_normalizer
 from reasonrec.data.sources import Source, get_source
 from reasonrec.io import open_store
-from reasonrec.runtime import init_ray
+from reasonrec.runtime import init_ray, pick_shuffle_strategy
 
 STAGE = "prepare"
 TABLES = ("items", "interactions", "users", "loo", "direct_candidates", "ctr", "explanation", "timeshift", "quarantine")
@@ -98,10 +98,19 @@ def _with_lookup_key(t: pa.Table) -> pa.Table:
 
 
 def _per_key_partition(ds, key: str, fn, partitions: int):
-    """Apply ``fn`` to whole hash partitions of ``key``: the same co-location guarantee Ray's
-    ``groupby().map_groups()`` relies on (repartition by key, sorted, batch = whole block), but one
-    vectorised call per partition instead of one Python call per group, which was ~50x slower."""
-    return ds.repartition(partitions, keys=[key], sort=True).map_batches(fn, batch_size=None, batch_format="pyarrow")
+    """Apply ``fn`` to whole partitions of ``key`` (every row of a key in one block): the same
+    co-location guarantee Ray's ``groupby().map_groups()`` relies on, but one vectorised call per
+    partition instead of one Python call per group, which was ~50x slower. Under a hash shuffle
+    strategy: repartition by key. Under a sort strategy (``ray.shuffle_strategy``, which Ray's
+    key-based repartition does not support): a distributed sort by key into ``partitions`` blocks,
+    whose range partitions keep equal keys together (as ``_dense_ids`` relies on too)."""
+    from ray.data.context import DataContext, ShuffleStrategy
+    if DataContext.get_current().shuffle_strategy in (ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
+                                                       ShuffleStrategy.SORT_SHUFFLE_PUSH_BASED):
+        ds = ds.repartition(partitions).sort(key)
+    else:
+        ds = ds.repartition(partitions, keys=[key], sort=True)
+    return ds.map_batches(fn, batch_size=None, batch_format="pyarrow")
 
 
 def _dense_ids(ray, keys, key: str, id_col: str, flag: str | None = None):
@@ -243,6 +252,14 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         items = items.map_batches(_rows_without_reason, batch_format="pyarrow").map_batches(
             _with_lookup_key, batch_format="pyarrow").materialize()
         has_catalog = items.count() > 0
+
+    log.info("prepare: shuffles by %s (ray.shuffle_strategy=%s, %d rows)",
+             pick_shuffle_strategy(cfg.ray, n_input_inter), cfg.ray.shuffle_strategy, n_input_inter)
+    # A Ray Dataset keeps the DataContext it was created under (its sorts and aggregates shuffle by
+    # that context's strategy): the shuffling steps start from new datasets over the same blocks.
+    inter = ray.data.from_arrow_refs(inter.to_arrow_refs())
+    if has_catalog:
+        items = ray.data.from_arrow_refs(items.to_arrow_refs())
 
     if d.kcore > 0:
         with _step(f"k-core filter (k={d.kcore})"):

@@ -38,6 +38,12 @@ class RayConfig:
     include_dashboard: bool = False
     # Ray Data parallelism for shuffles (groupby); 200 (Ray's default) is slow on small clusters.
     shuffle_partitions: int = 8
+    # Ray Data's shuffle algorithm (DataContext.shuffle_strategy). "auto": prepare picks, once it has
+    # read the interactions, a sort shuffle (tasks) up to reasonrec.runtime.AUTO_SORT_SHUFFLE_MAX_ROWS
+    # rows and Ray's hash shuffle ("shuffle_v2", a pool of aggregator actors per shuffle) above: the
+    # actors' start-up made a small prepare 4.6x slower, the sort's memory a 10M-row one 4x larger
+    # (BENCHMARKS.md). Or one of Ray's names, for every job.
+    shuffle_strategy: str = "auto"
     # Ray Data read/map parallelism (number of shards/blocks); -1 lets Ray decide.
     parallelism: int = -1
     # Ray Data fails a dataset after this long without any block moving (Ray's default: 1800 s).
@@ -475,6 +481,7 @@ _CHOICES = {
     "score.mode": ("routed", "tools", "vlm", "vlm_tools"),
     "finetune.autocast": ("none", "bfloat16", "auto"),   # reasonrec.vlm.train.AUTOCAST_CHOICES
     "finetune.export": ("last", "best_valid_hr"),
+    "ray.shuffle_strategy": ("auto", "sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2"),
 }
 TASKS = ("sequential", "direct", "ctr", "explanation")
 EH_BUCKETS = ("low", "medium", "high")

@@ -25,6 +25,9 @@ os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.pop("RAY_ADDRESS", None)
+# Ray Train's controller polls its workers every 2 s by default, so each tiny fit waits up to that
+# long to see its workers finish; the tests run a dozen fits.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 @pytest.fixture(scope="session")

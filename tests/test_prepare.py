@@ -178,6 +178,32 @@ def test_dense_ids_across_block_counts(ray_local):
         assert {r["key"]: r["flag"] for r in rows} == flag_max
 
 
+@pytest.mark.parametrize("strategy", ["sort_shuffle_pull_based", "shuffle_v2"])
+def test_per_key_partitions_hold_every_row_of_a_key_under_either_shuffle_strategy(ray_local, strategy):
+    """ray.shuffle_strategy: a sort (the default, tasks) or a hash shuffle (Ray's default, actors)
+    puts all rows of a key in one block, which every per-user step of prepare relies on."""
+    from ray.data.context import DataContext, ShuffleStrategy
+
+    rng = np.random.default_rng(5)
+    keys = rng.integers(0, 300, 3000)
+
+    def per_block(t: pa.Table) -> pa.Table:
+        vc = pc.value_counts(t.column("key").combine_chunks())
+        return pa.table({"key": vc.field("values"), "rows": vc.field("counts")})
+
+    ctx = DataContext.get_current()
+    before = ctx.shuffle_strategy
+    ctx.shuffle_strategy = ShuffleStrategy(strategy)
+    try:
+        ds = ray_local.data.from_arrow(pa.table({"key": keys})).repartition(7)
+        rows = job._per_key_partition(ds, "key", per_block, partitions=3).take_all()
+    finally:
+        ctx.shuffle_strategy = before
+    got = [r["key"] for r in rows]
+    assert len(got) == len(set(got)) == len(set(keys.tolist()))   # each key counted in one block only
+    assert {r["key"]: r["rows"] for r in rows} == dict(zip(*np.unique(keys, return_counts=True)))
+
+
 def test_rerun_is_skipped_and_force_reruns(synthetic_run):
     cfg, _, store = synthetic_run
     before = store.manifest("prepare").created_at

@@ -43,3 +43,20 @@ def test_each_job_sets_ray_datas_no_progress_timeout_also_on_a_joined_cluster(ra
         assert ctx.execution_no_progress_timeout_s == -1
     finally:
         ctx.execution_no_progress_timeout_s = before
+
+
+def test_auto_shuffle_strategy_sorts_small_inputs_and_hashes_large_ones(ray_local):
+    from reasonrec.runtime import AUTO_SORT_SHUFFLE_MAX_ROWS, pick_shuffle_strategy
+
+    ctx = ray_local.data.DataContext.get_current()
+    before = ctx.shuffle_strategy
+    try:
+        auto = RayConfig()
+        assert auto.shuffle_strategy == "auto"
+        assert pick_shuffle_strategy(auto, AUTO_SORT_SHUFFLE_MAX_ROWS) == "sort_shuffle_pull_based"
+        assert pick_shuffle_strategy(auto, AUTO_SORT_SHUFFLE_MAX_ROWS + 1) == "shuffle_v2"
+        init_ray(RayConfig(shuffle_strategy="sort_shuffle_push_based"))      # a named one is set for the job
+        assert pick_shuffle_strategy(RayConfig(shuffle_strategy="sort_shuffle_push_based"), 10**9) == \
+            "sort_shuffle_push_based"
+    finally:
+        ctx.shuffle_strategy = before
