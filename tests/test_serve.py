@@ -6,6 +6,7 @@ the Serve config file (Ray Serve's own schema)."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import socket
 import time
 from dataclasses import replace
@@ -222,9 +223,13 @@ def test_inline_history_and_unknown_user_take_the_cold_path(app):
     ("/v1/ctr", {"user_id": 1}, "items"),
     ("/v1/ctr", {"user_id": 1, "items": [99999]}, "items"),
     ("/v1/explain", {"user_id": 1, "item_id": 2, "rating": "great"}, "rating"),
+    ("/v1/explain", {"user_id": 3, "item_id": 5, "rating": float("nan")}, "rating"),
+    ("/v1/explain", {"user_id": 3, "item_id": 5, "rating": float("inf")}, "rating"),
+    ("/v1/recommend", {"user_id": 1, "k": float("-inf")}, "k"),
 ])
 def test_bad_input_is_422_naming_the_field(app, path, body, field):
-    r = _post(app[0], path, body, timeout=60)
+    # Python's json writes NaN / Infinity as JavaScript does, which JSON parsers accept (requests' json= refuses).
+    r = requests.post(app[0] + path, data=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 422, r.text
     assert any(field in e["loc"] for e in r.json()["detail"]), r.json()
 

@@ -18,11 +18,13 @@ Replica options (autoscaling, resources, queue limits) are set by :func:`reasonr
 import asyncio
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -148,6 +150,24 @@ _ERRORS = {413: {"description": "a list is longer than the server's limit (named
 async def _overloaded(request: Request, exc: BackPressureError) -> JSONResponse:
     # A downstream deployment's queue is full: 503 at once (the proxy does the same for the ingress').
     return JSONResponse(status_code=503, content={"detail": f"overloaded, retry later: {exc}"})
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN / Infinity floats as strings: JSON cannot carry them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own handler, except that the echoed input may hold a NaN or an Infinity, which its
+    # JSON response cannot write (a body with "rating": NaN answered 500 instead of 422).
+    return JSONResponse(status_code=422, content={"detail": _finite(jsonable_encoder(exc.errors()))})
 
 
 def _query_key(*parts: Any) -> int:

@@ -27,7 +27,9 @@ _QUERY_ID = Field(None, description="optional key of the query: it picks the pro
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")   # a misspelt field is a 422 naming it, not silently ignored
+    # extra="forbid": a misspelt field is a 422 naming it, not silently ignored; NaN / Infinity (which
+    # JSON parsers accept) are a 422 too.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     user_id: StrictInt | None = Field(None, description="dense user id; unknown ids take the cold-start path")
     history: list[ItemId] | None = Field(
