@@ -407,6 +407,20 @@ def plots(records: list[dict], writer) -> list[str]:
     return names
 
 
+def guard_markdown(store: ArtifactStore) -> str:
+    """The planner's tool-choice guard per task (``planner/summary.json``): learned or fixed, and why."""
+    if store.manifest("planner") is None:
+        return ""
+    guard = store.read_json("planner", "summary.json").get("guard", {})
+    if not guard:
+        return ""
+    rows = [f"| {t} | {g['use']}{'' if g['use'] == 'learned' else ' (' + g['fixed_tool'] + ')'} | {g['why']} |"
+            for t, g in guard.items()]
+    return ("\n**Tool choice guard** (the learned choice is kept only where it beats the best fixed tool on "
+            "held-out validation queries by more than its noise):\n\n| task | choice | evidence |\n|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
 def run(cfg: RunConfig, force: bool = False) -> dict:
     init_ray(cfg.ray)
     t0 = time.time()
@@ -428,7 +442,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
         sys_records = system_records(store.read_table("score", "predictions"), store.read_table("score", "queries"),
                                      users, cfg)
-        system = system_markdown(sys_records)
+        system = system_markdown(sys_records) + guard_markdown(store)
         records += sys_records
     with store.stage_writer(STAGE, config_hash, inputs) as w:
         w.write_bytes("metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())

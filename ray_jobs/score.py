@@ -270,7 +270,7 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
     # must not refit.
     fit_keys = {k: getattr(pc_cfg, k) for k in ("tool_choice", "max_tools", "correct_k", "confidence_rounds",
                                                  "max_fit_queries", "calibration_holdout", "seed", "vlm_aware",
-                                                 "vlm_fit_queries")}
+                                                 "vlm_fit_queries", "guard_z")}
     if pc_cfg.vlm_aware:
         inputs["finetune"] = store.require("finetune").fingerprint
         fit_keys["vlm_rule"] = VLM_RULE_VERSION
@@ -300,7 +300,7 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
         batch_size=cfg.score.tool_batch_size, compute=ActorPoolStrategy(size=max(cfg.score.tool_actors, 1)),
         num_cpus=cfg.score.tool_cpus)
     feats = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("query_id")
-    state, report, fixed = {"tasks": {}}, {}, {}
+    state, report, fixed, guard = {"tasks": {}}, {}, {}, {}
     for task in tasks:
         t = feats.filter(pc.equal(feats.column("task"), task))
         if t.num_rows == 0:
@@ -322,11 +322,14 @@ def fit_planner(cfg: RunConfig, force: bool = False) -> dict:
                             "primary_right_rate": float(right.mean())}
         state["tasks"][task] = planner.state()
         fixed[task] = [names[i] for i in planner.fixed_ranking()[:pc_cfg.max_tools]]
+        if planner.guard is not None:
+            guard[task] = planner.guard
+            log.info("planner %s: %s choice (%s)", task, planner.guard["use"], planner.guard["why"])
     vlm_right = _fit_vlm_right(ray, cfg, queries, state) if pc_cfg.vlm_aware and state["tasks"] else {}
     with store.stage_writer(PLANNER_STAGE, chash, inputs) as w:
         w.write_json("planner.json", state)
         summary = {"calibration": report, "vlm_right": vlm_right, "fit_queries": feats.num_rows, "fixed_tools": fixed,
-                   "seconds": round(time.time() - t0, 1)}
+                   "guard": guard, "seconds": round(time.time() - t0, 1)}
         w.write_json("summary.json", summary)
         w.manifest.metrics = summary
     return summary
@@ -497,7 +500,8 @@ def _summarize(preds: pa.Table, rejected: pa.Table, n: int, n_shards: int, resum
             "bypass_rate": (sum(r == "low" for r in routes) / len(routes)) if routes else 0.0,
             "cold_users": int(pc.sum(preds.column("cold_user")).as_py() or 0),
             "seconds": round(seconds, 1), "queries_per_s": round(n / max(seconds, 1e-9), 2),
-            "planner_calibration": planner_summary.get("calibration", {})}
+            "planner_calibration": planner_summary.get("calibration", {}),
+            "planner_guard": planner_summary.get("guard", {})}
 
 
 def format_summary(s: dict) -> str:
@@ -511,6 +515,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"  crashed actors restarted by Ray: {restarts}; batches retried: {retried}")
     for t, r in s["routes"].items():
         lines.append(f"  {t:12s} low {r['low']:5d}  medium {r['medium']:5d}  high {r['high']:5d}")
+    for t, g in s.get("planner_guard", {}).items():
+        lines.append(f"  tool choice {t}: {g['use']}" + ("" if g["use"] == "learned" else f" ({g['fixed_tool']})")
+                     + f": {g['why']}")
     return "\n".join(lines)
 
 

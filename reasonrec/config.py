@@ -270,6 +270,10 @@ class PlannerConfig:
     # (one ranking for every query: validation usable rate, or the instructions' tool_ranking
     # under instructions.hint_order=usable_rate)
     tool_choice: str = "learned"
+    # The learned choice is kept only where it beats the best fixed tool on held-out validation
+    # queries by more than guard_z standard errors of the paired difference; else that fixed
+    # tool answers (planner/summary.json says which and why). -1: no guard.
+    guard_z: float = 2.0
     # "the tool answer is right" = the primary tool ranks the truth within its top correct_k
     correct_k: int = 5
     confidence_rounds: int = 100     # xgboost boosting rounds (confidence and tool choice models)

@@ -165,7 +165,7 @@ class TaskPlanner:
     def __init__(self, task: str, names: list[str], cfg: PlannerConfig, usable_models: dict[str, Any],
                  confidence_model: Any, usable_rate: dict[str, float], calibration: dict[str, Any],
                  vlm_right: Mapping[str, float] | None = None, vlm_auc: Mapping[str, dict] | None = None,
-                 fixed_order: Sequence[str] | None = None):
+                 fixed_order: Sequence[str] | None = None, guard: Mapping[str, Any] | None = None):
         self.task, self.names, self.cfg = task, names, cfg
         self.usable_models, self.confidence_model = usable_models, confidence_model
         self.usable_rate, self.calibration = usable_rate, calibration
@@ -177,6 +177,9 @@ class TaskPlanner:
         # The ``fixed`` choice's ranking when it must follow another one (the order the VLM's
         # training prompts showed the tools in); None: by validation usable rate.
         self.fixed_order: list[str] | None = list(fixed_order) if fixed_order is not None else None
+        # The learned choice's guard (:meth:`fit`): whether it kept the learned choice or fell back to
+        # the fixed one, and the held-out evidence. None: no guard (the learned choice stands).
+        self.guard: dict[str, Any] | None = dict(guard) if guard is not None else None
 
     def set_vlm_right(self, buckets: Sequence[str], right: Sequence[bool]) -> dict[str, dict[str, float]]:
         """Estimate P(VLM right) per EH bucket from validation answers, Laplace-smoothed
@@ -251,13 +254,38 @@ class TaskPlanner:
         planner = cls(task, names, cfg, models, None, {n: float(u[a].mean()) for n, u in usable.items()}, {},
                       fixed_order=fixed_order)
         sub = {n: u[b] for n, u in usable.items()}
+        planner.usable_rate = rate   # the fixed choice ranks tools on every fitting query
+        if cfg.tool_choice == "learned" and cfg.guard_z >= 0:
+            planner.guard = planner._guard(features[b], sub, held_out=a is not b and not (a & b).any())
         choice = planner.choose(features[b], truth_usable=sub)
         conf_x, y = planner._confidence_inputs(features[b], choice), planner._primary_right(sub, choice)
-        planner.usable_rate = rate
         planner.confidence_model = _fit_binary(conf_x, y, cfg.confidence_rounds, cfg.seed) if 0 < y.sum() < len(y) else None
         planner.calibration = {"fit_rows": int(len(y)), "fit_positive_rate": float(y.mean()) if len(y) else 0.0,
                                "usable_rate": rate}
         return planner
+
+    def _guard(self, features: np.ndarray, usable: Mapping[str, np.ndarray], held_out: bool) -> dict[str, Any]:
+        """Keep the learned choice only where it beats the best fixed tool (the ``fixed`` choice's
+        primary, ranked on the fitting half) on held-out validation queries by more than its noise:
+        the mean paired difference of their hits > ``guard_z`` standard errors. Else (or with no
+        held-out half to test it on) the fixed choice answers: a choice learned from features that
+        separate users but not tools must not lose to always asking the best tool."""
+        rows = np.arange(len(features))
+        u = np.stack([usable[n] for n in self.names], 1)
+        learned = u[rows, self.choose(features, how="learned")[:, 0]].astype(np.float64)
+        fixed_first = int(self.fixed_ranking()[0])
+        fixed = u[:, fixed_first].astype(np.float64)
+        d = learned - fixed
+        n = len(d)
+        se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
+        gain = float(d.mean()) if n else 0.0
+        keep = held_out and n > 1 and gain > self.cfg.guard_z * se
+        why = ("no held-out validation queries to test it on" if not held_out or n <= 1 else
+               f"learned {learned.mean():.4f} vs {self.names[fixed_first]} {fixed.mean():.4f} on {n} held-out "
+               f"validation queries: gain {gain:+.4f} {'>' if keep else '<='} {self.cfg.guard_z:g} x SE {se:.4f}")
+        return {"use": "learned" if keep else "fixed", "fixed_tool": self.names[fixed_first], "n": n,
+                "learned_right": float(learned.mean()) if n else None, "fixed_right": float(fixed.mean()) if n else None,
+                "gain": gain, "se": se if np.isfinite(se) else None, "z": self.cfg.guard_z, "why": why}
 
     # --------------------------------------------------------------------------- inference
     def usable_prob(self, features: np.ndarray) -> np.ndarray:
@@ -270,6 +298,8 @@ class TaskPlanner:
         """[B, m] tool indices (into ``names``), primary first, m = min(max_tools, n tools)."""
         how = how or self.cfg.tool_choice
         B, m = len(features), min(self.cfg.max_tools, len(self.names))
+        if how == "learned" and self.guard is not None and self.guard["use"] == "fixed":
+            how = "fixed"   # the guard found the learned choice no better than the best fixed tool
         if how == "learned":
             p = self.usable_prob(features)
             return np.argsort(-p, axis=1, kind="stable")[:, :m]
@@ -322,7 +352,7 @@ class TaskPlanner:
         return {"task": self.task, "names": self.names, "usable_rate": self.usable_rate,
                 "calibration": self.calibration, "confidence_model": dump(self.confidence_model),
                 "usable_models": {n: dump(m) for n, m in self.usable_models.items()}, "vlm_right": self.vlm_right,
-                "vlm_auc": self.vlm_auc, "fixed_order": self.fixed_order}
+                "vlm_auc": self.vlm_auc, "fixed_order": self.fixed_order, "guard": self.guard}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], cfg: PlannerConfig) -> "TaskPlanner":
@@ -337,7 +367,7 @@ class TaskPlanner:
             return b
         return cls(state["task"], list(state["names"]), cfg, {n: load(d) for n, d in state["usable_models"].items()},
                    load(state["confidence_model"]), dict(state["usable_rate"]), dict(state["calibration"]),
-                   state.get("vlm_right"), state.get("vlm_auc"), state.get("fixed_order"))
+                   state.get("vlm_right"), state.get("vlm_auc"), state.get("fixed_order"), state.get("guard"))
 
 
 # ------------------------------------------------------------------------------ tiers

@@ -135,6 +135,53 @@ def test_learned_choice_picks_the_right_tool_and_caps_at_three():
     assert right.mean() > 0.9
 
 
+def test_guard_keeps_a_learned_choice_that_beats_every_fixed_tool():
+    """Tool 'a' is right for one half of the users (x0 > 0.5, e.g. warm), 'b' for the other (cold):
+    the learned choice passes the guard and beats always-a and always-b on new queries."""
+    x, usable = _world(n=1000)
+    planner = TaskPlanner.fit("sequential", NAMES, x, usable, PlannerConfig(confidence_rounds=40))
+    g = planner.guard
+    assert g["use"] == "learned" and g["n"] == 500 and g["gain"] > g["z"] * g["se"] > 0
+    xt, ut = _world(n=1000, seed=7)
+    u = np.stack([ut[n] for n in NAMES], 1)
+    learned = u[np.arange(len(xt)), planner.choose(xt)[:, 0]].mean()
+    assert learned > 0.9 > 0.6 > max(ut["a"].mean(), ut["b"].mean())
+    again = TaskPlanner.from_state(planner.state(), PlannerConfig(confidence_rounds=40))
+    assert again.guard == g and np.array_equal(again.choose(xt), planner.choose(xt))
+
+
+def test_guard_falls_back_to_the_tool_that_is_best_everywhere():
+    """One tool is the likeliest right for every query whatever the features say: the learned choice
+    cannot beat it, so the guard hands every query to it (the fixed choice), in plan() too."""
+    rng = np.random.default_rng(11)
+    n = 1000
+    x = rng.random((n, len(FEATURES) + len(NAMES))).astype(np.float32)
+    usable = {"a": rng.random(n) < 0.3, "b": rng.random(n) < 0.6, "c": rng.random(n) < 0.2,
+              "d": rng.random(n) < 0.1, "e": rng.random(n) < 0.1}
+    cfg = PlannerConfig(confidence_rounds=40)
+    planner = TaskPlanner.fit("sequential", NAMES, x, usable, cfg)
+    g = planner.guard
+    assert g["use"] == "fixed" and g["fixed_tool"] == "b" and "held-out validation queries" in g["why"]
+    xt = rng.random((300, len(FEATURES) + len(NAMES))).astype(np.float32)
+    choice = planner.choose(xt)
+    assert (choice == choice[0]).all() and NAMES[choice[0, 0]] == "b"
+    assert np.array_equal(choice, planner.choose(xt, how="fixed"))
+    ans = ToolAnswers("sequential", NAMES, items={m: np.tile(np.arange(10), (300, 1)) + i for i, m in enumerate(NAMES)},
+                      scores={m: -np.arange(10.0)[None].repeat(300, 0) for m in NAMES},
+                      margin={m: np.zeros(300) for m in NAMES})
+    ds = plan(planner, ans, xt, ["low"] * 300, np.full(300, 0.1), np.arange(300), PlannerConfig(bypass_confidence=0.0))
+    assert {d.primary for d in ds} == {"b"} and all(d.tools == ["b"] for d in ds)
+    # guard_z=-1: no guard.
+    free = TaskPlanner.fit("sequential", NAMES, x, usable, PlannerConfig(confidence_rounds=40, guard_z=-1))
+    assert free.guard is None
+
+
+def test_guard_needs_held_out_queries():
+    x, usable = _world(n=30)     # too few to split: nothing is held out to test the learned choice
+    planner = TaskPlanner.fit("sequential", NAMES, x, usable, PlannerConfig(confidence_rounds=5))
+    assert planner.guard["use"] == "fixed" and "no held-out" in planner.guard["why"]
+
+
 def test_oracle_random_and_fixed_baselines():
     x, usable = _world()
     cfg = PlannerConfig(confidence_rounds=10)

@@ -311,3 +311,15 @@ def test_fixed_tool_choice_shows_the_tools_in_the_order_the_vlm_trained_on(tiny_
     with caplog.at_level("WARNING", logger="reasonrec.score"):
         assert score.fit_planner(c)["fixed_tools"] == by_rate
     assert "no instructions stage" in caplog.text
+
+
+def test_the_tool_choice_guard_is_saved_with_the_planner_and_in_the_report(tiny_run):
+    cfg, store = tiny_run
+    guard = store.read_json("planner", "summary.json")["guard"]
+    assert set(guard) == {"sequential", "direct", "ctr"}
+    planners = load_planners(store, cfg.planner)
+    for task, g in guard.items():
+        assert g["use"] in ("learned", "fixed") and g["n"] >= 20 and g["fixed_tool"] in planners[task].names
+        assert planners[task].guard == g                      # scoring and Serve load the same decision
+    report = store.fs.open(store.path("report", "report.md")).read().decode()
+    assert "Tool choice guard" in report and all(f"| {t} | {g['use']}" in report for t, g in guard.items())
