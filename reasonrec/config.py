@@ -136,7 +136,7 @@ class DataConfig:
     seed: int = 42
 
 
-DEFAULT_TOOLS = ["popularity", "sasrec", "lightsans", "gru4rec", "bpr_mf", "bpr_mlp", "lightgcn",
+DEFAULT_TOOLS = ["popularity", "sasrec", "lightsans", "gru4rec", "transition", "bpr_mf", "bpr_mlp", "lightgcn",
                  "semantic", "dlrm", "dcnv2", "xdeepfm", "xgb_ctr"]
 
 
