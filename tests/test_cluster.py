@@ -503,11 +503,17 @@ def test_gpu_preset_fits_every_cluster():
         assert not c.check(cfg, where), c.check(cfg, where)
 
 
-def test_readme_commands_are_valid():
-    blocks = readme_code_blocks((REPO / "README.md").read_text())
-    assert find_commands(blocks), "README code blocks name no `python -m ray_jobs.X` command"
-    errs = check_commands_in(blocks, REPO, "README.md")
+@pytest.mark.parametrize("doc", ["README.md", "docs/pipeline.md", "docs/operations.md", "docs/serving.md"])
+def test_readme_commands_are_valid(doc):
+    blocks = readme_code_blocks((REPO / doc).read_text())
+    assert find_commands(blocks), f"{doc} code blocks name no `python -m ray_jobs.X` command"
+    errs = check_commands_in(blocks, REPO, doc)
     assert not errs, "\n".join(errs)
+
+
+def test_readme_and_docs_stay_inside_the_repository():
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        assert "../shared" not in doc.read_text(), f"{doc.relative_to(REPO)} points outside the repository"
 
 
 # Each mutation breaks one thing in a copy of cluster/; the checker must report it.

@@ -1,4 +1,4 @@
-"""P5-indexed Amazon bundles (e.g. /work/shared/data/amazon_beauty, see its README.md).
+"""P5-indexed Amazon bundles (e.g. the public P5 Amazon Beauty bundle: a folder holding its files).
 
 Files under ``cfg.path``:
 * ``sequential_data.txt``: one line per user, ``user_id item_id item_id ...`` (1-based P5 ids,
