@@ -251,12 +251,11 @@ class TaskPlanner:
         # A label with one class has no model: its constant rate is the prediction.
         models = {n: _fit_binary(features[a], y[a], cfg.confidence_rounds, cfg.seed) if 0 < y[a].sum() < a.sum()
                   else None for n, y in usable.items()}
-        planner = cls(task, names, cfg, models, None, {n: float(u[a].mean()) for n, u in usable.items()}, {},
-                      fixed_order=fixed_order)
+        # The fixed choice ranks the tools by their usable rate over every fitting query.
+        planner = cls(task, names, cfg, models, None, rate, {}, fixed_order=fixed_order)
         sub = {n: u[b] for n, u in usable.items()}
-        planner.usable_rate = rate   # the fixed choice ranks tools on every fitting query
         if cfg.tool_choice == "learned" and cfg.guard_z >= 0:
-            planner.guard = planner._guard(features[b], sub, held_out=a is not b and not (a & b).any())
+            planner.guard = planner._guard(features[b], sub, held_out=not (a & b).any())
         choice = planner.choose(features[b], truth_usable=sub)
         conf_x, y = planner._confidence_inputs(features[b], choice), planner._primary_right(sub, choice)
         planner.confidence_model = _fit_binary(conf_x, y, cfg.confidence_rounds, cfg.seed) if 0 < y.sum() < len(y) else None
@@ -266,7 +265,7 @@ class TaskPlanner:
 
     def _guard(self, features: np.ndarray, usable: Mapping[str, np.ndarray], held_out: bool) -> dict[str, Any]:
         """Keep the learned choice only where it beats the best fixed tool (the ``fixed`` choice's
-        primary, ranked on the fitting half) on held-out validation queries by more than its noise:
+        primary) on held-out validation queries by more than its noise:
         the mean paired difference of their hits > ``guard_z`` standard errors. Else (or with no
         held-out half to test it on) the fixed choice answers: a choice learned from features that
         separate users but not tools must not lose to always asking the best tool."""

@@ -32,6 +32,7 @@ class Transition(Tool):
         super().__init__({**self.DEFAULTS, **(params or {})})
         self.counts = sp.csr_matrix((0, 0), dtype=np.float32)
         self.pop = np.zeros(0, dtype=np.float64)
+        self.row_total = np.zeros(0, dtype=np.float64)   # transitions out of each item (C's row sums)
         self.alpha = float(self.params["alphas"][0])
 
     def fit(self, data: ToolData, reporter: Callable[[int, dict], None] | None = None,
@@ -41,6 +42,7 @@ class Transition(Tool):
         src, dst = np.concatenate(pairs, 0).T if pairs else (np.zeros(0, np.int64), np.zeros(0, np.int64))
         self.counts = sp.csr_matrix((np.ones(len(src), np.float32), (src, dst)), shape=(self.n_items, self.n_items))
         self.counts.sum_duplicates()
+        self.row_total = np.asarray(self.counts.sum(1), np.float64).ravel()
         pop = data.item_popularity + 1.0          # add-one: every item keeps a little mass
         self.pop = pop / pop.sum()
         best: tuple[float, float, dict] | None = None
@@ -61,7 +63,6 @@ class Transition(Tool):
             self.check_items(np.asarray(h))
         num = np.zeros((B, self.n_items), np.float64)
         mass = np.zeros(B, np.float64)
-        row_total = np.asarray(self.counts.sum(1)).ravel()
         for lag in range(1, window + 1):
             rows = np.array([b for b, h in enumerate(histories) if len(h) >= lag], np.int64)
             if not len(rows):
@@ -69,7 +70,7 @@ class Transition(Tool):
             last = np.array([int(histories[b][-lag]) for b in rows], np.int64)
             w = decay ** (lag - 1)
             num[rows] += w * self.counts[last].toarray()
-            mass[rows] += w * row_total[last]
+            mass[rows] += w * self.row_total[last]
         return np.log((num + self.alpha * self.pop[None, :]) / (mass + self.alpha)[:, None])
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -85,4 +86,5 @@ class Transition(Tool):
         tool.counts = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]),
                                     shape=(tool.n_items, tool.n_items))
         tool.pop = np.asarray(arrays["pop"], np.float64)
+        tool.row_total = np.asarray(tool.counts.sum(1), np.float64).ravel()
         return tool
