@@ -28,8 +28,8 @@ def test_every_local_path_is_made_absolute_against_the_working_directory(tmp_pat
     assert cfg.score.queries_path == str(tmp_path / "q" / "queries.parquet")
     assert cfg.vlm.cache_dir == os.path.expanduser("~/cache")
     assert cfg.vlm.model == str(tmp_path / "models" / "mine")
-    # configs/data/beauty.yaml's "../shared/data/amazon_beauty" is relative to where the job runs.
-    assert cfg.data.sources[0].path == str(tmp_path.parent / "shared" / "data" / "amazon_beauty")
+    # configs/data/beauty.yaml's "data/amazon_beauty" is relative to where the job runs.
+    assert cfg.data.sources[0].path == str(tmp_path / "data" / "amazon_beauty")
     assert cfg.data.sources[0].images_dir == str(tmp_path / "img")
     assert config_paths(cfg) == {
         "output_root": cfg.output_root, "score.queries_path": cfg.score.queries_path,
