@@ -147,10 +147,20 @@ def _join_on_key(ds, ids, key: str, col: str, partitions: int, then: Callable | 
                  schema: pa.Schema | None = None):
     """Left join of ``ids`` (one row per ``key``, carrying the int64 ``col``) onto ``ds`` by hash partition:
     both go through one shuffle by ``key`` (id rows padded to ``ds``'s columns) and each partition
-    fills ``col`` from the id rows it holds. Ray Data's ``Dataset.join`` does the same but needs
-    polars, which this stack does not install. ``then`` runs on the joined partition: a following
+    fills ``col`` from the id rows it holds. ``then`` runs on the joined partition: a following
     step that needs the same partitioning saves its own shuffle. ``schema`` gives ``ds``'s columns
-    when ``ds`` is lazy (Ray would otherwise execute part of it to find them)."""
+    when ``ds`` is lazy (Ray would otherwise execute part of it to find them).
+
+    Not Ray Data's ``Dataset.join`` (tried with polars 2.1, Ray 2.60, 2026-12-06: ``left_outer`` +
+    a cast back + ``_per_key_partition`` for ``then``). Its tables were identical, but: it always
+    hash-shuffles through aggregator actors, ignoring ``ray.shuffle_strategy`` (``auto`` picks the
+    sort shuffle up to 2M rows because it is faster there); Polars streams a partition out in
+    several blocks, so ``then`` needs a second shuffle; an id table with no rows (``_kcore``: no
+    key under k) fails under the sort strategy (polars ColumnNotFoundError); strings and binaries
+    come back large. On 2 CPUs (a shared machine, load 40-85): quickstart prepare 145-181 s with
+    it vs 52-65 s, the two joining steps 30-51 s and 53-57 s vs 1.3-2.5 s each; with
+    ``data.kcore=5`` 447 s vs 150 s (k-core step 246 s vs 72 s); 200k rows, join +
+    build_sequences under the sort strategy 11-13 s vs 2.3-5.7 s."""
     target = (schema or ds.schema().base_schema).append(pa.field(col, pa.int64()))
 
     def joined(t: pa.Table) -> pa.Table:
@@ -164,7 +174,8 @@ def _join_on_key(ds, ids, key: str, col: str, partitions: int, then: Callable | 
 
 def _broadcast_join(ray, ds, ids, key: str, col: str):
     """Left join of a small id table (``key`` -> ``col``) onto ``ds`` without moving ``ds``: a task
-    concatenates the id blocks into one object and every batch looks its keys up there."""
+    concatenates the id blocks into one object and every batch looks its keys up there.
+    ``Dataset.join`` would shuffle ``ds`` as well (and is slower here, see ``_join_on_key``)."""
     @ray.remote
     def gather(*blocks: pa.Table) -> pa.Table:
         return pa.concat_tables(blocks).select([key, col]).combine_chunks()
