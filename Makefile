@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(VARIANT)
 
-.PHONY: setup quickstart test test-fast clean
+.PHONY: setup quickstart lint test test-fast clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -23,7 +23,12 @@ setup: $(STAMP)
 quickstart: setup
 	HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 $(PY) -m ray_jobs.pipeline --config configs/quickstart.yaml
 
-test: setup
+# ruff lint + format check (pyproject.toml [tool.ruff]); seconds, so it runs before the tests.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
 	HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -x --durations=15 tests
 
 # Unit tests only: no Ray cluster, no subprocess jobs (tests/conftest.py marks the others `ray`).

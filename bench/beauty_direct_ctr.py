@@ -16,6 +16,7 @@ category = the most specific category (last attribute), from items.jsonl.
     python bench/beauty_direct_ctr.py --tools bpr_mf
     python bench/beauty_direct_ctr.py --tools dlrm,dcnv2 --set dlrm.max_epochs=10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,12 +76,19 @@ def never_seen_negatives(rng: np.random.Generator, n_items: int, seen: np.ndarra
 
 def direct_setup(seqs, cat, brand, seed: int):
     n_items = int(max(s.max() for s in seqs)) + 1
-    data = ToolData(n_users=len(seqs), n_items=n_items, train_seqs=[s[:-2] for s in seqs],
-                    valid_item=np.array([s[-2] for s in seqs]), test_item=np.array([s[-1] for s in seqs]),
-                    item_category=cat, item_brand=brand)
+    data = ToolData(
+        n_users=len(seqs),
+        n_items=n_items,
+        train_seqs=[s[:-2] for s in seqs],
+        valid_item=np.array([s[-2] for s in seqs]),
+        test_item=np.array([s[-1] for s in seqs]),
+        item_category=cat,
+        item_brand=brand,
+    )
     rng = np.random.default_rng([seed, 1])
-    cands = np.stack([rng.permutation(np.concatenate([[s[-1]], never_seen_negatives(rng, n_items, s, 99)]))
-                      for s in seqs])
+    cands = np.stack(
+        [rng.permutation(np.concatenate([[s[-1]], never_seen_negatives(rng, n_items, s, 99)])) for s in seqs]
+    )
     return data, cands
 
 
@@ -93,21 +101,28 @@ def ctr_setup(seqs, cat, brand, seed: int, n_neg: int = 4):
         pos = np.unique(s)
         order = rng.permutation(len(pos))
         n_v = max(1, int(round(0.1 * len(pos))))
-        part = {"valid": pos[order[:n_v]], "test": pos[order[n_v:2 * n_v]], "train": pos[order[2 * n_v:]]}
+        part = {"valid": pos[order[:n_v]], "test": pos[order[n_v : 2 * n_v]], "train": pos[order[2 * n_v :]]}
         negs = never_seen_negatives(rng, n_items, s, len(pos) * n_neg)
         at = 0
         for split in ("train", "valid", "test"):
             p = part[split]
-            ng = negs[at:at + len(p) * n_neg]
+            ng = negs[at : at + len(p) * n_neg]
             at += len(p) * n_neg
             rows[split][0].append(np.full(len(p) + len(ng), u, np.int64))
             rows[split][1].append(np.concatenate([p, ng]))
             rows[split][2].append(np.concatenate([np.ones(len(p), np.float32), np.zeros(len(ng), np.float32)]))
         train_hist.append(s[np.isin(s, part["train"])])  # time order kept
     ctr = {k: (np.concatenate(v[0]), np.concatenate(v[1]), np.concatenate(v[2])) for k, v in rows.items()}
-    data = ToolData(n_users=len(seqs), n_items=n_items, train_seqs=train_hist,
-                    valid_item=np.full(len(seqs), -1), test_item=np.full(len(seqs), -1),
-                    item_category=cat, item_brand=brand, ctr=ctr)
+    data = ToolData(
+        n_users=len(seqs),
+        n_items=n_items,
+        train_seqs=train_hist,
+        valid_item=np.full(len(seqs), -1),
+        test_item=np.full(len(seqs), -1),
+        item_category=cat,
+        item_brand=brand,
+        ctr=ctr,
+    )
     return data
 
 
@@ -144,8 +159,19 @@ def main() -> None:
     cat, brand = load_side(n_items)
     tools = [t for t in args.tools.split(",") if t]
     direct_data = cands = ctr_data = None
-    print(json.dumps({"load_s": round(time.time() - t0, 1), "users": len(seqs), "items": n_items,
-                      "interactions": n_inter, "categories": int(cat.max()) + 1, "brands": int(brand.max()) + 1}), flush=True)
+    print(
+        json.dumps(
+            {
+                "load_s": round(time.time() - t0, 1),
+                "users": len(seqs),
+                "items": n_items,
+                "interactions": n_inter,
+                "categories": int(cat.max()) + 1,
+                "brands": int(brand.max()) + 1,
+            }
+        ),
+        flush=True,
+    )
     results = []
     for name in tools:
         params = {"seed": args.seed, **sets.get(name, {})}
@@ -155,8 +181,12 @@ def main() -> None:
             if ctr_data is None:
                 ctr_data = ctr_setup(seqs, cat, brand, args.seed)
                 u, i, y = ctr_data.ctr["test"]  # context: item popularity alone
-                print(json.dumps({"baseline": "popularity", "task": "ctr",
-                                  "test": {"auc": auc(y, ctr_data.item_popularity[i])}}), flush=True)
+                print(
+                    json.dumps(
+                        {"baseline": "popularity", "task": "ctr", "test": {"auc": auc(y, ctr_data.item_popularity[i])}}
+                    ),
+                    flush=True,
+                )
             valid = tool.fit(ctr_data)
             fit_s = time.time() - t1
             u, i, y = ctr_data.ctr["test"]
@@ -166,19 +196,36 @@ def main() -> None:
             if direct_data is None:
                 direct_data, cands = direct_setup(seqs, cat, brand, args.seed)
                 pop_ranks = rank_in_candidates(direct_data.item_popularity[cands], cands, direct_data.test_item)
-                print(json.dumps({"baseline": "popularity", "task": "direct",
-                                  "test": ranking_metrics(pop_ranks, (5, 10))}), flush=True)
+                print(
+                    json.dumps(
+                        {"baseline": "popularity", "task": "direct", "test": ranking_metrics(pop_ranks, (5, 10))}
+                    ),
+                    flush=True,
+                )
             valid = tool.fit(direct_data)
             fit_s = time.time() - t1
             users = np.arange(direct_data.n_users)
-            scores = np.concatenate([tool.score_candidates(users[s:s + 2048], [direct_data.train_seqs[x] for x in users[s:s + 2048]],
-                                                           cands[s:s + 2048]) for s in range(0, len(users), 2048)])
+            scores = np.concatenate(
+                [
+                    tool.score_candidates(
+                        users[s : s + 2048],
+                        [direct_data.train_seqs[x] for x in users[s : s + 2048]],
+                        cands[s : s + 2048],
+                    )
+                    for s in range(0, len(users), 2048)
+                ]
+            )
             ranks = rank_in_candidates(scores, cands, direct_data.test_item)
             test = ranking_metrics(ranks, (5, 10))
-        rec = {"tool": name, "params": params, "test": test,
-               "valid": {k: v for k, v in valid.items() if k in ("auc", "logloss", "hr@5", "ndcg@5", "epoch")},
-               "train_info": getattr(tool, "train_info", {}), "fit_s": round(fit_s, 1),
-               "total_s": round(time.time() - t1, 1)}
+        rec = {
+            "tool": name,
+            "params": params,
+            "test": test,
+            "valid": {k: v for k, v in valid.items() if k in ("auc", "logloss", "hr@5", "ndcg@5", "epoch")},
+            "train_info": getattr(tool, "train_info", {}),
+            "fit_s": round(fit_s, 1),
+            "total_s": round(time.time() - t1, 1),
+        }
         results.append(rec)
         print(json.dumps(rec), flush=True)
     if args.out:

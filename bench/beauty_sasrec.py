@@ -9,6 +9,7 @@ ranking with the user's history removed (except the truth itself).
     python bench/beauty_sasrec.py                       # SASRec with the tool defaults
     python bench/beauty_sasrec.py --tool lightsans --set max_epochs=100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,7 @@ def evaluate_test(tool, data: ToolData, exclude_history: bool, batch: int = 1024
     users = np.flatnonzero(data.test_item >= 0)
     ranks = []
     for start in range(0, len(users), batch):
-        ub = users[start:start + batch]
+        ub = users[start : start + batch]
         hist = [np.append(data.train_seqs[u], data.valid_item[u]) for u in ub]
         scores = tool.score_items(ub, hist)
         ranks.append(rank_full_catalog(scores, data.test_item[ub], exclude=hist if exclude_history else None))
@@ -73,17 +74,27 @@ def main() -> None:
 
     t0 = time.time()
     data, _ = load_beauty()
-    print(f"Beauty: {data.n_users} users, {data.n_items} items, "
-          f"{sum(len(s) for s in data.train_seqs)} train interactions ({time.time() - t0:.1f}s to load)")
+    print(
+        f"Beauty: {data.n_users} users, {data.n_items} items, "
+        f"{sum(len(s) for s in data.train_seqs)} train interactions ({time.time() - t0:.1f}s to load)"
+    )
     tool = tool_class(args.tool)(params)
     t1 = time.time()
     best = tool.fit(data)
     train_s = time.time() - t1
     res = tool.result
-    print(f"trained {res.epochs_run} epochs in {train_s:.0f}s ({res.stopped}); best epoch {res.best_epoch}; "
-          f"valid {json.dumps({k: round(v, 4) for k, v in best.items() if '@' in k})}")
-    out = {"tool": args.tool, "params": tool.hp if hasattr(tool, "hp") else params, "train_seconds": round(train_s, 1),
-           "epochs": res.epochs_run, "best_epoch": res.best_epoch, "valid": best}
+    print(
+        f"trained {res.epochs_run} epochs in {train_s:.0f}s ({res.stopped}); best epoch {res.best_epoch}; "
+        f"valid {json.dumps({k: round(v, 4) for k, v in best.items() if '@' in k})}"
+    )
+    out = {
+        "tool": args.tool,
+        "params": tool.hp if hasattr(tool, "hp") else params,
+        "train_seconds": round(train_s, 1),
+        "epochs": res.epochs_run,
+        "best_epoch": res.best_epoch,
+        "valid": best,
+    }
     t2 = time.time()
     out["test_all_items"] = evaluate_test(tool, data, exclude_history=False)
     if args.also_exclude:
@@ -96,6 +107,7 @@ def main() -> None:
     print(json.dumps(out, default=str))
     if args.save:
         from reasonrec.tools.persist import save_tool
+
         save_tool(tool, args.save)
 
 

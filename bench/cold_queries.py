@@ -10,6 +10,7 @@ coldest of a hash sample of the test queries, and the line printed says so.)
 ``bench.vlm_vs_tools --stage <that variant's stage>`` then pairs those users against every tool
 in its ``all`` rows (its ``cs:coldest`` rows are the coldest *of* them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ray_jobs import evaluate
 from ray_jobs.score import score_queries
+from reasonrec import evaluation
 from reasonrec.config import load_config
 from reasonrec.io import open_store
 from reasonrec.metrics import COLD_START_AGGREGATES
@@ -31,7 +32,7 @@ def coldest(queries: pa.Table, users: pa.Table) -> pa.Table:
     parts = []
     for task in sorted(set(queries.column("task").to_pylist())):
         q = queries.filter(pc.equal(queries.column("task"), task))
-        _, groups = evaluate.segments(users, np.array(q.column("user_id").to_pylist(), np.int64))
+        _, groups = evaluation.segments(users, np.array(q.column("user_id").to_pylist(), np.int64))
         parts.append(q.filter(pa.array(np.isin(groups, COLD_START_AGGREGATES["coldest"]))))
     return pa.concat_tables(parts)
 
@@ -49,8 +50,11 @@ def main() -> None:
     out = coldest(queries, users)
     pq.write_table(out, a.out)
     cap = cfg.score.max_queries_per_task
-    sampled = (f", a hash sample of at most score.max_queries_per_task={cap} per task"
-               if cap and not cfg.score.queries_path else "")
+    sampled = (
+        f", a hash sample of at most score.max_queries_per_task={cap} per task"
+        if cap and not cfg.score.queries_path
+        else ""
+    )
     print(f"wrote {out.num_rows} of {queries.num_rows} queries (the coldest users' of each task{sampled}) to {a.out}")
 
 

@@ -18,6 +18,7 @@ Peak driver / baseline RSS also comes from ``getrusage`` in the child (exact, no
 Ray child records the driver RSS at every step the job logs, which shows where driver memory goes.
 Results: ``bench/results/prepare.json`` plus a Markdown table on stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,15 @@ MB = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------- config
-def bench_config(size: int, workdir: str, side: str, n_items: int, per_shard: int, per_partition: int,
-                 shuffle_strategy: str | None = None):
+def bench_config(
+    size: int,
+    workdir: str,
+    side: str,
+    n_items: int,
+    per_shard: int,
+    per_partition: int,
+    shuffle_strategy: str | None = None,
+):
     """The RunConfig both sides run for ``size`` interactions (expected; the realised count is in
     the result). Users are sized with the world's own expected sequence length."""
     from reasonrec.config import CONFIG_DIR, SyntheticConfig, load_config
@@ -51,14 +59,18 @@ def bench_config(size: int, workdir: str, side: str, n_items: int, per_shard: in
     n_users = max(1, round(size / expected_length(SyntheticConfig(n_items=n_items))))
     syn = "data.sources.0.synthetic."
     overrides = [
-        f"{syn}n_users={n_users}", f"{syn}n_items={n_items}", f"{syn}with_images=false",
-        f"{syn}n_user_shards={max(1, round(size / per_shard))}", f"{syn}n_item_shards=2",
+        f"{syn}n_users={n_users}",
+        f"{syn}n_items={n_items}",
+        f"{syn}with_images=false",
+        f"{syn}n_user_shards={max(1, round(size / per_shard))}",
+        f"{syn}n_item_shards=2",
         # The quickstart preset lowers this for its 120-item catalog; 99 is the protocol default.
         "data.direct_negatives=99",
         f"ray.shuffle_partitions={max(8, round(size / per_partition))}",
         "ray.address=local",  # a fresh cluster of our own, never one another job started
         *([f"ray.shuffle_strategy={shuffle_strategy}"] if shuffle_strategy else []),
-        f"output_root={workdir}/{side}", "run_name=bench",
+        f"output_root={workdir}/{side}",
+        "run_name=bench",
     ]
     return load_config(CONFIG_DIR / "quickstart.yaml", overrides), overrides
 
@@ -80,8 +92,9 @@ def baseline_prepare(cfg, out_dir: str, chunk_users: int = 8192) -> dict:
 
     from reasonrec.data import prepare as P
     from reasonrec.data import schemas
-    from reasonrec.data.evidence import BUCKETS, bucket, fit_normalizer
+    from reasonrec.data.evidence import bucket, fit_normalizer
     from reasonrec.data.sources import get_source
+    from reasonrec.vocab import EH_BUCKETS
 
     d = cfg.data
     if d.kcore > 0:
@@ -136,19 +149,34 @@ def baseline_prepare(cfg, out_dir: str, chunk_users: int = 8192) -> dict:
     inter = P.remap_interactions(inter, user_keys, item_lookup)
     stubs = pc.filter(inter_ikeys, pc.invert(pc.is_in(inter_ikeys, value_set=items.column("_ikey")))).sort()
     stub_parts = pc.split_pattern(stubs, P.KEY_SEP, max_splits=1)
-    stub_table = pa.table({"item_key": pc.list_element(stub_parts, 1), "domain": pc.list_element(stub_parts, 0),
-                           "_ikey": stubs})
-    items_out = pa.concat_tables([
-        schemas.conform(t.append_column("item_id", pc.index_in(t.column("_ikey"), value_set=item_lookup).cast(pa.int64())),
-                        schemas.ITEMS) for t in (items, stub_table)])
+    stub_table = pa.table(
+        {"item_key": pc.list_element(stub_parts, 1), "domain": pc.list_element(stub_parts, 0), "_ikey": stubs}
+    )
+    items_out = pa.concat_tables(
+        [
+            schemas.conform(
+                t.append_column("item_id", pc.index_in(t.column("_ikey"), value_set=item_lookup).cast(pa.int64())),
+                schemas.ITEMS,
+            )
+            for t in (items, stub_table)
+        ]
+    )
     step("assign dense ids")
 
     seqs = P.build_sequences(inter)
     del inter
     recs = [r for lst in seqs.column("duplicates").to_pylist() for r in lst]
     if recs:
-        quarantine.append(pa.table({"table": ["interactions"] * len(recs), "reason": ["duplicate interaction"] * len(recs),
-                                    "record": recs}, schema=schemas.QUARANTINE))
+        quarantine.append(
+            pa.table(
+                {
+                    "table": ["interactions"] * len(recs),
+                    "reason": ["duplicate interaction"] * len(recs),
+                    "record": recs,
+                },
+                schema=schemas.QUARANTINE,
+            )
+        )
     seqs = seqs.drop_columns(["duplicates"])
     step("per-user sequences")
 
@@ -162,9 +190,15 @@ def baseline_prepare(cfg, out_dir: str, chunk_users: int = 8192) -> dict:
         del ts
     step("evidence horizon + time-shift cutoff")
 
-    params = P.SplitParams(n_items=n_items, seed=d.seed, direct_negatives=d.direct_negatives,
-                           ctr_negatives=d.ctr_negatives, ctr_split=tuple(d.ctr_split),
-                           explanation_split=tuple(d.explanation_split), eh_thresholds=tuple(d.eh_thresholds))
+    params = P.SplitParams(
+        n_items=n_items,
+        seed=d.seed,
+        direct_negatives=d.direct_negatives,
+        ctr_negatives=d.ctr_negatives,
+        ctr_split=tuple(d.ctr_split),
+        explanation_split=tuple(d.explanation_split),
+        eh_thresholds=tuple(d.eh_thresholds),
+    )
     derive = {
         "users": (schemas.USERS, lambda b: P.users_table(b, normalizer, d.eh_thresholds)),
         "interactions": (schemas.INTERACTIONS, P.interactions_table),
@@ -174,16 +208,22 @@ def baseline_prepare(cfg, out_dir: str, chunk_users: int = 8192) -> dict:
         "explanation": (schemas.EXPLANATION, lambda b: P.explanation_table(b, params)),
     }
     os.makedirs(out_dir, exist_ok=True)
-    writers = {name: pq.ParquetWriter(os.path.join(out_dir, f"{name}.parquet"), schema)
-               for name, (schema, _) in derive.items()}
+    writers = {
+        name: pq.ParquetWriter(os.path.join(out_dir, f"{name}.parquet"), schema) for name, (schema, _) in derive.items()
+    }
     writers["timeshift"] = pq.ParquetWriter(os.path.join(out_dir, "timeshift.parquet"), schemas.TIMESHIFT)
     rows = dict.fromkeys(list(writers), 0)
     for lo in range(0, seqs.num_rows, chunk_users):
         # Progress in the log, so a run killed at the time limit still shows how far it got.
-        logging.getLogger("bench.prepare").info("baseline: derive users %d-%d of %d at %.1fs", lo,
-                                                min(lo + chunk_users, seqs.num_rows), seqs.num_rows, time.time() - t0)
+        logging.getLogger("bench.prepare").info(
+            "baseline: derive users %d-%d of %d at %.1fs",
+            lo,
+            min(lo + chunk_users, seqs.num_rows),
+            seqs.num_rows,
+            time.time() - t0,
+        )
         batch = seqs.slice(lo, chunk_users)
-        for name, (schema, fn) in derive.items():
+        for name, (_schema, fn) in derive.items():
             tab = fn(batch)
             if name == "interactions":
                 ts_tab = P.timeshift_table(tab, cutoff)
@@ -202,16 +242,22 @@ def baseline_prepare(cfg, out_dir: str, chunk_users: int = 8192) -> dict:
 
     user_buckets = bucket(normalizer(counts), d.eh_thresholds)
     return {
-        "rows": rows, "input_rows": {"interactions": n_input_inter, "items": n_input_items},
-        "n_users": len(user_keys), "n_items": n_items, "eh_max_count": normalizer.max_count,
-        "users_per_bucket": {b: int(nusers[user_buckets == b].sum()) for b in BUCKETS},
-        "timeshift_cutoff": cutoff, "seconds": round(time.time() - t0, 1), "steps": steps,
+        "rows": rows,
+        "input_rows": {"interactions": n_input_inter, "items": n_input_items},
+        "n_users": len(user_keys),
+        "n_items": n_items,
+        "eh_max_count": normalizer.max_count,
+        "users_per_bucket": {b: int(nusers[user_buckets == b].sum()) for b in EH_BUCKETS},
+        "timeshift_cutoff": cutoff,
+        "seconds": round(time.time() - t0, 1),
+        "steps": steps,
     }
 
 
 # ---------------------------------------------------------------------------------- children
 def _self_rss() -> int:
     import psutil
+
     return psutil.Process().memory_info().rss
 
 
@@ -238,8 +284,9 @@ class _StepRSS(logging.Handler):
         self.t0, self.records = t0, []
 
     def emit(self, record):
-        self.records.append({"step": record.getMessage(), "t": round(time.time() - self.t0, 2),
-                             "rss_mb": round(_self_rss() / MB, 1)})
+        self.records.append(
+            {"step": record.getMessage(), "t": round(time.time() - self.t0, 2), "rss_mb": round(_self_rss() / MB, 1)}
+        )
         _record_step(self.records[-1])
 
 
@@ -248,26 +295,46 @@ def run_child(args) -> None:
     global _STEPS_FILE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     _STEPS_FILE = args.result + ".steps.jsonl"
-    cfg, _ = bench_config(args.size, args.workdir, args.child, args.n_items, args.interactions_per_shard,
-                          args.interactions_per_partition, args.shuffle_strategy)
+    cfg, _ = bench_config(
+        args.size,
+        args.workdir,
+        args.child,
+        args.n_items,
+        args.interactions_per_shard,
+        args.interactions_per_partition,
+        args.shuffle_strategy,
+    )
     out: dict = {"side": args.child, "rss_at_start_mb": round(_self_rss() / MB, 1)}
     t0 = time.time()
     if args.child == "ray":
         from ray_jobs import prepare as job
+
         handler = _StepRSS(t0)
         logging.getLogger("reasonrec.prepare").addHandler(handler)
         summary = job.run(cfg, force=True)
         out["wall_s"] = time.time() - t0  # includes starting the local Ray cluster (a few s)
         out["steps"] = handler.records
         import ray
+
         ray.shutdown()
     else:
         summary = baseline_prepare(cfg, os.path.join(cfg.output_root, "bench", "prepare"), args.chunk_users)
         out["wall_s"] = time.time() - t0
         out["steps"] = summary.pop("steps")
     out["peak_rss_mb_getrusage"] = round(_peak_rss_self() / MB, 1)
-    out["summary"] = {k: summary.get(k) for k in ("rows", "input_rows", "n_users", "n_items", "eh_max_count",
-                                                     "users_per_bucket", "timeshift_cutoff", "seconds")}
+    out["summary"] = {
+        k: summary.get(k)
+        for k in (
+            "rows",
+            "input_rows",
+            "n_users",
+            "n_items",
+            "eh_max_count",
+            "users_per_bucket",
+            "timeshift_cutoff",
+            "seconds",
+        )
+    }
     Path(args.result).write_text(json.dumps(out, indent=2, default=str))
 
 
@@ -287,15 +354,32 @@ def run_side(side: str, size: int, args, workdir: str) -> dict:
 
     result_path = os.path.join(workdir, f"{side}-{size}.json")
     log_path = os.path.join(workdir, f"{side}-{size}.log")
-    cmd = [sys.executable, "-m", "bench.prepare", "--child", side, "--size", str(size), "--workdir", workdir,
-           "--result", result_path, "--n-items", str(args.n_items),
-           "--interactions-per-shard", str(args.interactions_per_shard),
-           "--interactions-per-partition", str(args.interactions_per_partition),
-           "--chunk-users", str(args.chunk_users),
-           *(["--shuffle-strategy", args.shuffle_strategy] if args.shuffle_strategy else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.prepare",
+        "--child",
+        side,
+        "--size",
+        str(size),
+        "--workdir",
+        workdir,
+        "--result",
+        result_path,
+        "--n-items",
+        str(args.n_items),
+        "--interactions-per-shard",
+        str(args.interactions_per_shard),
+        "--interactions-per-partition",
+        str(args.interactions_per_partition),
+        "--chunk-users",
+        str(args.chunk_users),
+        *(["--shuffle-strategy", args.shuffle_strategy] if args.shuffle_strategy else []),
+    ]
     # Ray's session dir (logs, spilled objects) apart from the "ray" outputs, whose size is reported.
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=os.path.join(workdir, "ray-tmp"),
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=os.path.join(workdir, "ray-tmp"), PYTHONUNBUFFERED="1"
+    )
     env.pop("RAY_ADDRESS", None)
     os.makedirs(env["RAY_TMPDIR"], exist_ok=True)
     t0 = time.time()
@@ -324,8 +408,14 @@ def run_side(side: str, size: int, args, workdir: str) -> dict:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             c_rss, c_pss, c_uss = c_rss + r, c_pss + p, c_uss + u
-        for key, v in (("driver_rss", d_rss), ("driver_uss", d_uss), ("cluster_rss", c_rss), ("cluster_pss", c_pss),
-                       ("cluster_uss", c_uss), ("n_procs", len(kids))):
+        for key, v in (
+            ("driver_rss", d_rss),
+            ("driver_uss", d_uss),
+            ("cluster_rss", c_rss),
+            ("cluster_pss", c_pss),
+            ("cluster_uss", c_uss),
+            ("n_procs", len(kids)),
+        ):
             peak[key] = max(peak[key], v)
         timeline.append([round(time.time() - t0, 1), round(d_rss / MB), round(c_pss / MB)])
         time.sleep(SAMPLE_S)
@@ -334,14 +424,26 @@ def run_side(side: str, size: int, args, workdir: str) -> dict:
     rc = proc.wait()
     wall = time.time() - t0
     _reap(seen.values())
-    out = {"side": side, "size": size, "rc": rc, "timed_out": timed_out, "process_wall_s": round(wall, 1),
-           "peak_mb": {k: (round(v / MB, 1) if k != "n_procs" else v) for k, v in peak.items()},
-           "timeline_t_driver_rss_cluster_pss_mb": timeline, "log": log_path}
+    out = {
+        "side": side,
+        "size": size,
+        "rc": rc,
+        "timed_out": timed_out,
+        "process_wall_s": round(wall, 1),
+        "peak_mb": {k: (round(v / MB, 1) if k != "n_procs" else v) for k, v in peak.items()},
+        "timeline_t_driver_rss_cluster_pss_mb": timeline,
+        "log": log_path,
+    }
     if rc == 0 and os.path.exists(result_path):
         out.update(json.loads(Path(result_path).read_text()))
     else:
-        out["error"] = ("timed out after %ds" % limit_s if timed_out else
-                        "killed by signal %d (SIGKILL: likely the OOM killer)" % -rc if rc < 0 else f"exit status {rc}")
+        out["error"] = (
+            f"timed out after {limit_s}s"
+            if timed_out
+            else f"killed by signal {-rc} (SIGKILL: likely the OOM killer)"
+            if rc < 0
+            else f"exit status {rc}"
+        )
         out["log_tail"] = Path(log_path).read_text()[-3000:]
         steps_file = result_path + ".steps.jsonl"
         if os.path.exists(steps_file):  # how far the child got before it was stopped
@@ -351,6 +453,7 @@ def run_side(side: str, size: int, args, workdir: str) -> dict:
 
 def _kill(procs) -> None:
     import psutil
+
     for p in procs:
         try:
             p.send_signal(signal.SIGKILL)
@@ -362,6 +465,7 @@ def _reap(procs, grace_s: float = 30.0) -> None:
     """Wait for the Ray processes the child started to exit (ray.shutdown stops them), so the
     next measurement does not share the CPUs with a dying cluster; kill stragglers by pid."""
     import psutil
+
     alive = [p for p in procs if p.is_running()]
     _, alive = psutil.wait_procs(alive, timeout=grace_s)
     _kill(alive)
@@ -377,13 +481,19 @@ def _dir_mb(path: str) -> float:
 # ---------------------------------------------------------------------------------- report
 def machine() -> dict:
     import psutil
-    return {"nproc": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),
-            "loadavg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
-            "platform": platform.platform()}
+
+    return {
+        "nproc": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def _versions() -> dict:
     import importlib.metadata as md
+
     return {p: md.version(p) for p in ("ray", "pyarrow", "pandas", "numpy")}
 
 
@@ -392,8 +502,10 @@ def _fmt(v, spec=",.0f"):
 
 
 def markdown(results: list[dict]) -> str:
-    head = ("| interactions | users | side | wall s | interactions/s | peak driver / process RSS MB | "
-            "peak Ray cluster RSS MB (PSS) | load avg (1 min) before |")
+    head = (
+        "| interactions | users | side | wall s | interactions/s | peak driver / process RSS MB | "
+        "peak Ray cluster RSS MB (PSS) | load avg (1 min) before |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for side in ("baseline", "ray"):
@@ -408,13 +520,18 @@ def markdown(results: list[dict]) -> str:
             driver = max(pk["driver_rss"], s.get("peak_rss_mb_getrusage") or 0)
             cluster = f"{pk['cluster_rss']:,.0f} ({pk['cluster_pss']:,.0f})" if side == "ray" else "-"
             err = f" **{s['error']}**" if s.get("error") else ""
-            lines.append(f"| {_fmt(n) if n else _fmt(r['size'])} | {_fmt(summ.get('n_users', r.get('n_users')))} | {side}{err} | "
-                         f"{_fmt(wall, ',.1f')} | {_fmt(rate)} | {driver:,.0f} | {cluster} | "
-                         f"{s.get('load_before', 'n/a')} |")
+            lines.append(
+                f"| {_fmt(n) if n else _fmt(r['size'])} | {_fmt(summ.get('n_users', r.get('n_users')))} "
+                f"| {side}{err} | "
+                f"{_fmt(wall, ',.1f')} | {_fmt(rate)} | {driver:,.0f} | {cluster} | "
+                f"{s.get('load_before', 'n/a')} |"
+            )
         rt = r.get("ratios")
         if rt:
-            lines.append(f"| | | **Ray / baseline** | {rt['wall']:.2f}x | {rt['rate']:.2f}x | "
-                         f"{rt['driver_rss']:.2f}x (driver) | {rt['total_pss']:.2f}x (driver + cluster PSS vs baseline) | |")
+            lines.append(
+                f"| | | **Ray / baseline** | {rt['wall']:.2f}x | {rt['rate']:.2f}x | "
+                f"{rt['driver_rss']:.2f}x (driver) | {rt['total_pss']:.2f}x (driver + cluster PSS vs baseline) | |"
+            )
     return "\n".join(lines)
 
 
@@ -427,8 +544,12 @@ def ratios(r: dict) -> dict | None:
     # Peak of the sum is not the sum of peaks; the sampled driver and cluster peaks are taken
     # at different times, so this is an upper bound on the Ray job's total footprint.
     y_total = y["peak_mb"]["driver_rss"] + y["peak_mb"]["cluster_pss"]
-    return {"wall": y["wall_s"] / b["wall_s"], "rate": b["wall_s"] / y["wall_s"],
-            "driver_rss": y_driver / b_peak, "total_pss": y_total / b_peak}
+    return {
+        "wall": y["wall_s"] / b["wall_s"],
+        "rate": b["wall_s"] / y["wall_s"],
+        "driver_rss": y_driver / b_peak,
+        "total_pss": y_total / b_peak,
+    }
 
 
 def rows_match(r: dict) -> dict | None:
@@ -442,19 +563,36 @@ def rows_match(r: dict) -> dict | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000],
-                    help="expected interactions per run (the world is sized from its expected sequence length)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[1_000_000, 10_000_000],
+        help="expected interactions per run (the world is sized from its expected sequence length)",
+    )
     ap.add_argument("--sides", nargs="+", choices=("baseline", "ray"), default=["baseline", "ray"])
     ap.add_argument("--n-items", type=int, default=50_000)
-    ap.add_argument("--shuffle-strategy", default=None, help="ray.shuffle_strategy of the Ray side (default: the config's)")
-    ap.add_argument("--interactions-per-shard", type=int, default=250_000,
-                    help="synthetic user shards = size / this (the Ray read parallelism)")
-    ap.add_argument("--interactions-per-partition", type=int, default=250_000,
-                    help="ray.shuffle_partitions = max(8, size / this)")
-    ap.add_argument("--chunk-users", type=int, default=8192,
-                    help="baseline: users per derive/write chunk (the Ray job derives 8192 users per batch)")
+    ap.add_argument(
+        "--shuffle-strategy", default=None, help="ray.shuffle_strategy of the Ray side (default: the config's)"
+    )
+    ap.add_argument(
+        "--interactions-per-shard",
+        type=int,
+        default=250_000,
+        help="synthetic user shards = size / this (the Ray read parallelism)",
+    )
+    ap.add_argument(
+        "--interactions-per-partition", type=int, default=250_000, help="ray.shuffle_partitions = max(8, size / this)"
+    )
+    ap.add_argument(
+        "--chunk-users",
+        type=int,
+        default=8192,
+        help="baseline: users per derive/write chunk (the Ray job derives 8192 users per batch)",
+    )
     ap.add_argument("--timeout-s", type=int, default=900, help="per side and size; the child is killed after it")
     ap.add_argument("--ray-timeout-s", type=int, default=None, help="the Ray side's limit, if not --timeout-s")
     ap.add_argument("--workdir", default=None, help="outputs and logs (default: a temp dir, removed unless --keep)")
@@ -471,8 +609,13 @@ def main(argv=None) -> int:
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-prepare-")
     os.makedirs(workdir, exist_ok=True)
-    report = {"command": "python -m bench.prepare " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "versions": _versions(), "workdir": workdir, "results": []}
+    report = {
+        "command": "python -m bench.prepare " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "versions": _versions(),
+        "workdir": workdir,
+        "results": [],
+    }
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Sizes measured by an earlier invocation are kept (each result records its own command and
@@ -480,9 +623,20 @@ def main(argv=None) -> int:
     earlier = json.loads(out_path.read_text()).get("results", []) if out_path.exists() else []
     earlier = [r for r in earlier if r.get("size") not in args.sizes]
     for size in args.sizes:
-        cfg, overrides = bench_config(size, workdir, "x", args.n_items, args.interactions_per_shard,
-                                      args.interactions_per_partition, args.shuffle_strategy)
-        r: dict = {"size": size, "n_users": cfg.data.sources[0].synthetic.n_users, "overrides": [o for o in overrides if not o.startswith("output_root")]}
+        cfg, overrides = bench_config(
+            size,
+            workdir,
+            "x",
+            args.n_items,
+            args.interactions_per_shard,
+            args.interactions_per_partition,
+            args.shuffle_strategy,
+        )
+        r: dict = {
+            "size": size,
+            "n_users": cfg.data.sources[0].synthetic.n_users,
+            "overrides": [o for o in overrides if not o.startswith("output_root")],
+        }
         for side in args.sides:
             load = round(os.getloadavg()[0], 2)
             print(f"[bench.prepare] size={size:,} side={side} (load {load}) ...", file=sys.stderr, flush=True)
@@ -493,8 +647,12 @@ def main(argv=None) -> int:
                 shutil.rmtree(os.path.join(workdir, side), ignore_errors=True)
                 shutil.rmtree(os.path.join(workdir, "ray-tmp"), ignore_errors=True)
             r[side] = s
-            print(f"[bench.prepare]   {side}: wall {_fmt(s.get('wall_s'), '.1f')}s "
-                  f"peak driver RSS {s['peak_mb']['driver_rss']:,.0f} MB {s.get('error', '')}", file=sys.stderr, flush=True)
+            print(
+                f"[bench.prepare]   {side}: wall {_fmt(s.get('wall_s'), '.1f')}s "
+                f"peak driver RSS {s['peak_mb']['driver_rss']:,.0f} MB {s.get('error', '')}",
+                file=sys.stderr,
+                flush=True,
+            )
         r["ratios"] = ratios(r)
         r["rows_match"] = rows_match(r)
         r["command"], r["machine"] = report["command"], dict(machine(), started_load=report["machine"]["loadavg"])

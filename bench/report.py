@@ -1,5 +1,6 @@
 """Shared helpers of the scoring benchmarks: one system metric out of evaluate's records, and the
 Markdown table every benchmark prints, and the variant benchmarks' command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import logging
 
 
 def system_metric(records: list[dict], task: str, metric: str, k: int | None = None, group: str = "all") -> float:
-    """The value of one metric from ``ray_jobs.evaluate.system_records`` output (NaN if absent)."""
+    """The value of one metric from ``reasonrec.evaluation.system_records`` output (NaN if absent)."""
     for r in records:
         if r["task"] == task and r["metric"] == metric and r["k"] == k and r["group"] == group:
             return r["value"]
@@ -18,8 +19,11 @@ def markdown_table(rows: list[dict], cols: list[str], raw: tuple[str, ...] = ())
     """Rows as a Markdown table; floats to 4 decimals except the columns in ``raw`` (already rounded)."""
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) and c not in raw else str(r[c])
-                                       for c in cols) + " |")
+        lines.append(
+            "| "
+            + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) and c not in raw else str(r[c]) for c in cols)
+            + " |"
+        )
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ functions on the same queries. Prints one Markdown table per task (paper Tables 
 test item, history kept; direct HR@5 = 1 positive + ``data.direct_negatives`` sampled negatives; CTR AUC
 on the CTR test split.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,19 +22,35 @@ import json
 import logging
 import sys
 
-CHOICES = {"learned": [], "learned, no guard": ["planner.guard_z=-1"], "fixed": ["planner.tool_choice=fixed"],
-           "random": ["planner.tool_choice=random"], "oracle": ["planner.tool_choice=oracle"]}
-BASE = ["score.mode=tools", "score.tasks=[sequential,direct,ctr]", "score.max_queries_per_task=0",
-        "planner.vlm_aware=false"]
+CHOICES = {
+    "learned": [],
+    "learned, no guard": ["planner.guard_z=-1"],
+    "fixed": ["planner.tool_choice=fixed"],
+    "random": ["planner.tool_choice=random"],
+    "oracle": ["planner.tool_choice=oracle"],
+}
+BASE = [
+    "score.mode=tools",
+    "score.tasks=[sequential,direct,ctr]",
+    "score.max_queries_per_task=0",
+    "planner.vlm_aware=false",
+]
 METRIC = {"sequential": ("hr", 5), "direct": ("hr", 5), "ctr": ("auc", None)}
 
 
 def _pick(records: list[dict], task: str, group: str = "all") -> dict[str, float]:
     """model -> the task's headline metric (group ``all``) from evaluate records."""
     metric, k = METRIC[task]
-    return {r["model"]: r["value"] for r in records
-            if r["task"] == task and r["metric"] == metric and r.get("k") == k and r["group"] == group
-            and r.get("protocol") != "routing" and "masked" not in str(r.get("protocol"))}
+    return {
+        r["model"]: r["value"]
+        for r in records
+        if r["task"] == task
+        and r["metric"] == metric
+        and r.get("k") == k
+        and r["group"] == group
+        and r.get("protocol") != "routing"
+        and "masked" not in str(r.get("protocol"))
+    }
 
 
 def table(task: str, system: dict[str, float], tools: dict[str, float], n: int, guard: dict | None) -> str:
@@ -59,8 +76,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from ray_jobs import prepare, score, train_tools
-    from ray_jobs.evaluate import evaluate_tools, system_records
     from reasonrec.config import load_config
+    from reasonrec.evaluation import evaluate_tools, system_records
     from reasonrec.io import open_store
 
     cfg = load_config(a.config, [*a.overrides, *BASE])

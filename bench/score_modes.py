@@ -4,7 +4,7 @@
 
 Needs a run whose stages up to ``finetune`` are done (``python -m ray_jobs.pipeline``). Each
 variant is one ``ray_jobs.score`` run written to its own stage (``bench_<variant>``) and scored by
-``ray_jobs.evaluate.system_records``:
+``reasonrec.evaluation.system_records``:
 
 * ``routed``      the planner decides (learned tool choice)         -- ReasonRec
 * ``paper_rule``  routed, tiers from the paper's rule only (no VLM-aware bypass; same planner fit)
@@ -24,19 +24,21 @@ Prints one Markdown table (queries/s, VLM calls, wall time, HR@5 / NDCG@5 sequen
 direct, AUC CTR, ROUGE-L explanation, bypass rate) and writes it with the raw numbers to
 ``{run}/bench_score_modes.json``.
 """
+
 from __future__ import annotations
 
 import json
 import time
 
 from bench.report import markdown_table, system_metric, variant_args
-from ray_jobs import evaluate, score
+from ray_jobs import fit_planner, score
+from reasonrec import evaluation
 from reasonrec.config import load_config
 from reasonrec.io import open_store
 
 VARIANTS = {
     "routed": [],
-    "paper_rule": ["planner.vlm_margin=2"],   # the VLM-aware bypass can never fire: the paper's rule
+    "paper_rule": ["planner.vlm_margin=2"],  # the VLM-aware bypass can never fire: the paper's rule
     "tools": ["score.mode=tools"],
     "vlm": ["score.mode=vlm"],
     "vlm_tools": ["score.mode=vlm_tools"],
@@ -50,8 +52,13 @@ VARIANTS = {
     "routed_8shards": ["score.shard_rows=40"],
     "routed_8shards_2actors": ["score.shard_rows=40", "score.tool_actors=2", "score.vlm_actors=2"],
     # ... and with half a CPU reserved per actor, so both 2-actor pools fit on 2 CPUs at once.
-    "routed_8shards_2actors_half_cpu": ["score.shard_rows=40", "score.tool_actors=2", "score.vlm_actors=2",
-                                        "score.tool_cpus=0.5", "score.vlm_cpus=0.5"],
+    "routed_8shards_2actors_half_cpu": [
+        "score.shard_rows=40",
+        "score.tool_actors=2",
+        "score.vlm_actors=2",
+        "score.tool_cpus=0.5",
+        "score.vlm_cpus=0.5",
+    ],
 }
 
 
@@ -64,23 +71,47 @@ def main() -> None:
         store = open_store(cfg)
         # Fit (or find) the planner outside the timer: tool_choice is part of the fit, so the
         # strategy variants each fit their own; the scoring timed below does not include it.
-        score.fit_planner(cfg)
+        fit_planner.run(cfg)
         t0 = time.time()
         s = score.run(cfg, force=True, refit_planner=False)
         wall = time.time() - t0
         users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
-        recs = evaluate.system_records(store.read_table(cfg.score.stage_name, "predictions"),
-                                       store.read_table(cfg.score.stage_name, "queries"), users, cfg)
-        rows.append({"variant": name, "queries": s["queries"], "wall_s": round(wall, 1),
-                     "queries_per_s": round(s["queries"] / wall, 2), "vlm_calls": s["vlm_calls"],
-                     "bypass_rate": round(s["bypass_rate"], 3),
-                     "seq_hr5": system_metric(recs, "sequential", "hr", 5),
-                     "seq_ndcg5": system_metric(recs, "sequential", "ndcg", 5),
-                     "direct_hr5": system_metric(recs, "direct", "hr", 5), "ctr_auc": system_metric(recs, "ctr", "auc"),
-                     "expl_rouge_l": system_metric(recs, "explanation", "rouge_l"), "routes": s["routes"]})
+        recs = evaluation.system_records(
+            store.read_table(cfg.score.stage_name, "predictions"),
+            store.read_table(cfg.score.stage_name, "queries"),
+            users,
+            cfg,
+        )
+        rows.append(
+            {
+                "variant": name,
+                "queries": s["queries"],
+                "wall_s": round(wall, 1),
+                "queries_per_s": round(s["queries"] / wall, 2),
+                "vlm_calls": s["vlm_calls"],
+                "bypass_rate": round(s["bypass_rate"], 3),
+                "seq_hr5": system_metric(recs, "sequential", "hr", 5),
+                "seq_ndcg5": system_metric(recs, "sequential", "ndcg", 5),
+                "direct_hr5": system_metric(recs, "direct", "hr", 5),
+                "ctr_auc": system_metric(recs, "ctr", "auc"),
+                "expl_rouge_l": system_metric(recs, "explanation", "rouge_l"),
+                "routes": s["routes"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    cols = ["variant", "queries", "wall_s", "queries_per_s", "vlm_calls", "bypass_rate", "seq_hr5", "seq_ndcg5",
-            "direct_hr5", "ctr_auc", "expl_rouge_l"]
+    cols = [
+        "variant",
+        "queries",
+        "wall_s",
+        "queries_per_s",
+        "vlm_calls",
+        "bypass_rate",
+        "seq_hr5",
+        "seq_ndcg5",
+        "direct_hr5",
+        "ctr_auc",
+        "expl_rouge_l",
+    ]
     table = markdown_table(rows, cols, raw=("wall_s", "queries_per_s", "bypass_rate"))
     print(table)
     with store.fs.open(store.path("bench_score_modes.json"), "w") as f:

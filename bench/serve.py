@@ -18,6 +18,7 @@
 Every phase stops at its deadline (``--phase-timeout-s``) even if requests remain. Results:
 ``bench/results/serve.json`` and a Markdown summary on stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from reasonrec.vocab import RISK_TIERS
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "serve.json"
-TIERS = ("low", "medium", "high")
+TIERS = RISK_TIERS
 
 
 def _free_port() -> int:
@@ -59,6 +62,7 @@ class Client:
 
     def __init__(self, url: str):
         import requests
+
         self.url, self.local = url, threading.local()
         self._requests = requests
 
@@ -108,9 +112,13 @@ def pct(xs, p) -> float | None:
 
 def summarize(results: list[tuple], wall: float) -> dict:
     ok = [r for r in results if r[1] == 200]
-    out = {"requests": len(results), "errors": len(results) - len(ok), "wall_s": round(wall, 2),
-           "req_per_s": round(len(ok) / wall, 2) if wall else None,
-           "status_counts": {str(c): sum(1 for r in results if r[1] == c) for c in sorted({r[1] for r in results})}}
+    out = {
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "wall_s": round(wall, 2),
+        "req_per_s": round(len(ok) / wall, 2) if wall else None,
+        "status_counts": {str(c): sum(1 for r in results if r[1] == c) for c in sorted({r[1] for r in results})},
+    }
     for tier in TIERS + ("all",):
         lat = [r[0] for r in ok if tier == "all" or r[2] == tier]
         out[tier] = {"n": len(lat), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99)}
@@ -121,8 +129,14 @@ def machine() -> dict:
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     import ray
-    return {"cpus": os.cpu_count(), "cpu_model": cpu, "python": platform.python_version(), "ray": ray.__version__,
-            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
 
 
 def main(argv=None) -> int:
@@ -147,6 +161,7 @@ def main(argv=None) -> int:
     from reasonrec.data.schemas import QUERIES
     from reasonrec.io import open_store
     from reasonrec.scoring import build_router
+
     cfg = load_config(args.config, [*args.overrides, f"serve.port={_free_port()}", "serve.host=127.0.0.1"])
     store = open_store(cfg)
     by_task: dict[str, list[dict]] = {}
@@ -159,20 +174,27 @@ def main(argv=None) -> int:
     from ray import serve
 
     from ray_jobs.serve import start
+
     url = start(cfg)
     startup_s = time.perf_counter() - t_start
     print(f"app up at {url} in {startup_s:.1f}s", flush=True)
     # In-process reference for the overhead phase, on one thread like the replicas (Ray sets
     # OMP_NUM_THREADS=1 for actors with fractional CPUs).
     import torch
+
     torch.set_num_threads(1)
     router = build_router(cfg, store)
     client = Client(url)
-    report = {"command": "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "run": store.url(), "app_startup_s": round(startup_s, 1),
-              "pool": {t: sum(q["task"] == t for q in queries) for t in cfg.score.tasks}, "levels": {}}
+    report = {
+        "command": "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "run": store.url(),
+        "app_startup_s": round(startup_s, 1),
+        "pool": {t: sum(q["task"] == t for q in queries) for t in cfg.score.tasks},
+        "levels": {},
+    }
     try:
-        client.run(queries, min(len(queries), 8), 2, args.phase_timeout_s)      # warm-up (not measured)
+        client.run(queries, min(len(queries), 8), 2, args.phase_timeout_s)  # warm-up (not measured)
         for c in args.concurrency:
             t0 = time.perf_counter()
             res = client.run(queries, args.requests, c, args.phase_timeout_s)
@@ -188,14 +210,19 @@ def main(argv=None) -> int:
         routed = router(pa.Table.from_pylist(ranking, schema=QUERIES)).to_pylist()
         low = [q for q, r in zip(ranking, routed) if r["route"] == "low"][: args.overhead_requests]
         http, inproc, tools = [], [], []
-        for _ in range(args.overhead_rounds):   # each side per query, interleaved: same load for both
+        for _ in range(args.overhead_rounds):  # each side per query, interleaved: same load for both
             for q in low:
                 t0 = time.perf_counter()
                 router(pa.Table.from_pylist([q], schema=QUERIES))
                 inproc.append(time.perf_counter() - t0)
                 st = router.users.resolve(q["user_id"], None, "test")
-                kw = ({"candidates": np.array([q["candidates"]])} if q["task"] == "direct" else
-                      {"items": np.array([q["item_id"]])} if q["task"] == "ctr" else {})
+                kw = (
+                    {"candidates": np.array([q["candidates"]])}
+                    if q["task"] == "direct"
+                    else {"items": np.array([q["item_id"]])}
+                    if q["task"] == "ctr"
+                    else {}
+                )
                 t0 = time.perf_counter()
                 router.toolbox.answer(q["task"], np.array([st.user_id]), [st.history], router.k, **kw)
                 tools.append(time.perf_counter() - t0)
@@ -203,10 +230,15 @@ def main(argv=None) -> int:
                 if code == 200 and tier == "low":
                     http.append(dt)
         report["overhead"] = {
-            "low_tier_queries": len(low), "rounds": args.overhead_rounds, "http_ok": len(http),
-            "http_p50_ms": pct(http, 50), "http_p95_ms": pct(http, 95),
-            "router_inprocess_p50_ms": pct(inproc, 50), "tools_inprocess_p50_ms": pct(tools, 50),
-            "graph_overhead_p50_ms": round(pct(http, 50) - pct(inproc, 50), 1) if http and inproc else None}
+            "low_tier_queries": len(low),
+            "rounds": args.overhead_rounds,
+            "http_ok": len(http),
+            "http_p50_ms": pct(http, 50),
+            "http_p95_ms": pct(http, 95),
+            "router_inprocess_p50_ms": pct(inproc, 50),
+            "tools_inprocess_p50_ms": pct(tools, 50),
+            "graph_overhead_p50_ms": round(pct(http, 50) - pct(inproc, 50), 1) if http and inproc else None,
+        }
         print(f"overhead: {json.dumps(report['overhead'])}", flush=True)
     finally:
         load["end"] = os.getloadavg()
@@ -220,8 +252,10 @@ def main(argv=None) -> int:
 
 
 def markdown(r: dict) -> str:
-    lines = ["| concurrency | requests | errors | req/s | tier | n | p50 ms | p95 ms | p99 ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| concurrency | requests | errors | req/s | tier | n | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c, lv in list(r["levels"].items()) + [(f"{r['sustained']['concurrency']} (sustained)", r["sustained"])]:
         for i, tier in enumerate(TIERS + ("all",)):
             t = lv[tier]
@@ -229,9 +263,12 @@ def markdown(r: dict) -> str:
             lines.append(f"{head}| {tier} | {t['n']} | {t['p50_ms']} | {t['p95_ms']} | {t['p99_ms']} |")
     o = r["overhead"]
     lines.append("")
-    lines.append(f"Low tier, one at a time ({o['low_tier_queries']} queries x {o['rounds']}): HTTP p50 {o['http_p50_ms']} ms (p95 "
-                 f"{o['http_p95_ms']}), router in-process p50 {o['router_inprocess_p50_ms']} ms, tools alone "
-                 f"in-process p50 {o['tools_inprocess_p50_ms']} ms -> graph overhead p50 {o['graph_overhead_p50_ms']} ms")
+    lines.append(
+        f"Low tier, one at a time ({o['low_tier_queries']} queries x {o['rounds']}): "
+        f"HTTP p50 {o['http_p50_ms']} ms (p95 "
+        f"{o['http_p95_ms']}), router in-process p50 {o['router_inprocess_p50_ms']} ms, tools alone "
+        f"in-process p50 {o['tools_inprocess_p50_ms']} ms -> graph overhead p50 {o['graph_overhead_p50_ms']} ms"
+    )
     lines.append(f"load average (1/5/15 min) at start {r['loadavg']['start']}, at end {r['loadavg']['end']}")
     return "\n".join(lines)
 

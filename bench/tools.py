@@ -20,6 +20,7 @@ Needs the run's ``prepare`` stage (training part) and ``train_tools`` stage (inf
 
 Prints Markdown tables and writes ``{run}/bench_tools.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,7 @@ from reasonrec.config import load_config
 from reasonrec.io import ArtifactStore, open_store
 from reasonrec.runtime import init_ray
 
-TRAIN_TOOLS = ["sasrec", "lightsans", "gru4rec", "bpr_mf", "bpr_mlp", "lightgcn", "dlrm", "dcnv2", "xdeepfm",
-               "xgb_ctr"]
+TRAIN_TOOLS = ["sasrec", "lightsans", "gru4rec", "bpr_mf", "bpr_mlp", "lightgcn", "dlrm", "dcnv2", "xdeepfm", "xgb_ctr"]
 
 
 def _subset_tool_data(store, n_users: int):
@@ -46,9 +46,12 @@ def _subset_tool_data(store, n_users: int):
         return table.filter(pc.less(table.column("user_id"), n_users))
 
     items = store.read_table("prepare", "items", columns=["item_id", "item_key", "title", "brand", "categories"])
-    return tool_data_from_tables(items, first(store.read_table("prepare", "loo")),
-                                 first(store.read_table("prepare", "ctr")),
-                                 first(store.read_table("prepare", "direct_candidates")))
+    return tool_data_from_tables(
+        items,
+        first(store.read_table("prepare", "loo")),
+        first(store.read_table("prepare", "ctr")),
+        first(store.read_table("prepare", "direct_candidates")),
+    )
 
 
 def _train_worker(config: dict) -> None:
@@ -66,27 +69,34 @@ def _train_worker(config: dict) -> None:
         params = dict(config["params"].get(name) or {})
         if name == "xgb_ctr":
             # all rounds run (no early stop); threads = this worker's CPUs
-            params.update(num_boost_round=config["xgb_rounds"], early_stopping_rounds=config["xgb_rounds"] + 1,
-                          nthread=config["cpus"])
+            params.update(
+                num_boost_round=config["xgb_rounds"],
+                early_stopping_rounds=config["xgb_rounds"] + 1,
+                nthread=config["cpus"],
+            )
             t0 = time.time()
             tool_class(name)(params).fit(data)
             rates[name] = len(data.ctr["train"][2]) * config["xgb_rounds"] / (time.time() - t0)
             continue
         params.update(max_epochs=config["epochs"], time_budget_s=0.0, patience=config["epochs"] + 1)
         seen: list[float] = []
-        tool_class(name)(params).fit(data, reporter=lambda epoch, m: seen.append(m.get("examples_per_s", float("nan"))))
+        tool_class(name)(params).fit(
+            data, reporter=lambda epoch, m, seen=seen: seen.append(m.get("examples_per_s", float("nan")))
+        )
         rates[name] = seen[-1]
     if ray.train.get_context().get_world_rank() == 0:
         with open(config["out"], "w") as f:
             json.dump(rates, f)
 
 
-def bench_training(cfg, store, layouts: list[str], tools: list[str], users: int, epochs: int,
-                   xgb_rounds: int) -> dict[str, dict[str, float]]:
-    from ray.train import RunConfig as TrainRunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def bench_training(
+    cfg, store, layouts: list[str], tools: list[str], users: int, epochs: int, xgb_rounds: int
+) -> dict[str, dict[str, float]]:
     import tempfile
+
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
 
     out = {}
     for layout in layouts:
@@ -94,14 +104,23 @@ def bench_training(cfg, store, layouts: list[str], tools: list[str], users: int,
         workers, cpus = (int(x) for x in layout.split("x"))
         trainer = TorchTrainer(
             _train_worker,
-            train_loop_config={"output_root": cfg.output_root, "run_name": cfg.run_name,
-                               "storage": {"s3_endpoint_url": cfg.storage.s3_endpoint_url,
-                                           "s3_anon": cfg.storage.s3_anon},
-                               "tools": tools, "users": users, "cpus": cpus, "epochs": epochs, "xgb_rounds": xgb_rounds, "out": rates_path,
-                               "params": {n: dict(cfg.tools.params.get(n, {})) for n in tools}},
+            train_loop_config={
+                "output_root": cfg.output_root,
+                "run_name": cfg.run_name,
+                "storage": {"s3_endpoint_url": cfg.storage.s3_endpoint_url, "s3_anon": cfg.storage.s3_anon},
+                "tools": tools,
+                "users": users,
+                "cpus": cpus,
+                "epochs": epochs,
+                "xgb_rounds": xgb_rounds,
+                "out": rates_path,
+                "params": {n: dict(cfg.tools.params.get(n, {})) for n in tools},
+            },
             scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
-            run_config=TrainRunConfig(name=f"bench-tools-{layout}-{int(time.time())}",
-                                      storage_path="/tmp/reasonrec-bench-tools"))
+            run_config=TrainRunConfig(
+                name=f"bench-tools-{layout}-{int(time.time())}", storage_path="/tmp/reasonrec-bench-tools"
+            ),
+        )
         t0 = time.time()
         trainer.fit()
         with open(rates_path) as f:
@@ -116,8 +135,10 @@ def bench_inference(cfg, store, batch: int, k: int, dim: int, repeats: int) -> d
     from reasonrec.tools.persist import load_tool
 
     loo = store.read_table("prepare", "loo").slice(0, batch)
-    hists = [np.append(np.asarray(t, np.int64), v) for t, v in
-             zip(loo.column("train_items").to_pylist(), loo.column("valid_item").fill_null(0).to_pylist())]
+    hists = [
+        np.append(np.asarray(t, np.int64), v)
+        for t, v in zip(loo.column("train_items").to_pylist(), loo.column("valid_item").fill_null(0).to_pylist())
+    ]
     users = loo.column("user_id").to_numpy()
     man = store.manifest("train_tools")
     tools_url = store.url("train_tools", "tools")
@@ -180,13 +201,23 @@ def main() -> None:
         train = bench_training(cfg, store, layouts, a.tools.split(","), a.users, a.epochs, a.xgb_rounds)
         report["training"] = train
         print(f"\n### Training rows/s ({a.users} users, epoch {a.epochs} of {a.epochs})\n")
-        print("| tool | " + " | ".join(f"{lay} rows/s" for lay in layouts) + " | " +
-              " | ".join(f"{lay} / {layouts[0]}" for lay in layouts[1:]) + " |")
+        print(
+            "| tool | "
+            + " | ".join(f"{lay} rows/s" for lay in layouts)
+            + " | "
+            + " | ".join(f"{lay} / {layouts[0]}" for lay in layouts[1:])
+            + " |"
+        )
         print("|---" * (2 * len(layouts)) + "|")
         for tool in a.tools.split(","):
             r = [train[lay][tool] for lay in layouts]
-            print(f"| {tool} | " + " | ".join(f"{x:,.0f}" for x in r) + " | " +
-                  " | ".join(f"{x / r[0]:.2f}x" for x in r[1:]) + " |")
+            print(
+                f"| {tool} | "
+                + " | ".join(f"{x:,.0f}" for x in r)
+                + " | "
+                + " | ".join(f"{x / r[0]:.2f}x" for x in r[1:])
+                + " |"
+            )
     if "inference" in parts:
         inf = bench_inference(cfg, store, a.batch, a.k, a.dim, a.repeats)
         report["inference"] = inf

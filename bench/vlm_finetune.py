@@ -15,6 +15,7 @@ workers; "steady" leaves out the first ``log_every`` window (lazy initialisation
 is the whole ``run()``: worker start-up, model build, validation passes, checkpoints, commit.
 Results go to ``bench/results/vlm_finetune.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ from reasonrec.io import ArtifactStore, open_store  # noqa: E402
 from reasonrec.prompts.cot import compose_target  # noqa: E402
 from reasonrec.prompts.templates import ItemRef, PromptInputs, RenderOptions, render_prompt  # noqa: E402
 
-PRESET = {"tiny": "quickstart.yaml", "small": "beauty.yaml"}   # each model's own VLM settings
+PRESET = {"tiny": "quickstart.yaml", "small": "beauty.yaml"}  # each model's own VLM settings
 WORDS = "rose lip tint volume mascara nail polish red shimmer face cream argan oil matte gloss serum".split()
 
 
@@ -48,14 +49,26 @@ def _png(rng) -> bytes:
     return buf.getvalue()
 
 
-def write_inputs(store: ArtifactStore, opts: RenderOptions, n_items: int = 200, n_train: int = 256,
-                 n_valid: int = 8, history: int = 10, seed: int = 0) -> None:
+def write_inputs(
+    store: ArtifactStore,
+    opts: RenderOptions,
+    n_items: int = 200,
+    n_train: int = 256,
+    n_valid: int = 8,
+    history: int = 10,
+    seed: int = 0,
+) -> None:
     """An items table with photos (the part of ``prepare`` the fine-tune reads) and an
     ``instructions`` stage of sequential examples over it."""
     rng = np.random.default_rng(seed)
     titles = [" ".join(rng.choice(WORDS, size=rng.integers(3, 7))) for _ in range(n_items)]
-    items = pa.table({"item_id": pa.array(range(n_items), pa.int64()), "title": titles,
-                      "image": pa.array([_png(rng) for _ in range(n_items)], pa.binary())})
+    items = pa.table(
+        {
+            "item_id": pa.array(range(n_items), pa.int64()),
+            "title": titles,
+            "image": pa.array([_png(rng) for _ in range(n_items)], pa.binary()),
+        }
+    )
     with store.stage_writer("prepare", "bench", {}) as w:
         w.write_table("items/part-0.parquet", conform(items, ITEMS))
     rows = []
@@ -63,13 +76,33 @@ def write_inputs(store: ArtifactStore, opts: RenderOptions, n_items: int = 200, 
         hist = rng.choice(n_items, history + 1, replace=False)
         eh = float(rng.random())
         bucket = "low" if eh < 0.3 else "medium" if eh <= 0.7 else "high"
-        r = render_prompt("sequential", PromptInputs(k, "likes nail polish; brand OPI; mid-range prices",
-                                                     [ItemRef(int(i), titles[i]) for i in hist[:-1]], eh, bucket),
-                          k % 10, opts)
-        rows.append(dict(example_id=k, user_id=k, task="sequential", split="train" if k < n_train else "valid",
-                         phase=bucket, template_id=k % 10, prompt=r.text, image_items=r.image_items,
-                         target=compose_target("sequential", titles[hist[-1]], 0.4, bucket, eh, ["sasrec"]),
-                         tools_usable=["sasrec"], noisy_tools=False))
+        r = render_prompt(
+            "sequential",
+            PromptInputs(
+                k,
+                "likes nail polish; brand OPI; mid-range prices",
+                [ItemRef(int(i), titles[i]) for i in hist[:-1]],
+                eh,
+                bucket,
+            ),
+            k % 10,
+            opts,
+        )
+        rows.append(
+            dict(
+                example_id=k,
+                user_id=k,
+                task="sequential",
+                split="train" if k < n_train else "valid",
+                phase=bucket,
+                template_id=k % 10,
+                prompt=r.text,
+                image_items=r.image_items,
+                target=compose_target("sequential", titles[hist[-1]], 0.4, bucket, eh, ["sasrec"]),
+                tools_usable=["sasrec"],
+                noisy_tools=False,
+            )
+        )
     with store.stage_writer("instructions", "bench", {"prepare": store.require("prepare").fingerprint}) as w:
         w.write_table("examples/part-0.parquet", pa.Table.from_pylist(rows, schema=INSTRUCTIONS))
 
@@ -98,35 +131,58 @@ def main() -> None:
     init_ray(RayConfig(num_cpus=args.cpus))
     results = []
     for model in args.models:
-        base = [f"output_root={work}", f"vlm.cache_dir={cache}", f"finetune.per_device_batch_size={args.batch}",
-                f"finetune.max_steps={steps[model]}", f"finetune.checkpoint_every={steps[model]}",
-                f"finetune.log_every={2 if steps[model] < 20 else 5}", "finetune.time_budget_s=0"]
+        base = [
+            f"output_root={work}",
+            f"vlm.cache_dir={cache}",
+            f"finetune.per_device_batch_size={args.batch}",
+            f"finetune.max_steps={steps[model]}",
+            f"finetune.checkpoint_every={steps[model]}",
+            f"finetune.log_every={2 if steps[model] < 20 else 5}",
+            "finetune.time_budget_s=0",
+        ]
         cfg = load_config(CONFIG_DIR / PRESET[model], base + [f"run_name=inputs-{model}"])
         if model == "small":
-            build_vlm(cfg.vlm, lora=False)   # convert the GGUF once into the cache, outside the timings
+            build_vlm(cfg.vlm, lora=False)  # convert the GGUF once into the cache, outside the timings
         inputs = open_store(cfg)
         if inputs.manifest("instructions") is None:
             v = cfg.vlm
-            write_inputs(inputs, RenderOptions(max_history_items=v.max_history_items,
-                                               max_history_photos=v.max_history_photos))
+            write_inputs(
+                inputs, RenderOptions(max_history_items=v.max_history_items, max_history_photos=v.max_history_photos)
+            )
         for layout in args.layouts:
             n, cpus = (int(x) for x in layout.split("x"))
             run_name = f"{model}-{layout}"
             shutil.rmtree(work / run_name, ignore_errors=True)
             shutil.copytree(work / f"inputs-{model}", work / run_name)
-            cfg = load_config(CONFIG_DIR / PRESET[model], base + [
-                f"run_name={run_name}", f"finetune.num_workers={n}", f"finetune.cpus_per_worker={cpus}"])
+            cfg = load_config(
+                CONFIG_DIR / PRESET[model],
+                base + [f"run_name={run_name}", f"finetune.num_workers={n}", f"finetune.cpus_per_worker={cpus}"],
+            )
             load = os.getloadavg()[0]
             t0 = time.time()
             s = finetune.run(cfg, force=True)
             wall = time.time() - t0
             steady = s["log"][1:] or s["log"]
-            rec = {"model": model, "layout": layout, "workers": n, "cpus_per_worker": cpus, "torch_threads": s["torch_threads"],
-                   "per_worker_batch": args.batch, "global_batch": s["global_batch"], "steps": s["steps"],
-                   "tokens": s["tokens"], "train_seconds": s["train_seconds"], "tokens_per_s": s["tokens_per_s"],
-                   "steady_tokens_per_s": sum(e["tokens"] for e in steady) / sum(e["seconds"] for e in steady),
-                   "step_seconds": s["train_seconds"] / max(s["steps"], 1), "wall_seconds": wall,
-                   "loadavg_1m_at_start": load, "loadavg_1m_at_end": os.getloadavg()[0], "loss_first": s["log"][0]["loss"], "loss_last": s["log"][-1]["loss"]}
+            rec = {
+                "model": model,
+                "layout": layout,
+                "workers": n,
+                "cpus_per_worker": cpus,
+                "torch_threads": s["torch_threads"],
+                "per_worker_batch": args.batch,
+                "global_batch": s["global_batch"],
+                "steps": s["steps"],
+                "tokens": s["tokens"],
+                "train_seconds": s["train_seconds"],
+                "tokens_per_s": s["tokens_per_s"],
+                "steady_tokens_per_s": sum(e["tokens"] for e in steady) / sum(e["seconds"] for e in steady),
+                "step_seconds": s["train_seconds"] / max(s["steps"], 1),
+                "wall_seconds": wall,
+                "loadavg_1m_at_start": load,
+                "loadavg_1m_at_end": os.getloadavg()[0],
+                "loss_first": s["log"][0]["loss"],
+                "loss_last": s["log"][-1]["loss"],
+            }
             results.append(rec)
             print(json.dumps(rec), flush=True)
             # Written after every configuration: a run cut short keeps what it measured.
@@ -135,9 +191,11 @@ def main() -> None:
         got = {r["layout"]: r for r in results if r["model"] == model}
         for one in ("1x1", "1x2"):
             if one in got and "2x1" in got:
-                print(f"{model}: 2x1 / {one} steady tokens/s = "
-                      f"{got['2x1']['steady_tokens_per_s'] / got[one]['steady_tokens_per_s']:.2f}x, wall = "
-                      f"{got['2x1']['wall_seconds'] / got[one]['wall_seconds']:.2f}x")
+                print(
+                    f"{model}: 2x1 / {one} steady tokens/s = "
+                    f"{got['2x1']['steady_tokens_per_s'] / got[one]['steady_tokens_per_s']:.2f}x, wall = "
+                    f"{got['2x1']['wall_seconds'] / got[one]['wall_seconds']:.2f}x"
+                )
 
 
 if __name__ == "__main__":

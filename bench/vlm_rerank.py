@@ -20,6 +20,7 @@ first-order transition counts over every user's sequence before the scored item.
 
 Writes the table and the per-query likelihoods to ``{run}/bench_vlm_rerank.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,7 @@ SPLIT_TARGET = {"valid": "valid_item", "test": "test_item"}
 def rank_hit(order, target, k: int = PAIRED_K) -> tuple[bool, float]:
     """HR@k hit and NDCG@k gain of one ranked list."""
     top = list(order[:k])
-    rank = top.index(target) if target in top else k     # k: outside the top k
+    rank = top.index(target) if target in top else k  # k: outside the top k
     return bool(hit_at_k(rank, k)), float(ndcg_at_k(rank, k))
 
 
@@ -63,22 +64,37 @@ def split_queries(queries: pa.Table, loo: dict, split: str) -> pa.Table:
     return q.set_column(q.schema.get_field_index("target"), "target", target)
 
 
-def vlm_likelihoods(cfg, store, queries: pa.Table, split: str, tool_items: dict, pool: int, log_every: int = 20) -> list[dict]:
+def vlm_likelihoods(
+    cfg, store, queries: pa.Table, split: str, tool_items: dict, pool: int, log_every: int = 20
+) -> list[dict]:
     """Per query: the tool's top ``pool`` and the VLM's answer log-likelihood of each, after its thought."""
     router, answerer = build_router(cfg, store, split), build_vlm_answerer(cfg, store, split)
     routed = router(queries).to_pylist()
     p, out, t0 = answerer.predictor, [], time.time()
     for lo in range(0, len(routed), answerer.batch_size):
-        rows = routed[lo: lo + answerer.batch_size]
+        rows = routed[lo : lo + answerer.batch_size]
         examples, _ = answerer.examples("sequential", rows)
         thoughts = p.thoughts(examples)
         cands = [tool_items[r["user_id"]][:pool] for r in rows]
-        res = p.score_candidates(examples, [[answerer.catalog.text[c] for c in cs] for cs in cands], cands,
-                                 thoughts=thoughts, candidate_prior=[answerer.prior[cs] for cs in cands])
+        res = p.score_candidates(
+            examples,
+            [[answerer.catalog.text[c] for c in cs] for cs in cands],
+            cands,
+            thoughts=thoughts,
+            candidate_prior=[answerer.prior[cs] for cs in cands],
+        )
         for r, cs, o, th in zip(rows, cands, res, thoughts):
             lp = dict(zip(o.items, o.scores))
-            out.append({"split": split, "user_id": r["user_id"], "target": r["target"], "tool_items": cs,
-                        "vlm_logprob": [lp[c] for c in cs], "thought": th})
+            out.append(
+                {
+                    "split": split,
+                    "user_id": r["user_id"],
+                    "target": r["target"],
+                    "tool_items": cs,
+                    "vlm_logprob": [lp[c] for c in cs],
+                    "thought": th,
+                }
+            )
         if len(out) % log_every < len(rows) or len(out) == len(routed):
             print(f"{split}: {len(out)}/{len(routed)} queries, {time.time() - t0:.0f} s", flush=True)
     return out
@@ -111,7 +127,8 @@ def synthetic_references(cfg, store, loo: dict, records: list[dict], split: str)
         p = oracle_next_item_scores(syn, [to_raw[i] for i in hist], user_raw[rec["user_id"]])
         out["oracle (true taste)"][rec["user_id"]] = to_prep[np.argsort(-p, kind="stable")[:PAIRED_K]].tolist()
         out["first-order transition counts"][rec["user_id"]] = np.argsort(
-            -(trans[hist[-1]] + 1e-3 * pop), kind="stable")[:PAIRED_K].tolist()
+            -(trans[hist[-1]] + 1e-3 * pop), kind="stable"
+        )[:PAIRED_K].tolist()
     return out
 
 
@@ -128,10 +145,18 @@ def table(records: list[dict], tool: str, pool: int, references: dict) -> list[d
     rows = []
     for name, by_user in hits.items():
         vs = paired({u: h for u, (h, _) in by_user.items()}, tool_hits)[0]
-        rows.append({"model": name, "queries": len(by_user), "hits": sum(h for h, _ in by_user.values()),
-                     f"hr@{PAIRED_K}": round(float(np.mean([h for h, _ in by_user.values()])), 4),
-                     f"ndcg@{PAIRED_K}": round(float(np.mean([g for _, g in by_user.values()])), 4),
-                     "only_it": vs["only_vlm"], f"only_{tool}": vs["only_tool"], "p_mcnemar": round(vs["p_mcnemar"], 4)})
+        rows.append(
+            {
+                "model": name,
+                "queries": len(by_user),
+                "hits": sum(h for h, _ in by_user.values()),
+                f"hr@{PAIRED_K}": round(float(np.mean([h for h, _ in by_user.values()])), 4),
+                f"ndcg@{PAIRED_K}": round(float(np.mean([g for _, g in by_user.values()])), 4),
+                "only_it": vs["only_vlm"],
+                f"only_{tool}": vs["only_tool"],
+                "p_mcnemar": round(vs["p_mcnemar"], 4),
+            }
+        )
     return rows
 
 

@@ -11,6 +11,7 @@ all of them alike, and the line carries each one's median step time and its rati
 Inputs are rendered with the real templates (sequential task, history
 items with photos) so token counts match what the fine-tune job sees.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,10 @@ def main():
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     words = "rose lip tint volume mascara nail polish red shimmer face cream argan oil matte gloss serum".split()
-    titles = [" ".join(rng.choice(words, size=rng.integers(3, 7))) + f" {chr(97 + i % 26)}{i // 26}" for i in range(args.catalog)]
+    titles = [
+        " ".join(rng.choice(words, size=rng.integers(3, 7))) + f" {chr(97 + i % 26)}{i // 26}"
+        for i in range(args.catalog)
+    ]
     if args.beauty_items:
         with open(args.beauty_items) as f:
             titles = [json.loads(line)["title_words"] for line in f]
@@ -59,6 +63,7 @@ def main():
     # Import the lazily loaded model classes first: build_s is the build, not transformers' imports.
     from peft import get_peft_model  # noqa: F401
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration  # noqa: F401
+
     t = time.perf_counter()
     bundle = build_vlm(VLMConfig(model=args.model, cache_dir=args.cache_dir))
     build_s = time.perf_counter() - t
@@ -68,10 +73,19 @@ def main():
     examples = []
     for u in range(args.batch):
         hist = [ItemRef(int(i), titles[i]) for i in rng.choice(args.catalog, args.history, replace=False)]
-        r = render_prompt("sequential", PromptInputs(u, "likes Nail Polish; brand OPI; mid-range prices", hist, 0.8, "high"),
-                          u % 10, RenderOptions(max_history_photos=args.photos))
-        examples.append({"prompt": r.text, "images": [img] * len(r.image_items),
-                         "target": compose_target("sequential", titles[u], 0.4, "high", 0.8, ["sasrec"])})
+        r = render_prompt(
+            "sequential",
+            PromptInputs(u, "likes Nail Polish; brand OPI; mid-range prices", hist, 0.8, "high"),
+            u % 10,
+            RenderOptions(max_history_photos=args.photos),
+        )
+        examples.append(
+            {
+                "prompt": r.text,
+                "images": [img] * len(r.image_items),
+                "target": compose_target("sequential", titles[u], 0.4, "high", 0.8, ["sasrec"]),
+            }
+        )
     batch = col(examples)
     batch = {k: v.to(args.device) for k, v in batch.items()}
     opt = torch.optim.AdamW([p for p in bundle.model.parameters() if p.requires_grad], lr=1e-4)
@@ -97,17 +111,31 @@ def main():
     res = pred.rank_catalog([{k: v for k, v in examples[0].items() if k != "target"}], trie, k=10)
     rank_s = time.perf_counter() - t
     trainable, total = trainable_parameters(bundle)
-    print(json.dumps({
-        "model": args.model, "threads": args.threads, "build_s": round(build_s, 2),
-        "batch": args.batch, "seq_len": int(batch["input_ids"].shape[1]), "images": int(batch["pixel_values"].shape[0]),
-        "step_s_first": {m: round(ts[0], 3) for m, ts in times.items()},
-        "step_s_median": {m: round(v, 3) for m, v in median.items()},
-        "speedup_vs_first": {m: round(median[modes[0]] / v, 3) for m, v in median.items()},
-        "loss": round(float(out.loss.detach()), 3), "trainable": trainable, "total": total,
-        "trie_build_s": round(trie_s, 2), "catalog": args.catalog, "trie_depth": trie.depth,
-        "rank_catalog_s_per_user": round(rank_s, 2), "top": res[0].items[:3], "device": args.device,
-        "native_bf16": native_bf16(args.device),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "threads": args.threads,
+                "build_s": round(build_s, 2),
+                "batch": args.batch,
+                "seq_len": int(batch["input_ids"].shape[1]),
+                "images": int(batch["pixel_values"].shape[0]),
+                "step_s_first": {m: round(ts[0], 3) for m, ts in times.items()},
+                "step_s_median": {m: round(v, 3) for m, v in median.items()},
+                "speedup_vs_first": {m: round(median[modes[0]] / v, 3) for m, v in median.items()},
+                "loss": round(float(out.loss.detach()), 3),
+                "trainable": trainable,
+                "total": total,
+                "trie_build_s": round(trie_s, 2),
+                "catalog": args.catalog,
+                "trie_depth": trie.depth,
+                "rank_catalog_s_per_user": round(rank_s, 2),
+                "top": res[0].items[:3],
+                "device": args.device,
+                "native_bf16": native_bf16(args.device),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ right or not); the calibrated confidence table is fitted on the validation rows;
 pool renders prompts and chain-of-thought targets. Output: ``{run}/instructions/examples/``
 (schema ``INSTRUCTIONS``; photos referenced by item id) and ``summary.json``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,6 +21,7 @@ import pyarrow.compute as pc
 
 from ray_jobs.common import arrow_blocks, write_dataset
 from reasonrec.config import RunConfig, parse_cli, section_hash
+from reasonrec.data.images import photo_inputs
 from reasonrec.data.schemas import INSTRUCTIONS
 from reasonrec.io import open_store
 
@@ -31,7 +33,7 @@ class _Context:
     """Per actor: the run's catalog, users, prompt builder and (optionally) tools, loaded once."""
 
     def __init__(self, cfg: RunConfig, with_tools: bool):
-        from reasonrec.context import load_context
+        from reasonrec.data.catalog import load_context
         from reasonrec.planner import load_toolbox
         from reasonrec.prompts.templates import TemplateSampler
 
@@ -39,25 +41,38 @@ class _Context:
         self.store = store = open_store(cfg)
         ic = cfg.instructions
         sampler = TemplateSampler(ic.template_mixture, ic.single_template, ic.seed)
-        self.catalog, self.users, self.prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds, sampler,
-                                                              ic.prompt_candidates)
+        self.catalog, self.users, self.prompts = load_context(
+            store, cfg.vlm, cfg.data.eh_thresholds, sampler, ic.prompt_candidates
+        )
         self.toolbox = load_toolbox(store) if with_tools else None
 
 
 class _Labeler(_Context):
     def __init__(self, cfg: RunConfig, holdout_items: int):
         from reasonrec.planner import load_toolbox
+
         super().__init__(cfg, with_tools=True)
         self.holdout_items = holdout_items
         self.holdout = load_toolbox(self.store, holdout=True) if holdout_items else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from reasonrec.instructions import label_batch
+
         parts = []
         for split in pc.unique(batch.column("split")).to_pylist():
             sub = batch.filter(pc.equal(batch.column("split"), split)).drop_columns(["split"])
-            parts.append(label_batch(sub, split, self.toolbox, self.users, self.catalog, self.cfg.instructions,
-                                     self.holdout, self.holdout_items))
+            parts.append(
+                label_batch(
+                    sub,
+                    split,
+                    self.toolbox,
+                    self.users,
+                    self.catalog,
+                    self.cfg.instructions,
+                    self.holdout,
+                    self.holdout_items,
+                )
+            )
         return pa.concat_tables(parts)
 
 
@@ -68,22 +83,41 @@ class _Renderer(_Context):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from reasonrec.instructions import render_batch
-        return render_batch(batch, self.conf, self.prompts, self.users, self.catalog, self.cfg.instructions,
-                            self.tool_rank, self.hint_keep)
+
+        return render_batch(
+            batch,
+            self.conf,
+            self.prompts,
+            self.users,
+            self.catalog,
+            self.cfg.instructions,
+            self.tool_rank,
+            self.hint_keep,
+        )
 
 
 def config_hash(cfg: RunConfig) -> str:
     v = cfg.vlm
-    return section_hash({"instructions": section_hash(cfg.instructions), "direct_negatives": cfg.data.direct_negatives,
-                         "render": [v.max_history_items, v.max_history_photos, v.max_candidate_photos],
-                         "eh_thresholds": list(cfg.data.eh_thresholds)})
+    return section_hash(
+        {
+            "instructions": section_hash(cfg.instructions),
+            "direct_negatives": cfg.data.direct_negatives,
+            "render": [v.max_history_items, v.max_history_photos, v.max_candidate_photos],
+            "eh_thresholds": list(cfg.data.eh_thresholds),
+        }
+    )
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:
     from reasonrec.runtime import init_ray
+
     t0 = time.time()
     store = open_store(cfg)
-    inputs = {"prepare": store.require("prepare").fingerprint, "train_tools": store.require("train_tools").fingerprint}
+    inputs = {
+        "prepare": store.require("prepare").fingerprint,
+        "train_tools": store.require("train_tools").fingerprint,
+        **photo_inputs(store),
+    }  # which items show a photo changes the prompts
     chash = config_hash(cfg)
     if not force and store.is_done(STAGE, chash, inputs):
         log.info("instructions: manifest matches under %s; skipping (use --force to re-run)", store.url(STAGE))
@@ -91,7 +125,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     ray = init_ray(cfg.ray)
     from ray.data import ActorPoolStrategy
 
-    from reasonrec.instructions import confidence_table, hint_keep_rates, prepared_queries, tool_ranking
+    from reasonrec.data.queries import prepared_queries
+    from reasonrec.instructions import confidence_table, hint_keep_rates, tool_ranking
 
     ic = cfg.instructions
     n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
@@ -99,47 +134,83 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     blocks = []
     for task in ic.tasks:
         for split in ic.splits:
-            q = prepared_queries(tables, task, split, n_items, cfg.data.direct_negatives, ic.seed,
-                                 ic.max_examples_per_task, ic.train_prefixes)
+            q = prepared_queries(
+                tables,
+                task,
+                split,
+                n_items,
+                cfg.data.direct_negatives,
+                ic.seed,
+                ic.max_examples_per_task,
+                ic.train_prefixes,
+            )
             blocks.append(q.append_column("split", pa.array([split] * q.num_rows, pa.string())))
     queries = pa.concat_tables(blocks)
     del tables
-    log.info("instructions: labelling %d queries with the tools (%s)", queries.num_rows,
-             ", ".join(f"{t}" for t in ic.tasks))
+    log.info(
+        "instructions: labelling %d queries with the tools (%s)", queries.num_rows, ", ".join(f"{t}" for t in ic.tasks)
+    )
     # What train_tools actually held out (a skipped stage may predate this run's overrides).
     holdout = store.read_json("train_tools", "metrics.json").get("holdout_items", 0)
     pool = ActorPoolStrategy(size=max(cfg.score.tool_actors, 1))
-    labeled = ray.data.from_arrow(arrow_blocks(queries, cfg.score.tool_actors * 4)).map_batches(
-        _Labeler, fn_constructor_kwargs={"cfg": cfg, "holdout_items": holdout}, batch_format="pyarrow",
-        batch_size=cfg.score.tool_batch_size, compute=pool).materialize()
+    labeled = (
+        ray.data.from_arrow(arrow_blocks(queries, cfg.score.tool_actors * 4))
+        .map_batches(
+            _Labeler,
+            fn_constructor_kwargs={"cfg": cfg, "holdout_items": holdout},
+            batch_format="pyarrow",
+            batch_size=cfg.score.tool_batch_size,
+            compute=pool,
+        )
+        .materialize()
+    )
     # Six small columns per query: the only data the driver collects.
-    stats = pa.concat_tables(ray.get(labeled.select_columns(
-        ["task", "split", "eh_bucket", "len_bin", "ref_right", "usable"]).to_arrow_refs()))
+    stats = pa.concat_tables(
+        ray.get(
+            labeled.select_columns(["task", "split", "eh_bucket", "len_bin", "ref_right", "usable"]).to_arrow_refs()
+        )
+    )
     fit = stats.filter(pc.equal(stats.column("split"), "valid"))
     fit = fit if fit.num_rows else stats
     conf = confidence_table(*(fit.column(c).to_pylist() for c in ("task", "eh_bucket", "len_bin", "ref_right")))
     tool_rank = tool_ranking(fit.column("task").to_pylist(), fit.column("usable").to_pylist(), ic.tool_order)
     unknown = sorted(set(ic.tool_order) - {n for names in tool_rank.values() for n in names})
     if unknown:
-        raise ValueError(f"instructions.tool_order names {unknown}, which no task's ranking holds "
-                         f"(tools right on at least one validation query): {tool_rank}")
+        raise ValueError(
+            f"instructions.tool_order names {unknown}, which no task's ranking holds "
+            f"(tools right on at least one validation query): {tool_rank}"
+        )
     hint_keep = hint_keep_rates(*(stats.column(c).to_pylist() for c in ("task", "split", "usable")))
     if ic.hint_calibration:
-        log.info("instructions: hint calibration keeps these shares of each tool's right training answers: %s",
-                 {t: {n: round(k, 3) for n, k in v.items()} for t, v in hint_keep.items()})
-    examples = labeled.map_batches(_Renderer, fn_constructor_kwargs={"cfg": cfg, "conf": conf, "tool_rank": tool_rank,
-                                                                     "hint_keep": hint_keep},
-                                   batch_format="pyarrow", batch_size=cfg.score.tool_batch_size, compute=pool)
+        log.info(
+            "instructions: hint calibration keeps these shares of each tool's right training answers: %s",
+            {t: {n: round(k, 3) for n, k in v.items()} for t, v in hint_keep.items()},
+        )
+    examples = labeled.map_batches(
+        _Renderer,
+        fn_constructor_kwargs={"cfg": cfg, "conf": conf, "tool_rank": tool_rank, "hint_keep": hint_keep},
+        batch_format="pyarrow",
+        batch_size=cfg.score.tool_batch_size,
+        compute=pool,
+    )
     with store.stage_writer(STAGE, chash, inputs) as w:
         rows = write_dataset(examples, w, store, "examples", INSTRUCTIONS)
         counts = {}
         for t, s in zip(stats.column("task").to_pylist(), stats.column("split").to_pylist()):
             counts[f"{t}/{s}"] = counts.get(f"{t}/{s}", 0) + 1
-        summary = {"examples": rows, "by_task_split": counts, "hints_holdout_items": holdout, "confidence_table": conf,
-                   "tool_ranking": tool_rank, "hint_keep": hint_keep, "seconds": round(time.time() - t0, 1)}
+        summary = {
+            "examples": rows,
+            "by_task_split": counts,
+            "hints_holdout_items": holdout,
+            "confidence_table": conf,
+            "tool_ranking": tool_rank,
+            "hint_keep": hint_keep,
+            "seconds": round(time.time() - t0, 1),
+        }
         w.write_json("summary.json", summary)
-        w.manifest.metrics = {k: v for k, v in summary.items()
-                              if k not in ("confidence_table", "tool_ranking", "hint_keep")}
+        w.manifest.metrics = {
+            k: v for k, v in summary.items() if k not in ("confidence_table", "tool_ranking", "hint_keep")
+        }
     return summary
 
 

@@ -1,4 +1,5 @@
 """Orchestration helpers shared by the Ray jobs."""
+
 from __future__ import annotations
 
 import pyarrow as pa

@@ -2,20 +2,28 @@
 
     python -m ray_jobs.pipeline --config configs/quickstart.yaml [key=value ...] [--force]
 
-Stages: prepare -> train_tools -> build_instructions -> finetune -> score (fits the planner first)
--> evaluate. ``--force`` re-runs every stage.
+Stages: prepare -> images -> train_tools -> build_instructions -> finetune -> score (runs the ``planner`` stage,
+``ray_jobs.fit_planner``, first) -> evaluate. ``--force`` re-runs every stage.
 """
+
 from __future__ import annotations
 
 import logging
 import sys
 import time
 
-from ray_jobs import build_instructions, evaluate, finetune, prepare, score, train_tools
+from ray_jobs import build_instructions, evaluate, finetune, images, prepare, score, train_tools
 from reasonrec.config import parse_cli
 
-STAGES = (("prepare", prepare), ("train_tools", train_tools), ("build_instructions", build_instructions),
-          ("finetune", finetune), ("score", score), ("evaluate", evaluate))
+STAGES = (
+    ("prepare", prepare),
+    ("images", images),
+    ("train_tools", train_tools),
+    ("build_instructions", build_instructions),
+    ("finetune", finetune),
+    ("score", score),
+    ("evaluate", evaluate),
+)
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@ time-shift cutoff) come from Ray Data aggregations. Dense ids are numbered acros
 (distributed sort of the distinct keys, per-block offsets) and joined back by hash partition, so
 the driver holds only per-block counts and small histograms: its memory does not grow with the data.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,17 +26,24 @@ from ray_jobs.common import write_dataset
 from reasonrec.config import RunConfig, parse_cli, section_hash
 from reasonrec.data import prepare as P
 from reasonrec.data import schemas
-from reasonrec.data.evidence import BUCKETS, bucket, fit_normalizer
+from reasonrec.data.evidence import bucket, fit_normalizer
 from reasonrec.data.sources import Source, get_source
 from reasonrec.io import open_store
 from reasonrec.runtime import init_ray, pick_shuffle_strategy
+from reasonrec.vocab import EH_BUCKETS
 
 STAGE = "prepare"
 TABLES = ("items", "interactions", "users", "loo", "direct_candidates", "ctr", "explanation", "timeshift", "quarantine")
 TABLE_SCHEMAS = {
-    "items": schemas.ITEMS, "interactions": schemas.INTERACTIONS, "users": schemas.USERS, "loo": schemas.LOO,
-    "direct_candidates": schemas.DIRECT_CANDIDATES, "ctr": schemas.CTR, "explanation": schemas.EXPLANATION,
-    "timeshift": schemas.TIMESHIFT, "quarantine": schemas.QUARANTINE,
+    "items": schemas.ITEMS,
+    "interactions": schemas.INTERACTIONS,
+    "users": schemas.USERS,
+    "loo": schemas.LOO,
+    "direct_candidates": schemas.DIRECT_CANDIDATES,
+    "ctr": schemas.CTR,
+    "explanation": schemas.EXPLANATION,
+    "timeshift": schemas.TIMESHIFT,
+    "quarantine": schemas.QUARANTINE,
 }
 DERIVE_BATCH_USERS = 8192
 # An id table up to this many keys is joined by broadcast (one Arrow table per worker, gathered by a
@@ -46,6 +54,7 @@ log = logging.getLogger("reasonrec.prepare")
 
 def _step(msg: str):
     """Log a step with its duration (the long ones also show Ray Data progress bars)."""
+
     class _Timer:
         def __enter__(self):
             self.t0 = time.time()
@@ -55,6 +64,7 @@ def _step(msg: str):
         def __exit__(self, *exc):
             if exc[0] is None:
                 log.info("%s done in %.1fs", msg, time.time() - self.t0)
+
     return _Timer()
 
 
@@ -105,8 +115,11 @@ def _per_key_partition(ds, key: str, fn, partitions: int):
     key-based repartition does not support): a distributed sort by key into ``partitions`` blocks,
     whose range partitions keep equal keys together (as ``_dense_ids`` relies on too)."""
     from ray.data.context import DataContext, ShuffleStrategy
-    if DataContext.get_current().shuffle_strategy in (ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
-                                                       ShuffleStrategy.SORT_SHUFFLE_PUSH_BASED):
+
+    if DataContext.get_current().shuffle_strategy in (
+        ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
+        ShuffleStrategy.SORT_SHUFFLE_PUSH_BASED,
+    ):
         ds = ds.repartition(partitions).sort(key)
     else:
         ds = ds.repartition(partitions, keys=[key], sort=True)
@@ -143,8 +156,9 @@ def _dense_ids(ray, keys, key: str, id_col: str, flag: str | None = None):
     return ray.data.from_arrow_refs(numbered), offset
 
 
-def _join_on_key(ds, ids, key: str, col: str, partitions: int, then: Callable | None = None,
-                 schema: pa.Schema | None = None):
+def _join_on_key(
+    ds, ids, key: str, col: str, partitions: int, then: Callable | None = None, schema: pa.Schema | None = None
+):
     """Left join of ``ids`` (one row per ``key``, carrying the int64 ``col``) onto ``ds`` by hash partition:
     both go through one shuffle by ``key`` (id rows padded to ``ds``'s columns) and each partition
     fills ``col`` from the id rows it holds. ``then`` runs on the joined partition: a following
@@ -168,7 +182,8 @@ def _join_on_key(ds, ids, key: str, col: str, partitions: int, then: Callable | 
         return then(out) if then else out
 
     both = ds.map_batches(partial(schemas.conform, schema=target), batch_format="pyarrow").union(
-        ids.map_batches(partial(schemas.conform, schema=target), batch_format="pyarrow"))
+        ids.map_batches(partial(schemas.conform, schema=target), batch_format="pyarrow")
+    )
     return _per_key_partition(both, key, joined, partitions)
 
 
@@ -176,6 +191,7 @@ def _broadcast_join(ray, ds, ids, key: str, col: str):
     """Left join of a small id table (``key`` -> ``col``) onto ``ds`` without moving ``ds``: a task
     concatenates the id blocks into one object and every batch looks its keys up there.
     ``Dataset.join`` would shuffle ``ds`` as well (and is slower here, see ``_join_on_key``)."""
+
     @ray.remote
     def gather(*blocks: pa.Table) -> pa.Table:
         return pa.concat_tables(blocks).select([key, col]).combine_chunks()
@@ -195,9 +211,13 @@ def _kcore(inter, k: int, partitions: int):
     k stay on the cluster and are joined back by key. Returns (kept, removed)."""
     removed = []
     while True:
-        low = {key: inter.groupby(key, num_partitions=partitions).count().map_batches(
-                   partial(_below, key=key, k=k), batch_format="pyarrow").materialize()
-               for key in ("user_key", "_ikey")}
+        low = {
+            key: inter.groupby(key, num_partitions=partitions)
+            .count()
+            .map_batches(partial(_below, key=key, k=k), batch_format="pyarrow")
+            .materialize()
+            for key in ("user_key", "_ikey")
+        }
         if all(ds.count() == 0 for ds in low.values()):
             break
         marked = inter
@@ -207,7 +227,9 @@ def _kcore(inter, k: int, partitions: int):
         def mark(t: pa.Table) -> pa.Table:
             bad = pc.or_(pc.is_valid(t.column("_lowuser_key")), pc.is_valid(t.column("_low_ikey")))
             t = t.drop_columns(["_lowuser_key", "_low_ikey"])
-            return t.append_column("reason", pc.if_else(bad, pa.scalar(f"k-core filter (k={k})"), pa.scalar(None, pa.string())))
+            return t.append_column(
+                "reason", pc.if_else(bad, pa.scalar(f"k-core filter (k={k})"), pa.scalar(None, pa.string()))
+            )
 
         marked = marked.map_batches(mark, batch_format="pyarrow").materialize()
         removed.append(marked)
@@ -251,21 +273,35 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         inter = raw_inter.map_batches(P.validate_interactions, batch_format="pyarrow").materialize()
         n_input_inter = inter.count()
         quarantine_parts.append(_quarantined(inter, "interactions"))
-        inter = inter.map_batches(_rows_without_reason, batch_format="pyarrow").map_batches(
-            _with_lookup_key, batch_format="pyarrow").materialize()
+        inter = (
+            inter.map_batches(_rows_without_reason, batch_format="pyarrow")
+            .map_batches(_with_lookup_key, batch_format="pyarrow")
+            .materialize()
+        )
         if n_input_inter == 0:
             raise ValueError("prepare: the sources produced no interaction rows; check data.sources paths")
 
     with _step("read + validate items"):
-        items = _read_source_table(ray, sources, "items").map_batches(P.validate_items, batch_format="pyarrow").materialize()
+        items = (
+            _read_source_table(ray, sources, "items")
+            .map_batches(P.validate_items, batch_format="pyarrow")
+            .materialize()
+        )
         n_input_items = items.count()
         quarantine_parts.append(_quarantined(items, "items"))
-        items = items.map_batches(_rows_without_reason, batch_format="pyarrow").map_batches(
-            _with_lookup_key, batch_format="pyarrow").materialize()
+        items = (
+            items.map_batches(_rows_without_reason, batch_format="pyarrow")
+            .map_batches(_with_lookup_key, batch_format="pyarrow")
+            .materialize()
+        )
         has_catalog = items.count() > 0
 
-    log.info("prepare: shuffles by %s (ray.shuffle_strategy=%s, %d rows)",
-             pick_shuffle_strategy(cfg.ray, n_input_inter), cfg.ray.shuffle_strategy, n_input_inter)
+    log.info(
+        "prepare: shuffles by %s (ray.shuffle_strategy=%s, %d rows)",
+        pick_shuffle_strategy(cfg.ray, n_input_inter),
+        cfg.ray.shuffle_strategy,
+        n_input_inter,
+    )
     # A Ray Dataset keeps the DataContext it was created under (its sorts and aggregates shuffle by
     # that context's strategy): the shuffling steps start from new datasets over the same blocks.
     inter = ray.data.from_arrow_refs(inter.to_arrow_refs())
@@ -281,7 +317,9 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         user_ids, n_users = _dense_ids(ray, inter.select_columns(["user_key"]), "user_key", "user_id")
 
         def flagged(t: pa.Table, in_catalog: int) -> pa.Table:
-            return pa.table({"_ikey": t.column("_ikey"), "in_catalog": pa.array(np.full(t.num_rows, in_catalog, np.int8))})
+            return pa.table(
+                {"_ikey": t.column("_ikey"), "in_catalog": pa.array(np.full(t.num_rows, in_catalog, np.int8))}
+            )
 
         # Item ids number the interactions' and the catalog's keys together; the flag marks stubs.
         item_keys = inter.map_batches(partial(flagged, in_catalog=0), batch_format="pyarrow")
@@ -290,33 +328,51 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         item_ids, n_items = _dense_ids(ray, item_keys, "_ikey", "item_id", flag="in_catalog")
         item_ids = item_ids.materialize()
         # Items that interactions reference but the catalog lacks get a stub row (key only).
-        stubs = item_ids.map_batches(partial(_in_catalog, value=0), batch_format="pyarrow").map_batches(
-            P.stub_items, batch_format="pyarrow").materialize()
+        stubs = (
+            item_ids.map_batches(partial(_in_catalog, value=0), batch_format="pyarrow")
+            .map_batches(P.stub_items, batch_format="pyarrow")
+            .materialize()
+        )
         n_stubs = stubs.count()
 
     with _step("deduplicate items, attach item ids"):
         items_out = stubs
         if has_catalog:
             catalog_ids = item_ids.map_batches(partial(_in_catalog, value=1), batch_format="pyarrow").select_columns(
-                ["_ikey", "item_id"])
+                ["_ikey", "item_id"]
+            )
             items = _join_on_key(items, catalog_ids, "_ikey", "item_id", parts, then=P.dedup_items).materialize()
             quarantine_parts.append(_quarantined(items, "items"))
-            items_out = items.map_batches(_rows_without_reason, batch_format="pyarrow").map_batches(
-                partial(schemas.conform, schema=schemas.ITEMS), batch_format="pyarrow").union(stubs)
+            items_out = (
+                items.map_batches(_rows_without_reason, batch_format="pyarrow")
+                .map_batches(partial(schemas.conform, schema=schemas.ITEMS), batch_format="pyarrow")
+                .union(stubs)
+            )
 
     with _step("per-user sequences (joins item and user ids)"):
         # Item ids stream into the per-user shuffle: no materialised copy of the interactions.
         lookup = item_ids.select_columns(["_ikey", "item_id"])
         with_items = inter.schema().base_schema.append(pa.field("item_id", pa.int64()))
-        inter = (_broadcast_join(ray, inter, lookup, "_ikey", "item_id") if n_items <= BROADCAST_MAX_KEYS
-                 else _join_on_key(inter, lookup, "_ikey", "item_id", parts))
-        seqs = _join_on_key(inter, user_ids, "user_key", "user_id", parts, then=P.build_sequences,
-                            schema=with_items).materialize()
+        inter = (
+            _broadcast_join(ray, inter, lookup, "_ikey", "item_id")
+            if n_items <= BROADCAST_MAX_KEYS
+            else _join_on_key(inter, lookup, "_ikey", "item_id", parts)
+        )
+        seqs = _join_on_key(
+            inter, user_ids, "user_key", "user_id", parts, then=P.build_sequences, schema=with_items
+        ).materialize()
 
         def dup_quarantine(t: pa.Table) -> pa.Table:
             recs = [r for lst in t.column("duplicates").to_pylist() for r in lst]
-            return pa.table({"table": ["interactions"] * len(recs), "reason": ["duplicate interaction"] * len(recs),
-                             "record": recs}, schema=schemas.QUARANTINE)
+            return pa.table(
+                {
+                    "table": ["interactions"] * len(recs),
+                    "reason": ["duplicate interaction"] * len(recs),
+                    "record": recs,
+                },
+                schema=schemas.QUARANTINE,
+            )
+
         quarantine_parts.append(seqs.map_batches(dup_quarantine, batch_format="pyarrow"))
 
     with _step("evidence horizon"):
@@ -328,20 +384,30 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         shares = {}
         for kind in ("max", "quantile", "rank", "log"):
             b = bucket(fit_normalizer(kind, counts, nusers, d.eh_quantile)(counts), d.eh_thresholds)
-            shares[kind] = {name: round(float(nusers[b == name].sum() / nusers.sum()), 4) for name in BUCKETS}
+            shares[kind] = {name: round(float(nusers[b == name].sum() / nusers.sum()), 4) for name in EH_BUCKETS}
 
-    params = P.SplitParams(n_items=n_items, seed=d.seed, direct_negatives=d.direct_negatives,
-                           ctr_negatives=d.ctr_negatives, ctr_split=tuple(d.ctr_split),
-                           explanation_split=tuple(d.explanation_split), eh_thresholds=tuple(d.eh_thresholds))
+    params = P.SplitParams(
+        n_items=n_items,
+        seed=d.seed,
+        direct_negatives=d.direct_negatives,
+        ctr_negatives=d.ctr_negatives,
+        ctr_split=tuple(d.ctr_split),
+        explanation_split=tuple(d.explanation_split),
+        eh_thresholds=tuple(d.eh_thresholds),
+    )
     derive = {
         "users": partial(P.users_table, normalizer=normalizer, thresholds=d.eh_thresholds),
-        "interactions": P.interactions_table, "loo": P.loo_table,
-        "direct_candidates": partial(P.direct_candidates_table, p=params), "ctr": partial(P.ctr_table, p=params),
+        "interactions": P.interactions_table,
+        "loo": P.loo_table,
+        "direct_candidates": partial(P.direct_candidates_table, p=params),
+        "ctr": partial(P.ctr_table, p=params),
         "explanation": partial(P.explanation_table, p=params),
     }
     # Vectorised over the batch; batches bound the per-task working set (negative sampling draws
     # ~130 numbers per direct-candidate list), results do not depend on the batch size.
-    tables = {name: seqs.map_batches(fn, batch_size=DERIVE_BATCH_USERS, batch_format="pyarrow") for name, fn in derive.items()}
+    tables = {
+        name: seqs.map_batches(fn, batch_size=DERIVE_BATCH_USERS, batch_format="pyarrow") for name, fn in derive.items()
+    }
     tables["items"] = items_out
 
     with _step("time-shift cutoff"):
@@ -350,15 +416,18 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         cutoff = d.timeshift_cutoff
         if cutoff is None:
             from ray.data.aggregate import ApproximateQuantile, Min
+
             # The quantile sketch works in float32: on raw unix seconds that is ~1 day off, so the
             # quantile is taken on seconds since the first interaction (exact to a few seconds).
             t0 = int(tables["interactions"].aggregate(Min("ts"))["min(ts)"])
             rel = tables["interactions"].map_batches(
-                lambda t: pa.table({"dt": pc.subtract(t.column("ts"), t0)}), batch_format="pyarrow")
+                lambda t: pa.table({"dt": pc.subtract(t.column("ts"), t0)}), batch_format="pyarrow"
+            )
             agg = rel.aggregate(ApproximateQuantile(on="dt", quantiles=[d.timeshift_quantile]))
             cutoff = t0 + int(round(float(np.asarray(list(agg.values())[0]).ravel()[0])))
         tables["timeshift"] = tables["interactions"].map_batches(
-            partial(P.timeshift_table, cutoff=cutoff), batch_format="pyarrow")
+            partial(P.timeshift_table, cutoff=cutoff), batch_format="pyarrow"
+        )
 
     tables["quarantine"] = quarantine_parts[0].union(*quarantine_parts[1:])
 
@@ -368,30 +437,41 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             with _step(f"write {name}"):
                 write_dataset(tables[name], w, store, name, TABLE_SCHEMAS[name])
         import pyarrow.dataset as pads
-        qtab = pads.dataset(w.path("quarantine"), filesystem=store.arrow_fs, format="parquet").to_table(columns=["table", "reason"])
+
+        qtab = pads.dataset(w.path("quarantine"), filesystem=store.arrow_fs, format="parquet").to_table(
+            columns=["table", "reason"]
+        )
         reasons = Counter(qtab.column("reason").to_pylist())
         q_by_table = Counter(qtab.column("table").to_pylist())
         user_buckets = bucket(normalizer(counts), d.eh_thresholds)
-        bucket_counts = {b: int(nusers[user_buckets == b].sum()) for b in BUCKETS}
+        bucket_counts = {b: int(nusers[user_buckets == b].sum()) for b in EH_BUCKETS}
         rows = w.manifest.rows
         balance_inter = n_input_inter == rows["interactions"] + q_by_table.get("interactions", 0)
         balance_items = n_input_items == rows["items"] - n_stubs + q_by_table.get("items", 0)
         if not (balance_inter and balance_items):
             raise RuntimeError(
                 f"prepare: row accounting failed: interactions in={n_input_inter} kept={rows['interactions']} "
-                f"quarantined={q_by_table.get('interactions', 0)}; items in={n_input_items} kept={rows['items'] - n_stubs} "
-                f"quarantined={q_by_table.get('items', 0)}")
+                f"quarantined={q_by_table.get('interactions', 0)}; "
+                f"items in={n_input_items} kept={rows['items'] - n_stubs} "
+                f"quarantined={q_by_table.get('items', 0)}"
+            )
         summary = {
-            "rows": dict(rows), "input_rows": {"interactions": n_input_inter, "items": n_input_items},
-            "stub_items": n_stubs, "n_users": n_users, "n_items": n_items,
-            "eh_normalizer": d.eh_normalizer, "eh_max_count": normalizer.max_count,
-            "users_per_bucket": {b: int(bucket_counts.get(b, 0)) for b in BUCKETS},
-            "bucket_shares_by_normalizer": shares, "quarantine_by_reason": dict(reasons),
-            "timeshift_cutoff": cutoff, "seconds": round(time.time() - t_start, 1),
+            "rows": dict(rows),
+            "input_rows": {"interactions": n_input_inter, "items": n_input_items},
+            "stub_items": n_stubs,
+            "n_users": n_users,
+            "n_items": n_items,
+            "eh_normalizer": d.eh_normalizer,
+            "eh_max_count": normalizer.max_count,
+            "users_per_bucket": {b: int(bucket_counts.get(b, 0)) for b in EH_BUCKETS},
+            "bucket_shares_by_normalizer": shares,
+            "quarantine_by_reason": dict(reasons),
+            "timeshift_cutoff": cutoff,
+            "seconds": round(time.time() - t_start, 1),
         }
         w.manifest.metrics = summary
         w.write_json("summary.json", summary)
-        w.write_json("eh_normalizer.json", normalizer.__dict__)
+        normalizer.save(w)
     return summary
 
 
@@ -401,7 +481,10 @@ def format_summary(s: dict) -> str:
     lines = ["prepare summary", "---------------"]
     lines.append("rows per table: " + ", ".join(f"{k}={v:,}" for k, v in s["rows"].items()))
     lines.append(f"users={s['n_users']:,} items={s['n_items']:,} (stub items without metadata: {s['stub_items']:,})")
-    lines.append(f"users per EH bucket ({s['eh_normalizer']}): " + ", ".join(f"{k}={v:,}" for k, v in s["users_per_bucket"].items()))
+    lines.append(
+        f"users per EH bucket ({s['eh_normalizer']}): "
+        + ", ".join(f"{k}={v:,}" for k, v in s["users_per_bucket"].items())
+    )
     for kind, sh in s["bucket_shares_by_normalizer"].items():
         lines.append(f"  bucket shares under {kind:8s}: " + ", ".join(f"{k}={v:.1%}" for k, v in sh.items()))
     q = s["quarantine_by_reason"]

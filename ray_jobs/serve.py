@@ -7,6 +7,7 @@ the tools, the planner and the fine-tuned adapter) on ``serve.host:serve.port`` 
 by default), prints the URL and blocks; Ctrl-C or SIGTERM shuts the app down. Without
 ``ray.address`` it starts a local Ray bound to 127.0.0.1, with it it deploys onto that cluster.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,10 +40,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     _, cfg = parse_cli("Serve a finished run over HTTP (Ray Serve).", argv)
     from ray import serve
+
     url = start(cfg)
-    print(f"serving run {cfg.run_name} from {cfg.output_root} at {url} (API docs: {url}/docs); Ctrl-C stops",
-          flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # run the shutdown below, as Ctrl-C does
+    print(
+        f"serving run {cfg.run_name} from {cfg.output_root} at {url} (API docs: {url}/docs); Ctrl-C stops", flush=True
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the shutdown below, as Ctrl-C does
     try:
         threading.Event().wait()
     except (KeyboardInterrupt, SystemExit):

@@ -4,6 +4,7 @@ Composition order (RecBole-style layering): schema defaults -> the files named i
 ``defaults:`` list (base -> data source -> model, recursively) -> the preset itself -> command-line
 ``key=value`` overrides. Unknown keys and wrong types raise :class:`ConfigError` naming the key.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from reasonrec.vlm.config import CurriculumConfig, VLMConfig
+from reasonrec.vocab import EH_BUCKETS, TASKS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -60,9 +62,9 @@ class SyntheticConfig:
 
     n_users: int = 400
     n_items: int = 120
-    n_categories: int = 4          # each category has its own shape and colour palette
-    n_styles: int = 3              # each style has its own pattern
-    n_brands: int = 8              # each brand belongs to one category
+    n_categories: int = 4  # each category has its own shape and colour palette
+    n_styles: int = 3  # each style has its own pattern
+    n_brands: int = 8  # each brand belongs to one category
     # Long tail of activity: length = min_len + floor(activity_scale * Lomax(activity_alpha)),
     # capped at max_len (alpha 1.2, scale 2: ~3/4 of users have <= 5 interactions).
     min_len: int = 1
@@ -136,8 +138,21 @@ class DataConfig:
     seed: int = 42
 
 
-DEFAULT_TOOLS = ["popularity", "sasrec", "lightsans", "gru4rec", "transition", "bpr_mf", "bpr_mlp", "lightgcn",
-                 "semantic", "dlrm", "dcnv2", "xdeepfm", "xgb_ctr"]
+DEFAULT_TOOLS = [
+    "popularity",
+    "sasrec",
+    "lightsans",
+    "gru4rec",
+    "transition",
+    "bpr_mf",
+    "bpr_mlp",
+    "lightgcn",
+    "semantic",
+    "dlrm",
+    "dcnv2",
+    "xdeepfm",
+    "xgb_ctr",
+]
 
 
 @dataclass
@@ -147,18 +162,18 @@ class ToolsConfig:
     enabled: List[str] = field(default_factory=lambda: list(DEFAULT_TOOLS))
     # Per-tool hyper-parameters, merged over each tool's own defaults, e.g. {sasrec: {epochs: 30}}.
     params: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    ensemble: bool = True            # also build the majority-vote ensemble of the enabled tools
-    num_workers: int = 1             # Ray Train workers (data-parallel) for the torch tools
+    ensemble: bool = True  # also build the majority-vote ensemble of the enabled tools
+    num_workers: int = 1  # Ray Train workers (data-parallel) for the torch tools
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    max_failures: int = 1            # worker-group restarts (from the last checkpoint) before failing
+    max_failures: int = 1  # worker-group restarts (from the last checkpoint) before failing
     # Mid-tool checkpoints (through ray.train.report) at most this often; a finished tool is
     # always checkpointed. 0 = after every epoch. Tiny tools' epochs take milliseconds: a
     # checkpoint per epoch made the quickstart's train_tools mostly checkpoint copying.
     checkpoint_every_s: float = 30.0
-    prediction_k: int = 20           # top-K kept per query in the tool predictions
+    prediction_k: int = 20  # top-K kept per query in the tool predictions
     predict_batch_size: int = 512
-    predict_actors: int = 1          # actor-pool size for writing predictions
+    predict_actors: int = 1  # actor-pool size for writing predictions
     # LOO query splits the ranking predictions cover (evaluate reads valid/test; train-split
     # predictions are for offline analysis -- build_instructions asks the tools live).
     predict_splits: List[str] = field(default_factory=lambda: ["train", "valid", "test"])
@@ -173,11 +188,11 @@ class ToolsConfig:
 class InstructionsConfig:
     """Instruction examples for the VLM fine-tune (paper 3.2, Appendix A)."""
 
-    tasks: List[str] = field(default_factory=lambda: ["sequential", "direct", "ctr", "explanation"])
+    tasks: List[str] = field(default_factory=lambda: list(TASKS))
     splits: List[str] = field(default_factory=lambda: ["train", "valid"])
     # A tool is "usable" for a ranking query when it ranked the truth within its top usable_k.
     usable_k: int = 10
-    max_tool_hints: int = 3          # tools whose answers are shown in a prompt (the paper's cap)
+    max_tool_hints: int = 3  # tools whose answers are shown in a prompt (the paper's cap)
     # Share of ranking/CTR examples whose prompt shows tool hints (the high-risk prompt); the
     # rest show none (the medium-risk prompt).
     hint_fraction: float = 0.5
@@ -197,7 +212,7 @@ class InstructionsConfig:
     # tools answer training prefixes in-sample): a share of its right answers is shown with the
     # truth ranked out of its list (instructions.hint_keep_rates).
     hint_calibration: bool = False
-    template_mixture: bool = True    # False: every example uses template ``single_template``
+    template_mixture: bool = True  # False: every example uses template ``single_template``
     single_template: int = 0
     # Cap per (task, split) so a CPU budget stays bounded; 0 = all. Sampled by hash, not head().
     max_examples_per_task: int = 0
@@ -215,13 +230,15 @@ class FinetuneConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    max_failures: int = 1            # worker-group restarts from the latest checkpoint
-    max_steps: int = 200             # optimizer steps (the curriculum phases are fractions of this)
-    per_device_batch_size: int = 4   # global batch = per_device_batch_size * num_workers * grad_accum
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint
+    max_steps: int = 200  # optimizer steps (the curriculum phases are fractions of this)
+    per_device_batch_size: int = 4  # global batch = per_device_batch_size * num_workers * grad_accum
     grad_accum: int = 1
-    checkpoint_every: int = 50       # steps between checkpoints (ray.train.report)
+    checkpoint_every: int = 50  # steps between checkpoints (ray.train.report)
     log_every: int = 10
-    time_budget_s: float = 0.0       # training seconds (steps only, over resumes); 0 = none; stop (and checkpoint) once exceeded
+    time_budget_s: float = (
+        0.0  # training seconds (steps only, over resumes); 0 = none; stop (and checkpoint) once exceeded
+    )
     grad_clip: float = 1.0
     # Mixed precision: "bfloat16" runs the training forward under torch.autocast (matmuls in bf16,
     # weights, optimizer state and gradients in vlm.dtype); "none" trains in vlm.dtype. bf16 needs
@@ -264,7 +281,7 @@ class PlannerConfig:
     # vlm_margin, i.e. the tools are likelier right than the VLM would be.
     vlm_aware: bool = False
     vlm_margin: float = 0.0
-    vlm_fit_queries: int = 64        # validation queries per task the VLM answers for that estimate
+    vlm_fit_queries: int = 64  # validation queries per task the VLM answers for that estimate
     max_tools: int = 3
     # learned (xgboost on usable labels) | random | oracle (uses the truth: evaluation only) | fixed
     # (one ranking for every query: validation usable rate, or the instructions' tool_ranking
@@ -276,8 +293,8 @@ class PlannerConfig:
     guard_z: float = 2.0
     # "the tool answer is right" = the primary tool ranks the truth within its top correct_k
     correct_k: int = 5
-    confidence_rounds: int = 100     # xgboost boosting rounds (confidence and tool choice models)
-    max_fit_queries: int = 5000      # validation queries per task the planner models are fitted on
+    confidence_rounds: int = 100  # xgboost boosting rounds (confidence and tool choice models)
+    max_fit_queries: int = 5000  # validation queries per task the planner models are fitted on
     calibration_holdout: float = 0.3  # share of them held out to report the confidence's calibration
     seed: int = 0
 
@@ -286,11 +303,11 @@ class PlannerConfig:
 class ScoreConfig:
     """The batch-scoring job (the main job)."""
 
-    tasks: List[str] = field(default_factory=lambda: ["sequential", "direct", "ctr", "explanation"])
-    split: str = "test"              # which prepared queries to score, or ...
+    tasks: List[str] = field(default_factory=lambda: list(TASKS))
+    split: str = "test"  # which prepared queries to score, or ...
     queries_path: Optional[str] = None  # ... a Parquet query file (local or s3://)
-    max_queries_per_task: int = 0    # 0 = all; sampled by hash for CPU budgets
-    k: int = 10                      # items returned per ranking query
+    max_queries_per_task: int = 0  # 0 = all; sampled by hash for CPU budgets
+    k: int = 10  # items returned per ranking query
     # "routed" (the planner decides), "tools" (tools only), "vlm" (VLM alone), "vlm_tools" (VLM
     # + tools always): the last three are the paper's comparison baselines.
     mode: str = "routed"
@@ -299,15 +316,15 @@ class ScoreConfig:
     stage_name: str = "score"
     tool_actors: int = 1
     vlm_actors: int = 1
-    vlm_gpus: float = 0.0            # GPUs per VLM actor
+    vlm_gpus: float = 0.0  # GPUs per VLM actor
     # CPUs each actor reserves (Ray's logical CPUs). 1 each means a router pool and a VLM pool
     # as large as the machine run one after the other; fractions let them overlap.
     tool_cpus: float = 1.0
     vlm_cpus: float = 1.0
     tool_batch_size: int = 256
     vlm_batch_size: int = 4
-    shard_rows: int = 1000           # queries per output shard (the unit of resume)
-    max_task_retries: int = 3        # actor restarts / batch retries before the job fails
+    shard_rows: int = 1000  # queries per output shard (the unit of resume)
+    max_task_retries: int = 3  # actor restarts / batch retries before the job fails
     # Count torch FLOPs per query (torch.utils.flop_counter) for the cost-per-tier table (paper
     # Table A3). Only torch ops are counted (not NumPy top-k or xgboost); slows scoring a little.
     count_flops: bool = False
@@ -319,10 +336,10 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_history: int = 1000          # longer inline histories / candidate lists -> 413
+    max_history: int = 1000  # longer inline histories / candidate lists -> 413
     max_candidates: int = 1000
     max_items_ctr: int = 1000
-    tool_replicas: List[int] = field(default_factory=lambda: [1, 4])   # autoscaling min, max
+    tool_replicas: List[int] = field(default_factory=lambda: [1, 4])  # autoscaling min, max
     vlm_replicas: List[int] = field(default_factory=lambda: [1, 2])
     planner_replicas: List[int] = field(default_factory=lambda: [1, 2])
     target_ongoing_requests: int = 4
@@ -339,6 +356,21 @@ class ServeConfig:
     ingress_cpus: float = 0.1
     planner_cpus: float = 0.25
     request_timeout_s: float = 60.0  # HTTP requests still running after this get 408, never hang
+    # A request body over this many bytes is a 413, answered from its Content-Length (or, chunked,
+    # once that many bytes arrived) without reading the rest.
+    max_body_bytes: int = 1048576
+
+
+@dataclass
+class ImagesConfig:
+    """The ``images`` stage (ray_jobs/images.py): item photos fetched, checked and resized once."""
+
+    size: Optional[int] = None  # square side in pixels; None: vlm.image_size (336 when that is None too)
+    format: str = "jpeg"  # re-encoded as jpeg | png
+    quality: int = 90  # JPEG quality
+    max_pixels: int = 50_000_000  # larger declared sizes are refused before decoding (too_large)
+    max_bytes: int = 32 << 20  # larger files are refused before reading them whole (too_large)
+    batch_size: int = 256  # items per map_batches call: bounds each worker's memory
 
 
 @dataclass
@@ -357,6 +389,7 @@ class RunConfig:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -383,7 +416,7 @@ def _load_yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str
     layers: list[tuple[str, DictConfig]] = []
     defaults = raw.pop("defaults", [])
     for name in defaults or []:
-        dep = (path.parent / str(name))
+        dep = path.parent / str(name)
         if not dep.suffix:
             dep = dep.with_suffix(".yaml")
         layers.extend(_load_yaml_layers(dep, seen + (path,)))
@@ -430,6 +463,7 @@ def _local_model_dir(value: str, base: str) -> bool:
     """``vlm.model`` names a built-in ("tiny", "small"), a hub id ("org/name") or a local folder;
     only the last is a path. A hub id is left alone unless a folder of that name exists."""
     import os
+
     if value in ("tiny", "small") or _is_url(value):
         return False
     return value.startswith((".", "/", "~")) or os.path.isdir(os.path.join(base, os.path.expanduser(value)))
@@ -438,9 +472,11 @@ def _local_model_dir(value: str, base: str) -> bool:
 def _path_fields(cfg: RunConfig) -> list[tuple[str, Any, str]]:
     """(dotted key, owning dataclass, attribute) of every config value that names a local file or
     folder. The one list of them: :func:`resolve_paths` and :func:`config_paths` read it."""
-    out: list[tuple[str, Any, str]] = [("output_root", cfg, "output_root"),
-                                       ("score.queries_path", cfg.score, "queries_path"),
-                                       ("vlm.cache_dir", cfg.vlm, "cache_dir")]
+    out: list[tuple[str, Any, str]] = [
+        ("output_root", cfg, "output_root"),
+        ("score.queries_path", cfg.score, "queries_path"),
+        ("vlm.cache_dir", cfg.vlm, "cache_dir"),
+    ]
     for i, src in enumerate(cfg.data.sources):
         out += [(f"data.sources.{i}.path", src, "path"), (f"data.sources.{i}.images_dir", src, "images_dir")]
     return out
@@ -456,6 +492,7 @@ def resolve_paths(cfg: RunConfig, base: str | None = None) -> RunConfig:
     relative path means a path inside it. ``s3://`` (any URL) is left as it is; ``~`` is expanded.
     Idempotent; changes ``cfg`` in place and returns it."""
     import os
+
     base = os.path.abspath(base or os.getcwd())
 
     def absolute(value: str) -> str:
@@ -483,12 +520,16 @@ _CHOICES = {
     "planner.tool_choice": ("learned", "random", "oracle", "fixed"),
     "instructions.hint_order": ("random", "usable_rate"),
     "score.mode": ("routed", "tools", "vlm", "vlm_tools"),
-    "finetune.autocast": ("none", "bfloat16", "auto"),   # reasonrec.vlm.train.AUTOCAST_CHOICES
+    "finetune.autocast": ("none", "bfloat16", "auto"),  # reasonrec.vlm.train.AUTOCAST_CHOICES
     "finetune.export": ("last", "best_valid_hr"),
-    "ray.shuffle_strategy": ("auto", "sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2"),
+    "ray.shuffle_strategy": (
+        "auto",
+        "sort_shuffle_pull_based",
+        "sort_shuffle_push_based",
+        "hash_shuffle",
+        "shuffle_v2",
+    ),
 }
-TASKS = ("sequential", "direct", "ctr", "explanation")
-EH_BUCKETS = ("low", "medium", "high")
 SOURCE_KINDS = ("synthetic", "p5", "amazon", "recbole", "pixelrec", "hm")
 
 
@@ -497,9 +538,12 @@ def planner_warnings(cfg: RunConfig) -> list[str]:
     Serve log them)."""
     out = []
     if cfg.instructions.hint_order == "usable_rate" and cfg.planner.tool_choice != "fixed":
-        out.append(f"instructions.hint_order=usable_rate trained the VLM on the tools that planner.tool_choice=fixed "
-                   f"shows, but planner.tool_choice={cfg.planner.tool_choice} shows others per query: expect the VLM "
-                   f"to use their answers far less (RESULTS.md, 'Hints in most training examples')")
+        out.append(
+            f"instructions.hint_order=usable_rate trained the VLM on the tools that planner.tool_choice=fixed "
+            f"shows, but planner.tool_choice={cfg.planner.tool_choice} shows others per query: expect the VLM "
+            f"to use their answers far less (docs/experiments/2026-11-29-does-the-fine-tuned-vlm-beat-popularity.md, "
+            f"'Hints in most training examples')"
+        )
     return out
 
 
@@ -520,8 +564,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config error: key '{key}': unknown task(s) {bad}; choose from {TASKS}")
     bad = [s for s in cfg.tools.predict_splits if s not in ("train", "valid", "test")]
     if bad or not cfg.tools.predict_splits:
-        raise ConfigError(f"config error: key 'tools.predict_splits': need a non-empty subset of train/valid/test, "
-                          f"got {list(cfg.tools.predict_splits)}")
+        raise ConfigError(
+            f"config error: key 'tools.predict_splits': need a non-empty subset of train/valid/test, "
+            f"got {list(cfg.tools.predict_splits)}"
+        )
     for key in ("planner.bypass_buckets", "planner.consult_buckets", "finetune.valid_rank_buckets"):
         bad = [b for b in _get(cfg, key) if b not in EH_BUCKETS]
         if bad:
@@ -532,22 +578,33 @@ def validate(cfg: RunConfig) -> None:
     ft = cfg.finetune
     if ft.valid_rank_examples < 0 or ft.valid_rank_k < 1:
         raise ConfigError("config error: keys 'finetune.valid_rank_examples' (>= 0) / 'finetune.valid_rank_k' (>= 1)")
-    if ft.valid_rank_examples and not ({"sequential"} <= set(cfg.instructions.tasks)
-                                       and "valid" in cfg.instructions.splits):
-        raise ConfigError("config error: key 'finetune.valid_rank_examples': ranks sequential validation "
-                          "examples; instructions.tasks needs 'sequential' and instructions.splits 'valid'")
+    if ft.valid_rank_examples and not (
+        {"sequential"} <= set(cfg.instructions.tasks) and "valid" in cfg.instructions.splits
+    ):
+        raise ConfigError(
+            "config error: key 'finetune.valid_rank_examples': ranks sequential validation "
+            "examples; instructions.tasks needs 'sequential' and instructions.splits 'valid'"
+        )
     if ft.export == "best_valid_hr" and not ft.valid_rank_examples:
-        raise ConfigError("config error: key 'finetune.export': 'best_valid_hr' needs ranking validation; "
-                          "set finetune.valid_rank_examples > 0")
+        raise ConfigError(
+            "config error: key 'finetune.export': 'best_valid_hr' needs ranking validation; "
+            "set finetune.valid_rank_examples > 0"
+        )
     if cfg.ray.data_no_progress_timeout_s < 0 and cfg.ray.data_no_progress_timeout_s != -1:
-        raise ConfigError("config error: key 'ray.data_no_progress_timeout_s': seconds > 0, 0 (Ray's default) or -1 (off)")
+        raise ConfigError(
+            "config error: key 'ray.data_no_progress_timeout_s': seconds > 0, 0 (Ray's default) or -1 (off)"
+        )
     if cfg.instructions.tool_order and cfg.instructions.hint_order != "usable_rate":
-        raise ConfigError("config error: key 'instructions.tool_order': orders the usable_rate ranking; "
-                          "set instructions.hint_order=usable_rate (random hints have no order to pin)")
+        raise ConfigError(
+            "config error: key 'instructions.tool_order': orders the usable_rate ranking; "
+            "set instructions.hint_order=usable_rate (random hints have no order to pin)"
+        )
     if not 0.0 <= cfg.instructions.hint_fraction <= 1.0:
         raise ConfigError("config error: key 'instructions.hint_fraction': must be in [0, 1]")
     if not 1 <= cfg.planner.max_tools <= 3:
         raise ConfigError("config error: key 'planner.max_tools': must be 1..3 (the paper caps tool use at 3)")
+    if cfg.serve.max_body_bytes <= 0:
+        raise ConfigError("config error: key 'serve.max_body_bytes': must be > 0")
     for key in ("serve.tool_replicas", "serve.vlm_replicas", "serve.planner_replicas", "serve.ingress_replicas"):
         v = _get(cfg, key)
         if len(v) != 2 or not 0 <= v[0] <= v[1] or v[1] < 1:
@@ -586,8 +643,9 @@ def section_hash(obj: Any) -> str:
 # --------------------------------------------------------------------------------------- CLI
 def build_arg_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default=str(CONFIG_DIR / "quickstart.yaml"),
-                   help="preset YAML (default: configs/quickstart.yaml)")
+    p.add_argument(
+        "--config", default=str(CONFIG_DIR / "quickstart.yaml"), help="preset YAML (default: configs/quickstart.yaml)"
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--force", action="store_true", help="re-run stages even if their manifest matches")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_root=s3://bucket/runs")

@@ -1,6 +1,7 @@
 """Reasoning-aware instruction examples (paper 3.2, Appendix A), Ray-free.
 
-Queries come from the prepared splits (:func:`prepared_queries`, shared with the scoring job).
+Queries come from the prepared splits (:func:`reasonrec.data.queries.prepared_queries`, shared with
+the planner fit and the scoring job).
 Building an example takes two passes so that the confidence target is a calibrated frequency:
 
 1. :func:`label_batch` runs every tool on the query (the same :class:`~reasonrec.planner.ToolBox`
@@ -20,35 +21,40 @@ Building an example takes two passes so that the confidence target is a calibrat
    validation rows (:func:`hint_keep_rates`): the tools answer training prefixes they were fitted
    on, so in-sample they look far better than at scoring time, most of all the transductive ones.
 """
+
 from __future__ import annotations
 
 import json
 import zlib
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from reasonrec.config import InstructionsConfig
-from reasonrec.context import Catalog, PromptBuilder, UserDirectory
-from reasonrec.metrics import rouge_l_scores
+from reasonrec.data.catalog import Catalog, PromptBuilder, UserDirectory
+from reasonrec.data.queries import prefix_position
 from reasonrec.data.schemas import INSTRUCTIONS, QUERIES
+from reasonrec.hashing import splitmix64
+from reasonrec.metrics import rouge_l_scores
 from reasonrec.planner import N_HINT_ITEMS, RANKING, ToolBox
 from reasonrec.prompts.cot import MAX_THOUGHT_TOOLS, NoisyTools, compose_target, ctr_answer
+from reasonrec.prompts.templates import ToolHint
 from reasonrec.prompts.user_desc import describe_users
-from reasonrec.prompts.templates import TASKS, ToolHint, _splitmix64
 
-TASK_BASE = {t: (i + 1) * 10**12 for i, t in enumerate(TASKS)}   # query-id ranges per task
-SPLIT_BASE = {"train": 0, "valid": 3 * 10**11, "test": 6 * 10**11}
-PREFIX_STRIDE = 10**9   # query-id offset per earlier training position (prepared_queries ``prefixes``)
-
-LABELED = pa.schema(list(QUERIES) + [
-    pa.field("split", pa.string()), pa.field("eh", pa.float32()), pa.field("eh_bucket", pa.string()),
-    pa.field("len_bin", pa.int32()), pa.field("usable", pa.list_(pa.string())),
-    pa.field("hints", pa.string()), pa.field("ref_right", pa.float32()),
-])
+LABELED = pa.schema(
+    list(QUERIES)
+    + [
+        pa.field("split", pa.string()),
+        pa.field("eh", pa.float32()),
+        pa.field("eh_bucket", pa.string()),
+        pa.field("len_bin", pa.int32()),
+        pa.field("usable", pa.list_(pa.string())),
+        pa.field("hints", pa.string()),
+        pa.field("ref_right", pa.float32()),
+    ]
+)
 
 
 def len_bin(n: np.ndarray) -> np.ndarray:
@@ -56,116 +62,17 @@ def len_bin(n: np.ndarray) -> np.ndarray:
     return np.minimum(np.floor(np.log2(1 + np.asarray(n, np.float64))), 6).astype(np.int32)
 
 
-def _sample(ids: np.ndarray, cap: int, seed: int) -> np.ndarray:
-    """Row positions of a stable hash sample of ``cap`` ids (all when cap is 0 or larger)."""
-    if not cap or len(ids) <= cap:
-        return np.arange(len(ids))
-    h = _splitmix64(ids.astype(np.uint64) ^ np.uint64(seed * 2654435761 + 1))
-    return np.sort(np.argsort(h, kind="stable")[:cap])
-
-
-def prepared_queries(tables: Mapping[str, pa.Table], task: str, split: str, n_items: int,
-                     direct_negatives: int = 99, seed: int = 0, cap: int = 0, prefixes: int = 0) -> pa.Table:
-    """QUERIES rows of one task and split from the ``prepare`` tables (``loo``, and by task
-    ``direct_candidates`` / ``ctr`` / ``explanation``), with truth columns. Query ids are stable:
-    task and split ranges plus the row's position in the (deterministic) table.
-
-    ``prefixes`` (training split, sequential and direct only): besides each user's last training
-    item, also predict up to that many earlier items of the training sequence from the items
-    before them (the row's ``history``), so the VLM sees every transition a sequential tool
-    learns from instead of one per user."""
-    base = TASK_BASE[task] + SPLIT_BASE[split]
-    if task in ("sequential", "direct") and not (task == "direct" and split != "train"):
-        loo = tables["loo"].sort_by("user_id")
-        all_users = loo.column("user_id").to_numpy()
-        train = loo.column("train_items").to_pylist()
-        histories = None
-        if split == "train":
-            keep = [i for i, t in enumerate(train) if len(t) >= 2]
-            users, target, qid = all_users[keep], [train[i][-1] for i in keep], base + np.arange(len(keep))
-            if prefixes:
-                # Earlier positions of the same training sequence (P5-style augmentation): the
-                # item at len - 1 - k predicted from the items before it. Ids: k * PREFIX_STRIDE
-                # above the last-item example's, so those (k = 0) keep their ids.
-                histories = [None] * len(keep)
-                extra_u, extra_t, extra_h, extra_q = [], [], [], []
-                for k in range(1, prefixes + 1):
-                    for pos, i in enumerate(keep):
-                        if len(train[i]) >= 2 + k:
-                            extra_u.append(all_users[i])
-                            extra_t.append(train[i][-1 - k])
-                            extra_h.append(train[i][:-1 - k])
-                            extra_q.append(base + k * PREFIX_STRIDE + pos)
-                users = np.append(users, np.asarray(extra_u, users.dtype))
-                target, histories = target + extra_t, histories + extra_h
-                qid = np.append(qid, np.asarray(extra_q, np.int64))
-        else:
-            col = loo.column(f"{split}_item").to_pylist()
-            keep = [i for i, v in enumerate(col) if v is not None]
-            users, target, qid = all_users[keep], [col[i] for i in keep], base + np.arange(len(keep))
-        target = np.asarray(target, np.int64)
-        pick = _sample(qid, cap, seed)
-        users, target, qid = users[pick], target[pick], qid[pick]
-        if histories is not None:
-            histories = [histories[i] for i in pick]
-        cands = None
-        if task == "direct":   # training lists: the target + negatives the user never touched
-            pos = {int(u): i for i, u in enumerate(loo.column("user_id").to_numpy())}
-            cands = []
-            for u, t, k in zip(users, target, prefix_position(qid, [task] * len(qid), split).tolist()):
-                # Seeded by user (the last-item example keeps its list) and prefix offset.
-                rng = np.random.default_rng([seed, int(u), 3] + ([k] if k else []))
-                pool = np.setdiff1d(np.arange(n_items), np.asarray(train[pos[int(u)]], np.int64))
-                negs = rng.choice(pool, min(direct_negatives, len(pool)), replace=False)
-                cands.append(rng.permutation(np.append(negs, t)).tolist())
-        return _conform({"query_id": qid, "task": [task] * len(qid), "user_id": users, "candidates": cands,
-                         "target": target, "history": histories})
-    if task == "direct":
-        t = tables["direct_candidates"]
-        t = t.filter(pc.equal(t.column("split"), split)).sort_by("user_id")
-        qid = base + np.arange(t.num_rows)
-        pick = _sample(qid, cap, seed)
-        return _conform({"query_id": qid[pick], "task": [task] * len(pick),
-                         "user_id": t.column("user_id").to_numpy()[pick],
-                         "candidates": t.column("candidates").take(pa.array(pick, pa.int64())).to_pylist(),
-                         "target": t.column("positive").to_numpy()[pick]})
-    name = "ctr" if task == "ctr" else "explanation"
-    t = tables[name]
-    t = t.filter(pc.equal(t.column("split"), split)).sort_by([("user_id", "ascending"), ("item_id", "ascending")])
-    qid = base + np.arange(t.num_rows)
-    pick = _sample(qid, cap, seed)
-    t = t.take(pa.array(pick, pa.int64()))
-    cols = {"query_id": qid[pick], "task": [task] * len(pick), "user_id": t.column("user_id").to_numpy(),
-            "item_id": t.column("item_id").to_numpy()}
-    if task == "ctr":
-        cols["label"] = t.column("label").to_numpy()
-    else:
-        cols["rating"] = t.column("rating").to_numpy(zero_copy_only=False)
-        cols["reference"] = t.column("review").to_pylist()
-    return _conform(cols)
-
-
-def _conform(cols: dict[str, Any]) -> pa.Table:
-    n = len(cols["query_id"])
-    arrays = []
-    for f in QUERIES:
-        v = cols.get(f.name)
-        arrays.append(pa.nulls(n, f.type) if v is None else pa.array(v, f.type) if not isinstance(v, np.ndarray)
-                      else pa.array(v).cast(f.type))
-    return pa.Table.from_arrays(arrays, schema=QUERIES)
-
-
 # ------------------------------------------------------------------------------ pass 1
-def prefix_position(query_id: np.ndarray, task: Sequence[str], split: str) -> np.ndarray:
-    """How many items before the end of the training sequence a sequential/direct query's target
-    sits (0 = the last training item; ``prepared_queries`` ``prefixes``); -1 for other tasks."""
-    base = np.array([TASK_BASE[t] for t in task], np.int64) + SPLIT_BASE[split]
-    k = (np.asarray(query_id, np.int64) - base) // PREFIX_STRIDE
-    return np.where(np.isin(np.asarray(task, object), ["sequential", "direct"]), k, -1)
-
-
-def label_batch(queries: pa.Table, split: str, toolbox: ToolBox, users: UserDirectory, catalog: Catalog,
-                cfg: InstructionsConfig, holdout: ToolBox | None = None, holdout_items: int = 0) -> pa.Table:
+def label_batch(
+    queries: pa.Table,
+    split: str,
+    toolbox: ToolBox,
+    users: UserDirectory,
+    catalog: Catalog,
+    cfg: InstructionsConfig,
+    holdout: ToolBox | None = None,
+    holdout_items: int = 0,
+) -> pa.Table:
     """LABELED rows: usable tools, all tools' answers (hints JSON) and the reference answer's
     correctness, per query (one task per batch or mixed).
 
@@ -178,11 +85,14 @@ def label_batch(queries: pa.Table, split: str, toolbox: ToolBox, users: UserDire
     if holdout is not None and split == "train" and queries.num_rows:
         k = prefix_position(queries.column("query_id").to_numpy(), queries.column("task").to_pylist(), split)
         oos, insample = (k >= 0) & (k < holdout_items), k >= holdout_items
-        parts = [label_batch(queries.filter(pa.array(oos)), split, holdout, users, catalog, cfg),
-                 label_batch(queries.filter(pa.array(insample)), split, toolbox, users, catalog, cfg),
-                 label_batch(queries.filter(pa.array(k < 0)), split, toolbox, users, catalog, cfg)]
-        parts[1] = parts[1].set_column(parts[1].schema.get_field_index("hints"), "hints",
-                                       pa.array(["[]"] * parts[1].num_rows, pa.string()))
+        parts = [
+            label_batch(queries.filter(pa.array(oos)), split, holdout, users, catalog, cfg),
+            label_batch(queries.filter(pa.array(insample)), split, toolbox, users, catalog, cfg),
+            label_batch(queries.filter(pa.array(k < 0)), split, toolbox, users, catalog, cfg),
+        ]
+        parts[1] = parts[1].set_column(
+            parts[1].schema.get_field_index("hints"), "hints", pa.array(["[]"] * parts[1].num_rows, pa.string())
+        )
         return pa.concat_tables(parts)
     rows = queries.to_pylist()
     out = []
@@ -223,14 +133,24 @@ def label_batch(queries: pa.Table, split: str, toolbox: ToolBox, users: UserDire
                     hints[j] = [vars(ans.hint(n, a, catalog.text, N_HINT_ITEMS + 1)) for n in ans.names]
                     ref[j] = ref_ok[a]
         for j, (r, st) in enumerate(zip(sub, states)):
-            out.append({**r, "split": split, "eh": st.eh, "eh_bucket": st.bucket,
-                        "len_bin": int(len_bin(np.array([len(st.history)]))[0]), "usable": usable[j],
-                        "hints": json.dumps(hints[j]), "ref_right": float(ref[j])})
+            out.append(
+                {
+                    **r,
+                    "split": split,
+                    "eh": st.eh,
+                    "eh_bucket": st.bucket,
+                    "len_bin": int(len_bin(np.array([len(st.history)]))[0]),
+                    "usable": usable[j],
+                    "hints": json.dumps(hints[j]),
+                    "ref_right": float(ref[j]),
+                }
+            )
     return pa.Table.from_pylist(out, schema=LABELED)
 
 
-def tool_ranking(task: Sequence[str], usable: Sequence[Sequence[str]], first: Sequence[str] = ()
-                 ) -> dict[str, list[str]]:
+def tool_ranking(
+    task: Sequence[str], usable: Sequence[Sequence[str]], first: Sequence[str] = ()
+) -> dict[str, list[str]]:
     """Per task, the tools usable on at least one row, by usable rate (best first, ties by name):
     the order the planner's ``fixed`` tool choice shows them in. Fit it on validation rows, like
     the confidence table. Tools named in ``first`` (``instructions.tool_order``) lead, in that
@@ -242,14 +162,15 @@ def tool_ranking(task: Sequence[str], usable: Sequence[Sequence[str]], first: Se
         for n in names:
             c[n] = c.get(n, 0) + 1
     for t, c in counts.items():
-        if c:   # explanation has no tools
+        if c:  # explanation has no tools
             pinned = [n for n in first if n in c]
             out[t] = pinned + sorted((n for n in c if n not in pinned), key=lambda n: (-c[n], n))
     return out
 
 
-def confidence_table(task: Sequence[str], bucket: Sequence[str], lbin: Sequence[int], ref_right: Sequence[float],
-                     prior: float = 2.0) -> dict[str, float]:
+def confidence_table(
+    task: Sequence[str], bucket: Sequence[str], lbin: Sequence[int], ref_right: Sequence[float], prior: float = 2.0
+) -> dict[str, float]:
     """Calibrated P(right) per (task, bucket, length bin): the group's mean of ``ref_right``
     shrunk toward the task's mean with ``prior`` pseudo-counts (small groups stay sensible).
     Keys ``task|bucket|bin`` and ``task`` (the fallback). Fit it on validation rows: tools were
@@ -269,8 +190,9 @@ def confidence_table(task: Sequence[str], bucket: Sequence[str], lbin: Sequence[
 
 
 # ------------------------------------------------------------------------------ pass 2
-def hint_keep_rates(task: Sequence[str], split: Sequence[str], usable: Sequence[Sequence[str]]
-                    ) -> dict[str, dict[str, float]]:
+def hint_keep_rates(
+    task: Sequence[str], split: Sequence[str], usable: Sequence[Sequence[str]]
+) -> dict[str, dict[str, float]]:
     """Per ranking task and tool, the share of its usable training answers to keep usable so that
     it is right as often on training rows as on validation rows: min(1, rate_valid / rate_train).
 
@@ -300,12 +222,13 @@ def hint_keep_rates(task: Sequence[str], split: Sequence[str], usable: Sequence[
 
 
 def _frac(keys: np.ndarray, salt: int) -> np.ndarray:
-    h = _splitmix64(np.asarray(keys, np.int64).astype(np.uint64) ^ np.uint64(salt))
+    h = splitmix64(np.asarray(keys, np.int64).astype(np.uint64) ^ np.uint64(salt))
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def _demote_truth(hints: Sequence[ToolHint], usable: Sequence[str], truth_text: str, key: int,
-                  keep: Mapping[str, float], seed: int) -> tuple[list[ToolHint], list[str]]:
+def _demote_truth(
+    hints: Sequence[ToolHint], usable: Sequence[str], truth_text: str, key: int, keep: Mapping[str, float], seed: int
+) -> tuple[list[ToolHint], list[str]]:
     """Hint calibration of one training example: each usable tool stays usable with probability
     ``keep[tool]`` (a pure function of seed, example key and tool); otherwise its list is shown as
     if it had ranked the truth below its top ``usable_k`` (the truth's text out, its next text in)
@@ -320,16 +243,25 @@ def _demote_truth(hints: Sequence[ToolHint], usable: Sequence[str], truth_text: 
     return out, [n for n in usable if n not in demoted]
 
 
-def render_batch(labeled: pa.Table, conf: Mapping[str, float], prompts: PromptBuilder, users: UserDirectory,
-                 catalog: Catalog, cfg: InstructionsConfig, tool_rank: Mapping[str, Sequence[str]] | None = None,
-                 hint_keep: Mapping[str, Mapping[str, float]] | None = None) -> pa.Table:
+def render_batch(
+    labeled: pa.Table,
+    conf: Mapping[str, float],
+    prompts: PromptBuilder,
+    users: UserDirectory,
+    catalog: Catalog,
+    cfg: InstructionsConfig,
+    tool_rank: Mapping[str, Sequence[str]] | None = None,
+    hint_keep: Mapping[str, Mapping[str, float]] | None = None,
+) -> pa.Table:
     """INSTRUCTIONS rows for LABELED rows. ``tool_rank`` (:func:`tool_ranking`) is needed when
     ``cfg.hint_order == "usable_rate"``, ``hint_keep`` (:func:`hint_keep_rates`) when
     ``cfg.hint_calibration`` is on."""
     if cfg.hint_order == "usable_rate" and tool_rank is None:
         raise ValueError("hint_order 'usable_rate' needs the tools' ranking (tool_ranking on validation rows)")
     if cfg.hint_calibration and hint_keep is None:
-        raise ValueError("hint_calibration needs the tools' keep rates (hint_keep_rates on training and validation rows)")
+        raise ValueError(
+            "hint_calibration needs the tools' keep rates (hint_keep_rates on training and validation rows)"
+        )
     noisy = NoisyTools(cfg.noisy_tools_fraction, cfg.seed)
     rows = labeled.to_pylist()
     qids = np.array([r["query_id"] for r in rows], np.int64)
@@ -340,7 +272,7 @@ def render_batch(labeled: pa.Table, conf: Mapping[str, float], prompts: PromptBu
     for i, r in enumerate(rows):
         task, key = r["task"], int(r["query_id"])
         st = users.resolve(r["user_id"], r.get("history"), r["split"])
-        if r.get("history") is not None:   # a training prefix: describe what came before it only
+        if r.get("history") is not None:  # a training prefix: describe what came before it only
             st = replace(st, desc=describe_users([st.history], catalog.attrs)[0])
         c = conf.get(f"{task}|{r['eh_bucket']}|{r['len_bin']}", conf.get(task, 0.5))
         all_hints = [ToolHint(h["name"], list(h.get("items") or []), h.get("prob")) for h in json.loads(r["hints"])]
@@ -357,8 +289,12 @@ def render_batch(labeled: pa.Table, conf: Mapping[str, float], prompts: PromptBu
             if cfg.hint_calibration and r["split"] == "train" and task in RANKING:
                 shown, usable = _demote_truth(shown, usable, truth_text[0], key, hint_keep.get(task, {}), cfg.seed)
             shown = [replace(h, items=h.items[:N_HINT_ITEMS]) for h in shown]
-            distractors = [catalog.text[j] for j in np.random.default_rng([cfg.seed, key & 0x7FFFFFFF, 13])
-                           .choice(catalog.n_items, min(catalog.n_items, 20), replace=False)]
+            distractors = [
+                catalog.text[j]
+                for j in np.random.default_rng([cfg.seed, key & 0x7FFFFFFF, 13]).choice(
+                    catalog.n_items, min(catalog.n_items, 20), replace=False
+                )
+            ]
             shown, tools, corrupted = noisy.apply(key, shown, usable, truth_text, distractors)
         if task == "ctr":
             answer = ctr_answer(r["label"])
@@ -367,10 +303,28 @@ def render_batch(labeled: pa.Table, conf: Mapping[str, float], prompts: PromptBu
         else:
             answer = catalog.text[r["target"]]
         target = compose_target(task, answer, c, st.bucket, st.eh, tools)
-        rendered = prompts.render(task, st, key, candidates=r.get("candidates") or (), item_id=r.get("item_id"),
-                                  rating=r.get("rating"), hints=shown)
-        out.append({"example_id": key, "user_id": r["user_id"], "task": task, "split": r["split"],
-                    "phase": st.bucket, "template_id": rendered["template_id"], "prompt": rendered["prompt"],
-                    "image_items": rendered["image_items"], "target": target, "tools_usable": tools,
-                    "noisy_tools": corrupted})
+        rendered = prompts.render(
+            task,
+            st,
+            key,
+            candidates=r.get("candidates") or (),
+            item_id=r.get("item_id"),
+            rating=r.get("rating"),
+            hints=shown,
+        )
+        out.append(
+            {
+                "example_id": key,
+                "user_id": r["user_id"],
+                "task": task,
+                "split": r["split"],
+                "phase": st.bucket,
+                "template_id": rendered["template_id"],
+                "prompt": rendered["prompt"],
+                "image_items": rendered["image_items"],
+                "target": target,
+                "tools_usable": tools,
+                "noisy_tools": corrupted,
+            }
+        )
     return pa.Table.from_pylist(out, schema=INSTRUCTIONS)

@@ -8,6 +8,7 @@ when its manifest exists, so an interrupted write (before or during the move) ne
 partial output: readers and the skip logic look for the manifest first. On local disk the move is
 a single rename; on S3 it is a server-side copy, still hidden behind the missing manifest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,6 +52,7 @@ def filesystem(url: str, storage: StorageConfig | None = None) -> tuple[fsspec.A
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     """The same filesystem as a pyarrow FileSystem (for Parquet and Ray Data I/O)."""
     from fsspec.implementations.local import LocalFileSystem
+
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
@@ -58,6 +60,7 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
 
 def versions() -> dict[str, str]:
     import importlib.metadata as md
+
     out = {"python": platform.python_version()}
     for pkg in ("reasonrec", "ray", "pyarrow", "torch", "transformers", "peft", "torchrec", "xgboost-cpu", "xgboost"):
         try:
@@ -75,7 +78,7 @@ class Manifest:
     rows: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=versions)
-    paths: dict[str, str] = field(default_factory=dict)   # the config's (absolute) locations
+    paths: dict[str, str] = field(default_factory=dict)  # the config's (absolute) locations
     created_at: float = field(default_factory=time.time)
     duration_s: float = 0.0
 
@@ -92,19 +95,22 @@ class Manifest:
 class ArtifactStore:
     """Paths, Parquet I/O and manifests under one run root (local or s3://)."""
 
-    def __init__(self, output_root: str, run_name: str, storage: StorageConfig | None = None,
-                 paths: dict[str, str] | None = None):
+    def __init__(
+        self, output_root: str, run_name: str, storage: StorageConfig | None = None, paths: dict[str, str] | None = None
+    ):
         if "://" not in output_root and not posixpath.isabs(output_root):
             # A relative root means another folder in each Ray worker's working directory; the
             # config's paths are made absolute once, on the driver (reasonrec.config.resolve_paths).
-            raise ValueError(f"output_root must be absolute or an s3:// URL, got {output_root!r} "
-                             f"(load the config with reasonrec.config.load_config, which resolves it)")
+            raise ValueError(
+                f"output_root must be absolute or an s3:// URL, got {output_root!r} "
+                f"(load the config with reasonrec.config.load_config, which resolves it)"
+            )
         self.storage = storage or StorageConfig()
         self.fs, root = filesystem(output_root, self.storage)
         self.scheme = "s3://" if output_root.startswith("s3://") else ""
         self.root = posixpath.join(root, run_name)
         self.arrow_fs = arrow_filesystem(self.fs)
-        self.paths = dict(paths or {})   # the config's locations, recorded in every manifest
+        self.paths = dict(paths or {})  # the config's locations, recorded in every manifest
 
     # ------------------------------------------------------------------------------ paths
     def path(self, *parts: str) -> str:
@@ -131,12 +137,13 @@ class ArtifactStore:
         m = self.manifest(stage)
         if m is None:
             raise FileNotFoundError(
-                f"stage '{stage}' has no committed output under {self.url()}; run `python -m ray_jobs.{stage}` first")
+                f"stage '{stage}' has no committed output under {self.url()}; run `python -m ray_jobs.{stage}` first"
+            )
         return m
 
     # ------------------------------------------------------------------------------ writes
     @contextmanager
-    def stage_writer(self, stage: str, config_hash: str, inputs: dict[str, str]) -> Iterator["StageWriter"]:
+    def stage_writer(self, stage: str, config_hash: str, inputs: dict[str, str]) -> Iterator[StageWriter]:
         """Write a stage atomically: ``with store.stage_writer(...) as w: ...; w.commit()`` happens
         on clean exit; on an exception the temporary prefix is removed and nothing is visible."""
         writer = StageWriter(self, stage, config_hash, inputs)
@@ -158,10 +165,11 @@ class ArtifactStore:
             return json.load(f)
 
 
-def open_store(cfg: "RunConfig") -> ArtifactStore:
+def open_store(cfg: RunConfig) -> ArtifactStore:
     """The artifact store of ``cfg``'s run (``{output_root}/{run_name}``), its manifests recording
     the config's resolved file and folder locations."""
     from reasonrec.config import config_paths
+
     return ArtifactStore(cfg.output_root, cfg.run_name, cfg.storage, paths=config_paths(cfg))
 
 
@@ -224,6 +232,7 @@ def _move_tree(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     """Move a folder: one rename on local disk; per-object server-side copies on object stores
     (which have no folders to rename)."""
     from fsspec.implementations.local import LocalFileSystem
+
     if isinstance(fs, LocalFileSystem):
         fs.mv(src, dst, recursive=True)
         return

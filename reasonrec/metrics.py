@@ -25,6 +25,7 @@ Cold start: ``cold_start_groups`` splits users into ``n_groups`` equal-size grou
 frequency (group 1 = coldest); the paper aggregates Coldest = groups 1-3, Medium = 4-6 and
 Normal = 1-10 (everyone).
 """
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,8 @@ from collections import Counter
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from reasonrec.vocab import EH_BUCKETS
 
 TIES = ("pessimistic", "optimistic", "mean")
 
@@ -70,8 +73,9 @@ def rank_of_truth(scores: np.ndarray, truth: np.ndarray, ties: str = "pessimisti
     raise ValueError(f"ties must be one of {TIES}, got '{ties}'")
 
 
-def rank_full_catalog(scores: np.ndarray, truth_items: np.ndarray,
-                      exclude: Sequence[np.ndarray] | None = None, ties: str = "pessimistic") -> np.ndarray:
+def rank_full_catalog(
+    scores: np.ndarray, truth_items: np.ndarray, exclude: Sequence[np.ndarray] | None = None, ties: str = "pessimistic"
+) -> np.ndarray:
     """Full ranking: ``scores`` is [B, n_items]. Items in ``exclude[b]`` (usually the user's
     training history) are removed from the ranking -- except the truth itself, which may be a
     repeat purchase and must still be ranked."""
@@ -87,8 +91,9 @@ def rank_full_catalog(scores: np.ndarray, truth_items: np.ndarray,
     return rank_of_truth(s, truth_items, ties=ties)
 
 
-def rank_in_candidates(scores: np.ndarray, candidates: np.ndarray, truth_items: np.ndarray,
-                       ties: str = "pessimistic") -> np.ndarray:
+def rank_in_candidates(
+    scores: np.ndarray, candidates: np.ndarray, truth_items: np.ndarray, ties: str = "pessimistic"
+) -> np.ndarray:
     """Candidate-list ranking: ``scores[b, c]`` scores item ``candidates[b, c]``; each row must
     contain ``truth_items[b]`` exactly once (1 positive + sampled negatives)."""
     candidates = np.asarray(candidates, dtype=np.int64)
@@ -99,8 +104,10 @@ def rank_in_candidates(scores: np.ndarray, candidates: np.ndarray, truth_items: 
     per_row = hits.sum(axis=1)
     if (per_row != 1).any():
         row = int(np.flatnonzero(per_row != 1)[0])
-        raise ValueError(f"row {row}: truth item {int(truth_items[row, 0])} appears {int(per_row[row])} "
-                         f"times in its candidate list (need exactly once)")
+        raise ValueError(
+            f"row {row}: truth item {int(truth_items[row, 0])} appears {int(per_row[row])} "
+            f"times in its candidate list (need exactly once)"
+        )
     return rank_of_truth(scores, hits.argmax(axis=1), ties=ties)
 
 
@@ -188,7 +195,7 @@ def tokenize(text: str) -> list[str]:
 
 
 def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def _as_refs(ref: str | Sequence[str]) -> list[list[str]]:
@@ -238,13 +245,17 @@ def bleu4(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], 
     return _bleu_from_stats(m_sum, t_sum, h_len, r_len, smooth=False)
 
 
-def sentence_bleu4(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]],
-                   max_n: int = 4) -> np.ndarray:
+def sentence_bleu4(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], max_n: int = 4) -> np.ndarray:
     """Per-sentence smoothed BLEU-4 (add-one on orders >= 2), for per-query breakdowns."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    return np.array([_bleu_from_stats(*_bleu_stats(tokenize(h), _as_refs(r), max_n), smooth=True)
-                     for h, r in zip(hypotheses, references)], dtype=np.float64)
+    return np.array(
+        [
+            _bleu_from_stats(*_bleu_stats(tokenize(h), _as_refs(r), max_n), smooth=True)
+            for h, r in zip(hypotheses, references)
+        ],
+        dtype=np.float64,
+    )
 
 
 def _lcs_len(a: Sequence[str], b: Sequence[str]) -> int:
@@ -259,7 +270,9 @@ def _lcs_len(a: Sequence[str], b: Sequence[str]) -> int:
     return prev[-1]
 
 
-def rouge_l_scores(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], beta: float = 1.0) -> np.ndarray:
+def rouge_l_scores(
+    hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], beta: float = 1.0
+) -> np.ndarray:
     """Per-sentence ROUGE-L F-measure (best over references)."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
@@ -272,7 +285,7 @@ def rouge_l_scores(hypotheses: Sequence[str], references: Sequence[str | Sequenc
             if lcs == 0:
                 continue
             p, rc = lcs / len(h), lcs / len(r)
-            best = max(best, (1 + beta ** 2) * p * rc / (rc + beta ** 2 * p))
+            best = max(best, (1 + beta**2) * p * rc / (rc + beta**2 * p))
         out[i] = best
     return out
 
@@ -310,14 +323,17 @@ def cold_start_groups(n_train: np.ndarray, n_groups: int = 10) -> np.ndarray:
     return groups
 
 
-def segment_masks(eh_bucket: np.ndarray | None = None, cs_group: np.ndarray | None = None,
-                  aggregates: Mapping[str, tuple[int, ...]] = COLD_START_AGGREGATES) -> dict[str, np.ndarray]:
+def segment_masks(
+    eh_bucket: np.ndarray | None = None,
+    cs_group: np.ndarray | None = None,
+    aggregates: Mapping[str, tuple[int, ...]] = COLD_START_AGGREGATES,
+) -> dict[str, np.ndarray]:
     """Boolean masks per segment: ``eh:<bucket>`` for each bucket present, ``cs:<g>`` for each
     group present and ``cs:<aggregate>`` for the paper's aggregations."""
     masks: dict[str, np.ndarray] = {}
     if eh_bucket is not None:
         eb = np.asarray(eh_bucket).astype(str)
-        known = ("low", "medium", "high")
+        known = EH_BUCKETS
         for b in list(known) + sorted(set(eb.tolist()) - set(known)):
             m = eb == b
             if m.any():
@@ -331,8 +347,9 @@ def segment_masks(eh_bucket: np.ndarray | None = None, cs_group: np.ndarray | No
     return masks
 
 
-def breakdown(metrics: Mapping[str, np.ndarray], eh_bucket: np.ndarray | None = None,
-              cs_group: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+def breakdown(
+    metrics: Mapping[str, np.ndarray], eh_bucket: np.ndarray | None = None, cs_group: np.ndarray | None = None
+) -> dict[str, dict[str, float]]:
     """Mean of each per-query metric array overall (``"all"``) and per segment (see
     :func:`segment_masks`); each segment also carries ``"n"``, its number of queries.
 
@@ -355,8 +372,12 @@ def breakdown(metrics: Mapping[str, np.ndarray], eh_bucket: np.ndarray | None = 
     return out
 
 
-def breakdown_fn(fn: Callable[[np.ndarray], Mapping[str, float]], n_rows: int,
-                 eh_bucket: np.ndarray | None = None, cs_group: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+def breakdown_fn(
+    fn: Callable[[np.ndarray], Mapping[str, float]],
+    n_rows: int,
+    eh_bucket: np.ndarray | None = None,
+    cs_group: np.ndarray | None = None,
+) -> dict[str, dict[str, float]]:
     """Like :func:`breakdown` for metrics that are not per-query means (AUC, corpus BLEU):
     ``fn(mask)`` computes the metrics on the selected rows."""
     masks = {"all": np.ones(n_rows, dtype=bool), **segment_masks(eh_bucket, cs_group)}

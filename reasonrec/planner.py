@@ -18,6 +18,7 @@ Per query, before any VLM runs:
 Every decision is recorded (:class:`Decision`): tier, confidence, tools used, rationale.
 Explanation queries have no tools (paper): always the VLM alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,15 +26,19 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from reasonrec.config import PlannerConfig
-from reasonrec.prompts.templates import ToolHint, _splitmix64
+from reasonrec.hashing import splitmix64
+from reasonrec.prompts.templates import ToolHint
 from reasonrec.tools.base import Tool
+from reasonrec.vocab import EH_BUCKETS, RISK_TIERS
 
 RANKING = ("sequential", "direct")
-TIERS = ("low", "medium", "high")
+TIERS = RISK_TIERS
 N_HINT_ITEMS = 5
-MIN_AUC_CLASS = 5    # positives and negatives a bucket needs for its own CTR AUC comparison
+MIN_AUC_CLASS = 5  # positives and negatives a bucket needs for its own CTR AUC comparison
 
 
 # ------------------------------------------------------------------------------ tools
@@ -77,9 +82,16 @@ class ToolBox:
         want = "ctr" if task == "ctr" else task
         return sorted(n for n, t in self.tools.items() if n != "ensemble" and want in t.tasks)
 
-    def answer(self, task: str, users: np.ndarray, histories: list[np.ndarray], k: int = 10,
-               candidates: np.ndarray | None = None, items: np.ndarray | None = None,
-               names: Sequence[str] | None = None) -> ToolAnswers:
+    def answer(
+        self,
+        task: str,
+        users: np.ndarray,
+        histories: list[np.ndarray],
+        k: int = 10,
+        candidates: np.ndarray | None = None,
+        items: np.ndarray | None = None,
+        names: Sequence[str] | None = None,
+    ) -> ToolAnswers:
         names = list(names) if names is not None else self.names(task)
         out = ToolAnswers(task, names)
         for n in names:
@@ -108,8 +120,7 @@ class ToolBox:
 FEATURES = ("eh", "log_hist", "agree_top1", "mean_margin", "max_margin", "log_pop_top1", "spread")
 
 
-def query_features(answers: ToolAnswers, eh: np.ndarray, hist_len: np.ndarray,
-                   popularity: np.ndarray) -> np.ndarray:
+def query_features(answers: ToolAnswers, eh: np.ndarray, hist_len: np.ndarray, popularity: np.ndarray) -> np.ndarray:
     """[B, len(FEATURES) + n_tools]: the shared features, then each tool's margin (tool order =
     ``answers.names``). Ranking: agreement = share of tools whose top-1 is the most voted top-1;
     spread = number of distinct top-1 items / tools. CTR: agreement = 1 - 2 * std of the tools'
@@ -129,8 +140,18 @@ def query_features(answers: ToolAnswers, eh: np.ndarray, hist_len: np.ndarray,
             agree[b] = counts.max() / len(names)
             pop[b] = np.log1p(popularity[vals[counts.argmax()]])
             spread[b] = len(vals) / len(names)
-    base = np.stack([np.asarray(eh, np.float64), np.log1p(np.asarray(hist_len, np.float64)), agree,
-                     margins.mean(1), margins.max(1), pop, spread], 1)
+    base = np.stack(
+        [
+            np.asarray(eh, np.float64),
+            np.log1p(np.asarray(hist_len, np.float64)),
+            agree,
+            margins.mean(1),
+            margins.max(1),
+            pop,
+            spread,
+        ],
+        1,
+    )
     # Rounded: a tool's scores for a batch of one and a batch of many can differ in the last
     # float bits, which must not flip an xgboost split (online and batch answers must match).
     return np.round(np.concatenate([base, margins], 1), 5).astype(np.float32)
@@ -139,33 +160,53 @@ def query_features(answers: ToolAnswers, eh: np.ndarray, hist_len: np.ndarray,
 # ------------------------------------------------------------------------------ model
 def _fit_binary(x: np.ndarray, y: np.ndarray, rounds: int, seed: int) -> Any:
     import xgboost as xgb
-    params = {"objective": "binary:logistic", "max_depth": 3, "eta": 0.1, "min_child_weight": 5,
-              "subsample": 0.9, "seed": seed, "nthread": 1, "eval_metric": "logloss"}
+
+    params = {
+        "objective": "binary:logistic",
+        "max_depth": 3,
+        "eta": 0.1,
+        "min_child_weight": 5,
+        "subsample": 0.9,
+        "seed": seed,
+        "nthread": 1,
+        "eval_metric": "logloss",
+    }
     return xgb.train(params, xgb.DMatrix(x, label=y.astype(np.float32)), num_boost_round=rounds)
 
 
 def _predict(booster: Any, x: np.ndarray) -> np.ndarray:
     import xgboost as xgb
+
     return booster.predict(xgb.DMatrix(x)).astype(np.float64)
 
 
 @dataclass
 class Decision:
     tier: str
-    tools: list[str]          # tools used: the primary for low risk, up to max_tools for high, none for medium
-    confidence: float         # calibrated P(primary tool right)
+    tools: list[str]  # tools used: the primary for low risk, up to max_tools for high, none for medium
+    confidence: float  # calibrated P(primary tool right)
     rationale: str
-    primary: str = ""         # the planner's first-choice tool, whatever the tier (its answer is
-                              # what the VLM agrees with or overrules: Table 7)
+    primary: str = ""  # the planner's first-choice tool, whatever the tier (its answer is
+    # what the VLM agrees with or overrules: Table 7)
 
 
 class TaskPlanner:
     """Fitted planner for one task: per-tool usable models, the confidence model, fixed ranking."""
 
-    def __init__(self, task: str, names: list[str], cfg: PlannerConfig, usable_models: dict[str, Any],
-                 confidence_model: Any, usable_rate: dict[str, float], calibration: dict[str, Any],
-                 vlm_right: Mapping[str, float] | None = None, vlm_auc: Mapping[str, dict] | None = None,
-                 fixed_order: Sequence[str] | None = None, guard: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        task: str,
+        names: list[str],
+        cfg: PlannerConfig,
+        usable_models: dict[str, Any],
+        confidence_model: Any,
+        usable_rate: dict[str, float],
+        calibration: dict[str, Any],
+        vlm_right: Mapping[str, float] | None = None,
+        vlm_auc: Mapping[str, dict] | None = None,
+        fixed_order: Sequence[str] | None = None,
+        guard: Mapping[str, Any] | None = None,
+    ):
         self.task, self.names, self.cfg = task, names, cfg
         self.usable_models, self.confidence_model = usable_models, confidence_model
         self.usable_rate, self.calibration = usable_rate, calibration
@@ -173,7 +214,7 @@ class TaskPlanner:
         # validation queries: ranking, the VLM's hit rate; CTR, 0 where the tool ranks at least as
         # well (AUC) as the VLM, absent where the VLM is better (:meth:`set_vlm_auc`).
         self.vlm_right: dict[str, float] = dict(vlm_right or {})
-        self.vlm_auc: dict[str, dict[str, float]] = dict(vlm_auc or {})   # CTR only: the evidence
+        self.vlm_auc: dict[str, dict[str, float]] = dict(vlm_auc or {})  # CTR only: the evidence
         # The ``fixed`` choice's ranking when it must follow another one (the order the VLM's
         # training prompts showed the tools in); None: by validation usable rate.
         self.fixed_order: list[str] | None = list(fixed_order) if fixed_order is not None else None
@@ -187,15 +228,20 @@ class TaskPlanner:
         either way). Returns the counts for the report."""
         b, r = np.asarray(buckets, object), np.asarray(right, bool)
         report = {}
-        for bucket in ("low", "medium", "high"):
+        for bucket in EH_BUCKETS:
             sel = b == bucket
             n, hits = int(sel.sum()), int(r[sel].sum())
             self.vlm_right[bucket] = (hits + 1) / (n + 2)
             report[bucket] = {"n": n, "right": hits, "p_vlm_right": self.vlm_right[bucket]}
         return report
 
-    def set_vlm_auc(self, buckets: Sequence[str], labels: Sequence[bool], vlm_prob: Sequence[float | None],
-                    tool_prob: Sequence[float]) -> dict[str, dict[str, float]]:
+    def set_vlm_auc(
+        self,
+        buckets: Sequence[str],
+        labels: Sequence[bool],
+        vlm_prob: Sequence[float | None],
+        tool_prob: Sequence[float],
+    ) -> dict[str, dict[str, float]]:
         """CTR is judged by AUC, which no per-query hit measures: a VLM that always answers "no
         click" is on the right side of 0.5 for ~80% of 1:4 queries while ranking nothing. So per EH
         bucket the validation AUC of the VLM and of the primary tool are compared on the same
@@ -205,23 +251,29 @@ class TaskPlanner:
         positives flips with one query). A missing VLM probability counts as 0.5 (no
         information). Returns the AUCs for the report."""
         from reasonrec.metrics import auc
+
         b = np.asarray(buckets, object)
         y = np.asarray(labels, bool)
         v = np.array([0.5 if p is None else p for p in vlm_prob], np.float64)
         t = np.asarray(tool_prob, np.float64)
         pooled = {"vlm": auc(y, v), "tool": auc(y, t)}
         self.vlm_right, self.vlm_auc, report = {}, {}, {}
-        for bucket in ("low", "medium", "high"):
+        for bucket in EH_BUCKETS:
             sel = b == bucket
             enough = min(int(y[sel].sum()), int((~y[sel]).sum())) >= MIN_AUC_CLASS
             got = {"vlm": auc(y[sel], v[sel]), "tool": auc(y[sel], t[sel])} if enough else pooled
-            if not np.isnan(got["vlm"]):    # else no labelled evidence at all: the paper rule
+            if not np.isnan(got["vlm"]):  # else no labelled evidence at all: the paper rule
                 self.vlm_auc[bucket] = {**got, "pooled": got is pooled}
                 if got["tool"] >= got["vlm"]:
                     self.vlm_right[bucket] = 0.0
             a = self.vlm_auc.get(bucket, {})
-            report[bucket] = {"n": int(sel.sum()), "auc_vlm": a.get("vlm"), "auc_tool": a.get("tool"),
-                              "pooled": a.get("pooled"), "bypass_bar": self.vlm_right.get(bucket)}
+            report[bucket] = {
+                "n": int(sel.sum()),
+                "auc_vlm": a.get("vlm"),
+                "auc_tool": a.get("tool"),
+                "pooled": a.get("pooled"),
+                "bypass_bar": self.vlm_right.get(bucket),
+            }
         return report
 
     def vlm_basis(self, bucket: str) -> str:
@@ -234,8 +286,15 @@ class TaskPlanner:
 
     # ---------------------------------------------------------------------------- fitting
     @classmethod
-    def fit(cls, task: str, names: list[str], features: np.ndarray, usable: Mapping[str, np.ndarray],
-            cfg: PlannerConfig, fixed_order: Sequence[str] | None = None) -> "TaskPlanner":
+    def fit(
+        cls,
+        task: str,
+        names: list[str],
+        features: np.ndarray,
+        usable: Mapping[str, np.ndarray],
+        cfg: PlannerConfig,
+        fixed_order: Sequence[str] | None = None,
+    ) -> TaskPlanner:
         """Fit on validation queries: ``usable[name]`` says whether each tool was right.
         ``fixed_order``: see the constructor (set before the confidence model learns on the
         choices)."""
@@ -249,8 +308,10 @@ class TaskPlanner:
             half = np.ones(len(features), bool)
         a, b = half, (~half if (~half).any() else half)
         # A label with one class has no model: its constant rate is the prediction.
-        models = {n: _fit_binary(features[a], y[a], cfg.confidence_rounds, cfg.seed) if 0 < y[a].sum() < a.sum()
-                  else None for n, y in usable.items()}
+        models = {
+            n: _fit_binary(features[a], y[a], cfg.confidence_rounds, cfg.seed) if 0 < y[a].sum() < a.sum() else None
+            for n, y in usable.items()
+        }
         # The fixed choice ranks the tools by their usable rate over every fitting query.
         planner = cls(task, names, cfg, models, None, rate, {}, fixed_order=fixed_order)
         sub = {n: u[b] for n, u in usable.items()}
@@ -258,9 +319,14 @@ class TaskPlanner:
             planner.guard = planner._guard(features[b], sub, held_out=not (a & b).any())
         choice = planner.choose(features[b], truth_usable=sub)
         conf_x, y = planner._confidence_inputs(features[b], choice), planner._primary_right(sub, choice)
-        planner.confidence_model = _fit_binary(conf_x, y, cfg.confidence_rounds, cfg.seed) if 0 < y.sum() < len(y) else None
-        planner.calibration = {"fit_rows": int(len(y)), "fit_positive_rate": float(y.mean()) if len(y) else 0.0,
-                               "usable_rate": rate}
+        planner.confidence_model = (
+            _fit_binary(conf_x, y, cfg.confidence_rounds, cfg.seed) if 0 < y.sum() < len(y) else None
+        )
+        planner.calibration = {
+            "fit_rows": int(len(y)),
+            "fit_positive_rate": float(y.mean()) if len(y) else 0.0,
+            "usable_rate": rate,
+        }
         return planner
 
     def _guard(self, features: np.ndarray, usable: Mapping[str, np.ndarray], held_out: bool) -> dict[str, Any]:
@@ -279,26 +345,44 @@ class TaskPlanner:
         se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
         gain = float(d.mean()) if n else 0.0
         keep = held_out and n > 1 and gain > self.cfg.guard_z * se
-        why = ("no held-out validation queries to test it on" if not held_out or n <= 1 else
-               f"learned {learned.mean():.4f} vs {self.names[fixed_first]} {fixed.mean():.4f} on {n} held-out "
-               f"validation queries: gain {gain:+.4f} {'>' if keep else '<='} {self.cfg.guard_z:g} x SE {se:.4f}")
-        return {"use": "learned" if keep else "fixed", "fixed_tool": self.names[fixed_first], "n": n,
-                "learned_right": float(learned.mean()) if n else None, "fixed_right": float(fixed.mean()) if n else None,
-                "gain": gain, "se": se if np.isfinite(se) else None, "z": self.cfg.guard_z, "why": why}
+        why = (
+            "no held-out validation queries to test it on"
+            if not held_out or n <= 1
+            else f"learned {learned.mean():.4f} vs {self.names[fixed_first]} {fixed.mean():.4f} on {n} held-out "
+            f"validation queries: gain {gain:+.4f} {'>' if keep else '<='} {self.cfg.guard_z:g} x SE {se:.4f}"
+        )
+        return {
+            "use": "learned" if keep else "fixed",
+            "fixed_tool": self.names[fixed_first],
+            "n": n,
+            "learned_right": float(learned.mean()) if n else None,
+            "fixed_right": float(fixed.mean()) if n else None,
+            "gain": gain,
+            "se": se if np.isfinite(se) else None,
+            "z": self.cfg.guard_z,
+            "why": why,
+        }
 
     # --------------------------------------------------------------------------- inference
     def usable_prob(self, features: np.ndarray) -> np.ndarray:
-        cols = [(_predict(m, features) if m is not None else np.full(len(features), self.usable_rate[n]))
-                for n, m in zip(self.names, (self.usable_models.get(n) for n in self.names))]
+        cols = [
+            (_predict(m, features) if m is not None else np.full(len(features), self.usable_rate[n]))
+            for n, m in zip(self.names, (self.usable_models.get(n) for n in self.names))
+        ]
         return np.stack(cols, 1) if cols else np.zeros((len(features), 0))
 
-    def choose(self, features: np.ndarray, truth_usable: Mapping[str, np.ndarray] | None = None,
-               keys: np.ndarray | None = None, how: str | None = None) -> np.ndarray:
+    def choose(
+        self,
+        features: np.ndarray,
+        truth_usable: Mapping[str, np.ndarray] | None = None,
+        keys: np.ndarray | None = None,
+        how: str | None = None,
+    ) -> np.ndarray:
         """[B, m] tool indices (into ``names``), primary first, m = min(max_tools, n tools)."""
         how = how or self.cfg.tool_choice
         B, m = len(features), min(self.cfg.max_tools, len(self.names))
         if how == "learned" and self.guard is not None and self.guard["use"] == "fixed":
-            how = "fixed"   # the guard found the learned choice no better than the best fixed tool
+            how = "fixed"  # the guard found the learned choice no better than the best fixed tool
         if how == "learned":
             p = self.usable_prob(features)
             return np.argsort(-p, axis=1, kind="stable")[:, :m]
@@ -306,8 +390,11 @@ class TaskPlanner:
             return np.tile(self.fixed_ranking()[:m], (B, 1))
         if how == "random":
             keys = np.arange(B) if keys is None else np.asarray(keys)
-            h = _splitmix64((keys.astype(np.int64)[:, None] * 131 + np.arange(len(self.names))[None, :]
-                             + self.cfg.seed * 7919).astype(np.uint64))
+            h = splitmix64(
+                (
+                    keys.astype(np.int64)[:, None] * 131 + np.arange(len(self.names))[None, :] + self.cfg.seed * 7919
+                ).astype(np.uint64)
+            )
             return np.argsort(h, axis=1, kind="stable")[:, :m].astype(np.int64)
         if how == "oracle":
             if truth_usable is None:
@@ -331,9 +418,9 @@ class TaskPlanner:
     def _confidence_inputs(self, features: np.ndarray, choice: np.ndarray) -> np.ndarray:
         rows = np.arange(len(features))
         primary = choice[:, 0]
-        margins = features[:, len(FEATURES):]
+        margins = features[:, len(FEATURES) :]
         extra = np.stack([margins[rows, primary], self.usable_prob(features)[rows, primary]], 1)
-        return np.concatenate([features[:, :len(FEATURES)], extra], 1).astype(np.float32)
+        return np.concatenate([features[:, : len(FEATURES)], extra], 1).astype(np.float32)
 
     def _primary_right(self, usable: Mapping[str, np.ndarray], choice: np.ndarray) -> np.ndarray:
         u = np.stack([usable[n] for n in self.names], 1)
@@ -348,13 +435,22 @@ class TaskPlanner:
     def state(self) -> dict[str, Any]:
         def dump(m):
             return None if m is None else json.loads(m.save_raw("json").decode())
-        return {"task": self.task, "names": self.names, "usable_rate": self.usable_rate,
-                "calibration": self.calibration, "confidence_model": dump(self.confidence_model),
-                "usable_models": {n: dump(m) for n, m in self.usable_models.items()}, "vlm_right": self.vlm_right,
-                "vlm_auc": self.vlm_auc, "fixed_order": self.fixed_order, "guard": self.guard}
+
+        return {
+            "task": self.task,
+            "names": self.names,
+            "usable_rate": self.usable_rate,
+            "calibration": self.calibration,
+            "confidence_model": dump(self.confidence_model),
+            "usable_models": {n: dump(m) for n, m in self.usable_models.items()},
+            "vlm_right": self.vlm_right,
+            "vlm_auc": self.vlm_auc,
+            "fixed_order": self.fixed_order,
+            "guard": self.guard,
+        }
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any], cfg: PlannerConfig) -> "TaskPlanner":
+    def from_state(cls, state: Mapping[str, Any], cfg: PlannerConfig) -> TaskPlanner:
         import xgboost as xgb
 
         def load(d):
@@ -364,14 +460,26 @@ class TaskPlanner:
             b.load_model(bytearray(json.dumps(d).encode()))
             b.set_param({"nthread": 1})
             return b
-        return cls(state["task"], list(state["names"]), cfg, {n: load(d) for n, d in state["usable_models"].items()},
-                   load(state["confidence_model"]), dict(state["usable_rate"]), dict(state["calibration"]),
-                   state.get("vlm_right"), state.get("vlm_auc"), state.get("fixed_order"), state.get("guard"))
+
+        return cls(
+            state["task"],
+            list(state["names"]),
+            cfg,
+            {n: load(d) for n, d in state["usable_models"].items()},
+            load(state["confidence_model"]),
+            dict(state["usable_rate"]),
+            dict(state["calibration"]),
+            state.get("vlm_right"),
+            state.get("vlm_auc"),
+            state.get("fixed_order"),
+            state.get("guard"),
+        )
 
 
 # ------------------------------------------------------------------------------ tiers
-def assign_tier(bucket: str, confidence: float, cfg: PlannerConfig, mode: str = "routed",
-                vlm_right: float | None = None) -> str:
+def assign_tier(
+    bucket: str, confidence: float, cfg: PlannerConfig, mode: str = "routed", vlm_right: float | None = None
+) -> str:
     """The paper's rule, thresholds from config; ``mode`` forces the comparison baselines
     (tools only -> low, VLM alone -> medium, VLM + tools always -> high). With
     ``cfg.vlm_aware`` and this bucket's bar ``vlm_right`` (:attr:`TaskPlanner.vlm_right`: the
@@ -388,15 +496,26 @@ def assign_tier(bucket: str, confidence: float, cfg: PlannerConfig, mode: str = 
     return "medium"
 
 
-def rationale(tier: str, bucket: str, eh: float, confidence: float, tools: Sequence[str], cfg: PlannerConfig,
-              cold_user: bool = False, mode: str = "routed", vlm_basis: str = "") -> str:
+def rationale(
+    tier: str,
+    bucket: str,
+    eh: float,
+    confidence: float,
+    tools: Sequence[str],
+    cfg: PlannerConfig,
+    cold_user: bool = False,
+    mode: str = "routed",
+    vlm_basis: str = "",
+) -> str:
     who = "unknown user treated as cold; " if cold_user else ""
     head = f"{who}EH {bucket} ({eh:.2f}), P(tool right)={confidence:.2f}"
     if mode != "routed":
         return f"{head}; forced by mode '{mode}'"
     if tier == "low" and not (bucket in cfg.bypass_buckets and confidence >= cfg.bypass_confidence):
-        return f"{head}{vlm_basis}{f' (+ margin {cfg.vlm_margin:g})' if cfg.vlm_margin else ''}: " \
-               f"{tools[0]} answers, VLM bypassed"
+        return (
+            f"{head}{vlm_basis}{f' (+ margin {cfg.vlm_margin:g})' if cfg.vlm_margin else ''}: "
+            f"{tools[0]} answers, VLM bypassed"
+        )
     if tier == "low":
         return f"{head} >= {cfg.bypass_confidence:g}: {tools[0]} answers, VLM bypassed"
     if tier == "high":
@@ -404,12 +523,24 @@ def rationale(tier: str, bucket: str, eh: float, confidence: float, tools: Seque
     return f"{head}: VLM answers alone"
 
 
-def plan(task_planner: TaskPlanner, answers: ToolAnswers, features: np.ndarray, buckets: Sequence[str],
-         eh: np.ndarray, keys: np.ndarray, cfg: PlannerConfig, mode: str = "routed",
-         cold: Sequence[bool] | None = None, truth: np.ndarray | None = None) -> list[Decision]:
+def plan(
+    task_planner: TaskPlanner,
+    answers: ToolAnswers,
+    features: np.ndarray,
+    buckets: Sequence[str],
+    eh: np.ndarray,
+    keys: np.ndarray,
+    cfg: PlannerConfig,
+    mode: str = "routed",
+    cold: Sequence[bool] | None = None,
+    truth: np.ndarray | None = None,
+) -> list[Decision]:
     """Decisions for a batch of queries of one task (ranking or CTR)."""
-    truth_usable = ({n: answers.correct(n, truth, cfg.correct_k) for n in answers.names}
-                    if cfg.tool_choice == "oracle" and truth is not None else None)
+    truth_usable = (
+        {n: answers.correct(n, truth, cfg.correct_k) for n in answers.names}
+        if cfg.tool_choice == "oracle" and truth is not None
+        else None
+    )
     choice = task_planner.choose(features, truth_usable=truth_usable, keys=keys)
     conf = task_planner.confidence(features, choice)
     cold = cold if cold is not None else [False] * len(features)
@@ -419,11 +550,25 @@ def plan(task_planner: TaskPlanner, answers: ToolAnswers, features: np.ndarray, 
         vlm_right = task_planner.vlm_right.get(buckets[b])
         tier = assign_tier(buckets[b], float(conf[b]), cfg, mode, vlm_right)
         used = tools[:1] if tier == "low" else (tools if tier == "high" else [])
-        out.append(Decision(tier, used, float(conf[b]),
-                            rationale(tier, buckets[b], float(eh[b]), float(conf[b]), tools, cfg, bool(cold[b]), mode,
-                                      task_planner.vlm_basis(buckets[b]) if tier == "low" and vlm_right is not None
-                                      else ""),
-                            primary=tools[0]))
+        out.append(
+            Decision(
+                tier,
+                used,
+                float(conf[b]),
+                rationale(
+                    tier,
+                    buckets[b],
+                    float(eh[b]),
+                    float(conf[b]),
+                    tools,
+                    cfg,
+                    bool(cold[b]),
+                    mode,
+                    task_planner.vlm_basis(buckets[b]) if tier == "low" and vlm_right is not None else "",
+                ),
+                primary=tools[0],
+            )
+        )
     return out
 
 
@@ -437,6 +582,7 @@ def load_toolbox(store, names: Sequence[str] | None = None, holdout: bool = Fals
     """Every tool the ``train_tools`` stage saved (members before the ensemble); ``holdout``: the
     copies trained without each user's last ``tools.holdout_items`` items (``tools/holdout/``)."""
     from reasonrec.tools.persist import load_tool
+
     store.require("train_tools")
     if names is None:
         names = store.read_json("train_tools", "metrics.json").get("holdout_tools" if holdout else "tools", [])
@@ -449,6 +595,147 @@ def load_toolbox(store, names: Sequence[str] | None = None, holdout: bool = Fals
 
 def load_planners(store, cfg: PlannerConfig) -> dict[str, TaskPlanner]:
     """The fitted per-task planners of a run (the ``planner`` stage)."""
-    store.require("planner")
-    state = store.read_json("planner", "planner.json")
+    store.require(STAGE)
+    state = store.read_json(STAGE, "planner.json")
     return {task: TaskPlanner.from_state(s, cfg) for task, s in state["tasks"].items()}
+
+
+# ------------------------------------------------------------------------------ the planner stage's fit
+STAGE = "planner"  # the stage holding the fitted planners (ray_jobs.fit_planner writes it)
+# Bump when the VLM-aware criterion changes, so fitted planners are refitted (2: CTR by AUC; 3: small buckets pooled).
+VLM_RULE_VERSION = 3
+
+
+def fit_tasks(tasks: Sequence[str]) -> list[str]:
+    """The tasks a planner is fitted for: all but explanation (no tools)."""
+    return [t for t in tasks if t != "explanation"]
+
+
+def feature_rows(
+    rows: Sequence[Mapping[str, Any]], toolbox: ToolBox, users, catalog, k: int, correct_k: int
+) -> list[dict[str, Any]]:
+    """Validation query rows (QUERIES, with truth) -> per query the tools' names, the planner
+    features and which tools are usable (right in their top ``correct_k``; CTR: the label's side)."""
+    out = []
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], len(r["candidates"] or [])), []).append(r)
+    for (task, _), sub in groups.items():
+        st = [users.resolve(r["user_id"], None, "valid") for r in sub]
+        uids = np.array([s.user_id for s in st], np.int64)
+        hists = [s.history for s in st]
+        kw = {}
+        if task == "direct":
+            kw["candidates"] = np.array([r["candidates"] for r in sub], np.int64)
+        if task == "ctr":
+            kw["items"] = np.array([r["item_id"] for r in sub], np.int64)
+        ans = toolbox.answer(task, uids, hists, k, **kw)
+        truth = np.array([r["label" if task == "ctr" else "target"] for r in sub])
+        feats = query_features(ans, np.array([s.eh for s in st]), np.array([len(h) for h in hists]), catalog.popularity)
+        ok = np.stack([ans.correct(n, truth, correct_k) for n in ans.names], 1)
+        for j, r in enumerate(sub):
+            out.append(
+                {
+                    "query_id": r["query_id"],
+                    "task": task,
+                    "names": ans.names,
+                    "features": feats[j].tolist(),
+                    "usable": ok[j].tolist(),
+                }
+            )
+    return out
+
+
+def fit_planners(
+    feats: pa.Table, tasks: Sequence[str], cfg: PlannerConfig, trained_order: Mapping[str, Sequence[str]]
+) -> tuple[dict, dict, dict, dict]:
+    """Fit one :class:`TaskPlanner` per task on the :func:`feature_rows` table ``feats`` (sorted
+    by query id), holding out a ``calibration_holdout`` share to report calibration on.
+    Returns (state for planner.json, calibration report, fixed tool choice, guards) by task."""
+    from reasonrec.vlm.infer import expected_calibration_error
+
+    state, report, fixed, guard = {"tasks": {}}, {}, {}, {}
+    for task in tasks:
+        t = feats.filter(pc.equal(feats.column("task"), task))
+        if t.num_rows == 0:
+            continue
+        names = t.column("names")[0].as_py()
+        x = np.array(t.column("features").to_pylist(), np.float32)
+        u = np.array(t.column("usable").to_pylist(), bool)
+        hold = np.random.default_rng(cfg.seed).random(len(x)) < cfg.calibration_holdout
+        fit_rows = ~hold if (~hold).sum() >= 10 else np.ones(len(x), bool)
+        planner = TaskPlanner.fit(
+            task,
+            names,
+            x[fit_rows],
+            {n: u[fit_rows, i] for i, n in enumerate(names)},
+            cfg,
+            fixed_order=trained_order.get(task),
+        )
+        if hold.any():
+            choice = planner.choose(
+                x[hold],
+                truth_usable={n: u[hold, i] for i, n in enumerate(names)},
+                keys=t.column("query_id").to_numpy()[hold],
+            )
+            conf = planner.confidence(x[hold], choice)
+            right = u[hold][np.arange(hold.sum()), choice[:, 0]]
+            report[task] = {
+                "holdout_rows": int(hold.sum()),
+                "ece": expected_calibration_error(conf, right),
+                "brier": float(np.mean((conf - right) ** 2)),
+                "mean_confidence": float(conf.mean()),
+                "primary_right_rate": float(right.mean()),
+            }
+        state["tasks"][task] = planner.state()
+        fixed[task] = [names[i] for i in planner.fixed_ranking()[: cfg.max_tools]]
+        if planner.guard is not None:
+            guard[task] = planner.guard
+    return state, report, fixed, guard
+
+
+def vlm_fit_sample(queries: pa.Table, tasks: Sequence[str], n: int) -> pa.Table:
+    """The first ``n`` queries of each task: the ones the VLM answers for the VLM-aware bypass."""
+    return pa.concat_tables([queries.filter(pc.equal(queries.column("task"), t)).slice(0, n) for t in tasks])
+
+
+def vlm_right_rows(batch: pa.Table, routed: pa.Table, scored: Sequence[Mapping[str, Any]], correct_k: int) -> pa.Table:
+    """One row per validation query the VLM answered (``routed`` under ``vlm_tools``, ``scored``
+    its answers): ranking -- was the truth in the VLM's top ``correct_k``? CTR: the VLM's and the
+    primary tool's probabilities with the label (compared by AUC per bucket, :meth:`TaskPlanner.set_vlm_auc`)."""
+    right = [
+        q["task"] != "ctr" and q["target"] in (a["items"] or [])[:correct_k] for q, a in zip(batch.to_pylist(), scored)
+    ]
+    return pa.table(
+        {
+            "task": batch.column("task"),
+            "bucket": routed.column("eh_bucket"),
+            "right": right,
+            "label": batch.column("label"),
+            "vlm_prob": [a["prob"] for a in scored],
+            "tool_prob": routed.column("tool_prob"),
+        }
+    )
+
+
+def set_vlm_right(state: dict, got: pa.Table, cfg: PlannerConfig) -> dict[str, Any]:
+    """Put the VLM's validation record (:func:`vlm_right_rows` of every task) into each task's
+    planner state (``vlm_right``: hit rate per EH bucket; CTR: its AUC against the tool's).
+    Updates ``state`` in place; returns the report by task."""
+    report = {}
+    for task in state["tasks"]:
+        t = got.filter(pc.equal(got.column("task"), task))
+        planner = TaskPlanner.from_state(state["tasks"][task], cfg)
+        buckets = t.column("bucket").to_pylist()
+        report[task] = (
+            planner.set_vlm_auc(
+                buckets,
+                t.column("label").to_pylist(),
+                t.column("vlm_prob").to_pylist(),
+                t.column("tool_prob").to_pylist(),
+            )
+            if task == "ctr"
+            else planner.set_vlm_right(buckets, t.column("right").to_pylist())
+        )
+        state["tasks"][task] = planner.state()
+    return report

@@ -1,4 +1,5 @@
 """Starting or attaching to Ray from an entry point (the only Ray start-up code in the project)."""
+
 from __future__ import annotations
 
 import logging
@@ -56,15 +57,14 @@ def init_ray(cfg: RayConfig):
     ctx.print_on_execution_start = False
     if cfg.shuffle_strategy != "auto":
         ctx.shuffle_strategy = ray.data.context.ShuffleStrategy(cfg.shuffle_strategy)
-    if cfg.data_no_progress_timeout_s:   # per job, also on a cluster this process already joined
+    if cfg.data_no_progress_timeout_s:  # per job, also on a cluster this process already joined
         ctx.execution_no_progress_timeout_s = cfg.data_no_progress_timeout_s
     return ray
 
 
 def _start_or_attach(ray, cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(include_dashboard=cfg.include_dashboard, log_to_driver=True,
-                  logging_level=logging.WARNING)
+    kwargs = dict(include_dashboard=cfg.include_dashboard, log_to_driver=True, logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **kwargs)
     else:

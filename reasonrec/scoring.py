@@ -7,6 +7,7 @@ step turns routed rows into ``schemas.PREDICTIONS``. A row that cannot be scored
 unknown item ids, empty candidate list, ...) is rejected with its reason in ``error``, never
 dropped: input rows = predictions + rejected.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,29 +20,32 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reasonrec.config import PlannerConfig
-from reasonrec.context import Catalog, PromptBuilder, UserDirectory, UserState
+from reasonrec.data.catalog import Catalog, PromptBuilder, UserDirectory, UserState
 from reasonrec.data.schemas import PREDICTIONS, QUERIES
-from reasonrec.planner import (Decision, TaskPlanner, ToolBox, ToolHint, explanation_decision, plan,
-                               query_features)
+from reasonrec.planner import Decision, TaskPlanner, ToolBox, ToolHint, explanation_decision, plan, query_features
 from reasonrec.prompts.cot import ANSWER_MARKER
+from reasonrec.vocab import TASKS
 
-ROUTED = pa.schema(list(QUERIES) + [
-    pa.field("route", pa.string()),
-    pa.field("tools_used", pa.list_(pa.string())),
-    pa.field("tool_confidence", pa.float32()),
-    pa.field("items", pa.list_(pa.int64())),      # low tier: the tool's answer
-    pa.field("prob", pa.float32()),
-    pa.field("rationale", pa.string()),
-    pa.field("hints", pa.string()),               # JSON: the consulted tools' answers (high tier)
-    pa.field("primary_tool", pa.string()),
-    pa.field("tool_items", pa.list_(pa.int64())), # the primary tool's answer, every tier
-    pa.field("tool_prob", pa.float32()),
-    pa.field("eh_bucket", pa.string()),
-    pa.field("cold_user", pa.bool_()),
-    pa.field("tools_ms", pa.float32()),
-    pa.field("tools_flops", pa.float64()),
-    pa.field("error", pa.string()),
-])
+ROUTED = pa.schema(
+    list(QUERIES)
+    + [
+        pa.field("route", pa.string()),
+        pa.field("tools_used", pa.list_(pa.string())),
+        pa.field("tool_confidence", pa.float32()),
+        pa.field("items", pa.list_(pa.int64())),  # low tier: the tool's answer
+        pa.field("prob", pa.float32()),
+        pa.field("rationale", pa.string()),
+        pa.field("hints", pa.string()),  # JSON: the consulted tools' answers (high tier)
+        pa.field("primary_tool", pa.string()),
+        pa.field("tool_items", pa.list_(pa.int64())),  # the primary tool's answer, every tier
+        pa.field("tool_prob", pa.float32()),
+        pa.field("eh_bucket", pa.string()),
+        pa.field("cold_user", pa.bool_()),
+        pa.field("tools_ms", pa.float32()),
+        pa.field("tools_flops", pa.float64()),
+        pa.field("error", pa.string()),
+    ]
+)
 SCORED = pa.schema(list(PREDICTIONS) + [pa.field("tool_confidence", pa.float32()), pa.field("error", pa.string())])
 
 
@@ -53,13 +57,14 @@ def counted_flops(enabled: bool) -> Iterator[Callable[[], float | None]]:
         yield lambda: None
         return
     from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         yield lambda: float(counter.get_total_flops())
 
 
 def _validate(task: str, row: Mapping[str, Any], catalog: Catalog) -> str | None:
     """Why a query cannot be scored, or None."""
-    if task not in ("sequential", "direct", "ctr", "explanation"):
+    if task not in TASKS:
         return f"unknown task '{task}'"
     if row.get("user_id") is None:
         return "user_id is required"
@@ -85,9 +90,18 @@ def _validate(task: str, row: Mapping[str, Any], catalog: Catalog) -> str | None
 class Router:
     """Loads nothing itself (tools, planners and context are passed in: load once per actor)."""
 
-    def __init__(self, toolbox: ToolBox, planners: Mapping[str, TaskPlanner], users: UserDirectory,
-                 catalog: Catalog, cfg: PlannerConfig, k: int = 10, mode: str = "routed", split: str = "test",
-                 count_flops: bool = False):
+    def __init__(
+        self,
+        toolbox: ToolBox,
+        planners: Mapping[str, TaskPlanner],
+        users: UserDirectory,
+        catalog: Catalog,
+        cfg: PlannerConfig,
+        k: int = 10,
+        mode: str = "routed",
+        split: str = "test",
+        count_flops: bool = False,
+    ):
         self.toolbox, self.planners, self.users, self.catalog = toolbox, dict(planners), users, catalog
         self.cfg, self.k, self.mode, self.split, self.count_flops = cfg, k, mode, split, count_flops
 
@@ -113,8 +127,7 @@ class Router:
             t0 = time.perf_counter()
             with counted_flops(self.count_flops) as flops:
                 if task == "explanation":
-                    decisions = [explanation_decision(states[i].bucket, states[i].eh, states[i].cold_user)
-                                 for i in idx]
+                    decisions = [explanation_decision(states[i].bucket, states[i].eh, states[i].cold_user) for i in idx]
                     answers = None
                 else:
                     decisions, answers = self._plan(task, [rows[i] for i in idx], [states[i] for i in idx])
@@ -122,11 +135,19 @@ class Router:
             per_query_flops = None if flops() is None else flops() / len(idx)
             for j, (i, d) in enumerate(zip(idx, decisions)):
                 st = states[i]
-                rec = {**rows[i], "route": d.tier, "tools_used": d.tools,
-                       "tool_confidence": None if np.isnan(d.confidence) else d.confidence,
-                       "rationale": d.rationale, "eh_bucket": st.bucket, "cold_user": st.cold_user,
-                       "tools_ms": ms, "tools_flops": per_query_flops, "error": None,
-                       "history": st.history.tolist()}
+                rec = {
+                    **rows[i],
+                    "route": d.tier,
+                    "tools_used": d.tools,
+                    "tool_confidence": None if np.isnan(d.confidence) else d.confidence,
+                    "rationale": d.rationale,
+                    "eh_bucket": st.bucket,
+                    "cold_user": st.cold_user,
+                    "tools_ms": ms,
+                    "tools_flops": per_query_flops,
+                    "error": None,
+                    "history": st.history.tolist(),
+                }
                 if answers is not None:
                     rec["primary_tool"] = d.primary
                     if task == "ctr":
@@ -153,8 +174,18 @@ class Router:
             col = "label" if task == "ctr" else "target"
             truth = np.array([-1 if r.get(col) is None else r[col] for r in rows])
         keys = np.array([r["query_id"] for r in rows], np.int64)
-        decisions = plan(self.planners[task], answers, feats, [s.bucket for s in states], eh, keys, self.cfg,
-                         self.mode, [s.cold_user for s in states], truth)
+        decisions = plan(
+            self.planners[task],
+            answers,
+            feats,
+            [s.bucket for s in states],
+            eh,
+            keys,
+            self.cfg,
+            self.mode,
+            [s.cold_user for s in states],
+            truth,
+        )
         return decisions, answers
 
 
@@ -162,27 +193,50 @@ def build_router(cfg, store, split: str = "test", toolbox=None) -> Router:
     """The router a run's config describes (the batch job's actors and the Serve planner build it
     here, so online and offline decisions match). ``toolbox`` replaces the in-process tools (the
     Serve planner passes one that calls the tool deployment); None loads them from ``store``."""
-    from reasonrec.context import load_context
+    from reasonrec.data.catalog import load_context
     from reasonrec.planner import load_planners, load_toolbox
+
     catalog, users, _ = load_context(store, cfg.vlm, cfg.data.eh_thresholds)
-    return Router(toolbox if toolbox is not None else load_toolbox(store), load_planners(store, cfg.planner), users,
-                  catalog, cfg.planner, cfg.score.k, cfg.score.mode, split, cfg.score.count_flops)
+    return Router(
+        toolbox if toolbox is not None else load_toolbox(store),
+        load_planners(store, cfg.planner),
+        users,
+        catalog,
+        cfg.planner,
+        cfg.score.k,
+        cfg.score.mode,
+        split,
+        cfg.score.count_flops,
+    )
 
 
-def build_vlm_answerer(cfg, store, split: str = "test", batch_size: int | None = None) -> "VLMAnswerer":
+def build_vlm_answerer(cfg, store, split: str = "test", batch_size: int | None = None) -> VLMAnswerer:
     """The fine-tuned VLM answerer of a run, with the instruction builder's template mixture and
     prompt candidates (what the adapter was trained on)."""
-    from reasonrec.context import load_context
+    from reasonrec.data.catalog import load_context
     from reasonrec.prompts.templates import TemplateSampler
     from reasonrec.vlm.infer import VLMPredictor
     from reasonrec.vlm.train import load_finetuned
+
     ic = cfg.instructions
-    catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
-                                           TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
-                                           ic.prompt_candidates)
+    catalog, users, prompts = load_context(
+        store,
+        cfg.vlm,
+        cfg.data.eh_thresholds,
+        TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
+        ic.prompt_candidates,
+    )
     predictor = VLMPredictor(load_finetuned(store, cfg.vlm))
-    return VLMAnswerer(predictor, prompts, users, catalog, cfg.score.k, split,
-                       cfg.score.vlm_batch_size if batch_size is None else batch_size, cfg.score.count_flops)
+    return VLMAnswerer(
+        predictor,
+        prompts,
+        users,
+        catalog,
+        cfg.score.k,
+        split,
+        cfg.score.vlm_batch_size if batch_size is None else batch_size,
+        cfg.score.count_flops,
+    )
 
 
 # --------------------------------------------------------------------------------- VLM
@@ -192,16 +246,31 @@ def to_scored(routed: pa.Table, answers: Mapping[int, dict] | None = None) -> pa
     out = []
     for i, r in enumerate(routed.to_pylist()):
         a = answers.get(i, {})
-        out.append({
-            "query_id": r["query_id"], "user_id": r["user_id"], "task": r["task"], "route": r["route"],
-            "tools_used": r.get("tools_used") or [], "confidence": a.get("confidence", r.get("tool_confidence")),
-            "items": a.get("items", r.get("items")), "prob": a.get("prob", r.get("prob")), "text": a.get("text"),
-            "rationale": r.get("rationale"), "latency_ms": (r.get("tools_ms") or 0.0) + a.get("ms", 0.0),
-            "eh_bucket": r.get("eh_bucket"), "cold_user": r.get("cold_user"), "vlm_called": i in answers,
-            "primary_tool": r.get("primary_tool"), "tool_items": r.get("tool_items"), "tool_prob": r.get("tool_prob"),
-            "flops": None if r.get("tools_flops") is None else r["tools_flops"] + a.get("flops", 0.0),
-            "thought": a.get("thought"), "tool_confidence": r.get("tool_confidence"), "error": r.get("error"),
-        })
+        out.append(
+            {
+                "query_id": r["query_id"],
+                "user_id": r["user_id"],
+                "task": r["task"],
+                "route": r["route"],
+                "tools_used": r.get("tools_used") or [],
+                "confidence": a.get("confidence", r.get("tool_confidence")),
+                "items": a.get("items", r.get("items")),
+                "prob": a.get("prob", r.get("prob")),
+                "text": a.get("text"),
+                "rationale": r.get("rationale"),
+                "latency_ms": (r.get("tools_ms") or 0.0) + a.get("ms", 0.0),
+                "eh_bucket": r.get("eh_bucket"),
+                "cold_user": r.get("cold_user"),
+                "vlm_called": i in answers,
+                "primary_tool": r.get("primary_tool"),
+                "tool_items": r.get("tool_items"),
+                "tool_prob": r.get("tool_prob"),
+                "flops": None if r.get("tools_flops") is None else r["tools_flops"] + a.get("flops", 0.0),
+                "thought": a.get("thought"),
+                "tool_confidence": r.get("tool_confidence"),
+                "error": r.get("error"),
+            }
+        )
     return pa.Table.from_pylist(out, schema=SCORED)
 
 
@@ -220,11 +289,20 @@ class VLMAnswerer:
     low and rejected rows pass through untouched (the VLM never sees them). ``calls`` counts
     the queries the VLM answered."""
 
-    def __init__(self, predictor, prompts: PromptBuilder, users: UserDirectory, catalog: Catalog,
-                 k: int = 10, split: str = "test", batch_size: int = 4, count_flops: bool = False):
+    def __init__(
+        self,
+        predictor,
+        prompts: PromptBuilder,
+        users: UserDirectory,
+        catalog: Catalog,
+        k: int = 10,
+        split: str = "test",
+        batch_size: int = 4,
+        count_flops: bool = False,
+    ):
         self.predictor, self.prompts, self.users, self.catalog = predictor, prompts, users, catalog
         self.k, self.split, self.batch_size, self.count_flops = k, split, max(batch_size, 1), count_flops
-        self.prior = catalog.text_prior()       # items sharing a title split its probability
+        self.prior = catalog.text_prior()  # items sharing a title split its probability
         self.trie = catalog.trie(predictor.tok)
         self.calls = 0
 
@@ -237,7 +315,7 @@ class VLMAnswerer:
         answers: dict[int, dict] = {}
         for task, idx in todo.items():
             for lo in range(0, len(idx), self.batch_size):
-                chunk = idx[lo: lo + self.batch_size]
+                chunk = idx[lo : lo + self.batch_size]
                 answers.update(self.answer(task, [rows[i] for i in chunk], chunk))
         return to_scored(routed, answers)
 
@@ -247,10 +325,20 @@ class VLMAnswerer:
         examples, shown = [], []
         for r in rows:
             st = self.users.resolve(r["user_id"], r["history"], self.split)
-            hints = [ToolHint(h["name"], list(h.get("items") or []), h.get("prob"))
-                     for h in json.loads(r["hints"])] if r.get("hints") else []
-            rendered = self.prompts.render(task, st, r["query_id"], candidates=r.get("candidates") or (),
-                                           item_id=r.get("item_id"), rating=r.get("rating"), hints=hints)
+            hints = (
+                [ToolHint(h["name"], list(h.get("items") or []), h.get("prob")) for h in json.loads(r["hints"])]
+                if r.get("hints")
+                else []
+            )
+            rendered = self.prompts.render(
+                task,
+                st,
+                r["query_id"],
+                candidates=r.get("candidates") or (),
+                item_id=r.get("item_id"),
+                rating=r.get("rating"),
+                hints=hints,
+            )
             examples.append(self.prompts.example(rendered))
             shown.append([h.name for h in hints])
         return examples, shown
@@ -262,9 +350,12 @@ class VLMAnswerer:
             if task == "sequential":
                 res = p.rank_catalog(examples, self.trie, k=self.k, shown_tools=shown)
             elif task == "direct":
-                res = p.score_candidates(examples, [[self.catalog.text[c] for c in r["candidates"]] for r in rows],
-                                         [r["candidates"] for r in rows],
-                                         candidate_prior=[self.prior[r["candidates"]] for r in rows])
+                res = p.score_candidates(
+                    examples,
+                    [[self.catalog.text[c] for c in r["candidates"]] for r in rows],
+                    [r["candidates"] for r in rows],
+                    candidate_prior=[self.prior[r["candidates"]] for r in rows],
+                )
             elif task == "ctr":
                 res = p.ctr(examples)
             else:
@@ -274,8 +365,49 @@ class VLMAnswerer:
         out = {}
         for i, o in zip(idx, res):
             conf = o.conf_verbal if o.conf_verbal is not None else o.conf_token
-            out[i] = {"items": o.items[: self.k] if o.items is not None else None, "prob": o.prob,
-                      "text": o.text, "confidence": conf, "ms": o.latency_ms,
-                      "thought": o.thought_text.removesuffix(ANSWER_MARKER).strip(),
-                      **({} if per_query_flops is None else {"flops": per_query_flops})}
+            out[i] = {
+                "items": o.items[: self.k] if o.items is not None else None,
+                "prob": o.prob,
+                "text": o.text,
+                "confidence": conf,
+                "ms": o.latency_ms,
+                "thought": o.thought_text.removesuffix(ANSWER_MARKER).strip(),
+                **({} if per_query_flops is None else {"flops": per_query_flops}),
+            }
         return out
+
+
+def summarize(
+    preds: pa.Table,
+    rejected: pa.Table,
+    n: int,
+    n_shards: int,
+    resumed: int,
+    seconds: float,
+    mode: str,
+    planner_summary: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The scoring stage's summary of its committed output: ``n`` queries in, ``preds`` (SCORED
+    predictions) + ``rejected`` out, tiers by task, VLM calls, bypass rate, the planner's calibration."""
+    routes = preds.column("route").to_pylist()
+    tasks = preds.column("task").to_pylist()
+    by_task: dict[str, dict[str, int]] = {}
+    for t, r in zip(tasks, routes):
+        by_task.setdefault(t, {"low": 0, "medium": 0, "high": 0})[r] += 1
+    vlm_calls = int(pc.sum(preds.column("vlm_called")).as_py() or 0)
+    return {
+        "queries": n,
+        "predictions": preds.num_rows,
+        "rejected": rejected.num_rows,
+        "shards": n_shards,
+        "shards_resumed": resumed,
+        "mode": mode,
+        "routes": by_task,
+        "vlm_calls": vlm_calls,
+        "bypass_rate": (sum(r == "low" for r in routes) / len(routes)) if routes else 0.0,
+        "cold_users": int(pc.sum(preds.column("cold_user")).as_py() or 0),
+        "seconds": round(seconds, 1),
+        "queries_per_s": round(n / max(seconds, 1e-9), 2),
+        "planner_calibration": planner_summary.get("calibration", {}),
+        "planner_guard": planner_summary.get("guard", {}),
+    }

@@ -1,11 +1,11 @@
 """Shared test fixtures: one local Ray cluster per session, a moto S3 server on loopback."""
+
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
-
-import logging
 
 import pytest
 
@@ -35,8 +35,8 @@ def ray_local():
     """A real 2-CPU local Ray cluster shared by the whole test session."""
     import ray
 
-    from reasonrec.runtime import init_ray
     from reasonrec.config import RayConfig
+    from reasonrec.runtime import init_ray
 
     init_ray(RayConfig(num_cpus=2))
     yield ray
@@ -77,17 +77,34 @@ def s3_bucket(s3_endpoint):
 # A whole tiny run (every pipeline stage), built once per session and shared by the scoring and
 # serving tests. Small enough for 2 CPUs; the numbers it produces mean nothing.
 TINY_RUN = [
-    "data.sources.0.synthetic.n_users=120", "data.sources.0.synthetic.n_items=40", "ray.shuffle_partitions=2",
-    "data.direct_negatives=10", "tools.enabled=[popularity,sasrec,bpr_mf,xgb_ctr]",
-    "tools.params.sasrec.max_epochs=3", "tools.params.bpr_mf.max_epochs=5", "tools.params.xgb_ctr.num_boost_round=20",
-    "vlm.max_length=256", "vlm.max_history_items=4", "vlm.max_history_photos=1", "vlm.num_beams=4",
-    "vlm.max_thought_tokens=12", "vlm.max_explanation_tokens=8",
-    "instructions.max_examples_per_task=24", "instructions.prompt_candidates=5",
-    "finetune.max_steps=6", "finetune.checkpoint_every=3", "finetune.per_device_batch_size=2",
-    "planner.max_fit_queries=200", "planner.confidence_rounds=20",
-    "planner.bypass_buckets=[low,medium,high]", "planner.bypass_confidence=0.4",
-    "planner.vlm_aware=false", "score.count_flops=false",   # tests that want them switch them on
-    "score.max_queries_per_task=12", "score.shard_rows=16", "score.vlm_batch_size=4",
+    "data.sources.0.synthetic.n_users=120",
+    "data.sources.0.synthetic.n_items=40",
+    "ray.shuffle_partitions=2",
+    "data.direct_negatives=10",
+    "tools.enabled=[popularity,sasrec,bpr_mf,xgb_ctr]",
+    "tools.params.sasrec.max_epochs=3",
+    "tools.params.bpr_mf.max_epochs=5",
+    "tools.params.xgb_ctr.num_boost_round=20",
+    "vlm.max_length=256",
+    "vlm.max_history_items=4",
+    "vlm.max_history_photos=1",
+    "vlm.num_beams=4",
+    "vlm.max_thought_tokens=12",
+    "vlm.max_explanation_tokens=8",
+    "instructions.max_examples_per_task=24",
+    "instructions.prompt_candidates=5",
+    "finetune.max_steps=6",
+    "finetune.checkpoint_every=3",
+    "finetune.per_device_batch_size=2",
+    "planner.max_fit_queries=200",
+    "planner.confidence_rounds=20",
+    "planner.bypass_buckets=[low,medium,high]",
+    "planner.bypass_confidence=0.4",
+    "planner.vlm_aware=false",
+    "score.count_flops=false",  # tests that want them switch them on
+    "score.max_queries_per_task=12",
+    "score.shard_rows=16",
+    "score.vlm_batch_size=4",
 ]
 
 
@@ -117,7 +134,7 @@ def tiny_run(ray_local, tmp_path_factory):
 # Tests that need a Ray cluster (the session's, or one of their own) are marked ``ray``;
 # `make test-fast` runs the others alone (`pytest -m "not ray"`).
 _RAY_FIXTURES = {"ray_local", "tiny_run"}
-_RAY_MODULES = {"test_job_submit"}   # starts its own head with `ray start`
+_RAY_MODULES = {"test_job_submit"}  # starts its own head with `ray start`
 
 
 def pytest_configure(config):

@@ -9,6 +9,7 @@ cluster/ or in README code blocks names an entry point that exists, a preset tha
 that exist. The preset's GPU demand must fit the cluster it is submitted to. The checker is run on
 broken copies too, to prove it catches each kind of mistake.
 """
+
 from __future__ import annotations
 
 import ast
@@ -30,8 +31,15 @@ CLUSTER = REPO / "cluster"
 GPU_PRESET = "configs/llava7b.yaml"
 WORKER_GROUPS = {"cpu-workers", "gpu-workers"}
 SERVE_IMPORT_PATH = "reasonrec.serve.app:build_app"
-EXPECTED_FILES = ["aws.yaml", "serve.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
-                  "kuberay/rayservice.yaml", "local_job_submit.sh", "Dockerfile"]
+EXPECTED_FILES = [
+    "aws.yaml",
+    "serve.yaml",
+    "kuberay/raycluster.yaml",
+    "kuberay/rayjob.yaml",
+    "kuberay/rayservice.yaml",
+    "local_job_submit.sh",
+    "Dockerfile",
+]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -66,10 +74,15 @@ class Capacity:
         need = gpu_demand(cfg)
         if need > self.gpus:
             errs.append(f"{where}: preset needs {need} GPUs at once but the cluster has at most {self.gpus:g}")
-        if cfg.finetune.use_gpu and self.cpus_per_gpu_node is not None \
-                and cfg.finetune.cpus_per_worker > self.cpus_per_gpu_node:
-            errs.append(f"{where}: finetune.cpus_per_worker={cfg.finetune.cpus_per_worker} does not fit a GPU "
-                        f"node's {self.cpus_per_gpu_node:g} CPUs")
+        if (
+            cfg.finetune.use_gpu
+            and self.cpus_per_gpu_node is not None
+            and cfg.finetune.cpus_per_worker > self.cpus_per_gpu_node
+        ):
+            errs.append(
+                f"{where}: finetune.cpus_per_worker={cfg.finetune.cpus_per_worker} does not fit a GPU "
+                f"node's {self.cpus_per_gpu_node:g} CPUs"
+            )
         return errs
 
 
@@ -82,7 +95,7 @@ _PLACEHOLDER = re.compile(r"[$<{]")
 def find_commands(text: str) -> list[str]:
     """Every ``python -m ray_jobs.X ...`` command line in shell-like text (continuations joined)."""
     text = text.replace("\\\n", " ")
-    return [line[m.start():] for line in text.splitlines() for m in [_CMD.search(line)] if m]
+    return [line[m.start() :] for line in text.splitlines() for m in [_CMD.search(line)] if m]
 
 
 def _comment_text(text: str) -> str:
@@ -105,7 +118,7 @@ def _has_main(path: Path) -> bool:
     return any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_cached(path: str, layers_text: str, overrides: tuple) -> tuple[RunConfig | None, str | None]:
     """load_config, memoised on the preset's text and every config file's (omegaconf is slow)."""
     try:
@@ -128,8 +141,11 @@ def _load_preset(repo: Path, preset: str, overrides: list[str], where: str) -> t
         if o not in concrete:
             node: object = cfg
             for part in o.split("=", 1)[0].split("."):
-                node = node[int(part)] if part.isdigit() and isinstance(node, list) and int(part) < len(node) \
+                node = (
+                    node[int(part)]
+                    if part.isdigit() and isinstance(node, list) and int(part) < len(node)
                     else getattr(node, part, KeyError)
+                )
                 if node is KeyError:
                     errs.append(f"{where}: override '{o}': no such key in {preset}")
                     break
@@ -179,7 +195,9 @@ def check_commands_in(text: str, repo: Path, where: str, capacity: Capacity | No
 # ------------------------------------------------------------------ Ray cluster launcher
 def launcher_capacity(cfg: dict) -> Capacity:
     types = cfg.get("available_node_types") or {}
-    gpu = [t for n, t in types.items() if n != cfg.get("head_node_type") and (t.get("resources") or {}).get("GPU", 0) > 0]
+    gpu = [
+        t for n, t in types.items() if n != cfg.get("head_node_type") and (t.get("resources") or {}).get("GPU", 0) > 0
+    ]
     total = sum(min(t.get("max_workers", 0), cfg.get("max_workers", 0)) * t["resources"]["GPU"] for t in gpu)
     cpus = min((t["resources"].get("CPU", 0) for t in gpu), default=None)
     return Capacity(total, cpus)
@@ -213,7 +231,9 @@ def check_launcher(cfg: dict, where: str) -> list[str]:
         elif not 0 <= lo <= hi:
             errs.append(f"{where}: worker type '{name}': need 0 <= min_workers ({lo}) <= max_workers ({hi})")
         elif hi > cfg.get("max_workers", 0):
-            errs.append(f"{where}: worker type '{name}': max_workers {hi} > cluster max_workers {cfg.get('max_workers')}")
+            errs.append(
+                f"{where}: worker type '{name}': max_workers {hi} > cluster max_workers {cfg.get('max_workers')}"
+            )
     gpu = {n for n, t in workers.items() if (t.get("resources") or {}).get("GPU", 0) > 0}
     if not gpu:
         errs.append(f"{where}: no GPU worker type (resources.GPU > 0)")
@@ -243,10 +263,15 @@ def check_ray_cluster_spec(spec: dict, where: str) -> tuple[Capacity | None, lis
     head = spec.get("headGroupSpec") or {}
     head_containers = (head.get("template") or {}).get("spec", {}).get("containers") or [{}]
     v2_field = (spec.get("autoscalerOptions") or {}).get("version") == "v2"
-    v2_env = str((_env(head_containers[0]).get("RAY_enable_autoscaler_v2") or {}).get("value", "")).lower() in ("1", "true")
+    v2_env = str((_env(head_containers[0]).get("RAY_enable_autoscaler_v2") or {}).get("value", "")).lower() in (
+        "1",
+        "true",
+    )
     if v2_field and v2_env:
-        errs.append(f"{where}: autoscaler v2 set both by autoscalerOptions.version and RAY_enable_autoscaler_v2 "
-                    f"(KubeRay rejects that; keep autoscalerOptions.version)")
+        errs.append(
+            f"{where}: autoscaler v2 set both by autoscalerOptions.version and RAY_enable_autoscaler_v2 "
+            f"(KubeRay rejects that; keep autoscalerOptions.version)"
+        )
     elif not (v2_field or v2_env):
         errs.append(f"{where}: autoscaler v2 not enabled (autoscalerOptions.version: v2)")
     groups = spec.get("workerGroupSpecs") or []
@@ -284,7 +309,10 @@ def check_ray_cluster_spec(spec: dict, where: str) -> tuple[Capacity | None, lis
         if "cpu" in req and _qty(req["cpu"]) > _qty(lim["cpu"]):
             errs.append(f"{w}: cpu request {req['cpu']} > limit {lim['cpu']}")
         ngpu = _qty(params.get("num-gpus", "0"))
-        lim_gpu, req_gpu = _qty(lim.get("nvidia.com/gpu", 0)), _qty(req.get("nvidia.com/gpu", lim.get("nvidia.com/gpu", 0)))
+        lim_gpu, req_gpu = (
+            _qty(lim.get("nvidia.com/gpu", 0)),
+            _qty(req.get("nvidia.com/gpu", lim.get("nvidia.com/gpu", 0))),
+        )
         if ngpu != lim_gpu:
             errs.append(f"{w}: rayStartParams num-gpus {ngpu:g} != container nvidia.com/gpu limit {lim_gpu:g}")
         if req_gpu != lim_gpu:
@@ -318,8 +346,9 @@ def _head_ports(spec: dict) -> dict:
     return {p.get("name"): p.get("containerPort") for p in c[0].get("ports") or []}
 
 
-def check_serve_config(obj, repo: Path, where: str, head_ports: dict | None = None,
-                       cap: Capacity | None = None) -> list[str]:
+def check_serve_config(
+    obj, repo: Path, where: str, head_ports: dict | None = None, cap: Capacity | None = None
+) -> list[str]:
     """A Ray Serve config (RayService serveConfigV2, or a file for `serve deploy`)."""
     from ray.serve.schema import ServeDeploySchema
 
@@ -350,8 +379,10 @@ def check_serve_config(obj, repo: Path, where: str, head_ports: dict | None = No
             errs.append(f"{where}: http_options.port {port} != the preset's serve.port {cfg.serve.port}")
         timeout = serve_cfg.http_options.request_timeout_s
         if cfg is not None and timeout is not None and timeout != cfg.serve.request_timeout_s:
-            errs.append(f"{where}: http_options.request_timeout_s {timeout} != the preset's "
-                        f"serve.request_timeout_s {cfg.serve.request_timeout_s}")
+            errs.append(
+                f"{where}: http_options.request_timeout_s {timeout} != the preset's "
+                f"serve.request_timeout_s {cfg.serve.request_timeout_s}"
+            )
     return errs
 
 
@@ -374,6 +405,7 @@ def check_kuberay(doc: dict, repo: Path, where: str) -> tuple[Capacity | None, l
             errs.append(f"{where}: shutdownAfterJobFinishes must be true")
         if spec.get("runtimeEnvYAML"):
             from ray.runtime_env import RuntimeEnv
+
             try:
                 RuntimeEnv(**yaml.safe_load(spec["runtimeEnvYAML"]))
             except Exception as exc:
@@ -390,7 +422,9 @@ def check_kuberay(doc: dict, repo: Path, where: str) -> tuple[Capacity | None, l
             serve_obj = yaml.safe_load(spec.get("serveConfigV2") or "")
         except yaml.YAMLError as exc:
             return cap, errs + e + [f"{where}: serveConfigV2 is not YAML: {str(exc).splitlines()[0]}"]
-        return cap, errs + e + check_serve_config(serve_obj, repo, where, _head_ports(spec.get("rayClusterConfig") or {}), cap)
+        return cap, errs + e + check_serve_config(
+            serve_obj, repo, where, _head_ports(spec.get("rayClusterConfig") or {}), cap
+        )
     return None, errs + [f"{where}: unexpected kind {kind!r}"]
 
 
@@ -503,12 +537,44 @@ def test_gpu_preset_fits_every_cluster():
         assert not c.check(cfg, where), c.check(cfg, where)
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/pipeline.md", "docs/operations.md", "docs/serving.md"])
+@pytest.mark.parametrize(
+    "doc", ["README.md", "docs/pipeline.md", "docs/operations.md", "docs/serving.md", "docs/configuration.md"]
+)
 def test_readme_commands_are_valid(doc):
     blocks = readme_code_blocks((REPO / doc).read_text())
     assert find_commands(blocks), f"{doc} code blocks name no `python -m ray_jobs.X` command"
     errs = check_commands_in(blocks, REPO, doc)
     assert not errs, "\n".join(errs)
+
+
+def _config_keys(cls, prefix: str = "") -> list[str]:
+    """Every leaf key of the config schema, ``data.sources.N.x`` for the list of sources."""
+    import dataclasses
+
+    keys = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        v = getattr(inst, f.name)
+        if dataclasses.is_dataclass(v):
+            keys += _config_keys(type(v), f"{prefix}{f.name}.")
+        elif isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
+            keys += _config_keys(type(v[0]), f"{prefix}{f.name}.N.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def test_configuration_reference_lists_every_key():
+    from reasonrec.config import RunConfig
+
+    doc = (REPO / "docs/configuration.md").read_text().split("\n## Reference", 1)[1]
+    documented = set(re.findall(r"^\| `([\w.]+)` \|", doc, re.M)) - {"data.sources"}  # the list's own row
+    keys = _config_keys(RunConfig)
+    assert len(keys) > 150
+    missing = [k for k in keys if k not in documented]
+    extra = sorted(documented - set(keys))
+    assert not missing, f"docs/configuration.md does not document: {missing}"
+    assert not extra, f"docs/configuration.md documents keys the schema lacks: {extra}"
 
 
 def test_readme_and_docs_stay_inside_the_repository():
@@ -518,39 +584,88 @@ def test_readme_and_docs_stay_inside_the_repository():
 
 # Each mutation breaks one thing in a copy of cluster/; the checker must report it.
 MUTATIONS = [
-    ("kuberay/raycluster.yaml", 'num-cpus: "7"\n        num-gpus: "1"', 'num-cpus: "7"\n        num-gpus: "2"',
-     "num-gpus 2 != container nvidia.com/gpu limit 1"),
+    (
+        "kuberay/raycluster.yaml",
+        'num-cpus: "7"\n        num-gpus: "1"',
+        'num-cpus: "7"\n        num-gpus: "2"',
+        "num-gpus 2 != container nvidia.com/gpu limit 1",
+    ),
     ("kuberay/raycluster.yaml", 'num-cpus: "15"', 'num-cpus: "16"', "num-cpus 16 != container cpu limit"),
     ("kuberay/raycluster.yaml", "    version: v2\n", "", "autoscaler v2 not enabled"),
     ("kuberay/raycluster.yaml", "- groupName: gpu-workers", "- groupName: gpus", "worker groups"),
-    ("kuberay/raycluster.yaml", "requests: {cpu: \"7\", memory: 56Gi, nvidia.com/gpu: \"1\"}",
-     "requests: {cpu: \"7\", memory: 56Gi, nvidia.com/gpu: \"2\"}", "nvidia.com/gpu request 2 != limit 1"),
-    ("kuberay/raycluster.yaml", "minReplicas: 0\n      maxReplicas: 8\n      rayStartParams:\n        num-cpus: \"15\"",
-     "minReplicas: 9\n      maxReplicas: 8\n      rayStartParams:\n        num-cpus: \"15\"", "minReplicas (9) <= maxReplicas (8)"),
-    ("kuberay/rayjob.yaml", "python -m ray_jobs.pipeline", "python -m ray_jobs.pipelines",
-     "ray_jobs/pipelines.py does not exist"),
-    ("kuberay/rayjob.yaml", "--config configs/llava7b.yaml", "--config configs/llava8b.yaml",
-     "preset configs/llava8b.yaml does not exist"),
+    (
+        "kuberay/raycluster.yaml",
+        'requests: {cpu: "7", memory: 56Gi, nvidia.com/gpu: "1"}',
+        'requests: {cpu: "7", memory: 56Gi, nvidia.com/gpu: "2"}',
+        "nvidia.com/gpu request 2 != limit 1",
+    ),
+    (
+        "kuberay/raycluster.yaml",
+        'minReplicas: 0\n      maxReplicas: 8\n      rayStartParams:\n        num-cpus: "15"',
+        'minReplicas: 9\n      maxReplicas: 8\n      rayStartParams:\n        num-cpus: "15"',
+        "minReplicas (9) <= maxReplicas (8)",
+    ),
+    (
+        "kuberay/rayjob.yaml",
+        "python -m ray_jobs.pipeline",
+        "python -m ray_jobs.pipelines",
+        "ray_jobs/pipelines.py does not exist",
+    ),
+    (
+        "kuberay/rayjob.yaml",
+        "--config configs/llava7b.yaml",
+        "--config configs/llava8b.yaml",
+        "preset configs/llava8b.yaml does not exist",
+    ),
     ("kuberay/rayjob.yaml", "data.sources.0.path=", "data.sources.0.pathx=", "config error"),
-    ("kuberay/rayjob.yaml", "      maxReplicas: 8\n        rayStartParams:\n          num-cpus: \"7\"",
-     "      maxReplicas: 2\n        rayStartParams:\n          num-cpus: \"7\"", "preset needs 8 GPUs"),
-    ("kuberay/rayjob.yaml", "shutdownAfterJobFinishes: true", "shutdownAfterJobFinishes: false",
-     "shutdownAfterJobFinishes"),
-    ("kuberay/raycluster.yaml", "key: AWS_SECRET_ACCESS_KEY}}", "key: AWS_SECRET_ACCESS_KEY}}\n              - {name: X, value: y}",
-     ""),  # harmless extra env var: no error expected
-    ("kuberay/raycluster.yaml", "key: AWS_SECRET_ACCESS_KEY}}", "key: WRONG}}\n              - {name: AWS_SECRET_ACCESS_KEY, value: y}",
-     "AWS_SECRET_ACCESS_KEY does not come from a Secret"),
-    ("kuberay/rayservice.yaml", "config: configs/quickstart.yaml", "config: configs/nope.yaml",
-     "preset configs/nope.yaml does not exist"),
+    (
+        "kuberay/rayjob.yaml",
+        '      maxReplicas: 8\n        rayStartParams:\n          num-cpus: "7"',
+        '      maxReplicas: 2\n        rayStartParams:\n          num-cpus: "7"',
+        "preset needs 8 GPUs",
+    ),
+    (
+        "kuberay/rayjob.yaml",
+        "shutdownAfterJobFinishes: true",
+        "shutdownAfterJobFinishes: false",
+        "shutdownAfterJobFinishes",
+    ),
+    (
+        "kuberay/raycluster.yaml",
+        "key: AWS_SECRET_ACCESS_KEY}}",
+        "key: AWS_SECRET_ACCESS_KEY}}\n              - {name: X, value: y}",
+        "",
+    ),  # harmless extra env var: no error expected
+    (
+        "kuberay/raycluster.yaml",
+        "key: AWS_SECRET_ACCESS_KEY}}",
+        "key: WRONG}}\n              - {name: AWS_SECRET_ACCESS_KEY, value: y}",
+        "AWS_SECRET_ACCESS_KEY does not come from a Secret",
+    ),
+    (
+        "kuberay/rayservice.yaml",
+        "config: configs/quickstart.yaml",
+        "config: configs/nope.yaml",
+        "preset configs/nope.yaml does not exist",
+    ),
     ("kuberay/rayservice.yaml", "route_prefix: /", "route_prefix: /api", "route_prefix"),
     ("kuberay/rayservice.yaml", "port: 8000", "port: 9000", "no port 'serve'"),
-    ("kuberay/rayservice.yaml", "import_path: reasonrec.serve.app:build_app", "import_pathx: x", "Serve config invalid"),
+    (
+        "kuberay/rayservice.yaml",
+        "import_path: reasonrec.serve.app:build_app",
+        "import_pathx: x",
+        "Serve config invalid",
+    ),
     ("serve.yaml", "config: configs/quickstart.yaml", "config: configs/quickstart.yml", "does not exist"),
     ("serve.yaml", "request_timeout_s: 60", "request_timeout_s: 30", "serve.request_timeout_s 60"),
     ("serve.yaml", "import_path: reasonrec.serve.app:build_app", "import_path: reasonrec.serve:app", "import_path"),
     ("aws.yaml", "head_node_type: head", "head_node_type: headnode", "head_node_type 'headnode'"),
-    ("aws.yaml", "min_workers: 0\n    max_workers: 8\n    resources: {CPU: 16}",
-     "min_workers: 9\n    max_workers: 8\n    resources: {CPU: 16}", "min_workers (9) <= max_workers (8)"),
+    (
+        "aws.yaml",
+        "min_workers: 0\n    max_workers: 8\n    resources: {CPU: 16}",
+        "min_workers: 9\n    max_workers: 8\n    resources: {CPU: 16}",
+        "min_workers (9) <= max_workers (8)",
+    ),
     ("aws.yaml", "resources: {CPU: 8, GPU: 1}", "resources: {CPU: 8}", "no GPU worker type"),
     ("aws.yaml", "make setup VARIANT=gpu", "make setup", "GPU variant"),
     ("aws.yaml", "idle_timeout_minutes: 10", "idle_timeout_minutez: 10", "schema"),
@@ -576,8 +691,10 @@ def test_checker_catches_a_broken_copy(tmp_path, name, old, new, expected):
 
 
 def test_checker_catches_a_broken_readme_command():
-    text = "```bash\npython -m ray_jobs.prepare --config configs/quickstart.yaml data.kcore=abc\n```\n" \
-           "```bash\n.venv/bin/python -m ray_jobs.nosuch --config configs/missing.yaml\n```\n"
+    text = (
+        "```bash\npython -m ray_jobs.prepare --config configs/quickstart.yaml data.kcore=abc\n```\n"
+        "```bash\n.venv/bin/python -m ray_jobs.nosuch --config configs/missing.yaml\n```\n"
+    )
     errs = check_commands_in(readme_code_blocks(text), REPO, "README")
     assert any("data.kcore" in e for e in errs) and any("ray_jobs/nosuch.py" in e for e in errs)
     assert any("configs/missing.yaml" in e for e in errs)
@@ -585,4 +702,5 @@ def test_checker_catches_a_broken_readme_command():
 
 def test_the_serve_import_path_named_in_cluster_imports():
     from ray._common.utils import import_attr
+
     assert callable(import_attr(SERVE_IMPORT_PATH))

@@ -1,4 +1,5 @@
 """Config: layered composition, overrides, errors naming the key, every preset validates."""
+
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,36 +18,41 @@ def test_every_yaml_validates_against_the_schema(path: Path):
 
 def test_layering_order_and_overrides():
     cfg = load_config(CONFIG_DIR / "beauty.yaml", ["data.kcore=5", "output_root=s3://bucket/runs"])
-    assert cfg.run_name == "beauty"                    # preset
-    assert cfg.data.sources[0].kind == "p5"            # data layer
-    assert cfg.data.eh_normalizer == "rank"            # data layer overrides base's "max"
-    assert cfg.data.direct_negatives == 99             # base layer
-    assert cfg.data.kcore == 5 and cfg.output_root == "s3://bucket/runs"   # command line
+    assert cfg.run_name == "beauty"  # preset
+    assert cfg.data.sources[0].kind == "p5"  # data layer
+    assert cfg.data.eh_normalizer == "rank"  # data layer overrides base's "max"
+    assert cfg.data.direct_negatives == 99  # base layer
+    assert cfg.data.kcore == 5 and cfg.output_root == "s3://bucket/runs"  # command line
 
 
-@pytest.mark.parametrize("override,key", [
-    ("data.nope=1", "data.nope"),
-    ("data.kcore=abc", "data.kcore"),
-    ("data.eh_normalizer=median", "data.eh_normalizer"),
-    ("data.ctr_split=[0.5,0.5,0.5]", "data.ctr_split"),
-    ("ray.shuffle_partitions=many", "ray.shuffle_partitions"),
-    ("finetune.autocast=float16", "finetune.autocast"),
-    ("vlm.thought_tool_sets=-1", "vlm.thought_tool_sets"),
-    ("tools.holdout_items=-2", "tools.holdout_items"),
-    ("ray.data_no_progress_timeout_s=-5", "ray.data_no_progress_timeout_s"),
-    ("instructions.tool_order=[sasrec]", "instructions.tool_order"),   # needs hint_order=usable_rate
-    ("finetune.export=best", "finetune.export"),
-    ("finetune.export=best_valid_hr", "finetune.export"),          # needs finetune.valid_rank_examples
-    ("finetune.valid_rank_buckets=[cold]", "finetune.valid_rank_buckets"),
-    ("finetune.valid_rank_k=0", "finetune.valid_rank_k"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("data.nope=1", "data.nope"),
+        ("data.kcore=abc", "data.kcore"),
+        ("data.eh_normalizer=median", "data.eh_normalizer"),
+        ("data.ctr_split=[0.5,0.5,0.5]", "data.ctr_split"),
+        ("ray.shuffle_partitions=many", "ray.shuffle_partitions"),
+        ("finetune.autocast=float16", "finetune.autocast"),
+        ("vlm.thought_tool_sets=-1", "vlm.thought_tool_sets"),
+        ("tools.holdout_items=-2", "tools.holdout_items"),
+        ("ray.data_no_progress_timeout_s=-5", "ray.data_no_progress_timeout_s"),
+        ("instructions.tool_order=[sasrec]", "instructions.tool_order"),  # needs hint_order=usable_rate
+        ("finetune.export=best", "finetune.export"),
+        ("finetune.export=best_valid_hr", "finetune.export"),  # needs finetune.valid_rank_examples
+        ("finetune.valid_rank_buckets=[cold]", "finetune.valid_rank_buckets"),
+        ("finetune.valid_rank_k=0", "finetune.valid_rank_k"),
+    ],
+)
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(CONFIG_DIR / "quickstart.yaml", [override])
 
 
 def test_ranking_validation_needs_sequential_validation_examples():
-    ok = load_config(CONFIG_DIR / "quickstart.yaml", ["finetune.valid_rank_examples=8", "finetune.export=best_valid_hr"])
+    ok = load_config(
+        CONFIG_DIR / "quickstart.yaml", ["finetune.valid_rank_examples=8", "finetune.export=best_valid_hr"]
+    )
     assert ok.finetune.export == "best_valid_hr" and ok.finetune.valid_rank_buckets == []
     for no_rows in ("instructions.tasks=[ctr]", "instructions.splits=[train]"):
         with pytest.raises(ConfigError, match="'finetune.valid_rank_examples'"):
@@ -89,9 +95,8 @@ def test_section_hash_changes_with_content():
 
 def test_hints_trained_on_the_fixed_tools_warn_under_another_tool_choice():
     q = CONFIG_DIR / "quickstart.yaml"
-    assert planner_warnings(load_config(q)) == []                       # defaults: random hints, learned choice
-    assert planner_warnings(load_config(q, ["instructions.hint_order=usable_rate",
-                                            "planner.tool_choice=fixed"])) == []
+    assert planner_warnings(load_config(q)) == []  # defaults: random hints, learned choice
+    assert planner_warnings(load_config(q, ["instructions.hint_order=usable_rate", "planner.tool_choice=fixed"])) == []
     (w,) = planner_warnings(load_config(q, ["instructions.hint_order=usable_rate"]))
     assert "planner.tool_choice=learned" in w
     with pytest.raises(ConfigError, match="instructions.hint_order"):
@@ -100,7 +105,8 @@ def test_hints_trained_on_the_fixed_tools_warn_under_another_tool_choice():
         load_config(q, ["instructions.hint_fraction=1.5"])
 
 
-# RESULTS.md "One tool in the prompt" (run qs-1t): the quickstart preset plus these overrides, with
+# docs/experiments/2026-11-30-does-the-vlm-match-the-best-tool-on-cold-users.md, "One tool in the
+# prompt" (run qs-1t): the quickstart preset plus these overrides, with
 # the cache directory and time budget (runtime settings, not the recipe) written as the preset's.
 ONE_TOOL_STUDY = (
     "data.sources.0.synthetic.n_users=1200 vlm.model=small vlm.cache_dir=runs/_cache/vlm_small "

@@ -1,4 +1,5 @@
 """Evidence-horizon curriculum: phase mixtures, determinism, sharding, resume, LR curve."""
+
 from __future__ import annotations
 
 import math
@@ -7,9 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from reasonrec.curriculum import (CurriculumSampler, bucket_codes, lr_factor_fn, make_lr_scheduler,
-                                  make_optimizer, mixture_at, phase_at)
 from reasonrec.vlm.config import CurriculumConfig
+from reasonrec.vlm.curriculum import (
+    CurriculumSampler,
+    bucket_codes,
+    lr_factor_fn,
+    make_lr_scheduler,
+    make_optimizer,
+    mixture_at,
+    phase_at,
+)
 
 rng = np.random.default_rng(0)
 BUCKETS = rng.choice(["low", "medium", "high"], size=3000, p=[0.2, 0.3, 0.5])
@@ -39,7 +47,7 @@ def test_phase_mixtures():
 def test_uniform_ablation_and_missing_buckets():
     s = CurriculumSampler(BUCKETS, 50, 32, CurriculumConfig(enabled=False))
     early = _shares(s, range(0, 10))
-    assert abs(early[2] - 0.5) < 0.08 and early[0] > 0.1   # natural shares from the start
+    assert abs(early[2] - 0.5) < 0.08 and early[0] > 0.1  # natural shares from the start
     no_low = np.array(["medium", "high"] * 50)
     s2 = CurriculumSampler(no_low, 20, 4, CurriculumConfig())
     idx = np.concatenate(list(s2.batches()))
@@ -61,21 +69,20 @@ def test_sharding_and_resume_are_consistent():
     full = CurriculumSampler(BUCKETS, T, P * W, cfg, chunk_steps=7)
     ranks = [CurriculumSampler(BUCKETS, T, P, cfg, rank=r, world_size=W, chunk_steps=7) for r in range(W)]
     per_rank = [list(r) for r in ranks]
-    assert all(len(x) == T * P for x in per_rank)             # equal-size shards
+    assert all(len(x) == T * P for x in per_rank)  # equal-size shards
     for step in (0, 13, 39):
-        glob = np.concatenate([per_rank[r][step * P:(step + 1) * P] for r in range(W)])
+        glob = np.concatenate([per_rank[r][step * P : (step + 1) * P] for r in range(W)])
         assert np.array_equal(glob, full.global_batch_at(step))
     resumed = CurriculumSampler(BUCKETS, T, P, cfg, rank=2, world_size=W, start_step=25, chunk_steps=7)
     assert len(resumed) == 15 * P
-    assert list(resumed) == per_rank[2][25 * P:]
+    assert list(resumed) == per_rank[2][25 * P :]
     loader = torch.utils.data.DataLoader(range(len(BUCKETS)), batch_size=P, sampler=ranks[1])
     first = next(iter(loader))
     assert first.tolist() == per_rank[1][:P]
 
 
 def test_lr_curve_warmup_cosine_floor_and_cold_phase():
-    cfg = CurriculumConfig(lr=2e-5, min_lr=1e-7, lr_warmup=0.05, cold_start_begin=0.9,
-                           cold_lr_multiplier=0.5)
+    cfg = CurriculumConfig(lr=2e-5, min_lr=1e-7, lr_warmup=0.05, cold_start_begin=0.9, cold_lr_multiplier=0.5)
     T = 1000
     model = torch.nn.Linear(2, 2)
     opt = make_optimizer(model.parameters(), cfg)

@@ -1,5 +1,6 @@
 """Curriculum LoRA fine-tune: the Ray-free loop (determinism, exact resume, rank slices, reload)
 and the Ray Train job on a real local Ray (2 DDP workers, killed mid-run and resumed, skip)."""
+
 from __future__ import annotations
 
 import io
@@ -22,26 +23,56 @@ from PIL import Image
 from ray_jobs import finetune, prepare
 from reasonrec import config as config_module
 from reasonrec.config import CONFIG_DIR, StorageConfig, load_config
-from reasonrec.context import Catalog
-from reasonrec.curriculum import CurriculumSampler
+from reasonrec.data.catalog import Catalog
 from reasonrec.data.schemas import INSTRUCTIONS
 from reasonrec.io import ArtifactStore, open_store
 from reasonrec.prompts.cot import compose_target, parse_output
 from reasonrec.prompts.templates import ItemRef, PromptInputs, RenderOptions, item_text, render_prompt
+from reasonrec.vlm import train as train_module
 from reasonrec.vlm.builder import load_adapter
 from reasonrec.vlm.config import CurriculumConfig, VLMConfig
+from reasonrec.vlm.curriculum import CurriculumSampler
 from reasonrec.vlm.infer import VLMPredictor
-from reasonrec.vlm import train as train_module
-from reasonrec.vlm.train import (AUTOCAST_CHOICES, FinetuneLoop, InstructionDataset, dataset_loss, finetune_data,
-                                 load_finetuned, resolve_autocast, valid_subset)
+from reasonrec.vlm.train import (
+    AUTOCAST_CHOICES,
+    FinetuneLoop,
+    InstructionDataset,
+    dataset_loss,
+    finetune_data,
+    load_finetuned,
+    resolve_autocast,
+    valid_subset,
+)
 
-TINY_VLM = dict(model="tiny", image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
-                image_tokens_per_item=4, max_length=192, max_history_items=4, max_history_photos=2)
-WORLD = ["data.sources.0.synthetic.n_users=120", "data.sources.0.synthetic.n_items=40", "ray.shuffle_partitions=2",
-         "data.direct_negatives=10"]
-JOB = WORLD + [f"vlm.{k}={v}" for k, v in TINY_VLM.items()] + [
-    "curriculum.lr=0.005", "curriculum.warmup_end=0.25", "curriculum.cold_start_begin=0.8",
-    "finetune.per_device_batch_size=2", "finetune.log_every=4"]
+TINY_VLM = dict(
+    model="tiny",
+    image_size=32,
+    patch_size=8,
+    vision_hidden_size=32,
+    vision_layers=1,
+    vision_heads=2,
+    image_tokens_per_item=4,
+    max_length=192,
+    max_history_items=4,
+    max_history_photos=2,
+)
+WORLD = [
+    "data.sources.0.synthetic.n_users=120",
+    "data.sources.0.synthetic.n_items=40",
+    "ray.shuffle_partitions=2",
+    "data.direct_negatives=10",
+]
+JOB = (
+    WORLD
+    + [f"vlm.{k}={v}" for k, v in TINY_VLM.items()]
+    + [
+        "curriculum.lr=0.005",
+        "curriculum.warmup_end=0.25",
+        "curriculum.cold_start_begin=0.8",
+        "finetune.per_device_batch_size=2",
+        "finetune.log_every=4",
+    ]
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,16 +94,28 @@ def _png(seed: int) -> bytes:
 def _rows(users, titles: dict, has_photo: dict, n_train: int, n_valid: int) -> list[dict]:
     """Sequential examples from (user_id, history, next item, eh, bucket) tuples: the first
     n_train users train, the next n_valid validate."""
-    opts = RenderOptions(max_history_items=TINY_VLM["max_history_items"],
-                         max_history_photos=TINY_VLM["max_history_photos"])
+    opts = RenderOptions(
+        max_history_items=TINY_VLM["max_history_items"], max_history_photos=TINY_VLM["max_history_photos"]
+    )
     rows = []
     for k, (uid, hist, nxt, eh, bucket) in enumerate(users[: n_train + n_valid]):
         refs = [ItemRef(int(i), titles[i], has_photo[i]) for i in hist]
         r = render_prompt("sequential", PromptInputs(uid, "likes tinted things", refs, eh, bucket), uid % 10, opts)
-        rows.append(dict(example_id=k, user_id=uid, task="sequential", split="train" if k < n_train else "valid",
-                         phase=bucket, template_id=uid % 10, prompt=r.text, image_items=r.image_items,
-                         target=compose_target("sequential", titles[nxt], 0.5, bucket, eh, ["sasrec"]),
-                         tools_usable=["sasrec"], noisy_tools=False))
+        rows.append(
+            dict(
+                example_id=k,
+                user_id=uid,
+                task="sequential",
+                split="train" if k < n_train else "valid",
+                phase=bucket,
+                template_id=uid % 10,
+                prompt=r.text,
+                image_items=r.image_items,
+                target=compose_target("sequential", titles[nxt], 0.5, bucket, eh, ["sasrec"]),
+                tools_usable=["sasrec"],
+                noisy_tools=False,
+            )
+        )
     return rows
 
 
@@ -82,14 +125,20 @@ def _synthetic_tables(n_train=24, n_valid=8, seed=0) -> tuple[pa.Table, pa.Table
     words = "rose lip tint volume mascara nail polish red shimmer face cream argan oil matte gloss".split()
     titles = {i: " ".join(rng.choice(words, 3)) for i in range(12)}
     photo = {i: i % 5 != 0 for i in range(12)}
-    items = pa.table({"item_id": pa.array(range(12), pa.int64()),
-                      "image": pa.array([_png(i) if photo[i] else None for i in range(12)], pa.binary()),
-                      "title": [titles[i] for i in range(12)]})
+    items = pa.table(
+        {
+            "item_id": pa.array(range(12), pa.int64()),
+            "image": pa.array([_png(i) if photo[i] else None for i in range(12)], pa.binary()),
+            "title": [titles[i] for i in range(12)],
+        }
+    )
     users = []
     for u in range(n_train + n_valid):
         hist = rng.choice(12, 4, replace=False)
         eh = float(rng.random())
-        users.append((u, hist.tolist(), int((hist[-1] + 1) % 12), eh, "low" if eh < 0.3 else "medium" if eh <= 0.7 else "high"))
+        users.append(
+            (u, hist.tolist(), int((hist[-1] + 1) % 12), eh, "low" if eh < 0.3 else "medium" if eh <= 0.7 else "high")
+        )
     return pa.Table.from_pylist(_rows(users, titles, photo, n_train, n_valid), schema=INSTRUCTIONS), items
 
 
@@ -101,8 +150,17 @@ def write_instructions(store: ArtifactStore, n_train: int = 32, n_valid: int = 8
     photo = {r["item_id"]: r["image"] is not None for r in items}
     users = {r["user_id"]: r for r in store.read_table("prepare", "users").to_pylist()}
     loo = sorted(store.read_table("prepare", "loo").to_pylist(), key=lambda r: r["user_id"])
-    seqs = [(r["user_id"], r["train_items"], r["valid_item"], users[r["user_id"]]["evidence_horizon"],
-             users[r["user_id"]]["eh_bucket"]) for r in loo if r["valid_item"] is not None]
+    seqs = [
+        (
+            r["user_id"],
+            r["train_items"],
+            r["valid_item"],
+            users[r["user_id"]]["evidence_horizon"],
+            users[r["user_id"]]["eh_bucket"],
+        )
+        for r in loo
+        if r["valid_item"] is not None
+    ]
     table = pa.Table.from_pylist(_rows(seqs, titles, photo, n_train, n_valid), schema=INSTRUCTIONS)
     with store.stage_writer("instructions", "test", {"prepare": prep.fingerprint}) as w:
         w.write_table("examples/part-0.parquet", table)
@@ -110,8 +168,14 @@ def write_instructions(store: ArtifactStore, n_train: int = 32, n_valid: int = 8
 
 # ----------------------------------------------------------------- the loop, in-process
 def _loop(data, steps=6, **kw):
-    return FinetuneLoop(data, VLMConfig(**TINY_VLM), CurriculumConfig(lr=5e-3, warmup_end=0.3, cold_start_begin=0.8),
-                        max_steps=steps, per_device_batch_size=2, **kw)
+    return FinetuneLoop(
+        data,
+        VLMConfig(**TINY_VLM),
+        CurriculumConfig(lr=5e-3, warmup_end=0.3, cold_start_begin=0.8),
+        max_steps=steps,
+        per_device_batch_size=2,
+        **kw,
+    )
 
 
 def _trainable(loop):
@@ -124,13 +188,13 @@ def test_loop_is_deterministic_and_resumes_exactly(tmp_path):
     straight.train_steps(on_step=lambda m: losses.append(m.loss))
     first, part = _loop(data), []
     first.train_steps(end_step=3, on_step=lambda m: part.append(m.loss))
-    assert part == losses[:3]                                    # same seed -> same run
+    assert part == losses[:3]  # same seed -> same run
     first.save_state(tmp_path)
     resumed, rest = _loop(data), []
     resumed.load_state(tmp_path)
     assert resumed.step == 3
     resumed.train_steps(on_step=lambda m: rest.append(m.loss))
-    assert rest == pytest.approx(losses[3:], rel=1e-6)           # continues as if never stopped
+    assert rest == pytest.approx(losses[3:], rel=1e-6)  # continues as if never stopped
     a, b = _trainable(straight), _trainable(resumed)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
     assert losses[-1] < losses[0]
@@ -139,9 +203,18 @@ def test_loop_is_deterministic_and_resumes_exactly(tmp_path):
 def _catalog(items: pa.Table) -> Catalog:
     """The catalog of :func:`_synthetic_tables`' items (texts = their titles)."""
     n = items.num_rows
-    return Catalog(pa.table({"item_id": items.column("item_id"), "item_key": [f"i{i}" for i in range(n)],
-                             "title": items.column("title"), "brand": pa.nulls(n, pa.string()),
-                             "categories": pa.nulls(n, pa.list_(pa.string())), "price": pa.nulls(n, pa.float64())}))
+    return Catalog(
+        pa.table(
+            {
+                "item_id": items.column("item_id"),
+                "item_key": [f"i{i}" for i in range(n)],
+                "title": items.column("title"),
+                "brand": pa.nulls(n, pa.string()),
+                "categories": pa.nulls(n, pa.list_(pa.string())),
+                "price": pa.nulls(n, pa.float64()),
+            }
+        )
+    )
 
 
 def test_ranking_validation_ranks_the_catalog_as_scoring_does_and_leaves_training_as_it_was():
@@ -151,8 +224,8 @@ def test_ranking_validation_ranks_the_catalog_as_scoring_does_and_leaves_trainin
     straight.train_steps(on_step=lambda m: losses.append(m.loss))
     loop, seen = _loop(data), []
     loop.train_steps(end_step=3, on_step=lambda m: seen.append(m.loss))
-    every = loop.validation_ranking(max_examples=0, k=12)       # k = the catalog's size: every answer ranks
-    assert loop.bundle.model.training                            # back in training mode
+    every = loop.validation_ranking(max_examples=0, k=12)  # k = the catalog's size: every answer ranks
+    assert loop.bundle.model.training  # back in training mode
     assert every["n"] == data.valid.num_rows == 8 and every["hr"] == 1.0
     # NDCG from the answer's rank in the scoring path's own list (rank_catalog over the catalog trie).
     predictor = VLMPredictor(loop.bundle, loop.collator)
@@ -168,18 +241,22 @@ def test_ranking_validation_ranks_the_catalog_as_scoring_does_and_leaves_trainin
     phases = data.valid.column("phase").to_pylist()
     bucket = max(set(phases), key=phases.count)
     assert loop.validation_ranking(0, k=3, buckets=[bucket])["n"] == phases.count(bucket)
-    assert loop.validation_ranking(3, k=3)["n"] == 3             # a seeded sample
+    assert loop.validation_ranking(3, k=3)["n"] == 3  # a seeded sample
     with pytest.raises(ValueError, match="no sequential validation examples"):
         loop.validation_ranking(0, k=3, buckets=["nobody"])
     with pytest.raises(ValueError, match="needs the catalog"):
         _loop(finetune_data(train, items), steps=1).validation_ranking(0)
     loop.train_steps(on_step=lambda m: seen.append(m.loss))
-    assert seen == pytest.approx(losses, rel=1e-6)               # validating changed nothing in training
+    assert seen == pytest.approx(losses, rel=1e-6)  # validating changed nothing in training
 
 
 def test_best_checkpoint_takes_the_highest_hr_and_the_later_step_on_ties():
-    reported = [("a", {"step": 8, "valid_hr": 0.25}), ("b", {"step": 16, "valid_hr": 0.5}),
-                ("c", {"step": 24, "valid_hr": 0.5}), ("d", {"step": 32, "valid_hr": 0.375})]
+    reported = [
+        ("a", {"step": 8, "valid_hr": 0.25}),
+        ("b", {"step": 16, "valid_hr": 0.5}),
+        ("c", {"step": 24, "valid_hr": 0.5}),
+        ("d", {"step": 32, "valid_hr": 0.375}),
+    ]
     assert finetune.best_checkpoint(reported) == reported[2]
     assert finetune.best_checkpoint(reported[:2] + reported[3:]) == reported[1]
     with pytest.raises(RuntimeError, match="no checkpoint with a validation HR"):
@@ -211,14 +288,14 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_full_precision_weights():
     data = finetune_data(*_synthetic_tables())
     loop, losses = _loop(data, autocast="bfloat16"), []
     seen = _projection_dtypes(loop, lambda: loop.train_steps(on_step=lambda m: losses.append(m.loss)))
-    assert seen and set(seen) == {torch.bfloat16}               # the training forward ran under autocast
-    assert all(p.dtype == torch.float32 for p in loop.params)   # master weights (and AdamW state) stay fp32
+    assert seen and set(seen) == {torch.bfloat16}  # the training forward ran under autocast
+    assert all(p.dtype == torch.float32 for p in loop.params)  # master weights (and AdamW state) stay fp32
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     seen = _projection_dtypes(loop, loop.validation_loss)
-    assert seen and set(seen) == {torch.float32}                # validation without autocast: comparable
+    assert seen and set(seen) == {torch.float32}  # validation without autocast: comparable
     with pytest.raises(ValueError, match="finetune.autocast='float16'"):
         _loop(data, autocast="float16")
-    assert set(config_module._CHOICES["finetune.autocast"]) == set(AUTOCAST_CHOICES)   # the config check knows them all
+    assert set(config_module._CHOICES["finetune.autocast"]) == set(AUTOCAST_CHOICES)  # the config check knows them all
 
 
 def test_autocast_auto_follows_the_hardware_and_forced_bf16_without_it_warns(monkeypatch, caplog):
@@ -230,11 +307,11 @@ def test_autocast_auto_follows_the_hardware_and_forced_bf16_without_it_warns(mon
         assert resolve_autocast("cpu", "auto") == "none"
         assert resolve_autocast("cpu", "none") == "none"
         assert not caplog.records
-        assert resolve_autocast("cpu", "bfloat16") == "bfloat16"   # asked for explicitly: kept, but said
+        assert resolve_autocast("cpu", "bfloat16") == "bfloat16"  # asked for explicitly: kept, but said
     assert len(caplog.records) == 1 and "emulated" in caplog.text
     loop = _loop(finetune_data(*_synthetic_tables()), steps=1, autocast="auto")
     seen = _projection_dtypes(loop, loop.train_steps)
-    assert loop.autocast == "none" and seen and set(seen) == {torch.float32}   # auto without bf16 trains in fp32
+    assert loop.autocast == "none" and seen and set(seen) == {torch.float32}  # auto without bf16 trains in fp32
 
 
 def test_grad_accum_ranks_and_time_budget():
@@ -243,17 +320,17 @@ def test_grad_accum_ranks_and_time_budget():
     for rank in (0, 1):
         loop = _loop(data, steps=4, grad_accum=2, rank=rank, world_size=2)
         loop.train_steps(end_step=1, on_step=lambda m, r=rank: seen.setdefault(r, m.example_ids))
-        assert len(seen[rank]) == 4                               # per_device 2 x grad_accum 2
+        assert len(seen[rank]) == 4  # per_device 2 x grad_accum 2
     want = loop.sampler.global_batch_at(0)
     assert seen[0] + seen[1] == data.train.column("example_id").to_numpy()[want].tolist()
     stopped = _loop(data, steps=6)
-    assert stopped.train_steps(time_budget_s=1e-9) == 1          # budget spent after the first step
-    assert stopped.train_steps(time_budget_s=5.0, elapsed_s=5.0) == 1   # spent before: no step
-    assert stopped.train_steps(time_budget_s=1e9, elapsed_s=5.0) == 6   # a larger budget goes on
+    assert stopped.train_steps(time_budget_s=1e-9) == 1  # budget spent after the first step
+    assert stopped.train_steps(time_budget_s=5.0, elapsed_s=5.0) == 1  # spent before: no step
+    assert stopped.train_steps(time_budget_s=1e9, elapsed_s=5.0) == 6  # a larger budget goes on
 
 
 def test_time_budget_counts_training_seconds_not_the_callbacks(monkeypatch):
-    class Clock:                       # the training loop's only clock; the test moves it
+    class Clock:  # the training loop's only clock; the test moves it
         now = 0.0
 
         def perf_counter(self):
@@ -263,13 +340,13 @@ def test_time_budget_counts_training_seconds_not_the_callbacks(monkeypatch):
     monkeypatch.setattr(train_module, "time", clock)
     seconds = []
 
-    def slow_checkpoint(m):            # an hour of checkpointing / validation after every step
+    def slow_checkpoint(m):  # an hour of checkpointing / validation after every step
         seconds.append(m.seconds)
         clock.now += 3600.0
 
     loop = _loop(finetune_data(*_synthetic_tables()), steps=4)
     assert loop.train_steps(on_step=slow_checkpoint, time_budget_s=60.0) == 4
-    assert seconds == [0.0] * 4        # the callbacks' hours are not the steps' seconds either
+    assert seconds == [0.0] * 4  # the callbacks' hours are not the steps' seconds either
 
 
 def test_saved_adapter_reloads_with_identical_logits(tmp_path, s3_bucket):
@@ -344,17 +421,33 @@ def finetuned(ray_local, tmp_path_factory):
     workers, ranking validation at every checkpoint and the best one exported: started in a
     subprocess, killed after a mid-run checkpoint, run again to the end."""
     root = tmp_path_factory.mktemp("runs")
-    overrides = ["finetune.num_workers=2", f"finetune.max_steps={STEPS}", f"finetune.checkpoint_every={EVERY}",
-                 "finetune.valid_rank_examples=8", "finetune.export=best_valid_hr"]
+    overrides = [
+        "finetune.num_workers=2",
+        f"finetune.max_steps={STEPS}",
+        f"finetune.checkpoint_every={EVERY}",
+        "finetune.valid_rank_examples=8",
+        "finetune.export=best_valid_hr",
+    ]
     cfg = _cfg(root, *overrides)
     prepare.run(cfg)
     store = open_store(cfg)
     write_instructions(store)
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    seen = _kill_after_a_mid_run_checkpoint(store, [
-        sys.executable, "-m", "ray_jobs.finetune", "--config", str(CONFIG_DIR / "quickstart.yaml"), *JOB,
-        f"output_root={root}", *overrides], env)
-    assert store.manifest("finetune") is None                    # the killed run committed nothing
+    seen = _kill_after_a_mid_run_checkpoint(
+        store,
+        [
+            sys.executable,
+            "-m",
+            "ray_jobs.finetune",
+            "--config",
+            str(CONFIG_DIR / "quickstart.yaml"),
+            *JOB,
+            f"output_root={root}",
+            *overrides,
+        ],
+        env,
+    )
+    assert store.manifest("finetune") is None  # the killed run committed nothing
     return cfg, finetune.run(cfg), store, seen
 
 
@@ -378,7 +471,7 @@ def test_two_workers_train_disjoint_slices_and_the_loss_drops(finetuned):
     train = examples.filter(pc.equal(examples.column("split"), "train")).sort_by("example_id")
     sampler = CurriculumSampler(train.column("phase").to_pylist(), STEPS, 2, cfg.curriculum, world_size=2)
     assert ranks[0] + ranks[1] == train.column("example_id").to_numpy()[sampler.global_batch_at(0)].tolist()
-    assert s["log"][-1]["loss"] < s["log"][0]["loss"]           # overfits the tiny set
+    assert s["log"][-1]["loss"] < s["log"][0]["loss"]  # overfits the tiny set
     assert s["valid_loss"] < s["valid_loss_before"]
     assert set(s["loss_by_phase"]) == {"warmup", "progressive", "cold_start"}
     assert s["tokens_per_s"] > 0
@@ -387,7 +480,7 @@ def test_two_workers_train_disjoint_slices_and_the_loss_drops(finetuned):
 def test_every_checkpoint_is_validated_by_ranking_and_the_best_is_exported(finetuned):
     _, s, store, _ = finetuned
     curve = s["valid_curve"]
-    assert [e["step"] for e in curve] == list(range(EVERY, STEPS + 1, EVERY))   # across the kill and resume
+    assert [e["step"] for e in curve] == list(range(EVERY, STEPS + 1, EVERY))  # across the kill and resume
     assert all(e["n"] == 8 and 0 <= e["ndcg"] <= e["hr"] <= 1 for e in curve)  # both workers' shares summed
     assert s["exported_step"] == max(curve, key=lambda e: (e["hr"], e["step"]))["step"]
     assert s["valid_loss"] == curve[-1]["loss"]
@@ -400,9 +493,11 @@ def test_reloaded_adapter_reproduces_the_exported_checkpoints_validation_loss(fi
     bundle = load_finetuned(store, cfg.vlm)
     data = finetune_data(store.read_table("instructions", "examples"), store.read_table("prepare", "items"))
     valid = InstructionDataset(data.valid, data.images)
-    loss = dataset_loss(bundle, valid, valid_subset(len(valid), cfg.finetune.max_valid_examples, cfg.curriculum.seed), 2)
+    loss = dataset_loss(
+        bundle, valid, valid_subset(len(valid), cfg.finetune.max_valid_examples, cfg.curriculum.seed), 2
+    )
     exported = next(e for e in s["valid_curve"] if e["step"] == s["exported_step"])
-    assert loss == pytest.approx(exported["loss"], rel=1e-4)     # computed by the Ray workers at that step
+    assert loss == pytest.approx(exported["loss"], rel=1e-4)  # computed by the Ray workers at that step
 
 
 def test_rerun_skips(finetuned):
@@ -420,10 +515,10 @@ def test_a_run_stopped_by_its_time_budget_continues_with_a_larger_one(ray_local,
     write_instructions(store)
     stopped = finetune.run(cfg)
     assert stopped["steps"] == 1 and stopped["resumes"] == []
-    more = finetune.run(_cfg(root, *steps, "finetune.time_budget_s=0"))   # another budget: re-run
+    more = finetune.run(_cfg(root, *steps, "finetune.time_budget_s=0"))  # another budget: re-run
     assert more["steps"] == 6 and [r["from_step"] for r in more["resumes"]] == [1]
     assert more["log"][-1]["step"] == 6 and more["train_seconds"] > stopped["train_seconds"]
     assert more["valid_loss_before"] == stopped["valid_loss_before"]
-    assert more["valid_loss"] != stopped["valid_loss"]           # measured again after the new steps
-    done = finetune.run(_cfg(root, *steps, "finetune.time_budget_s=3600"))   # finished: nothing to train
+    assert more["valid_loss"] != stopped["valid_loss"]  # measured again after the new steps
+    done = finetune.run(_cfg(root, *steps, "finetune.time_budget_s=3600"))  # finished: nothing to train
     assert done["steps"] == 6 and done["resumes"] == more["resumes"] and done["valid_loss"] == more["valid_loss"]

@@ -1,5 +1,6 @@
 """The instruction builder on the shared tiny run: what the ``instructions`` stage wrote, and the
 training-prefix augmentation through both passes (label with the tools, render)."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ import pyarrow as pa
 import pytest
 
 from ray_jobs import build_instructions
-from reasonrec.context import load_context
-from reasonrec.instructions import (confidence_table, hint_keep_rates, label_batch, prefix_position, prepared_queries,
-                                    render_batch, tool_ranking)
+from reasonrec.data.catalog import load_context
+from reasonrec.data.queries import prefix_position, prepared_queries
+from reasonrec.instructions import confidence_table, hint_keep_rates, label_batch, render_batch, tool_ranking
 from reasonrec.planner import ToolBox, load_toolbox
 from reasonrec.prompts.cot import parse_output
 from reasonrec.prompts.templates import DEFAULT_IMAGE_TOKEN, TemplateSampler
@@ -31,8 +32,13 @@ def _tables(store):
 def _prompt_context(cfg, store):
     """(catalog, users, prompt builder) of the run, as the instructions stage loads them."""
     ic = cfg.instructions
-    return load_context(store, cfg.vlm, cfg.data.eh_thresholds,
-                        TemplateSampler(ic.template_mixture, ic.single_template, ic.seed), ic.prompt_candidates)
+    return load_context(
+        store,
+        cfg.vlm,
+        cfg.data.eh_thresholds,
+        TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
+        ic.prompt_candidates,
+    )
 
 
 def test_stage_tags_phase_confidence_tools_and_photos(tiny_run):
@@ -45,12 +51,13 @@ def test_stage_tags_phase_confidence_tools_and_photos(tiny_run):
     assert {e["task"] for e in ex} == set(cfg.instructions.tasks)
     by_task: dict[str, set] = {}
     for e in ex:
-        assert e["phase"] == buckets[e["user_id"]]            # curriculum tag = the user's EH bucket
+        assert e["phase"] == buckets[e["user_id"]]  # curriculum tag = the user's EH bucket
         parsed = parse_output(e["target"], e["task"])
         assert parsed.complete, e["target"]
         # The confidence target is an entry of the fitted table (2 decimals), per task.
-        assert any(abs(parsed.thought.confidence - v) < 0.0051 for k, v in conf.items()
-                   if k.split("|")[0] == e["task"]), e["target"]
+        assert any(
+            abs(parsed.thought.confidence - v) < 0.0051 for k, v in conf.items() if k.split("|")[0] == e["task"]
+        ), e["target"]
         by_task.setdefault(e["task"], set()).add(round(parsed.thought.confidence, 2))
         # Photos are item ids, one per placeholder, never bytes.
         assert e["prompt"].count(DEFAULT_IMAGE_TOKEN) == len(e["image_items"])
@@ -101,11 +108,14 @@ def test_train_prefixes_predict_each_earlier_item_from_the_items_before_it(tiny_
         assert parse_output(e["target"], "sequential").answer == catalog.text[r["target"]]
         # The user description summarises the prefix, not items bought after it.
         assert describe_users([np.array(r["history"])], catalog.attrs)[0] in e["prompt"]
-        shown = r["history"][-cfg.vlm.max_history_items:]
+        shown = r["history"][-cfg.vlm.max_history_items :]
         assert catalog.text[shown[-1]] in e["prompt"]
-        later = [i for i in train[r["user_id"]][len(r["history"]):] if i not in r["history"]]
-        assert not any(catalog.text[i] in e["prompt"].split("Tool hints")[0] for i in later
-                       if catalog.text[i] not in {catalog.text[h] for h in r["history"]}), e["prompt"]
+        later = [i for i in train[r["user_id"]][len(r["history"]) :] if i not in r["history"]]
+        assert not any(
+            catalog.text[i] in e["prompt"].split("Tool hints")[0]
+            for i in later
+            if catalog.text[i] not in {catalog.text[h] for h in r["history"]}
+        ), e["prompt"]
     assert np.all(labeled.column("len_bin").to_numpy() <= np.log2(1 + max(len(r["history"]) for r in extra[:8])))
 
 
@@ -114,12 +124,12 @@ def test_tool_ranking_orders_by_usable_rate_per_task():
     usable = [["b", "a"], ["b"], ["c", "b"], [], ["a"], ["a", "c"], []]
     assert tool_ranking(task, usable) == {"sequential": ["b", "a", "c"], "direct": ["a", "c"]}
     pinned = tool_ranking(task, usable, first=["c", "b"])
-    assert pinned == {"sequential": ["c", "b", "a"], "direct": ["c", "a"]}   # pinned lead where present
+    assert pinned == {"sequential": ["c", "b", "a"], "direct": ["c", "a"]}  # pinned lead where present
 
 
 def test_tool_order_pins_the_stages_ranking_and_an_unknown_name_is_an_error(tiny_run, tmp_path):
     cfg, store = tiny_run
-    run_dir = tmp_path / cfg.run_name       # a copy of the tiny run's inputs: its own stage stays as it is
+    run_dir = tmp_path / cfg.run_name  # a copy of the tiny run's inputs: its own stage stays as it is
     for stage in ("prepare", "train_tools"):
         shutil.copytree(Path(store.path(stage)), run_dir / stage)
     fitted = store.read_json("instructions", "summary.json")["tool_ranking"]["sequential"]
@@ -128,7 +138,7 @@ def test_tool_order_pins_the_stages_ranking_and_an_unknown_name_is_an_error(tiny
     pinned = replace(cfg, output_root=str(tmp_path), instructions=ic)
     build_instructions.run(pinned)
     got = json.loads((run_dir / "instructions" / "summary.json").read_text())["tool_ranking"]["sequential"]
-    assert got == [fitted[-1]] + fitted[:-1]          # the pinned tool leads, the rest keep their order
+    assert got == [fitted[-1]] + fitted[:-1]  # the pinned tool leads, the rest keep their order
     with pytest.raises(ValueError, match="tool_order names .'no_such_tool'."):
         build_instructions.run(replace(pinned, instructions=replace(ic, tool_order=["no_such_tool"])))
 
@@ -157,14 +167,16 @@ def test_hint_fraction_and_usable_rate_order_choose_the_shown_tools(tiny_run):
         assert shown == order[: ic.max_tool_hints], e["prompt"]
     none = render_batch(labeled, conf, prompts, users, catalog, replace(ic, hint_fraction=0.0)).to_pylist()
     assert not any("Tool hints" in e["prompt"] for e in none)
-    half = render_batch(labeled, conf, prompts, users, catalog, ic).to_pylist()     # default: random, ~half
+    half = render_batch(labeled, conf, prompts, users, catalog, ic).to_pylist()  # default: random, ~half
     assert 0 < sum("Tool hints" in e["prompt"] for e in half) < len(half)
 
 
 def test_hint_keep_rates_bring_each_tools_training_rate_to_its_validation_rate():
-    keep = hint_keep_rates(["sequential"] * 6 + ["ctr"] * 2 + ["direct"],
-                           ["train"] * 4 + ["valid"] * 2 + ["train", "valid", "train"],
-                           [["a", "b"], ["a"], ["a"], ["a"], ["a", "b"], [], ["x"], [], ["a"]])
+    keep = hint_keep_rates(
+        ["sequential"] * 6 + ["ctr"] * 2 + ["direct"],
+        ["train"] * 4 + ["valid"] * 2 + ["train", "valid", "train"],
+        [["a", "b"], ["a"], ["a"], ["a"], ["a", "b"], [], ["x"], [], ["a"]],
+    )
     # a: right on 4 of 4 training rows, 1 of 2 validation rows; b: 1/4 vs 1/2 (not raised);
     # direct has no validation rows (nothing to match); CTR is not a ranking task.
     assert keep == {"sequential": {"a": 0.5, "b": 1.0}, "direct": {"a": 1.0}}
@@ -177,8 +189,9 @@ def test_hint_calibration_ranks_the_truth_out_of_a_share_of_right_training_hints
     ic = cfg.instructions
     catalog, users, prompts = _prompt_context(cfg, store)
     toolbox = load_toolbox(store)
-    labeled = label_batch(prepared_queries(tables, "sequential", "train", n_items, prefixes=3), "train", toolbox,
-                          users, catalog, ic)
+    labeled = label_batch(
+        prepared_queries(tables, "sequential", "train", n_items, prefixes=3), "train", toolbox, users, catalog, ic
+    )
     stats = labeled.to_pydict()
     conf = confidence_table(stats["task"], stats["eh_bucket"], stats["len_bin"], stats["ref_right"])
     rank = {"sequential": toolbox.names("sequential")}
@@ -190,8 +203,9 @@ def test_hint_calibration_ranks_the_truth_out_of_a_share_of_right_training_hints
     plain = render_batch(labeled, conf, prompts, users, catalog, every, rank).to_pylist()
     keep_all = {"sequential": {n: 1.0 for n in shown}}
     assert render_batch(labeled, conf, prompts, users, catalog, calib, rank, keep_all).to_pylist() == plain
-    half = render_batch(labeled, conf, prompts, users, catalog, calib, rank,
-                        {"sequential": {n: 0.5 for n in shown}}).to_pylist()
+    half = render_batch(
+        labeled, conf, prompts, users, catalog, calib, rank, {"sequential": {n: 0.5 for n in shown}}
+    ).to_pylist()
     kept = demoted = 0
     for r, p, h in zip(labeled.to_pylist(), plain, half):
         truth = catalog.text[r["target"]]
@@ -211,11 +225,14 @@ def test_hint_calibration_ranks_the_truth_out_of_a_share_of_right_training_hints
                 assert f"{hint['name']} suggests {'; '.join(rest)}." in h["prompt"], (truth, h["prompt"])
     assert kept + demoted >= 20 and 0.25 <= demoted / (kept + demoted) <= 0.75, (kept, demoted)
     # Validation rows are the tools' out-of-sample answers: never changed.
-    valid = label_batch(prepared_queries(tables, "sequential", "valid", n_items).slice(0, 16), "valid", toolbox,
-                        users, catalog, ic)
+    valid = label_batch(
+        prepared_queries(tables, "sequential", "valid", n_items).slice(0, 16), "valid", toolbox, users, catalog, ic
+    )
     drop_all = {"sequential": {n: 0.0 for n in shown}}
-    assert (render_batch(valid, conf, prompts, users, catalog, calib, rank, drop_all).to_pylist()
-            == render_batch(valid, conf, prompts, users, catalog, every, rank).to_pylist())
+    assert (
+        render_batch(valid, conf, prompts, users, catalog, calib, rank, drop_all).to_pylist()
+        == render_batch(valid, conf, prompts, users, catalog, every, rank).to_pylist()
+    )
 
 
 def test_holdout_tools_give_the_hints_of_held_out_transitions_and_no_others(tiny_run):
@@ -231,22 +248,30 @@ def test_holdout_tools_give_the_hints_of_held_out_transitions_and_no_others(tiny
     queries = prepared_queries(tables, "sequential", "train", n_items, prefixes=1)
     labeled = label_batch(queries, "train", full, users, catalog, ic, holdout, 1)
     assert sorted(labeled.column("query_id").to_pylist()) == sorted(queries.column("query_id").to_pylist())
-    k = dict(zip(queries.column("query_id").to_pylist(),
-                 prefix_position(queries.column("query_id").to_numpy(), queries.column("task").to_pylist(), "train")))
+    k = dict(
+        zip(
+            queries.column("query_id").to_pylist(),
+            prefix_position(queries.column("query_id").to_numpy(), queries.column("task").to_pylist(), "train"),
+        )
+    )
     assert set(k.values()) == {0, 1}
     # What each toolbox alone says about the last-item (k = 0) queries.
     last = queries.filter(pa.array([k[q] == 0 for q in queries.column("query_id").to_pylist()]))
     by_held = {r["query_id"]: r for r in label_batch(last, "train", holdout, users, catalog, ic).to_pylist()}
     by_full = {r["query_id"]: r for r in label_batch(last, "train", full, users, catalog, ic).to_pylist()}
     for r in labeled.to_pylist():
-        if k[r["query_id"]] == 0:      # predicts the held-out item: the held-out tools label it
+        if k[r["query_id"]] == 0:  # predicts the held-out item: the held-out tools label it
             assert json.loads(r["hints"]) == json.loads(by_held[r["query_id"]]["hints"]) != []
             assert r["usable"] == by_held[r["query_id"]]["usable"] and set(r["usable"]) <= {"popularity"}
-        else:                          # in-sample for every tool: usable tools kept, no hints
+        else:  # in-sample for every tool: usable tools kept, no hints
             assert r["hints"] == "[]"
     # The full toolbox has more tools than the held-out one, so the hints show which one answered.
-    assert all([h["name"] for h in json.loads(by_held[q]["hints"])] == ["popularity"]
-               != [h["name"] for h in json.loads(by_full[q]["hints"])] for q in by_held)
+    assert all(
+        [h["name"] for h in json.loads(by_held[q]["hints"])]
+        == ["popularity"]
+        != [h["name"] for h in json.loads(by_full[q]["hints"])]
+        for q in by_held
+    )
     stats = labeled.to_pydict()
     conf = confidence_table(stats["task"], stats["eh_bucket"], stats["len_bin"], stats["ref_right"])
     for r, e in zip(labeled.to_pylist(), render_batch(labeled, conf, prompts, users, catalog, ic).to_pylist()):
@@ -254,4 +279,5 @@ def test_holdout_tools_give_the_hints_of_held_out_transitions_and_no_others(tiny
     # Validation rows are out-of-sample for the full tools already: the held-out copies are not used.
     valid = prepared_queries(tables, "sequential", "valid", n_items).slice(0, 8)
     assert label_batch(valid, "valid", full, users, catalog, ic, holdout, 1).equals(
-        label_batch(valid, "valid", full, users, catalog, ic))
+        label_batch(valid, "valid", full, users, catalog, ic)
+    )

@@ -1,4 +1,5 @@
 """Artifact store: atomic stage writes, manifests, skip logic, the same code path on S3 (moto)."""
+
 import pyarrow as pa
 import pytest
 
@@ -20,8 +21,8 @@ def _roundtrip(store):
     assert store.read_table("prepare", "t.parquet").column("x").to_pylist() == [0, 1, 2]
     assert store.read_json("prepare", "summary.json") == {"ok": True}
     assert store.is_done("prepare", "abc", {"src": "1"})
-    assert not store.is_done("prepare", "abc", {"src": "2"})      # input changed
-    assert not store.is_done("prepare", "other", {"src": "1"})    # config changed
+    assert not store.is_done("prepare", "abc", {"src": "2"})  # input changed
+    assert not store.is_done("prepare", "other", {"src": "1"})  # config changed
     # Overwrite with new content: old files are replaced, not merged.
     _write_stage(store, h="def", rows=5)
     assert store.read_table("prepare", "t.parquet").num_rows == 5
@@ -52,7 +53,7 @@ def test_interrupted_write_leaves_nothing_visible(tmp_path, request, remote):
             raise KeyboardInterrupt  # killed mid-stage
     assert store.manifest("prepare") is None
     assert not store.fs.exists(store.path("prepare"))
-    assert store.fs.find(store.path("_tmp")) == []    # temporary prefix cleaned up
+    assert store.fs.find(store.path("_tmp")) == []  # temporary prefix cleaned up
     with pytest.raises(FileNotFoundError, match="ray_jobs.prepare"):
         store.read_table("prepare", "t.parquet")
 

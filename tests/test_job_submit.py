@@ -7,6 +7,7 @@ temp dir or the job's output dir): never ``ray stop``, which stops every Ray on 
 including the session's ``ray_local`` cluster and other people's. cluster/local_job_submit.sh
 does the same by hand.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,11 +31,23 @@ EXCLUDES = [".venv", "runs", ".git", "bench/results", "__pycache__", "*.egg-info
 # Every port the head binds, free ones: Ray's fixed defaults (dashboard agent 52365, client
 # server 10001, ...) are taken whenever another Ray runs on the machine, and a dashboard agent
 # that cannot bind its port leaves the job API with "No available agent" for good.
-PORT_FLAGS = ["--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-              "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-              "--node-manager-port", "--object-manager-port"]
-TINY = ["data.sources.0.synthetic.n_users=60", "data.sources.0.synthetic.n_items=30",
-        "data.direct_negatives=5", "ray.shuffle_partitions=2"]
+PORT_FLAGS = [
+    "--port",
+    "--dashboard-port",
+    "--ray-client-server-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+    "--node-manager-port",
+    "--object-manager-port",
+]
+TINY = [
+    "data.sources.0.synthetic.n_users=60",
+    "data.sources.0.synthetic.n_items=30",
+    "data.direct_negatives=5",
+    "ray.shuffle_partitions=2",
+]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -109,11 +122,25 @@ def local_head(markers: list[str], attempts: int = 2):
         ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))
         dash_port = ports["--dashboard-port"]
         head = subprocess.Popen(
-            [RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-             "--include-dashboard=true", *(f"{flag}={port}" for flag, port in ports.items()),
-             "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True)  # its own process group: see _stop_head
+            [
+                RAY,
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true",
+                *(f"{flag}={port}" for flag, port in ports.items()),
+                "--num-cpus=2",
+                f"--temp-dir={temp_dir}",
+                "--disable-usage-stats",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )  # its own process group: see _stop_head
         try:
             try:
                 start_log, _ = head.communicate(timeout=240)
@@ -142,14 +169,37 @@ def test_ray_job_submit_prepare():
         # `ray start` returns before the head's dashboard agent has registered; until it has, the
         # job API answers "No available agent" after waiting (10 s) for it server-side. Only that
         # answer is retried: it comes before any job is created.
-        for attempt in range(12):
+        for attempt in range(12):  # noqa: B007 (named in the failure message)
             sid = f"jobtest-{uuid.uuid4().hex[:8]}"
             submit = subprocess.run(
-                [RAY, "job", "submit", "--address", address, "--submission-id", sid, "--working-dir", ".",
-                 "--runtime-env-json", json.dumps(runtime_env), "--",
-                 "python", "-m", "ray_jobs.prepare", "--config", "configs/quickstart.yaml",
-                 "output_root=runs", f"run_name={run}", *TINY],
-                cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+                [
+                    RAY,
+                    "job",
+                    "submit",
+                    "--address",
+                    address,
+                    "--submission-id",
+                    sid,
+                    "--working-dir",
+                    ".",
+                    "--runtime-env-json",
+                    json.dumps(runtime_env),
+                    "--",
+                    "python",
+                    "-m",
+                    "ray_jobs.prepare",
+                    "--config",
+                    "configs/quickstart.yaml",
+                    "output_root=runs",
+                    f"run_name={run}",
+                    *TINY,
+                ],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=420,
+            )
             log = submit.stdout + submit.stderr
             if submit.returncode == 0 or "No available agent to submit job" not in log:
                 break
@@ -161,10 +211,21 @@ def test_ray_job_submit_prepare():
         # starting its own local Ray: its driver is registered under the submission. (Asked in a
         # subprocess: the client needs the head's token from the environment.)
         probe = subprocess.run(
-            [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient; "
-             "i = JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2]); "
-             "print(i.model_dump_json() if hasattr(i, 'model_dump_json') else i.json())", address, sid],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-c",
+                "import sys; from ray.job_submission import JobSubmissionClient; "
+                "i = JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2]); "
+                "print(i.model_dump_json() if hasattr(i, 'model_dump_json') else i.json())",
+                address,
+                sid,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert probe.returncode == 0, probe.stderr[-3000:]
         info = json.loads(probe.stdout.strip().splitlines()[-1])
         assert info["status"] == "SUCCEEDED", info

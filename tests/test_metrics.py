@@ -1,4 +1,5 @@
 """Every metric against values worked out by hand."""
+
 import math
 
 import numpy as np
@@ -9,8 +10,7 @@ from reasonrec import metrics as M
 
 # ----------------------------------------------------------------------------------- ranking
 def test_rank_of_truth_tie_rules():
-    s = np.array([[0.1, 0.5, 0.5, 0.9],
-                  [3.0, 2.0, 1.0, 0.0]])
+    s = np.array([[0.1, 0.5, 0.5, 0.9], [3.0, 2.0, 1.0, 0.0]])
     truth = np.array([1, 0])
     # row 0: one strictly greater (0.9), one tie (the other 0.5)
     assert M.rank_of_truth(s, truth).tolist() == [2, 0]
@@ -137,8 +137,8 @@ def test_breakdown_by_eh_and_groups():
     assert out["eh:low"] == {"hr@5": 1.0, "n": 2}
     assert out["eh:high"] == {"hr@5": 0.0, "n": 3}
     assert out["eh:medium"] == {"hr@5": 1.0, "n": 1}
-    assert out["cs:coldest"] == {"hr@5": 0.5, "n": 2}   # groups 1, 2
-    assert out["cs:medium"] == {"hr@5": 1.0, "n": 2}    # groups 4, 5
+    assert out["cs:coldest"] == {"hr@5": 0.5, "n": 2}  # groups 1, 2
+    assert out["cs:medium"] == {"hr@5": 1.0, "n": 2}  # groups 4, 5
     assert out["cs:normal"] == {"hr@5": 0.5, "n": 6}
     assert out["cs:7"] == {"hr@5": 0.0, "n": 1}
     with pytest.raises(ValueError):
@@ -158,7 +158,7 @@ def test_system_disagreement_table_hand_computed():
     """Table 7 numbers from a hand-made set of scored queries (evaluate.disagreement_records)."""
     import pyarrow as pa
 
-    from ray_jobs.evaluate import disagreement_records, per_query_correct
+    from reasonrec.evaluation import disagreement_records, per_query_correct
 
     # Sequential, target 7 for every query. Tool top-5 / system top-5 and their top-1:
     #  q0 medium: tool [7..] right,  system [1..] wrong -> disagree (tool right)
@@ -167,13 +167,31 @@ def test_system_disagreement_table_hand_computed():
     #  q3 low:    not answered by the VLM -> left out
     tool = [[7, 1, 2, 3, 4], [1, 2, 3, 4, 5], [7, 1, 2, 3, 4], [7, 1, 2, 3, 4]]
     syst = [[1, 2, 3, 4, 5], [7, 1, 2, 3, 4], [7, 2, 3, 4, 5], [7, 1, 2, 3, 4]]
-    preds = pa.table({"query_id": [0, 1, 2, 3], "task": ["sequential"] * 4, "items": syst, "tool_items": tool,
-                      "prob": pa.array([None] * 4, pa.float32()), "tool_prob": pa.array([None] * 4, pa.float32())})
-    queries = pa.table({"query_id": [3, 2, 1, 0], "target": [7] * 4, "label": pa.array([None] * 4, pa.int8()),
-                        "reference": pa.array([None] * 4, pa.string())})
+    preds = pa.table(
+        {
+            "query_id": [0, 1, 2, 3],
+            "task": ["sequential"] * 4,
+            "items": syst,
+            "tool_items": tool,
+            "prob": pa.array([None] * 4, pa.float32()),
+            "tool_prob": pa.array([None] * 4, pa.float32()),
+        }
+    )
+    queries = pa.table(
+        {
+            "query_id": [3, 2, 1, 0],
+            "target": [7] * 4,
+            "label": pa.array([None] * 4, pa.int8()),
+            "reference": pa.array([None] * 4, pa.string()),
+        }
+    )
     tier = np.array(["medium", "high", "high", "low"])
-    got = {(r["group"], r["metric"]): (r["value"], r["n"]) for r in
-           disagreement_records("sequential", "m", preds, per_query_correct(preds, queries), np.ones(4, bool), tier)}
+    got = {
+        (r["group"], r["metric"]): (r["value"], r["n"])
+        for r in disagreement_records(
+            "sequential", "m", preds, per_query_correct(preds, queries), np.ones(4, bool), tier
+        )
+    }
     assert got[("vlm_answered", "tool_accuracy")] == (2 / 3, 3)
     assert got[("vlm_answered", "system_accuracy")] == (2 / 3, 3)
     assert got[("vlm_answered", "disagreement_rate")] == (2 / 3, 3)
@@ -183,14 +201,30 @@ def test_system_disagreement_table_hand_computed():
     assert got[("tier:high", "tool_accuracy_on_disagreement")] == (0.0, 1)
 
     # CTR: label 1, 0; tool says 0.8 / 0.7 (right, wrong); system 0.3 / 0.2 (wrong, right).
-    preds = pa.table({"query_id": [0, 1], "task": ["ctr"] * 2, "items": pa.array([None, None], pa.list_(pa.int64())),
-                      "tool_items": pa.array([None, None], pa.list_(pa.int64())), "prob": [0.3, 0.2],
-                      "tool_prob": [0.8, 0.7]})
-    queries = pa.table({"query_id": [0, 1], "target": pa.array([None, None], pa.int64()), "label": pa.array([1, 0], pa.int8()),
-                        "reference": pa.array([None, None], pa.string())})
-    got = {(r["group"], r["metric"]): r["value"] for r in
-           disagreement_records("ctr", "m", preds, per_query_correct(preds, queries), np.ones(2, bool),
-                                np.array(["high", "medium"]))}
+    preds = pa.table(
+        {
+            "query_id": [0, 1],
+            "task": ["ctr"] * 2,
+            "items": pa.array([None, None], pa.list_(pa.int64())),
+            "tool_items": pa.array([None, None], pa.list_(pa.int64())),
+            "prob": [0.3, 0.2],
+            "tool_prob": [0.8, 0.7],
+        }
+    )
+    queries = pa.table(
+        {
+            "query_id": [0, 1],
+            "target": pa.array([None, None], pa.int64()),
+            "label": pa.array([1, 0], pa.int8()),
+            "reference": pa.array([None, None], pa.string()),
+        }
+    )
+    got = {
+        (r["group"], r["metric"]): r["value"]
+        for r in disagreement_records(
+            "ctr", "m", preds, per_query_correct(preds, queries), np.ones(2, bool), np.array(["high", "medium"])
+        )
+    }
     assert got[("vlm_answered", "disagreement_rate")] == 1.0
     assert got[("vlm_answered", "tool_accuracy_on_disagreement")] == 0.5
     assert got[("tier:high", "system_accuracy")] == 0.0

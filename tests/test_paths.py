@@ -3,6 +3,7 @@ Ray Train workers, Ray Data tasks and actors and Serve replicas run in other wor
 where a relative path names another folder. The session's ``tiny_run`` is built from a temporary
 working directory with the default relative ``output_root: runs``; the Serve tests serve a run
 named by a relative root too (tests/test_serve.py)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,16 @@ STAGES = ("prepare", "train_tools", "instructions", "finetune", "planner", "scor
 def test_every_local_path_is_made_absolute_against_the_working_directory(tmp_path):
     (tmp_path / "models" / "mine").mkdir(parents=True)
     with contextlib.chdir(tmp_path):
-        cfg = load_config(CONFIG_DIR / "beauty.yaml", [
-            "output_root=runs", "score.queries_path=q/queries.parquet", "vlm.cache_dir=~/cache",
-            "data.sources.0.images_dir=img", "vlm.model=models/mine"])
+        cfg = load_config(
+            CONFIG_DIR / "beauty.yaml",
+            [
+                "output_root=runs",
+                "score.queries_path=q/queries.parquet",
+                "vlm.cache_dir=~/cache",
+                "data.sources.0.images_dir=img",
+                "vlm.model=models/mine",
+            ],
+        )
     assert cfg.output_root == str(tmp_path / "runs")
     assert cfg.score.queries_path == str(tmp_path / "q" / "queries.parquet")
     assert cfg.vlm.cache_dir == os.path.expanduser("~/cache")
@@ -32,24 +40,34 @@ def test_every_local_path_is_made_absolute_against_the_working_directory(tmp_pat
     assert cfg.data.sources[0].path == str(tmp_path / "data" / "amazon_beauty")
     assert cfg.data.sources[0].images_dir == str(tmp_path / "img")
     assert config_paths(cfg) == {
-        "output_root": cfg.output_root, "score.queries_path": cfg.score.queries_path,
-        "vlm.cache_dir": cfg.vlm.cache_dir, "vlm.model": cfg.vlm.model,
-        "data.sources.0.path": cfg.data.sources[0].path, "data.sources.0.images_dir": cfg.data.sources[0].images_dir}
+        "output_root": cfg.output_root,
+        "score.queries_path": cfg.score.queries_path,
+        "vlm.cache_dir": cfg.vlm.cache_dir,
+        "vlm.model": cfg.vlm.model,
+        "data.sources.0.path": cfg.data.sources[0].path,
+        "data.sources.0.images_dir": cfg.data.sources[0].images_dir,
+    }
 
 
 def test_urls_model_names_and_absolute_paths_are_left_alone(tmp_path):
     with contextlib.chdir(tmp_path):
-        cfg = load_config(CONFIG_DIR / "beauty.yaml", [
-            "output_root=s3://bucket/runs", "data.sources.0.path=s3://bucket/beauty", "vlm.model=org/some-vlm",
-            "score.queries_path=/abs/q.parquet"])
+        cfg = load_config(
+            CONFIG_DIR / "beauty.yaml",
+            [
+                "output_root=s3://bucket/runs",
+                "data.sources.0.path=s3://bucket/beauty",
+                "vlm.model=org/some-vlm",
+                "score.queries_path=/abs/q.parquet",
+            ],
+        )
         assert (cfg.output_root, cfg.data.sources[0].path) == ("s3://bucket/runs", "s3://bucket/beauty")
-        assert cfg.vlm.model == "org/some-vlm"          # a hub id: no such folder here
+        assert cfg.vlm.model == "org/some-vlm"  # a hub id: no such folder here
         assert cfg.score.queries_path == "/abs/q.parquet"
         assert load_config(CONFIG_DIR / "quickstart.yaml").vlm.model == "tiny"
         before = json.dumps(config_paths(cfg), sort_keys=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    assert json.dumps(config_paths(resolve_paths(cfg, str(elsewhere))), sort_keys=True) == before   # idempotent
+    assert json.dumps(config_paths(resolve_paths(cfg, str(elsewhere))), sort_keys=True) == before  # idempotent
 
 
 def test_print_config_shows_the_resolved_paths(tmp_path, capsys):
@@ -77,8 +95,10 @@ def test_every_stage_of_a_run_with_a_relative_root_reads_and_writes_one_run_fold
     for stage in STAGES:
         manifest = json.loads((root / cfg.run_name / stage / "_manifest.json").read_text())
         assert manifest["paths"]["output_root"] == str(root), stage
-    assert sorted(p.name.split("-")[0] for p in (root / cfg.run_name / "_ray_train").iterdir()) == \
-        ["finetune", "train_tools"]
+    assert sorted(p.name.split("-")[0] for p in (root / cfg.run_name / "_ray_train").iterdir()) == [
+        "finetune",
+        "train_tools",
+    ]
     # Nothing went to a "runs" folder relative to a worker's working directory.
     session_dir = Path(ray_local._private.worker._global_node.get_session_dir_path())
     assert not [p for p in session_dir.rglob(cfg.run_name) if p.parent.name == "runs"]

@@ -1,5 +1,6 @@
 """Planner rules (Ray-free): tiers, the cap of 3 tools, tool-choice strategies, calibration,
 persistence."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,43 +8,60 @@ import pytest
 
 from reasonrec.config import ConfigError, PlannerConfig, load_config
 from reasonrec.metrics import auc
-from reasonrec.planner import (FEATURES, TaskPlanner, ToolAnswers, assign_tier, explanation_decision, plan,
-                               query_features)
+from reasonrec.planner import (
+    FEATURES,
+    TaskPlanner,
+    ToolAnswers,
+    assign_tier,
+    explanation_decision,
+    plan,
+    query_features,
+)
 
 NAMES = ["a", "b", "c", "d", "e"]
 
 
-@pytest.mark.parametrize("bucket,conf,tier", [
-    ("low", 0.5, "low"),        # exactly at the bypass threshold: bypass
-    ("low", 0.4999, "medium"),  # just below it, low EH: VLM alone
-    ("medium", 0.99, "medium"),  # confident but not a low-EH user (paper rule)
-    ("high", 0.2999, "high"),   # cold and unsure: VLM consults tools
-    ("high", 0.3, "medium"),    # exactly at the consult threshold: not high risk
-    ("high", 0.9, "medium"),    # cold but confident
-    ("low", 0.1, "medium"),     # dense user, unsure: low EH is never high risk by default
-])
+@pytest.mark.parametrize(
+    "bucket,conf,tier",
+    [
+        ("low", 0.5, "low"),  # exactly at the bypass threshold: bypass
+        ("low", 0.4999, "medium"),  # just below it, low EH: VLM alone
+        ("medium", 0.99, "medium"),  # confident but not a low-EH user (paper rule)
+        ("high", 0.2999, "high"),  # cold and unsure: VLM consults tools
+        ("high", 0.3, "medium"),  # exactly at the consult threshold: not high risk
+        ("high", 0.9, "medium"),  # cold but confident
+        ("low", 0.1, "medium"),  # dense user, unsure: low EH is never high risk by default
+    ],
+)
 def test_tier_edges_follow_the_paper_rule(bucket, conf, tier):
     assert assign_tier(bucket, conf, PlannerConfig()) == tier
 
 
 def test_tier_buckets_and_modes_come_from_config():
-    cfg = PlannerConfig(bypass_buckets=["low", "medium"], consult_buckets=["medium", "high"],
-                        bypass_confidence=0.7, consult_confidence=0.2)
+    cfg = PlannerConfig(
+        bypass_buckets=["low", "medium"],
+        consult_buckets=["medium", "high"],
+        bypass_confidence=0.7,
+        consult_confidence=0.2,
+    )
     assert assign_tier("medium", 0.7, cfg) == "low"
     assert assign_tier("medium", 0.1, cfg) == "high"
     assert assign_tier("high", 0.99, cfg) == "medium"
     assert [assign_tier("low", 0.99, cfg, m) for m in ("tools", "vlm", "vlm_tools")] == ["low", "medium", "high"]
 
 
-@pytest.mark.parametrize("aware,bucket,conf,p_vlm,margin,tier", [
-    (True, "high", 0.40, 0.40, 0.0, "low"),      # tool exactly as likely right as the VLM: bypass
-    (True, "high", 0.3999, 0.40, 0.0, "medium"),  # just below: the VLM answers (not < consult 0.3)
-    (True, "high", 0.25, 0.40, 0.0, "high"),     # unsure and the VLM is better: VLM consults tools
-    (True, "medium", 0.45, 0.40, 0.1, "medium"),  # the margin asks for a clear lead
-    (True, "medium", 0.50, 0.40, 0.1, "low"),
-    (True, "high", 0.90, None, 0.0, "medium"),   # no VLM estimate for the bucket: the paper rule
-    (False, "high", 0.90, 0.10, 0.0, "medium"),  # switched off: the paper rule
-])
+@pytest.mark.parametrize(
+    "aware,bucket,conf,p_vlm,margin,tier",
+    [
+        (True, "high", 0.40, 0.40, 0.0, "low"),  # tool exactly as likely right as the VLM: bypass
+        (True, "high", 0.3999, 0.40, 0.0, "medium"),  # just below: the VLM answers (not < consult 0.3)
+        (True, "high", 0.25, 0.40, 0.0, "high"),  # unsure and the VLM is better: VLM consults tools
+        (True, "medium", 0.45, 0.40, 0.1, "medium"),  # the margin asks for a clear lead
+        (True, "medium", 0.50, 0.40, 0.1, "low"),
+        (True, "high", 0.90, None, 0.0, "medium"),  # no VLM estimate for the bucket: the paper rule
+        (False, "high", 0.90, 0.10, 0.0, "medium"),  # switched off: the paper rule
+    ],
+)
 def test_vlm_aware_bypass_when_the_tool_is_likelier_right(aware, bucket, conf, p_vlm, margin, tier):
     assert assign_tier(bucket, conf, PlannerConfig(vlm_aware=aware, vlm_margin=margin), vlm_right=p_vlm) == tier
 
@@ -53,15 +71,19 @@ def test_vlm_right_is_smoothed_per_bucket_saved_and_used_by_plan():
     cfg = PlannerConfig(confidence_rounds=20, vlm_aware=True)
     planner = TaskPlanner.fit("sequential", NAMES, x, usable, cfg)
     rep = planner.set_vlm_right(["low", "low", "high", "high", "high", "high"], [True, True, False, False, False, True])
-    assert planner.vlm_right == {"low": 3 / 4, "medium": 1 / 2, "high": 2 / 6}      # (hits + 1) / (n + 2)
+    assert planner.vlm_right == {"low": 3 / 4, "medium": 1 / 2, "high": 2 / 6}  # (hits + 1) / (n + 2)
     assert rep["high"] == {"n": 4, "right": 1, "p_vlm_right": 2 / 6}
     again = TaskPlanner.from_state(planner.state(), cfg)
     assert again.vlm_right == planner.vlm_right
     # plan(): a high-EH query whose tool confidence beats the VLM's 1/3 is answered by the tool.
     xt = x[:40]
     conf = again.confidence(xt, again.choose(xt))
-    ans = ToolAnswers("sequential", NAMES, items={n: np.zeros((40, 10), np.int64) for n in NAMES},
-                      margin={n: np.zeros(40) for n in NAMES})
+    ans = ToolAnswers(
+        "sequential",
+        NAMES,
+        items={n: np.zeros((40, 10), np.int64) for n in NAMES},
+        margin={n: np.zeros(40) for n in NAMES},
+    )
     ds = plan(again, ans, xt, ["high"] * 40, np.full(40, 0.9), np.arange(40), cfg)
     for d, c in zip(ds, conf):
         assert d.tier == ("low" if c >= 2 / 6 else ("high" if c < cfg.consult_confidence else "medium"))
@@ -83,12 +105,12 @@ def test_ctr_vlm_aware_bar_compares_auc_not_hits():
     buckets = np.array(["low", "high", "medium"])[np.arange(n) % 3]
     labels = rng.random(n) < 0.2
     labels[buckets == "medium"] = False
-    labels[np.flatnonzero(buckets == "medium")[:3]] = True                # 3 positives (< MIN_AUC_CLASS): pooled
-    tool = np.clip(labels * 0.3 + rng.random(n) * 0.7, 0, 1)              # informative
+    labels[np.flatnonzero(buckets == "medium")[:3]] = True  # 3 positives (< MIN_AUC_CLASS): pooled
+    tool = np.clip(labels * 0.3 + rng.random(n) * 0.7, 0, 1)  # informative
     vlm = np.where(buckets == "high", np.clip(labels * 0.9 + rng.random(n) * 0.1, 0, 1), 0.2)  # better on high only
-    vlm = [None if i == 0 else float(v) for i, v in enumerate(vlm)]       # a missing answer counts 0.5
+    vlm = [None if i == 0 else float(v) for i, v in enumerate(vlm)]  # a missing answer counts 0.5
     rep = planner.set_vlm_auc(buckets.tolist(), labels.tolist(), vlm, tool.tolist())
-    assert planner.vlm_right == {"low": 0.0, "medium": 0.0}               # "high": VLM better, no bar
+    assert planner.vlm_right == {"low": 0.0, "medium": 0.0}  # "high": VLM better, no bar
     assert rep["high"]["auc_vlm"] > rep["high"]["auc_tool"] and rep["high"]["bypass_bar"] is None
     assert rep["low"]["auc_vlm"] == pytest.approx(0.5, abs=0.02) and rep["medium"]["pooled"]
     assert not rep["low"]["pooled"] and not rep["high"]["pooled"]
@@ -96,7 +118,9 @@ def test_ctr_vlm_aware_bar_compares_auc_not_hits():
     again = TaskPlanner.from_state(planner.state(), cfg)
     assert again.vlm_right == planner.vlm_right and again.vlm_auc == planner.vlm_auc
     xt = x[:30]
-    ans = ToolAnswers("ctr", NAMES, prob={nm: np.full(30, 0.1) for nm in NAMES}, margin={nm: np.zeros(30) for nm in NAMES})
+    ans = ToolAnswers(
+        "ctr", NAMES, prob={nm: np.full(30, 0.1) for nm in NAMES}, margin={nm: np.zeros(30) for nm in NAMES}
+    )
     qb = ["low", "medium", "high"] * 10
     ds = plan(again, ans, xt, qb, np.full(30, 0.5), np.arange(30), PlannerConfig(vlm_aware=True, bypass_buckets=[]))
     for d, b in zip(ds, qb):
@@ -128,8 +152,8 @@ def test_learned_choice_picks_the_right_tool_and_caps_at_three():
     planner = TaskPlanner.fit("sequential", NAMES, x, usable, PlannerConfig(confidence_rounds=40))
     xt, ut = _world(seed=1)
     choice = planner.choose(xt)
-    assert choice.shape == (len(xt), 3)                                   # the cap
-    assert all(len(set(row)) == 3 for row in choice.tolist())             # no tool twice
+    assert choice.shape == (len(xt), 3)  # the cap
+    assert all(len(set(row)) == 3 for row in choice.tolist())  # no tool twice
     primary = np.array(NAMES)[choice[:, 0]]
     right = np.where(xt[:, 0] > 0.5, primary == "a", primary == "b")
     assert right.mean() > 0.9
@@ -156,8 +180,13 @@ def test_guard_falls_back_to_the_tool_that_is_best_everywhere():
     rng = np.random.default_rng(11)
     n = 1000
     x = rng.random((n, len(FEATURES) + len(NAMES))).astype(np.float32)
-    usable = {"a": rng.random(n) < 0.3, "b": rng.random(n) < 0.6, "c": rng.random(n) < 0.2,
-              "d": rng.random(n) < 0.1, "e": rng.random(n) < 0.1}
+    usable = {
+        "a": rng.random(n) < 0.3,
+        "b": rng.random(n) < 0.6,
+        "c": rng.random(n) < 0.2,
+        "d": rng.random(n) < 0.1,
+        "e": rng.random(n) < 0.1,
+    }
     cfg = PlannerConfig(confidence_rounds=40)
     planner = TaskPlanner.fit("sequential", NAMES, x, usable, cfg)
     g = planner.guard
@@ -166,9 +195,13 @@ def test_guard_falls_back_to_the_tool_that_is_best_everywhere():
     choice = planner.choose(xt)
     assert (choice == choice[0]).all() and NAMES[choice[0, 0]] == "b"
     assert np.array_equal(choice, planner.choose(xt, how="fixed"))
-    ans = ToolAnswers("sequential", NAMES, items={m: np.tile(np.arange(10), (300, 1)) + i for i, m in enumerate(NAMES)},
-                      scores={m: -np.arange(10.0)[None].repeat(300, 0) for m in NAMES},
-                      margin={m: np.zeros(300) for m in NAMES})
+    ans = ToolAnswers(
+        "sequential",
+        NAMES,
+        items={m: np.tile(np.arange(10), (300, 1)) + i for i, m in enumerate(NAMES)},
+        scores={m: -np.arange(10.0)[None].repeat(300, 0) for m in NAMES},
+        margin={m: np.zeros(300) for m in NAMES},
+    )
     ds = plan(planner, ans, xt, ["low"] * 300, np.full(300, 0.1), np.arange(300), PlannerConfig(bypass_confidence=0.0))
     assert {d.primary for d in ds} == {"b"} and all(d.tools == ["b"] for d in ds)
     # guard_z=-1: no guard.
@@ -177,7 +210,7 @@ def test_guard_falls_back_to_the_tool_that_is_best_everywhere():
 
 
 def test_guard_needs_held_out_queries():
-    x, usable = _world(n=30)     # too few to split: nothing is held out to test the learned choice
+    x, usable = _world(n=30)  # too few to split: nothing is held out to test the learned choice
     planner = TaskPlanner.fit("sequential", NAMES, x, usable, PlannerConfig(confidence_rounds=5))
     assert planner.guard["use"] == "fixed" and "no held-out" in planner.guard["why"]
 
@@ -188,13 +221,13 @@ def test_oracle_random_and_fixed_baselines():
     planner = TaskPlanner.fit("sequential", NAMES, x, usable, cfg)
     oracle = planner.choose(x, truth_usable=usable, how="oracle")
     prim = np.array(NAMES)[oracle[:, 0]]
-    assert np.all(np.where(x[:, 0] > 0.5, prim == "a", prim == "b"))     # a usable tool always first
+    assert np.all(np.where(x[:, 0] > 0.5, prim == "a", prim == "b"))  # a usable tool always first
     with pytest.raises(ValueError, match="truth"):
         planner.choose(x, how="oracle")
     keys = np.arange(len(x))
     r1, r2 = planner.choose(x, keys=keys, how="random"), planner.choose(x, keys=keys, how="random")
-    assert np.array_equal(r1, r2)                                        # seeded: reproducible
-    assert len({tuple(r) for r in r1.tolist()}) > 10                     # but varies across queries
+    assert np.array_equal(r1, r2)  # seeded: reproducible
+    assert len({tuple(r) for r in r1.tolist()}) > 10  # but varies across queries
     fixed = planner.choose(x, how="fixed")
     assert (fixed == fixed[0]).all() and set(np.array(NAMES)[fixed[0, :2]]) == {"a", "b"}
 
@@ -216,8 +249,9 @@ def test_fixed_choice_follows_a_given_order_and_its_confidence_learns_on_it():
 
 
 def test_confidence_is_calibrated_on_held_out_queries():
-    def p_right(x):   # how likely the right tool is right depends on a cheap feature (x1)
+    def p_right(x):  # how likely the right tool is right depends on a cheap feature (x1)
         return 0.2 + 0.7 * x[:, 1]
+
     x, usable = _world(n=3000, p_right=p_right)
     planner = TaskPlanner.fit("sequential", NAMES, x, usable, PlannerConfig(confidence_rounds=60))
     xt, ut = _world(n=3000, seed=3, p_right=p_right)
@@ -225,8 +259,9 @@ def test_confidence_is_calibrated_on_held_out_queries():
     conf = planner.confidence(xt, choice)
     right = np.stack([ut[n] for n in NAMES], 1)[np.arange(len(xt)), choice[:, 0]]
     assert abs(conf.mean() - right.mean()) < 0.05
-    assert np.corrcoef(conf, p_right(xt))[0, 1] > 0.8                   # per query, not a constant
+    assert np.corrcoef(conf, p_right(xt))[0, 1] > 0.8  # per query, not a constant
     from reasonrec.vlm.infer import expected_calibration_error
+
     assert expected_calibration_error(conf, right) < 0.06
 
 
@@ -242,22 +277,40 @@ def test_state_round_trip_gives_identical_decisions():
 
 def _answers(b=4):
     items = {n: np.tile(np.arange(10), (b, 1)) + i for i, n in enumerate(NAMES)}
-    return ToolAnswers("sequential", NAMES, items=items, scores={n: -np.arange(10.0)[None].repeat(b, 0) for n in NAMES},
-                       margin={n: np.full(b, 0.1 * i) for i, n in enumerate(NAMES)})
+    return ToolAnswers(
+        "sequential",
+        NAMES,
+        items=items,
+        scores={n: -np.arange(10.0)[None].repeat(b, 0) for n in NAMES},
+        margin={n: np.full(b, 0.1 * i) for i, n in enumerate(NAMES)},
+    )
 
 
 def test_plan_records_tier_tools_and_rationale():
     x, usable = _world()
-    cfg = PlannerConfig(confidence_rounds=10, bypass_confidence=0.0, bypass_buckets=["low"],
-                        consult_buckets=["high"], consult_confidence=1.01)
+    cfg = PlannerConfig(
+        confidence_rounds=10,
+        bypass_confidence=0.0,
+        bypass_buckets=["low"],
+        consult_buckets=["high"],
+        consult_confidence=1.01,
+    )
     planner = TaskPlanner.fit("sequential", NAMES, x, usable, cfg)
     ans = _answers()
     feats = query_features(ans, np.array([0.1, 0.5, 0.9, 0.9]), np.array([20, 5, 1, 1]), np.ones(20))
     assert feats.shape == (4, len(FEATURES) + len(NAMES))
-    ds = plan(planner, ans, feats, ["low", "medium", "high", "high"], np.array([0.1, 0.5, 0.9, 0.9]),
-              np.arange(4), cfg, cold=[False, False, False, True])
+    ds = plan(
+        planner,
+        ans,
+        feats,
+        ["low", "medium", "high", "high"],
+        np.array([0.1, 0.5, 0.9, 0.9]),
+        np.arange(4),
+        cfg,
+        cold=[False, False, False, True],
+    )
     assert [d.tier for d in ds] == ["low", "medium", "high", "high"]
-    assert len(ds[0].tools) == 1 and ds[1].tools == [] and len(ds[2].tools) == 3   # low: primary only
+    assert len(ds[0].tools) == 1 and ds[1].tools == [] and len(ds[2].tools) == 3  # low: primary only
     assert "VLM bypassed" in ds[0].rationale and "consults" in ds[2].rationale
     assert ds[3].rationale.startswith("unknown user treated as cold")
     e = explanation_decision("high", 0.9)

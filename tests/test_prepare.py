@@ -1,5 +1,6 @@
 """The prepare job end to end on a real local Ray: synthetic world (local root) and a corrupt
 multi-source input (RecBole fixture + synthetic, k-core) written to S3 (moto on 127.0.0.1)."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,12 @@ from reasonrec.config import CONFIG_DIR, load_config
 from reasonrec.data import prepare as P
 from reasonrec.io import open_store
 
-TINY = ["data.sources.0.synthetic.n_users=150", "data.sources.0.synthetic.n_items=60",
-        "ray.shuffle_partitions=2", "data.direct_negatives=20"]
+TINY = [
+    "data.sources.0.synthetic.n_users=150",
+    "data.sources.0.synthetic.n_items=60",
+    "ray.shuffle_partitions=2",
+    "data.direct_negatives=20",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,8 @@ def _tables(store, *names):
 def test_summary_and_row_accounting(synthetic_run):
     cfg, s, store = synthetic_run
     assert s["input_rows"]["interactions"] == s["rows"]["interactions"] + sum(
-        v for k, v in s["quarantine_by_reason"].items())
+        v for k, v in s["quarantine_by_reason"].items()
+    )
     assert s["n_users"] == 150 and s["rows"]["users"] == 150
     assert sum(s["users_per_bucket"].values()) == 150
     assert set(s["bucket_shares_by_normalizer"]) == {"max", "quantile", "rank", "log"}
@@ -60,7 +66,7 @@ def test_leave_one_out_is_the_time_ordered_sequence(synthetic_run):
 
 def test_evidence_horizon_matches_the_paper_formula(synthetic_run):
     _, s, store = synthetic_run
-    users, = _tables(store, "users")
+    (users,) = _tables(store, "users")
     n = users.column("n_train").to_numpy()
     eh = users.column("evidence_horizon").to_numpy()
     np.testing.assert_allclose(eh, 1 - n / n.max(), atol=1e-6)
@@ -85,13 +91,13 @@ def test_negatives_are_never_positives(synthetic_run):
     for r in ctr.filter(pc.equal(ctr.column("label"), 0)).to_pylist():
         assert r["item_id"] not in pos[r["user_id"]]
         negs.setdefault(r["user_id"], set()).add(r["item_id"])
-    for u, p in pos.items():   # 1:4, or every remaining item when the catalog is too small
+    for u, p in pos.items():  # 1:4, or every remaining item when the catalog is too small
         assert len(negs.get(u, ())) == min(4 * len(p), n_items - len(p))
 
 
 def test_ctr_users_with_three_items_are_in_every_split(synthetic_run):
     _, _, store = synthetic_run
-    ctr, = _tables(store, "ctr")
+    (ctr,) = _tables(store, "ctr")
     splits = {}
     for r in ctr.filter(pc.equal(ctr.column("label"), 1)).to_pylist():
         splits.setdefault(r["user_id"], []).append(r["split"])
@@ -105,27 +111,31 @@ def test_ctr_users_with_three_items_are_in_every_split(synthetic_run):
 def test_explanation_and_timeshift_splits(synthetic_run):
     _, s, store = synthetic_run
     expl, ts = _tables(store, "explanation", "timeshift")
-    assert expl.num_rows == s["rows"]["interactions"]          # every synthetic interaction has a review
+    assert expl.num_rows == s["rows"]["interactions"]  # every synthetic interaction has a review
     assert set(expl.column("split").to_pylist()) == {"train", "valid", "test"}
     cut = s["timeshift_cutoff"]
     t = ts.to_pydict()
     assert all((x < cut) == (sp == "train") for x, sp in zip(t["ts"], t["split"]))
-    assert abs(np.mean(np.asarray(t["ts"]) < cut) - 0.9) < 0.03      # the 0.9 quantile of time
+    assert abs(np.mean(np.asarray(t["ts"]) < cut) - 0.9) < 0.03  # the 0.9 quantile of time
 
 
 def test_items_have_dense_ids_and_images(synthetic_run):
     _, _, store = synthetic_run
-    items, = _tables(store, "items")
+    (items,) = _tables(store, "items")
     assert sorted(items.column("item_id").to_pylist()) == list(range(items.num_rows))
     assert items.column("image").null_count == 0
 
 
 def test_ids_are_dense_sorted_and_consistent_between_tables(synthetic_run):
     _, s, store = synthetic_run
-    users, items, inter, loo, direct, ctr = _tables(store, "users", "items", "interactions", "loo", "direct_candidates", "ctr")
+    users, items, inter, loo, direct, ctr = _tables(
+        store, "users", "items", "interactions", "loo", "direct_candidates", "ctr"
+    )
     # ids are the ranks of the sorted source keys (items: domain + separator + key)
     by_uid = dict(zip(users.column("user_id").to_pylist(), users.column("user_key").to_pylist()))
-    assert sorted(by_uid) == list(range(s["n_users"])) and [by_uid[i] for i in range(len(by_uid))] == sorted(by_uid.values())
+    assert sorted(by_uid) == list(range(s["n_users"])) and [by_uid[i] for i in range(len(by_uid))] == sorted(
+        by_uid.values()
+    )
     ikeys = P.item_lookup_key(items.column("domain"), items.column("item_key")).to_pylist()
     by_iid = dict(zip(items.column("item_id").to_pylist(), ikeys))
     assert sorted(by_iid) == list(range(s["n_items"])) and [by_iid[i] for i in range(len(by_iid))] == sorted(ikeys)
@@ -140,8 +150,10 @@ def synthetic_rerun(ray_local, tmp_path_factory):
     """The same world read and shuffled with other block counts, item ids joined by hash
     partition instead of broadcast."""
     root = tmp_path_factory.mktemp("rerun")
-    cfg = load_config(CONFIG_DIR / "quickstart.yaml", TINY + [
-        f"output_root={root}", "ray.shuffle_partitions=5", "data.sources.0.synthetic.n_user_shards=3"])
+    cfg = load_config(
+        CONFIG_DIR / "quickstart.yaml",
+        TINY + [f"output_root={root}", "ray.shuffle_partitions=5", "data.sources.0.synthetic.n_user_shards=3"],
+    )
     broadcast_max = job.BROADCAST_MAX_KEYS
     job.BROADCAST_MAX_KEYS = 0
     try:
@@ -151,9 +163,17 @@ def synthetic_rerun(ray_local, tmp_path_factory):
     return open_store(cfg)
 
 
-@pytest.mark.parametrize("table,key", [("users", ["user_id"]), ("items", ["item_id"]), ("loo", ["user_id"]),
-                                       ("direct_candidates", ["user_id", "split"]),
-                                       ("ctr", ["user_id", "label", "item_id"]), ("explanation", ["user_id", "item_id"])])
+@pytest.mark.parametrize(
+    "table,key",
+    [
+        ("users", ["user_id"]),
+        ("items", ["item_id"]),
+        ("loo", ["user_id"]),
+        ("direct_candidates", ["user_id", "split"]),
+        ("ctr", ["user_id", "label", "item_id"]),
+        ("explanation", ["user_id", "item_id"]),
+    ],
+)
 def test_outputs_do_not_depend_on_partitioning(synthetic_run, synthetic_rerun, table, key):
     _, _, store = synthetic_run
     a, b = store.read_table("prepare", table), synthetic_rerun.read_table("prepare", table)
@@ -163,7 +183,7 @@ def test_outputs_do_not_depend_on_partitioning(synthetic_run, synthetic_rerun, t
 
 def test_dense_ids_across_block_counts(ray_local):
     rng = np.random.default_rng(3)
-    keys = [f"k{i}" for i in rng.integers(0, 500, 4000)] + ["é", "Z", "k 1"]   # repeats, non-ASCII, space
+    keys = [f"k{i}" for i in rng.integers(0, 500, 4000)] + ["é", "Z", "k 1"]  # repeats, non-ASCII, space
     expected = {k: i for i, k in enumerate(sorted(set(keys)))}
     flags = rng.integers(0, 2, len(keys))
     flag_max = {}
@@ -200,7 +220,7 @@ def test_per_key_partitions_hold_every_row_of_a_key_under_either_shuffle_strateg
     finally:
         ctx.shuffle_strategy = before
     got = [r["key"] for r in rows]
-    assert len(got) == len(set(got)) == len(set(keys.tolist()))   # each key counted in one block only
+    assert len(got) == len(set(got)) == len(set(keys.tolist()))  # each key counted in one block only
     assert {r["key"]: r["rows"] for r in rows} == dict(zip(*np.unique(keys, return_counts=True)))
 
 
@@ -217,24 +237,33 @@ def _seqs(n_users: int, n_items: int, seed: int = 0) -> pa.Table:
     users, blank and missing reviews, NaN ratings."""
     rng = np.random.default_rng(seed)
     lens = np.minimum(np.maximum(1, rng.geometric(0.2, n_users)), n_items)
-    lens[:3] = n_items            # heavy users: the catalog nearly runs out for them
+    lens[:3] = n_items  # heavy users: the catalog nearly runs out for them
     items = rng.integers(0, n_items, lens.sum())
     off = pa.array(np.r_[0, np.cumsum(lens)].astype(np.int32))
     reviews = rng.choice(np.array(["good", " ", None], dtype=object), lens.sum(), p=[0.7, 0.15, 0.15])
     ratings = rng.random(lens.sum()).astype(np.float32)
     ratings[::5] = np.nan
-    return pa.table({
-        "user_id": pa.array(np.arange(n_users) * 7 + 11, pa.int64()),
-        "items": pa.ListArray.from_arrays(off, pa.array(items)),
-        "ts": pa.ListArray.from_arrays(off, pa.array(np.arange(lens.sum()))),
-        "ratings": pa.ListArray.from_arrays(off, pa.array(ratings)),
-        "reviews": pa.ListArray.from_arrays(off, pa.array(reviews, pa.string())),
-    })
+    return pa.table(
+        {
+            "user_id": pa.array(np.arange(n_users) * 7 + 11, pa.int64()),
+            "items": pa.ListArray.from_arrays(off, pa.array(items)),
+            "ts": pa.ListArray.from_arrays(off, pa.array(np.arange(lens.sum()))),
+            "ratings": pa.ListArray.from_arrays(off, pa.array(ratings)),
+            "reviews": pa.ListArray.from_arrays(off, pa.array(reviews, pa.string())),
+        }
+    )
 
 
 def _params(n_items: int, k: int, seed: int = 1) -> P.SplitParams:
-    return P.SplitParams(n_items=n_items, seed=seed, direct_negatives=k, ctr_negatives=4, ctr_split=(0.8, 0.1, 0.1),
-                         explanation_split=(0.8, 0.1, 0.1), eh_thresholds=(0.3, 0.7))
+    return P.SplitParams(
+        n_items=n_items,
+        seed=seed,
+        direct_negatives=k,
+        ctr_negatives=4,
+        ctr_split=(0.8, 0.1, 0.1),
+        explanation_split=(0.8, 0.1, 0.1),
+        eh_thresholds=(0.3, 0.7),
+    )
 
 
 # 60 items: most lists take the dense path (rank the whole complement); 5000: rejection sampling.
@@ -263,7 +292,7 @@ def test_vectorised_negatives(n_items, k):
         splits = [sp for _, sp in pos]
         if len(h) >= 3:
             assert {"train", "valid", "test"} == set(splits)
-        if 4 * len(h) <= n_items - len(h):   # uncapped: 4 negatives per positive, in its split
+        if 4 * len(h) <= n_items - len(h):  # uncapped: 4 negatives per positive, in its split
             assert all([sp for _, sp in neg].count(x) == 4 * splits.count(x) for x in set(splits))
 
 
@@ -317,6 +346,7 @@ sku-4\tmirror\tGlassCo\t12
 @pytest.fixture(scope="module")
 def s3_multi_run(ray_local, s3_endpoint, tmp_path_factory):
     import s3fs
+
     src = tmp_path_factory.mktemp("recbole")
     (src / "mini.inter").write_text(INTER)
     (src / "mini.item").write_text(ITEM)
@@ -325,9 +355,14 @@ def s3_multi_run(ray_local, s3_endpoint, tmp_path_factory):
     fs.put(str(src) + "/", "multi/src/", recursive=True)
     overrides = [
         "data.sources=[{kind: recbole, domain: shop, path: 's3://multi/src'}, {kind: synthetic, domain: syn}]",
-        "data.sources.1.synthetic.n_users=80", "data.sources.1.synthetic.n_items=40",
-        "ray.shuffle_partitions=2", "data.direct_negatives=5", "data.kcore=2",
-        f"storage.s3_endpoint_url={s3_endpoint}", "output_root=s3://multi/runs", "run_name=multi",
+        "data.sources.1.synthetic.n_users=80",
+        "data.sources.1.synthetic.n_items=40",
+        "ray.shuffle_partitions=2",
+        "data.direct_negatives=5",
+        "data.kcore=2",
+        f"storage.s3_endpoint_url={s3_endpoint}",
+        "output_root=s3://multi/runs",
+        "run_name=multi",
     ]
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", overrides)
     s = job.run(cfg)
@@ -336,7 +371,7 @@ def s3_multi_run(ray_local, s3_endpoint, tmp_path_factory):
 
 def test_corrupt_rows_are_quarantined_with_reasons(s3_multi_run):
     _, s, store = s3_multi_run
-    q, = _tables(store, "quarantine")
+    (q,) = _tables(store, "quarantine")
     reasons = s["quarantine_by_reason"]
     assert reasons["missing user key"] == 1
     assert reasons["duplicate interaction"] == 1
@@ -344,13 +379,17 @@ def test_corrupt_rows_are_quarantined_with_reasons(s3_multi_run):
     assert reasons["negative timestamp"] == 1
     assert reasons["duplicate item row"] == 1
     assert reasons["negative price"] == 1
-    assert any(r.startswith("parse error") for r in reasons)            # dave's short line
+    assert any(r.startswith("parse error") for r in reasons)  # dave's short line
     assert any("k-core" in r for r in reasons)
     # Nothing silently dropped: every input row is kept or quarantined.
     assert s["input_rows"]["interactions"] == s["rows"]["interactions"] + sum(
-        n for r, n in reasons.items() if r not in ("duplicate item row", "negative price"))
-    rec = [json.loads(x) for x, r in zip(q.column("record").to_pylist(), q.column("reason").to_pylist())
-           if r == "duplicate interaction"]
+        n for r, n in reasons.items() if r not in ("duplicate item row", "negative price")
+    )
+    rec = [
+        json.loads(x)
+        for x, r in zip(q.column("record").to_pylist(), q.column("reason").to_pylist())
+        if r == "duplicate interaction"
+    ]
     assert rec == [{"user_key": "alice", "item_key": "sku-2", "ts": 200}]
 
 

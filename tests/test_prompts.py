@@ -1,4 +1,5 @@
 """Templates, user descriptions, chain-of-thought targets and the noisy-tools augmentation."""
+
 from __future__ import annotations
 
 import re
@@ -6,18 +7,42 @@ import re
 import numpy as np
 import pytest
 
-from reasonrec.prompts.cot import (ANSWER_MARKER, NoisyTools, compose_target, format_thought,
-                                   parse_output, split_target, tool_alternatives)
-from reasonrec.prompts.templates import (N_TEMPLATES, REQUIRED_SLOTS, TASKS, TEMPLATES, ItemRef,
-                                         PromptInputs, RenderOptions, TemplateSampler, ToolHint,
-                                         item_text, render_prompt)
+from reasonrec.prompts.cot import (
+    ANSWER_MARKER,
+    NoisyTools,
+    compose_target,
+    format_thought,
+    parse_output,
+    split_target,
+    tool_alternatives,
+)
+from reasonrec.prompts.templates import (
+    N_TEMPLATES,
+    REQUIRED_SLOTS,
+    TASKS,
+    TEMPLATES,
+    ItemRef,
+    PromptInputs,
+    RenderOptions,
+    TemplateSampler,
+    ToolHint,
+    item_text,
+    render_prompt,
+)
 from reasonrec.prompts.user_desc import ItemAttributes, describe_user, describe_users
 
 # Item ids chosen so that no title/brand/category text contains them: any occurrence in a prompt
 # would be a leaked numeric id.
 IDS = [7301, 8812, 9923, 6647, 5519, 4408, 3377]
-TITLES = ["nail lacquer simmer and shimmer", "red shatter crackle polish", "prestige beblesh balm",
-          "volume mascara", "rose lip tint", "daily face cream", "argan hair oil"]
+TITLES = [
+    "nail lacquer simmer and shimmer",
+    "red shatter crackle polish",
+    "prestige beblesh balm",
+    "volume mascara",
+    "rose lip tint",
+    "daily face cream",
+    "argan hair oil",
+]
 
 
 def _refs(ids, photo=True):
@@ -26,9 +51,16 @@ def _refs(ids, photo=True):
 
 def _inputs():
     return PromptInputs(
-        user_id=42, user_desc="likes Nail Polish; brand OPI", history=_refs(IDS[:5]),
-        eh_value=0.82, eh_bucket="high", item=_refs([IDS[5]])[0], candidates=_refs(IDS[4:7]),
-        rating=4.0, tool_hints=[ToolHint("sasrec", items=[TITLES[0], TITLES[1]]), ToolHint("dcnv2", prob=0.7)])
+        user_id=42,
+        user_desc="likes Nail Polish; brand OPI",
+        history=_refs(IDS[:5]),
+        eh_value=0.82,
+        eh_bucket="high",
+        item=_refs([IDS[5]])[0],
+        candidates=_refs(IDS[4:7]),
+        rating=4.0,
+        tool_hints=[ToolHint("sasrec", items=[TITLES[0], TITLES[1]]), ToolHint("dcnv2", prob=0.7)],
+    )
 
 
 def test_ten_distinct_templates_per_task_with_all_slots():
@@ -59,7 +91,7 @@ def test_render_fills_slots_and_never_shows_numeric_ids(task):
             assert r.image_items == [IDS[5]]
         else:
             assert "0.82 (high)" in r.text
-            assert "volume mascara" in r.text   # history item text
+            assert "volume mascara" in r.text  # history item text
         if task == "sequential":
             # only the 3 most recent history items carry a photo, in history order
             assert r.image_items == IDS[2:5]
@@ -82,8 +114,12 @@ def test_image_order_follows_placeholders():
 
 def test_history_limits_and_item_text_sanitised():
     hist = [ItemRef(1000 + i, f"item{chr(97 + i)} <image>", True) for i in range(10)]
-    r = render_prompt("sequential", PromptInputs(1, "d", hist, 0.5, "medium"), 0,
-                      RenderOptions(max_history_items=4, max_history_photos=2))
+    r = render_prompt(
+        "sequential",
+        PromptInputs(1, "d", hist, 0.5, "medium"),
+        0,
+        RenderOptions(max_history_items=4, max_history_photos=2),
+    )
     assert "itemf" not in r.text and "itemg" in r.text and "itemj" in r.text
     assert r.text.count("<image>") == 2 and r.image_items == [1008, 1009]
     assert item_text("x <b>", "Unknown", "Nails") == "x b [Nails]"
@@ -93,9 +129,9 @@ def test_template_mixture_vs_single_switch():
     keys = np.arange(5000)
     mix = TemplateSampler(mixture=True, seed=3).pick_many("sequential", keys)
     counts = np.bincount(mix, minlength=10)
-    assert counts.min() > 400 and counts.max() < 600          # roughly uniform
+    assert counts.min() > 400 and counts.max() < 600  # roughly uniform
     again = TemplateSampler(mixture=True, seed=3).pick_many("sequential", keys)
-    assert np.array_equal(mix, again)                          # deterministic
+    assert np.array_equal(mix, again)  # deterministic
     other = TemplateSampler(mixture=True, seed=4).pick_many("sequential", keys)
     assert not np.array_equal(mix, other)
     single = TemplateSampler(mixture=False, single_template=7).pick_many("ctr", keys)
@@ -106,10 +142,16 @@ def test_template_mixture_vs_single_switch():
 def test_user_description_content():
     attrs = ItemAttributes.from_columns(
         brand=["OPI", "OPI", "Maybelline", None, "Loreal"],
-        categories=[["Makeup", "Nails", "Nail Polish"], ["Makeup", "Nails", "Nail Polish"],
-                    ["Makeup", "Eyes", "Mascara"], ["Skin Care", "Face"], ["Hair Care", "Oils"]],
+        categories=[
+            ["Makeup", "Nails", "Nail Polish"],
+            ["Makeup", "Nails", "Nail Polish"],
+            ["Makeup", "Eyes", "Mascara"],
+            ["Skin Care", "Face"],
+            ["Hair Care", "Oils"],
+        ],
         price=[5.0, 6.0, 12.0, 40.0, None],
-        styles={"colour": ["red", "red", "black", None, None]})
+        styles={"colour": ["red", "red", "black", None, None]},
+    )
     d = describe_user(np.array([0, 1, 2]), attrs)
     assert "Nail Polish" in d and "OPI" in d and "mostly red" in d
     assert d.index("Nail Polish") < d.index("Mascara")  # dominant first
@@ -119,7 +161,8 @@ def test_user_description_content():
     assert many[1].startswith("new user")
     assert "Face" in many[2] and "premium prices" in many[2]
     assert len(many[0]) <= 160
-    import pyarrow as pa   # Arrow list column (a Ray Data batch) gives the same answers
+    import pyarrow as pa  # Arrow list column (a Ray Data batch) gives the same answers
+
     col = pa.chunked_array([pa.array([[0, 1, 2], []], pa.list_(pa.int64())), pa.array([[3, 3]], pa.list_(pa.int64()))])
     assert describe_users(col, attrs) == many
 
@@ -157,10 +200,19 @@ def test_tool_alternatives_are_the_thoughts_training_writes():
     alts = tool_alternatives(written, ["sasrec", "lightsans", "lightgcn"])
     # none, 3 singles, 3 pairs, the triple; each exactly the thought the instruction builder would
     # write for that usable set (tools in name order), with the written confidence kept
-    sets = [[]] + [[t] for t in ("lightgcn", "lightsans", "sasrec")] + [
-        ["lightgcn", "lightsans"], ["lightgcn", "sasrec"], ["lightsans", "sasrec"], ["lightgcn", "lightsans", "sasrec"]]
+    sets = (
+        [[]]
+        + [[t] for t in ("lightgcn", "lightsans", "sasrec")]
+        + [
+            ["lightgcn", "lightsans"],
+            ["lightgcn", "sasrec"],
+            ["lightsans", "sasrec"],
+            ["lightgcn", "lightsans", "sasrec"],
+        ]
+    )
     assert [full for _, full in alts] == [
-        split_target(compose_target("sequential", "x", 0.62, "high", 0.97, s))[0] for s in sets]
+        split_target(compose_target("sequential", "x", 0.62, "high", 0.97, s))[0] for s in sets
+    ]
     for (head, full), s in zip(alts, sets):
         assert full.startswith(head) and head.endswith(";") and parse_output(full, "sequential").thought.tools == s
     assert len({head for head, _ in alts}) == 8

@@ -1,5 +1,6 @@
 """The scoring job end to end on a real local Ray: routing, exactly-once output, the VLM only
 on medium/high risk, batch == serial, kill + resume, bad query files, the system report."""
+
 from __future__ import annotations
 
 import os
@@ -13,11 +14,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import TINY_RUN
-from ray_jobs import score
+
+from ray_jobs import fit_planner, score
 from reasonrec.config import CONFIG_DIR, load_config
-from reasonrec.context import load_context
+from reasonrec.data.catalog import load_context
 from reasonrec.data.schemas import QUERIES
 from reasonrec.io import TMP_DIR, open_store
 from reasonrec.planner import load_planners, load_toolbox
@@ -32,7 +33,7 @@ def test_every_query_is_answered_once_with_a_recorded_decision(tiny_run):
     s = store.read_json("score", "summary.json")
     preds = store.read_table("score", "predictions")
     queries = store.read_table("score", "queries")
-    assert s["queries"] == queries.num_rows == preds.num_rows + s["rejected"] == 48   # 12 per task x 4 tasks
+    assert s["queries"] == queries.num_rows == preds.num_rows + s["rejected"] == 48  # 12 per task x 4 tasks
     assert sorted(preds.column("query_id").to_pylist()) == sorted(queries.column("query_id").to_pylist())
     for r in preds.to_pylist():
         assert r["route"] in ("low", "medium", "high") and r["rationale"]
@@ -48,12 +49,12 @@ def test_every_query_is_answered_once_with_a_recorded_decision(tiny_run):
             assert r["route"] == "medium" and r["tools_used"] == [] and r["text"] is not None
         if r["route"] == "high":
             assert 1 <= len(r["tools_used"]) <= 3 and r["tools_used"][0] == r["primary_tool"]
-        if r["task"] != "explanation":   # the primary tool's own answer is kept on every tier
+        if r["task"] != "explanation":  # the primary tool's own answer is kept on every tier
             assert r["primary_tool"] and (r["tool_prob"] is not None if r["task"] == "ctr" else r["tool_items"])
             if r["route"] == "low":
                 assert (r["items"], r["prob"]) == (r["tool_items"], r["tool_prob"])
     assert s["vlm_calls"] == int(pc.sum(preds.column("vlm_called")).as_py())
-    assert 0 < s["bypass_rate"] < 1                                     # both paths exercised
+    assert 0 < s["bypass_rate"] < 1  # both paths exercised
     report = store.fs.cat(store.path("report", "report.md")).decode()
     assert "## System" in report and "tier:low" in report
     for png in ("metric_by_eh.png", "route_shares.png", "latency_by_tier.png"):
@@ -73,19 +74,31 @@ class _Counting:
             self.seen += len(examples)
             self.shown += kw.get("shown_tools") or []
             return fn(examples, *a, **kw)
+
         return counted
 
 
 def _router_and_vlm(cfg, store, batch_size, mode="routed"):
     torch.manual_seed(0)
     ic = cfg.instructions
-    catalog, users, prompts = load_context(store, cfg.vlm, cfg.data.eh_thresholds,
-                                           TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
-                                           ic.prompt_candidates)
-    router = Router(load_toolbox(store), load_planners(store, cfg.planner), users, catalog, cfg.planner, cfg.score.k,
-                    mode)
-    vlm = VLMAnswerer(_Counting(VLMPredictor(load_finetuned(store, cfg.vlm))), prompts, users, catalog,
-                      cfg.score.k, batch_size=batch_size)
+    catalog, users, prompts = load_context(
+        store,
+        cfg.vlm,
+        cfg.data.eh_thresholds,
+        TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
+        ic.prompt_candidates,
+    )
+    router = Router(
+        load_toolbox(store), load_planners(store, cfg.planner), users, catalog, cfg.planner, cfg.score.k, mode
+    )
+    vlm = VLMAnswerer(
+        _Counting(VLMPredictor(load_finetuned(store, cfg.vlm))),
+        prompts,
+        users,
+        catalog,
+        cfg.score.k,
+        batch_size=batch_size,
+    )
     return router, vlm
 
 
@@ -108,8 +121,11 @@ def test_vlm_sees_only_medium_and_high_risk_and_batch_equals_serial(tiny_run):
     # And the job's own output agrees with this in-process run.
     job = {r["query_id"]: r for r in store.read_table("score", "predictions").to_pylist()}
     for a in out.to_pylist():
-        assert (a["route"], a["tools_used"], a["items"]) == (job[a["query_id"]]["route"], job[a["query_id"]]["tools_used"],
-                                                            job[a["query_id"]]["items"])
+        assert (a["route"], a["tools_used"], a["items"]) == (
+            job[a["query_id"]]["route"],
+            job[a["query_id"]]["tools_used"],
+            job[a["query_id"]]["items"],
+        )
 
 
 def test_ranking_is_told_which_tools_each_prompt_shows(tiny_run):
@@ -133,14 +149,24 @@ def _query_file(tmp_path, rows):
 
 def test_unknown_users_are_cold_and_bad_items_are_rejected(tiny_run, tmp_path):
     cfg, store = tiny_run
-    path = _query_file(tmp_path, [
-        {"query_id": 1, "task": "sequential", "user_id": 10**9},                          # unknown, no history
-        {"query_id": 2, "task": "sequential", "user_id": 10**9 + 1, "history": [1, 2, 3]},  # unknown + inline history
-        {"query_id": 3, "task": "direct", "user_id": 0, "candidates": [1, 2, 10**6]},      # unknown item
-        {"query_id": 4, "task": "ctr", "user_id": 0, "item_id": 3},
-    ])
-    c = load_config(CONFIG_DIR / "quickstart.yaml", TINY_RUN + [f"output_root={cfg.output_root}", f"score.queries_path={path}",
-                                                                 "score.stage_name=score_adhoc"])
+    path = _query_file(
+        tmp_path,
+        [
+            {"query_id": 1, "task": "sequential", "user_id": 10**9},  # unknown, no history
+            {
+                "query_id": 2,
+                "task": "sequential",
+                "user_id": 10**9 + 1,
+                "history": [1, 2, 3],
+            },  # unknown + inline history
+            {"query_id": 3, "task": "direct", "user_id": 0, "candidates": [1, 2, 10**6]},  # unknown item
+            {"query_id": 4, "task": "ctr", "user_id": 0, "item_id": 3},
+        ],
+    )
+    c = load_config(
+        CONFIG_DIR / "quickstart.yaml",
+        TINY_RUN + [f"output_root={cfg.output_root}", f"score.queries_path={path}", "score.stage_name=score_adhoc"],
+    )
     s = score.run(c)
     assert (s["queries"], s["predictions"], s["rejected"]) == (4, 3, 1)
     preds = {r["query_id"]: r for r in store.read_table("score_adhoc", "predictions").to_pylist()}
@@ -173,22 +199,31 @@ def test_empty_or_malformed_query_files_fail_fast_naming_the_row(tiny_run, tmp_p
 def test_killed_job_resumes_and_writes_every_query_once(tiny_run, tmp_path):
     cfg, store = tiny_run
     extra = ["score.shard_rows=4", "score.stage_name=score_resume"]
-    args = [sys.executable, "-m", "ray_jobs.score", "--config", str(CONFIG_DIR / "quickstart.yaml"),
-            *TINY_RUN, f"output_root={cfg.output_root}", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "ray_jobs.score",
+        "--config",
+        str(CONFIG_DIR / "quickstart.yaml"),
+        *TINY_RUN,
+        f"output_root={cfg.output_root}",
+        *extra,
+    ]
     c = load_config(CONFIG_DIR / "quickstart.yaml", TINY_RUN + [f"output_root={cfg.output_root}", *extra])
     staging = store.path(TMP_DIR, score.staging_name(c, store), "predictions")
     env = {**os.environ, "RAY_ADDRESS": ""}
     log = tmp_path / "score.log"
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
-                            start_new_session=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             if store.fs.exists(staging) and len(store.fs.ls(staging)) >= 2:
                 break
-            time.sleep(0.2)   # polling a file system for another process's progress, not a fixed wait
-        assert proc.poll() is None, (f"the job ended (exit {proc.returncode}) before it could be killed; "
-                                     f"its log ends:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)  # polling a file system for another process's progress, not a fixed wait
+        assert proc.poll() is None, (
+            f"the job ended (exit {proc.returncode}) before it could be killed; "
+            f"its log ends:\n{log.read_text()[-3000:]}"
+        )
         written = len(store.fs.ls(staging))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -223,8 +258,9 @@ def test_crashed_actor_is_restarted_its_batch_retried_and_counted(tiny_run, tmp_
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     monkeypatch.setattr(_CrashOnceRouter, "flag", str(tmp_path / "crashed"))
     monkeypatch.setattr(score, "_RouterActor", _CrashOnceRouter)
-    c = load_config(CONFIG_DIR / "quickstart.yaml", TINY_RUN + [f"output_root={cfg.output_root}",
-                                                               "score.stage_name=score_crash"])
+    c = load_config(
+        CONFIG_DIR / "quickstart.yaml", TINY_RUN + [f"output_root={cfg.output_root}", "score.stage_name=score_crash"]
+    )
     s = score.run(c)
     assert os.path.exists(tmp_path / "crashed")
     assert s["actor_restarts"]["router"] >= 1 and s["batch_retries"]["router"] >= 1
@@ -244,42 +280,70 @@ def test_vlm_aware_planner_bypasses_where_the_tool_is_likelier_right(tiny_run, t
 
     cfg, store = tiny_run
     root = tmp_path / "copy"
-    shutil.copytree(cfg.output_root, root)   # the shared run's planner stays untouched
-    base = TINY_RUN + [f"output_root={root}", "planner.bypass_buckets=[low]", "planner.bypass_confidence=0.5",
-                       "score.max_queries_per_task=6"]
+    shutil.copytree(cfg.output_root, root)  # the shared run's planner stays untouched
+    base = TINY_RUN + [
+        f"output_root={root}",
+        "planner.bypass_buckets=[low]",
+        "planner.bypass_confidence=0.5",
+        "score.max_queries_per_task=6",
+    ]
     paper = score.run(load_config(CONFIG_DIR / "quickstart.yaml", base + ["score.stage_name=paper"]))
     # Two actors per pool on the 2-CPU test cluster: pools as large as the cluster must not
     # starve the planner fit's input (it once hung on a repartition waiting for a CPU).
-    c = load_config(CONFIG_DIR / "quickstart.yaml", base + ["planner.vlm_aware=true", "planner.vlm_fit_queries=6",
-                                                           "score.stage_name=aware", "score.count_flops=true",
-                                                           "score.tool_actors=2", "score.vlm_actors=2"])
+    c = load_config(
+        CONFIG_DIR / "quickstart.yaml",
+        base
+        + [
+            "planner.vlm_aware=true",
+            "planner.vlm_fit_queries=6",
+            "score.stage_name=aware",
+            "score.count_flops=true",
+            "score.tool_actors=2",
+            "score.vlm_actors=2",
+        ],
+    )
     aware = score.run(c)
     st = open_store(c)
     fitted = st.read_json("planner", "summary.json")["vlm_right"]
     assert set(fitted) == {"sequential", "direct", "ctr"}
-    assert all(sum(b["n"] for b in fitted[t].values()) == 6 for t in fitted)   # 6 validation queries per task
+    assert all(sum(b["n"] for b in fitted[t].values()) == 6 for t in fitted)  # 6 validation queries per task
     planners = load_planners(st, c.planner)
     assert aware["bypass_rate"] >= paper["bypass_rate"]
     for r in st.read_table("aware", "predictions").to_pylist():
-        if r["route"] == "low" and r["task"] != "explanation" and not (r["eh_bucket"] == "low" and r["confidence"] >= 0.5):
+        if (
+            r["route"] == "low"
+            and r["task"] != "explanation"
+            and not (r["eh_bucket"] == "low" and r["confidence"] >= 0.5)
+        ):
             assert r["confidence"] >= planners[r["task"]].vlm_right[r["eh_bucket"]] - 1e-6
             assert ("validation AUC" if r["task"] == "ctr" else "P(VLM right)=") in r["rationale"]
     # score.count_flops: torch FLOPs per query; the VLM tiers cost more than the tool tier.
-    from ray_jobs.evaluate import cost_markdown, system_records
+    from reasonrec.evaluation import cost_markdown, system_records
+
     preds = st.read_table("aware", "predictions")
     rows = preds.to_pylist()
     assert all(r["flops"] > 0 for r in rows if r["vlm_called"])
     low = [r["flops"] for r in rows if r["route"] == "low"]
     vlm = [r["flops"] for r in rows if r["vlm_called"]]
     assert low and vlm and sum(vlm) / len(vlm) > 10 * sum(low) / len(low)
-    table = cost_markdown(system_records(preds, st.read_table("aware", "queries"),
-                                         st.read_table("prepare", "users"), c))
+    table = cost_markdown(
+        system_records(preds, st.read_table("aware", "queries"), st.read_table("prepare", "users"), c)
+    )
     assert "Table A3" in table and "| sequential | low |" in table
     # The paper-rule run sends ranking / CTR queries to the VLM: the disagreement table exists.
-    from ray_jobs.evaluate import system_markdown
-    assert any(r["route"] != "low" and r["task"] != "explanation" for r in st.read_table("paper", "predictions").to_pylist())
-    assert "(paper Table 7;" in system_markdown(system_records(
-        st.read_table("paper", "predictions"), st.read_table("paper", "queries"), st.read_table("prepare", "users"), c))
+    from reasonrec.evaluation import system_markdown
+
+    assert any(
+        r["route"] != "low" and r["task"] != "explanation" for r in st.read_table("paper", "predictions").to_pylist()
+    )
+    assert "(paper Table 7;" in system_markdown(
+        system_records(
+            st.read_table("paper", "predictions"),
+            st.read_table("paper", "queries"),
+            st.read_table("prepare", "users"),
+            c,
+        )
+    )
 
 
 def test_fixed_tool_choice_shows_the_tools_in_the_order_the_vlm_trained_on(tiny_run, tmp_path, caplog):
@@ -288,28 +352,29 @@ def test_fixed_tool_choice_shows_the_tools_in_the_order_the_vlm_trained_on(tiny_
     import json
     import shutil
 
-
     cfg, store = tiny_run
     root = tmp_path / "copy"
-    shutil.copytree(cfg.output_root, root)   # the shared run's planner stays untouched
+    shutil.copytree(cfg.output_root, root)  # the shared run's planner stays untouched
     ranked = {t: [p.names[i] for i in p.fixed_ranking()] for t, p in load_planners(store, cfg.planner).items()}
     by_rate = {t: names[:3] for t, names in ranked.items()}
     # A ranking the planner's own fit would not give: its tools worst-first by validation usable rate.
     trained = {t: names[::-1] for t, names in ranked.items()}
-    c = load_config(CONFIG_DIR / "quickstart.yaml", TINY_RUN + [f"output_root={root}", "planner.tool_choice=fixed",
-                                                               "instructions.hint_order=usable_rate"])
+    c = load_config(
+        CONFIG_DIR / "quickstart.yaml",
+        TINY_RUN + [f"output_root={root}", "planner.tool_choice=fixed", "instructions.hint_order=usable_rate"],
+    )
     st = open_store(c)
     summary_path = root / c.run_name / "instructions" / "summary.json"
     summary = json.loads(summary_path.read_text())
     summary_path.write_text(json.dumps({**summary, "tool_ranking": trained}))
-    fitted = score.fit_planner(c)
+    fitted = fit_planner.run(c)
     assert fitted["fixed_tools"] == {t: names[:3] for t, names in trained.items()} != by_rate
     # Saved with the planner: scoring and Serve load it from planner.json.
     assert {t: [p.names[i] for i in p.fixed_ranking()] for t, p in load_planners(st, c.planner).items()} == trained
     # Without an instructions stage the fixed choice falls back to the planner's own ranking.
     shutil.rmtree(root / c.run_name / "instructions")
-    with caplog.at_level("WARNING", logger="reasonrec.score"):
-        assert score.fit_planner(c)["fixed_tools"] == by_rate
+    with caplog.at_level("WARNING", logger="reasonrec.fit_planner"):
+        assert fit_planner.run(c)["fixed_tools"] == by_rate
     assert "no instructions stage" in caplog.text
 
 
@@ -320,6 +385,6 @@ def test_the_tool_choice_guard_is_saved_with_the_planner_and_in_the_report(tiny_
     planners = load_planners(store, cfg.planner)
     for task, g in guard.items():
         assert g["use"] in ("learned", "fixed") and g["n"] >= 20 and g["fixed_tool"] in planners[task].names
-        assert planners[task].guard == g                      # scoring and Serve load the same decision
+        assert planners[task].guard == g  # scoring and Serve load the same decision
     report = store.fs.open(store.path("report", "report.md")).read().decode()
     assert "Tool choice guard" in report and all(f"| {t} | {g['use']}" in report for t, g in guard.items())

@@ -1,14 +1,17 @@
 """The Serve app over real HTTP on 127.0.0.1, serving the session's tiny run (every pipeline stage,
 built once in the session's local Ray by conftest's ``tiny_run``; re-scored here so every tier occurs):
 each endpoint, each risk tier, the same answers as the batch job, bad input (422 / 413), unknown
-users (cold path), overload (503 at once), a killed replica being replaced, the OpenAPI schema and
-the Serve config file (Ray Serve's own schema)."""
+users (cold path), overload (503 at once), a killed replica being replaced, the OpenAPI schema,
+the Serve config file (Ray Serve's own schema), bodies over the size limit (413 before they are read)
+and the app's Prometheus metrics as Ray exports them. Malformed bodies at random: test_serve_fuzz.py."""
+
 from __future__ import annotations
 
 import concurrent.futures
 import json
 import socket
 import time
+import urllib.parse
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,10 +24,22 @@ from reasonrec.config import load_config
 REPO = Path(__file__).resolve().parent.parent
 SERVE_YAML = REPO / "cluster" / "serve_local.yaml"
 # Small replicas (they share the 2 test CPUs) and tiny queue limits, so overload is cheap to cause.
-SERVE = ["serve.ingress_cpus=0.05", "serve.planner_cpus=0.05", "serve.tool_cpus=0.05", "serve.vlm_cpus=0.1",
-         "serve.max_ongoing_requests=2", "serve.max_queued_requests=2", "serve.vlm_batch_size=2",
-         "serve.ingress_replicas=[1,1]", "serve.planner_replicas=[1,1]", "serve.tool_replicas=[1,1]",
-         "serve.vlm_replicas=[1,1]", "serve.max_history=50", "serve.max_candidates=120", "serve.max_items_ctr=8"]
+SERVE = [
+    "serve.ingress_cpus=0.05",
+    "serve.planner_cpus=0.05",
+    "serve.tool_cpus=0.05",
+    "serve.vlm_cpus=0.1",
+    "serve.max_ongoing_requests=2",
+    "serve.max_queued_requests=2",
+    "serve.vlm_batch_size=2",
+    "serve.ingress_replicas=[1,1]",
+    "serve.planner_replicas=[1,1]",
+    "serve.tool_replicas=[1,1]",
+    "serve.vlm_replicas=[1,1]",
+    "serve.max_history=50",
+    "serve.max_candidates=120",
+    "serve.max_items_ctr=8",
+]
 
 
 def _free_port() -> int:
@@ -44,15 +59,24 @@ def tiered(tiny_run, tmp_path_factory):
     from reasonrec.config import EH_BUCKETS
     from reasonrec.io import open_store
     from reasonrec.scoring import build_router
+
     run_cfg, store = tiny_run
     routed = build_router(run_cfg, store)(store.read_table("score", "queries"))
     conf = sorted(set(routed.column("tool_confidence").drop_null().to_pylist()))
     assert len(conf) >= 2, conf
     root = tmp_path_factory.mktemp("serve-run")
     shutil.copytree(store.path(), root / run_cfg.run_name, ignore=shutil.ignore_patterns("_ray_train", "_tmp"))
-    cfg = replace(run_cfg, output_root=str(root), planner=replace(
-        run_cfg.planner, bypass_buckets=list(EH_BUCKETS), consult_buckets=list(EH_BUCKETS),
-        bypass_confidence=(conf[-2] + conf[-1]) / 2, consult_confidence=(conf[0] + conf[1]) / 2))
+    cfg = replace(
+        run_cfg,
+        output_root=str(root),
+        planner=replace(
+            run_cfg.planner,
+            bypass_buckets=list(EH_BUCKETS),
+            consult_buckets=list(EH_BUCKETS),
+            bypass_confidence=(conf[-2] + conf[-1]) / 2,
+            consult_confidence=(conf[0] + conf[1]) / 2,
+        ),
+    )
     score.run(cfg)
     return cfg, open_store(cfg)
 
@@ -67,6 +91,7 @@ def app(tiered, tmp_path_factory):
 
     from ray_jobs.serve import start
     from reasonrec.config import to_yaml
+
     run_cfg, _ = tiered
     preset = tmp_path_factory.mktemp("serve-config") / "run.yaml"
     preset.write_text(to_yaml(run_cfg))
@@ -113,7 +138,10 @@ def test_serve_config_file_passes_serves_schema_and_names_our_builder():
     assert callable(import_attr(application.import_path))
     assert spec.http_options.host == "127.0.0.1"
     cfg = load_config(REPO / application.args["config"], application.args["overrides"])
-    assert (spec.http_options.port, spec.http_options.request_timeout_s) == (cfg.serve.port, cfg.serve.request_timeout_s)
+    assert (spec.http_options.port, spec.http_options.request_timeout_s) == (
+        cfg.serve.port,
+        cfg.serve.request_timeout_s,
+    )
 
 
 def test_build_app_takes_preset_and_overrides():
@@ -121,8 +149,10 @@ def test_build_app_takes_preset_and_overrides():
 
     from reasonrec.config import ConfigError
     from reasonrec.serve.app import build_app
-    assert isinstance(build_app({"config": "configs/quickstart.yaml", "overrides": ["serve.vlm_batch_size=8"]}),
-                      Application)
+
+    assert isinstance(
+        build_app({"config": "configs/quickstart.yaml", "overrides": ["serve.vlm_batch_size=8"]}), Application
+    )
     with pytest.raises(Exception, match="overridez"):
         build_app({"config": "configs/quickstart.yaml", "overridez": []})
     with pytest.raises(ConfigError, match="serve.nope"):
@@ -139,6 +169,7 @@ def test_replicas_load_the_run_from_s3(tiny_run, s3_bucket):
     from reasonrec.io import open_store
     from reasonrec.scoring import build_router
     from reasonrec.serve.deployments import Tools
+
     run_cfg, store = tiny_run
     endpoint, bucket = s3_bucket
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
@@ -149,7 +180,7 @@ def test_replicas_load_the_run_from_s3(tiny_run, s3_bucket):
     queries = store.read_table("score", "queries")
     queries = queries.filter(np.isin(queries.column("task").to_numpy(zero_copy_only=False), ["direct", "ctr"]))
     preds = {r["query_id"]: r for r in store.read_table("score", "predictions").to_pylist()}
-    for r in build_router(cfg, s3_store)(queries).to_pylist():     # the batch job's decisions
+    for r in build_router(cfg, s3_store)(queries).to_pylist():  # the batch job's decisions
         assert (r["route"], r["tools_used"]) == (preds[r["query_id"]]["route"], preds[r["query_id"]]["tools_used"])
     assert set(Tools.func_or_class(cfg).ready()) >= set(cfg.tools.enabled)
 
@@ -210,47 +241,203 @@ def test_inline_history_and_unknown_user_take_the_cold_path(app):
     assert _post(url, "/v1/recommend", {"user_id": 10**9, "k": 3}).json()["items"] == unknown["items"]
 
 
-@pytest.mark.parametrize("path,body,field", [
-    ("/v1/recommend", {"user_id": "seven"}, "user_id"),
-    ("/v1/recommend", {"user_id": 1, "candidates": [1, "x"]}, "candidates"),
-    ("/v1/recommend", {"user_id": 1, "candidates": []}, "candidates"),
-    ("/v1/recommend", {"user_id": 1, "candidates": [1, 2, 99999]}, "candidates"),
-    ("/v1/recommend", {"user_id": 1, "candidates": [3, 3]}, "candidates"),
-    ("/v1/recommend", {"user_id": 1, "history": [-4]}, "history"),
-    ("/v1/recommend", {"user_id": 1, "k": 0}, "k"),
-    ("/v1/recommend", {"user_id": 1, "k": 11}, "k"),
-    ("/v1/recommend", {"user_id": 1, "topk": 3}, "topk"),
-    ("/v1/ctr", {"user_id": 1}, "items"),
-    ("/v1/ctr", {"user_id": 1, "items": [99999]}, "items"),
-    ("/v1/explain", {"user_id": 1, "item_id": 2, "rating": "great"}, "rating"),
-    ("/v1/explain", {"user_id": 3, "item_id": 5, "rating": float("nan")}, "rating"),
-    ("/v1/explain", {"user_id": 3, "item_id": 5, "rating": float("inf")}, "rating"),
-    ("/v1/recommend", {"user_id": 1, "k": float("-inf")}, "k"),
-])
+@pytest.mark.parametrize(
+    "path,body,field",
+    [
+        ("/v1/recommend", {"user_id": "seven"}, "user_id"),
+        ("/v1/recommend", {"user_id": 1, "candidates": [1, "x"]}, "candidates"),
+        ("/v1/recommend", {"user_id": 1, "candidates": []}, "candidates"),
+        ("/v1/recommend", {"user_id": 1, "candidates": [1, 2, 99999]}, "candidates"),
+        ("/v1/recommend", {"user_id": 1, "candidates": [3, 3]}, "candidates"),
+        ("/v1/recommend", {"user_id": 1, "history": [-4]}, "history"),
+        ("/v1/recommend", {"user_id": 1, "k": 0}, "k"),
+        ("/v1/recommend", {"user_id": 1, "k": 11}, "k"),
+        ("/v1/recommend", {"user_id": 1, "topk": 3}, "topk"),
+        ("/v1/ctr", {"user_id": 1}, "items"),
+        ("/v1/ctr", {"user_id": 1, "items": [99999]}, "items"),
+        ("/v1/explain", {"user_id": 1, "item_id": 2, "rating": "great"}, "rating"),
+        ("/v1/explain", {"user_id": 3, "item_id": 5, "rating": float("nan")}, "rating"),
+        ("/v1/explain", {"user_id": 3, "item_id": 5, "rating": float("inf")}, "rating"),
+        ("/v1/recommend", {"user_id": 1, "k": float("-inf")}, "k"),
+        ("/v1/explain", {"user_id": float("nan"), "item_id": 5}, "user_id"),
+        ("/v1/explain", {"user_id": 3, "item_id": float("inf")}, "item_id"),
+        ("/v1/ctr", {"user_id": 1, "items": [float("nan")]}, "items"),
+        ("/v1/recommend", {"user_id": 2**63}, "user_id"),
+        ("/v1/recommend", {"user_id": 1, "history": [-(2**63) - 1]}, "history"),
+        ("/v1/ctr", {"user_id": 1, "items": [1, 2], "query_id": 2**63 - 1}, "query_id"),
+        ("/v1/recommend", {"user_id": 1, "history": [[[[[[1]]]]]]}, "history"),
+        ("/v1/recommend", "[" * 50_000 + "]" * 50_000, "body"),  # deeper than the JSON parser goes
+        ("/v1/explain", '{"user_id": 1, "item_id": 1' + "1" * 5000 + "}", "body"),  # over Python's int digits
+    ],
+)
 def test_bad_input_is_422_naming_the_field(app, path, body, field):
     # Python's json writes NaN / Infinity as JavaScript does, which JSON parsers accept (requests' json= refuses).
-    r = requests.post(app[0] + path, data=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = requests.post(app[0] + path, data=data, headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 422, r.text
     assert any(field in e["loc"] for e in r.json()["detail"]), r.json()
 
 
 def test_malformed_json_and_no_user_are_422(app):
     url, _ = app
-    r = requests.post(url + "/v1/recommend", data='{"user_id": 1,', headers={"content-type": "application/json"},
-                      timeout=30)
+    r = requests.post(
+        url + "/v1/recommend", data='{"user_id": 1,', headers={"content-type": "application/json"}, timeout=30
+    )
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
     r = _post(url, "/v1/explain", {"item_id": 1})
     assert r.status_code == 422 and "user_id, history" in r.json()["detail"][0]["msg"]
+    r = requests.post(
+        url + "/v1/ctr",
+        data=b'{"user_id": 1, "items": [1], "x": "\xff\xfe"}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )  # not UTF-8
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body"], r.text
+    for ctype in ("text/plain", None):  # not JSON: the body's bytes are the (bad) input
+        r = requests.post(
+            url + "/v1/explain", data=b"\xff\xfe{", headers={"content-type": ctype} if ctype else {}, timeout=30
+        )
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "body", r.text
+    r = requests.post(
+        url + "/v1/recommend",
+        data='{"\\ud800": 1, "user_id": "\\udfff"}',  # lone surrogates
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "body", r.text
 
 
-@pytest.mark.parametrize("path,body,limit", [
-    ("/v1/recommend", {"user_id": 1, "history": list(range(40)) * 250}, "serve.max_history"),
-    ("/v1/recommend", {"user_id": 1, "candidates": list(range(10_000))}, "serve.max_candidates"),
-    ("/v1/ctr", {"user_id": 1, "items": list(range(9))}, "serve.max_items_ctr"),
-])
+def _post_raw(url: str, path: str, size: int, chunked: bool, send: int) -> tuple[int, dict, float]:
+    """Start a POST of a ``size``-byte body (declared in Content-Length, or chunked) over a raw
+    socket, send only its first ``send`` bytes and wait for the answer: a server that reads the
+    whole body before answering never answers. Returns (status, JSON answer, seconds waited)."""
+    u = urllib.parse.urlsplit(url)
+    head = f"POST {path} HTTP/1.1\r\nhost: {u.netloc}\r\ncontent-type: application/json\r\n"
+    head += "transfer-encoding: chunked\r\n" if chunked else f"content-length: {size}\r\n"
+    piece = b"[" + b"1," * 32_000 + b"1]"
+    with socket.create_connection((u.hostname, u.port), timeout=60) as sock:
+        sock.sendall((head + "\r\n").encode())
+        sent = 0
+        try:
+            while sent < min(send, size):
+                data = piece[: min(send, size) - sent]
+                sock.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n" if chunked else data)
+                sent += len(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered (and closed) before we got this far
+        t0, answer = time.monotonic(), b""
+        try:
+            while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except ConnectionResetError:
+            pass
+        waited = time.monotonic() - t0
+    assert answer, f"no answer {waited:.0f} s after {sent} of {size} bytes"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body[: _length(answer)] or b"null"), waited
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_body_over_the_limit_is_413_before_it_is_read(app, chunked):
+    url, cfg = app
+    # 20 MB; sent: 64 KiB of it with a Content-Length (the header decides), twice the limit chunked.
+    size, limit = 20 * 2**20, cfg.serve.max_body_bytes
+    status, answer, _ = _post_raw(url, "/v1/recommend", size, chunked, send=2 * limit if chunked else 2**16)
+    assert status == 413, (status, answer)
+    assert "serve.max_body_bytes" in answer["detail"] and str(limit) in answer["detail"]
+    assert _post(url, "/v1/recommend", {"user_id": 3, "k": 2}).status_code == 200  # and it is fine afterwards
+
+
+@pytest.mark.parametrize(
+    "path,body,limit",
+    [
+        ("/v1/recommend", {"user_id": 1, "history": list(range(40)) * 250}, "serve.max_history"),
+        ("/v1/recommend", {"user_id": 1, "candidates": list(range(10_000))}, "serve.max_candidates"),
+        ("/v1/ctr", {"user_id": 1, "items": list(range(9))}, "serve.max_items_ctr"),
+    ],
+)
 def test_too_large_is_413_with_the_limit(app, path, body, limit):
     r = _post(app[0], path, body, timeout=60)
     assert r.status_code == 413 and limit in r.json()["detail"], r.text
+
+
+# ------------------------------------------------------------------------------ metrics
+def _scrape(port: int) -> dict[tuple, float]:
+    """Ray's metrics export endpoint, parsed: {(sample name, sorted non-Ray labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    ours = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_reasonrec_"):
+                labels = tuple(
+                    sorted(
+                        (k, v)
+                        for k, v in sample.labels.items()
+                        if k not in ("Component", "NodeAddress", "SessionName", "Version", "WorkerId")
+                        and not k.startswith("otel_")
+                    )
+                )
+                ours[sample.name, labels] = ours.get((sample.name, labels), 0.0) + sample.value
+    return ours
+
+
+def _total(scraped: dict, name: str, **labels) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in scraped.items() if n == name and want <= set(ls))
+
+
+def test_metrics_are_exported_by_ray_and_count_the_requests(app):
+    """Requests by endpoint, tier and status, latency per tier, VLM calls and batch sizes: scraped
+    from the node's metrics export port (Ray's metrics agent flushes every few seconds; polled)."""
+    import ray
+
+    url, _ = app
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    port = node["MetricsExportPort"]
+    before = _scrape(port)  # (may lag the earlier tests' requests: only ">=" below can be checked)
+    answers = [_post(url, "/v1/explain", {"user_id": 1, "item_id": 2}) for _ in range(2)]
+    assert [r.status_code for r in answers] == [200, 200]
+    tier = answers[0].json()["tier"]
+    assert _post(url, "/v1/recommend", {"user_id": "x"}).status_code == 422
+    for _ in range(3):
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200
+    want = {
+        ("ray_reasonrec_requests_total", (("endpoint", "/v1/explain"), ("status", "200"), ("tier", tier))): 2,
+        ("ray_reasonrec_requests_total", (("endpoint", "/v1/recommend"), ("status", "422"), ("tier", "none"))): 1,
+        ("ray_reasonrec_requests_total", (("endpoint", "/healthz"), ("status", "200"), ("tier", "none"))): 3,
+        ("ray_reasonrec_request_latency_ms_count", (("endpoint", "/v1/explain"), ("tier", tier))): 2,
+        ("ray_reasonrec_queries_total", (("task", "explanation"), ("tier", tier))): 2,
+        ("ray_reasonrec_vlm_calls_total", (("task", "explanation"),)): 2,  # explanations always take the VLM
+        ("ray_reasonrec_vlm_batch_size_count", ()): 1,
+    }
+    t0, moved, scrapes = time.monotonic(), {}, 0
+    while time.monotonic() < t0 + 90:
+        now, scrapes = _scrape(port), scrapes + 1
+        moved = {key: _total(now, key[0], **dict(key[1])) - _total(before, key[0], **dict(key[1])) for key in want}
+        if all(moved[key] >= n for key, n in want.items()):
+            break
+        time.sleep(1)
+    assert all(moved[key] >= n for key, n in want.items()), (
+        f"not exported within {time.monotonic() - t0:.0f} s ({scrapes} scrapes of port {port}); moved: {moved}; "
+        f"ours before: {len(before)} series, {_total(before, 'ray_reasonrec_requests_total')} requests; "
+        f"now: {len(now)} series, {_total(now, 'ray_reasonrec_requests_total')} requests"
+    )
+    print(f"metrics exported {time.monotonic() - t0:.1f} s after the requests")
+    buckets = [k for k in now if k[0] == "ray_reasonrec_request_latency_ms_bucket"]
+    assert buckets and all(dict(ls).get("le") for _, ls in buckets)
 
 
 # ------------------------------------------------------------------------------ overload, failures
@@ -267,18 +454,22 @@ def test_overload_beyond_the_queue_is_503_at_once(app):
     codes = [c for c, _ in results]
     assert set(codes) <= {200, 503} and codes.count(200) >= 2 and codes.count(503) >= 1, codes
     rejected = [t for c, t in results if c == 503]
-    assert max(rejected) < 5.0, rejected       # turned away, not queued behind the slow ones
+    assert max(rejected) < 5.0, rejected  # turned away, not queued behind the slow ones
     # Once the burst is over, requests go through again.
     assert _post(url, "/v1/explain", {"user_id": 1, "item_id": 2}).status_code == 200
 
 
 def test_a_killed_replica_is_replaced_and_later_requests_succeed(app):
     import ray
+
     url, _ = app
 
     def tool_replicas() -> set[str]:
-        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == "serve" and "#Tools#" in a["name"]}
+        return {
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and "#Tools#" in a["name"]
+        }
 
     (victim,) = tool_replicas()
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)

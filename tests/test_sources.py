@@ -1,5 +1,6 @@
 """Source readers on hand-made fixtures in each format's exact layout, the real Beauty bundle,
 and one read through the S3 API (moto on loopback)."""
+
 from __future__ import annotations
 
 import gzip
@@ -48,6 +49,7 @@ def test_byte_chunks_cover_every_line_once(tmp_path):
     p = tmp_path / "f.txt"
     p.write_bytes(("\r\n".join(lines)).encode())  # CRLF and no final newline
     from fsspec.implementations.local import LocalFileSystem
+
     fs = LocalFileSystem()
     for shard_bytes in (7, 100, 1 << 20):
         chunks = line_chunks(fs, str(p), shard_bytes=shard_bytes)
@@ -66,6 +68,7 @@ def test_gzip_line_chunks_cover_every_line_once(tmp_path):
     with gzip.open(p, "wt") as f:
         f.write("\n".join(lines) + "\n")
     from fsspec.implementations.local import LocalFileSystem
+
     fs = LocalFileSystem()
     # Line ranges estimated from a 64 KB sample; the last one is open-ended.
     chunks = line_chunks(fs, str(p), shard_bytes=64 << 10, gz_sample=64 << 10)
@@ -79,6 +82,7 @@ def test_gzip_line_chunks_cover_every_line_once(tmp_path):
 
 def test_csv_chunk_reports_bad_lines(tmp_path):
     from fsspec.implementations.local import LocalFileSystem
+
     fs = LocalFileSystem()
     p = tmp_path / "t.csv"
     p.write_bytes(b'a,b\n1,x\n2\n4,"y, z"\n 5 , \n')
@@ -87,7 +91,7 @@ def test_csv_chunk_reports_bad_lines(tmp_path):
     assert t.to_pylist() == [{"a": "1", "b": "x"}, {"a": "4", "b": "y, z"}, {"a": "5", "b": None}]
     assert bad == ["malformed csv: expected 2 fields, got 1"]
     # Invalid UTF-8 makes Arrow refuse the chunk; the line-by-line fallback blames that line only.
-    p.write_bytes(b"a\tb\n1\t\"x\n2\t\xff\xfe\n3\n")
+    p.write_bytes(b'a\tb\n1\t"x\n2\t\xff\xfe\n3\n')
     (chunk,) = line_chunks(fs, str(p), skip_header=True)
     t, bad = csv_chunk(fs, chunk, ["a", "b"], delimiter="\t", quoting=False)
     assert t.to_pylist() == [{"a": "1", "b": '"x'}]
@@ -97,15 +101,20 @@ def test_csv_chunk_reports_bad_lines(tmp_path):
 def test_csv_records_keep_quoted_newlines_and_report_bad_rows():
     import csv
     import io
-    huge = "x" * (csv.field_size_limit() + 1)    # the csv module refuses it: one error, then go on
-    data = ('\ufeffID, Title ,Desc\n'
-            'i1,Cat,"line one\nline two"\n'
-            '\n'                                     # blank: skipped
-            'i2,Dog\n'                               # a field short
-            f'i3,Big,"{huge}"\n'
-            'i4, ,last\n').encode()
-    rows = [(get and {c: get(c) for c in ("id", "title", "desc", "missing")}, err)
-            for get, err in csv_records(io.BytesIO(data), lower_header=True)]
+
+    huge = "x" * (csv.field_size_limit() + 1)  # the csv module refuses it: one error, then go on
+    data = (
+        "\ufeffID, Title ,Desc\n"
+        'i1,Cat,"line one\nline two"\n'
+        "\n"  # blank: skipped
+        "i2,Dog\n"  # a field short
+        f'i3,Big,"{huge}"\n'
+        "i4, ,last\n"
+    ).encode()
+    rows = [
+        (get and {c: get(c) for c in ("id", "title", "desc", "missing")}, err)
+        for get, err in csv_records(io.BytesIO(data), lower_header=True)
+    ]
     assert rows[0] == ({"id": "i1", "title": "Cat", "desc": "line one\nline two", "missing": None}, None)
     assert rows[1] == (None, "malformed csv: expected 3 fields, got 2")
     assert rows[2][0] is None and rows[2][1].startswith("malformed csv: field larger than field limit")
@@ -116,11 +125,21 @@ def test_csv_records_keep_quoted_newlines_and_report_bad_rows():
     assert err is None and get("ID") == "i1" and get("id") is None
 
 
-@pytest.mark.parametrize("raw,expected", [
-    (12.5, 12.5), (3, 3.0), ("$12.99", 12.99), ("$1,299.00", 1299.0), ("$5.00 - $15.00", 10.0),
-    ("", None), (None, None), (".a-box-inner{background-color:#fff}", None), ("call for price", None),
-    (float("nan"), None),
-])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        (12.5, 12.5),
+        (3, 3.0),
+        ("$12.99", 12.99),
+        ("$1,299.00", 1299.0),
+        ("$5.00 - $15.00", 10.0),
+        ("", None),
+        (None, None),
+        (".a-box-inner{background-color:#fff}", None),
+        ("call for price", None),
+        (float("nan"), None),
+    ],
+)
 def test_price_parsing(raw, expected):
     assert price(raw) == (pytest.approx(expected) if expected is not None else None)
 
@@ -143,36 +162,71 @@ def _write_p5(root: Path):
     root.mkdir()
     (root / "sequential_data.txt").write_text(
         "1 1 2 3\n"
-        "2 3 1 9\n"          # item 9 is not in the datamaps: keeps its P5 id
-        "3\n"                # a user with no items
+        "2 3 1 9\n"  # item 9 is not in the datamaps: keeps its P5 id
+        "3\n"  # a user with no items
         "\n"
-        "u-x 2 1 2\n")       # unmapped, non-numeric user id; a repeat of item 2
-    (root / "datamaps.json").write_text(json.dumps({
-        "id2user": {"1": "A1", "2": "A2"},
-        "id2item": {"1": "B001", "2": "B002", "3": "B003", "4": "B004"},
-    }))
-    (root / "items.jsonl").write_text("\n".join([
-        json.dumps({"item_id": 1, "asin": "B001", "title_words": "red nail polish",
-                    "attributes": ["OPI", "Makeup", "Nails", "Nail Polish"]}),
-        json.dumps({"item_id": 2, "asin": "B002", "title_words": "face cream",
-                    "attributes": ["Unknown", "Skin Care", "Face"]}),
-        json.dumps({"item_id": 3, "asin": "B003", "title_words": "shampoo",
-                    "attributes": ["L&#39;Oreal Paris", "Hair Care", "Shampoos"]}),
-        '{"item_id": 5, "asin": "B005", "title_words": "broken',
-        json.dumps({"item_id": 4, "title_words": "unused brush", "attributes": ["", "Tools & Accessories"]}),
-    ]) + "\n")
+        "u-x 2 1 2\n"
+    )  # unmapped, non-numeric user id; a repeat of item 2
+    (root / "datamaps.json").write_text(
+        json.dumps(
+            {
+                "id2user": {"1": "A1", "2": "A2"},
+                "id2item": {"1": "B001", "2": "B002", "3": "B003", "4": "B004"},
+            }
+        )
+    )
+    (root / "items.jsonl").write_text(
+        "\n".join(
+            [
+                json.dumps(
+                    {
+                        "item_id": 1,
+                        "asin": "B001",
+                        "title_words": "red nail polish",
+                        "attributes": ["OPI", "Makeup", "Nails", "Nail Polish"],
+                    }
+                ),
+                json.dumps(
+                    {
+                        "item_id": 2,
+                        "asin": "B002",
+                        "title_words": "face cream",
+                        "attributes": ["Unknown", "Skin Care", "Face"],
+                    }
+                ),
+                json.dumps(
+                    {
+                        "item_id": 3,
+                        "asin": "B003",
+                        "title_words": "shampoo",
+                        "attributes": ["L&#39;Oreal Paris", "Hair Care", "Shampoos"],
+                    }
+                ),
+                '{"item_id": 5, "asin": "B005", "title_words": "broken',
+                json.dumps({"item_id": 4, "title_words": "unused brush", "attributes": ["", "Tools & Accessories"]}),
+            ]
+        )
+        + "\n"
+    )
 
 
-@pytest.mark.parametrize("kind,needs", [("amazon", "review and meta files"), ("hm", "transactions_train.csv"),
-                                        ("p5", "sequential_data.txt"), ("pixelrec", "CSV files"),
-                                        ("recbole", "<name>.inter")])
+@pytest.mark.parametrize(
+    "kind,needs",
+    [
+        ("amazon", "review and meta files"),
+        ("hm", "transactions_train.csv"),
+        ("p5", "sequential_data.txt"),
+        ("pixelrec", "CSV files"),
+        ("recbole", "<name>.inter"),
+    ],
+)
 def test_folder_sources_need_a_path_and_ship_without_their_caches(kind, needs, tmp_path):
     with pytest.raises(ValueError, match=f"{kind} source needs data.sources\\[\\].path \\(folder with .*{needs}"):
         get_source(SourceConfig(kind=kind, path=None))
     s = src(kind, tmp_path)
     for name in s.lazy:
         setattr(s, name, {"cached": 1})
-    shipped = pickle.loads(pickle.dumps(s))   # what a Ray worker receives: caches rebuilt there
+    shipped = pickle.loads(pickle.dumps(s))  # what a Ray worker receives: caches rebuilt there
     assert all(getattr(shipped, name) is None for name in s.lazy)
     assert shipped.cfg == s.cfg and shipped.loc.path == s.loc.path
 
@@ -185,10 +239,18 @@ def test_p5_fixture(tmp_path):
     check_schema(items, inter, "p5-dom")
 
     rows = [(r["user_key"], r["item_key"], r["ts"]) for r in inter.to_pylist()]
-    assert rows == [("A1", "B001", 0), ("A1", "B002", 1), ("A1", "B003", 2),
-                    ("A2", "B003", 0), ("A2", "B001", 1), ("A2", "9", 2),
-                    ("3", None, 0),
-                    ("u-x", "B002", 0), ("u-x", "B001", 1), ("u-x", "B002", 2)]
+    assert rows == [
+        ("A1", "B001", 0),
+        ("A1", "B002", 1),
+        ("A1", "B003", 2),
+        ("A2", "B003", 0),
+        ("A2", "B001", 1),
+        ("A2", "9", 2),
+        ("3", None, 0),
+        ("u-x", "B002", 0),
+        ("u-x", "B001", 1),
+        ("u-x", "B002", 2),
+    ]
     assert errors(inter) == [] and inter.column("rating").null_count == inter.num_rows
 
     assert items.num_rows == 5
@@ -251,14 +313,27 @@ META_2014 = [
     "{'asin': 'B0001', 'title': 'Rose Water &amp; Glycerin', 'price': 7.5, 'imUrl': "
     "'http://ecx.images-amazon.com/images/I/1.jpg', 'categories': [['Beauty', 'Skin Care', 'Face'], "
     "['Beauty', 'Skin Care', 'Body']], 'brand': 'Heritage', 'description': \"It's gentle\"}",
-    "{'asin': 'B0002', 'categories': [['Beauty']], 'salesRank': {'Beauty': 10}}",   # no title/price/brand
-    "{'asin': 'B0003', 'title': 'broken",                                               # malformed
+    "{'asin': 'B0002', 'categories': [['Beauty']], 'salesRank': {'Beauty': 10}}",  # no title/price/brand
+    "{'asin': 'B0003', 'title': 'broken",  # malformed
 ]
 REVIEWS_2014 = [
-    {"reviewerID": "U1", "asin": "B0001", "overall": 5.0, "summary": "Great", "reviewText": "Love it.",
-     "unixReviewTime": 1388534400, "reviewTime": "01 1, 2014"},
-    {"reviewerID": "U1", "asin": "B0002", "overall": 3.0, "summary": "Fine!", "reviewText": "Okay.",
-     "unixReviewTime": 1388620800},
+    {
+        "reviewerID": "U1",
+        "asin": "B0001",
+        "overall": 5.0,
+        "summary": "Great",
+        "reviewText": "Love it.",
+        "unixReviewTime": 1388534400,
+        "reviewTime": "01 1, 2014",
+    },
+    {
+        "reviewerID": "U1",
+        "asin": "B0002",
+        "overall": 3.0,
+        "summary": "Fine!",
+        "reviewText": "Okay.",
+        "unixReviewTime": 1388620800,
+    },
     {"asin": "B0002", "overall": 4.0, "reviewText": "no reviewer", "unixReviewTime": 1388620800},
 ]
 
@@ -281,8 +356,11 @@ def test_amazon_2014_gzip_python_literal_meta(tmp_path):
     assert inter.num_rows == 5
     ok = [r for r in inter.to_pylist() if r["error"] is None]
     assert [(r["user_key"], r["item_key"], r["ts"], r["rating"]) for r in ok] == [
-        ("U1", "B0001", 1388534400, 5.0), ("U1", "B0002", 1388620800, 3.0),
-        (None, "B0002", 1388620800, 4.0), ("U1", "B0001", 1388534400, 5.0)]
+        ("U1", "B0001", 1388534400, 5.0),
+        ("U1", "B0002", 1388620800, 3.0),
+        (None, "B0002", 1388620800, 4.0),
+        ("U1", "B0001", 1388534400, 5.0),
+    ]
     assert ok[0]["review"] == "Great. Love it." and ok[1]["review"] == "Fine! Okay."
     assert ok[2]["review"] == "no reviewer"
     bad = [r for r in inter.to_pylist() if r["error"] is not None]
@@ -302,8 +380,15 @@ def test_amazon_2018_json_with_images(tmp_path):
     root = tmp_path / "amz18"
     root.mkdir()
     meta = [
-        {"asin": "X1", "title": "Shampoo", "brand": "Acme", "category": ["Beauty &amp; Personal Care", "Hair Care"],
-         "price": "$12.99", "description": ["Line one.", "", "Line two."], "imageURL": ["https://img/x1.jpg"]},
+        {
+            "asin": "X1",
+            "title": "Shampoo",
+            "brand": "Acme",
+            "category": ["Beauty &amp; Personal Care", "Hair Care"],
+            "price": "$12.99",
+            "description": ["Line one.", "", "Line two."],
+            "imageURL": ["https://img/x1.jpg"],
+        },
         {"asin": "X2", "title": "Set", "category": [], "price": "$5.00 - $15.00", "description": "One string"},
         {"asin": "X3", "title": "No image", "price": "", "imageURLHighRes": []},
         {"asin": "X4", "price": ".a-box-inner{background-color:#fff}"},
@@ -334,7 +419,9 @@ def test_amazon_2018_json_with_images(tmp_path):
     assert it["X1"]["description"] == "Line one.\nLine two." and it["X2"]["description"] == "One string"
     assert it["X1"]["image"] == JPEG and it["X2"]["image"] == PNG
     assert it["X3"]["image"] is None and it["X4"]["image"] is None
-    assert items.column("image_uri").null_count == 4  # images_dir given: bytes, not URLs
+    # images_dir given: the bytes, and the file's location (not the metadata's URL) for the images stage
+    assert it["X1"]["image_uri"] == str(images / "X1.jpg") and it["X2"]["image_uri"] == str(images / "X2.png")
+    assert it["X3"]["image_uri"] is None and it["X4"]["image_uri"] is None
     assert errors(items) == []
 
     rows = inter.to_pylist()
@@ -363,9 +450,13 @@ def test_amazon_from_s3(s3_bucket, tmp_path):
     items, inter = read_all_items(s), read_all_interactions(s)
     check_schema(items, inter, "amazon-dom")
     assert [(r["user_key"], r["item_key"], r["rating"]) for r in inter.to_pylist()] == [
-        ("U1", "B0001", 5.0), ("U1", "B0002", 3.0), (None, "B0002", 4.0)]
+        ("U1", "B0001", 5.0),
+        ("U1", "B0002", 3.0),
+        (None, "B0002", 4.0),
+    ]
     it = by_key(items, "item_key")
     assert it["B0001"]["image"] == JPEG and it["B0002"]["image"] is None
+    assert it["B0001"]["image_uri"] == f"{bucket}/images/B0001.jpg"
     assert it["B0001"]["price"] == pytest.approx(7.5)
     assert len(errors(items)) == 1
     assert len(s.fingerprint()) == 16
@@ -379,15 +470,17 @@ def test_recbole(tmp_path):
         "user_id:token\titem_id:token\trating:float\ttimestamp:float\treview:token_seq\n"
         "u1\tm-1\t4\t978300760\tgreat fun\n"
         "u1\tm2\t3.5\t978300761.0\t\n"
-        "u2\tm-1\tbad\t978300762\tx\n"       # bad float
-        "u2\tm3\t5\n"                          # too few fields
-        "\tm2\t1\t978300763\tno user\n"        # missing user key: kept, null
-        "u1\tm-1\t4\t978300760\tgreat fun\n")  # duplicate row: kept
+        "u2\tm-1\tbad\t978300762\tx\n"  # bad float
+        "u2\tm3\t5\n"  # too few fields
+        "\tm2\t1\t978300763\tno user\n"  # missing user key: kept, null
+        "u1\tm-1\t4\t978300760\tgreat fun\n"
+    )  # duplicate row: kept
     (root / "ml.item").write_text(
         "item_id:token\tmovie_title:token_seq\trelease_year:token\tgenre:token_seq\tprice:float\n"
         "m-1\tToy Story\t1995\tAnimation Children's Comedy\t9.99\n"
         "m2\tJumanji\t1995\tAdventure\t\n"
-        "m3\tHeat\t1995\n")
+        "m3\tHeat\t1995\n"
+    )
     (root / "ml.user").write_text("user_id:token\tage:token\tgender:token\nu1\t25\tF\nu2\t35\tM\n")
     s = src("recbole", root)
     s.shard_bytes = 30
@@ -399,9 +492,11 @@ def test_recbole(tmp_path):
     assert len(rows) == 6
     good = [r for r in rows if r["error"] is None]
     assert [(r["user_key"], r["item_key"], r["ts"], r["rating"], r["review"]) for r in good] == [
-        ("u1", "m-1", 978300760, 4.0, "great fun"), ("u1", "m2", 978300761, 3.5, None),
-        (None, "m2", 978300763, 1.0, "no user"),        # missing user key: kept, null
-        ("u1", "m-1", 978300760, 4.0, "great fun")]     # duplicate: kept
+        ("u1", "m-1", 978300760, 4.0, "great fun"),
+        ("u1", "m2", 978300761, 3.5, None),
+        (None, "m2", 978300763, 1.0, "no user"),  # missing user key: kept, null
+        ("u1", "m-1", 978300760, 4.0, "great fun"),
+    ]  # duplicate: kept
     assert sorted(errors(inter)) == ["bad float in rating: bad", "malformed csv: expected 5 fields, got 3"]
     bad_float = next(r for r in rows if (r["error"] or "").startswith("bad float"))
     assert (bad_float["user_key"], bad_float["item_key"], bad_float["ts"]) == ("u2", "m-1", 978300762)
@@ -441,15 +536,17 @@ def _write_pixelrec(root: Path):
         "u1,i10,1640000000\n"
         "u1,i11,1640000100\n"
         "u2,i10,2022-01-01T00:00:00\n"
-        "u2,i12\n"                    # missing field
-        "u3,i11,yesterday\n"          # bad time
-        "u1,i10,1640000000\n")        # duplicate: kept
+        "u2,i12\n"  # missing field
+        "u3,i11,yesterday\n"  # bad time
+        "u1,i10,1640000000\n"
+    )  # duplicate: kept
     (root / "pixelrec_iteminfo" / "item_info.csv").write_text(
         "item_id,view_number,comment_number,thumbup_number,title,tag,description\n"
         'i10,100,2,5,"Cat video, part 1",Pets,"Line one\nline two"\n'
         "i11,50,0,1,Cooking,Food|Life,\n"
         "i12,1,0,0,Unused item,,plain\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     (root / "cover" / "i10.jpg").write_bytes(JPEG)
     (root / "cover" / "i12.png").write_bytes(PNG)
 
@@ -464,9 +561,12 @@ def test_pixelrec(tmp_path):
     rows = inter.to_pylist()
     assert inter.num_rows == 6
     assert [(r["user_key"], r["item_key"], r["ts"], r["error"]) for r in rows if r["user_key"]] == [
-        ("u1", "i10", 1640000000, None), ("u1", "i11", 1640000100, None), ("u2", "i10", 1640995200, None),
+        ("u1", "i10", 1640000000, None),
+        ("u1", "i11", 1640000100, None),
+        ("u2", "i10", 1640995200, None),
         ("u3", "i11", None, "bad timestamp: Invalid isoformat string: 'yesterday'"),
-        ("u1", "i10", 1640000000, None)]  # duplicate: kept
+        ("u1", "i10", 1640000000, None),
+    ]  # duplicate: kept
     assert [r["error"] for r in rows if not r["user_key"]] == ["malformed csv: expected 3 fields, got 2"]
 
     it = by_key(items, "item_key")
@@ -492,22 +592,29 @@ def _write_hm(root: Path):
     (root / "transactions_train.csv").write_text(
         "t_dat,customer_id,article_id,price,sales_channel_id\n"
         "2018-09-20,c0ffee,0108775015,0.05,2\n"
-        "2018-09-20,c0ffee,108775015,0.07,2\n"     # same article without the leading zero
+        "2018-09-20,c0ffee,108775015,0.07,2\n"  # same article without the leading zero
         "2018-09-21,beef,0110065001,0.02,1\n"
-        "2018-13-40,beef,0110065001,0.02,1\n"      # bad date
-        "2018-09-22,beef\n"                        # missing fields
-        "2018-09-23,dead,0999999999,0.5,1\n")
+        "2018-13-40,beef,0110065001,0.02,1\n"  # bad date
+        "2018-09-22,beef\n"  # missing fields
+        "2018-09-23,dead,0999999999,0.5,1\n"
+    )
     (root / "articles.csv").write_text(
         "article_id,product_code,prod_name,product_type_name,product_group_name,colour_group_name,"
         "department_name,index_name,section_name,garment_group_name,detail_desc\n"
-        '0108775015,0108775,Strap top,Vest top,Garment Upper body,Black,Jersey Basic,Ladieswear,'
+        "0108775015,0108775,Strap top,Vest top,Garment Upper body,Black,Jersey Basic,Ladieswear,"
         'Womens Everyday Basics,Jersey Basic,"Jersey top with narrow, shoulder straps."\n'
         "0110065001,0110065,OP T-shirt,Bra,Underwear,Black,Clean Lingerie,Lingeries/Tights,"
         "Womens Lingerie,Under-,\n"
-        "0200000001,0200000,Never sold,Sweater,Garment Upper body,Red,Knit,Divided,Divided,Knitwear,Warm\n")
+        "0200000001,0200000,Never sold,Sweater,Garment Upper body,Red,Knit,Divided,Divided,Knitwear,Warm\n"
+    )
     (root / "customers.csv").write_text(
-        "customer_id,FN,Active,club_member_status,age\nc0ffee,1.0,,ACTIVE,49\nbeef,,,ACTIVE,25\n")
+        "customer_id,FN,Active,club_member_status,age\nc0ffee,1.0,,ACTIVE,49\nbeef,,,ACTIVE,25\n"
+    )
     (root / "images" / "010" / "0108775015.jpg").write_bytes(JPEG)
+    (root / "images" / "099").mkdir()
+    (root / "images" / "099" / "0999999999.jpg").write_bytes(JPEG)  # bought, photo, no articles row
+    (root / "images" / "077").mkdir()
+    (root / "images" / "077" / "0777777777.jpg").write_bytes(JPEG)  # photo of an article nobody bought
 
 
 def test_hm(tmp_path):
@@ -520,15 +627,23 @@ def test_hm(tmp_path):
     rows = inter.to_pylist()
     assert inter.num_rows == 6
     assert [(r["user_key"], r["item_key"], r["ts"]) for r in rows if r["error"] is None] == [
-        ("c0ffee", "0108775015", 1537401600), ("c0ffee", "0108775015", 1537401600),
+        ("c0ffee", "0108775015", 1537401600),
+        ("c0ffee", "0108775015", 1537401600),
         ("beef", "0110065001", 1537488000),
-        ("dead", "0999999999", 1537660800)]  # not in articles: prepare stubs it
+        ("dead", "0999999999", 1537660800),
+    ]  # not in articles: a photo-only item row
     assert sorted(errors(inter)) == ["bad t_dat: 2018-13-40", "malformed csv: expected 5 fields, got 2"]
     bad_day = next(r for r in rows if r["error"] == "bad t_dat: 2018-13-40")
     assert (bad_day["user_key"], bad_day["item_key"], bad_day["ts"]) == ("beef", "0110065001", None)
 
     it = by_key(items, "item_key")
-    assert items.num_rows == 3 and errors(items) == []
+    assert items.num_rows == 4 and errors(items) == []
+    # Bought, no articles row, photo on disk: the photo's URL and the price; no text. The photo of
+    # an article nobody bought adds no item.
+    sold = it["0999999999"]
+    assert sold["image_uri"] == str(root / "images" / "099" / "0999999999.jpg")
+    assert sold["price"] == pytest.approx(0.5) and sold["title"] is None and sold["categories"] == []
+    assert "0777777777" not in it
     top = it["0108775015"]
     assert top["title"] == "Strap top" and top["brand"] == "Ladieswear"
     assert top["categories"] == ["Garment Upper body", "Vest top", "Jersey Basic", "Womens Everyday Basics"]
@@ -549,4 +664,39 @@ def test_hm(tmp_path):
     assert [(r["user_key"], r["item_key"]) for r in inter2.to_pylist()] == [("c0ffee", "0108775015")]
     it2 = by_key(read_all_items(s2), "item_key")
     assert it2["0108775015"]["price"] == pytest.approx(0.05) and it2["0110065001"]["price"] is None
+    assert "0999999999" not in it2  # not among the transactions read
     assert s2.fingerprint() != s.fingerprint()
+
+
+def test_hm_photos_without_articles_file(tmp_path):
+    """A sample with transactions and photos but no articles.csv: every bought article with a
+    photo still gets its URL (as a photo-only item row); one without a photo stays a stub."""
+    root = tmp_path / "hm"
+    _write_hm(root)
+    (root / "articles.csv").unlink()
+    s = src("hm", root)
+    items = read_all_items(s)
+    check_schema(items, None, "hm-dom")
+    it = by_key(items, "item_key")
+    assert sorted(it) == ["0108775015", "0999999999"]  # 0110065001 has no photo: prepare stubs it
+    assert it["0108775015"]["image_uri"] == str(root / "images" / "010" / "0108775015.jpg")
+    assert it["0108775015"]["price"] == pytest.approx(0.06) and errors(items) == []
+    # Without photos either, there is nothing to read: prepare stubs every article.
+    import shutil
+
+    shutil.rmtree(root / "images")
+    assert src("hm", root).item_shards() == []
+
+
+def test_hm_photos_from_s3(s3_bucket, tmp_path):
+    import s3fs
+
+    endpoint, bucket = s3_bucket
+    root = tmp_path / "hm"
+    _write_hm(root)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    fs.put(str(root) + "/", f"{bucket}/hm/", recursive=True)
+    s = pickle.loads(pickle.dumps(src("hm", f"{bucket}/hm", StorageConfig(s3_endpoint_url=endpoint))))
+    it = by_key(read_all_items(s), "item_key")
+    assert it["0999999999"]["image_uri"] == f"{bucket}/hm/images/099/0999999999.jpg"
+    assert it["0108775015"]["image_uri"] == f"{bucket}/hm/images/010/0108775015.jpg"

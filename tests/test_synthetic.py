@@ -1,4 +1,5 @@
 """The synthetic world: contracts, determinism, sharding, and its documented ground truth."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,18 @@ from reasonrec.config import SourceConfig, SyntheticConfig, load_config
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS
 from reasonrec.data.sources import _REGISTRY, read_all_interactions, read_all_items
 from reasonrec.data.sources.synthetic import (
-    BACKGROUNDS, PATTERNS, SHAPES, SyntheticSource, expected_length, generate_interaction_arrays,
-    item_attributes, oracle_next_item_scores, user_latents, world, world_transition_matrix)
+    BACKGROUNDS,
+    PATTERNS,
+    SHAPES,
+    SyntheticSource,
+    expected_length,
+    generate_interaction_arrays,
+    item_attributes,
+    oracle_next_item_scores,
+    user_latents,
+    world,
+    world_transition_matrix,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,8 +85,7 @@ def test_shard_count_does_not_change_the_data(tiny):
     assert many.read_interactions(shards[3]).equals(many.read_interactions(shards[3]))
     # More shards than users: every user still generated exactly once.
     small = _source(n_users=5, n_user_shards=9)
-    assert read_all_interactions(small).column("user_key").unique().to_pylist() == \
-        [f"u{i:06d}" for i in range(5)]
+    assert read_all_interactions(small).column("user_key").unique().to_pylist() == [f"u{i:06d}" for i in range(5)]
 
 
 def test_long_tail_activity(tiny):
@@ -125,7 +135,7 @@ def test_images_decode_and_show_the_item_colour(tiny):
 def test_distinct_titles_name_every_item_once(tiny):
     src, items, _ = tiny
     shared = items.column("title").to_pylist()
-    assert len(set(shared)) < len(shared)          # the default world repeats titles
+    assert len(set(shared)) < len(shared)  # the default world repeats titles
     distinct = read_all_items(_source(distinct_titles=True, n_item_shards=3)).column("title").to_pylist()
     assert len(set(distinct)) == len(distinct)
     # The same title with a product-line name; items that shared a title get different lines.
@@ -133,7 +143,7 @@ def test_distinct_titles_name_every_item_once(tiny):
     rank = item_attributes(src.syn)["title_rank"]
     for title in {t for t, n in Counter(shared).items() if n > 1}:
         ks = [k for k, t in enumerate(shared) if t == title]
-        assert rank[ks].tolist() == list(range(len(ks)))   # by item id: the same in every sharding
+        assert rank[ks].tolist() == list(range(len(ks)))  # by item id: the same in every sharding
 
 
 def test_reviews_mention_an_item_feature(tiny):
@@ -143,8 +153,12 @@ def test_reviews_mention_an_item_feature(tiny):
     reviews = inter.column("review").to_pylist()
     ratings = inter.column("rating").to_pylist()
     for i, text, r in zip(items, reviews, ratings):
-        feats = [f"the {attrs['colour'][i]} colour", f"the {attrs['shape'][i]} shape",
-                 f"the {attrs['pattern'][i]} pattern", f"the {attrs['brand'][i]} brand"]
+        feats = [
+            f"the {attrs['colour'][i]} colour",
+            f"the {attrs['shape'][i]} shape",
+            f"the {attrs['pattern'][i]} pattern",
+            f"the {attrs['brand'][i]} brand",
+        ]
         assert any(f in text for f in feats), text
         if r >= 4:
             assert not text.startswith(("Disappointed", "Did not", "Returned", "Sadly"))

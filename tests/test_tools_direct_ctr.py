@@ -1,5 +1,6 @@
 """Direct (BPR-MF, BPR-MLP, LightGCN) and CTR (DLRM, DCNv2, xDeepFM, xgboost) tools on small data
 with real structure: every user has a taste cluster and most positives come from it."""
+
 from __future__ import annotations
 
 import json
@@ -56,25 +57,45 @@ def make_data(n_users=150, n_items=60, n_clusters=4, seed=0, ctr_neg=4):
         cat[items] = c
     noisy = rng.random(n_items) < 0.3
     cat[noisy] = rng.integers(0, n_clusters, int(noisy.sum()))
-    data = ToolData(n_users=n_users, n_items=n_items, train_seqs=train, valid_item=valid, test_item=test,
-                    item_category=cat, item_brand=rng.integers(0, 6, n_items))
+    data = ToolData(
+        n_users=n_users,
+        n_items=n_items,
+        train_seqs=train,
+        valid_item=valid,
+        test_item=test,
+        item_category=cat,
+        item_brand=rng.integers(0, 6, n_items),
+    )
     rows = {k: ([], [], []) for k in ("train", "valid", "test")}
     for u, s in enumerate(seqs[:-1]):
         pos = rng.permutation(np.unique(s))
         n_v = max(1, round(0.1 * len(pos)))
-        parts = {"valid": pos[:n_v], "test": pos[n_v:2 * n_v], "train": pos[2 * n_v:]}
+        parts = {"valid": pos[:n_v], "test": pos[n_v : 2 * n_v], "train": pos[2 * n_v :]}
         pool = np.setdiff1d(np.arange(n_items), s)
         for split, p in parts.items():
             negs = rng.choice(pool, size=len(p) * ctr_neg, replace=True)
             rows[split][0].append(np.full(len(p) + len(negs), u))
             rows[split][1].append(np.concatenate([p, negs]))
             rows[split][2].append(np.concatenate([np.ones(len(p)), np.zeros(len(negs))]))
-    data.ctr = {k: (np.concatenate(v[0]).astype(np.int64), np.concatenate(v[1]).astype(np.int64),
-                    np.concatenate(v[2]).astype(np.float32)) for k, v in rows.items()}
+    data.ctr = {
+        k: (
+            np.concatenate(v[0]).astype(np.int64),
+            np.concatenate(v[1]).astype(np.int64),
+            np.concatenate(v[2]).astype(np.float32),
+        )
+        for k, v in rows.items()
+    }
     # CTR tools see the CTR-train positives as histories (no valid/test positive in them)
-    ctr_data = ToolData(n_users=n_users, n_items=n_items, valid_item=valid, test_item=test,
-                        item_category=data.item_category, item_brand=data.item_brand, ctr=data.ctr,
-                        train_seqs=[np.zeros(0, np.int64)] * n_users)
+    ctr_data = ToolData(
+        n_users=n_users,
+        n_items=n_items,
+        valid_item=valid,
+        test_item=test,
+        item_category=data.item_category,
+        item_brand=data.item_brand,
+        ctr=data.ctr,
+        train_seqs=[np.zeros(0, np.int64)] * n_users,
+    )
     tu, ti, ty = data.ctr["train"]
     ctr_data.train_seqs = [ti[(tu == u) & (ty == 1)] for u in range(n_users)]
     return data, ctr_data, seqs
@@ -83,9 +104,19 @@ def make_data(n_users=150, n_items=60, n_clusters=4, seed=0, ctr_neg=4):
 def candidates_for_test(data: ToolData, seqs, n_neg=30, seed=5):
     rng = np.random.default_rng(seed)
     users = np.array([u for u in range(data.n_users) if data.test_item[u] >= 0])
-    cands = np.stack([rng.permutation(np.concatenate([[data.test_item[u]],
-                      rng.choice(np.setdiff1d(np.arange(data.n_items), seqs[u]), n_neg, replace=False)]))
-                      for u in users])
+    cands = np.stack(
+        [
+            rng.permutation(
+                np.concatenate(
+                    [
+                        [data.test_item[u]],
+                        rng.choice(np.setdiff1d(np.arange(data.n_items), seqs[u]), n_neg, replace=False),
+                    ]
+                )
+            )
+            for u in users
+        ]
+    )
     return users, cands, data.test_item[users]
 
 
@@ -111,8 +142,9 @@ def trained(world):
     for name in DIRECT + CTR:
         tool = tool_class(name)(PARAMS[name])
         reports[name] = []
-        metrics[name] = tool.fit(ctr_data if name in CTR else data,
-                                 reporter=lambda e, m, n=name: reports[n].append((e, m)))
+        metrics[name] = tool.fit(
+            ctr_data if name in CTR else data, reporter=lambda e, m, n=name: reports[n].append((e, m))
+        )
         tools[name] = tool
     return tools, metrics, reports
 
@@ -226,6 +258,7 @@ def test_resume_continues_epoch_count(world):
 
 # ------------------------------------------------------------------ TorchRec model parallel
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -265,8 +298,16 @@ def _dmp_worker(rank: int, world_size: int, port: int, name: str, out_dir: str) 
             plain = tool.model.logits(torch.from_numpy(dense), torch.from_numpy(ids), torch.from_numpy(hm)).numpy()
         np.save(os.path.join(out_dir, f"p{rank}.npy"), p)
         with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
-            json.dump({"losses": [m["loss"] for m in reports], "metrics": metrics, "world": tool.train_info["world"],
-                       "sharded_vs_plain": float(np.abs(sharded - plain).max()), "n": int(len(y))}, f)
+            json.dump(
+                {
+                    "losses": [m["loss"] for m in reports],
+                    "metrics": metrics,
+                    "world": tool.train_info["world"],
+                    "sharded_vs_plain": float(np.abs(sharded - plain).max()),
+                    "n": int(len(y)),
+                },
+                f,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -292,6 +333,7 @@ def test_torchrec_model_parallel_two_processes(name, tmp_path):
 
 # ------------------------------------------------------------------------------- features
 
+
 def test_ctr_features_by_hand_leave_self_out_and_out_of_fold():
     from reasonrec.tools.ctr_features import DENSE_FEATURES, CTRFeaturizer
 
@@ -312,8 +354,11 @@ def test_ctr_features_by_hand_leave_self_out_and_out_of_fold():
     # inference on a training pair looks exactly like a featurizer that never saw that pair
     keep = ~((users == 0) & (items == 2))
     g = CTRFeaturizer(4, 5, cat, None, users[keep], items[keep], DENSE_FEATURES, n_folds=2)
-    np.testing.assert_allclose(f.dense_raw(np.array([0]), np.array([2]), [train[0]]),
-                               g.dense_raw(np.array([0]), np.array([2]), [train[0]]), rtol=1e-6)
+    np.testing.assert_allclose(
+        f.dense_raw(np.array([0]), np.array([2]), [train[0]]),
+        g.dense_raw(np.array([0]), np.array([2]), [train[0]]),
+        rtol=1e-6,
+    )
     # out-of-fold (training rows): counts from the other fold only, x K/(K-1) = x2 here
     fold = f.fold_of(np.array([0]), np.array([2]))[0]
     other = f.fold_of(users, items) != fold

@@ -1,6 +1,7 @@
 """Sequential tools, the shared training loop and tool persistence, on a tiny synthetic dataset
 with real sequential structure: items follow a cycle i -> i+1 (mod N) with some noise, so a
 sequential model can predict the next item while popularity (near uniform) cannot."""
+
 from __future__ import annotations
 
 import os
@@ -17,13 +18,53 @@ from reasonrec.tools.persist import load_tool, pack_ragged, save_tool, unpack_ra
 from reasonrec.tools.training import TrainConfig, epoch_batches, train_loop
 
 N_ITEMS, N_USERS = 60, 300
-ADJ = ["red", "blue", "green", "black", "white", "golden", "silver", "pink", "purple", "orange",
-       "yellow", "brown", "grey", "navy", "ivory"]
-NOUN = ["lipstick", "shampoo", "perfume", "nail polish", "sunscreen", "mascara", "face cream",
-        "hair brush", "eyeliner", "body lotion", "soap bar", "hair dryer", "razor", "toothpaste", "blush"]
+ADJ = [
+    "red",
+    "blue",
+    "green",
+    "black",
+    "white",
+    "golden",
+    "silver",
+    "pink",
+    "purple",
+    "orange",
+    "yellow",
+    "brown",
+    "grey",
+    "navy",
+    "ivory",
+]
+NOUN = [
+    "lipstick",
+    "shampoo",
+    "perfume",
+    "nail polish",
+    "sunscreen",
+    "mascara",
+    "face cream",
+    "hair brush",
+    "eyeliner",
+    "body lotion",
+    "soap bar",
+    "hair dryer",
+    "razor",
+    "toothpaste",
+    "blush",
+]
 # Tiny, fast settings so every torch tool trains in a few seconds.
-FAST = {"hidden": 32, "inner": 64, "max_len": 12, "dropout": 0.1, "attn_dropout": 0.1, "lr": 5e-3,
-        "batch_size": 64, "max_epochs": 40, "patience": 4, "gru_hidden": 64}
+FAST = {
+    "hidden": 32,
+    "inner": 64,
+    "max_len": 12,
+    "dropout": 0.1,
+    "attn_dropout": 0.1,
+    "lr": 5e-3,
+    "batch_size": 64,
+    "max_epochs": 40,
+    "patience": 4,
+    "gru_hidden": 64,
+}
 
 
 def make_data(seed: int = 0) -> ToolData:
@@ -36,9 +77,14 @@ def make_data(seed: int = 0) -> ToolData:
         full.append(np.asarray(seq, dtype=np.int64))
     # Items come in blocks of 4 sharing a description, so text similarity follows the cycle too.
     text = [f"{ADJ[(i // 4) % len(ADJ)]} {NOUN[(i // 4) % len(NOUN)]} number {i}" for i in range(N_ITEMS)]
-    return ToolData(n_users=N_USERS, n_items=N_ITEMS, train_seqs=[s[:-2] for s in full],
-                    valid_item=np.array([s[-2] for s in full]), test_item=np.array([s[-1] for s in full]),
-                    item_text=text)
+    return ToolData(
+        n_users=N_USERS,
+        n_items=N_ITEMS,
+        train_seqs=[s[:-2] for s in full],
+        valid_item=np.array([s[-2] for s in full]),
+        test_item=np.array([s[-1] for s in full]),
+        item_text=text,
+    )
 
 
 def hr10(tool, data: ToolData) -> float:
@@ -61,8 +107,9 @@ def trained(data) -> dict:
         tool = tool_class(name)(dict(FAST) if name in ("sasrec", "lightsans", "gru4rec") else {})
         tool.fit(data)
         tools[name] = tool
-    tools["ensemble"] = Ensemble({"members": ["sasrec", "gru4rec", "semantic"]},
-                                 members={n: tools[n] for n in ("sasrec", "gru4rec", "semantic")})
+    tools["ensemble"] = Ensemble(
+        {"members": ["sasrec", "gru4rec", "semantic"]}, members={n: tools[n] for n in ("sasrec", "gru4rec", "semantic")}
+    )
     return tools
 
 
@@ -78,8 +125,7 @@ def test_validation_ranks_the_whole_catalog(data):
     assert metrics["ranked_among"] == data.n_items and 0 < metrics["hr@10"] < 1
 
 
-@pytest.mark.parametrize("name", ["sasrec", "lightsans", "gru4rec", "semantic", "ensemble", "popularity",
-                                  "transition"])
+@pytest.mark.parametrize("name", ["sasrec", "lightsans", "gru4rec", "semantic", "ensemble", "popularity", "transition"])
 def test_save_load_identical(trained, data, tmp_path, name):
     for n, tool in trained.items():
         if n != "ensemble":
@@ -99,8 +145,7 @@ def test_load_missing_folder(tmp_path):
         load_tool(str(tmp_path / "nothing"))
 
 
-@pytest.mark.parametrize("name", ["sasrec", "lightsans", "gru4rec", "semantic", "ensemble", "popularity",
-                                  "transition"])
+@pytest.mark.parametrize("name", ["sasrec", "lightsans", "gru4rec", "semantic", "ensemble", "popularity", "transition"])
 def test_bad_input(trained, data, name):
     tool = trained[name]
     hist = [data.train_seqs[0], np.zeros(0, dtype=np.int64)]
@@ -134,7 +179,7 @@ def test_transition_counts_learn_the_next_item_chain(trained, data):
     window = tool_class("transition")({"window": 2, "alphas": [1.0]})
     window.fit(data)
     both = window.score_items(users[:1], [np.array([3, 10])])[0]
-    assert set(np.argsort(-both)[:2]) == {11, 4}        # the last two items vote, the last one first
+    assert set(np.argsort(-both)[:2]) == {11, 4}  # the last two items vote, the last one first
     assert both[11] > both[4]
 
 
@@ -155,8 +200,14 @@ def test_prediction_writer_reuses_member_scores(trained, data):
     from reasonrec.tools.predict import ranking_predictions
 
     users = np.arange(8)
-    loo = pa.table({"user_id": users, "train_items": [data.train_seqs[u].tolist() for u in users],
-                    "valid_item": data.valid_item[users], "test_item": data.test_item[users]})
+    loo = pa.table(
+        {
+            "user_id": users,
+            "train_items": [data.train_seqs[u].tolist() for u in users],
+            "valid_item": data.valid_item[users],
+            "test_item": data.test_item[users],
+        }
+    )
     tools = {n: trained[n] for n in ("sasrec", "gru4rec", "semantic", "ensemble")}
     out = ranking_predictions(tools, loo, k=5, splits=("valid", "test"))
     assert set(out.column("split").to_pylist()) == {"valid", "test"}
@@ -175,6 +226,7 @@ def test_ragged_roundtrip():
 
 
 # ---------------------------------------------------------------------------- training loop
+
 
 class Linear(torch.nn.Module):
     def __init__(self):
@@ -197,8 +249,13 @@ def test_early_stopping_reports_and_keeps_best():
         snapshots[len(snapshots)] = m.lin.weight.detach().clone()
         return {"ndcg@10": next(scores)}
 
-    res = train_loop(m, [x, y], TrainConfig(max_epochs=20, patience=3, batch_size=16, lr=0.01),
-                     validate=validate, reporter=lambda e, metrics: reports.append((e, metrics)))
+    res = train_loop(
+        m,
+        [x, y],
+        TrainConfig(max_epochs=20, patience=3, batch_size=16, lr=0.01),
+        validate=validate,
+        reporter=lambda e, metrics: reports.append((e, metrics)),
+    )
     assert res.stopped == "early_stopping" and res.best_epoch == 1 and res.epochs_run == 5
     assert [e for e, _ in reports] == [0, 1, 2, 3, 4]
     assert all({"loss", "ndcg@10", "epoch", "seconds"} <= set(mm) for _, mm in reports)
@@ -210,8 +267,14 @@ def test_resume_and_time_budget():
     x, y = torch.randn(32, 3), torch.randn(32)
     m = Linear()
     reports = []
-    res = train_loop(m, [x, y], TrainConfig(max_epochs=5, batch_size=8), validate=lambda: {"ndcg@10": 0.0},
-                     reporter=lambda e, _: reports.append(e), start_epoch=3)
+    res = train_loop(
+        m,
+        [x, y],
+        TrainConfig(max_epochs=5, batch_size=8),
+        validate=lambda: {"ndcg@10": 0.0},
+        reporter=lambda e, _: reports.append(e),
+        start_epoch=3,
+    )
     # Resuming validates the starting weights first; they stay best since nothing beats them.
     assert reports == [3, 4] and res.best_epoch == 2 and res.last_epoch == 4
     res = train_loop(m, [x, y], TrainConfig(max_epochs=1000, batch_size=8, time_budget_s=0.3))
@@ -229,6 +292,7 @@ def test_epoch_batches_shard_and_bucket():
 
 
 # --------------------------------------------------------------------- torch.distributed (gloo)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -253,6 +317,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_training_under_torch_distributed(tmp_path):
     import torch.multiprocessing as mp
+
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
     # Same reports on both ranks (rank 0 validates and broadcasts), one per epoch.
@@ -266,9 +331,15 @@ def test_training_under_torch_distributed(tmp_path):
 
 def test_hold_out_last_removes_each_users_last_items():
     from reasonrec.tools.data import hold_out_last
-    data = ToolData(n_users=3, n_items=8, train_seqs=[np.array([1, 2, 3]), np.array([4]), np.array([5, 6])],
-                    valid_item=np.array([7, 7, 7]), test_item=np.array([0, 0, 0]),
-                    ctr={"train": (np.array([0]), np.array([1]), np.array([1.0], np.float32))})
+
+    data = ToolData(
+        n_users=3,
+        n_items=8,
+        train_seqs=[np.array([1, 2, 3]), np.array([4]), np.array([5, 6])],
+        valid_item=np.array([7, 7, 7]),
+        test_item=np.array([0, 0, 0]),
+        ctr={"train": (np.array([0]), np.array([1]), np.array([1.0], np.float32))},
+    )
     held = hold_out_last(data, 1)
     assert [s.tolist() for s in held.train_seqs] == [[1, 2], [], [5]]
     # The first held-out item is the tools' validation target; nothing is left to test on.
@@ -276,7 +347,7 @@ def test_hold_out_last_removes_each_users_last_items():
     assert held.ctr == {} and held.direct_valid is None
     assert held.item_popularity.tolist() == [0, 1, 1, 0, 0, 1, 0, 0]
     assert [s.tolist() for s in hold_out_last(data, 2).train_seqs] == [[1], [], []]
-    assert hold_out_last(data, 2).valid_item.tolist() == [2, -1, -1]   # nothing left to train on: none
-    assert [s.tolist() for s in data.train_seqs] == [[1, 2, 3], [4], [5, 6]]   # the input is untouched
+    assert hold_out_last(data, 2).valid_item.tolist() == [2, -1, -1]  # nothing left to train on: none
+    assert [s.tolist() for s in data.train_seqs] == [[1, 2, 3], [4], [5, 6]]  # the input is untouched
     with pytest.raises(ValueError, match="n >= 1"):
         hold_out_last(data, 0)

@@ -1,4 +1,5 @@
 """train_tools and evaluate end to end on a real local Ray (Ray Train, Ray Data actor pools)."""
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,17 @@ from reasonrec.io import open_store
 from reasonrec.planner import load_toolbox
 from reasonrec.tools.persist import load_tool
 
-TINY = ["data.sources.0.synthetic.n_users=300", "data.sources.0.synthetic.n_items=80",
-        "ray.shuffle_partitions=2", "data.direct_negatives=20",
-        "tools.enabled=[popularity,sasrec,bpr_mf,dlrm,xgb_ctr]",
-        "tools.params.sasrec.max_epochs=6", "tools.params.bpr_mf.max_epochs=10",
-        "tools.params.dlrm.max_epochs=2", "tools.params.xgb_ctr.num_boost_round=30"]
+TINY = [
+    "data.sources.0.synthetic.n_users=300",
+    "data.sources.0.synthetic.n_items=80",
+    "ray.shuffle_partitions=2",
+    "data.direct_negatives=20",
+    "tools.enabled=[popularity,sasrec,bpr_mf,dlrm,xgb_ctr]",
+    "tools.params.sasrec.max_epochs=6",
+    "tools.params.bpr_mf.max_epochs=10",
+    "tools.params.dlrm.max_epochs=2",
+    "tools.params.xgb_ctr.num_boost_round=30",
+]
 
 
 def _cfg(root, *extra):
@@ -52,9 +59,12 @@ def test_every_tool_is_saved_and_reloads_with_identical_outputs(pipeline):
     for name in ("sasrec", "bpr_mf", "ensemble"):
         tool = load_tool(store.url("train_tools", "tools", name))
         items, _ = tool.recommend(np.array([row["user_id"]]), [np.asarray(row["train_items"])], k=5, exclude_seen=False)
-        mine = preds.filter(pc.and_(pc.equal(preds.column("tool"), name),
-                                    pc.and_(pc.equal(preds.column("user_id"), row["user_id"]),
-                                            pc.equal(preds.column("split"), "valid"))))
+        mine = preds.filter(
+            pc.and_(
+                pc.equal(preds.column("tool"), name),
+                pc.and_(pc.equal(preds.column("user_id"), row["user_id"]), pc.equal(preds.column("split"), "valid")),
+            )
+        )
         assert mine.column("items").to_pylist()[0][:5] == items[0].tolist()
     ctr = store.read_table("train_tools", "ctr_predictions")
     assert set(ctr.column("tool").to_pylist()) >= {"dlrm", "xgb_ctr", "ensemble"}
@@ -75,7 +85,11 @@ def test_holdout_copies_train_without_each_users_last_item(pipeline):
     assert not np.allclose(load_tool(store.url("train_tools", "tools", "popularity")).counts, counts)
     # The predictions and the toolbox the planner loads are the main tools only.
     assert set(store.read_table("train_tools", "predictions").column("tool").to_pylist()) == {
-        "popularity", "sasrec", "bpr_mf", "ensemble"}
+        "popularity",
+        "sasrec",
+        "bpr_mf",
+        "ensemble",
+    }
     assert sorted(load_toolbox(store).tools) == sorted(summary["tools"])
 
 
@@ -92,7 +106,7 @@ def test_prediction_ranks_agree_with_top_k(pipeline):
             # averaged ranks tie often). The target may then sit in the top-K only on a tie with
             # the K-th score.
             assert p["scores"][p["items"].index(p["target"])] == p["scores"][-1], p
-        assert 0 <= p["rank_excl"] <= p["rank"]          # masking the history only removes competitors
+        assert 0 <= p["rank_excl"] <= p["rank"]  # masking the history only removes competitors
         if p["n_candidates"]:
             assert 0 <= p["cand_rank"] < p["n_candidates"]
 
@@ -116,10 +130,24 @@ def test_metrics_jsonl_has_protocols_and_segments(pipeline):
     assert len(auc) == 1 and 0.5 < auc[0]["value"] <= 1.0
     assert "### sequential (full-catalog ranking" in report["tables"]
     assert "### sequential (full-catalog ranking with history items masked (RecBole" in report["tables"]
-    masked = [r for r in recs if r["task"] == "sequential" and "masked" in r["protocol"] and r["group"] == "all"
-              and r["metric"] == "hr" and r["k"] == 10]
-    kept = {r["model"]: r["value"] for r in recs if r["task"] == "sequential" and "masked" not in r["protocol"]
-            and r["group"] == "all" and r["metric"] == "hr" and r["k"] == 10}
+    masked = [
+        r
+        for r in recs
+        if r["task"] == "sequential"
+        and "masked" in r["protocol"]
+        and r["group"] == "all"
+        and r["metric"] == "hr"
+        and r["k"] == 10
+    ]
+    kept = {
+        r["model"]: r["value"]
+        for r in recs
+        if r["task"] == "sequential"
+        and "masked" not in r["protocol"]
+        and r["group"] == "all"
+        and r["metric"] == "hr"
+        and r["k"] == 10
+    }
     assert masked and all(r["value"] >= kept[r["model"]] for r in masked)
 
 
@@ -132,14 +160,28 @@ def test_rerun_skips_both_stages(pipeline):
 def test_killed_training_resumes_from_its_checkpoint(ray_local, tmp_path):
     """Kill the driver mid-training (SASRec, after an epoch's checkpoint), start again: finished
     tools and epochs are not redone."""
-    overrides = ["tools.enabled=[popularity,sasrec]", "tools.ensemble=false", "tools.params.sasrec.max_epochs=8",
-                 "tools.params.sasrec.patience=8", "tools.checkpoint_every_s=0", "run_name=killed"]
+    overrides = [
+        "tools.enabled=[popularity,sasrec]",
+        "tools.ensemble=false",
+        "tools.params.sasrec.max_epochs=8",
+        "tools.params.sasrec.patience=8",
+        "tools.checkpoint_every_s=0",
+        "run_name=killed",
+    ]
     cfg = _cfg(tmp_path, *overrides)
     prepare.run(cfg)
     store = open_store(cfg)
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    args = [sys.executable, "-m", "ray_jobs.train_tools", "--config", str(CONFIG_DIR / "quickstart.yaml"),
-            *TINY, f"output_root={tmp_path}", *overrides]
+    args = [
+        sys.executable,
+        "-m",
+        "ray_jobs.train_tools",
+        "--config",
+        str(CONFIG_DIR / "quickstart.yaml"),
+        *TINY,
+        f"output_root={tmp_path}",
+        *overrides,
+    ]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     progress = None
@@ -162,7 +204,7 @@ def test_killed_training_resumes_from_its_checkpoint(ray_local, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert progress is not None, "no mid-training checkpoint appeared"
-    assert store.manifest("train_tools") is None            # the killed run committed nothing
+    assert store.manifest("train_tools") is None  # the killed run committed nothing
     summary = train_tools.run(cfg)
     resumed = summary["resumes"]
     assert resumed and resumed[0]["done"] == ["popularity"]
@@ -172,8 +214,14 @@ def test_killed_training_resumes_from_its_checkpoint(ray_local, tmp_path):
 
 
 def test_torchrec_dlrm_trains_with_two_ray_train_workers(ray_local, tmp_path):
-    cfg = _cfg(tmp_path, "tools.enabled=[dlrm]", "tools.ensemble=false", "tools.num_workers=2",
-               "tools.params.dlrm.max_epochs=2", "run_name=dmp")
+    cfg = _cfg(
+        tmp_path,
+        "tools.enabled=[dlrm]",
+        "tools.ensemble=false",
+        "tools.num_workers=2",
+        "tools.params.dlrm.max_epochs=2",
+        "run_name=dmp",
+    )
     prepare.run(cfg)
     summary = train_tools.run(cfg)
     assert summary["num_workers"] == 2
@@ -181,4 +229,4 @@ def test_torchrec_dlrm_trains_with_two_ray_train_workers(ray_local, tmp_path):
     assert 0.5 < m["auc"] <= 1.0
     store = open_store(cfg)
     tool = load_tool(store.url("train_tools", "tools", "dlrm"))
-    assert tool.train_info["world"] == 2                    # trained under DistributedModelParallel
+    assert tool.train_info["world"] == 2  # trained under DistributedModelParallel

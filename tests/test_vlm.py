@@ -1,4 +1,5 @@
 """VLM stage library: builder (tiny / small / hub id), LoRA, collate, inference, calibration."""
+
 from __future__ import annotations
 
 import io
@@ -14,17 +15,48 @@ from PIL import Image
 
 from reasonrec.prompts.cot import ANSWER_MARKER, compose_target, parse_output
 from reasonrec.prompts.templates import ItemRef, PromptInputs, RenderOptions, render_prompt
-from reasonrec.vlm.builder import (IMAGE_TOKEN, ModelUnavailableError, build_vlm, load_adapter, locate_gguf,
-                                   save_adapter, trainable_parameters)
+from reasonrec.vlm.builder import (
+    IMAGE_TOKEN,
+    ModelUnavailableError,
+    build_vlm,
+    load_adapter,
+    locate_gguf,
+    save_adapter,
+    trainable_parameters,
+)
 from reasonrec.vlm.collate import VLMCollator
 from reasonrec.vlm.config import VLMConfig
-from reasonrec.vlm.infer import (ItemTrie, TrieConstraint, VLMPredictor, calibration_report,
-                                 expected_calibration_error, shared_text_log_share)
+from reasonrec.vlm.infer import (
+    ItemTrie,
+    TrieConstraint,
+    VLMPredictor,
+    calibration_report,
+    expected_calibration_error,
+    shared_text_log_share,
+)
 
-TINY = dict(model="tiny", image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
-            image_tokens_per_item=4, max_length=400, max_thought_tokens=8, num_beams=6)
-TITLES = ["rose lip tint", "volume mascara", "red shatter polish", "blue face cream", "argan hair oil",
-          "rose lip", "daily face cream", "matte gloss"]
+TINY = dict(
+    model="tiny",
+    image_size=32,
+    patch_size=8,
+    vision_hidden_size=32,
+    vision_layers=1,
+    vision_heads=2,
+    image_tokens_per_item=4,
+    max_length=400,
+    max_thought_tokens=8,
+    num_beams=6,
+)
+TITLES = [
+    "rose lip tint",
+    "volume mascara",
+    "red shatter polish",
+    "blue face cream",
+    "argan hair oil",
+    "rose lip",
+    "daily face cream",
+    "matte gloss",
+]
 IDS = [501, 502, 503, 504, 505, 506, 507, 508]
 
 
@@ -55,11 +87,18 @@ def _png(color=(20, 200, 20)) -> bytes:
 
 def _example(user=1, n_hist=3, target_title="volume mascara", template=0):
     hist = [ItemRef(IDS[i], TITLES[i]) for i in range(n_hist)]
-    r = render_prompt("sequential", PromptInputs(user, "likes Lip Tint", hist, 0.8, "high"), template,
-                      RenderOptions(max_history_photos=2))
+    r = render_prompt(
+        "sequential",
+        PromptInputs(user, "likes Lip Tint", hist, 0.8, "high"),
+        template,
+        RenderOptions(max_history_photos=2),
+    )
     images = [_img((30 * i, 10, 10)) if i % 2 else _png((10, 30 * i, 10)) for i in range(len(r.image_items))]
-    return {"prompt": r.text, "images": images,
-            "target": compose_target("sequential", target_title, 0.7, "high", 0.8, ["sasrec"])}
+    return {
+        "prompt": r.text,
+        "images": images,
+        "target": compose_target("sequential", target_title, 0.7, "high", 0.8, ["sasrec"]),
+    }
 
 
 # ------------------------------------------------------------------------------ builder
@@ -77,8 +116,8 @@ def test_tiny_builds_fast_and_is_llava(tiny):
     names = [n for n, p in b.model.named_parameters() if p.requires_grad]
     assert any("lora_A" in n and "language_model" in n for n in names)
     assert any("multi_modal_projector" in n for n in names) and any("vision_tower" in n for n in names)
-    assert not any("lora" in n and "vision_tower" in n for n in names)      # LoRA only on the LM
-    assert not any(n.endswith("embed_tokens.weight") for n in names)       # LM base frozen
+    assert not any("lora" in n and "vision_tower" in n for n in names)  # LoRA only on the LM
+    assert not any(n.endswith("embed_tokens.weight") for n in names)  # LM base frozen
     # seeded: two builds have identical weights
     w1 = tiny.base_model.model.language_model.layers[0].mlp.up_proj.weight
     w2 = b.base_model.model.language_model.layers[0].mlp.up_proj.weight
@@ -108,8 +147,8 @@ def test_collate_masks_prompt_pads_and_counts_images(tiny):
         sup = labels[row][labels[row] != -100].tolist()
         assert tiny.tokenizer.decode(sup, skip_special_tokens=False) == ex["target"] + "<|im_end|>"
         first = int((labels[row] != -100).nonzero()[0])
-        assert (labels[row, :first] == -100).all()                       # whole prompt masked
-        assert (ids[row, first - 12:first] != tiny.image_token_id).all()
+        assert (labels[row, :first] == -100).all()  # whole prompt masked
+        assert (ids[row, first - 12 : first] != tiny.image_token_id).all()
     short = 1 if mask[1].sum() < mask[0].sum() else 0
     assert mask[short, -1] == 0 and (labels[short][mask[short] == 0] == -100).all()  # right padding
     with pytest.raises(ValueError, match="placeholders"):
@@ -123,20 +162,27 @@ def test_truncation_drops_whole_photos(tiny):
     cfg = VLMConfig(**{**TINY, "max_length": 260, "truncation_head_tokens": 40})
     col = VLMCollator(build_vlm(cfg, lora=False))
     hist = [ItemRef(1000 + i, f"item number {chr(97 + i)}") for i in range(12)]
-    r = render_prompt("sequential", PromptInputs(3, "d", hist, 0.2, "low"), 0,
-                      RenderOptions(max_history_items=12, max_history_photos=12))
-    ex = {"prompt": r.text, "images": [_img((i * 20, 0, 0)) for i in range(12)],
-          "target": compose_target("sequential", "item number m", 0.5, "low", 0.2)}
+    r = render_prompt(
+        "sequential",
+        PromptInputs(3, "d", hist, 0.2, "low"),
+        0,
+        RenderOptions(max_history_items=12, max_history_photos=12),
+    )
+    ex = {
+        "prompt": r.text,
+        "images": [_img((i * 20, 0, 0)) for i in range(12)],
+        "target": compose_target("sequential", "item number m", 0.5, "low", 0.2),
+    }
     batch = col([ex])
     assert batch["input_ids"].shape[1] <= 260
     n_tok = int((batch["input_ids"] == col.image_token_id).sum())
     assert n_tok % col.n_img == 0 and 0 < n_tok // col.n_img < 12
     assert batch["pixel_values"].shape[0] == n_tok // col.n_img
     text = col.tok.decode(batch["input_ids"][0])
-    assert "item number l" in text and "item number a" not in text    # oldest history cut first
+    assert "item number l" in text and "item number a" not in text  # oldest history cut first
     assert text.startswith("<|im_start|>system")
     sup = batch["labels"][0][batch["labels"][0] != -100].tolist()
-    assert col.tok.decode(sup).endswith("item number m<|im_end|>")     # target intact
+    assert col.tok.decode(sup).endswith("item number m<|im_end|>")  # target intact
 
 
 # ------------------------------------------------------------------------- LoRA training
@@ -176,6 +222,7 @@ def test_modules_to_save_trains_and_saves_embeddings_and_head(tmp_path):
     """vlm.lora.modules_to_save: a random text model's embeddings and LM head train in full and
     travel with the adapter."""
     from reasonrec.vlm.config import LoRAConfig
+
     plain = build_vlm(VLMConfig(**TINY))
     b = build_vlm(VLMConfig(**TINY, lora=LoRAConfig(modules_to_save=["embed_tokens", "lm_head"])))
     names = [n for n, p in b.model.named_parameters() if p.requires_grad]
@@ -198,8 +245,9 @@ def test_modules_to_save_trains_and_saves_embeddings_and_head(tmp_path):
 # ------------------------------------------------------------------------------ inference
 def test_trie_constraint_is_a_distribution_over_items(tiny):
     trie = ItemTrie(tiny.tokenizer, TITLES + ["rose lip"], item_ids=IDS + [999])
-    assert sorted(trie.items(tiny.tokenizer(" rose lip", add_special_tokens=False)["input_ids"]
-                             + [trie.eos_id, 3, 3])) == [506, 999]   # identical titles share a leaf
+    assert sorted(
+        trie.items(tiny.tokenizer(" rose lip", add_special_tokens=False)["input_ids"] + [trie.eos_id, 3, 3])
+    ) == [506, 999]  # identical titles share a leaf
     vocab = len(tiny.tokenizer)
     seqs = {tuple(tiny.tokenizer(" " + t, add_special_tokens=False)["input_ids"] + [trie.eos_id]) for t in TITLES}
     total = 0.0
@@ -207,7 +255,7 @@ def test_trie_constraint_is_a_distribution_over_items(tiny):
         lp = 0.0
         for j, token in enumerate(seq):
             proc = TrieConstraint(trie)
-            g = torch.Generator().manual_seed(hash(seq[:j]) % (2 ** 31))
+            g = torch.Generator().manual_seed(hash(seq[:j]) % (2**31))
             scores = torch.log_softmax(torch.randn(1, vocab, generator=g), -1)
             proc.start = 0
             lp += float(proc(torch.tensor([list(seq[:j])], dtype=torch.long), scores)[0, token])
@@ -229,10 +277,14 @@ def test_items_sharing_a_title_split_its_probability_by_prior(tiny):
     pred = VLMPredictor(tiny)
     exs = [{k: v for k, v in _example(user=2).items() if k != "target"}]
     thoughts = pred.thoughts(exs)
-    k = len(TITLES) + 1   # same k: the same number of beams on both tries
+    k = len(TITLES) + 1  # same k: the same number of beams on both tries
     plain = pred.rank_catalog(exs, ItemTrie(tiny.tokenizer, TITLES, item_ids=IDS), k=k, thoughts=thoughts)[0]
-    dup = pred.rank_catalog(exs, ItemTrie(tiny.tokenizer, TITLES + [TITLES[0]], item_ids=IDS + [999],
-                                          prior=[1] * len(IDS) + [3]), k=k, thoughts=thoughts)[0]
+    dup = pred.rank_catalog(
+        exs,
+        ItemTrie(tiny.tokenizer, TITLES + [TITLES[0]], item_ids=IDS + [999], prior=[1] * len(IDS) + [3]),
+        k=k,
+        thoughts=thoughts,
+    )[0]
     before, after = dict(zip(plain.items, plain.scores)), dict(zip(dup.items, dup.scores))
     assert IDS[0] in before and set(after) == set(before) | {999}
     assert after[999] == pytest.approx(before[IDS[0]] + math.log(0.75), abs=1e-4)
@@ -250,9 +302,18 @@ def test_items_sharing_a_title_split_its_probability_by_prior(tiny):
 def test_beam_search_over_the_whole_catalog_returns_every_item_with_its_probability():
     # Titles of 1 to 6 words, as many beams as items: with HF's early_stopping=True the search
     # stopped early and returned 9 of these 10 items with 0.79-0.86 of the probability mass.
-    titles = ["gift nude lip face matte mascara", "nude matte volume", "set polish tint daily lip", "oil",
-              "lip set", "red", "blue matte red", "face volume nude", "lip hair tint face daily",
-              "mascara cream set nude polish face"]
+    titles = [
+        "gift nude lip face matte mascara",
+        "nude matte volume",
+        "set polish tint daily lip",
+        "oil",
+        "lip set",
+        "red",
+        "blue matte red",
+        "face volume nude",
+        "lip hair tint face daily",
+        "mascara cream set nude polish face",
+    ]
     bundle = build_vlm(VLMConfig(**{**TINY, "num_beams": len(titles)}))
     pred = VLMPredictor(bundle)
     exs = [{k: v for k, v in _example(user=u, n_hist=1 + u % 3).items() if k != "target"} for u in range(4)]
@@ -302,34 +363,40 @@ def test_ranking_mixes_over_the_thoughts_tool_field(tiny):
     probs = [p for _, p in post]
     assert len(post) == 4 and sum(probs) == pytest.approx(1.0) and probs == sorted(probs, reverse=True)
     assert {tuple(parse_output(t, "sequential").thought.tools) for t, _ in post} == {
-        (), ("lightsans",), ("sasrec",), ("lightsans", "sasrec")}
+        (),
+        ("lightsans",),
+        ("sasrec",),
+        ("lightsans", "sasrec"),
+    }
     assert all(t.endswith("Confidence: 0.64\n" + ANSWER_MARKER) for t, _ in post)
 
     # Each value's probability is what a training forward pass gives the same tokens: the field
     # is scored as the collator tokenizes a target (the thought whole), up to its ';'.
     col = VLMCollator(tiny)
+
     def field_logprob(full_thought):
         enc = col.encode({**ex, "target": full_thought + " x"})
         head = full_thought[: full_thought.index("Confidence")].rstrip(" ")
         n_head = len(tiny.tokenizer(head, add_special_tokens=False)["input_ids"])
-        start = next(j for j, t in enumerate(enc.labels) if t != -100)   # first target token
-        assert enc.input_ids[start: start + n_head] == tiny.tokenizer(head, add_special_tokens=False)["input_ids"]
+        start = next(j for j, t in enumerate(enc.labels) if t != -100)  # first target token
+        assert enc.input_ids[start : start + n_head] == tiny.tokenizer(head, add_special_tokens=False)["input_ids"]
         batch = col.batch([enc])
         with torch.no_grad():
             logits = tiny.base_model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].float()
         lp = torch.log_softmax(logits, -1)
         return sum(float(lp[j - 1, enc.input_ids[j]]) for j in range(start, start + n_head))
+
     ref = np.array([field_logprob(t) for t, _ in post])
     assert np.allclose(np.exp(ref - ref.max()) / np.exp(ref - ref.max()).sum(), probs, atol=1e-4)
 
     trie = ItemTrie(tiny.tokenizer, TITLES, item_ids=IDS)
-    greedy = pred.rank_catalog([ex], trie, k=4, thoughts=[thought], shown_tools=[shown])[0]   # N = 0
+    greedy = pred.rank_catalog([ex], trie, k=4, thoughts=[thought], shown_tools=[shown])[0]  # N = 0
     assert greedy.items == pred.rank_catalog([ex], trie, k=4, thoughts=[thought])[0].items
     pred.cfg = replace(pred.cfg, thought_tool_sets=1)
     one = pred.rank_catalog([ex], trie, k=4, thoughts=[thought], shown_tools=[shown])[0]
     under_top = pred.rank_catalog([ex], trie, k=4, thoughts=[post[0][0]])[0]
     assert one.items == under_top.items and np.allclose(one.scores, under_top.scores, atol=1e-5)
-    assert one.thought_text == thought            # the written thought is what is reported
+    assert one.thought_text == thought  # the written thought is what is reported
     assert pred.rank_catalog([ex], trie, k=4, thoughts=[thought], shown_tools=[[]])[0].items == greedy.items
 
     pred.cfg = replace(pred.cfg, thought_tool_sets=3)
@@ -351,7 +418,10 @@ def test_expected_calibration_error():
     assert expected_calibration_error([None, 0.8, float("nan")], [1, 1, 0]) == pytest.approx(0.2)
     assert math.isnan(expected_calibration_error([None], [1]))
     from reasonrec.vlm.infer import VLMOutput
-    rep = calibration_report([VLMOutput("ctr", conf_verbal=0.9, conf_token=0.6), VLMOutput("ctr", conf_token=0.6)], [1, 0])
+
+    rep = calibration_report(
+        [VLMOutput("ctr", conf_verbal=0.9, conf_token=0.6), VLMOutput("ctr", conf_token=0.6)], [1, 0]
+    )
     assert rep["ece_verbal"] == pytest.approx(0.1) and rep["ece_token"] == pytest.approx(0.1)
     assert rep["verbal_coverage"] == 0.5
 
@@ -374,17 +444,23 @@ def test_small_loads_from_gguf():
     assert isinstance(base, LlavaForConditionalGeneration) and b.source == "small"
     lm = base.model.language_model
     assert lm.config.num_hidden_layers == 30 and lm.config.hidden_size == 576
-    assert base.lm_head.weight.data_ptr() == lm.embed_tokens.weight.data_ptr()    # tied, as SmolLM2
-    assert len(b.tokenizer) == lm.embed_tokens.weight.shape[0] == 49153         # + <image>
-    assert not hasattr(base.config.text_config, "quantization_config") or \
-        base.config.text_config.quantization_config is None
+    assert base.lm_head.weight.data_ptr() == lm.embed_tokens.weight.data_ptr()  # tied, as SmolLM2
+    assert len(b.tokenizer) == lm.embed_tokens.weight.shape[0] == 49153  # + <image>
+    assert (
+        not hasattr(base.config.text_config, "quantization_config")
+        or base.config.text_config.quantization_config is None
+    )
     # the pretrained weights are really there: the instruct model answers a trivial question
     tok = b.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         out = base.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
     # the LoRA-wrapped model takes a batch with photos (forward only: a backward pass on 135M
     # parameters is what the step-time bench measures, too slow for a unit test here)
     assert b.is_peft

@@ -11,13 +11,17 @@ users there are, and the same functions run unchanged in the batch job and in Se
 * ``rank``     1 - mid-rank percentile of n among users: the share of users with more evidence.
 * ``log``      1 - log(1 + n) / log(1 + max n): compresses the long tail.
 """
+
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 
-BUCKETS = ("low", "medium", "high")
+from reasonrec.vocab import EH_BUCKETS
+
+FILE_NAME = "eh_normalizer.json"  # in the prepare stage's folder
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,36 @@ class EHNormalizer:
             raise ValueError(f"unknown evidence-horizon normalizer '{self.kind}'")
         return np.clip(c, 0.0, 1.0).astype(np.float32)
 
+    def to_dict(self) -> dict:
+        """The fitted statistics as JSON-ready values (the file format of :data:`FILE_NAME`)."""
+        return {
+            "kind": self.kind,
+            "max_count": int(self.max_count),
+            "cap": float(self.cap),
+            "values": [int(v) for v in self.values],
+            "midrank_cdf": [float(c) for c in self.midrank_cdf],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> EHNormalizer:
+        return cls(
+            kind=raw["kind"],
+            max_count=int(raw["max_count"]),
+            cap=float(raw["cap"]),
+            values=tuple(int(v) for v in raw.get("values", ())),
+            midrank_cdf=tuple(float(c) for c in raw.get("midrank_cdf", ())),
+        )
+
+    def save(self, writer) -> None:
+        """Write into a stage being committed (``ArtifactStore.stage_writer``'s writer)."""
+        writer.write_json(FILE_NAME, self.to_dict())
+
+    @classmethod
+    def load(cls, store, stage: str = "prepare") -> EHNormalizer:
+        """Read back what :meth:`save` wrote into ``stage`` of a run's ``ArtifactStore``."""
+        with store.fs.open(store.path(stage, FILE_NAME), "r") as f:
+            return cls.from_dict(json.load(f))
+
 
 def fit_normalizer(kind: str, hist_counts: np.ndarray, hist_users: np.ndarray, quantile: float = 0.95) -> EHNormalizer:
     """Fit from a histogram: ``hist_counts[i]`` is a training-interaction count and ``hist_users[i]``
@@ -65,13 +99,19 @@ def fit_normalizer(kind: str, hist_counts: np.ndarray, hist_users: np.ndarray, q
     cap = float(values[min(idx, len(values) - 1)])
     below = cum - users
     midrank = (below + 0.5 * users) / total
-    return EHNormalizer(kind=kind, max_count=max_count, cap=cap,
-                        values=tuple(int(v) for v in values), midrank_cdf=tuple(float(x) for x in midrank))
+    return EHNormalizer(
+        kind=kind,
+        max_count=max_count,
+        cap=cap,
+        values=tuple(int(v) for v in values),
+        midrank_cdf=tuple(float(x) for x in midrank),
+    )
 
 
 def bucket(eh: np.ndarray, thresholds: tuple[float, float] | list[float] = (0.3, 0.7)) -> np.ndarray:
     """Paper buckets: low C < t0, medium t0 <= C <= t1, high C > t1."""
     lo, hi = thresholds
     eh = np.asarray(eh)
-    out = np.where(eh < lo, "low", np.where(eh > hi, "high", "medium"))
+    low, medium, high = EH_BUCKETS
+    out = np.where(eh < lo, low, np.where(eh > hi, high, medium))
     return out.astype(object)

@@ -5,6 +5,7 @@ Every function takes and returns Arrow tables and knows nothing of Ray, so the b
 tables are computed for a whole block of users with array operations; their randomness is a hash
 of ``(seed, user_id, ...)``, so results do not depend on how the users are partitioned.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ import pyarrow.compute as pc
 
 from reasonrec.data import schemas
 from reasonrec.data.evidence import EHNormalizer, bucket
+from reasonrec.hashing import GOLDEN, hash_u64, mix64_
 
 KEY_SEP = "\x1f"  # joins (domain, item_key) into one lookup key; never occurs in source keys
 
@@ -23,7 +25,11 @@ KEY_SEP = "\x1f"  # joins (domain, item_key) into one lookup key; never occurs i
 # ------------------------------------------------------------------------------ validation
 def _reason_column(table: pa.Table, checks: list[tuple[str, pa.Array]]) -> pa.Array:
     """First failing check's reason per row (null when the row is fine)."""
-    reason = table.column("error").combine_chunks() if "error" in table.column_names else pa.nulls(table.num_rows, pa.string())
+    reason = (
+        table.column("error").combine_chunks()
+        if "error" in table.column_names
+        else pa.nulls(table.num_rows, pa.string())
+    )
     reason = pc.if_else(pc.is_valid(reason), pc.binary_join_element_wise("parse error: ", reason, ""), reason)
     for text, bad in checks:
         reason = pc.if_else(pc.and_(pc.is_null(reason), bad), pa.scalar(text), reason)
@@ -49,8 +55,10 @@ def validate_interactions(table: pa.Table) -> pa.Table:
         ("missing item key", _blank(table.column("item_key"))),
         ("missing timestamp", pc.is_null(table.column("ts"))),
         ("negative timestamp", pc.less(table.column("ts"), 0).fill_null(False)),
-        ("rating not a finite number >= 0",
-         pc.or_(pc.is_nan(rating).fill_null(False), pc.less(rating, 0).fill_null(False))),
+        (
+            "rating not a finite number >= 0",
+            pc.or_(pc.is_nan(rating).fill_null(False), pc.less(rating, 0).fill_null(False)),
+        ),
     ]
     return table.append_column("reason", _reason_column(table, checks))
 
@@ -69,11 +77,14 @@ def to_quarantine(table: pa.Table, table_name: str) -> pa.Table:
     """Rows with a ``reason`` as QUARANTINE records (the row as JSON, binary fields elided)."""
     drop = [f.name for f in table.schema if pa.types.is_binary(f.type)] + ["reason"]
     records = table.drop_columns([c for c in drop if c in table.column_names]).to_pylist()
-    return pa.table({
-        "table": pa.array([table_name] * table.num_rows, pa.string()),
-        "reason": table.column("reason").cast(pa.string()),
-        "record": pa.array([json.dumps(r, default=str, sort_keys=True) for r in records], pa.string()),
-    }, schema=schemas.QUARANTINE)
+    return pa.table(
+        {
+            "table": pa.array([table_name] * table.num_rows, pa.string()),
+            "reason": table.column("reason").cast(pa.string()),
+            "record": pa.array([json.dumps(r, default=str, sort_keys=True) for r in records], pa.string()),
+        },
+        schema=schemas.QUARANTINE,
+    )
 
 
 def item_lookup_key(domain: pa.Array, item_key: pa.Array) -> pa.Array:
@@ -123,27 +134,39 @@ def attach_ids(t: pa.Table, key: str, id_col: str) -> pa.Table:
 def stub_items(ids: pa.Table) -> pa.Table:
     """ITEMS rows (key and domain only) for numbered item lookup keys that the catalog lacks."""
     parts = pc.split_pattern(ids.column("_ikey"), KEY_SEP, max_splits=1)
-    return schemas.conform(pa.table({"item_id": ids.column("item_id"), "item_key": pc.list_element(parts, 1),
-                                     "domain": pc.list_element(parts, 0)}), schemas.ITEMS)
+    return schemas.conform(
+        pa.table(
+            {
+                "item_id": ids.column("item_id"),
+                "item_key": pc.list_element(parts, 1),
+                "domain": pc.list_element(parts, 0),
+            }
+        ),
+        schemas.ITEMS,
+    )
 
 
 # ------------------------------------------------------------------------- per-user sequences
-SEQUENCE_SCHEMA = pa.schema([
-    ("user_id", pa.int64()),
-    ("user_key", pa.string()),
-    ("domain", pa.string()),
-    ("items", pa.list_(pa.int64())),
-    ("ts", pa.list_(pa.int64())),
-    ("ratings", pa.list_(pa.float32())),
-    ("reviews", pa.list_(pa.string())),
-    ("n_train", pa.int64()),
-    ("duplicates", pa.list_(pa.string())),   # exact duplicate rows removed, as JSON records
-])
+SEQUENCE_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("user_key", pa.string()),
+        ("domain", pa.string()),
+        ("items", pa.list_(pa.int64())),
+        ("ts", pa.list_(pa.int64())),
+        ("ratings", pa.list_(pa.float32())),
+        ("reviews", pa.list_(pa.string())),
+        ("n_train", pa.int64()),
+        ("duplicates", pa.list_(pa.string())),  # exact duplicate rows removed, as JSON records
+    ]
+)
 
 
 def _group_offsets(sorted_ids: np.ndarray) -> np.ndarray:
     """Start offsets of runs of equal values in a sorted id array, plus the total length."""
-    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if len(sorted_ids) else np.empty(0, np.int64)
+    starts = (
+        np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if len(sorted_ids) else np.empty(0, np.int64)
+    )
     return np.r_[starts, len(sorted_ids)].astype(np.int32)
 
 
@@ -154,7 +177,9 @@ def build_sequences(block: pa.Table) -> pa.Table:
     sequential behaviour. Vectorised over the block (one call per partition, not per user)."""
     if block.num_rows == 0:
         return SEQUENCE_SCHEMA.empty_table()
-    t = block.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending"), ("_order", "ascending")])
+    t = block.sort_by(
+        [("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending"), ("_order", "ascending")]
+    )
     u, it, ts = (t.column(c).to_numpy() for c in ("user_id", "item_id", "ts"))
     dup = np.r_[False, (u[1:] == u[:-1]) & (it[1:] == it[:-1]) & (ts[1:] == ts[:-1])]
     dups = t.filter(pa.array(dup))
@@ -177,18 +202,22 @@ def build_sequences(block: pa.Table) -> pa.Table:
     dup_by_user: dict[int, list[str]] = {}
     for r in dups.select(["user_id", "user_key", "item_key", "ts"]).to_pylist():
         dup_by_user.setdefault(r["user_id"], []).append(
-            json.dumps({"user_key": r["user_key"], "item_key": r["item_key"], "ts": r["ts"]}))
-    return pa.table({
-        "user_id": pa.array(users, pa.int64()),
-        "user_key": t.column("user_key").take(pa.array(first)),
-        "domain": domains,
-        "items": lists("item_id", pa.int64()),
-        "ts": lists("ts", pa.int64()),
-        "ratings": lists("rating", pa.float32()),
-        "reviews": lists("review", pa.string()),
-        "n_train": pa.array(np.where(lens >= 3, lens - 2, lens), pa.int64()),
-        "duplicates": pa.array([dup_by_user.get(k, []) for k in users.tolist()], pa.list_(pa.string())),
-    }, schema=SEQUENCE_SCHEMA)
+            json.dumps({"user_key": r["user_key"], "item_key": r["item_key"], "ts": r["ts"]})
+        )
+    return pa.table(
+        {
+            "user_id": pa.array(users, pa.int64()),
+            "user_key": t.column("user_key").take(pa.array(first)),
+            "domain": domains,
+            "items": lists("item_id", pa.int64()),
+            "ts": lists("ts", pa.int64()),
+            "ratings": lists("rating", pa.float32()),
+            "reviews": lists("review", pa.string()),
+            "n_train": pa.array(np.where(lens >= 3, lens - 2, lens), pa.int64()),
+            "duplicates": pa.array([dup_by_user.get(k, []) for k in users.tolist()], pa.list_(pa.string())),
+        },
+        schema=SEQUENCE_SCHEMA,
+    )
 
 
 def dedup_items(block: pa.Table) -> pa.Table:
@@ -216,27 +245,9 @@ class SplitParams:
 # Randomness is counter-based: every draw is a hash of (seed, stream, user_id, purpose, index), so a
 # whole block of users is sampled with array operations and the result for a user does not depend
 # on which other users share its block (Ray partitions and the single-process chunks agree).
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
-_MUL2 = np.uint64(0x94D049BB133111EB)
-_DRAW, _DENSE, _SHUFFLE, _SPLIT = 0, 1, 2, 3   # purposes within a stream
+# ``hash_u64`` (reasonrec.hashing, re-exported here) is that hash.
+_DRAW, _DENSE, _SHUFFLE, _SPLIT = 0, 1, 2, 3  # purposes within a stream
 _SPLIT_NAMES = ("train", "valid", "test")
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser (uint64 arithmetic wraps, which is the point)."""
-    x = (x ^ (x >> np.uint64(30))) * _MUL1
-    x = (x ^ (x >> np.uint64(27))) * _MUL2
-    return x ^ (x >> np.uint64(31))
-
-
-def hash_u64(*parts) -> np.ndarray:
-    """One well-mixed uint64 per element of the broadcast integer ``parts`` (at least 1-d)."""
-    h = np.zeros(np.broadcast_shapes(*(np.shape(x) for x in parts)) or (1,), np.uint64)
-    for x in parts:
-        x = np.asarray(x)
-        h = _mix(h + _GOLDEN + (x if x.dtype == np.uint64 else x.astype(np.int64).astype(np.uint64)))
-    return h
 
 
 def _order_within_groups(groups: np.ndarray, prio: np.ndarray) -> np.ndarray:
@@ -271,8 +282,17 @@ def _in_history(hist: np.ndarray, rows: np.ndarray, items: np.ndarray, n_items: 
     return hist[pos] == keys if len(hist) else np.zeros(len(keys), bool)
 
 
-def sample_negatives(seed: int, stream: int, list_uid: np.ndarray, list_row: np.ndarray, list_tag: np.ndarray,
-                     need: np.ndarray, n_items: int, hist: np.ndarray, n_hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sample_negatives(
+    seed: int,
+    stream: int,
+    list_uid: np.ndarray,
+    list_row: np.ndarray,
+    list_tag: np.ndarray,
+    need: np.ndarray,
+    n_items: int,
+    hist: np.ndarray,
+    n_hist: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Negatives for many lists at once: list ``l`` gets ``need[l]`` distinct items of the catalog
     that block row ``list_row[l]`` never interacted with (``hist``/``n_hist`` from ``_history``;
     the caller guarantees ``need <= n_items - n_hist[row]``). Returns (list index, item) pairs
@@ -306,7 +326,7 @@ def sample_negatives(seed: int, stream: int, list_uid: np.ndarray, list_row: np.
         lst = np.repeat(short, m)
         j = np.arange(len(lst)) - np.repeat(np.cumsum(m) - m, m)
         base = np.repeat(hash_u64(seed, stream, list_uid[short], list_tag[short], _DRAW, rnd), m)
-        item = (_mix(base + (j.astype(np.uint64) + np.uint64(1)) * _GOLDEN) % np.uint64(n_items)).astype(np.int64)
+        item = (mix64_(base + (j.astype(np.uint64) + np.uint64(1)) * GOLDEN) % np.uint64(n_items)).astype(np.int64)
         keep = ~_in_history(hist, list_row[lst], item, n_items)
         # Earlier accepted items first, then this round's draws in order; first occurrence wins.
         lst = np.concatenate([acc_l, lst[keep]])
@@ -340,7 +360,7 @@ def split_labels(seed: int, stream: int, group_uid: np.ndarray, counts: np.ndarr
     j = np.arange(len(group)) - np.repeat(np.cumsum(counts) - counts, counts)
     order = _order_within_groups(group, hash_u64(seed, stream, group_uid[group], _SPLIT, j))
     rank = np.empty(len(group), np.int64)
-    rank[order] = j   # rank within the group in the permuted order (order keeps groups contiguous)
+    rank[order] = j  # rank within the group in the permuted order (order keeps groups contiguous)
     n_valid = np.minimum(np.maximum(1, np.rint(fractions[1] * counts)), counts - 2).astype(np.int64)
     n_test = np.minimum(np.maximum(1, np.rint(fractions[2] * counts)), counts - 1 - n_valid).astype(np.int64)
     nv, nt = n_valid[group], n_test[group]
@@ -360,19 +380,35 @@ def _list_array(lengths: np.ndarray, values: pa.Array) -> pa.Array:
 
 def users_table(seqs: pa.Table, normalizer: EHNormalizer, thresholds) -> pa.Table:
     eh = normalizer(seqs.column("n_train").to_numpy())
-    return schemas.conform(pa.table({
-        "user_id": seqs.column("user_id"), "user_key": seqs.column("user_key"), "domain": seqs.column("domain"),
-        "n_train": seqs.column("n_train"), "evidence_horizon": pa.array(eh, pa.float32()),
-        "eh_bucket": pa.array(bucket(eh, thresholds), pa.string()),
-    }), schemas.USERS)
+    return schemas.conform(
+        pa.table(
+            {
+                "user_id": seqs.column("user_id"),
+                "user_key": seqs.column("user_key"),
+                "domain": seqs.column("domain"),
+                "n_train": seqs.column("n_train"),
+                "evidence_horizon": pa.array(eh, pa.float32()),
+                "eh_bucket": pa.array(bucket(eh, thresholds), pa.string()),
+            }
+        ),
+        schemas.USERS,
+    )
 
 
 def interactions_table(seqs: pa.Table) -> pa.Table:
     items, lens = _lists(seqs, "items")
-    return schemas.conform(pa.table({
-        "user_id": np.repeat(seqs.column("user_id").to_numpy(), lens), "item_id": items,
-        "ts": _lists(seqs, "ts")[0], "rating": _lists(seqs, "ratings")[0], "review": _lists(seqs, "reviews")[0],
-    }), schemas.INTERACTIONS)
+    return schemas.conform(
+        pa.table(
+            {
+                "user_id": np.repeat(seqs.column("user_id").to_numpy(), lens),
+                "item_id": items,
+                "ts": _lists(seqs, "ts")[0],
+                "rating": _lists(seqs, "ratings")[0],
+                "review": _lists(seqs, "reviews")[0],
+            }
+        ),
+        schemas.INTERACTIONS,
+    )
 
 
 def loo_table(seqs: pa.Table) -> pa.Table:
@@ -386,13 +422,18 @@ def loo_table(seqs: pa.Table) -> pa.Table:
     train_idx = pa.array(np.arange(n_train.sum()) + np.repeat(starts - (np.cumsum(n_train) - n_train), n_train))
     last = starts + lens - 1
     flat = items.to_numpy()
-    return schemas.conform(pa.table({
-        "user_id": seqs.column("user_id"),
-        "train_items": _list_array(n_train, items.take(train_idx)),
-        "train_ts": _list_array(n_train, ts.take(train_idx)),
-        "valid_item": pa.array(flat[np.maximum(last - 1, 0)] if len(flat) else flat, mask=~has_targets),
-        "test_item": pa.array(flat[last] if len(flat) else flat, mask=~has_targets),
-    }), schemas.LOO)
+    return schemas.conform(
+        pa.table(
+            {
+                "user_id": seqs.column("user_id"),
+                "train_items": _list_array(n_train, items.take(train_idx)),
+                "train_ts": _list_array(n_train, ts.take(train_idx)),
+                "valid_item": pa.array(flat[np.maximum(last - 1, 0)] if len(flat) else flat, mask=~has_targets),
+                "test_item": pa.array(flat[last] if len(flat) else flat, mask=~has_targets),
+            }
+        ),
+        schemas.LOO,
+    )
 
 
 def direct_candidates_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
@@ -406,19 +447,27 @@ def direct_candidates_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
     k = p.direct_negatives
     users = np.flatnonzero((lens >= 3) & (p.n_items - n_hist >= k))
     ends = np.cumsum(lens)[users]
-    list_row = np.repeat(users, 2)                   # one valid and one test list per user
+    list_row = np.repeat(users, 2)  # one valid and one test list per user
     list_tag = np.tile(np.array([0, 1]), len(users))
     positive = np.stack([items[ends - 2], items[ends - 1]], axis=1).ravel() if len(users) else np.empty(0, np.int64)
-    _, negs = sample_negatives(p.seed, 1, uid[list_row], list_row, list_tag, np.full(len(list_row), k),
-                               p.n_items, hist, n_hist)
+    _, negs = sample_negatives(
+        p.seed, 1, uid[list_row], list_row, list_tag, np.full(len(list_row), k), p.n_items, hist, n_hist
+    )
     # Every list has k negatives: one row per list, shuffled row-wise by a hash of each item.
     cand = np.column_stack([positive, negs.reshape(len(list_row), k)])
     prio = hash_u64(p.seed, 1, uid[list_row][:, None], list_tag[:, None], _SHUFFLE, cand) >> np.uint64(32)
     cand = np.take_along_axis(cand, np.argsort(prio, axis=1, kind="stable"), axis=1)
-    return schemas.conform(pa.table({
-        "user_id": uid[list_row], "split": _split_strings(list_tag + 1), "positive": positive,
-        "candidates": _list_array(np.full(len(list_row), k + 1), pa.array(cand.ravel(), pa.int64())),
-    }), schemas.DIRECT_CANDIDATES)
+    return schemas.conform(
+        pa.table(
+            {
+                "user_id": uid[list_row],
+                "split": _split_strings(list_tag + 1),
+                "positive": positive,
+                "candidates": _list_array(np.full(len(list_row), k + 1), pa.array(cand.ravel(), pa.int64())),
+            }
+        ),
+        schemas.DIRECT_CANDIDATES,
+    )
 
 
 def ctr_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
@@ -428,45 +477,68 @@ def ctr_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
     items, lens = _lists(seqs, "items")
     uid = seqs.column("user_id").to_numpy()
     hist, n_pos = _history(lens, items.to_numpy(), p.n_items)
-    pos_row, pos_item = hist // p.n_items, hist % p.n_items      # sorted by user, then item
+    pos_row, pos_item = hist // p.n_items, hist % p.n_items  # sorted by user, then item
     pos_split = split_labels(p.seed, 2, uid, n_pos, p.ctr_split)
     r = p.ctr_negatives
     need = np.maximum(0, np.minimum(n_pos * r, p.n_items - n_pos))
     rows = np.arange(len(lens))
-    neg_row, neg_item = sample_negatives(p.seed, 2, uid, rows, np.zeros(len(rows), np.int64), need,
-                                         p.n_items, hist, n_pos)
+    neg_row, neg_item = sample_negatives(
+        p.seed, 2, uid, rows, np.zeros(len(rows), np.int64), need, p.n_items, hist, n_pos
+    )
     # The i-th negative of a user is in the split of the user's (i // r)-th positive.
     pos_start = np.cumsum(n_pos) - n_pos
     neg_split = pos_split[pos_start[neg_row] + _group_rank(neg_row, len(rows)) // max(r, 1)]
     row = np.concatenate([pos_row, neg_row])
-    order = np.argsort(row, kind="stable")           # per user: positives, then negatives
-    return schemas.conform(pa.table({
-        "user_id": uid[row[order]],
-        "item_id": np.concatenate([pos_item, neg_item])[order],
-        "label": np.concatenate([np.ones(len(pos_item), np.int8), np.zeros(len(neg_item), np.int8)])[order],
-        "split": _split_strings(np.concatenate([pos_split, neg_split])[order]),
-    }), schemas.CTR)
+    order = np.argsort(row, kind="stable")  # per user: positives, then negatives
+    return schemas.conform(
+        pa.table(
+            {
+                "user_id": uid[row[order]],
+                "item_id": np.concatenate([pos_item, neg_item])[order],
+                "label": np.concatenate([np.ones(len(pos_item), np.int8), np.zeros(len(neg_item), np.int8)])[order],
+                "split": _split_strings(np.concatenate([pos_split, neg_split])[order]),
+            }
+        ),
+        schemas.CTR,
+    )
 
 
 def explanation_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
     """Interactions that carry review text, split 8:1:1 per user."""
     reviews, lens = _lists(seqs, "reviews")
-    has = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(reviews)), 0).fill_null(False).to_numpy(zero_copy_only=False)
+    has = (
+        pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(reviews)), 0).fill_null(False).to_numpy(zero_copy_only=False)
+    )
     idx = np.flatnonzero(has)
     row = np.repeat(np.arange(len(lens)), lens)[idx]
     counts = np.bincount(row, minlength=len(lens))
     uid = seqs.column("user_id").to_numpy()
     rating = _lists(seqs, "ratings")[0].take(pa.array(idx))
-    return schemas.conform(pa.table({
-        "user_id": uid[row], "item_id": _lists(seqs, "items")[0].take(pa.array(idx)),
-        "rating": pc.if_else(pc.is_nan(rating), pa.scalar(None, pa.float32()), rating),
-        "review": reviews.take(pa.array(idx)),
-        "split": _split_strings(split_labels(p.seed, 3, uid[counts > 0], counts[counts > 0], p.explanation_split)),
-    }), schemas.EXPLANATION)
+    return schemas.conform(
+        pa.table(
+            {
+                "user_id": uid[row],
+                "item_id": _lists(seqs, "items")[0].take(pa.array(idx)),
+                "rating": pc.if_else(pc.is_nan(rating), pa.scalar(None, pa.float32()), rating),
+                "review": reviews.take(pa.array(idx)),
+                "split": _split_strings(
+                    split_labels(p.seed, 3, uid[counts > 0], counts[counts > 0], p.explanation_split)
+                ),
+            }
+        ),
+        schemas.EXPLANATION,
+    )
 
 
 def timeshift_table(inter: pa.Table, cutoff: int) -> pa.Table:
-    return schemas.conform(pa.table({
-        "user_id": inter.column("user_id"), "item_id": inter.column("item_id"), "ts": inter.column("ts"),
-        "split": pc.if_else(pc.less(inter.column("ts"), cutoff), "train", "test"),
-    }), schemas.TIMESHIFT)
+    return schemas.conform(
+        pa.table(
+            {
+                "user_id": inter.column("user_id"),
+                "item_id": inter.column("item_id"),
+                "ts": inter.column("ts"),
+                "split": pc.if_else(pc.less(inter.column("ts"), cutoff), "train", "test"),
+            }
+        ),
+        schemas.TIMESHIFT,
+    )

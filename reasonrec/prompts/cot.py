@@ -15,6 +15,7 @@ only the confidence: no tools are consulted for that task.
 the tool hints shown in the prompt are replaced by wrong ones and the thought lists no usable
 tool, so the model learns to overrule tools instead of copying them.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,12 +25,13 @@ from typing import Sequence
 
 import numpy as np
 
-from reasonrec.prompts.templates import TASKS, ToolHint, _splitmix64
+from reasonrec.hashing import splitmix64
+from reasonrec.prompts.templates import ToolHint
+from reasonrec.vocab import EH_BUCKETS, TASKS  # noqa: F401  (EH_BUCKETS: re-exported as cot.EH_BUCKETS)
 
 ANSWER_MARKER = "Answer:"
-EH_BUCKETS = ("low", "medium", "high")
 NO_TOOLS = "none"
-MAX_THOUGHT_TOOLS = 3    # a thought names at most this many usable tools
+MAX_THOUGHT_TOOLS = 3  # a thought names at most this many usable tools
 
 
 @dataclass
@@ -44,15 +46,16 @@ class Thought:
 class ParsedOutput:
     thought: Thought
     answer: str | None
-    complete: bool   # every field the task's thought should carry was found, and an answer
+    complete: bool  # every field the task's thought should carry was found, and an answer
 
 
 def ctr_answer(label: int | bool) -> str:
     return "yes" if label else "no"
 
 
-def format_thought(task: str, confidence: float, eh_bucket: str | None = None,
-                   eh_value: float | None = None, tools: Sequence[str] = ()) -> str:
+def format_thought(
+    task: str, confidence: float, eh_bucket: str | None = None, eh_value: float | None = None, tools: Sequence[str] = ()
+) -> str:
     if task not in TASKS:
         raise ValueError(f"unknown task '{task}'")
     conf = f"Confidence: {min(max(float(confidence), 0.0), 1.0):.2f}"
@@ -76,14 +79,21 @@ def tool_alternatives(thought: str, shown: Sequence[str]) -> list[tuple[str, str
     names = sorted(set(shown))
     if m is None or not names:
         return []
-    head, tail = thought[: m.start()], thought[m.end():]
-    fields = [_tools_field(c) for n in range(min(len(names), MAX_THOUGHT_TOOLS) + 1)
-              for c in itertools.combinations(names, n)]
+    head, tail = thought[: m.start()], thought[m.end() :]
+    fields = [
+        _tools_field(c) for n in range(min(len(names), MAX_THOUGHT_TOOLS) + 1) for c in itertools.combinations(names, n)
+    ]
     return [(f"{head}{f};", f"{head}{f}{tail}") for f in fields]
 
 
-def compose_target(task: str, answer: str, confidence: float, eh_bucket: str | None = None,
-                   eh_value: float | None = None, tools: Sequence[str] = ()) -> str:
+def compose_target(
+    task: str,
+    answer: str,
+    confidence: float,
+    eh_bucket: str | None = None,
+    eh_value: float | None = None,
+    tools: Sequence[str] = (),
+) -> str:
     """Thought line + newline + ``Answer: <answer>``."""
     thought = format_thought(task, confidence, eh_bucket, eh_value, tools)
     return f"{thought}\n{ANSWER_MARKER} {answer.strip()}"
@@ -117,7 +127,7 @@ def parse_output(text: str, task: str | None = None) -> ParsedOutput:
         text = text[: stop.start()]
     m_ans = _ANSWER_RE.search(text)
     head = text[: m_ans.start()] if m_ans else text
-    answer = text[m_ans.end():].strip() if m_ans else None
+    answer = text[m_ans.end() :].strip() if m_ans else None
     if answer is not None:
         answer = answer.splitlines()[0].strip() if task != "explanation" and answer else answer
     thought = Thought()
@@ -140,8 +150,11 @@ def parse_output(text: str, task: str | None = None) -> ParsedOutput:
         except ValueError:
             pass
     needs_eh = task not in (None, "explanation")
-    complete = (thought.confidence is not None and bool(answer)
-                and (not needs_eh or (thought.eh_bucket is not None and m_ans is not None)))
+    complete = (
+        thought.confidence is not None
+        and bool(answer)
+        and (not needs_eh or (thought.eh_bucket is not None and m_ans is not None))
+    )
     if task == "ctr" and answer:
         w = re.match(r"\W*(yes|no)\b", answer, re.I)
         answer = w.group(1).lower() if w else answer
@@ -163,13 +176,18 @@ class NoisyTools:
     def corrupted(self, keys: np.ndarray) -> np.ndarray:
         """Boolean mask: which example keys get wrong tool hints."""
         keys = np.asarray(keys, dtype=np.int64).astype(np.uint64)
-        salt = _splitmix64(np.array([self.seed * 104729 + 17], dtype=np.uint64))
-        u = (_splitmix64(keys ^ salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        salt = splitmix64(np.array([self.seed * 104729 + 17], dtype=np.uint64))
+        u = (splitmix64(keys ^ salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
         return u < self.fraction
 
-    def apply(self, key: int, hints: Sequence[ToolHint], usable: Sequence[str],
-              truth_texts: Sequence[str] = (), distractors: Sequence[str] = ()
-              ) -> tuple[list[ToolHint], list[str], bool]:
+    def apply(
+        self,
+        key: int,
+        hints: Sequence[ToolHint],
+        usable: Sequence[str],
+        truth_texts: Sequence[str] = (),
+        distractors: Sequence[str] = (),
+    ) -> tuple[list[ToolHint], list[str], bool]:
         """Return (hints to show, usable tool names, whether corrupted)."""
         hints = list(hints)
         if not hints or not bool(self.corrupted(np.array([key]))[0]):

@@ -13,6 +13,7 @@ returns, next to the text, the item ids whose photos fill those slots in order, 
 attach the right images. Only the most recent ``max_history_photos`` history items get a photo
 (long histories stay affordable); older ones appear as text.
 """
+
 from __future__ import annotations
 
 import string
@@ -21,7 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
-TASKS = ("sequential", "direct", "ctr", "explanation")
+from reasonrec.hashing import splitmix64
+from reasonrec.vocab import TASKS
+
 DEFAULT_IMAGE_TOKEN = "<image>"
 
 # Slots: {user} {desc} {history} {eh} {candidates} {item} {rating}
@@ -71,8 +74,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "{history}, and state the top choice.",
     ),
     "ctr": (
-        "Should we recommend {item} to {user} ({desc})? They previously bought {history}. Evidence "
-        "horizon: {eh}.",
+        "Should we recommend {item} to {user} ({desc})? They previously bought {history}. Evidence horizon: {eh}.",
         "Is it a good idea to suggest {item} to {user} ({desc}), whose past purchases are {history}? User "
         "evidence horizon level: {eh}.",
         "{user} ({desc}) has bought {history}. Would this user click on {item}? Evidence horizon score: {eh}.",
@@ -82,8 +84,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "them? Evidence horizon metric: {eh}.",
         "Judge whether showing {item} to {user} ({desc}) is appropriate. Past purchases: {history}. "
         "Evidence horizon: {eh}.",
-        "For {user} ({desc}), who bought {history}, is {item} a relevant recommendation? User evidence "
-        "horizon: {eh}.",
+        "For {user} ({desc}), who bought {history}, is {item} a relevant recommendation? User evidence horizon: {eh}.",
         "Determine whether {user} ({desc}) would engage with {item}, given the history {history}. Evidence "
         "horizon level: {eh}.",
         "Evidence horizon of {user} ({desc}): {eh}. Past purchases: {history}. Will the user click on "
@@ -116,8 +117,7 @@ REQUIRED_SLOTS = {
 
 
 # ----------------------------------------------------------------------------- item text
-def item_text(title: str | None, brand: str | None = None, category: str | None = None,
-              max_chars: int = 80) -> str:
+def item_text(title: str | None, brand: str | None = None, category: str | None = None, max_chars: int = 80) -> str:
     """Human-readable reference to an item: title words plus brand and leaf category.
 
     Never includes the numeric id. Angle brackets are removed so an item title can never forge an
@@ -156,30 +156,30 @@ class ToolHint:
 class PromptInputs:
     user_id: int
     user_desc: str
-    history: Sequence[ItemRef] = ()            # oldest first
+    history: Sequence[ItemRef] = ()  # oldest first
     eh_value: float | None = None
     eh_bucket: str | None = None
-    item: ItemRef | None = None                # ctr / explanation target
-    candidates: Sequence[ItemRef] = ()         # direct
-    rating: float | None = None                # explanation
+    item: ItemRef | None = None  # ctr / explanation target
+    candidates: Sequence[ItemRef] = ()  # direct
+    rating: float | None = None  # explanation
     tool_hints: Sequence[ToolHint] = ()
 
 
 @dataclass
 class RenderedPrompt:
     text: str
-    image_items: list[int]     # item ids whose photos fill the image slots, in order
+    image_items: list[int]  # item ids whose photos fill the image slots, in order
     template_id: int
 
 
 @dataclass
 class RenderOptions:
     image_token: str = DEFAULT_IMAGE_TOKEN
-    max_history_items: int = 20        # most recent items kept
-    max_history_photos: int = 5        # most recent items that get a photo slot
-    max_candidate_photos: int = 0      # direct: photos for the first N candidates (costly)
-    item_photo: bool = True            # ctr / explanation: photo of the target item
-    max_tool_items: int = 5            # items shown per tool hint
+    max_history_items: int = 20  # most recent items kept
+    max_history_photos: int = 5  # most recent items that get a photo slot
+    max_candidate_photos: int = 0  # direct: photos for the first N candidates (costly)
+    item_photo: bool = True  # ctr / explanation: photo of the target item
+    max_tool_items: int = 5  # items shown per tool hint
 
 
 def _fmt_eh(value: float | None, bucket: str | None) -> str:
@@ -220,7 +220,7 @@ class _Slots:
         return text, []
 
     def history(self, refs: Sequence[ItemRef]) -> tuple[str, list[int]]:
-        refs = list(refs)[-self.opts.max_history_items:] if self.opts.max_history_items > 0 else []
+        refs = list(refs)[-self.opts.max_history_items :] if self.opts.max_history_items > 0 else []
         if not refs:
             return "(no purchases yet)", []
         first_photo = len(refs) - self.opts.max_history_photos
@@ -240,8 +240,9 @@ class _Slots:
         return " ".join(texts), imgs
 
 
-def render_prompt(task: str, inputs: PromptInputs, template_id: int,
-                  opts: RenderOptions | None = None) -> RenderedPrompt:
+def render_prompt(
+    task: str, inputs: PromptInputs, template_id: int, opts: RenderOptions | None = None
+) -> RenderedPrompt:
     """Fill template ``template_id`` of ``task``; see the module docstring for the photo order."""
     if task not in TEMPLATES:
         raise ValueError(f"unknown task '{task}', expected one of {TASKS}")
@@ -280,18 +281,6 @@ def render_prompt(task: str, inputs: PromptInputs, template_id: int,
 
 
 # ------------------------------------------------------------------------ template choice
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """Vectorised SplitMix64: a stable hash (Python's hash() is salted per process)."""
-    with np.errstate(over="ignore"):
-        z = (x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)) & _M64
-        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
-        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
-        return z ^ (z >> np.uint64(31))
-
-
 class TemplateSampler:
     """Chooses a template per example: a seeded uniform mixture over the ten templates, or always
     ``single_template`` (the single-template ablation). The choice is a pure function of
@@ -308,8 +297,8 @@ class TemplateSampler:
         keys = np.asarray(keys, dtype=np.int64).astype(np.uint64)
         if not self.mixture:
             return np.full(len(keys), self.single_template, dtype=np.int64)
-        salt = _splitmix64(np.array([self.seed * 7919 + TASKS.index(task)], dtype=np.uint64))
-        h = _splitmix64(keys ^ salt)
+        salt = splitmix64(np.array([self.seed * 7919 + TASKS.index(task)], dtype=np.uint64))
+        h = splitmix64(keys ^ salt)
         return (h % np.uint64(N_TEMPLATES)).astype(np.int64)
 
     def pick(self, task: str, key: int) -> int:

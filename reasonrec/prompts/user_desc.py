@@ -11,6 +11,7 @@ entry point ``describe_users`` counts attributes for many users at once with ``n
 
     likes Nail Polish, Eye Shadow; brands OPI, Maybelline; mostly red; mid-range prices
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,10 +32,10 @@ class Attribute:
 
 @dataclass
 class ItemAttributes:
-    category: Attribute | None = None        # leaf (most specific) category
+    category: Attribute | None = None  # leaf (most specific) category
     brand: Attribute | None = None
-    price: np.ndarray | None = None          # float, NaN = unknown
-    styles: dict[str, Attribute] = field(default_factory=dict)   # e.g. {"colour": ..., "style": ...}
+    price: np.ndarray | None = None  # float, NaN = unknown
+    styles: dict[str, Attribute] = field(default_factory=dict)  # e.g. {"colour": ..., "style": ...}
     # price band edges (two catalog quantiles); derived from ``price`` when left None
     price_edges: tuple[float, float] | None = None
 
@@ -56,10 +57,13 @@ class ItemAttributes:
         return Attribute(codes=codes, names=names)
 
     @classmethod
-    def from_columns(cls, brand: Sequence[str | None] | None = None,
-                     categories: Sequence[Sequence[str] | None] | None = None,
-                     price: Sequence[float | None] | None = None,
-                     styles: dict[str, Sequence[str | None]] | None = None) -> "ItemAttributes":
+    def from_columns(
+        cls,
+        brand: Sequence[str | None] | None = None,
+        categories: Sequence[Sequence[str] | None] | None = None,
+        price: Sequence[float | None] | None = None,
+        styles: dict[str, Sequence[str | None]] | None = None,
+    ) -> ItemAttributes:
         """Build from the canonical items columns (indexed by dense item_id); the leaf category is
         the last entry of each item's category path."""
         cat = None
@@ -68,14 +72,16 @@ class ItemAttributes:
         return cls(
             category=cat,
             brand=cls.encode(list(brand)) if brand is not None else None,
-            price=(np.array([np.nan if p is None else p for p in price], dtype=np.float64)
-                   if price is not None else None),
+            price=(
+                np.array([np.nan if p is None else p for p in price], dtype=np.float64) if price is not None else None
+            ),
             styles={k: cls.encode(list(v)) for k, v in (styles or {}).items()},
         )
 
 
-def _top_names(attr: Attribute, user_idx: np.ndarray, items: np.ndarray, n_users: int,
-               top_k: int, min_share: float) -> list[list[str]]:
+def _top_names(
+    attr: Attribute, user_idx: np.ndarray, items: np.ndarray, n_users: int, top_k: int, min_share: float
+) -> list[list[str]]:
     codes = attr.codes[items]
     ok = codes >= 0
     n_codes = max(len(attr.names), 1)
@@ -99,22 +105,27 @@ def _flatten(histories) -> tuple[np.ndarray, np.ndarray]:
     in a Ray Data batch: offsets are used directly, no per-row Python objects)."""
     try:
         import pyarrow as pa
+
         if isinstance(histories, pa.ChunkedArray):
             histories = histories.combine_chunks()
         if isinstance(histories, (pa.ListArray, pa.LargeListArray)):
             offsets = histories.offsets.to_numpy()
             values = histories.values.to_numpy(zero_copy_only=False).astype(np.int64)
-            return np.diff(offsets).astype(np.int64), values[offsets[0]:offsets[-1]]
+            return np.diff(offsets).astype(np.int64), values[offsets[0] : offsets[-1]]
     except ImportError:
         pass
     lengths = np.array([len(h) for h in histories], dtype=np.int64)
-    items = (np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
-             if len(histories) and lengths.sum() else np.zeros(0, dtype=np.int64))
+    items = (
+        np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
+        if len(histories) and lengths.sum()
+        else np.zeros(0, dtype=np.int64)
+    )
     return lengths, items
 
 
-def describe_users(histories, attrs: ItemAttributes, top_k: int = 2,
-                   min_share: float = 0.2, max_chars: int = 160) -> list[str]:
+def describe_users(
+    histories, attrs: ItemAttributes, top_k: int = 2, min_share: float = 0.2, max_chars: int = 160
+) -> list[str]:
     """One short preference summary per history: a list of item-id arrays or an Arrow list array
     of item ids (nulls count as empty). Empty history -> "new user"."""
     lengths, items = _flatten(histories)

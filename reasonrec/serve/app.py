@@ -5,6 +5,7 @@ files and KubeRay's RayService; its ``args`` are ``{"config": <preset path>, "ov
 ["key=value", ...]}`` (the same preset and overrides the batch jobs take). The app serves the run
 ``{output_root}/{run_name}`` that config names: its tools, planner and fine-tuned adapter.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,11 +40,16 @@ def build_app(args: dict) -> Application:
 
 def _options(cfg: RunConfig, replicas: list[int], **resources) -> dict:
     s = cfg.serve
-    return {"autoscaling_config": {"min_replicas": replicas[0], "max_replicas": replicas[1],
-                                   "target_ongoing_requests": s.target_ongoing_requests},
-            "ray_actor_options": resources,
-            "max_ongoing_requests": s.max_ongoing_requests,
-            "max_queued_requests": s.max_queued_requests}
+    return {
+        "autoscaling_config": {
+            "min_replicas": replicas[0],
+            "max_replicas": replicas[1],
+            "target_ongoing_requests": s.target_ongoing_requests,
+        },
+        "ray_actor_options": resources,
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+    }
 
 
 def build(cfg: RunConfig) -> Application:
@@ -51,8 +57,9 @@ def build(cfg: RunConfig) -> Application:
         raise ConfigError("config error: key 'planner.tool_choice': 'oracle' needs the truth; it cannot serve")
     s = cfg.serve
     tools = Tools.options(**_options(cfg, s.tool_replicas, num_cpus=s.tool_cpus)).bind(cfg)
-    vlm = VLM.options(**_options(cfg, s.vlm_replicas, num_cpus=s.vlm_cpus, num_gpus=s.vlm_gpus),
-                      user_config={"max_batch_size": s.vlm_batch_size, "batch_wait_timeout_s": s.vlm_batch_wait_s}
-                      ).bind(cfg)
+    vlm = VLM.options(
+        **_options(cfg, s.vlm_replicas, num_cpus=s.vlm_cpus, num_gpus=s.vlm_gpus),
+        user_config={"max_batch_size": s.vlm_batch_size, "batch_wait_timeout_s": s.vlm_batch_wait_s},
+    ).bind(cfg)
     planner = Planner.options(**_options(cfg, s.planner_replicas, num_cpus=s.planner_cpus)).bind(cfg, tools, vlm)
     return Ingress.options(**_options(cfg, s.ingress_replicas, num_cpus=s.ingress_cpus)).bind(cfg, planner)

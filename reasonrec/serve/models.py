@@ -6,6 +6,7 @@ know is valid: the planner treats the user as cold (``cold_user`` in the respons
 (``serve.max_history`` / ``max_candidates`` / ``max_items_ctr``) are not expressed here: a list
 over the limit is a 413 naming the limit, not a 422.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -19,11 +20,18 @@ from pydantic import (
     model_validator,
 )
 
-ItemId = Annotated[StrictInt, Field(description="dense item id of the run's catalog")]
+# Every id is a 64-bit integer (the batch job's schema): a larger one is a 422 naming the field, not
+# an overflow further down.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Int64 = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+ItemId = Annotated[Int64, Field(description="dense item id of the run's catalog")]
 
-_QUERY_ID = Field(None, description="optional key of the query: it picks the prompt template (and the candidates "
-                                    "shown in a direct prompt), as the batch job's query_id does; default: a hash "
-                                    "of the request, so the same request always gets the same answer")
+_QUERY_ID = Field(
+    None,
+    description="optional key of the query: it picks the prompt template (and the candidates "
+    "shown in a direct prompt), as the batch job's query_id does; default: a hash "
+    "of the request, so the same request always gets the same answer",
+)
 
 
 class _Request(BaseModel):
@@ -31,10 +39,11 @@ class _Request(BaseModel):
     # JSON parsers accept) are a 422 too.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    user_id: StrictInt | None = Field(None, description="dense user id; unknown ids take the cold-start path")
+    user_id: Int64 | None = Field(None, description="dense user id; unknown ids take the cold-start path")
     history: list[ItemId] | None = Field(
-        None, description="inline interaction history, oldest first; replaces the stored one for the prompt")
-    query_id: StrictInt | None = _QUERY_ID
+        None, description="inline interaction history, oldest first; replaces the stored one for the prompt"
+    )
+    query_id: Int64 | None = _QUERY_ID
 
 
 class _NeedsUser(_Request):
@@ -67,11 +76,14 @@ class Decision(BaseModel):
 
     query_id: int
     tier: Literal["low", "medium", "high"] = Field(
-        ..., description="risk tier: low = a tool answered (VLM bypassed); medium = the VLM alone; "
-                         "high = the VLM consulted the tools in tools_used")
+        ...,
+        description="risk tier: low = a tool answered (VLM bypassed); medium = the VLM alone; "
+        "high = the VLM consulted the tools in tools_used",
+    )
     tools_used: list[str]
     confidence: float | None = Field(
-        None, description="confidence of the returned answer: the VLM's where it answered, else the planner's")
+        None, description="confidence of the returned answer: the VLM's where it answered, else the planner's"
+    )
     tool_confidence: float | None = Field(None, description="planner's calibrated P(primary tool is right)")
     rationale: str
     eh_bucket: str = Field(..., description="the user's evidence-horizon bucket")
@@ -94,8 +106,9 @@ class CTRPrediction(Decision):
 
 class CTRResponse(BaseModel):
     user_id: int | None
-    predictions: list[CTRPrediction] = Field(..., description="one per requested item, in request order; each "
-                                                              "item is its own query with its own tier")
+    predictions: list[CTRPrediction] = Field(
+        ..., description="one per requested item, in request order; each item is its own query with its own tier"
+    )
 
 
 class ExplainResponse(Decision):

@@ -1,4 +1,5 @@
 """Classical recommenders ("tools"), one module each; importing the package registers them all."""
+
 import importlib
 import pkgutil
 

@@ -12,6 +12,7 @@ Unknown users (id outside the training range, or -1) and empty histories are val
 tool defines a fallback (popularity-like scores) instead of crashing inside torch. Item ids outside
 ``[0, n_items)`` raise :class:`ToolInputError` naming the offending id.
 """
+
 from __future__ import annotations
 
 import abc
@@ -19,8 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import numpy as np
-
-TASKS = ("sequential", "direct", "ctr")
 
 
 class ToolInputError(ValueError):
@@ -41,9 +40,9 @@ class ToolData:
     train_seqs: list[np.ndarray]
     valid_item: np.ndarray
     test_item: np.ndarray
-    item_text: list[str] | None = None          # title + brand + categories, for semantic tools
-    item_category: np.ndarray | None = None     # first category index per item (-1 unknown), CTR side feature
-    item_brand: np.ndarray | None = None        # brand index per item (-1 unknown)
+    item_text: list[str] | None = None  # title + brand + categories, for semantic tools
+    item_category: np.ndarray | None = None  # first category index per item (-1 unknown), CTR side feature
+    item_brand: np.ndarray | None = None  # brand index per item (-1 unknown)
     ctr: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     direct_valid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # users, candidates[B,C], positive
 
@@ -69,8 +68,9 @@ class Tool(abc.ABC):
 
     # ---------------------------------------------------------------------------- training
     @abc.abstractmethod
-    def fit(self, data: ToolData, reporter: "Callable[[int, dict], None] | None" = None,
-            start_epoch: int = 0) -> dict[str, float]:
+    def fit(
+        self, data: ToolData, reporter: Callable[[int, dict], None] | None = None, start_epoch: int = 0
+    ) -> dict[str, float]:
         """Train on ``data`` (early-stopping on its validation targets); return validation metrics.
         ``reporter(epoch, metrics)`` is called once per epoch on every rank (Ray Train
         reports/checkpoints through it). ``start_epoch > 0`` resumes: a tool loaded from a
@@ -81,8 +81,9 @@ class Tool(abc.ABC):
         """Scores over the whole catalog, shape [B, n_items], higher is better."""
         raise NotImplementedError(f"tool '{self.name}' does not rank items")
 
-    def recommend(self, users: np.ndarray, histories: list[np.ndarray], k: int = 10,
-                  exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def recommend(
+        self, users: np.ndarray, histories: list[np.ndarray], k: int = 10, exclude_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k over the whole catalog: (items [B,k] int64, scores [B,k] float32)."""
         scores = np.asarray(self.score_items(users, histories), dtype=np.float32).copy()
         if exclude_seen:
@@ -95,8 +96,7 @@ class Tool(abc.ABC):
         items = np.take_along_axis(top, order, axis=1).astype(np.int64)
         return items, np.take_along_axis(scores, items, axis=1)
 
-    def score_candidates(self, users: np.ndarray, histories: list[np.ndarray],
-                         candidates: np.ndarray) -> np.ndarray:
+    def score_candidates(self, users: np.ndarray, histories: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:
         """Scores for each row's candidate list, shape [B, C]."""
         candidates = np.asarray(candidates, dtype=np.int64)
         self.check_items(candidates)
@@ -139,7 +139,7 @@ class Tool(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> "Tool":
+    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Tool:
         """Inverse of :meth:`state`."""
 
 
@@ -153,6 +153,7 @@ def register(cls: type[Tool]) -> type[Tool]:
 
 def tool_class(name: str) -> type[Tool]:
     from reasonrec import tools as _pkg  # noqa: F401  (imports every tool module, filling the registry)
+
     if name not in _REGISTRY:
         raise KeyError(f"unknown tool '{name}'; known: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
@@ -160,4 +161,5 @@ def tool_class(name: str) -> type[Tool]:
 
 def registered() -> dict[str, type[Tool]]:
     from reasonrec import tools as _pkg  # noqa: F401
+
     return dict(_REGISTRY)

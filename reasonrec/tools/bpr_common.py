@@ -3,7 +3,8 @@
 A subclass supplies a torch module with
 * ``forward(users, pos_items, neg_items) -> loss`` (BPR loss + L2 on the batch's embeddings),
 * ``user_scores(users) -> [B, n_items]`` for inference;
-optionally ``candidate_scores(users, cands [B, C]) -> [B, C]``; this base does the rest: training pairs and per-epoch negative sampling, validation on candidate
+optionally ``candidate_scores(users, cands [B, C]) -> [B, C]``; this base does the rest: training pairs and
+per-epoch negative sampling, validation on candidate
 lists (the direct-recommendation protocol: 1 positive + sampled negatives), the shared epoch loop
 (:func:`reasonrec.tools.training.train_loop`), the popularity fallback and save/load.
 
@@ -11,6 +12,7 @@ Fallback: users outside ``[0, n_users)`` (or -1) and users with no training inte
 trained embedding, so they get popularity scores ``log1p(train count)``. The history passed at
 inference does not change a known user's scores (these are transductive user-id models).
 """
+
 from __future__ import annotations
 
 import abc
@@ -44,8 +46,9 @@ def training_pairs(train_seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(users), np.concatenate(items)
 
 
-def sample_negatives_for(users: np.ndarray, pos_keys_sorted: np.ndarray, n_items: int,
-                         rng: np.random.Generator, tries: int = 5) -> np.ndarray:
+def sample_negatives_for(
+    users: np.ndarray, pos_keys_sorted: np.ndarray, n_items: int, rng: np.random.Generator, tries: int = 5
+) -> np.ndarray:
     """One uniformly drawn item per row that the row's user has not interacted with (redrawn up
     to ``tries`` times; a leftover collision is harmless noise for users who bought nearly all)."""
     neg = rng.integers(0, n_items, size=len(users))
@@ -88,16 +91,29 @@ def validation_candidates(data: ToolData, n_neg: int = 99, seed: int = 0) -> tup
     return np.asarray(rows, np.int64), cands, data.valid_item[rows].astype(np.int64)
 
 
-def candidate_validator(score_candidates: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                        users: np.ndarray, cands: np.ndarray, pos: np.ndarray, ks=(5, 10),
-                        batch_size: int = 1024) -> Callable[[], dict[str, float]]:
+def candidate_validator(
+    score_candidates: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    users: np.ndarray,
+    cands: np.ndarray,
+    pos: np.ndarray,
+    ks=(5, 10),
+    batch_size: int = 1024,
+) -> Callable[[], dict[str, float]]:
     def validate() -> dict[str, float]:
-        ranks = [rank_in_candidates(score_candidates(users[s:s + batch_size], cands[s:s + batch_size]),
-                                    cands[s:s + batch_size], pos[s:s + batch_size])
-                 for s in range(0, len(users), batch_size)]
+        ranks = [
+            rank_in_candidates(
+                score_candidates(users[s : s + batch_size], cands[s : s + batch_size]),
+                cands[s : s + batch_size],
+                pos[s : s + batch_size],
+            )
+            for s in range(0, len(users), batch_size)
+        ]
         # the sampled protocol, not full ranking: metrics.json says so through the list width
-        return {**ranking_metrics(np.concatenate(ranks) if ranks else np.zeros(0), ks),
-                "ranked_among": float(cands.shape[1])}
+        return {
+            **ranking_metrics(np.concatenate(ranks) if ranks else np.zeros(0), ks),
+            "ranked_among": float(cands.shape[1]),
+        }
+
     return validate
 
 
@@ -149,11 +165,23 @@ class BPRTool(Tool):
 
         vu, vc, vp = validation_candidates(data, int(self.p("val_negatives")), seed=cfg.seed)
         validate = candidate_validator(self._score_cands_known, vu, vc, vp) if len(vu) else None
-        result = train_loop(self.model, [u_t, i_t, j_t], cfg, validate=validate, reporter=reporter,
-                            start_epoch=start_epoch, name=self.name, on_epoch_start=resample)
+        result = train_loop(
+            self.model,
+            [u_t, i_t, j_t],
+            cfg,
+            validate=validate,
+            reporter=reporter,
+            start_epoch=start_epoch,
+            name=self.name,
+            on_epoch_start=resample,
+        )
         self.model.eval()
-        self.train_info = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                           "stopped": result.stopped, "seconds": round(result.seconds, 2)}
+        self.train_info = {
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "stopped": result.stopped,
+            "seconds": round(result.seconds, 2),
+        }
         return dict(result.best_metrics)
 
     def _score_cands_known(self, users: np.ndarray, cands: np.ndarray) -> np.ndarray:
@@ -193,19 +221,24 @@ class BPRTool(Tool):
         arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
         arrays["popularity"] = self.popularity
         arrays["user_known"] = self.user_known.astype(np.uint8)
-        config = {"params": self.params, "n_users": self.n_users, "n_items": self.n_items,
-                  "train_info": self.train_info}
+        config = {
+            "params": self.params,
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+            "train_info": self.train_info,
+        }
         return config, arrays
 
     @classmethod
-    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> "BPRTool":
+    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> BPRTool:
         tool = cls(config["params"])
         tool.n_users, tool.n_items = int(config["n_users"]), int(config["n_items"])
         tool.train_info = dict(config.get("train_info", {}))
         tool.popularity = np.asarray(arrays["popularity"], np.float32)
         tool.user_known = np.asarray(arrays["user_known"]).astype(bool)
         tool.model = tool.build_module(None, arrays)
-        tool.model.load_state_dict({k[len("model."):]: torch.from_numpy(np.array(v))
-                                    for k, v in arrays.items() if k.startswith("model.")})
+        tool.model.load_state_dict(
+            {k[len("model.") :]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("model.")}
+        )
         tool.model.eval()
         return tool

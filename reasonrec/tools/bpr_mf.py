@@ -1,6 +1,7 @@
 """BPR-MF (Rendle et al. 2009): user and item embeddings, score = dot product, trained with the
 pairwise BPR loss on uniformly sampled negatives. Direct tool; also ranks the whole catalog
 (sequential) and gives a CTR probability as sigmoid(score)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """BPR with MLP towers: user and item id embeddings each pass through their own MLP, score =
 dot product of the tower outputs (a two-tower model), trained with the BPR loss."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,5 +49,11 @@ class BPRMLP(BPRTool):
     model_defaults: dict[str, Any] = dict(BPRTool.model_defaults, hidden=[128], dropout=0.1)
 
     def build_module(self, data: ToolData | None, arrays=None) -> nn.Module:
-        return TwoTowerModule(self.n_users, self.n_items, int(self.p("dim")), list(self.p("hidden")),
-                              float(self.p("dropout")), float(self.p("l2")))
+        return TwoTowerModule(
+            self.n_users,
+            self.n_items,
+            int(self.p("dim")),
+            list(self.p("hidden")),
+            float(self.p("dropout")),
+            float(self.p("l2")),
+        )

@@ -33,6 +33,7 @@ loop can slice rows; turned into a ``KeyedJaggedTensor`` per batch). Unknown use
 so a small share of training rows have their user id replaced by the unknown row ("id
 dropout"), which gives cold users a trained average-user embedding instead of a random one.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -42,8 +43,16 @@ import torch
 
 from reasonrec.tools.base import ToolData, ToolInputError
 
-DENSE_FEATURES = ("log_hist_len", "log_item_pop", "cat_affinity", "brand_affinity", "log_cooc_sum", "log_cooc_max",
-                  "cos_sum", "cos_max")
+DENSE_FEATURES = (
+    "log_hist_len",
+    "log_item_pop",
+    "cat_affinity",
+    "brand_affinity",
+    "log_cooc_sum",
+    "log_cooc_max",
+    "cos_sum",
+    "cos_max",
+)
 BASIC_DENSE = DENSE_FEATURES[:4]
 
 
@@ -61,9 +70,17 @@ def _member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
 class CTRFeaturizer:
     """Fitted statistics (popularity, training pairs, vocabularies) and the per-row features."""
 
-    def __init__(self, n_users: int, n_items: int, item_category: np.ndarray | None,
-                 item_brand: np.ndarray | None, train_users: np.ndarray, train_items: np.ndarray,
-                 dense_features: Sequence[str] = BASIC_DENSE, n_folds: int = 5):
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        item_category: np.ndarray | None,
+        item_brand: np.ndarray | None,
+        train_users: np.ndarray,
+        train_items: np.ndarray,
+        dense_features: Sequence[str] = BASIC_DENSE,
+        n_folds: int = 5,
+    ):
         unknown = [f for f in dense_features if f not in DENSE_FEATURES]
         if unknown:
             raise ValueError(f"unknown dense features {unknown}; known: {DENSE_FEATURES}")
@@ -83,21 +100,29 @@ class CTRFeaturizer:
         # popularity of each item inside each fold: out-of-fold count = popularity - fold count
         self.fold_popularity = np.zeros((self.n_folds, self.n_items))
         np.add.at(self.fold_popularity, (pair_fold, uniq_items), 1.0)
-        self.n_categories = int(self.item_category.max()) + 1 if self.item_category is not None and len(self.item_category) else 0
+        self.n_categories = (
+            int(self.item_category.max()) + 1 if self.item_category is not None and len(self.item_category) else 0
+        )
         self.n_brands = int(self.item_brand.max()) + 1 if self.item_brand is not None and len(self.item_brand) else 0
         self._cooc: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # fold (-1: all pairs) -> table
         self.mean = np.zeros(len(self.dense_features), np.float32)
         self.std = np.ones(len(self.dense_features), np.float32)
 
     @classmethod
-    def from_data(cls, data: ToolData, dense_features: Sequence[str] = BASIC_DENSE, n_folds: int = 5) -> "CTRFeaturizer":
-        users = np.concatenate([np.full(len(s), u, np.int64) for u, s in enumerate(data.train_seqs)] or [np.zeros(0, np.int64)])
+    def from_data(cls, data: ToolData, dense_features: Sequence[str] = BASIC_DENSE, n_folds: int = 5) -> CTRFeaturizer:
+        users = np.concatenate(
+            [np.full(len(s), u, np.int64) for u, s in enumerate(data.train_seqs)] or [np.zeros(0, np.int64)]
+        )
         items = np.concatenate([np.asarray(s, np.int64) for s in data.train_seqs] or [np.zeros(0, np.int64)])
-        return cls(data.n_users, data.n_items, data.item_category, data.item_brand, users, items, dense_features, n_folds)
+        return cls(
+            data.n_users, data.n_items, data.item_category, data.item_brand, users, items, dense_features, n_folds
+        )
 
     def fold_of(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Fold of each (user, item) pair: a fixed integer hash, so it needs no stored table."""
-        h = (np.asarray(users, np.uint64) * np.uint64(0x9E3779B1) + np.asarray(items, np.uint64)) * np.uint64(0x85EBCA77)
+        h = (np.asarray(users, np.uint64) * np.uint64(0x9E3779B1) + np.asarray(items, np.uint64)) * np.uint64(
+            0x85EBCA77
+        )
         return ((h >> np.uint64(29)) % np.uint64(self.n_folds)).astype(np.int64)
 
     # ----------------------------------------------------------------------------- sparse
@@ -113,8 +138,12 @@ class CTRFeaturizer:
     @property
     def sparse_sizes(self) -> list[int]:
         """Embedding rows per sparse feature (each with one extra 'unknown' row except item)."""
-        sizes = {"user": self.n_users + 1, "item": self.n_items,
-                 "category": self.n_categories + 1, "brand": self.n_brands + 1}
+        sizes = {
+            "user": self.n_users + 1,
+            "item": self.n_items,
+            "category": self.n_categories + 1,
+            "brand": self.n_brands + 1,
+        }
         return [sizes[n] for n in self.sparse_names]
 
     def sparse(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -138,6 +167,7 @@ class CTRFeaturizer:
         (built lazily, once per fold)."""
         if fold not in self._cooc:
             import scipy.sparse as sp  # scipy ships with xgboost; only needed for co-occurrence
+
             users = self.pair_keys // self.n_items
             items = self.pair_keys % self.n_items
             if fold >= 0:
@@ -160,20 +190,23 @@ class CTRFeaturizer:
         pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
         return np.where(keys[pos] == q, counts[pos], 0.0)
 
-    def dense_raw(self, users: np.ndarray, items: np.ndarray, histories: Sequence[np.ndarray],
-                  oof: bool = False) -> np.ndarray:
+    def dense_raw(
+        self, users: np.ndarray, items: np.ndarray, histories: Sequence[np.ndarray], oof: bool = False
+    ) -> np.ndarray:
         """[B, D] float32 unstandardised dense features; ``oof=True`` for training rows (see the
         module docstring)."""
         users = np.asarray(users, np.int64)
         items = np.asarray(items, np.int64)
         b = len(items)
         lens = np.fromiter((len(h) for h in histories), dtype=np.int64, count=b)
-        hist = np.concatenate([np.asarray(h, np.int64) for h in histories]) if b and lens.sum() else np.zeros(0, np.int64)
+        hist = (
+            np.concatenate([np.asarray(h, np.int64) for h in histories]) if b and lens.sum() else np.zeros(0, np.int64)
+        )
         if hist.size and (hist.min() < 0 or hist.max() >= self.n_items):
             bad = hist[(hist < 0) | (hist >= self.n_items)][0]
             raise ToolInputError(f"unknown item id {int(bad)} in a history (catalog has {self.n_items} items)")
         row = np.repeat(np.arange(b), lens)
-        keep = hist != items[row]            # the item itself is not evidence for itself
+        keep = hist != items[row]  # the item itself is not evidence for itself
         row, hist = row[keep], hist[keep]
         n_hist = np.maximum(lens.astype(np.float64), 1.0)
         k = self.n_folds
@@ -238,8 +271,8 @@ class CTRFeaturizer:
         row, hist = row[keep], hist[keep]
         cnt = np.bincount(row, minlength=b)
         start = np.concatenate([[0], np.cumsum(cnt)[:-1]])
-        idx = np.arange(len(row)) - start[row]              # position inside the row
-        col = idx - np.maximum(cnt[row] - max_len, 0)        # keep the most recent max_len
+        idx = np.arange(len(row)) - start[row]  # position inside the row
+        col = idx - np.maximum(cnt[row] - max_len, 0)  # keep the most recent max_len
         sel = col >= 0
         out[row[sel], col[sel]] = hist[sel]
         return out
@@ -253,11 +286,20 @@ class CTRFeaturizer:
 
     # ---------------------------------------------------------------------------- save/load
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        config = {"n_users": self.n_users, "n_items": self.n_items, "dense_features": list(self.dense_features),
-                  "n_folds": self.n_folds,
-                  "has_category": self.item_category is not None, "has_brand": self.item_brand is not None}
-        arrays = {"feat.train_users": self.train_users, "feat.train_items": self.train_items,
-                  "feat.mean": self.mean, "feat.std": self.std}
+        config = {
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+            "dense_features": list(self.dense_features),
+            "n_folds": self.n_folds,
+            "has_category": self.item_category is not None,
+            "has_brand": self.item_brand is not None,
+        }
+        arrays = {
+            "feat.train_users": self.train_users,
+            "feat.train_items": self.train_items,
+            "feat.mean": self.mean,
+            "feat.std": self.std,
+        }
         if self.item_category is not None:
             arrays["feat.item_category"] = self.item_category
         if self.item_brand is not None:
@@ -265,12 +307,17 @@ class CTRFeaturizer:
         return config, arrays
 
     @classmethod
-    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> "CTRFeaturizer":
-        f = cls(config["n_users"], config["n_items"],
-                arrays.get("feat.item_category") if config["has_category"] else None,
-                arrays.get("feat.item_brand") if config["has_brand"] else None,
-                arrays["feat.train_users"], arrays["feat.train_items"], config["dense_features"],
-                int(config.get("n_folds", 5)))
+    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> CTRFeaturizer:
+        f = cls(
+            config["n_users"],
+            config["n_items"],
+            arrays.get("feat.item_category") if config["has_category"] else None,
+            arrays.get("feat.item_brand") if config["has_brand"] else None,
+            arrays["feat.train_users"],
+            arrays["feat.train_items"],
+            config["dense_features"],
+            int(config.get("n_folds", 5)),
+        )
         f.mean = np.asarray(arrays["feat.mean"], np.float32)
         f.std = np.asarray(arrays["feat.std"], np.float32)
         return f
@@ -301,6 +348,7 @@ def histories_for(data: ToolData, users: np.ndarray) -> list[np.ndarray]:
 
 # -------------------------------------------------------------------------------- TorchRec
 
+
 def make_kjt(ids: torch.Tensor, keys: Sequence[str], hist: torch.Tensor | None = None):
     """A KeyedJaggedTensor with one id per (feature, row) from ids [B, F], plus the jagged
     ``history`` feature from a -1-padded [B, L] matrix when ``hist`` has columns."""
@@ -315,20 +363,28 @@ def make_kjt(ids: torch.Tensor, keys: Sequence[str], hist: torch.Tensor | None =
         values.append(hist[mask].to(torch.int64))
         lengths.append(mask.sum(dim=1).to(torch.int32))
         keys.append("history")
-    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values).contiguous(),
-                                               lengths=torch.cat(lengths))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.cat(values).contiguous(), lengths=torch.cat(lengths)
+    )
 
 
-def make_ebc(names: Sequence[str], sizes: Sequence[int], dim: int, device: str | torch.device = "cpu",
-             history: bool = False):
+def make_ebc(
+    names: Sequence[str], sizes: Sequence[int], dim: int, device: str | torch.device = "cpu", history: bool = False
+):
     """One embedding table per sparse feature, all of width ``dim`` (DLRM's interaction needs
     equal widths). With ``history`` the item table also serves the ``history`` feature, mean
     pooled (a mean over one id is that id's row, so ``item`` is unaffected)."""
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.modules.embedding_configs import PoolingType
 
-    tables = [EmbeddingBagConfig(name=f"t_{n}", embedding_dim=dim, num_embeddings=int(s),
-                                 feature_names=[n, "history"] if (n == "item" and history) else [n],
-                                 pooling=PoolingType.MEAN)
-              for n, s in zip(names, sizes)]
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t_{n}",
+            embedding_dim=dim,
+            num_embeddings=int(s),
+            feature_names=[n, "history"] if (n == "item" and history) else [n],
+            pooling=PoolingType.MEAN,
+        )
+        for n, s in zip(names, sizes)
+    ]
     return EmbeddingBagCollection(tables=tables, device=torch.device(device))

@@ -18,6 +18,7 @@ weight snapshots, because
   rank), which a plain unsharded module then loads: after ``fit`` the tool scores locally on any
   rank with no collectives, and saves like in single-process mode.
 """
+
 from __future__ import annotations
 
 import abc
@@ -33,8 +34,7 @@ from torch import nn
 from reasonrec.metrics import auc, log_loss
 from reasonrec.tools.base import Tool, ToolData, ToolInputError
 from reasonrec.tools.bpr_common import sample_negatives_for
-from reasonrec.tools.ctr_features import (DENSE_FEATURES, CTRFeaturizer, check_ctr_input, ctr_rows,
-                                          histories_for)
+from reasonrec.tools.ctr_features import DENSE_FEATURES, CTRFeaturizer, check_ctr_input, ctr_rows, histories_for
 from reasonrec.tools.training import TrainConfig, TrainResult, dist_info, run_epochs, train_loop
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,9 @@ class CTRModule(nn.Module):
         return F.binary_cross_entropy_with_logits(self.logits(dense, ids, hist), labels)
 
 
-def _batched_logits(fn: Callable[..., torch.Tensor], dense: np.ndarray, ids: np.ndarray, hist: np.ndarray,
-                    batch_size: int = 8192) -> np.ndarray:
+def _batched_logits(
+    fn: Callable[..., torch.Tensor], dense: np.ndarray, ids: np.ndarray, hist: np.ndarray, batch_size: int = 8192
+) -> np.ndarray:
     out = []
     with torch.no_grad():
         for s in range(0, len(ids), batch_size):
@@ -70,14 +71,23 @@ class NeuralCTRTool(Tool):
 
     tasks = ("ctr",)
     uses_torchrec = False
-    train_defaults: dict[str, Any] = dict(lr=1e-3, weight_decay=1e-6, batch_size=2048, max_epochs=30,
-                                          patience=3, key="auc")
+    train_defaults: dict[str, Any] = dict(
+        lr=1e-3, weight_decay=1e-6, batch_size=2048, max_epochs=30, patience=3, key="auc"
+    )
     # sharding / sparse_lr: only for TorchRec tools under DistributedModelParallel
     # user_id False: no per-user embedding (the history bag stands for the user), against
     # memorising each training user's positives
-    model_defaults: dict[str, Any] = dict(dim=16, dense_features=list(DENSE_FEATURES), n_folds=5, history_len=20,
-                                          user_id=True, user_dropout=0.02, resample_negatives=False,
-                                          sharding="table_wise", sparse_lr=0.05)
+    model_defaults: dict[str, Any] = dict(
+        dim=16,
+        dense_features=list(DENSE_FEATURES),
+        n_folds=5,
+        history_len=20,
+        user_id=True,
+        user_dropout=0.02,
+        resample_negatives=False,
+        sharding="table_wise",
+        sparse_lr=0.05,
+    )
 
     def __init__(self, params: dict[str, Any] | None = None):
         super().__init__(params)
@@ -154,24 +164,47 @@ class NeuralCTRTool(Tool):
 
         tensors = [dense_t, ids_t, hist_t, y_t]
         if world > 1 and self.uses_torchrec:
+
             def snapshot(full: dict[str, torch.Tensor]) -> None:
                 self._snapshot = full  # what state() saves while self.model is sharded
 
             try:
                 state, result = train_model_parallel(
-                    self.model, tensors, cfg, valid, reporter=reporter, start_epoch=start_epoch, name=self.name,
-                    on_epoch_start=on_epoch_start, sharding=str(self.p("sharding")),
-                    sparse_lr=float(self.p("sparse_lr")), on_snapshot=snapshot)
+                    self.model,
+                    tensors,
+                    cfg,
+                    valid,
+                    reporter=reporter,
+                    start_epoch=start_epoch,
+                    name=self.name,
+                    on_epoch_start=on_epoch_start,
+                    sharding=str(self.p("sharding")),
+                    sparse_lr=float(self.p("sparse_lr")),
+                    on_snapshot=snapshot,
+                )
             finally:
                 self._snapshot = None
             self.model = self.build_module()  # plain, unsharded, no in-backward optimizer hooks
             self.model.load_state_dict(state)
         else:
-            result = train_loop(self.model, tensors, cfg, validate=validate, reporter=reporter,
-                                start_epoch=start_epoch, name=self.name, on_epoch_start=on_epoch_start)
+            result = train_loop(
+                self.model,
+                tensors,
+                cfg,
+                validate=validate,
+                reporter=reporter,
+                start_epoch=start_epoch,
+                name=self.name,
+                on_epoch_start=on_epoch_start,
+            )
         self.model.eval()
-        self.train_info = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                           "stopped": result.stopped, "seconds": round(result.seconds, 2), "world": world}
+        self.train_info = {
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "stopped": result.stopped,
+            "seconds": round(result.seconds, 2),
+            "world": world,
+        }
         return dict(result.best_metrics)
 
     # ---------------------------------------------------------------------------- inference
@@ -182,8 +215,12 @@ class NeuralCTRTool(Tool):
         items = np.asarray(items, np.int64).reshape(-1)
         check_ctr_input(self.n_items, users, items, histories)
         self.model.eval()
-        logits = _batched_logits(self.model.logits, self.feat.dense(users, items, histories), self._sparse(users, items),
-                                 self.feat.history_matrix(items, histories, int(self.p("history_len"))))
+        logits = _batched_logits(
+            self.model.logits,
+            self.feat.dense(users, items, histories),
+            self._sparse(users, items),
+            self.feat.history_matrix(items, histories, int(self.p("history_len"))),
+        )
         return _sigmoid(logits)
 
     # ---------------------------------------------------------------------------- save/load
@@ -194,23 +231,30 @@ class NeuralCTRTool(Tool):
         weights = self._snapshot if self._snapshot is not None else self.model.state_dict()
         arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in weights.items()}
         arrays.update(farr)
-        return {"params": self.params, "n_users": self.n_users, "n_items": self.n_items,
-                "features": fcfg, "train_info": self.train_info}, arrays
+        return {
+            "params": self.params,
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+            "features": fcfg,
+            "train_info": self.train_info,
+        }, arrays
 
     @classmethod
-    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> "NeuralCTRTool":
+    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> NeuralCTRTool:
         tool = cls(config["params"])
         tool.n_users, tool.n_items = int(config["n_users"]), int(config["n_items"])
         tool.train_info = dict(config.get("train_info", {}))
         tool.feat = CTRFeaturizer.from_state(config["features"], arrays)
         tool.model = tool.build_module()
-        tool.model.load_state_dict({k[len("model."):]: torch.from_numpy(np.array(v))
-                                    for k, v in arrays.items() if k.startswith("model.")})
+        tool.model.load_state_dict(
+            {k[len("model.") :]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("model.")}
+        )
         tool.model.eval()
         return tool
 
 
 # ------------------------------------------------------------------ TorchRec model parallel
+
 
 def _gather_full_state(dmp: nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) copy of a DMP state dict on every rank (collective)."""
@@ -242,7 +286,9 @@ def _load_full_state(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
             src = full[k]
             if isinstance(v, ShardedTensor):
                 for shard in v.local_shards():
-                    sl = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+                    sl = tuple(
+                        slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)
+                    )
                     shard.tensor.copy_(src[sl])
             else:
                 v.copy_(src)
@@ -268,9 +314,12 @@ def shard_model(module: nn.Module, sparse_lr: float, sharding: str = "table_wise
     constraints = {t: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in tables}
     sharders = [EmbeddingBagCollectionSharder()]
     # fixed reservation: the heuristical default is deprecated and over-estimates on CPU
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"),
-                                       constraints=constraints, debug=False,
-                                       storage_reservation=FixedPercentageStorageReservation(0.15))
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu"),
+        constraints=constraints,
+        debug=False,
+        storage_reservation=FixedPercentageStorageReservation(0.15),
+    )
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=sharders)
     _load_full_state(dmp, start)
@@ -284,8 +333,9 @@ def _dense_parameters(dmp: nn.Module) -> list[nn.Parameter]:
     return [p for p in dmp.parameters() if p.requires_grad and id(p) not in sharded]
 
 
-def dmp_logits(dmp: nn.Module, dense: np.ndarray, ids: np.ndarray, hist: np.ndarray,
-               batch_size: int = 4096) -> np.ndarray:
+def dmp_logits(
+    dmp: nn.Module, dense: np.ndarray, ids: np.ndarray, hist: np.ndarray, batch_size: int = 4096
+) -> np.ndarray:
     """Logits for all rows on every rank: each rank scores an equal, padded slice (the sharded
     forward is collective, so all ranks must run the same number of equal batches)."""
     import torch.distributed as dist
@@ -300,7 +350,7 @@ def dmp_logits(dmp: nn.Module, dense: np.ndarray, ids: np.ndarray, hist: np.ndar
     parts = []
     with torch.no_grad():
         for s in range(0, per, batch_size):
-            b = idx[s:s + batch_size]
+            b = idx[s : s + batch_size]
             parts.append(inner.logits(torch.from_numpy(dense[b]), torch.from_numpy(ids[b]), torch.from_numpy(hist[b])))
     mine = torch.cat(parts)
     gathered = [torch.empty_like(mine) for _ in range(world)]
@@ -309,13 +359,19 @@ def dmp_logits(dmp: nn.Module, dense: np.ndarray, ids: np.ndarray, hist: np.ndar
     return torch.cat(gathered)[:n].numpy()
 
 
-def train_model_parallel(module: CTRModule, tensors: Sequence[torch.Tensor], cfg: TrainConfig,
-                         valid: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
-                         reporter=None, start_epoch: int = 0, name: str = "tool",
-                         on_epoch_start: Callable[[int], None] | None = None,
-                         sharding: str = "table_wise", sparse_lr: float = 0.05,
-                         on_snapshot: Callable[[dict[str, torch.Tensor]], None] | None = None,
-                         ) -> tuple[dict[str, torch.Tensor], TrainResult]:
+def train_model_parallel(
+    module: CTRModule,
+    tensors: Sequence[torch.Tensor],
+    cfg: TrainConfig,
+    valid: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+    reporter=None,
+    start_epoch: int = 0,
+    name: str = "tool",
+    on_epoch_start: Callable[[int], None] | None = None,
+    sharding: str = "table_wise",
+    sparse_lr: float = 0.05,
+    on_snapshot: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Train ``module`` (a TorchRec CTR module) under DMP; returns the best full state dict (on
     every rank) and the result. ``valid`` = (dense, ids, hist, labels) rows, metric ``cfg.key``.
     ``on_snapshot(full_state)`` runs on every rank after each epoch, before ``reporter``, with the
@@ -326,12 +382,22 @@ def train_model_parallel(module: CTRModule, tensors: Sequence[torch.Tensor], cfg
     # The dense parameters only: the embedding tables step inside backward (fused optimizer).
     dense_params = _dense_parameters(dmp)
 
-    def run_validation() -> dict[str, float]:   # identical on every rank (all-gathered logits)
+    def run_validation() -> dict[str, float]:  # identical on every rank (all-gathered logits)
         logits = dmp_logits(dmp, *valid[:3])
         return {"auc": auc(valid[3], logits), "logloss": log_loss(valid[3], _sigmoid(logits))}
 
-    best_state, result = run_epochs(dmp, dmp, tensors, dense_params, cfg, run_validation if valid is not None else None,
-                                    lambda: _gather_full_state(dmp), reporter=reporter, start_epoch=start_epoch,
-                                    name=f"{name} (DMP x{world})", on_epoch_start=on_epoch_start,
-                                    on_snapshot=on_snapshot)
+    best_state, result = run_epochs(
+        dmp,
+        dmp,
+        tensors,
+        dense_params,
+        cfg,
+        run_validation if valid is not None else None,
+        lambda: _gather_full_state(dmp),
+        reporter=reporter,
+        start_epoch=start_epoch,
+        name=f"{name} (DMP x{world})",
+        on_epoch_start=on_epoch_start,
+        on_snapshot=on_snapshot,
+    )
     return (best_state if best_state is not None else _gather_full_state(dmp)), result

@@ -1,4 +1,5 @@
 """Build :class:`ToolData` from the ``prepare`` stage's tables (Arrow in, NumPy out)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -33,8 +34,9 @@ def _index(values: list) -> np.ndarray:
     return out
 
 
-def tool_data_from_tables(items: pa.Table, loo: pa.Table, ctr: pa.Table | None = None,
-                          direct: pa.Table | None = None) -> ToolData:
+def tool_data_from_tables(
+    items: pa.Table, loo: pa.Table, ctr: pa.Table | None = None, direct: pa.Table | None = None
+) -> ToolData:
     n_items = items.num_rows
     loo = loo.sort_by("user_id")
     user_ids = loo.column("user_id").to_numpy()
@@ -48,7 +50,11 @@ def tool_data_from_tables(items: pa.Table, loo: pa.Table, ctr: pa.Table | None =
     test[user_ids] = loo.column("test_item").fill_null(-1).to_numpy()
     srt = items.sort_by("item_id").to_pydict()
     data = ToolData(
-        n_users=n_users, n_items=n_items, train_seqs=train_seqs, valid_item=valid, test_item=test,
+        n_users=n_users,
+        n_items=n_items,
+        train_seqs=train_seqs,
+        valid_item=valid,
+        test_item=test,
         item_text=item_text(items),
         item_category=_index([c[0] if c else None for c in srt["categories"]]),
         item_brand=_index(srt["brand"]),
@@ -56,13 +62,18 @@ def tool_data_from_tables(items: pa.Table, loo: pa.Table, ctr: pa.Table | None =
     if ctr is not None:
         for split in ("train", "valid", "test"):
             t = ctr.filter(pa.compute.equal(ctr.column("split"), split))
-            data.ctr[split] = (t.column("user_id").to_numpy(), t.column("item_id").to_numpy(),
-                               t.column("label").to_numpy().astype(np.float32))
+            data.ctr[split] = (
+                t.column("user_id").to_numpy(),
+                t.column("item_id").to_numpy(),
+                t.column("label").to_numpy().astype(np.float32),
+            )
     if direct is not None:
         v = direct.filter(pa.compute.equal(direct.column("split"), "valid"))
-        data.direct_valid = (v.column("user_id").to_numpy(),
-                             np.asarray(v.column("candidates").to_pylist(), dtype=np.int64),
-                             v.column("positive").to_numpy())
+        data.direct_valid = (
+            v.column("user_id").to_numpy(),
+            np.asarray(v.column("candidates").to_pylist(), dtype=np.int64),
+            v.column("positive").to_numpy(),
+        )
     return data
 
 
@@ -85,5 +96,11 @@ def hold_out_last(data: ToolData, n: int) -> ToolData:
         raise ValueError(f"hold_out_last needs n >= 1, got {n}")
     seqs = [s[:-n] if len(s) > n else s[:0] for s in data.train_seqs]
     valid = np.array([s[len(s) - n] if len(s) > n else -1 for s in data.train_seqs], np.int64)
-    return replace(data, train_seqs=seqs, valid_item=valid, test_item=np.full(data.n_users, -1, np.int64),
-                   ctr={}, direct_valid=None)
+    return replace(
+        data,
+        train_seqs=seqs,
+        valid_item=valid,
+        test_item=np.full(data.n_users, -1, np.int64),
+        ctr={},
+        direct_valid=None,
+    )

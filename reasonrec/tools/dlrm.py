@@ -1,7 +1,9 @@
 """DLRM (Naumov et al. 2019) on TorchRec: one ``EmbeddingBagCollection`` table per sparse feature
-(user, item, category, brand; the history bag shares the item table), a bottom MLP on the dense features, pairwise dot-product
+(user, item, category, brand; the history bag shares the item table), a bottom MLP on the dense features,
+pairwise dot-product
 interaction, a top MLP to one logit (``torchrec.models.dlrm.DLRM``). Trains single-process or
 model-parallel under ``DistributedModelParallel`` (see ``ctr_torch``)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,8 +18,18 @@ from reasonrec.tools.ctr_torch import CTRModule, NeuralCTRTool
 class TorchRecCTRModule(CTRModule):
     """DLRM or DLRM_DCN over the featurizer's sparse ids (one id per feature and row)."""
 
-    def __init__(self, keys: list[str], sizes: list[int], n_dense: int, dim: int, dense_arch: list[int],
-                 over_arch: list[int], dcn_layers: int = 0, dcn_rank: int = 0, history: bool = False):
+    def __init__(
+        self,
+        keys: list[str],
+        sizes: list[int],
+        n_dense: int,
+        dim: int,
+        dense_arch: list[int],
+        over_arch: list[int],
+        dcn_layers: int = 0,
+        dcn_rank: int = 0,
+        history: bool = False,
+    ):
         super().__init__()
         from torchrec.models.dlrm import DLRM, DLRM_DCN
 
@@ -26,8 +38,9 @@ class TorchRecCTRModule(CTRModule):
         # the bottom MLP must end at the embedding width (DLRM interacts them as equals)
         dense_sizes, over_sizes = list(dense_arch) + [dim], list(over_arch) + [1]
         if dcn_layers:
-            self.net = DLRM_DCN(ebc, n_dense, dense_sizes, over_sizes, dcn_num_layers=dcn_layers,
-                                dcn_low_rank_dim=dcn_rank)
+            self.net = DLRM_DCN(
+                ebc, n_dense, dense_sizes, over_sizes, dcn_num_layers=dcn_layers, dcn_low_rank_dim=dcn_rank
+            )
         else:
             self.net = DLRM(ebc, n_dense, dense_sizes, over_sizes)
 
@@ -42,6 +55,12 @@ class DLRMTool(NeuralCTRTool):
     model_defaults: dict[str, Any] = dict(NeuralCTRTool.model_defaults, dense_arch=[64], over_arch=[64, 32])
 
     def build_module(self) -> CTRModule:
-        return TorchRecCTRModule(self.feat.sparse_names, self.feat.sparse_sizes, len(self.feat.dense_features),
-                                 int(self.p("dim")), list(self.p("dense_arch")), list(self.p("over_arch")),
-                                 history=int(self.p("history_len")) > 0)
+        return TorchRecCTRModule(
+            self.feat.sparse_names,
+            self.feat.sparse_sizes,
+            len(self.feat.dense_features),
+            int(self.p("dim")),
+            list(self.p("dense_arch")),
+            list(self.p("over_arch")),
+            history=int(self.p("history_len")) > 0,
+        )

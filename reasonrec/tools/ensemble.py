@@ -9,6 +9,7 @@ trains (with ``params["member_params"][name]``) any member not passed in. It sav
 config and the member *names*: ``persist.load_tool`` rebuilds it from members passed by name or
 saved as sibling folders ``<parent>/<member name>`` (the layout of the tools stage).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
@@ -17,6 +18,7 @@ import numpy as np
 
 from reasonrec.tools.base import Tool, ToolData, register, tool_class
 from reasonrec.tools.training import ranking_validator
+from reasonrec.vocab import TOOL_TASKS
 
 
 def rank_normalise(scores: np.ndarray) -> np.ndarray:
@@ -28,14 +30,16 @@ def rank_normalise(scores: np.ndarray) -> np.ndarray:
     order = np.argsort(scores, axis=1)
     n = scores.shape[1]
     ranks = np.empty(order.shape, dtype=np.float32)
-    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(n, dtype=np.float32) / max(n - 1, 1), order.shape), axis=1)
+    np.put_along_axis(
+        ranks, order, np.broadcast_to(np.arange(n, dtype=np.float32) / max(n - 1, 1), order.shape), axis=1
+    )
     return ranks
 
 
 @register
 class Ensemble(Tool):
     name = "ensemble"
-    tasks = ("sequential", "direct", "ctr")
+    tasks = TOOL_TASKS
     has_members = True  # persist.load_tool passes the members to from_state
 
     def __init__(self, params: dict[str, Any] | None = None, members: Mapping[str, Tool] | None = None):
@@ -60,14 +64,16 @@ class Ensemble(Tool):
             self.n_users = max(m.n_users for m in self.members.values())
 
     def _voters(self, task: str) -> list[tuple[str, Tool]]:
-        voters = [(n, self.members[n]) for n in self.params["members"]
-                  if n in self.members and task in self.members[n].tasks]
+        voters = [
+            (n, self.members[n]) for n in self.params["members"] if n in self.members and task in self.members[n].tasks
+        ]
         if not voters:
             raise RuntimeError(f"no ensemble member serves task '{task}' (members: {self.params['members']})")
         return voters
 
-    def fit(self, data: ToolData, reporter: Callable[[int, dict], None] | None = None,
-            start_epoch: int = 0) -> dict[str, float]:
+    def fit(
+        self, data: ToolData, reporter: Callable[[int, dict], None] | None = None, start_epoch: int = 0
+    ) -> dict[str, float]:
         member_params = self.params.get("member_params") or {}
         for n in self.params["members"]:
             if n not in self.members:
@@ -75,8 +81,9 @@ class Ensemble(Tool):
                 tool.fit(data)
                 self.members[n] = tool
         self._sync_sizes()
-        metrics = ranking_validator(self.score_items, data.train_seqs, data.valid_item,
-                                    max_users=self.params.get("valid_users"))()
+        metrics = ranking_validator(
+            self.score_items, data.train_seqs, data.valid_item, max_users=self.params.get("valid_users")
+        )()
         if reporter is not None:
             reporter(start_epoch, dict(metrics, epoch=start_epoch))
         return metrics
@@ -121,16 +128,25 @@ class Ensemble(Tool):
         return sum(self.weights[n] / total * np.asarray(member_probs[n], dtype=np.float64) for n in voters)
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return ({"params": self.params, "members": list(self.params["members"]),
-                 "n_items": self.n_items, "n_users": self.n_users}, {})
+        return (
+            {
+                "params": self.params,
+                "members": list(self.params["members"]),
+                "n_items": self.n_items,
+                "n_users": self.n_users,
+            },
+            {},
+        )
 
     @classmethod
-    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray],
-                   members: Mapping[str, Tool] | None = None) -> "Ensemble":
+    def from_state(
+        cls, config: dict[str, Any], arrays: dict[str, np.ndarray], members: Mapping[str, Tool] | None = None
+    ) -> Ensemble:
         missing = [n for n in config["members"] if not members or n not in members]
         if missing:
-            raise ValueError(f"ensemble members {missing} not given; load it with persist.load_tool, which "
-                             f"finds them by name")
+            raise ValueError(
+                f"ensemble members {missing} not given; load it with persist.load_tool, which finds them by name"
+            )
         tool = cls(config["params"], members={n: members[n] for n in config["members"]})
         tool.n_items, tool.n_users = int(config["n_items"]), int(config["n_users"])
         return tool

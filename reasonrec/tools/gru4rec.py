@@ -1,5 +1,6 @@
 """GRU4Rec (Hidasi et al. 2016): a GRU over the item sequence; its projected hidden state at each
 step scores all items through the shared item embedding. Same full-softmax CE as SASRec."""
+
 from __future__ import annotations
 
 import torch
@@ -26,10 +27,18 @@ class GRU4RecNet(SeqNet):
 @register
 class GRU4Rec(SequentialTorchTool):
     name = "gru4rec"
-    defaults = {"hidden": 64, "gru_hidden": 128, "layers": 1, "dropout": 0.3, "max_len": 50,
-                "lr": 1e-3, "batch_size": 128}
+    defaults = {
+        "hidden": 64,
+        "gru_hidden": 128,
+        "layers": 1,
+        "dropout": 0.3,
+        "max_len": 50,
+        "lr": 1e-3,
+        "batch_size": 128,
+    }
 
     def build_net(self) -> GRU4RecNet:
         hp = self.hp
-        return GRU4RecNet(self.n_items, int(hp["hidden"]), int(hp["gru_hidden"]), int(hp["layers"]),
-                          float(hp["dropout"]))
+        return GRU4RecNet(
+            self.n_items, int(hp["hidden"]), int(hp["gru_hidden"]), int(hp["layers"]), float(hp["dropout"])
+        )

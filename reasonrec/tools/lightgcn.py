@@ -5,6 +5,7 @@ adjacency (a torch sparse matrix); the final embedding is the mean of layers 0..
 product; BPR loss with L2 on the layer-0 (ego) embeddings of the batch, as in the paper. The
 training edges are kept in the module's state so a loaded tool rebuilds the same graph.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -65,7 +66,7 @@ class LightGCNModule(nn.Module):
 
     def user_scores(self, u: torch.Tensor) -> torch.Tensor:
         allx = self.propagate()
-        return allx[u] @ allx[self.n_users:].T
+        return allx[u] @ allx[self.n_users :].T
 
 
 @register
@@ -80,5 +81,6 @@ class LightGCN(BPRTool):
             edges = torch.from_numpy(np.stack([users, items]))
         else:
             edges = torch.from_numpy(np.array(arrays["model.edges"], dtype=np.int64))
-        return LightGCNModule(self.n_users, self.n_items, int(self.p("dim")), int(self.p("n_layers")),
-                              float(self.p("l2")), edges)
+        return LightGCNModule(
+            self.n_users, self.n_items, int(self.p("dim")), int(self.p("n_layers")), float(self.p("l2")), edges
+        )

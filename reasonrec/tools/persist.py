@@ -8,6 +8,7 @@ last, so a directory with a config is complete. Ragged arrays (histories) travel
 A tool class whose config names member tools (the ensemble: ``config["members"]``) is rebuilt
 from those members: passed in by name, or loaded from sibling directories ``<parent>/<name>``.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,7 @@ def save_tool(tool: Tool, url: str, storage: StorageConfig | None = None) -> Non
         json.dump({"tool": tool.name, "format": FORMAT, "config": config}, f, indent=2, sort_keys=True)
 
 
-def load_tool(url: str, storage: StorageConfig | None = None,
-              members: Mapping[str, Tool] | None = None) -> Tool:
+def load_tool(url: str, storage: StorageConfig | None = None, members: Mapping[str, Tool] | None = None) -> Tool:
     """Inverse of :func:`save_tool`. ``members`` supplies already-loaded member tools by name for
     tools that have them (else they are loaded from ``<parent of url>/<member name>``)."""
     fs, path = filesystem(url, storage)
@@ -56,8 +56,7 @@ def load_tool(url: str, storage: StorageConfig | None = None,
     if "members" in config and getattr(cls, "has_members", False):
         given = dict(members or {})
         parent = url.rstrip("/").rsplit("/", 1)[0]
-        resolved = {n: given[n] if n in given else load_tool(f"{parent}/{n}", storage)
-                    for n in config["members"]}
+        resolved = {n: given[n] if n in given else load_tool(f"{parent}/{n}", storage) for n in config["members"]}
         return cls.from_state(config, arrays, members=resolved)
     return cls.from_state(config, arrays)
 
@@ -72,4 +71,4 @@ def pack_ragged(seqs: Sequence[np.ndarray], dtype: Any = np.int64) -> tuple[np.n
 
 
 def unpack_ragged(values: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
-    return [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]

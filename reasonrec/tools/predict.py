@@ -10,6 +10,7 @@ rank over the whole catalog (full ranking, history not excluded: the RecBole pro
 the query has a direct-recommendation candidate list, the target's rank within it; and the
 full-catalog rank with the query's history masked (RecBole's full-sort protocol).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,29 +20,33 @@ from reasonrec.metrics import rank_full_catalog, rank_in_candidates
 from reasonrec.tools.base import Tool
 from reasonrec.tools.ensemble import Ensemble
 
-PREDICTIONS = pa.schema([
-    ("user_id", pa.int64()),
-    ("split", pa.string()),
-    ("tool", pa.string()),
-    ("target", pa.int64()),
-    ("items", pa.list_(pa.int64())),
-    ("scores", pa.list_(pa.float32())),
-    ("confidence", pa.float32()),
-    ("rank", pa.int64()),          # 0-based rank of the target over the whole catalog
-    ("rank_excl", pa.int64()),     # the same with the query's history items masked (the truth kept):
-                                   # RecBole's full-sort protocol
-    ("cand_rank", pa.int64()),     # 0-based rank of the target among direct candidates, -1 if none
-    ("n_candidates", pa.int64()),
-])
+PREDICTIONS = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("split", pa.string()),
+        ("tool", pa.string()),
+        ("target", pa.int64()),
+        ("items", pa.list_(pa.int64())),
+        ("scores", pa.list_(pa.float32())),
+        ("confidence", pa.float32()),
+        ("rank", pa.int64()),  # 0-based rank of the target over the whole catalog
+        ("rank_excl", pa.int64()),  # the same with the query's history items masked (the truth kept):
+        # RecBole's full-sort protocol
+        ("cand_rank", pa.int64()),  # 0-based rank of the target among direct candidates, -1 if none
+        ("n_candidates", pa.int64()),
+    ]
+)
 
-CTR_PREDICTIONS = pa.schema([
-    ("user_id", pa.int64()),
-    ("item_id", pa.int64()),
-    ("split", pa.string()),
-    ("label", pa.int8()),
-    ("tool", pa.string()),
-    ("prob", pa.float32()),
-])
+CTR_PREDICTIONS = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("split", pa.string()),
+        ("label", pa.int8()),
+        ("tool", pa.string()),
+        ("prob", pa.float32()),
+    ]
+)
 
 
 def loo_queries(batch: pa.Table) -> dict[str, tuple[np.ndarray, list[np.ndarray], np.ndarray]]:
@@ -53,17 +58,27 @@ def loo_queries(batch: pa.Table) -> dict[str, tuple[np.ndarray, list[np.ndarray]
     out: dict[str, tuple[list, list, list]] = {"train": ([], [], []), "valid": ([], [], []), "test": ([], [], [])}
     for u, tr, v, te in zip(users, train, valid, test):
         if len(tr) >= 2:
-            out["train"][0].append(u); out["train"][1].append(tr[:-1]); out["train"][2].append(tr[-1])
+            out["train"][0].append(u)
+            out["train"][1].append(tr[:-1])
+            out["train"][2].append(tr[-1])
         if v is not None:
-            out["valid"][0].append(u); out["valid"][1].append(tr); out["valid"][2].append(v)
+            out["valid"][0].append(u)
+            out["valid"][1].append(tr)
+            out["valid"][2].append(v)
         if te is not None:
-            out["test"][0].append(u); out["test"][1].append(np.append(tr, v)); out["test"][2].append(te)
+            out["test"][0].append(u)
+            out["test"][1].append(np.append(tr, v))
+            out["test"][2].append(te)
     return {s: (np.asarray(u, np.int64), h, np.asarray(t, np.int64)) for s, (u, h, t) in out.items() if u}
 
 
-def ranking_predictions(tools: dict[str, Tool], batch: pa.Table, k: int,
-                        candidates: dict[tuple[int, str], np.ndarray] | None = None,
-                        splits: tuple[str, ...] = ("train", "valid", "test")) -> pa.Table:
+def ranking_predictions(
+    tools: dict[str, Tool],
+    batch: pa.Table,
+    k: int,
+    candidates: dict[tuple[int, str], np.ndarray] | None = None,
+    splits: tuple[str, ...] = ("train", "valid", "test"),
+) -> pa.Table:
     """PREDICTIONS rows for every ranking tool x query split in ``batch`` (LOO rows)."""
     candidates = candidates or {}
     cols: dict[str, list] = {f.name: [] for f in PREDICTIONS}
@@ -124,8 +139,17 @@ def ctr_predictions(tools: dict[str, Tool], batch: pa.Table, histories: dict[int
         else:
             prob = np.asarray(tool.predict_ctr(users, items, hists), dtype=np.float32)
         computed[name] = prob
-        parts.append(pa.table({
-            "user_id": users, "item_id": items, "split": batch.column("split"),
-            "label": batch.column("label"), "tool": pa.array([name] * len(users), pa.string()), "prob": prob,
-        }, schema=CTR_PREDICTIONS))
+        parts.append(
+            pa.table(
+                {
+                    "user_id": users,
+                    "item_id": items,
+                    "split": batch.column("split"),
+                    "label": batch.column("label"),
+                    "tool": pa.array([name] * len(users), pa.string()),
+                    "prob": prob,
+                },
+                schema=CTR_PREDICTIONS,
+            )
+        )
     return pa.concat_tables(parts) if parts else CTR_PREDICTIONS.empty_table()

@@ -4,6 +4,7 @@ cross-entropy at every position (stronger than the paper's sampled BCE on sparse
 
 Defaults suit Amazon Beauty (small and sparse: heavy dropout, 2 layers of width 64).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, L, d = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(o.transpose(1, 2).reshape(B, L, d))
 
 
@@ -60,15 +60,25 @@ class Block(nn.Module):
 
 
 class SASRecNet(SeqNet):
-    def __init__(self, n_items: int, hidden: int, layers: int, heads: int, inner: int, max_len: int,
-                 dropout: float, attn_dropout: float):
+    def __init__(
+        self,
+        n_items: int,
+        hidden: int,
+        layers: int,
+        heads: int,
+        inner: int,
+        max_len: int,
+        dropout: float,
+        attn_dropout: float,
+    ):
         super().__init__(n_items, hidden)
         self.max_len = max_len
         self.pos_emb = nn.Embedding(max_len, hidden)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.emb_ln, self.emb_drop = nn.LayerNorm(hidden), nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(hidden, inner, dropout, CausalSelfAttention(hidden, heads, attn_dropout)) for _ in range(layers))
+            Block(hidden, inner, dropout, CausalSelfAttention(hidden, heads, attn_dropout)) for _ in range(layers)
+        )
         self.final_ln = nn.LayerNorm(hidden)
 
     def encode(self, seqs: torch.Tensor) -> torch.Tensor:
@@ -86,10 +96,27 @@ class SASRecNet(SeqNet):
 @register
 class SASRec(SequentialTorchTool):
     name = "sasrec"
-    defaults = {"hidden": 64, "layers": 2, "heads": 2, "inner": 256, "max_len": 50,
-                "dropout": 0.5, "attn_dropout": 0.5, "lr": 1e-3, "batch_size": 128}
+    defaults = {
+        "hidden": 64,
+        "layers": 2,
+        "heads": 2,
+        "inner": 256,
+        "max_len": 50,
+        "dropout": 0.5,
+        "attn_dropout": 0.5,
+        "lr": 1e-3,
+        "batch_size": 128,
+    }
 
     def build_net(self) -> SASRecNet:
         hp = self.hp
-        return SASRecNet(self.n_items, int(hp["hidden"]), int(hp["layers"]), int(hp["heads"]), int(hp["inner"]),
-                         int(hp["max_len"]), float(hp["dropout"]), float(hp["attn_dropout"]))
+        return SASRecNet(
+            self.n_items,
+            int(hp["hidden"]),
+            int(hp["layers"]),
+            int(hp["heads"]),
+            int(hp["inner"]),
+            int(hp["max_len"]),
+            float(hp["dropout"]),
+            float(hp["attn_dropout"]),
+        )

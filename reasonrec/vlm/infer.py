@@ -21,6 +21,7 @@ verbalised confidence, then produces the answer after that thought:
 
 ``expected_calibration_error`` scores either kind of confidence against correctness.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,12 +42,12 @@ from reasonrec.vlm.collate import VLMCollator
 @dataclass
 class VLMOutput:
     task: str
-    items: list[int] | None = None          # sequential / direct: ranked item ids
-    scores: list[float] | None = None       # their log-probabilities
-    prob: float | None = None               # ctr: P(yes)
-    text: str | None = None                 # answer text (title / yes|no / explanation)
-    conf_verbal: float | None = None        # parsed from the thought (None if not produced)
-    conf_token: float = 0.0                 # from token probabilities, in [0, 1]
+    items: list[int] | None = None  # sequential / direct: ranked item ids
+    scores: list[float] | None = None  # their log-probabilities
+    prob: float | None = None  # ctr: P(yes)
+    text: str | None = None  # answer text (title / yes|no / explanation)
+    conf_verbal: float | None = None  # parsed from the thought (None if not produced)
+    conf_token: float = 0.0  # from token probabilities, in [0, 1]
     thought: Thought = field(default_factory=Thought)
     thought_text: str = ""
     latency_ms: float = 0.0
@@ -73,10 +74,15 @@ class ItemTrie:
     answer is tokenized with its leading space after ``Answer:``, as in training). Items with the
     same text share a leaf and its probability (:func:`shared_text_log_share` with ``prior``)."""
 
-    _END = -1   # key under which a terminal node stores its item ids
+    _END = -1  # key under which a terminal node stores its item ids
 
-    def __init__(self, tokenizer, texts: Sequence[str], item_ids: Sequence[int] | None = None,
-                 prior: Sequence[float] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        texts: Sequence[str],
+        item_ids: Sequence[int] | None = None,
+        prior: Sequence[float] | None = None,
+    ):
         self.eos_id = tokenizer.eos_token_id
         item_ids = list(range(len(texts))) if item_ids is None else [int(i) for i in item_ids]
         seqs = tokenizer([" " + t.strip() for t in texts], add_special_tokens=False)["input_ids"]
@@ -87,9 +93,9 @@ class ItemTrie:
             node = self.root
             for t in list(seq) + [self.eos_id]:
                 node = node.setdefault(t, {})
-            node.setdefault(self._END, []).append(iid)   # identical titles share a leaf
+            node.setdefault(self._END, []).append(iid)  # identical titles share a leaf
             self.depth = max(self.depth, len(seq) + 1)
-        for leaf in self._leaves(self.root):               # most likely item of a shared text first
+        for leaf in self._leaves(self.root):  # most likely item of a shared text first
             leaf.sort(key=lambda i: -self.log_share[i])
         self._allowed_cache: dict[int, torch.Tensor] = {}
 
@@ -132,15 +138,15 @@ class TrieConstraint(LogitsProcessor):
 
     def __init__(self, trie: ItemTrie):
         self.trie = trie
-        self.start: int | None = None   # prompt length (0 when generating from embeddings)
+        self.start: int | None = None  # prompt length (0 when generating from embeddings)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.start is None:
             self.start = input_ids.shape[1]
         out = torch.full_like(scores, -math.inf)
         for row in range(input_ids.shape[0]):
-            allowed = self.trie.allowed(input_ids[row, self.start:].tolist())
-            if allowed is None or len(allowed) == 0:   # dead beam: any finite path to stop it
+            allowed = self.trie.allowed(input_ids[row, self.start :].tolist())
+            if allowed is None or len(allowed) == 0:  # dead beam: any finite path to stop it
                 out[row, self.trie.eos_id] = 0.0
                 continue
             allowed = allowed.to(scores.device)
@@ -157,7 +163,7 @@ class VLMPredictor:
         self.cfg = bundle.config
         self.collator = collator or VLMCollator(bundle)
         self.tok = bundle.tokenizer
-        self.model = bundle.base_model      # LoRA layers are injected in place: adapters apply
+        self.model = bundle.base_model  # LoRA layers are injected in place: adapters apply
         self.model.eval()
         yes = self.tok(" yes", add_special_tokens=False)["input_ids"]
         no = self.tok(" no", add_special_tokens=False)["input_ids"]
@@ -202,9 +208,16 @@ class VLMPredictor:
         """Greedy thought for each example, returned up to and including ``Answer:`` (appended
         when the model did not write it)."""
         batch = self._prompts(examples)
-        out = self.model.generate(inputs_embeds=self._embed(batch), attention_mask=batch["attention_mask"],
-                                  max_new_tokens=self.cfg.max_thought_tokens, do_sample=False, num_beams=1,
-                                  stop_strings=[ANSWER_MARKER], tokenizer=self.tok, **self._gen_kwargs())
+        out = self.model.generate(
+            inputs_embeds=self._embed(batch),
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.cfg.max_thought_tokens,
+            do_sample=False,
+            num_beams=1,
+            stop_strings=[ANSWER_MARKER],
+            tokenizer=self.tok,
+            **self._gen_kwargs(),
+        )
         texts = []
         for row in out:
             text = self.tok.decode(row, skip_special_tokens=True)
@@ -223,8 +236,9 @@ class VLMPredictor:
 
     # --------------------------------------------------------------------------- tasks
     @torch.no_grad()
-    def tool_field_posterior(self, example: Mapping[str, Any], thought: str,
-                             shown: Sequence[str]) -> list[tuple[str, float]]:
+    def tool_field_posterior(
+        self, example: Mapping[str, Any], thought: str, shown: Sequence[str]
+    ) -> list[tuple[str, float]]:
         """The thought under each value its ``Tools:`` field can take with ``shown`` tools in the
         prompt, and the model's probability of that value given the prompt and the thought before
         it, normalised over the values; likeliest first. The rest of the thought (the confidence) is
@@ -240,9 +254,14 @@ class VLMPredictor:
         return [(alts[j][1], float(p[j])) for j in np.argsort(-p, kind="stable")]
 
     @torch.no_grad()
-    def rank_catalog(self, examples: Sequence[Mapping[str, Any]], trie: ItemTrie, k: int = 10,
-                     thoughts: Sequence[str] | None = None,
-                     shown_tools: Sequence[Sequence[str]] | None = None) -> list[VLMOutput]:
+    def rank_catalog(
+        self,
+        examples: Sequence[Mapping[str, Any]],
+        trie: ItemTrie,
+        k: int = 10,
+        thoughts: Sequence[str] | None = None,
+        shown_tools: Sequence[Sequence[str]] | None = None,
+    ) -> list[VLMOutput]:
         """Sequential recommendation: top-``k`` items of the whole catalog per example.
         ``shown_tools`` (the tools whose answers each prompt shows) with ``thought_tool_sets`` = N > 0:
         the items' probabilities are mixed over the N likeliest values of the thought's tool field
@@ -257,10 +276,18 @@ class VLMPredictor:
         results, ms = [], (time.perf_counter() - t0) * 1000 / len(examples)
         for thought, (items, item_scores) in zip(thoughts, ranked):
             th = self._verbal(thought, "sequential")
-            results.append(VLMOutput("sequential", items=items, scores=item_scores,
-                                     conf_verbal=th.confidence, thought=th, thought_text=thought,
-                                     conf_token=float(min(max(math.exp(item_scores[0]), 0.0), 1.0)) if items else 0.0,
-                                     latency_ms=ms))
+            results.append(
+                VLMOutput(
+                    "sequential",
+                    items=items,
+                    scores=item_scores,
+                    conf_verbal=th.confidence,
+                    thought=th,
+                    thought_text=thought,
+                    conf_token=float(min(max(math.exp(item_scores[0]), 0.0), 1.0)) if items else 0.0,
+                    latency_ms=ms,
+                )
+            )
         return results
 
     def _mixed_items(self, examples, trie, k, thoughts, shown_tools, top) -> list[tuple[list[int], list[float]]]:
@@ -294,8 +321,12 @@ class VLMPredictor:
         # beam search would otherwise re-encode the whole prompt num_beams times. generate() then
         # only runs the last prompt token (text, already cached photos need no pixels).
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        pre = self.model(inputs_embeds=self._embed(batch)[:, :-1], attention_mask=mask[:, :-1],
-                         position_ids=pos[:, :-1], use_cache=True)
+        pre = self.model(
+            inputs_embeds=self._embed(batch)[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=pos[:, :-1],
+            use_cache=True,
+        )
         cache = pre.past_key_values
         cache.batch_repeat_interleave(beams)
         proc = TrieConstraint(trie)
@@ -304,16 +335,26 @@ class VLMPredictor:
         # every slot looked finished and could return fewer than k items, long titles missing (the small
         # model on the synthetic world: 7-9 of 10 items for 73 of 147 queries; tests/test_vlm.py).
         out = self.model.generate(
-            input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
-            num_beams=beams, num_return_sequences=beams, max_new_tokens=trie.depth, length_penalty=0.0,
-            early_stopping="never", logits_processor=LogitsProcessorList([proc]), return_dict_in_generate=True,
-            output_scores=True, **self._gen_kwargs())
-        seqs, scores = out.sequences[:, ids.shape[1]:], out.sequences_scores
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            do_sample=False,
+            num_beams=beams,
+            num_return_sequences=beams,
+            max_new_tokens=trie.depth,
+            length_penalty=0.0,
+            early_stopping="never",
+            logits_processor=LogitsProcessorList([proc]),
+            return_dict_in_generate=True,
+            output_scores=True,
+            **self._gen_kwargs(),
+        )
+        seqs, scores = out.sequences[:, ids.shape[1] :], out.sequences_scores
         ranked = []
         for i in range(len(examples)):
             items, item_scores = [], []
             for j in range(i * beams, (i + 1) * beams):
-                if not float(scores[j]) > -1e8:   # filler beams (fewer live paths than beams)
+                if not float(scores[j]) > -1e8:  # filler beams (fewer live paths than beams)
                     continue
                 for iid in trie.items(seqs[j].tolist()):
                     if iid not in items:
@@ -334,7 +375,7 @@ class VLMPredictor:
         first = torch.log_softmax(pre.logits[0, -1].float(), dim=-1)
         totals = np.zeros(len(continuations))
         for lo in range(0, len(continuations), chunk):
-            part = continuations[lo: lo + chunk]
+            part = continuations[lo : lo + chunk]
             n, width = len(part), max(len(s) for s in part)
             ids = torch.full((n, width), self.collator.pad_id, dtype=torch.long)
             mask = torch.zeros((n, width), dtype=torch.long)
@@ -346,17 +387,25 @@ class VLMPredictor:
             cache.batch_repeat_interleave(n)
             attn = torch.cat([torch.ones((n, n_prompt), dtype=torch.long, device=self.device), mask], dim=1)
             pos = (n_prompt + torch.arange(width, device=self.device)).unsqueeze(0).expand(n, -1)
-            out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = self.model(
+                input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+            )
             logp = torch.log_softmax(out.logits.float(), dim=-1)
             # token 0 is predicted by the prompt's last position, token j by continuation j-1
             tok_lp = torch.cat([first[ids[:, :1]], logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)], 1)
-            totals[lo: lo + n] = (tok_lp * mask).sum(1).cpu().numpy()
+            totals[lo : lo + n] = (tok_lp * mask).sum(1).cpu().numpy()
         return totals
 
     @torch.no_grad()
-    def score_candidates(self, examples: Sequence[Mapping[str, Any]], candidate_texts: Sequence[Sequence[str]],
-                         candidate_ids: Sequence[Sequence[int]], thoughts: Sequence[str] | None = None,
-                         chunk: int = 16, candidate_prior: Sequence[Sequence[float]] | None = None) -> list[VLMOutput]:
+    def score_candidates(
+        self,
+        examples: Sequence[Mapping[str, Any]],
+        candidate_texts: Sequence[Sequence[str]],
+        candidate_ids: Sequence[Sequence[int]],
+        thoughts: Sequence[str] | None = None,
+        chunk: int = 16,
+        candidate_prior: Sequence[Sequence[float]] | None = None,
+    ) -> list[VLMOutput]:
         """Direct recommendation: rank each example's candidates by answer log-likelihood
         (candidates with the same text split its likelihood by ``candidate_prior``)."""
         t0 = time.perf_counter()
@@ -375,9 +424,18 @@ class VLMPredictor:
             probs = np.exp(lp - lp.max())
             probs /= probs.sum()
             th = self._verbal(thought, "direct")
-            results.append(VLMOutput("direct", items=[int(ids[o]) for o in order], scores=[float(lp[o]) for o in order],
-                                     text=texts[order[0]], conf_verbal=th.confidence, conf_token=float(probs[order[0]]),
-                                     thought=th, thought_text=thought))
+            results.append(
+                VLMOutput(
+                    "direct",
+                    items=[int(ids[o]) for o in order],
+                    scores=[float(lp[o]) for o in order],
+                    text=texts[order[0]],
+                    conf_verbal=th.confidence,
+                    conf_token=float(probs[order[0]]),
+                    thought=th,
+                    thought_text=thought,
+                )
+            )
         ms = (time.perf_counter() - t0) * 1000 / max(len(results), 1)
         for r in results:
             r.latency_ms = ms
@@ -389,12 +447,12 @@ class VLMPredictor:
         t0 = time.perf_counter()
         thoughts = self._with_thoughts(examples, thoughts)
         batch = self._prompts(examples, thoughts)
-        if self.yes_no_common:   # left-padded rows: the common answer tokens go at the end
+        if self.yes_no_common:  # left-padded rows: the common answer tokens go at the end
             common = torch.tensor(self.yes_no_common, device=self.device).expand(len(examples), -1)
             batch["input_ids"] = torch.cat([batch["input_ids"], common], dim=1)
             batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(common)], dim=1)
         mask = batch["attention_mask"]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)   # left padding: positions start at each row's first token
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each row's first token
         out = self.model(inputs_embeds=self._embed(batch), attention_mask=mask, position_ids=pos)
         two = out.logits[:, -1, [self.yes_id, self.no_id]].float()
         p_yes = torch.softmax(two, dim=-1)[:, 0].cpu().numpy()
@@ -402,23 +460,43 @@ class VLMPredictor:
         results = []
         for p, thought in zip(p_yes, thoughts):
             th = self._verbal(thought, "ctr")
-            results.append(VLMOutput("ctr", prob=float(p), text="yes" if p >= 0.5 else "no",
-                                     conf_verbal=th.confidence, conf_token=float(max(p, 1 - p)),
-                                     thought=th, thought_text=thought, latency_ms=ms))
+            results.append(
+                VLMOutput(
+                    "ctr",
+                    prob=float(p),
+                    text="yes" if p >= 0.5 else "no",
+                    conf_verbal=th.confidence,
+                    conf_token=float(max(p, 1 - p)),
+                    thought=th,
+                    thought_text=thought,
+                    latency_ms=ms,
+                )
+            )
         return results
 
     @torch.no_grad()
-    def explain(self, examples: Sequence[Mapping[str, Any]], thoughts: Sequence[str] | None = None,
-                max_new_tokens: int | None = None) -> list[VLMOutput]:
+    def explain(
+        self,
+        examples: Sequence[Mapping[str, Any]],
+        thoughts: Sequence[str] | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[VLMOutput]:
         """Explanation generation (greedy)."""
         t0 = time.perf_counter()
         thoughts = self._with_thoughts(examples, thoughts)
         batch = self._prompts(examples, thoughts)
-        out = self.model.generate(inputs_embeds=self._embed(batch), attention_mask=batch["attention_mask"],
-                                  max_new_tokens=max_new_tokens or self.cfg.max_explanation_tokens, do_sample=False,
-                                  num_beams=1, return_dict_in_generate=True, output_scores=True, **self._gen_kwargs())
+        out = self.model.generate(
+            inputs_embeds=self._embed(batch),
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens or self.cfg.max_explanation_tokens,
+            do_sample=False,
+            num_beams=1,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **self._gen_kwargs(),
+        )
         steps = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)  # [B, T, V]
-        gen = out.sequences[:, -steps.shape[1]:]
+        gen = out.sequences[:, -steps.shape[1] :]
         tok_lp = steps.gather(-1, gen.unsqueeze(-1)).squeeze(-1)
         eos = self.tok.eos_token_id
         ms = (time.perf_counter() - t0) * 1000 / len(examples)
@@ -428,15 +506,24 @@ class VLMPredictor:
             n = row.index(eos) + 1 if eos in row else len(row)
             mean_lp = float(tok_lp[i, :n].mean()) if n else -math.inf
             th = self._verbal(thought, "explanation")
-            results.append(VLMOutput("explanation", text=self.tok.decode(row[:n], skip_special_tokens=True).strip(),
-                                     conf_verbal=th.confidence, conf_token=float(math.exp(mean_lp)),
-                                     thought=th, thought_text=thought, latency_ms=ms))
+            results.append(
+                VLMOutput(
+                    "explanation",
+                    text=self.tok.decode(row[:n], skip_special_tokens=True).strip(),
+                    conf_verbal=th.confidence,
+                    conf_token=float(math.exp(mean_lp)),
+                    thought=th,
+                    thought_text=thought,
+                    latency_ms=ms,
+                )
+            )
         return results
 
 
 # ------------------------------------------------------------------------ calibration
-def expected_calibration_error(confidence: Sequence[float | None], correct: Sequence[bool | int],
-                               n_bins: int = 10) -> float:
+def expected_calibration_error(
+    confidence: Sequence[float | None], correct: Sequence[bool | int], n_bins: int = 10
+) -> float:
     """ECE with equal-width bins: sum_b |B|/n * |acc(B) - conf(B)|. Entries whose confidence is
     missing (None / NaN, e.g. no verbalised value produced) are ignored; NaN if none remain."""
     conf = np.array([np.nan if c is None else float(c) for c in confidence], dtype=np.float64)

@@ -5,6 +5,7 @@ user-id range) so ``prepare`` can read them in parallel with Ray Data, and never
 source in one process. Readers know nothing of Ray; they emit every row they see, and put a
 reason in the ``error`` column for a row they could not parse, so nothing is dropped silently.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Protocol
@@ -18,10 +19,10 @@ class Source(Protocol):
     cfg: SourceConfig
 
     def item_shards(self) -> list[Any]: ...
-    def read_items(self, shard: Any) -> pa.Table: ...          # RAW_ITEMS
+    def read_items(self, shard: Any) -> pa.Table: ...  # RAW_ITEMS
     def interaction_shards(self) -> list[Any]: ...
-    def read_interactions(self, shard: Any) -> pa.Table: ...   # RAW_INTERACTIONS
-    def fingerprint(self) -> str: ...                           # changes when the input changes
+    def read_interactions(self, shard: Any) -> pa.Table: ...  # RAW_INTERACTIONS
+    def fingerprint(self) -> str: ...  # changes when the input changes
 
 
 _REGISTRY: dict[str, Callable[[SourceConfig, StorageConfig], Source]] = {}
@@ -31,12 +32,14 @@ def register(kind: str):
     def deco(cls):
         _REGISTRY[kind] = cls
         return cls
+
     return deco
 
 
 def get_source(cfg: SourceConfig, storage: StorageConfig | None = None) -> Source:
     # Import the reader module of this kind only: one broken format never breaks the others.
     import importlib
+
     if cfg.kind not in _REGISTRY:
         try:
             importlib.import_module(f"{__name__}.{cfg.kind}")

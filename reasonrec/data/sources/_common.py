@@ -6,6 +6,7 @@ in the middle, so a ``.gz`` file is split into *line* ranges whose count is esti
 sample; each shard then decompresses from the start and skips to its range (decompressing is far
 cheaper than parsing JSON, so the parse still runs in parallel and no shard holds the whole file).
 """
+
 from __future__ import annotations
 
 import ast
@@ -112,8 +113,14 @@ def is_gz(path: str) -> bool:
     return path.endswith(".gz")
 
 
-def line_chunks(fs, path: str, skip_header: bool = False, shard_bytes: int = SHARD_BYTES,
-                stop: int | None = None, gz_sample: int = _GZ_SAMPLE) -> list[Chunk]:
+def line_chunks(
+    fs,
+    path: str,
+    skip_header: bool = False,
+    shard_bytes: int = SHARD_BYTES,
+    stop: int | None = None,
+    gz_sample: int = _GZ_SAMPLE,
+) -> list[Chunk]:
     """Split ``path`` into chunks of about ``shard_bytes`` (uncompressed). With ``skip_header`` the
     first line is left out of every chunk (read it with :func:`first_line`). ``stop`` (plain
     files only) ends the last chunk at that byte offset, which must be a line start."""
@@ -202,7 +209,7 @@ def _range_data(fs, chunk: Chunk) -> tuple[int, bytes]:
             if nl < 0:  # the whole range lies inside a line owned by an earlier chunk
                 return end, b""
             base = start + nl
-            data = data[nl + 1:]
+            data = data[nl + 1 :]
         else:
             base = 0
             data = f.read(end)
@@ -215,7 +222,7 @@ def _range_data(fs, chunk: Chunk) -> tuple[int, bytes]:
                     break
                 i = block.find(b"\n")
                 if i >= 0:
-                    tail.append(block[:i + 1])
+                    tail.append(block[: i + 1])
                     break
                 tail.append(block)
             data += b"".join(tail)
@@ -316,11 +323,13 @@ def csv_records(f, lower_header: bool = False) -> Iterator[tuple[Callable[[str],
 
         def get(col: str, values: list[str] = values) -> str | None:
             return (values[pos[col]].strip() or None) if col in pos else None
+
         yield get, None
 
 
-def csv_chunk(fs, chunk: Chunk, columns: Sequence[str], delimiter: str = ",",
-              quoting: bool = True) -> tuple[pa.Table, list[str]]:
+def csv_chunk(
+    fs, chunk: Chunk, columns: Sequence[str], delimiter: str = ",", quoting: bool = True
+) -> tuple[pa.Table, list[str]]:
     """Parse a chunk of a delimited file (header excluded) into an all-string table of the
     well-formed rows (fields trimmed, blank -> null) plus one reason per malformed row.
 
@@ -341,8 +350,9 @@ def csv_chunk(fs, chunk: Chunk, columns: Sequence[str], delimiter: str = ",",
         t = pacsv.read_csv(
             io.BytesIO(data),
             read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(data) + 1),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False,
-                                             invalid_row_handler=on_bad),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter, quote_char='"' if quoting else False, invalid_row_handler=on_bad
+            ),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names}),
         )
     except pa.ArrowInvalid:
@@ -397,8 +407,9 @@ def to_float(col: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
 def error_rows(reasons: list[str], schema: pa.Schema, domain: str) -> pa.Table:
     """Rows for lines that could not be parsed: only ``error`` and ``domain`` set."""
     n = len(reasons)
-    return conform(pa.table({"error": pa.array(reasons, pa.string()), "domain": pa.array([domain] * n, pa.string())}),
-                   schema)
+    return conform(
+        pa.table({"error": pa.array(reasons, pa.string()), "domain": pa.array([domain] * n, pa.string())}), schema
+    )
 
 
 def key(value: Any) -> str | None:

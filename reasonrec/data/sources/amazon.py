@@ -10,13 +10,15 @@ names), ``imUrl`` (2014) / ``imageURL``/``imageURLHighRes`` (2018, lists), numer
 "$12.99"-style (2018) prices. 2014 metadata lines are Python literals, not JSON.
 
 Images: with ``cfg.images_dir`` (local or s3://), ``<asin>.jpg``/``.jpeg``/``.png`` is embedded
-in ``image`` (a missing file leaves it null); without it the URL goes to ``image_uri``.
+in ``image`` and its location goes to ``image_uri`` (a missing file leaves ``image`` null and
+``image_uri`` the metadata's URL, if any); without it the metadata's URL goes to ``image_uri``.
 """
+
 from __future__ import annotations
 
 import html
 import posixpath
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -24,8 +26,19 @@ import pyarrow as pa
 from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (Chunk, FolderSource, Loc, fingerprint, json_records, key, line_chunks,
-                                            price, short, table, text)
+from reasonrec.data.sources._common import (
+    Chunk,
+    FolderSource,
+    Loc,
+    fingerprint,
+    json_records,
+    key,
+    line_chunks,
+    price,
+    short,
+    table,
+    text,
+)
 
 _JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -43,7 +56,7 @@ def categories(rec: dict) -> list[str]:
         raw = [raw]
     out: list[str] = []
     for entry in raw:
-        for name in (entry if isinstance(entry, (list, tuple)) else [entry]):
+        for name in entry if isinstance(entry, (list, tuple)) else [entry]:
             name = html.unescape(str(name)).strip() if name is not None else ""
             if name and name not in out:
                 out.append(name)
@@ -61,7 +74,7 @@ def image_url(rec: dict) -> str | None:
 
 
 def review_text(summary: Any, body: Any) -> str | None:
-    """"summary. body": the summary reads as the review's first sentence."""
+    """ "summary. body": the summary reads as the review's first sentence."""
     s, b = text(summary), text(body)
     if not s or not b or s == b:
         return s or b
@@ -74,7 +87,7 @@ def review_ts(rec: dict) -> int | None:
         return int(float(t))
     when = rec.get("reviewTime")  # "09 1, 2013" in both releases
     if when:
-        return int(datetime.strptime(str(when).strip(), "%m %d, %Y").replace(tzinfo=timezone.utc).timestamp())
+        return int(datetime.strptime(str(when).strip(), "%m %d, %Y").replace(tzinfo=UTC).timestamp())
     return None
 
 
@@ -90,15 +103,20 @@ class AmazonSource(FolderSource):
     def files(self) -> tuple[str, str | None]:
         """(reviews path, metadata path or None), bare paths on ``self.loc.fs``."""
         if self._files is None:
-            names = [] if self.cfg.reviews_file and self.cfg.meta_file else [
-                n for n in self.loc.listdir() if n.lower().endswith(_JSON_SUFFIXES)]
+            names = (
+                []
+                if self.cfg.reviews_file and self.cfg.meta_file
+                else [n for n in self.loc.listdir() if n.lower().endswith(_JSON_SUFFIXES)]
+            )
             meta = self.cfg.meta_file or next((n for n in names if "meta" in n.lower()), None)
             reviews = self.cfg.reviews_file
             if reviews is None:
                 rest = [n for n in names if n != meta and "meta" not in n.lower()]
                 if len(rest) != 1:
-                    raise ValueError(f"amazon source: cannot tell the reviews file among {rest} under {self.cfg.path}; "
-                                     "set data.sources[].reviews_file")
+                    raise ValueError(
+                        f"amazon source: cannot tell the reviews file among {rest} under {self.cfg.path}; "
+                        "set data.sources[].reviews_file"
+                    )
                 reviews = rest[0]
             self._files = (self.loc.join(reviews), self.loc.join(meta) if meta else None)
         return self._files
@@ -117,9 +135,6 @@ class AmazonSource(FolderSource):
             self._images = found
         return self._images
 
-    def _image_fs(self):
-        return Loc(self.cfg.images_dir, self.storage).fs
-
     # -------------------------------------------------------------------------------- items
     def item_shards(self) -> list[Any]:
         _, meta = self.files()
@@ -130,7 +145,7 @@ class AmazonSource(FolderSource):
         cols: dict[str, list] = {c: [] for c in names}
         embed = bool(self.cfg.images_dir)
         images = self.images() if embed else {}
-        img_fs = self._image_fs() if embed else None
+        img_loc = Loc(self.cfg.images_dir, self.storage) if embed else None
         for rec, err in json_records(self.loc.fs, shard):
             row = dict.fromkeys(names)
             row["error"] = err
@@ -147,7 +162,8 @@ class AmazonSource(FolderSource):
                 )
                 if embed:
                     path = images.get(asin) if asin else None
-                    row["image"] = img_fs.cat_file(path) if path else None
+                    row["image"] = img_loc.fs.cat_file(path) if path else None
+                    row["image_uri"] = img_loc.to_url(path) if path else image_url(rec)
                 else:
                     row["image_uri"] = image_url(rec)
             for c in names:
@@ -168,8 +184,11 @@ class AmazonSource(FolderSource):
             row = dict.fromkeys(names)
             row["error"] = err
             if rec is not None:
-                row.update(user_key=key(rec.get("reviewerID")), item_key=key(rec.get("asin")),
-                           review=review_text(rec.get("summary"), rec.get("reviewText")))
+                row.update(
+                    user_key=key(rec.get("reviewerID")),
+                    item_key=key(rec.get("asin")),
+                    review=review_text(rec.get("summary"), rec.get("reviewText")),
+                )
                 try:
                     row["ts"] = review_ts(rec)
                 except (ValueError, TypeError, OverflowError) as exc:

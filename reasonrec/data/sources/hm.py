@@ -11,7 +11,14 @@ article_id keys are the 10-digit zero-padded form ("0108775015"), however a file
 ts = unix seconds of t_dat (UTC midnight). Item price = mean transaction price of the article
 over the transactions read (null when none). The image set is ~30 GB, so items carry the
 image's URL in ``image_uri`` rather than the bytes; a missing image leaves it null.
+
+Every purchased article whose photo exists gets that URL, metadata or not: an article that the
+transactions read reference but ``articles.csv`` lacks (a sample of the Kaggle set often keeps a
+fraction of the articles file and every photo) becomes a photo-only item row (key, mean price,
+``image_uri``) instead of a key-only stub in ``prepare``. Photos of articles nobody bought are
+not added: they would only inflate the catalog the negatives are drawn from.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,14 +32,26 @@ import pyarrow.csv as pacsv
 
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS, RAW_USERS, conform
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (Chunk, FolderSource, Loc, csv_chunk, csv_records, decode, error_rows,
-                                            fingerprint, first_line, key, line_chunks, offset_after_lines, table)
+from reasonrec.data.sources._common import (
+    Chunk,
+    FolderSource,
+    Loc,
+    csv_chunk,
+    csv_records,
+    decode,
+    error_rows,
+    fingerprint,
+    first_line,
+    key,
+    line_chunks,
+    offset_after_lines,
+    table,
+)
 
 TRANSACTIONS = "transactions_train.csv"
 ARTICLES = "articles.csv"
 CUSTOMERS = "customers.csv"
-CATEGORY_COLUMNS = ("product_group_name", "product_type_name", "department_name", "section_name",
-                    "garment_group_name")
+CATEGORY_COLUMNS = ("product_group_name", "product_type_name", "department_name", "section_name", "garment_group_name")
 
 
 def article_key(value: str | None) -> str | None:
@@ -88,7 +107,8 @@ class HMSource(FolderSource):
                     parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "skip"),
                     convert_options=pacsv.ConvertOptions(
                         include_columns=["article_id", "price"],
-                        column_types={"article_id": pa.string(), "price": pa.float64()}),
+                        column_types={"article_id": pa.string(), "price": pa.float64()},
+                    ),
                 )
                 for batch in reader:
                     if left is not None:
@@ -101,12 +121,18 @@ class HMSource(FolderSource):
             if not parts:
                 self._prices = {}
             else:
-                agg = pa.concat_tables(parts).group_by("article_id").aggregate(
-                    [("price_sum", "sum"), ("price_count", "sum")])
+                agg = (
+                    pa.concat_tables(parts)
+                    .group_by("article_id")
+                    .aggregate([("price_sum", "sum"), ("price_count", "sum")])
+                )
                 sums: dict[str, float] = {}
                 counts: dict[str, int] = {}
-                for k, total, n in zip(agg.column("article_id").to_pylist(), agg.column("price_sum_sum").to_pylist(),
-                                       agg.column("price_count_sum").to_pylist()):
+                for k, total, n in zip(
+                    agg.column("article_id").to_pylist(),
+                    agg.column("price_sum_sum").to_pylist(),
+                    agg.column("price_count_sum").to_pylist(),
+                ):
                     ak = article_key(k)  # "108775015" and "0108775015" are one article
                     if ak and n:
                         sums[ak] = sums.get(ak, 0.0) + total
@@ -117,14 +143,18 @@ class HMSource(FolderSource):
     # -------------------------------------------------------------------------------- items
     def item_shards(self) -> list[Any]:
         # One shard: detail_desc is free text that may hold quoted newlines; the file is small.
-        return [self.loc.join(ARTICLES)] if self.loc.fs.exists(self.loc.join(ARTICLES)) else []
+        # Without articles.csv the shard ("") still yields the photo-only rows of purchased articles.
+        if self.loc.fs.exists(self.loc.join(ARTICLES)):
+            return [self.loc.join(ARTICLES)]
+        return [""] if self.loc.fs.exists(self.loc.join(TRANSACTIONS)) and self.images() else []
 
     def read_items(self, shard: str) -> pa.Table:
         names = ("item_key", "title", "brand", "categories", "price", "description", "image_uri", "error")
         cols: dict[str, list] = {c: [] for c in names}
         prices = self.mean_prices() if self.loc.fs.exists(self.loc.join(TRANSACTIONS)) else {}
         images = self.images()
-        with self.loc.fs.open(shard, "rb") as f:
+        seen: set[str] = set()
+        with self.loc.fs.open(shard, "rb") if shard else io.BytesIO(b"") as f:
             for get, err in csv_records(f):
                 row = dict.fromkeys(names)
                 if err is None:
@@ -134,10 +164,27 @@ class HMSource(FolderSource):
                         v = get(c)
                         if v and v not in cats:
                             cats.append(v)
-                    row.update(item_key=art, title=get("prod_name"), brand=get("index_name"), categories=cats,
-                               description=get("detail_desc"), price=prices.get(art) if art else None,
-                               image_uri=images.get(image_rel(art)) if art else None)
+                    row.update(
+                        item_key=art,
+                        title=get("prod_name"),
+                        brand=get("index_name"),
+                        categories=cats,
+                        description=get("detail_desc"),
+                        price=prices.get(art) if art else None,
+                        image_uri=images.get(image_rel(art)) if art else None,
+                    )
+                    if art:
+                        seen.add(art)
                 row["error"] = err
+                for c in names:
+                    cols[c].append(row[c])
+        # Purchased articles without a metadata row but with a photo: photo-only rows (sorted:
+        # the row order, and so prepare's tie-breaks, must not depend on dict order).
+        for art in sorted(set(prices) - seen):
+            uri = images.get(image_rel(art))
+            if uri:
+                row = dict.fromkeys(names)
+                row.update(item_key=art, price=prices[art], image_uri=uri, categories=[])
                 for c in names:
                     cols[c].append(row[c])
         n = len(cols["item_key"])
@@ -150,8 +197,10 @@ class HMSource(FolderSource):
         raw_header = first_line(self.loc.fs, path, raw=True)
         header = tuple(c.strip() for c in decode(raw_header).rstrip("\r\n").split(","))
         stop = self._tx_end(path, len(raw_header))
-        return [Shard(c, header) for c in line_chunks(self.loc.fs, path, skip_header=True,
-                                                      shard_bytes=self.shard_bytes, stop=stop)]
+        return [
+            Shard(c, header)
+            for c in line_chunks(self.loc.fs, path, skip_header=True, shard_bytes=self.shard_bytes, stop=stop)
+        ]
 
     def read_interactions(self, shard: Shard) -> pa.Table:
         t, bad = csv_chunk(self.loc.fs, shard.chunk, shard.header)
@@ -162,12 +211,21 @@ class HMSource(FolderSource):
 
         day = col("t_dat")
         ts = pc.strptime(day, format="%Y-%m-%d", unit="s", error_is_null=True).cast(pa.int64())
-        err = pc.if_else(pc.and_(pc.is_valid(day), pc.is_null(ts)),
-                         pc.binary_join_element_wise("bad t_dat: ", day, ""), pa.scalar(None, pa.string()))
-        good = pa.table({"user_key": col("customer_id"), "item_key": article_keys(col("article_id")), "ts": ts,
-                         "error": err, "domain": pa.array([self.cfg.domain] * n, pa.string())})
-        return pa.concat_tables([conform(good, RAW_INTERACTIONS),
-                                 error_rows(bad, RAW_INTERACTIONS, self.cfg.domain)])
+        err = pc.if_else(
+            pc.and_(pc.is_valid(day), pc.is_null(ts)),
+            pc.binary_join_element_wise("bad t_dat: ", day, ""),
+            pa.scalar(None, pa.string()),
+        )
+        good = pa.table(
+            {
+                "user_key": col("customer_id"),
+                "item_key": article_keys(col("article_id")),
+                "ts": ts,
+                "error": err,
+                "domain": pa.array([self.cfg.domain] * n, pa.string()),
+            }
+        )
+        return pa.concat_tables([conform(good, RAW_INTERACTIONS), error_rows(bad, RAW_INTERACTIONS, self.cfg.domain)])
 
     # -------------------------------------------------------------------------------- users
     def read_users(self) -> pa.Table | None:
@@ -180,13 +238,21 @@ class HMSource(FolderSource):
         with self.loc.fs.open(path, "rb") as f:
             for rec in csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline="")):
                 keys.append(key(rec.pop("customer_id", None)))
-                attrs.append(json.dumps({k: v for k, v in rec.items() if k and v not in (None, "")},
-                                        ensure_ascii=False, sort_keys=True))
-        return table({"user_key": keys, "attributes": attrs, "domain": [self.cfg.domain] * len(keys)}, RAW_USERS, len(keys))
+                attrs.append(
+                    json.dumps(
+                        {k: v for k, v in rec.items() if k and v not in (None, "")}, ensure_ascii=False, sort_keys=True
+                    )
+                )
+        return table(
+            {"user_key": keys, "attributes": attrs, "domain": [self.cfg.domain] * len(keys)}, RAW_USERS, len(keys)
+        )
 
     def fingerprint(self) -> str:
-        urls = [self.loc.to_url(self.loc.join(n)) for n in (TRANSACTIONS, ARTICLES, CUSTOMERS)
-                if n == TRANSACTIONS or self.loc.fs.exists(self.loc.join(n))]
+        urls = [
+            self.loc.to_url(self.loc.join(n))
+            for n in (TRANSACTIONS, ARTICLES, CUSTOMERS)
+            if n == TRANSACTIONS or self.loc.fs.exists(self.loc.join(n))
+        ]
         img = self._image_loc()
         if img.fs.exists(img.path):
             urls.append(img.url)

@@ -9,6 +9,7 @@ Files under ``cfg.path``:
 Keys: user_key = reviewerID (the P5 id when unmapped), item_key = ASIN (likewise). There is no
 time in P5, so ts = the item's position in the user's sequence.
 """
+
 from __future__ import annotations
 
 import html
@@ -19,8 +20,18 @@ import pyarrow as pa
 
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (Chunk, FolderSource, decode, fingerprint, json_records, key, line_chunks,
-                                            read_chunk, short, table)
+from reasonrec.data.sources._common import (
+    Chunk,
+    FolderSource,
+    decode,
+    fingerprint,
+    json_records,
+    key,
+    line_chunks,
+    read_chunk,
+    short,
+    table,
+)
 
 # Top-level categories of Amazon's Beauty tree (below the dropped root "Beauty").
 BEAUTY_TOP = frozenset({"Makeup", "Skin Care", "Hair Care", "Fragrance", "Tools & Accessories", "Bath & Body"})
@@ -97,8 +108,12 @@ class P5Source(FolderSource):
             path = self.loc.join(self.ITEMS)
             for chunk in line_chunks(self.loc.fs, path, shard_bytes=1 << 62):
                 recs.extend(json_records(self.loc.fs, chunk))
-        attrs_of = [[html.unescape(str(a)).strip() for a in (r.get("attributes") or []) if a is not None and str(a).strip()]
-                    if r is not None and isinstance(r.get("attributes"), list) else [] for r, _ in recs]
+        attrs_of = [
+            [html.unescape(str(a)).strip() for a in (r.get("attributes") or []) if a is not None and str(a).strip()]
+            if r is not None and isinstance(r.get("attributes"), list)
+            else []
+            for r, _ in recs
+        ]
         top = BEAUTY_TOP | top_categories(attrs_of)
 
         cols: dict[str, list] = {c: [] for c in ("item_key", "title", "brand", "categories", "error")}
@@ -140,8 +155,11 @@ class P5Source(FolderSource):
                 rows.append((user, None, 0, None))
             rows.extend((user, id2item.get(iid, iid), pos, None) for pos, iid in enumerate(tokens[1:]))
         users, items, ts, errors = (list(c) for c in zip(*rows)) if rows else ([], [], [], [])
-        return table({"user_key": users, "item_key": items, "ts": ts, "error": errors,
-                      "domain": [self.cfg.domain] * len(rows)}, RAW_INTERACTIONS, len(rows))
+        return table(
+            {"user_key": users, "item_key": items, "ts": ts, "error": errors, "domain": [self.cfg.domain] * len(rows)},
+            RAW_INTERACTIONS,
+            len(rows),
+        )
 
     def fingerprint(self) -> str:
         names = [n for n in (self.SEQUENCES, self.DATAMAPS, self.ITEMS) if n == self.SEQUENCES or self._exists(n)]

@@ -15,12 +15,13 @@ Covers: ``<item_id>.jpg`` (or .png) in ``cfg.images_dir``, else ``images/`` or `
 ``cfg.path``. The covers run to 100+ GB, so items carry the cover's URL in ``image_uri``
 (opened with ``reasonrec.io.filesystem``) rather than the bytes; a missing cover leaves it null.
 """
+
 from __future__ import annotations
 
 import csv
 import posixpath
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import pyarrow as pa
@@ -29,8 +30,21 @@ import pyarrow.compute as pc
 from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS, conform
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (Chunk, FolderSource, Loc, csv_chunk, csv_records, error_rows, fingerprint,
-                                            first_line, key, line_chunks, short, table, to_float)
+from reasonrec.data.sources._common import (
+    Chunk,
+    FolderSource,
+    Loc,
+    csv_chunk,
+    csv_records,
+    error_rows,
+    fingerprint,
+    first_line,
+    key,
+    line_chunks,
+    short,
+    table,
+    to_float,
+)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 IMAGE_FOLDERS = ("images", "cover", "covers")
@@ -47,7 +61,7 @@ def parse_time(value: str) -> int | None:
         t = float(value)
     except ValueError:
         dt = datetime.fromisoformat(value)
-        return int((dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp())
+        return int((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp())
     if t != t or t in (float("inf"), float("-inf")):
         raise ValueError(f"not a time: {value}")
     return int(t / 1000) if t > 1e11 else int(t)
@@ -116,8 +130,11 @@ class PixelRecSource(FolderSource):
         for entry in self.loc.fs.ls(self.loc.path, detail=True):
             name = posixpath.basename(entry["name"].rstrip("/"))
             if entry["type"] == "directory" and name.lower() not in IMAGE_FOLDERS:
-                out += [(f"{name}/{posixpath.basename(p)}", p) for p in self.loc.fs.ls(entry["name"], detail=False)
-                        if p.lower().endswith(".csv")]
+                out += [
+                    (f"{name}/{posixpath.basename(p)}", p)
+                    for p in self.loc.fs.ls(entry["name"], detail=False)
+                    if p.lower().endswith(".csv")
+                ]
             elif entry["type"] != "directory" and name.lower().endswith(".csv"):
                 out.append((name, entry["name"]))
         return sorted(out)
@@ -127,8 +144,10 @@ class PixelRecSource(FolderSource):
             return found[0]
         if not found and not required:
             return None
-        raise ValueError(f"pixelrec source: {len(found)} {what} CSV files under {self.cfg.path} ({found}); "
-                         f"set data.sources[].{option}")
+        raise ValueError(
+            f"pixelrec source: {len(found)} {what} CSV files under {self.cfg.path} ({found}); "
+            f"set data.sources[].{option}"
+        )
 
     def images(self) -> dict[str, str]:
         """item_id -> cover URL, from one listing of the cover folder."""
@@ -139,7 +158,7 @@ class PixelRecSource(FolderSource):
                 sub = next((d for d in IMAGE_FOLDERS if self.loc.fs.isdir(self.loc.join(d))), None)
                 img = Loc(self.loc.to_url(self.loc.join(sub)), self.storage) if sub else None
             ranked: dict[str, tuple[int, str]] = {}
-            for rel, path in (img.files_under().items() if img else ()):
+            for rel, path in img.files_under().items() if img else ():
                 stem, ext = posixpath.splitext(posixpath.basename(rel))
                 if ext.lower() in IMAGE_EXTS:
                     cand = (IMAGE_EXTS.index(ext.lower()), img.to_url(path))
@@ -181,7 +200,9 @@ class PixelRecSource(FolderSource):
         header = tuple(header_of(first_line(self.loc.fs, inter)))
         if "user_id" not in header or "item_id" not in header:
             raise ValueError(f"pixelrec source: {inter} has no user_id/item_id header (got {list(header)})")
-        return [Shard(c, header) for c in line_chunks(self.loc.fs, inter, skip_header=True, shard_bytes=self.shard_bytes)]
+        return [
+            Shard(c, header) for c in line_chunks(self.loc.fs, inter, skip_header=True, shard_bytes=self.shard_bytes)
+        ]
 
     def read_interactions(self, shard: Shard) -> pa.Table:
         t, bad = csv_chunk(self.loc.fs, shard.chunk, shard.header)
@@ -195,10 +216,16 @@ class PixelRecSource(FolderSource):
             ts = pa.array(range(shard.chunk.start, shard.chunk.start + n), pa.int64())
         else:
             ts, err = times(t.column(tcol))
-        good = pa.table({"user_key": t.column("user_id"), "item_key": t.column("item_id"), "ts": ts, "error": err,
-                         "domain": pa.array([self.cfg.domain] * n, pa.string())})
-        return pa.concat_tables([conform(good, RAW_INTERACTIONS),
-                                 error_rows(bad, RAW_INTERACTIONS, self.cfg.domain)])
+        good = pa.table(
+            {
+                "user_key": t.column("user_id"),
+                "item_key": t.column("item_id"),
+                "ts": ts,
+                "error": err,
+                "domain": pa.array([self.cfg.domain] * n, pa.string()),
+            }
+        )
+        return pa.concat_tables([conform(good, RAW_INTERACTIONS), error_rows(bad, RAW_INTERACTIONS, self.cfg.domain)])
 
     def fingerprint(self) -> str:
         inter, info = self.files()

@@ -6,6 +6,7 @@ without a type is a token). Common field names are mapped onto RAW_*; other fiel
 Without a ``timestamp`` field ts is the line's byte offset (file order). Without a ``.item``
 file there are no item rows: prepare stubs every item the interactions reference (key only).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,21 @@ import pyarrow.compute as pc
 from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS, RAW_USERS, conform
 from reasonrec.data.sources import register
-from reasonrec.data.sources._common import (Chunk, FolderSource, csv_chunk, decode, error_rows, fingerprint, first_line,
-                                            key, line_chunks, read_chunk, short, table, to_float)
+from reasonrec.data.sources._common import (
+    Chunk,
+    FolderSource,
+    csv_chunk,
+    decode,
+    error_rows,
+    fingerprint,
+    first_line,
+    key,
+    line_chunks,
+    read_chunk,
+    short,
+    table,
+    to_float,
+)
 
 # RAW column <- the first of these RecBole field names that the file has.
 INTER_FIELDS = {
@@ -44,7 +58,7 @@ class Header(NamedTuple):
     types: tuple[str, ...]
 
     @classmethod
-    def parse(cls, line: str) -> "Header":
+    def parse(cls, line: str) -> Header:
         names, types = [], []
         for col in line.split("\t"):
             name, _, typ = col.strip().partition(":")
@@ -97,7 +111,9 @@ class RecBoleSource(FolderSource):
         if self._name is None:
             inters = [n for n in self.loc.listdir() if n.endswith(".inter")]
             if len(inters) != 1:
-                raise ValueError(f"recbole source: found {inters} under {self.cfg.path}; set data.sources[].dataset_name")
+                raise ValueError(
+                    f"recbole source: found {inters} under {self.cfg.path}; set data.sources[].dataset_name"
+                )
             self._name = inters[0][: -len(".inter")]
         return self._name
 
@@ -110,8 +126,10 @@ class RecBoleSource(FolderSource):
         if path is None:
             return []
         header = Header.parse(first_line(self.loc.fs, path))
-        return [Shard(which, c, header) for c in line_chunks(self.loc.fs, path, skip_header=True,
-                                                             shard_bytes=self.shard_bytes)]
+        return [
+            Shard(which, c, header)
+            for c in line_chunks(self.loc.fs, path, skip_header=True, shard_bytes=self.shard_bytes)
+        ]
 
     def _rows(self, shard: Shard, fields: dict[str, tuple[str, ...]]):
         """Yield (order, {raw column: value}, error) per line."""
@@ -183,8 +201,11 @@ class RecBoleSource(FolderSource):
                     not_number = pc.or_(not_number, pc.invert(pc.is_finite(values)).fill_null(False))
                     values = pc.if_else(not_number, pa.scalar(None, pa.float64()), values)
                     values = pc.cast(pc.floor(values), pa.int64())
-                err = pc.if_else(pc.and_(pc.is_null(err), not_number),
-                                 pc.binary_join_element_wise(f"bad float in {h.names[i]}: ", t.column(i), ""), err)
+                err = pc.if_else(
+                    pc.and_(pc.is_null(err), not_number),
+                    pc.binary_join_element_wise(f"bad float in {h.names[i]}: ", t.column(i), ""),
+                    err,
+                )
             cols[col] = values
         if "ts" not in cols:
             # No time field: the position in the file keeps the order (chunk starts are byte
@@ -192,8 +213,9 @@ class RecBoleSource(FolderSource):
             cols["ts"] = pa.array(range(shard.chunk.start, shard.chunk.start + n), pa.int64())
         cols["error"] = err
         cols["domain"] = pa.array([self.cfg.domain] * n, pa.string())
-        return pa.concat_tables([conform(pa.table(cols), RAW_INTERACTIONS),
-                                 error_rows(bad, RAW_INTERACTIONS, self.cfg.domain)])
+        return pa.concat_tables(
+            [conform(pa.table(cols), RAW_INTERACTIONS), error_rows(bad, RAW_INTERACTIONS, self.cfg.domain)]
+        )
 
     # -------------------------------------------------------------------------------- users
     def read_users(self) -> pa.Table | None:
@@ -211,9 +233,16 @@ class RecBoleSource(FolderSource):
                 if len(values) != len(h.names):
                     continue
                 keys.append(key(values[ui]) if ui is not None else None)
-                attrs.append(json.dumps({n: v for j, (n, v) in enumerate(zip(h.names, values)) if j != ui},
-                                        ensure_ascii=False, sort_keys=True))
-        return table({"user_key": keys, "attributes": attrs, "domain": [self.cfg.domain] * len(keys)}, RAW_USERS, len(keys))
+                attrs.append(
+                    json.dumps(
+                        {n: v for j, (n, v) in enumerate(zip(h.names, values)) if j != ui},
+                        ensure_ascii=False,
+                        sort_keys=True,
+                    )
+                )
+        return table(
+            {"user_key": keys, "attributes": attrs, "domain": [self.cfg.domain] * len(keys)}, RAW_USERS, len(keys)
+        )
 
     def fingerprint(self) -> str:
         urls = [self.loc.to_url(p) for p in (self.path("inter"), self.path("item"), self.path("user")) if p]

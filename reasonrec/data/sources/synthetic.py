@@ -57,6 +57,7 @@ Interactions of user u at positions t = 0..L-1, a first-order Markov chain given
 
 Keys: users ``u%06d``, items ``i%05d`` (wider when the counts need it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,15 +75,24 @@ import pyarrow.compute as pc
 from reasonrec.config import SourceConfig, StorageConfig, SyntheticConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS, conform
 from reasonrec.data.sources import register
+from reasonrec.hashing import GOLDEN, GOLDEN_INT, MASK64, mix64_, mix64_int
 
 # Bump when the generative process changes, so fingerprints (and cached stages) change too.
 GENERATOR_VERSION = 1
 
 COLOURS: list[tuple[str, tuple[int, int, int]]] = [
-    ("red", (220, 40, 40)), ("orange", (245, 140, 30)), ("yellow", (240, 210, 40)),
-    ("lime", (150, 210, 50)), ("green", (40, 150, 70)), ("teal", (30, 160, 160)),
-    ("blue", (50, 110, 230)), ("navy", (30, 50, 130)), ("purple", (130, 60, 170)),
-    ("pink", (235, 120, 170)), ("brown", (140, 90, 50)), ("black", (30, 30, 30)),
+    ("red", (220, 40, 40)),
+    ("orange", (245, 140, 30)),
+    ("yellow", (240, 210, 40)),
+    ("lime", (150, 210, 50)),
+    ("green", (40, 150, 70)),
+    ("teal", (30, 160, 160)),
+    ("blue", (50, 110, 230)),
+    ("navy", (30, 50, 130)),
+    ("purple", (130, 60, 170)),
+    ("pink", (235, 120, 170)),
+    ("brown", (140, 90, 50)),
+    ("black", (30, 30, 30)),
 ]
 SHAPES = ["round", "square", "triangular", "diamond", "hexagonal", "star"]
 PATTERNS = ["solid", "striped", "dotted", "checked", "zigzag"]
@@ -91,10 +101,18 @@ STYLES = ["classic", "modern", "retro", "sporty", "minimal"]
 BACKGROUNDS = [(246, 244, 238), (236, 240, 247), (250, 238, 226), (237, 246, 235), (244, 236, 246)]
 # (plural name, singular noun, department)
 CATEGORIES = [
-    ("Mugs", "Mug", "Kitchen"), ("Lamps", "Lamp", "Home"), ("Pillows", "Pillow", "Home"),
-    ("Bags", "Bag", "Fashion"), ("Hats", "Hat", "Fashion"), ("Vases", "Vase", "Home"),
-    ("Clocks", "Clock", "Home"), ("Bottles", "Bottle", "Kitchen"), ("Notebooks", "Notebook", "Office"),
-    ("Sneakers", "Sneaker", "Fashion"), ("Plates", "Plate", "Kitchen"), ("Candles", "Candle", "Home"),
+    ("Mugs", "Mug", "Kitchen"),
+    ("Lamps", "Lamp", "Home"),
+    ("Pillows", "Pillow", "Home"),
+    ("Bags", "Bag", "Fashion"),
+    ("Hats", "Hat", "Fashion"),
+    ("Vases", "Vase", "Home"),
+    ("Clocks", "Clock", "Home"),
+    ("Bottles", "Bottle", "Kitchen"),
+    ("Notebooks", "Notebook", "Office"),
+    ("Sneakers", "Sneaker", "Fashion"),
+    ("Plates", "Plate", "Kitchen"),
+    ("Candles", "Candle", "Home"),
 ]
 ASPECTS = ["colour", "shape", "pattern", "brand"]
 _BRAND_HEAD = ["Lu", "Ve", "Ka", "No", "Zi", "Ora", "Pel", "Tri", "Mo", "Sa"]
@@ -103,66 +121,77 @@ _BRAND_TAIL = ["mina", "tex", "ro", "vo", "sana", "lyx"]
 _LINES = ["Aria", "Nova", "Velvet", "Bloom", "Luxe", "Silk", "Ember", "Opal"]
 # Review templates per sentiment (negative, neutral, positive): prefix + aspect phrase + suffix.
 _REVIEW_TEMPLATES = [
-    [("Disappointed by ", ". Would not buy again."), ("Did not like ", " at all."),
-     ("Returned it because of ", "."), ("Sadly ", " looks cheap.")],
-    [("It is okay; ", " is nothing special."), ("Average overall, though ", " is fine."),
-     ("Not bad, but ", " could be better."), ("Decent; ", " is as described.")],
-    [("Love ", ". Would buy again."), ("Really happy with ", "."),
-     ("Great item; ", " really stands out."), ("What I like most is ", ".")],
+    [
+        ("Disappointed by ", ". Would not buy again."),
+        ("Did not like ", " at all."),
+        ("Returned it because of ", "."),
+        ("Sadly ", " looks cheap."),
+    ],
+    [
+        ("It is okay; ", " is nothing special."),
+        ("Average overall, though ", " is fine."),
+        ("Not bad, but ", " could be better."),
+        ("Decent; ", " is as described."),
+    ],
+    [
+        ("Love ", ". Would buy again."),
+        ("Really happy with ", "."),
+        ("Great item; ", " really stands out."),
+        ("What I like most is ", "."),
+    ],
 ]
 P_STYLE_COLOUR = 0.6
 P_COLOUR_NOISE = 0.1
 P_FAVOURITE_ASPECT = 0.75
 
 # ------------------------------------------------------------------ counter-based random draws
-_MASK64 = (1 << 64) - 1
-_GOLD = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
+# SplitMix64 from reasonrec.hashing; its finaliser runs in place (mix64_) on fresh arrays, for speed.
+_KEY_OFFSET = 0x632BE59BD9B4E019  # added per part of a scalar key (see _scalar_key)
 
 # Streams: one constant per independent quantity.
-(S_CAT, S_STYLE, S_BRAND, S_COLOUR_J, S_COLOUR_P, S_COLOUR_N, S_POP, S_QUAL, S_PRICE,
- S_PREMIUM, S_CATPRICE, S_SUCC, S_IMG, S_LEN, S_START, S_TASTE_C, S_TASTE_S, S_ASPECT,
- S_INTER) = range(1, 20)
-(M_MODE, M_TCAT, M_TSTY, M_TITEM, M_NITEM, M_SLOT, M_BURST, M_GAP, M_RATE, M_ASP_P, M_ASP,
- M_TPL) = range(101, 113)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, in place on a uint64 array (overflow wraps, as intended)."""
-    x ^= x >> np.uint64(30)
-    x *= _M1
-    x ^= x >> np.uint64(27)
-    x *= _M2
-    x ^= x >> np.uint64(31)
-    return x
+(
+    S_CAT,
+    S_STYLE,
+    S_BRAND,
+    S_COLOUR_J,
+    S_COLOUR_P,
+    S_COLOUR_N,
+    S_POP,
+    S_QUAL,
+    S_PRICE,
+    S_PREMIUM,
+    S_CATPRICE,
+    S_SUCC,
+    S_IMG,
+    S_LEN,
+    S_START,
+    S_TASTE_C,
+    S_TASTE_S,
+    S_ASPECT,
+    S_INTER,
+) = range(1, 20)
+(M_MODE, M_TCAT, M_TSTY, M_TITEM, M_NITEM, M_SLOT, M_BURST, M_GAP, M_RATE, M_ASP_P, M_ASP, M_TPL) = range(101, 113)
 
 
 def _scalar_key(*parts: int) -> np.uint64:
+    """Scalar key of integer ``parts`` (Python ints): ``h = mix64(h + part * GOLDEN + offset)`` per part."""
     h = 0
     for p in parts:
-        h = (h + (p & _MASK64) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64
-        h ^= h >> 30
-        h = (h * 0xBF58476D1CE4E5B9) & _MASK64
-        h ^= h >> 27
-        h = (h * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
+        h = mix64_int((h + (p & MASK64) * GOLDEN_INT + _KEY_OFFSET) & MASK64)
     return np.uint64(h)
 
 
 def _hash(seed: int, stream: int, a, b=None) -> np.ndarray:
     """uint64 hash of (seed, stream, a[, b]); a and b broadcast."""
-    h = np.asarray(a).astype(np.uint64) * _GOLD + _scalar_key(seed, stream)
-    h = _mix(h)
+    h = mix64_(np.asarray(a).astype(np.uint64) * GOLDEN + _scalar_key(seed, stream))
     if b is not None:
-        h = h + np.asarray(b).astype(np.uint64) * _GOLD
-        h = _mix(h)
+        h = mix64_(h + np.asarray(b).astype(np.uint64) * GOLDEN)
     return h
 
 
 def _sub(base: np.ndarray, stream: int) -> np.ndarray:
     """A further independent stream derived from per-entity base hashes."""
-    return _mix(base ^ _scalar_key(stream))
+    return mix64_(base ^ _scalar_key(stream))
 
 
 def _unif(h: np.ndarray) -> np.ndarray:
@@ -225,16 +254,16 @@ class World:
     popularity: np.ndarray
     quality: np.ndarray
     price: np.ndarray
-    successors: np.ndarray        # (n_items, K) int64
+    successors: np.ndarray  # (n_items, K) int64
     successor_weights: np.ndarray  # (K,) sums to 1
-    bucket_order: np.ndarray      # item ids sorted by bucket = category * S + style
-    bucket_start: np.ndarray      # (C*S,) first index into bucket_order
+    bucket_order: np.ndarray  # item ids sorted by bucket = category * S + style
+    bucket_start: np.ndarray  # (C*S,) first index into bucket_order
     bucket_count: np.ndarray
-    pop_cum: np.ndarray           # cumsum of popularity along bucket_order
+    pop_cum: np.ndarray  # cumsum of popularity along bucket_order
     brand_names: list
     category_names: list
     style_names: list
-    aspect_phrases: pa.Array      # 4 * n_items strings: aspect a of item i at a * n_items + i
+    aspect_phrases: pa.Array  # 4 * n_items strings: aspect a of item i at a * n_items + i
 
     def sample_in_bucket(self, bucket: np.ndarray, u: np.ndarray) -> np.ndarray:
         """Item of ``bucket`` drawn proportionally to popularity, at uniforms ``u``."""
@@ -280,8 +309,7 @@ def _world_cached(key: tuple) -> World:
 
     n_own = np.array([len(range(c, B, C)) for c in range(C)], dtype=np.int64)
     ub = _unif(_hash(seed, S_BRAND, ids))
-    brand = np.where(n_own[cat] > 0, cat + C * np.floor(ub * np.maximum(n_own[cat], 1)).astype(np.int64),
-                     cat % B)
+    brand = np.where(n_own[cat] > 0, cat + C * np.floor(ub * np.maximum(n_own[cat], 1)).astype(np.int64), cat % B)
 
     j_pref = sty % 3
     j_any = np.floor(_unif(_hash(seed, S_COLOUR_J, ids)) * 3).astype(np.int64)
@@ -315,9 +343,27 @@ def _world_cached(key: tuple) -> World:
     slots = np.arange(K)
     target = np.where(slots[None, :] % 2 == 0, bucket[:, None], ((cat[:, None] + 1) % C) * S + sty[:, None])
     # Successor draws reuse the bucket sampler, so build the world in two steps.
-    partial = World(cat, sty, brand, colour, shape, pattern, popularity, quality, price,
-                    np.zeros((n, K), np.int64), np.ones(K) / K, order, bstart, bcount, pop_cum,
-                    [], [], [], pa.array([], pa.string()))
+    partial = World(
+        cat,
+        sty,
+        brand,
+        colour,
+        shape,
+        pattern,
+        popularity,
+        quality,
+        price,
+        np.zeros((n, K), np.int64),
+        np.ones(K) / K,
+        order,
+        bstart,
+        bcount,
+        pop_cum,
+        [],
+        [],
+        [],
+        pa.array([], pa.string()),
+    )
     succ = partial.sample_in_bucket(target.ravel(), _unif(_hash(seed, S_SUCC, ids[:, None], slots[None, :])).ravel())
     succ = succ.reshape(n, K)
     # Never a self-loop: take the next item of the bucket (wrapping) instead.
@@ -331,13 +377,21 @@ def _world_cached(key: tuple) -> World:
     brand_names = [brand_name(b) for b in range(B)]
     category_names = [_named([c[0] for c in CATEGORIES], c) for c in range(C)]
     style_names = [_named(STYLES, s) for s in range(S)]
-    phrases = ([f"the {COLOURS[c][0]} colour" for c in colour.tolist()]
-               + [f"the {SHAPES[s]} shape" for s in shape.tolist()]
-               + [f"the {PATTERNS[p]} pattern" for p in pattern.tolist()]
-               + [f"the {brand_names[b]} brand" for b in brand.tolist()])
+    phrases = (
+        [f"the {COLOURS[c][0]} colour" for c in colour.tolist()]
+        + [f"the {SHAPES[s]} shape" for s in shape.tolist()]
+        + [f"the {PATTERNS[p]} pattern" for p in pattern.tolist()]
+        + [f"the {brand_names[b]} brand" for b in brand.tolist()]
+    )
     return dataclasses.replace(
-        partial, successors=succ, successor_weights=w / w.sum(), brand_names=brand_names,
-        category_names=category_names, style_names=style_names, aspect_phrases=pa.array(phrases))
+        partial,
+        successors=succ,
+        successor_weights=w / w.sum(),
+        brand_names=brand_names,
+        category_names=category_names,
+        style_names=style_names,
+        aspect_phrases=pa.array(phrases),
+    )
 
 
 def item_attributes(cfg: SyntheticConfig, item_ids: Sequence[int] | np.ndarray | None = None) -> dict:
@@ -353,8 +407,12 @@ def item_attributes(cfg: SyntheticConfig, item_ids: Sequence[int] | np.ndarray |
         "colour_rgb": [COLOURS[c][1] for c in w.colour[ids]],
         "shape": [SHAPES[s] for s in w.shape[ids]],
         "pattern": [PATTERNS[p] for p in w.pattern[ids]],
-        "category_id": w.category[ids], "style_id": w.style[ids], "brand_id": w.brand[ids],
-        "colour_id": w.colour[ids], "popularity": w.popularity[ids], "quality": w.quality[ids],
+        "category_id": w.category[ids],
+        "style_id": w.style[ids],
+        "brand_id": w.brand[ids],
+        "colour_id": w.colour[ids],
+        "popularity": w.popularity[ids],
+        "quality": w.quality[ids],
         "price": w.price[ids],
         "title_rank": title_rank(w)[ids],
     }
@@ -365,7 +423,7 @@ def title_rank(w: World) -> np.ndarray:
     attributes its title is made of), so ``(title, rank)`` names each item once."""
     attrs = np.stack([w.brand, w.colour, w.pattern, w.category], axis=1)
     group = np.unique(attrs, axis=0, return_inverse=True)[1].ravel()
-    order = np.argsort(group, kind="stable")      # by group, then by item id
+    order = np.argsort(group, kind="stable")  # by group, then by item id
     sizes = np.bincount(group)
     rank = np.empty(len(group), dtype=np.int64)
     rank[order] = np.arange(len(group)) - (np.cumsum(sizes) - sizes)[group[order]]
@@ -392,8 +450,14 @@ def user_latents(cfg: SyntheticConfig, user_ids: Sequence[int] | np.ndarray) -> 
     taste_c = _softmax(cfg.taste_sharpness * _normal(hc, _sub(hc, 1)))
     taste_s = _softmax(cfg.taste_sharpness * _normal(hs, _sub(hs, 1)))
     aspect = np.floor(_unif(_hash(seed, S_ASPECT, uid)) * len(ASPECTS)).astype(np.int64)
-    return {"user_id": uid, "taste_category": taste_c, "taste_style": taste_s, "length": length,
-            "aspect": aspect, "start_ts": start}
+    return {
+        "user_id": uid,
+        "taste_category": taste_c,
+        "taste_style": taste_s,
+        "length": length,
+        "aspect": aspect,
+        "start_ts": start,
+    }
 
 
 def expected_length(cfg: SyntheticConfig) -> float:
@@ -413,8 +477,7 @@ def expected_interactions(cfg: SyntheticConfig) -> float:
 MODE_TASTE, MODE_TRANSITION, MODE_NOISE = 0, 1, 2
 
 
-def generate_interaction_arrays(cfg: SyntheticConfig, user_lo: int, user_hi: int,
-                                with_reviews: bool = True) -> dict:
+def generate_interaction_arrays(cfg: SyntheticConfig, user_lo: int, user_hi: int, with_reviews: bool = True) -> dict:
     """Interactions of users ``[user_lo, user_hi)`` as NumPy arrays sorted by (user, time):
     user_id, item_id, pos, ts, rating, mode (MODE_*), aspect, sentiment, template, and
     ``review`` (a pyarrow string array) when ``with_reviews``."""
@@ -424,7 +487,7 @@ def generate_interaction_arrays(cfg: SyntheticConfig, user_lo: int, user_hi: int
     L = lat["length"]
     total = int(L.sum())
     offsets = np.concatenate([[0], np.cumsum(L)[:-1]]).astype(np.int64)
-    row = np.repeat(np.arange(len(L), dtype=np.int64), L)   # local user index
+    row = np.repeat(np.arange(len(L), dtype=np.int64), L)  # local user index
     uid = row + user_lo
     pos = np.arange(total, dtype=np.int64) - offsets[row]
     base = _hash(seed, S_INTER, uid, pos)
@@ -453,8 +516,7 @@ def generate_interaction_arrays(cfg: SyntheticConfig, user_lo: int, user_hi: int
     trans = np.nonzero(mode == MODE_TRANSITION)[0]
     if len(trans):
         cum_w = np.cumsum(w.successor_weights)
-        slot = np.minimum(np.searchsorted(cum_w, _unif(_sub(base[trans], M_SLOT)), side="right"),
-                          len(cum_w) - 1)
+        slot = np.minimum(np.searchsorted(cum_w, _unif(_sub(base[trans], M_SLOT)), side="right"), len(cum_w) - 1)
         by_pos = np.argsort(pos[trans], kind="stable")
         trans, slot = trans[by_pos], slot[by_pos]
         tpos = pos[trans]
@@ -484,16 +546,28 @@ def generate_interaction_arrays(cfg: SyntheticConfig, user_lo: int, user_hi: int
     n_tpl = len(_REVIEW_TEMPLATES[0])
     template = np.floor(_unif(_sub(base, M_TPL)) * n_tpl).astype(np.int64)
 
-    out = {"user_id": uid, "item_id": items, "pos": pos, "ts": ts, "rating": rating, "mode": mode,
-           "aspect": aspect, "sentiment": sentiment, "template": template}
+    out = {
+        "user_id": uid,
+        "item_id": items,
+        "pos": pos,
+        "ts": ts,
+        "rating": rating,
+        "mode": mode,
+        "aspect": aspect,
+        "sentiment": sentiment,
+        "template": template,
+    }
     if with_reviews:
         # String assembly in Arrow's C++ kernels: no per-interaction Python.
         prefixes = pa.array([p for tpls in _REVIEW_TEMPLATES for p, _ in tpls])
         suffixes = pa.array([s for tpls in _REVIEW_TEMPLATES for _, s in tpls])
         k = sentiment * n_tpl + template
         out["review"] = pc.binary_join_element_wise(
-            prefixes.take(pa.array(k)), w.aspect_phrases.take(pa.array(aspect * n_items + items)),
-            suffixes.take(pa.array(k)), "")
+            prefixes.take(pa.array(k)),
+            w.aspect_phrases.take(pa.array(aspect * n_items + items)),
+            suffixes.take(pa.array(k)),
+            "",
+        )
     return out
 
 
@@ -529,8 +603,9 @@ def world_transition_matrix(cfg: SyntheticConfig) -> np.ndarray:
     for small worlds (n_items up to a few thousand)."""
     w = world(cfg)
     n = cfg.n_items
-    taste = _taste_item_probs(cfg, np.full(cfg.n_categories, 1.0 / cfg.n_categories),
-                              np.full(cfg.n_styles, 1.0 / cfg.n_styles))
+    taste = _taste_item_probs(
+        cfg, np.full(cfg.n_categories, 1.0 / cfg.n_categories), np.full(cfg.n_styles, 1.0 / cfg.n_styles)
+    )
     m = np.tile(cfg.p_noise / n + (1.0 - cfg.p_transition - cfg.p_noise) * taste, (n, 1))
     rows = np.repeat(np.arange(n), cfg.n_successors)
     np.add.at(m, (rows, w.successors.ravel()), np.tile(cfg.p_transition * w.successor_weights, n))
@@ -577,8 +652,14 @@ def _pattern_mask(pattern: str, size: int):
     return pat
 
 
-def render_image(size: int, colour_rgb: tuple, shape: str, pattern: str, background: tuple,
-                 jitter: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> bytes:
+def render_image(
+    size: int,
+    colour_rgb: tuple,
+    shape: str,
+    pattern: str,
+    background: tuple,
+    jitter: tuple[float, float, float] = (0.5, 0.5, 0.5),
+) -> bytes:
     """PNG bytes: ``shape`` filled with ``colour_rgb``, ``pattern`` in a darker shade inside it."""
     from PIL import Image, ImageChops, ImageDraw
 
@@ -646,12 +727,16 @@ class SyntheticSource:
         validate_synthetic(self.syn)
 
     def item_shards(self) -> list[dict]:
-        return [{"kind": "items", "index": i, "lo": lo, "hi": hi}
-                for i, (lo, hi) in enumerate(_ranges(self.syn.n_items, self.syn.n_item_shards))]
+        return [
+            {"kind": "items", "index": i, "lo": lo, "hi": hi}
+            for i, (lo, hi) in enumerate(_ranges(self.syn.n_items, self.syn.n_item_shards))
+        ]
 
     def interaction_shards(self) -> list[dict]:
-        return [{"kind": "interactions", "index": i, "lo": lo, "hi": hi}
-                for i, (lo, hi) in enumerate(_ranges(self.syn.n_users, self.syn.n_user_shards))]
+        return [
+            {"kind": "interactions", "index": i, "lo": lo, "hi": hi}
+            for i, (lo, hi) in enumerate(_ranges(self.syn.n_users, self.syn.n_user_shards))
+        ]
 
     def read_items(self, shard: dict) -> pa.Table:
         if shard.get("kind") != "items":
@@ -661,33 +746,49 @@ class SyntheticSource:
         a = item_attributes(syn, ids)
         jit = _unif(_hash(syn.seed, S_IMG, ids[:, None], np.arange(3)[None, :]))
         titles, descs, cats, images = [], [], [], []
-        for k, i in enumerate(ids.tolist()):
+        for k in range(len(ids)):
             c = int(a["category_id"][k])
             noun = _named([x[1] for x in CATEGORIES], c)
             dept = CATEGORIES[c % len(CATEGORIES)][2]
-            colour, shape, pattern, brand, style = (a["colour"][k], a["shape"][k], a["pattern"][k],
-                                                    a["brand"][k], a["style"][k])
+            colour, shape, pattern, brand, style = (
+                a["colour"][k],
+                a["shape"][k],
+                a["pattern"][k],
+                a["brand"][k],
+                a["style"][k],
+            )
             line = f" {_named(_LINES, int(a['title_rank'][k]))}" if syn.distinct_titles else ""
             titles.append(f"{brand} {colour.title()} {pattern.title()} {noun}{line}")
             article = "An" if colour[0] in "aeiou" else "A"
-            descs.append(f"{article} {colour} {shape} {noun.lower()} with a {pattern} pattern in {style} style, "
-                         f"by {brand}. Part of our {w.category_names[c].lower()} collection.")
+            descs.append(
+                f"{article} {colour} {shape} {noun.lower()} with a {pattern} pattern in {style} style, "
+                f"by {brand}. Part of our {w.category_names[c].lower()} collection."
+            )
             cats.append([dept, w.category_names[c]])
             if syn.with_images:
-                images.append(render_image(syn.image_size, a["colour_rgb"][k], shape, pattern,
-                                           BACKGROUNDS[int(a["style_id"][k]) % len(BACKGROUNDS)],
-                                           tuple(jit[k])))
+                images.append(
+                    render_image(
+                        syn.image_size,
+                        a["colour_rgb"][k],
+                        shape,
+                        pattern,
+                        BACKGROUNDS[int(a["style_id"][k]) % len(BACKGROUNDS)],
+                        tuple(jit[k]),
+                    )
+                )
         n = len(ids)
-        table = pa.table({
-            "item_key": _item_key_array(syn.n_items).take(pa.array(ids)),
-            "title": pa.array(titles, pa.string()),
-            "brand": pa.array(a["brand"], pa.string()),
-            "categories": pa.array(cats, pa.list_(pa.string())),
-            "price": pa.array(a["price"].astype(np.float32)),
-            "description": pa.array(descs, pa.string()),
-            "image": pa.array(images if syn.with_images else [None] * n, pa.binary()),
-            "domain": _constant(self.cfg.domain, n),
-        })
+        table = pa.table(
+            {
+                "item_key": _item_key_array(syn.n_items).take(pa.array(ids)),
+                "title": pa.array(titles, pa.string()),
+                "brand": pa.array(a["brand"], pa.string()),
+                "categories": pa.array(cats, pa.list_(pa.string())),
+                "price": pa.array(a["price"].astype(np.float32)),
+                "description": pa.array(descs, pa.string()),
+                "image": pa.array(images if syn.with_images else [None] * n, pa.binary()),
+                "domain": _constant(self.cfg.domain, n),
+            }
+        )
         return conform(table, RAW_ITEMS)
 
     def read_interactions(self, shard: dict) -> pa.Table:
@@ -698,14 +799,16 @@ class SyntheticSource:
         wd = _width(6, syn.n_users)
         ukeys = pa.array([f"u{u:0{wd}d}" for u in range(shard["lo"], shard["hi"])])
         n = len(g["item_id"])
-        table = pa.table({
-            "user_key": ukeys.take(pa.array(g["user_id"] - shard["lo"])),
-            "item_key": _item_key_array(syn.n_items).take(pa.array(g["item_id"])),
-            "ts": pa.array(g["ts"]),
-            "rating": pa.array(g["rating"]),
-            "review": g["review"],
-            "domain": _constant(self.cfg.domain, n),
-        })
+        table = pa.table(
+            {
+                "user_key": ukeys.take(pa.array(g["user_id"] - shard["lo"])),
+                "item_key": _item_key_array(syn.n_items).take(pa.array(g["item_id"])),
+                "ts": pa.array(g["ts"]),
+                "rating": pa.array(g["rating"]),
+                "review": g["review"],
+                "domain": _constant(self.cfg.domain, n),
+            }
+        )
         return conform(table, RAW_INTERACTIONS)
 
     def fingerprint(self) -> str:
@@ -713,6 +816,7 @@ class SyntheticSource:
         d = dataclasses.asdict(self.syn)
         d.pop("n_user_shards")
         d.pop("n_item_shards")
-        blob = json.dumps({"synthetic": d, "domain": self.cfg.domain, "version": GENERATOR_VERSION},
-                          sort_keys=True).encode()
+        blob = json.dumps(
+            {"synthetic": d, "domain": self.cfg.domain, "version": GENERATOR_VERSION}, sort_keys=True
+        ).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

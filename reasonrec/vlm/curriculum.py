@@ -17,6 +17,7 @@ drawn from a per-chunk RNG, and each bucket is consumed as a stream of seeded pe
 bucket counts before s (vectorised, cheap) and continues exactly where it left off; ranks take
 equal contiguous slices of each global batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ import torch
 from torch.utils.data import Sampler
 
 from reasonrec.vlm.config import CurriculumConfig
+from reasonrec.vocab import EH_BUCKETS
 
-BUCKETS = ("low", "medium", "high")
+BUCKETS = EH_BUCKETS  # code i = BUCKETS[i]
 _CODE = {b: i for i, b in enumerate(BUCKETS)}
 
 
@@ -78,9 +80,17 @@ class CurriculumSampler(Sampler[int]):
     """Yields example indices for one rank, ``per_device_batch_size`` per step, from
     ``start_step`` to ``total_steps`` (use with ``DataLoader(batch_size=per_device_batch_size)``)."""
 
-    def __init__(self, eh_buckets: Sequence[str] | np.ndarray, total_steps: int, per_device_batch_size: int,
-                 cfg: CurriculumConfig | None = None, rank: int = 0, world_size: int = 1,
-                 start_step: int = 0, chunk_steps: int = 1024):
+    def __init__(
+        self,
+        eh_buckets: Sequence[str] | np.ndarray,
+        total_steps: int,
+        per_device_batch_size: int,
+        cfg: CurriculumConfig | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        chunk_steps: int = 1024,
+    ):
         self.cfg = cfg or CurriculumConfig()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -110,14 +120,14 @@ class CurriculumSampler(Sampler[int]):
         if not self.cfg.enabled:
             return np.tile([1.0, 0.0, 0.0], (len(steps), 1))
         mix = mixture_at(steps, self.total_steps, self.cfg) * (self.sizes > 0)
-        dead = mix.sum(1) <= 0   # target buckets all empty: fall back to natural shares
+        dead = mix.sum(1) <= 0  # target buckets all empty: fall back to natural shares
         mix[dead] = self.sizes / self.sizes.sum()
         return mix / mix.sum(1, keepdims=True)
 
     def _chunk_buckets(self, c: int) -> np.ndarray:
         steps = np.arange(c * self.chunk_steps, min((c + 1) * self.chunk_steps, self.total_steps))
         rng = np.random.default_rng([self.cfg.seed, 1, c])
-        u = 1.0 - rng.random((len(steps), self.global_batch))        # in (0, 1]
+        u = 1.0 - rng.random((len(steps), self.global_batch))  # in (0, 1]
         cum = np.cumsum(self.effective_mixture(steps), axis=1)
         return (u[:, :, None] > cum[:, None, :2]).sum(-1).astype(np.int8)
 
@@ -139,7 +149,7 @@ class CurriculumSampler(Sampler[int]):
         onehot[np.arange(len(flat)), flat] = 1
         pos = (np.cumsum(onehot, axis=0) - 1)[np.arange(len(flat)), flat] + offsets[flat]
         end = offsets + onehot.sum(0)
-        self._chunk_cache = {c: (b, pos.reshape(b.shape), end)}   # one chunk: bounded memory
+        self._chunk_cache = {c: (b, pos.reshape(b.shape), end)}  # one chunk: bounded memory
         return self._chunk_cache[c][:2]
 
     def _index(self, bucket: int, pos: int) -> int:
@@ -163,7 +173,7 @@ class CurriculumSampler(Sampler[int]):
 
     def batch_at(self, step: int) -> np.ndarray:
         lo = self.rank * self.per_device
-        return self.global_batch_at(step)[lo: lo + self.per_device]
+        return self.global_batch_at(step)[lo : lo + self.per_device]
 
     def set_start_step(self, step: int) -> None:
         """Resume: the next iteration starts at global step ``step``."""
@@ -212,8 +222,9 @@ def make_optimizer(params, cfg: CurriculumConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: CurriculumConfig,
-                      last_epoch: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: CurriculumConfig, last_epoch: int = -1
+) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR with one factor function per param group (the floor is an absolute LR)."""
     if last_epoch >= 0:  # LambdaLR resuming needs initial_lr in each group
         for g in optimizer.param_groups:

@@ -9,22 +9,30 @@ builder, the batch-scoring job and the Serve app (one implementation, three call
 * :class:`PromptBuilder`: renders a task prompt (template mixture, tool hints) into the example
   dict the VLM collator takes.
 """
+
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from reasonrec.data.evidence import EHNormalizer, bucket as eh_bucket_of
-from reasonrec.prompts.templates import (ItemRef, PromptInputs, RenderOptions, TemplateSampler, ToolHint,
-                                         item_text, render_prompt)
+from reasonrec.data.evidence import EHNormalizer
+from reasonrec.data.evidence import bucket as eh_bucket_of
+from reasonrec.prompts.templates import (
+    ItemRef,
+    PromptInputs,
+    RenderOptions,
+    TemplateSampler,
+    ToolHint,
+    item_text,
+    render_prompt,
+)
 from reasonrec.prompts.user_desc import ItemAttributes, describe_users
 from reasonrec.vlm.config import VLMConfig
 
-if TYPE_CHECKING:   # torch and transformers load only where the VLM runs
+if TYPE_CHECKING:  # torch and transformers load only where the VLM runs
     from reasonrec.vlm.infer import ItemTrie
 
 
@@ -36,12 +44,13 @@ class Catalog:
         self.n_items = len(d["item_id"])
         if d["item_id"] != list(range(self.n_items)):
             raise ValueError("items table must hold dense item ids 0..N-1")
-        self.text = [item_text(t or k, b, (c[-1] if c else None))
-                     for t, k, b, c in zip(d["title"], d["item_key"], d["brand"], d["categories"])]
+        self.text = [
+            item_text(t or k, b, (c[-1] if c else None))
+            for t, k, b, c in zip(d["title"], d["item_key"], d["brand"], d["categories"])
+        ]
         self.images: list[bytes | None] = d.get("image") or [None] * self.n_items
         self.attrs = ItemAttributes.from_columns(brand=d["brand"], categories=d["categories"], price=d["price"])
-        self.popularity = (np.zeros(self.n_items, np.int64) if popularity is None
-                           else np.asarray(popularity, np.int64))
+        self.popularity = np.zeros(self.n_items, np.int64) if popularity is None else np.asarray(popularity, np.int64)
 
     def check(self, ids: Sequence[int], what: str) -> None:
         bad = [int(i) for i in ids if not 0 <= int(i) < self.n_items]
@@ -63,6 +72,7 @@ class Catalog:
         """The whole catalog as the VLM's constrained-decoding trie (scoring and fine-tune
         validation rank the same items the same way)."""
         from reasonrec.vlm.infer import ItemTrie
+
         return ItemTrie(tokenizer, self.text, list(range(self.n_items)), prior=self.text_prior())
 
 
@@ -73,14 +83,15 @@ class UserState:
     eh: float
     bucket: str
     desc: str
-    cold_user: bool      # unknown user: treated as cold, flagged in the prediction
+    cold_user: bool  # unknown user: treated as cold, flagged in the prediction
 
 
 class UserDirectory:
     """Training histories + EH + descriptions of the prepared users."""
 
-    def __init__(self, users: pa.Table, loo: pa.Table, catalog: Catalog, normalizer: EHNormalizer,
-                 thresholds: Sequence[float]):
+    def __init__(
+        self, users: pa.Table, loo: pa.Table, catalog: Catalog, normalizer: EHNormalizer, thresholds: Sequence[float]
+    ):
         self.catalog, self.normalizer, self.thresholds = catalog, normalizer, tuple(thresholds)
         loo = loo.sort_by("user_id")
         u = users.sort_by("user_id")
@@ -89,24 +100,24 @@ class UserDirectory:
         self.bucket = u.column("eh_bucket").to_pylist()
         self.train: dict[int, np.ndarray] = {}
         self.valid: dict[int, int] = {}
-        for uid, tr, v in zip(loo.column("user_id").to_pylist(), loo.column("train_items").to_pylist(),
-                              loo.column("valid_item").to_pylist()):
+        for uid, tr, v in zip(
+            loo.column("user_id").to_pylist(),
+            loo.column("train_items").to_pylist(),
+            loo.column("valid_item").to_pylist(),
+        ):
             self.train[int(uid)] = np.asarray(tr, np.int64)
             if v is not None:
                 self.valid[int(uid)] = int(v)
         ids = list(self.known)
-        self.desc = dict(zip(ids, describe_users([self.train.get(i, np.zeros(0, np.int64)) for i in ids],
-                                                 catalog.attrs)))
+        self.desc = dict(
+            zip(ids, describe_users([self.train.get(i, np.zeros(0, np.int64)) for i in ids], catalog.attrs))
+        )
 
     @classmethod
-    def from_store(cls, store, catalog: Catalog, thresholds: Sequence[float]) -> "UserDirectory":
+    def from_store(cls, store, catalog: Catalog, thresholds: Sequence[float]) -> UserDirectory:
         users = store.read_table("prepare", "users", columns=["user_id", "evidence_horizon", "eh_bucket"])
         loo = store.read_table("prepare", "loo", columns=["user_id", "train_items", "valid_item"])
-        with store.fs.open(store.path("prepare", "eh_normalizer.json"), "r") as f:
-            raw = json.load(f)
-        norm = EHNormalizer(kind=raw["kind"], max_count=raw["max_count"], cap=raw["cap"],
-                            values=tuple(raw.get("values", ())), midrank_cdf=tuple(raw.get("midrank_cdf", ())))
-        return cls(users, loo, catalog, norm, thresholds)
+        return cls(users, loo, catalog, EHNormalizer.load(store), thresholds)
 
     def history(self, user_id: int, split: str) -> np.ndarray:
         """The history a query of ``split`` sees (leave-one-out): train[:-1] for train, train for
@@ -139,11 +150,15 @@ class PromptBuilder:
     """Task prompt -> the VLM example dict ``{"prompt", "image_items", "template_id"}`` (photos
     stay item ids; :meth:`example` attaches the bytes for the collator)."""
 
-    def __init__(self, catalog: Catalog, vlm: VLMConfig, sampler: TemplateSampler | None = None,
-                 prompt_candidates: int = 20):
+    def __init__(
+        self, catalog: Catalog, vlm: VLMConfig, sampler: TemplateSampler | None = None, prompt_candidates: int = 20
+    ):
         self.catalog = catalog
-        self.opts = RenderOptions(max_history_items=vlm.max_history_items, max_history_photos=vlm.max_history_photos,
-                                  max_candidate_photos=vlm.max_candidate_photos)
+        self.opts = RenderOptions(
+            max_history_items=vlm.max_history_items,
+            max_history_photos=vlm.max_history_photos,
+            max_candidate_photos=vlm.max_candidate_photos,
+        )
         self.sampler = sampler or TemplateSampler()
         self.prompt_candidates = prompt_candidates
 
@@ -157,15 +172,28 @@ class PromptBuilder:
         rng = np.random.default_rng([int(key) & 0x7FFFFFFF, 7])
         return [cands[i] for i in sorted(rng.choice(len(cands), self.prompt_candidates, replace=False))]
 
-    def render(self, task: str, user: UserState, key: int, *, candidates: Sequence[int] = (),
-               item_id: int | None = None, rating: float | None = None,
-               hints: Sequence[ToolHint] = ()) -> dict[str, Any]:
+    def render(
+        self,
+        task: str,
+        user: UserState,
+        key: int,
+        *,
+        candidates: Sequence[int] = (),
+        item_id: int | None = None,
+        rating: float | None = None,
+        hints: Sequence[ToolHint] = (),
+    ) -> dict[str, Any]:
         inputs = PromptInputs(
-            user_id=user.user_id, user_desc=user.desc, history=self.catalog.refs(user.history),
-            eh_value=user.eh, eh_bucket=user.bucket,
+            user_id=user.user_id,
+            user_desc=user.desc,
+            history=self.catalog.refs(user.history),
+            eh_value=user.eh,
+            eh_bucket=user.bucket,
             item=self.catalog.refs([item_id])[0] if item_id is not None else None,
             candidates=self.catalog.refs(self.shown_candidates(candidates, key)) if len(candidates) else (),
-            rating=rating, tool_hints=list(hints))
+            rating=rating,
+            tool_hints=list(hints),
+        )
         tid = self.sampler.pick(task, key)
         r = render_prompt(task, inputs, tid, self.opts)
         return {"prompt": r.text, "image_items": list(r.image_items), "template_id": tid}
@@ -183,15 +211,29 @@ def item_popularity(loo: pa.Table, n_items: int) -> np.ndarray:
 
 def load_catalog(store, photos: bool = True) -> Catalog:
     """The run's catalog from the committed ``prepare`` outputs (``photos=False``: texts and
-    popularity only, without reading the image bytes)."""
-    items = store.read_table("prepare", "items", columns=["item_id", "item_key", "title", "brand", "categories",
-                                                          "price", *(["image"] if photos else [])])
+    popularity only, without reading the image bytes). Photos come from the ``images`` stage
+    (resized, validated) when it is committed for this prepare output, else from prepare's
+    embedded bytes; an item whose photo failed has none, and its prompts show its text only."""
+    items = store.read_table(
+        "prepare", "items", columns=["item_id", "item_key", "title", "brand", "categories", "price"]
+    )
+    if photos:
+        from reasonrec.data.images import item_photos
+
+        ph = item_photos(store)
+        idx = pa.compute.index_in(items.column("item_id"), value_set=ph.column("item_id").combine_chunks())
+        items = items.append_column("image", ph.column("image").take(idx))
     loo = store.read_table("prepare", "loo", columns=["train_items"])
     return Catalog(items, item_popularity(loo, items.num_rows))
 
 
-def load_context(store, vlm: VLMConfig, thresholds: Sequence[float], sampler: TemplateSampler | None = None,
-                 prompt_candidates: int = 20) -> tuple[Catalog, UserDirectory, PromptBuilder]:
+def load_context(
+    store,
+    vlm: VLMConfig,
+    thresholds: Sequence[float],
+    sampler: TemplateSampler | None = None,
+    prompt_candidates: int = 20,
+) -> tuple[Catalog, UserDirectory, PromptBuilder]:
     """Catalog, users and prompt builder of a run (reads the committed ``prepare`` outputs)."""
     catalog = load_catalog(store)
     users = UserDirectory.from_store(store, catalog, thresholds)
