@@ -23,6 +23,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_jobs.common import write_dataset
+from ray_jobs.keyed import (
+    broadcast_join,
+    count_values,
+    dense_ids,
+    in_catalog,
+    join_on_key,
+    kcore,
+    rows_with_reason,
+    rows_without_reason,
+)
 from reasonrec.config import RunConfig, parse_cli, section_hash
 from reasonrec.data import prepare as P
 from reasonrec.data import schemas
@@ -90,166 +100,13 @@ def _read_source_table(ray, sources: list[Source], which: str):
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def _rows_with_reason(t: pa.Table) -> pa.Table:
-    return t.filter(pc.is_valid(t.column("reason")))
-
-
-def _rows_without_reason(t: pa.Table) -> pa.Table:
-    return t.filter(pc.is_null(t.column("reason"))).drop_columns(["reason"])
-
-
 def _quarantined(ds, table_name: str):
     """The rows of ``ds`` that carry a reason, as QUARANTINE records."""
-    return ds.map_batches(lambda t: P.to_quarantine(_rows_with_reason(t), table_name), batch_format="pyarrow")
+    return ds.map_batches(lambda t: P.to_quarantine(rows_with_reason(t), table_name), batch_format="pyarrow")
 
 
 def _with_lookup_key(t: pa.Table) -> pa.Table:
     return t.append_column("_ikey", P.item_lookup_key(t.column("domain"), t.column("item_key")))
-
-
-def _per_key_partition(ds, key: str, fn, partitions: int):
-    """Apply ``fn`` to whole partitions of ``key`` (every row of a key in one block): the same
-    co-location guarantee Ray's ``groupby().map_groups()`` relies on, but one vectorised call per
-    partition instead of one Python call per group, which was ~50x slower. Under a hash shuffle
-    strategy: repartition by key. Under a sort strategy (``ray.shuffle_strategy``, which Ray's
-    key-based repartition does not support): a distributed sort by key into ``partitions`` blocks,
-    whose range partitions keep equal keys together (as ``_dense_ids`` relies on too)."""
-    from ray.data.context import DataContext, ShuffleStrategy
-
-    if DataContext.get_current().shuffle_strategy in (
-        ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
-        ShuffleStrategy.SORT_SHUFFLE_PUSH_BASED,
-    ):
-        ds = ds.repartition(partitions).sort(key)
-    else:
-        ds = ds.repartition(partitions, keys=[key], sort=True)
-    return ds.map_batches(fn, batch_size=None, batch_format="pyarrow")
-
-
-def _dense_ids(ray, keys, key: str, id_col: str, flag: str | None = None):
-    """Number the distinct values of ``key`` in ``keys`` 0..N-1 in sorted order, on the cluster:
-    distinct per block -> Ray Data ``sort`` (range partitions: equal keys land in one block) ->
-    distinct per sorted block -> (first key, last key, rows) per block to the driver, which orders
-    the blocks and turns their row counts into offsets -> id = offset + position in the block.
-    With ``flag``, each key also keeps the flag's max. Returns (Dataset[key, flag?, id_col], N)."""
-    distinct = partial(P.distinct_keys, key=key, flag=flag)
-    blocks = keys.map_batches(distinct, batch_format="pyarrow").sort(key).to_arrow_refs()
-
-    @ray.remote(num_returns=2)
-    def dedup(t: pa.Table):
-        out = distinct(t)
-        return out, P.key_range(out, key)
-
-    @ray.remote
-    def number(t: pa.Table, offset: int) -> pa.Table:
-        return P.number_rows(t, offset, id_col)
-
-    deduped = [dedup.remote(b) for b in blocks]
-    ranges = ray.get([r for _, r in deduped])
-    order = sorted((i for i, r in enumerate(ranges) if r[2]), key=lambda i: ranges[i][0])
-    numbered, offset = [], 0
-    for prev, i in zip([None] + order, order):
-        if prev is not None and ranges[i][0] <= ranges[prev][1]:  # the sort's range partitions overlap
-            raise RuntimeError(f"prepare: sorted {key} blocks overlap; dense ids would not be unique")
-        numbered.append(number.remote(deduped[i][0], offset))
-        offset += ranges[i][2]
-    return ray.data.from_arrow_refs(numbered), offset
-
-
-def _join_on_key(
-    ds, ids, key: str, col: str, partitions: int, then: Callable | None = None, schema: pa.Schema | None = None
-):
-    """Left join of ``ids`` (one row per ``key``, carrying the int64 ``col``) onto ``ds`` by hash partition:
-    both go through one shuffle by ``key`` (id rows padded to ``ds``'s columns) and each partition
-    fills ``col`` from the id rows it holds. ``then`` runs on the joined partition: a following
-    step that needs the same partitioning saves its own shuffle. ``schema`` gives ``ds``'s columns
-    when ``ds`` is lazy (Ray would otherwise execute part of it to find them).
-
-    Not Ray Data's ``Dataset.join`` (tried with polars 2.1, Ray 2.60, 2026-12-06: ``left_outer`` +
-    a cast back + ``_per_key_partition`` for ``then``). Its tables were identical, but: it always
-    hash-shuffles through aggregator actors, ignoring ``ray.shuffle_strategy`` (``auto`` picks the
-    sort shuffle up to 2M rows because it is faster there); Polars streams a partition out in
-    several blocks, so ``then`` needs a second shuffle; an id table with no rows (``_kcore``: no
-    key under k) fails under the sort strategy (polars ColumnNotFoundError); strings and binaries
-    come back large. On 2 CPUs (a shared machine, load 40-85): quickstart prepare 145-181 s with
-    it vs 52-65 s, the two joining steps 30-51 s and 53-57 s vs 1.3-2.5 s each; with
-    ``data.kcore=5`` 447 s vs 150 s (k-core step 246 s vs 72 s); 200k rows, join +
-    build_sequences under the sort strategy 11-13 s vs 2.3-5.7 s."""
-    target = (schema or ds.schema().base_schema).append(pa.field(col, pa.int64()))
-
-    def joined(t: pa.Table) -> pa.Table:
-        out = P.attach_ids(t, key, col)
-        return then(out) if then else out
-
-    both = ds.map_batches(partial(schemas.conform, schema=target), batch_format="pyarrow").union(
-        ids.map_batches(partial(schemas.conform, schema=target), batch_format="pyarrow")
-    )
-    return _per_key_partition(both, key, joined, partitions)
-
-
-def _broadcast_join(ray, ds, ids, key: str, col: str):
-    """Left join of a small id table (``key`` -> ``col``) onto ``ds`` without moving ``ds``: a task
-    concatenates the id blocks into one object and every batch looks its keys up there.
-    ``Dataset.join`` would shuffle ``ds`` as well (and is slower here, see ``_join_on_key``)."""
-
-    @ray.remote
-    def gather(*blocks: pa.Table) -> pa.Table:
-        return pa.concat_tables(blocks).select([key, col]).combine_chunks()
-
-    lookup = gather.remote(*ids.to_arrow_refs())
-
-    def attach(t: pa.Table) -> pa.Table:
-        table = ray.get(lookup)
-        idx = pc.index_in(t.column(key), value_set=table.column(key).chunk(0))
-        return t.append_column(col, table.column(col).take(idx))
-
-    return ds.map_batches(attach, batch_format="pyarrow")
-
-
-def _kcore(inter, k: int, partitions: int):
-    """Iteratively drop users/items with fewer than k interactions. The counts and the keys under
-    k stay on the cluster and are joined back by key. Returns (kept, removed)."""
-    removed = []
-    while True:
-        low = {
-            key: inter.groupby(key, num_partitions=partitions)
-            .count()
-            .map_batches(partial(_below, key=key, k=k), batch_format="pyarrow")
-            .materialize()
-            for key in ("user_key", "_ikey")
-        }
-        if all(ds.count() == 0 for ds in low.values()):
-            break
-        marked = inter
-        for key, ds in low.items():
-            marked = _join_on_key(marked, ds, key, f"_low{key}", partitions)
-
-        def mark(t: pa.Table) -> pa.Table:
-            bad = pc.or_(pc.is_valid(t.column("_lowuser_key")), pc.is_valid(t.column("_low_ikey")))
-            t = t.drop_columns(["_lowuser_key", "_low_ikey"])
-            return t.append_column(
-                "reason", pc.if_else(bad, pa.scalar(f"k-core filter (k={k})"), pa.scalar(None, pa.string()))
-            )
-
-        marked = marked.map_batches(mark, batch_format="pyarrow").materialize()
-        removed.append(marked)
-        inter = marked.map_batches(_rows_without_reason, batch_format="pyarrow").materialize()
-    return inter, removed
-
-
-def _below(counts: pa.Table, key: str, k: int) -> pa.Table:
-    """The keys of a ``groupby(key).count()`` block with fewer than ``k`` rows, flagged for a join."""
-    low = counts.filter(pc.less(counts.column("count()"), k))
-    return pa.table({key: low.column(key), f"_low{key}": pa.array(np.ones(low.num_rows, np.int64))})
-
-
-def _in_catalog(t: pa.Table, value: int) -> pa.Table:
-    return t.filter(pc.equal(t.column("in_catalog"), value))
-
-
-def _count_values(t: pa.Table) -> pa.Table:
-    vc = pc.value_counts(t.column("n_train").combine_chunks())
-    return pa.table({"n_train": vc.field("values"), "users": vc.field("counts")})
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:
@@ -274,7 +131,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         n_input_inter = inter.count()
         quarantine_parts.append(_quarantined(inter, "interactions"))
         inter = (
-            inter.map_batches(_rows_without_reason, batch_format="pyarrow")
+            inter.map_batches(rows_without_reason, batch_format="pyarrow")
             .map_batches(_with_lookup_key, batch_format="pyarrow")
             .materialize()
         )
@@ -290,7 +147,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         n_input_items = items.count()
         quarantine_parts.append(_quarantined(items, "items"))
         items = (
-            items.map_batches(_rows_without_reason, batch_format="pyarrow")
+            items.map_batches(rows_without_reason, batch_format="pyarrow")
             .map_batches(_with_lookup_key, batch_format="pyarrow")
             .materialize()
         )
@@ -310,11 +167,11 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
 
     if d.kcore > 0:
         with _step(f"k-core filter (k={d.kcore})"):
-            inter, removed = _kcore(inter, d.kcore, parts)
+            inter, removed = kcore(inter, d.kcore, parts)
             quarantine_parts.extend(_quarantined(r, "interactions") for r in removed)
 
     with _step("assign dense ids"):
-        user_ids, n_users = _dense_ids(ray, inter.select_columns(["user_key"]), "user_key", "user_id")
+        user_ids, n_users = dense_ids(ray, inter.select_columns(["user_key"]), "user_key", "user_id")
 
         def flagged(t: pa.Table, in_catalog: int) -> pa.Table:
             return pa.table(
@@ -325,11 +182,11 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         item_keys = inter.map_batches(partial(flagged, in_catalog=0), batch_format="pyarrow")
         if has_catalog:
             item_keys = item_keys.union(items.map_batches(partial(flagged, in_catalog=1), batch_format="pyarrow"))
-        item_ids, n_items = _dense_ids(ray, item_keys, "_ikey", "item_id", flag="in_catalog")
+        item_ids, n_items = dense_ids(ray, item_keys, "_ikey", "item_id", flag="in_catalog")
         item_ids = item_ids.materialize()
         # Items that interactions reference but the catalog lacks get a stub row (key only).
         stubs = (
-            item_ids.map_batches(partial(_in_catalog, value=0), batch_format="pyarrow")
+            item_ids.map_batches(partial(in_catalog, value=0), batch_format="pyarrow")
             .map_batches(P.stub_items, batch_format="pyarrow")
             .materialize()
         )
@@ -338,13 +195,13 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     with _step("deduplicate items, attach item ids"):
         items_out = stubs
         if has_catalog:
-            catalog_ids = item_ids.map_batches(partial(_in_catalog, value=1), batch_format="pyarrow").select_columns(
+            catalog_ids = item_ids.map_batches(partial(in_catalog, value=1), batch_format="pyarrow").select_columns(
                 ["_ikey", "item_id"]
             )
-            items = _join_on_key(items, catalog_ids, "_ikey", "item_id", parts, then=P.dedup_items).materialize()
+            items = join_on_key(items, catalog_ids, "_ikey", "item_id", parts, then=P.dedup_items).materialize()
             quarantine_parts.append(_quarantined(items, "items"))
             items_out = (
-                items.map_batches(_rows_without_reason, batch_format="pyarrow")
+                items.map_batches(rows_without_reason, batch_format="pyarrow")
                 .map_batches(partial(schemas.conform, schema=schemas.ITEMS), batch_format="pyarrow")
                 .union(stubs)
             )
@@ -354,11 +211,11 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         lookup = item_ids.select_columns(["_ikey", "item_id"])
         with_items = inter.schema().base_schema.append(pa.field("item_id", pa.int64()))
         inter = (
-            _broadcast_join(ray, inter, lookup, "_ikey", "item_id")
+            broadcast_join(ray, inter, lookup, "_ikey", "item_id")
             if n_items <= BROADCAST_MAX_KEYS
-            else _join_on_key(inter, lookup, "_ikey", "item_id", parts)
+            else join_on_key(inter, lookup, "_ikey", "item_id", parts)
         )
-        seqs = _join_on_key(
+        seqs = join_on_key(
             inter, user_ids, "user_key", "user_id", parts, then=P.build_sequences, schema=with_items
         ).materialize()
 
@@ -377,7 +234,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
 
     with _step("evidence horizon"):
         # Per-block value counts, summed on the driver: at most blocks x distinct counts rows.
-        hist = seqs.select_columns(["n_train"]).map_batches(_count_values, batch_format="pyarrow").to_pandas()
+        hist = seqs.select_columns(["n_train"]).map_batches(count_values, batch_format="pyarrow").to_pandas()
         hist = hist.groupby("n_train", as_index=False)["users"].sum()
         counts, nusers = hist["n_train"].to_numpy(), hist["users"].to_numpy()
         normalizer = fit_normalizer(d.eh_normalizer, counts, nusers, d.eh_quantile)

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from ray_jobs import keyed
 from ray_jobs import prepare as job
 from reasonrec.config import CONFIG_DIR, load_config
 from reasonrec.data import prepare as P
@@ -191,7 +192,7 @@ def test_dense_ids_across_block_counts(ray_local):
         flag_max[k] = max(flag_max.get(k, 0), int(f))
     for blocks in (1, 3, 17):
         ds = ray_local.data.from_arrow(pa.table({"key": keys, "flag": flags})).repartition(blocks)
-        ids, n = job._dense_ids(ray_local, ds, "key", "id", flag="flag")
+        ids, n = keyed.dense_ids(ray_local, ds, "key", "id", flag="flag")
         rows = ids.take_all()
         assert n == len(expected) == len(rows)
         assert {r["key"]: r["id"] for r in rows} == expected
@@ -216,7 +217,7 @@ def test_per_key_partitions_hold_every_row_of_a_key_under_either_shuffle_strateg
     ctx.shuffle_strategy = ShuffleStrategy(strategy)
     try:
         ds = ray_local.data.from_arrow(pa.table({"key": keys})).repartition(7)
-        rows = job._per_key_partition(ds, "key", per_block, partitions=3).take_all()
+        rows = keyed.per_key_partition(ds, "key", per_block, partitions=3).take_all()
     finally:
         ctx.shuffle_strategy = before
     got = [r["key"] for r in rows]
