@@ -203,9 +203,12 @@ def per_query_correct(preds, queries, correct_k: int = 5) -> dict[str, np.ndarra
 def system_records(preds, queries, users, cfg: RunConfig, model: str = "reasonrec") -> list[dict]:
     """Metrics of scored predictions per task: overall, per tier (``tier:low|medium|high``), per
     EH bucket and cold-start group; plus route shares, tool use and latency per tier."""
-    from reasonrec.metrics import rouge_l_scores, sentence_bleu4
+    from reasonrec.metrics import BLEU_SETTINGS, ROUGE_SETTINGS, rouge_l_scores, sentence_bleu4
 
-    proto = {**protocols(cfg), "explanation": "8:1:1 per-user split (test), review text as reference"}
+    proto = {
+        **protocols(cfg),
+        "explanation": f"8:1:1 per-user split (test), review text as reference; {BLEU_SETTINGS}; {ROUGE_SETTINGS}",
+    }
     truth = per_query_correct(preds, queries)
     tasks = preds.column("task").to_numpy(zero_copy_only=False)
     routes = preds.column("route").to_numpy(zero_copy_only=False)

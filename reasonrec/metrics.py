@@ -14,12 +14,11 @@ Ranking (one held-out item per query, as in leave-one-out):
 CTR: ``auc`` is the Mann-Whitney rank statistic with mid-ranks for tied scores (identical to
 ``sklearn.metrics.roc_auc_score``); ``log_loss`` clips probabilities to ``[eps, 1 - eps]``.
 
-Text: ``bleu4`` is corpus BLEU-4 (clipped n-gram precisions summed over the corpus, geometric
-mean, one brevity penalty from the total lengths; Papineni et al. 2002), ``sentence_bleu4`` the
-same per sentence with add-one smoothing for orders 2-4 (Lin & Och 2004) so a short sentence with
-no 4-gram match is not zero. ``rouge_l`` is the LCS F1 per sentence (beta = 1), averaged. Both are
-written here (no nltk / rouge-score installed); scores are in [0, 1] -- multiply by 100 for the
-paper's tables. Tokenisation: lower-case, words and single punctuation marks.
+Text: ``bleu4`` is corpus BLEU-4 (Papineni et al. 2002) and ``sentence_bleu4`` per-sentence BLEU-4
+with add-one smoothing on orders 2-4 (Lin & Och 2004), both through sacrebleu; ``rouge_l`` is the
+ROUGE-L F1 per sentence (best over references), averaged, through rouge-score. Settings:
+``BLEU_SETTINGS`` / ``ROUGE_SETTINGS``. Scores are in [0, 1] -- multiply by 100 for the paper's
+tables.
 
 Cold start: ``cold_start_groups`` splits users into ``n_groups`` equal-size groups by training
 frequency (group 1 = coldest); the paper aggregates Coldest = groups 1-3, Medium = 4-6 and
@@ -28,9 +27,6 @@ Normal = 1-10 (everyone).
 
 from __future__ import annotations
 
-import math
-import re
-from collections import Counter
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -186,108 +182,73 @@ def ctr_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 
 # -------------------------------------------------------------------------------------- text
 
-_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+def _as_refs(ref: str | Sequence[str]) -> list[str]:
+    return [ref] if isinstance(ref, str) else list(ref)
 
 
-def tokenize(text: str) -> list[str]:
-    """Lower-case words and single punctuation marks."""
-    return _TOKEN.findall(text.lower())
+def _ref_streams(references: Sequence[str | Sequence[str]]) -> list[list[str]]:
+    """sacrebleu's layout: one stream per reference slot. A hypothesis with fewer references
+    repeats its first one, which changes neither the clipped counts nor the closest length."""
+    refs = [_as_refs(r) or [""] for r in references]
+    width = max((len(r) for r in refs), default=1)
+    return [[r[k] if k < len(r) else r[0] for r in refs] for k in range(width)]
 
 
-def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-
-
-def _as_refs(ref: str | Sequence[str]) -> list[list[str]]:
-    return [tokenize(ref)] if isinstance(ref, str) else [tokenize(r) for r in ref]
-
-
-def _bleu_stats(hyp: list[str], refs: list[list[str]], max_n: int) -> tuple[list[int], list[int], int, int]:
-    """Clipped matches and totals per order, hypothesis length, closest reference length."""
-    matches, totals = [], []
-    for n in range(1, max_n + 1):
-        h = _ngrams(hyp, n)
-        max_ref: Counter = Counter()
-        for r in refs:
-            max_ref |= _ngrams(r, n)  # element-wise max over references
-        matches.append(sum(min(c, max_ref[g]) for g, c in h.items()))
-        totals.append(max(len(hyp) - n + 1, 0))
-    # closest reference length, shorter one on ties (the usual convention)
-    ref_len = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1] if refs else 0
-    return matches, totals, len(hyp), ref_len
-
-
-def _bleu_from_stats(matches, totals, hyp_len, ref_len, smooth: bool) -> float:
-    max_n = len(matches)
-    logs = []
-    for n in range(max_n):
-        m, t = matches[n], totals[n]
-        if smooth and n > 0:
-            m, t = m + 1, t + 1
-        if t == 0 or m == 0:
-            return 0.0
-        logs.append(math.log(m / t))
-    bp = 1.0 if hyp_len > ref_len else (math.exp(1.0 - ref_len / hyp_len) if hyp_len > 0 else 0.0)
-    return bp * math.exp(sum(logs) / max_n)
+# BLEU through sacrebleu (the field's reference implementation), not hand-written: tokenisation
+# and smoothing choices make BLEU numbers incomparable otherwise. Settings (also in the report's
+# protocol line): 13a tokenizer, lower-cased, corpus BLEU unsmoothed (Papineni et al. 2002),
+# sentence BLEU with add-one smoothing on orders >= 2 (Lin & Och 2004). Scores in [0, 1].
+BLEU_SETTINGS = "sacrebleu BLEU-4, tok 13a, lowercase; corpus unsmoothed, sentence add-one (n >= 2)"
+ROUGE_SETTINGS = "rouge-score ROUGE-L F1 (beta 1), its default tokenizer (lower-case alphanumerics), no stemming"
 
 
 def bleu4(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], max_n: int = 4) -> float:
     """Corpus BLEU-4 in [0, 1]; ``references[i]`` is one string or a list of strings."""
+    from sacrebleu.metrics import BLEU
+
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    m_sum, t_sum, h_len, r_len = [0] * max_n, [0] * max_n, 0, 0
-    for hyp, ref in zip(hypotheses, references):
-        m, t, hl, rl = _bleu_stats(tokenize(hyp), _as_refs(ref), max_n)
-        m_sum = [a + b for a, b in zip(m_sum, m)]
-        t_sum = [a + b for a, b in zip(t_sum, t)]
-        h_len += hl
-        r_len += rl
-    return _bleu_from_stats(m_sum, t_sum, h_len, r_len, smooth=False)
+    if not hypotheses:
+        return float("nan")
+    bleu = BLEU(tokenize="13a", lowercase=True, smooth_method="none", max_ngram_order=max_n)
+    return float(bleu.corpus_score(list(hypotheses), _ref_streams(references)).score) / 100.0
 
 
 def sentence_bleu4(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], max_n: int = 4) -> np.ndarray:
     """Per-sentence smoothed BLEU-4 (add-one on orders >= 2), for per-query breakdowns."""
+    from sacrebleu.metrics import BLEU
+
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    bleu = BLEU(
+        tokenize="13a",
+        lowercase=True,
+        smooth_method="add-k",
+        smooth_value=1,
+        max_ngram_order=max_n,
+        effective_order=False,
+    )
     return np.array(
-        [
-            _bleu_from_stats(*_bleu_stats(tokenize(h), _as_refs(r), max_n), smooth=True)
-            for h, r in zip(hypotheses, references)
-        ],
+        [bleu.sentence_score(h, _as_refs(r)).score / 100.0 for h, r in zip(hypotheses, references)],
         dtype=np.float64,
     )
 
 
-def _lcs_len(a: Sequence[str], b: Sequence[str]) -> int:
-    if not a or not b:
-        return 0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+def rouge_l_scores(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> np.ndarray:
+    """Per-sentence ROUGE-L F-measure (best over references), through Google's rouge-score."""
+    from rouge_score import rouge_scorer
 
-
-def rouge_l_scores(
-    hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], beta: float = 1.0
-) -> np.ndarray:
-    """Per-sentence ROUGE-L F-measure (best over references)."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    out = np.zeros(len(hypotheses), dtype=np.float64)
-    for i, (hyp, ref) in enumerate(zip(hypotheses, references)):
-        h = tokenize(hyp)
-        best = 0.0
-        for r in _as_refs(ref):
-            lcs = _lcs_len(h, r)
-            if lcs == 0:
-                continue
-            p, rc = lcs / len(h), lcs / len(r)
-            best = max(best, (1 + beta**2) * p * rc / (rc + beta**2 * p))
-        out[i] = best
-    return out
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return np.array(
+        [
+            max((scorer.score(r, h)["rougeL"].fmeasure for r in _as_refs(ref)), default=0.0)
+            for h, ref in zip(hypotheses, references)
+        ],
+        dtype=np.float64,
+    )
 
 
 def rouge_l(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:

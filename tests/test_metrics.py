@@ -84,8 +84,21 @@ def test_log_loss_and_clipping():
 
 
 # -------------------------------------------------------------------------------------- text
-def test_tokenize():
-    assert M.tokenize("Great, LONG-lasting!") == ["great", ",", "long", "-", "lasting", "!"]
+def test_auc_and_log_loss_agree_with_scikit_learn():
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.random(2000) < 0.2
+    p = np.clip(0.3 * y + rng.random(2000) * 0.7, 0, 1)
+    p = np.round(p, 2)  # ties, which AUC counts one half
+    assert M.auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert M.log_loss(y, p) == pytest.approx(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7)), abs=1e-12)
+
+
+def test_text_metrics_use_the_libraries_settings():
+    # 13a tokenisation and lower-casing: punctuation and case do not change the score
+    assert M.bleu4(["The cat, sat."], ["the cat , sat ."]) == pytest.approx(1.0)
+    assert "sacrebleu" in M.BLEU_SETTINGS and "rouge-score" in M.ROUGE_SETTINGS
 
 
 def test_bleu_identical_and_no_4gram():
