@@ -249,6 +249,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         direct_negatives=d.direct_negatives,
         ctr_negatives=d.ctr_negatives,
         ctr_split=tuple(d.ctr_split),
+        ctr_protocol=d.ctr_protocol,
         explanation_split=tuple(d.explanation_split),
         eh_thresholds=tuple(d.eh_thresholds),
     )

@@ -130,6 +130,10 @@ class DataConfig:
     eh_thresholds: List[float] = field(default_factory=lambda: [0.3, 0.7])
     direct_negatives: int = 99
     ctr_negatives: int = 4
+    # CTR split: "loo" (leak-free: test / valid positives = the leave-one-out test / valid items
+    # the histories do not hold) or "random" (a ctr_split draw per user; leaks test positives
+    # into the ranking tools' training histories).
+    ctr_protocol: str = "loo"
     ctr_split: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     explanation_split: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     # time-shift split: interactions with ts < cutoff are train; None -> this quantile of ts
@@ -612,6 +616,8 @@ def validate(cfg: RunConfig) -> None:
     lo, hi = (list(cfg.data.eh_thresholds) + [None, None])[:2]
     if len(cfg.data.eh_thresholds) != 2 or not (0.0 <= lo <= hi <= 1.0):
         raise ConfigError("config error: key 'data.eh_thresholds': need two values 0 <= low <= high <= 1")
+    if cfg.data.ctr_protocol not in ("loo", "random"):
+        raise ConfigError(f"config error: key 'data.ctr_protocol': {cfg.data.ctr_protocol!r} is not one of loo, random")
     for name in ("ctr_split", "explanation_split"):
         parts = getattr(cfg.data, name)
         if len(parts) != 3 or abs(sum(parts) - 1.0) > 1e-6 or min(parts) < 0:

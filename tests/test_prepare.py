@@ -3,6 +3,7 @@ multi-source input (RecBole fixture + synthetic, k-core) written to S3 (moto on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -96,17 +97,24 @@ def test_negatives_are_never_positives(synthetic_run):
         assert len(negs.get(u, ())) == min(4 * len(p), n_items - len(p))
 
 
-def test_ctr_users_with_three_items_are_in_every_split(synthetic_run):
+def test_ctr_test_positives_are_never_in_a_leave_one_out_history(synthetic_run):
     _, _, store = synthetic_run
-    (ctr,) = _tables(store, "ctr")
-    splits = {}
-    for r in ctr.filter(pc.equal(ctr.column("label"), 1)).to_pylist():
-        splits.setdefault(r["user_id"], []).append(r["split"])
-    for s in splits.values():
-        if len(s) >= 3:
-            assert {"train", "valid", "test"} <= set(s)
-    fr = np.mean([x == "train" for s in splits.values() if len(s) >= 10 for x in s])
-    assert 0.7 < fr < 0.9
+    ctr, loo = _tables(store, "ctr", "loo")
+    hist = {r["user_id"]: set(r["train_items"]) for r in loo.to_pylist()}
+    valid = {r["user_id"]: r["valid_item"] for r in loo.to_pylist()}
+    test = {r["user_id"]: r["test_item"] for r in loo.to_pylist()}
+    pos = ctr.filter(pc.equal(ctr.column("label"), 1)).to_pylist()
+    tests = [r for r in pos if r["split"] == "test"]
+    assert len(tests) >= 20  # not vacuous (the fixture world has ~40 users with a new test item)
+    for r in tests:  # the leave-one-out test item, held by neither the training nor the test history
+        u = r["user_id"]
+        assert r["item_id"] == test[u] and r["item_id"] not in hist[u] and r["item_id"] != valid[u]
+    for r in pos:
+        if r["split"] == "valid":
+            assert r["item_id"] == valid[r["user_id"]] and r["item_id"] not in hist[r["user_id"]]
+    # every user whose test item is new to them has exactly that test positive
+    fresh = {u for u in test if test[u] is not None and test[u] not in hist[u] and test[u] != valid[u]}
+    assert {r["user_id"] for r in tests} == fresh
 
 
 def test_explanation_and_timeshift_splits(synthetic_run):
@@ -281,6 +289,14 @@ def test_vectorised_negatives(n_items, k):
         cands = r["candidates"]
         assert len(cands) == k + 1 and len(set(cands)) == k + 1 and r["positive"] in cands
         assert not (set(cands) - {r["positive"]}) & hist[r["user_id"]]
+    items_of = dict(zip(seqs.column("user_id").to_pylist(), seqs.column("items").to_pylist()))
+    rand = P.ctr_table(seqs, dataclasses.replace(p, ctr_protocol="random"))
+    rsplits = {}
+    for r in rand.filter(pc.equal(rand.column("label"), 1)).to_pylist():
+        rsplits.setdefault(r["user_id"], []).append(r["split"])
+    for u, h in hist.items():  # the random protocol: every user with >= 3 items in every split
+        if len(h) >= 3:
+            assert set(rsplits[u]) == {"train", "valid", "test"}
     ctr = P.ctr_table(seqs, p)
     rows = {}
     for r in ctr.to_pylist():
@@ -291,8 +307,17 @@ def test_vectorised_negatives(n_items, k):
         negs = [i for i, _ in neg]
         assert len(negs) == len(set(negs)) == min(4 * len(h), n_items - len(h)) and not set(negs) & h
         splits = [sp for _, sp in pos]
-        if len(h) >= 3:
-            assert {"train", "valid", "test"} == set(splits)
+        seq = items_of[u]
+        if len(seq) >= 3:  # the loo protocol: test / valid = the last two items, unless already seen
+            train, v, t = set(seq[:-2]), seq[-2], seq[-1]
+            expect = {i: "train" for i in h}
+            if v not in train:
+                expect[v] = "valid"
+            if t not in train and t != v:
+                expect[t] = "test"
+            assert dict(pos) == expect
+        else:
+            assert set(splits) == {"train"}
         if 4 * len(h) <= n_items - len(h):  # uncapped: 4 negatives per positive, in its split
             assert all([sp for _, sp in neg].count(x) == 4 * splits.count(x) for x in set(splits))
 

@@ -240,6 +240,7 @@ class SplitParams:
     ctr_split: tuple[float, float, float]
     explanation_split: tuple[float, float, float]
     eh_thresholds: tuple[float, float]
+    ctr_protocol: str = "loo"
 
 
 # Randomness is counter-based: every draw is a hash of (seed, stream, user_id, purpose, index), so a
@@ -471,14 +472,28 @@ def direct_candidates_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
 
 
 def ctr_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
-    """Positives = the user's distinct items, split 8:1:1 per user (every user with >= 3 items in
-    all three splits); each positive gets ``ctr_negatives`` never-interacted items in its split
-    (fewer when the catalog runs out)."""
+    """Positives = the user's distinct items; each gets ``ctr_negatives`` never-interacted items in
+    its split (fewer when the catalog runs out). The split of the positives (``ctr_protocol``):
+
+    * ``loo`` (default, leak-free): consistent with leave-one-out. A user's test positive is the
+      leave-one-out test item and the valid positive the valid item, each only when it is not
+      already among the items the tools train on (the training history; for test also the valid
+      item, which the test history holds); every other item is a train positive. So no model
+      trains on, and no history holds, a CTR valid or test positive.
+    * ``random``: an 8:1:1 (``ctr_split``) per-user draw over the distinct items (every user with
+      >= 3 items in all three splits). The ranking tools' leave-one-out histories then contain
+      the CTR test positives: their CTR numbers are optimistic."""
     items, lens = _lists(seqs, "items")
+    flat = items.to_numpy()
     uid = seqs.column("user_id").to_numpy()
-    hist, n_pos = _history(lens, items.to_numpy(), p.n_items)
+    hist, n_pos = _history(lens, flat, p.n_items)
     pos_row, pos_item = hist // p.n_items, hist % p.n_items  # sorted by user, then item
-    pos_split = split_labels(p.seed, 2, uid, n_pos, p.ctr_split)
+    if p.ctr_protocol == "random":
+        pos_split = split_labels(p.seed, 2, uid, n_pos, p.ctr_split)
+    elif p.ctr_protocol == "loo":
+        pos_split = _loo_ctr_split(lens, flat, pos_row, pos_item, p.n_items)
+    else:
+        raise ValueError(f"unknown CTR protocol {p.ctr_protocol!r} (loo or random)")
     r = p.ctr_negatives
     need = np.maximum(0, np.minimum(n_pos * r, p.n_items - n_pos))
     rows = np.arange(len(lens))
@@ -501,6 +516,26 @@ def ctr_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
         ),
         schemas.CTR,
     )
+
+
+def _loo_ctr_split(
+    lens: np.ndarray, flat: np.ndarray, pos_row: np.ndarray, pos_item: np.ndarray, n_items: int
+) -> np.ndarray:
+    """Split codes of the distinct positives (``pos_row``, ``pos_item``) under the ``loo`` CTR
+    protocol (see :func:`ctr_table`)."""
+    ends = np.cumsum(lens)
+    has = lens >= 3
+    valid = np.where(has, flat[np.maximum(ends - 2, 0)] if len(flat) else -1, -1)
+    test = np.where(has, flat[np.maximum(ends - 1, 0)] if len(flat) else -1, -1)
+    # The training history: every item but the last two (all items for users with < 3).
+    n_train = np.where(has, lens - 2, lens)
+    idx = np.arange(len(flat)) - np.repeat(ends - lens, lens)
+    in_train_part = idx < np.repeat(n_train, lens)
+    train_keys, _ = _history(n_train, flat[in_train_part], n_items)
+    seen = _in_history(train_keys, pos_row, pos_item, n_items)
+    is_valid = (pos_item == valid[pos_row]) & ~seen
+    is_test = (pos_item == test[pos_row]) & ~seen & (pos_item != valid[pos_row])
+    return np.where(is_test, 2, np.where(is_valid, 1, 0)).astype(np.int8)
 
 
 def explanation_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
