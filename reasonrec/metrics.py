@@ -27,6 +27,7 @@ Normal = 1-10 (everyone).
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -229,10 +230,16 @@ def sentence_bleu4(hypotheses: Sequence[str], references: Sequence[str | Sequenc
         max_ngram_order=max_n,
         effective_order=False,
     )
-    return np.array(
-        [bleu.sentence_score(h, _as_refs(r)).score / 100.0 for h, r in zip(hypotheses, references)],
-        dtype=np.float64,
-    )
+    # sacrebleu logs a recommendation (effective_order) per sentence; add-one smoothing over all
+    # four orders is the intended definition here, so the advice is silenced for this loop.
+    log = logging.getLogger("sacrebleu")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        scores = [bleu.sentence_score(h, _as_refs(r)).score / 100.0 for h, r in zip(hypotheses, references)]
+    finally:
+        log.setLevel(level)
+    return np.array(scores, dtype=np.float64)
 
 
 def rouge_l_scores(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> np.ndarray:
