@@ -190,16 +190,7 @@ def baseline_prepare(cfg, out_dir: str, chunk_users: int = 8192) -> dict:
         del ts
     step("evidence horizon + time-shift cutoff")
 
-    params = P.SplitParams(
-        n_items=n_items,
-        seed=d.seed,
-        direct_negatives=d.direct_negatives,
-        ctr_negatives=d.ctr_negatives,
-        ctr_split=tuple(d.ctr_split),
-        ctr_protocol=d.ctr_protocol,
-        explanation_split=tuple(d.explanation_split),
-        eh_thresholds=tuple(d.eh_thresholds),
-    )
+    params = P.SplitParams.from_config(d, n_items)
     derive = {
         "users": (schemas.USERS, lambda b: P.users_table(b, normalizer, d.eh_thresholds)),
         "interactions": (schemas.INTERACTIONS, P.interactions_table),

@@ -243,16 +243,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             b = bucket(fit_normalizer(kind, counts, nusers, d.eh_quantile)(counts), d.eh_thresholds)
             shares[kind] = {name: round(float(nusers[b == name].sum() / nusers.sum()), 4) for name in EH_BUCKETS}
 
-    params = P.SplitParams(
-        n_items=n_items,
-        seed=d.seed,
-        direct_negatives=d.direct_negatives,
-        ctr_negatives=d.ctr_negatives,
-        ctr_split=tuple(d.ctr_split),
-        ctr_protocol=d.ctr_protocol,
-        explanation_split=tuple(d.explanation_split),
-        eh_thresholds=tuple(d.eh_thresholds),
-    )
+    params = P.SplitParams.from_config(d, n_items)
     derive = {
         "users": partial(P.users_table, normalizer=normalizer, thresholds=d.eh_thresholds),
         "interactions": P.interactions_table,

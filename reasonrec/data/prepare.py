@@ -242,6 +242,20 @@ class SplitParams:
     eh_thresholds: tuple[float, float]
     ctr_protocol: str = "loo"
 
+    @classmethod
+    def from_config(cls, d, n_items: int) -> SplitParams:
+        """From the ``data`` config section (``DataConfig``) and the catalog size."""
+        return cls(
+            n_items=n_items,
+            seed=d.seed,
+            direct_negatives=d.direct_negatives,
+            ctr_negatives=d.ctr_negatives,
+            ctr_split=tuple(d.ctr_split),
+            explanation_split=tuple(d.explanation_split),
+            eh_thresholds=tuple(d.eh_thresholds),
+            ctr_protocol=d.ctr_protocol,
+        )
+
 
 # Randomness is counter-based: every draw is a hash of (seed, stream, user_id, purpose, index), so a
 # whole block of users is sampled with array operations and the result for a user does not depend
