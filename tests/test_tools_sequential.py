@@ -119,6 +119,18 @@ def test_tool_beats_popularity(trained, data, name):
     assert hr > pop + 0.1, f"{name} HR@10 {hr:.3f} vs popularity {pop:.3f}"
 
 
+@pytest.mark.parametrize("name", ["sasrec", "lightsans", "gru4rec", "transition"])
+def test_a_users_scores_do_not_depend_on_the_batch(trained, data, name):
+    """Online (one user) and batch (many users, longer histories padded around it) must answer the
+    same: GRU4Rec's state used to move on the padding the batch's longest history added."""
+    users = np.arange(12)
+    hists = [np.asarray(data.train_seqs[u])[: 2 + u] for u in users]
+    together = trained[name].score_items(users, hists)
+    for u in users:
+        alone = trained[name].score_items(users[u : u + 1], hists[u : u + 1])
+        np.testing.assert_allclose(alone[0], together[u], rtol=1e-4, atol=1e-4)
+
+
 def test_validation_ranks_the_whole_catalog(data):
     # full ranking, unlike the BPR tools' sampled lists: metrics.json tells them apart by this
     metrics = tool_class("popularity")().fit(data)

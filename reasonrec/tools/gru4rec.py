@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from reasonrec.tools.base import register
 from reasonrec.tools.sequential import SeqNet, SequentialTorchTool
@@ -18,9 +19,20 @@ class GRU4RecNet(SeqNet):
         self.proj = nn.Linear(gru_hidden, hidden)
 
     def encode(self, seqs: torch.Tensor) -> torch.Tensor:
-        # Left padding: padded steps come first and carry zero embeddings, so the state at the
-        # real items depends (almost) only on them; no packing needed.
-        out, _ = self.gru(self.drop(self.item_emb(seqs)))
+        # Packed: a GRU's state moves even on zero embeddings (its biases), so left padding would make
+        # a user's answer depend on how much padding the batch's longest history gave it (an answer
+        # alone differed from the same user's answer in a batch). Each row is rotated so its items
+        # come first, run packed to its own length, and rotated back to the left-padded layout.
+        B, L = seqs.shape
+        lengths = (seqs > 0).sum(1)
+        pad = (L - lengths)[:, None]
+        steps = torch.arange(L, device=seqs.device)[None, :]
+        first = seqs.gather(1, (steps + pad) % L)  # [B, L]: the items, then padding
+        packed = pack_padded_sequence(
+            self.drop(self.item_emb(first)), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=L)
+        out = out.gather(1, ((steps - pad) % L)[:, :, None].expand(-1, -1, out.shape[2]))
         return self.proj(self.drop(out))
 
 
