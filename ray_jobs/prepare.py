@@ -20,13 +20,13 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ray_jobs.common import write_dataset
 from ray_jobs.keyed import (
     broadcast_join,
     count_values,
     dense_ids,
+    exact_quantile,
     in_catalog,
     join_on_key,
     kcore,
@@ -264,16 +264,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         tables["interactions"] = tables["interactions"].materialize()
         cutoff = d.timeshift_cutoff
         if cutoff is None:
-            from ray.data.aggregate import ApproximateQuantile, Min
-
-            # The quantile sketch works in float32: on raw unix seconds that is ~1 day off, so the
-            # quantile is taken on seconds since the first interaction (exact to a few seconds).
-            t0 = int(tables["interactions"].aggregate(Min("ts"))["min(ts)"])
-            rel = tables["interactions"].map_batches(
-                lambda t: pa.table({"dt": pc.subtract(t.column("ts"), t0)}), batch_format="pyarrow"
-            )
-            agg = rel.aggregate(ApproximateQuantile(on="dt", quantiles=[d.timeshift_quantile]))
-            cutoff = t0 + int(round(float(np.asarray(list(agg.values())[0]).ravel()[0])))
+            cutoff = exact_quantile(tables["interactions"], "ts", d.timeshift_quantile)
         tables["timeshift"] = tables["interactions"].map_batches(
             partial(P.timeshift_table, cutoff=cutoff), batch_format="pyarrow"
         )

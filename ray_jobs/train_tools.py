@@ -193,10 +193,14 @@ class _CTRPredictor:
         for n in names:
             self.tools[n] = load_tool(f"{tools_dir}/{n}", st, members=self.tools)
         fs, path = filesystem(loo_url, st)
-        loo = pq.read_table(path, filesystem=arrow_filesystem(fs), columns=["user_id", "train_items"])
+        loo = pq.read_table(path, filesystem=arrow_filesystem(fs), columns=["user_id", "train_items", "valid_item"])
         self.hist = {
-            int(u): np.asarray(h, np.int64)
-            for u, h in zip(loo.column("user_id").to_pylist(), loo.column("train_items").to_pylist())
+            int(u): (np.asarray(h, np.int64), v)
+            for u, h, v in zip(
+                loo.column("user_id").to_pylist(),
+                loo.column("train_items").to_pylist(),
+                loo.column("valid_item").to_pylist(),
+            )
         }
 
     def __call__(self, batch: pa.Table) -> pa.Table:

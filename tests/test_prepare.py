@@ -207,6 +207,24 @@ def test_dense_ids_across_block_counts(ray_local):
         assert {r["key"]: r["flag"] for r in rows} == flag_max
 
 
+def test_exact_quantile_is_numpys_and_does_not_depend_on_blocks(ray_local):
+    """The time-shift cut-off: exact (numpy's inverted-CDF quantile), the same for any block count
+    and order (Ray's ApproximateQuantile sketch gave a different cut-off per run)."""
+    rng = np.random.default_rng(5)
+    ts = np.concatenate([1_300_000_000 + rng.integers(0, 10**9, 5000), [1_300_000_000] * 7, [2**40]])
+    for q in (0.0, 0.1, 0.5, 0.9, 0.999, 1.0):
+        want = int(np.quantile(ts, q, method="inverted_cdf"))
+        got = {
+            keyed.exact_quantile(
+                ray_local.data.from_arrow(pa.table({"ts": rng.permutation(ts)})).repartition(b), "ts", q
+            )
+            for b in (1, 4, 13)
+        }
+        assert got == {want}, (q, got, want)
+    tiny = ray_local.data.from_arrow(pa.table({"ts": np.array([5, 5, 5, 9], np.int64)}))
+    assert [keyed.exact_quantile(tiny, "ts", q) for q in (0.5, 0.75, 0.76, 1.0)] == [5, 5, 9, 9]
+
+
 @pytest.mark.parametrize("strategy", ["sort_shuffle_pull_based", "shuffle_v2"])
 def test_per_key_partitions_hold_every_row_of_a_key_under_either_shuffle_strategy(ray_local, strategy):
     """ray.shuffle_strategy: a sort (the default, tasks) or a hash shuffle (Ray's default, actors)

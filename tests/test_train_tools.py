@@ -69,6 +69,16 @@ def test_every_tool_is_saved_and_reloads_with_identical_outputs(pipeline):
     ctr = store.read_table("train_tools", "ctr_predictions")
     assert set(ctr.column("tool").to_pylist()) >= {"dlrm", "xgb_ctr", "ensemble"}
     assert set(ctr.column("split").to_pylist()) == {"valid", "test"}
+    # A CTR row sees its split's history, as the router's query does: a test row also the valid item.
+    sasrec = load_tool(store.url("train_tools", "tools", "sasrec"))
+    by_user = {r["user_id"]: r for r in loo}
+    for split in ("valid", "test"):
+        rows = ctr.filter(pc.and_(pc.equal(ctr.column("tool"), "sasrec"), pc.equal(ctr.column("split"), split)))
+        r = next(x for x in rows.to_pylist() if by_user[x["user_id"]]["valid_item"] is not None)
+        u = by_user[r["user_id"]]
+        hist = np.asarray(u["train_items"] + ([u["valid_item"]] if split == "test" else []))
+        want = sasrec.predict_ctr(np.array([r["user_id"]]), np.array([r["item_id"]]), [hist])[0]
+        assert abs(r["prob"] - want) < 1e-5
 
 
 def test_holdout_copies_train_without_each_users_last_item(pipeline):

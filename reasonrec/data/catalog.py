@@ -122,13 +122,9 @@ class UserDirectory:
     def history(self, user_id: int, split: str) -> np.ndarray:
         """The history a query of ``split`` sees (leave-one-out): train[:-1] for train, train for
         valid, train + valid item for test (and for production queries)."""
-        tr = self.train.get(int(user_id), np.zeros(0, np.int64))
-        if split == "train":
-            return tr[:-1]
-        if split == "valid":
-            return tr
-        v = self.valid.get(int(user_id))
-        return np.append(tr, v) if v is not None else tr
+        from reasonrec.data.prepare import split_history
+
+        return split_history(self.train.get(int(user_id), np.zeros(0, np.int64)), self.valid.get(int(user_id)), split)
 
     def resolve(self, user_id: int, history: Sequence[int] | None = None, split: str = "test") -> UserState:
         """A known user keeps their prepared EH and bucket (what training saw); an inline history

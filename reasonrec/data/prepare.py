@@ -426,6 +426,18 @@ def interactions_table(seqs: pa.Table) -> pa.Table:
     )
 
 
+def split_history(train: np.ndarray, valid_item: int | None, split: str) -> np.ndarray:
+    """The history a query of ``split`` sees under leave-one-out: train[:-1] for train, train for
+    valid, train + the valid item for test (and production). The one rule for every task: the
+    tools' own evaluation, the planner's features and the router use it alike."""
+    tr = np.asarray(train, np.int64)
+    if split == "train":
+        return tr[:-1]
+    if split == "valid" or valid_item is None:
+        return tr
+    return np.append(tr, np.int64(valid_item))
+
+
 def loo_table(seqs: pa.Table) -> pa.Table:
     """Leave-one-out: last item test, second last valid, the rest train (users with < 3
     interactions: all train, no targets)."""
@@ -577,6 +589,28 @@ def explanation_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
         ),
         schemas.EXPLANATION,
     )
+
+
+def int_histogram(t: pa.Table, col: str, lo: int, hi: int, bins: int) -> pa.Table:
+    """One row: the counts of integer ``col`` values in [lo, hi) over ``bins`` equal-width integer
+    bins (value v -> bin (v - lo) * bins // (hi - lo)). Integer counts sum to the same totals
+    whatever the blocks and their order: see :func:`quantile_step`."""
+    v = np.asarray(t.column(col).to_numpy(zero_copy_only=False), np.int64)
+    v = v[(v >= lo) & (v < hi)]
+    counts = np.bincount((v - lo) * bins // (hi - lo), minlength=bins).astype(np.int64)
+    return pa.table({"counts": [counts.tolist()]})
+
+
+def quantile_step(counts: np.ndarray, lo: int, hi: int, rank: int) -> tuple[int, int, int]:
+    """Narrow [lo, hi) to the bin holding the ``rank``-th smallest value (1-based) given the
+    bins' ``counts`` (:func:`int_histogram`): returns (new lo, new hi, rank within the bin).
+    Repeated until hi - lo == 1, lo is the exact value: the smallest v with
+    count(values <= v) >= rank (numpy's ``inverted_cdf`` quantile for rank = ceil(q * n))."""
+    bins, width = len(counts), hi - lo
+    b = int(np.searchsorted(np.cumsum(counts), rank))
+    before = int(counts[:b].sum())
+    # Bin b holds the values v with (v - lo) * bins // width == b: v - lo in [ceil(b*w/bins), ceil((b+1)*w/bins)).
+    return lo + -(-b * width // bins), lo + -(-(b + 1) * width // bins), rank - before
 
 
 def timeshift_table(inter: pa.Table, cutoff: int) -> pa.Table:

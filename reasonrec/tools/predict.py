@@ -50,7 +50,9 @@ CTR_PREDICTIONS = pa.schema(
 
 
 def loo_queries(batch: pa.Table) -> dict[str, tuple[np.ndarray, list[np.ndarray], np.ndarray]]:
-    """{split: (users, histories, targets)} for a batch of LOO rows."""
+    """{split: (users, histories, targets)} for a batch of LOO rows (histories: :func:`split_history`)."""
+    from reasonrec.data.prepare import split_history
+
     users = batch.column("user_id").to_numpy()
     train = [np.asarray(x, dtype=np.int64) for x in batch.column("train_items").to_pylist()]
     valid = batch.column("valid_item").to_pylist()
@@ -59,15 +61,15 @@ def loo_queries(batch: pa.Table) -> dict[str, tuple[np.ndarray, list[np.ndarray]
     for u, tr, v, te in zip(users, train, valid, test):
         if len(tr) >= 2:
             out["train"][0].append(u)
-            out["train"][1].append(tr[:-1])
+            out["train"][1].append(split_history(tr, v, "train"))
             out["train"][2].append(tr[-1])
         if v is not None:
             out["valid"][0].append(u)
-            out["valid"][1].append(tr)
+            out["valid"][1].append(split_history(tr, v, "valid"))
             out["valid"][2].append(v)
         if te is not None:
             out["test"][0].append(u)
-            out["test"][1].append(np.append(tr, v))
+            out["test"][1].append(split_history(tr, v, "test"))
             out["test"][2].append(te)
     return {s: (np.asarray(u, np.int64), h, np.asarray(t, np.int64)) for s, (u, h, t) in out.items() if u}
 
@@ -125,11 +127,18 @@ def ranking_predictions(
     return pa.table(data, schema=PREDICTIONS)
 
 
-def ctr_predictions(tools: dict[str, Tool], batch: pa.Table, histories: dict[int, np.ndarray]) -> pa.Table:
-    """CTR_PREDICTIONS rows for every CTR-capable tool on a batch of CTR rows."""
+def ctr_predictions(
+    tools: dict[str, Tool], batch: pa.Table, histories: dict[int, tuple[np.ndarray, int | None]]
+) -> pa.Table:
+    """CTR_PREDICTIONS rows for every CTR-capable tool on a batch of CTR rows. ``histories``: user ->
+    (train items, valid item); a row sees the history of its split (:func:`split_history`: a test
+    row also the valid item), as the router's queries do."""
+    from reasonrec.data.prepare import split_history
+
     users = batch.column("user_id").to_numpy()
     items = batch.column("item_id").to_numpy()
-    hists = [histories.get(int(u), np.empty(0, np.int64)) for u in users]
+    empty = (np.empty(0, np.int64), None)
+    hists = [split_history(*histories.get(int(u), empty), s) for u, s in zip(users, batch.column("split").to_pylist())]
     parts, computed = [], {}
     for name, tool in tools.items():
         if "ctr" not in tool.tasks:
