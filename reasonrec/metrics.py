@@ -355,3 +355,23 @@ def breakdown_fn(
         row["n"] = int(m.sum())
         out[key] = row
     return out
+
+
+def expected_calibration_error(
+    confidence: Sequence[float | None], correct: Sequence[bool | int], n_bins: int = 10
+) -> float:
+    """ECE with equal-width bins: sum_b |B|/n * |acc(B) - conf(B)|. Entries whose confidence is
+    missing (None / NaN, e.g. no verbalised value produced) are ignored; NaN if none remain."""
+    conf = np.array([np.nan if c is None else float(c) for c in confidence], dtype=np.float64)
+    corr = np.asarray(correct, dtype=np.float64)
+    ok = np.isfinite(conf)
+    conf, corr = np.clip(conf[ok], 0.0, 1.0), corr[ok]
+    if len(conf) == 0:
+        return float("nan")
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            ece += sel.mean() * abs(corr[sel].mean() - conf[sel].mean())
+    return float(ece)

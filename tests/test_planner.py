@@ -260,7 +260,7 @@ def test_confidence_is_calibrated_on_held_out_queries():
     right = np.stack([ut[n] for n in NAMES], 1)[np.arange(len(xt)), choice[:, 0]]
     assert abs(conf.mean() - right.mean()) < 0.05
     assert np.corrcoef(conf, p_right(xt))[0, 1] > 0.8  # per query, not a constant
-    from reasonrec.vlm.infer import expected_calibration_error
+    from reasonrec.metrics import expected_calibration_error
 
     assert expected_calibration_error(conf, right) < 0.06
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from reasonrec.metrics import expected_calibration_error  # noqa: F401  (re-exported)
 from reasonrec.prompts.cot import ANSWER_MARKER, Thought, parse_output, tool_alternatives
 from reasonrec.vlm.builder import VLMBundle
 from reasonrec.vlm.collate import VLMCollator
@@ -521,26 +522,6 @@ class VLMPredictor:
 
 
 # ------------------------------------------------------------------------ calibration
-def expected_calibration_error(
-    confidence: Sequence[float | None], correct: Sequence[bool | int], n_bins: int = 10
-) -> float:
-    """ECE with equal-width bins: sum_b |B|/n * |acc(B) - conf(B)|. Entries whose confidence is
-    missing (None / NaN, e.g. no verbalised value produced) are ignored; NaN if none remain."""
-    conf = np.array([np.nan if c is None else float(c) for c in confidence], dtype=np.float64)
-    corr = np.asarray(correct, dtype=np.float64)
-    ok = np.isfinite(conf)
-    conf, corr = np.clip(conf[ok], 0.0, 1.0), corr[ok]
-    if len(conf) == 0:
-        return float("nan")
-    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        sel = bins == b
-        if sel.any():
-            ece += sel.mean() * abs(corr[sel].mean() - conf[sel].mean())
-    return float(ece)
-
-
 def calibration_report(outputs: Sequence[VLMOutput], correct: Sequence[bool | int], n_bins: int = 10) -> dict:
     """ECE of the verbalised and of the token-probability confidences, plus coverage of the
     verbalised one (share of outputs that stated a confidence)."""
