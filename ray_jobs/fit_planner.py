@@ -6,8 +6,10 @@ The tools answer validation queries (the prepared ``valid`` split of each task i
 but explanation, hash-sampled to ``planner.max_fit_queries``) in an actor pool; the driver fits
 the per-task planners (tool choice + calibrated confidence, xgboost) on the small feature table
 and reports calibration on a held-out share (``planner.calibration_holdout``). With
-``planner.vlm_aware`` the fine-tuned VLM then answers the first ``planner.vlm_fit_queries`` of
-each task in a second pool, and its record per EH bucket goes into the planners' state.
+``planner.vlm_aware`` and ``score.mode=routed`` (the one mode whose tiers use it) the fine-tuned
+VLM then answers the first ``planner.vlm_fit_queries`` of each task in a second pool, and its
+record per EH bucket goes into the planners' state; other modes skip that calibration and need no
+``finetune`` stage for it.
 Output: ``{run}/planner/planner.json`` and ``summary.json``. ``ray_jobs.score`` runs this stage
 first (skipped when up to date).
 """
@@ -40,6 +42,9 @@ FIT_KEYS = (
     "vlm_aware",
     "vlm_fit_queries",
     "guard_z",
+    "fusion",
+    "fusion_top_n",
+    "fusion_rounds",
 )
 
 
@@ -58,10 +63,15 @@ class _PlannerFeatures:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from reasonrec.planner import feature_rows
 
-        return pa.Table.from_pylist(
-            feature_rows(
-                batch.to_pylist(), self.toolbox, self.users, self.catalog, self.cfg.score.k, self.cfg.planner.correct_k
-            )
+        p = self.cfg.planner
+        return feature_rows(
+            batch.to_pylist(),
+            self.toolbox,
+            self.users,
+            self.catalog,
+            self.cfg.score.k,
+            p.correct_k,
+            p.fusion_top_n if p.fusion else 0,
         )
 
 
@@ -90,9 +100,42 @@ class _VLMCalibration:
         return vlm_right_rows(batch, routed, self.answerer(routed).to_pylist(), self.correct_k)
 
 
+def calibrates_vlm(cfg: RunConfig) -> bool:
+    """Whether the fit measures the fine-tuned VLM on validation queries: ``planner.vlm_aware``
+    with ``score.mode=routed``, the one mode whose tiers use that record (the others force a tier)."""
+    return cfg.planner.vlm_aware and cfg.score.mode == "routed"
+
+
+def vlm_calibration_skipped(cfg: RunConfig) -> str | None:
+    """Why ``planner.vlm_aware`` is set but the fit skips the VLM calibration (None: it does not)."""
+    if not cfg.planner.vlm_aware or calibrates_vlm(cfg):
+        return None
+    return (
+        f"score.mode={cfg.score.mode} never routes by the VLM's validation record "
+        f"(planner.vlm_aware applies to score.mode=routed only)"
+    )
+
+
+def vlm_calibration_status(cfg: RunConfig) -> str:
+    """One line for the summary and the log: does the fit measure the VLM, and if not, why."""
+    if calibrates_vlm(cfg):
+        return f"VLM calibration done (the VLM answers up to {cfg.planner.vlm_fit_queries} validation queries per task)"
+    why = vlm_calibration_skipped(cfg)
+    return f"VLM calibration skipped: {why}" if why else "VLM calibration off (planner.vlm_aware=false)"
+
+
+def _as_routed(cfg: RunConfig) -> RunConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, mode="routed"))
+
+
 def config_hash(cfg: RunConfig) -> str:
     fit_keys = {k: getattr(cfg.planner, k) for k in FIT_KEYS}
-    if cfg.planner.vlm_aware:
+    # vlm_aware as applied: a fit without the VLM hashes as one with planner.vlm_aware=false, so a
+    # later routed run refits with it (the hash of a routed config is unchanged).
+    fit_keys["vlm_aware"] = calibrates_vlm(cfg)
+    if fit_keys["vlm_aware"]:
         fit_keys["vlm_rule"] = VLM_RULE_VERSION
     return section_hash(
         {"planner": fit_keys, "k": cfg.score.k, "neg": cfg.data.direct_negatives, "tasks": fit_tasks(cfg.score.tasks)}
@@ -102,9 +145,8 @@ def config_hash(cfg: RunConfig) -> str:
 def _inputs(cfg: RunConfig, store: ArtifactStore) -> tuple[dict, dict[str, list[str]]]:
     """The stage's inputs, and the tool ranking the VLM's instructions showed (if the fixed choice uses it)."""
     inputs = {"prepare": store.require("prepare").fingerprint, "train_tools": store.require("train_tools").fingerprint}
-    if cfg.planner.vlm_aware:
-        inputs["finetune"] = store.require("finetune").fingerprint
-        inputs.update(photo_inputs(store))  # the VLM sees the photos
+    if calibrates_vlm(cfg):
+        inputs.update(_vlm_inputs(store))
     # The VLM learned from hints in the instructions' tool ranking: the fixed choice shows that
     # ranking (one order for training and scoring, not two fits of "usable rate" that can differ).
     trained_order: dict[str, list[str]] = {}
@@ -121,6 +163,18 @@ def _inputs(cfg: RunConfig, store: ArtifactStore) -> tuple[dict, dict[str, list[
     return inputs, trained_order
 
 
+def _vlm_inputs(store: ArtifactStore) -> dict[str, str]:
+    return {"finetune": store.require("finetune").fingerprint, **photo_inputs(store)}  # the VLM sees the photos
+
+
+def _routed_fit_current(cfg: RunConfig, store: ArtifactStore, inputs: dict[str, str]) -> bool:
+    """A mode that skips the VLM calibration can keep the committed planner of the same config's
+    routed run: it holds everything else (refitting would also invalidate the routed scores)."""
+    if vlm_calibration_skipped(cfg) is None or store.manifest("finetune") is None:
+        return False
+    return store.is_done(STAGE, config_hash(_as_routed(cfg)), {**inputs, **_vlm_inputs(store)})
+
+
 def run(cfg: RunConfig, force: bool = False) -> dict:
     from reasonrec.runtime import init_ray
 
@@ -131,9 +185,17 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     from reasonrec.planner import fit_planners
 
     store = open_store(cfg)
+    if vlm_calibration_skipped(cfg):
+        log.info("planner: %s", vlm_calibration_status(cfg))
     inputs, trained_order = _inputs(cfg, store)
     chash = config_hash(cfg)
     if not force and store.is_done(STAGE, chash, inputs):
+        return {"skipped": True, **store.manifest(STAGE).metrics}
+    if not force and _routed_fit_current(cfg, store, inputs):
+        log.info(
+            "planner: keeping the routed run's planner (VLM-calibrated); score.mode=%s ignores its VLM record",
+            cfg.score.mode,
+        )
         return {"skipped": True, **store.manifest(STAGE).metrics}
     t0 = time.time()
     pc_cfg = cfg.planner
@@ -160,12 +222,13 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     state, report, fixed, guard = fit_planners(feats, tasks, pc_cfg, trained_order)
     for task, g in guard.items():
         log.info("planner %s: %s choice (%s)", task, g["use"], g["why"])
-    vlm_right = _fit_vlm_right(ray, cfg, queries, state) if pc_cfg.vlm_aware and state["tasks"] else {}
+    vlm_right = _fit_vlm_right(ray, cfg, queries, state) if calibrates_vlm(cfg) and state["tasks"] else {}
     with store.stage_writer(STAGE, chash, inputs) as w:
         w.write_json("planner.json", state)
         summary = {
             "calibration": report,
             "vlm_right": vlm_right,
+            "vlm_calibration": vlm_calibration_status(cfg),
             "fit_queries": feats.num_rows,
             "fixed_tools": fixed,
             "guard": guard,
@@ -209,6 +272,8 @@ def format_summary(s: dict) -> str:
         )
     for t, g in s.get("guard", {}).items():
         lines.append(f"  tool choice {t}: {g['use']}: {g['why']}")
+    if "vlm_calibration" in s:
+        lines.append(f"  {s['vlm_calibration']}")
     return "\n".join(lines)
 
 

@@ -13,15 +13,19 @@
 3. A re-run with the same config skips shards already written (kill it, run again: it resumes).
    At the end every query must be in exactly one output (predictions or rejected) -- checked --
    and the stage commits ``score/predictions/``, ``score/rejected/`` and ``summary.json``.
+   While shards finish, a progress line (queries done / total, q/s, ETA, VLM calls) is logged at
+   least every ``score.progress_every_s``.
 
 ``score.mode`` runs the paper's baselines through the same code: ``tools`` (tools only), ``vlm``
-(VLM alone), ``vlm_tools`` (VLM + tools always).
+(VLM alone), ``vlm_tools`` (VLM + tools always). ``tools`` without explanation in ``score.tasks``
+needs no fine-tuned VLM: a run with only ``prepare`` and ``train_tools`` scores.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 
 import numpy as np
@@ -33,7 +37,7 @@ from ray_jobs import fit_planner
 from reasonrec.config import RunConfig, parse_cli, planner_warnings, section_hash
 from reasonrec.data.images import photo_inputs
 from reasonrec.data.queries import QueryFileError, load_query_file, prepared_queries
-from reasonrec.io import TMP_DIR, ArtifactStore, open_store
+from reasonrec.io import STAGE_JOBS, TMP_DIR, ArtifactStore, MissingStage, open_store
 from reasonrec.planner import STAGE as PLANNER_STAGE
 from reasonrec.scoring import summarize
 
@@ -200,9 +204,35 @@ def config_hash(cfg: RunConfig) -> str:
     )
 
 
+def needs_vlm(cfg: RunConfig) -> bool:
+    """Whether the job answers any query with the fine-tuned VLM: every mode but ``tools``, and
+    explanations (the VLM's alone) in any mode."""
+    return cfg.score.mode != "tools" or "explanation" in cfg.score.tasks
+
+
+def require_vlm(cfg: RunConfig, store: ArtifactStore) -> None:
+    """Fail before any work, naming the jobs to run, when the job needs the fine-tuned VLM and
+    the run has no ``finetune`` stage."""
+    if not needs_vlm(cfg) or store.manifest("finetune") is not None:
+        return
+    why = (
+        f"score.mode={cfg.score.mode} answers queries with the fine-tuned VLM"
+        if cfg.score.mode != "tools"
+        else "explanation queries (in score.tasks) are answered by the fine-tuned VLM alone"
+    )
+    missing = [s for s in ("instructions", "finetune") if store.manifest(s) is None]
+    jobs = " and then ".join(
+        f"`python -m ray_jobs.{STAGE_JOBS.get(s, s)} --config <this config> [the same key=value ...]`" for s in missing
+    )
+    raise MissingStage(
+        f"{why}, but stage 'finetune' has no committed output under {store.url()}: run {jobs} first, "
+        f"or score with the tools alone (score.mode=tools, no explanation in score.tasks)"
+    )
+
+
 def _inputs(cfg: RunConfig, store: ArtifactStore) -> dict:
     inputs = {st: store.require(st).fingerprint for st in ("prepare", "train_tools", PLANNER_STAGE)}
-    if cfg.score.mode != "tools" or "explanation" in cfg.score.tasks:
+    if needs_vlm(cfg):
         inputs["finetune"] = store.require("finetune").fingerprint
         inputs.update(photo_inputs(store))  # the VLM sees the photos
     if cfg.score.queries_path:
@@ -224,10 +254,11 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
     for warning in planner_warnings(cfg):
         log.warning("score: %s", warning)
     store = _store(cfg)
+    require_vlm(cfg, store)
     planner_summary = fit_planner.run(cfg, force=force if refit_planner is None else refit_planner)
     stage = cfg.score.stage_name
     inputs = _inputs(cfg, store)
-    needs_vlm = "finetune" in inputs
+    with_vlm = "finetune" in inputs
     chash = config_hash(cfg)
     if not force and store.is_done(stage, chash, inputs):
         log.info("score: manifest matches under %s; skipping (use --force to re-run)", store.url(stage))
@@ -265,7 +296,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
     import uuid
 
     attempts = f"{staging}/_attempts/{uuid.uuid4().hex[:12]}"  # this run's markers only
-    pools = {"router": max(cfg.score.tool_actors, 1), **({"vlm": max(cfg.score.vlm_actors, 1)} if needs_vlm else {})}
+    pools = {"router": max(cfg.score.tool_actors, 1), **({"vlm": max(cfg.score.vlm_actors, 1)} if with_vlm else {})}
     if todo:
         # Shards are contiguous row ranges: a zero-copy slice each (not a filter pass per shard).
         blocks = [queries.slice(s * rows, rows) for s in todo]
@@ -280,7 +311,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             num_cpus=cfg.score.tool_cpus,
             **retries,
         )
-        if needs_vlm:
+        if with_vlm:
             ds = ds.map_batches(
                 _VLMActor,
                 fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split, "attempts": attempts},
@@ -307,18 +338,23 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             num_cpus=0.1,
         )
         finished = 0
-        for row in ds.iter_rows():
-            finished += 1
-            log.info(
-                "score: shard %d written (%d queries, %d low-risk, %d VLM calls, %d rejected) [%d/%d]",
-                row["shard"],
-                row["rows"],
-                row["low"],
-                row["vlm_calls"],
-                row["rejected"],
-                finished,
-                len(todo),
-            )
+        progress = Progress(sum(expected.values()), cfg.score.progress_every_s)
+        try:
+            for row in ds.iter_rows():
+                finished += 1
+                log.info(
+                    "score: shard %d written (%d queries, %d low-risk, %d VLM calls, %d rejected) [%d/%d]",
+                    row["shard"],
+                    row["rows"],
+                    row["low"],
+                    row["vlm_calls"],
+                    row["rejected"],
+                    finished,
+                    len(todo),
+                )
+                progress.add(row["rows"], row["vlm_calls"])
+        finally:
+            progress.stop()
 
     # Every query exactly once across the shards, or the job fails before committing.
     preds = pq.read_table(store.path(TMP_DIR, stage_dir, "predictions"), filesystem=store.arrow_fs)
@@ -346,6 +382,70 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
     return summary
 
 
+def progress_line(done: int, total: int, elapsed_s: float, vlm_calls: int) -> str:
+    """``done`` of ``total`` queries after ``elapsed_s`` seconds -> one log line with q/s and ETA."""
+    rate = done / elapsed_s if elapsed_s > 0 else 0.0
+    eta = _duration((total - done) / rate) if rate > 0 else "?"
+    share = done / total if total else 1.0
+    return (
+        f"score: {done}/{total} queries ({share:.0%}) in {_duration(elapsed_s)}, {rate:.2f} q/s, "
+        f"ETA {eta}; VLM calls {vlm_calls}"
+    )
+
+
+def _duration(seconds: float) -> str:
+    s = max(int(round(seconds)), 0)
+    h, m = s // 3600, s // 60 % 60
+    return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
+
+
+class Progress:
+    """Logs :func:`progress_line` at least every ``every_s`` seconds (0: never) while shards
+    finish: :meth:`add` (a shard done) logs when that much time passed since the last line, and a
+    daemon thread logs when no shard finished for that long (a shard may take longer). Call
+    :meth:`stop` when done."""
+
+    def __init__(self, total: int, every_s: float):
+        self.total, self.every_s = total, every_s
+        self.done = self.vlm_calls = 0
+        self.t0 = self.last = time.monotonic()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = None
+        if every_s > 0:
+            self._thread = threading.Thread(target=self._tick, name="score-progress", daemon=True)
+            self._thread.start()
+
+    def add(self, rows: int, vlm_calls: int) -> None:
+        with self._lock:
+            self.done += rows
+            self.vlm_calls += vlm_calls
+        if self.every_s > 0:
+            self._maybe_log()
+
+    def _maybe_log(self) -> float:
+        """Log if ``every_s`` passed since the last line; return the seconds until the next is due."""
+        with self._lock:
+            now = time.monotonic()
+            wait = self.last + self.every_s - now
+            if wait > 0:
+                return wait
+            self.last = now
+            line = progress_line(self.done, self.total, now - self.t0, self.vlm_calls)
+        log.info("%s", line)
+        return self.every_s
+
+    def _tick(self) -> None:
+        wait = self.every_s
+        while not self._stopped.wait(wait):
+            wait = self._maybe_log()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
 def _storage(cfg: RunConfig) -> dict:
     return {"s3_endpoint_url": cfg.storage.s3_endpoint_url, "s3_anon": cfg.storage.s3_anon}
 
@@ -366,7 +466,7 @@ def format_summary(s: dict) -> str:
     for t, g in s.get("planner_guard", {}).items():
         lines.append(
             f"  tool choice {t}: {g['use']}"
-            + ("" if g["use"] == "learned" else f" ({g['fixed_tool']})")
+            + (f" ({g['fixed_tool']})" if g["use"] == "fixed" else "")
             + f": {g['why']}"
         )
     return "\n".join(lines)
@@ -378,6 +478,9 @@ def main(argv=None) -> int:
     try:
         print(format_summary(run(cfg, force=args.force)))
     except QueryFileError as exc:
+        print(f"score: {exc}", file=sys.stderr)
+        return 2
+    except MissingStage as exc:
         print(f"score: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -295,6 +295,12 @@ class PlannerConfig:
     # queries by more than guard_z standard errors of the paired difference; else that fixed
     # tool answers (planner/summary.json says which and why). -1: no guard.
     guard_z: float = 2.0
+    # Ranking tasks: also learn to rank the union of every tool's top fusion_top_n answers
+    # (xgboost rank:ndcg on validation queries, reasonrec/fusion.py); the guard keeps it only where
+    # it beats the best fixed tool (and the learned choice) on the held-out half by guard_z SEs.
+    fusion: bool = True
+    fusion_top_n: int = 10
+    fusion_rounds: int = 100
     # "the tool answer is right" = the primary tool ranks the truth within its top correct_k
     correct_k: int = 5
     confidence_rounds: int = 100  # xgboost boosting rounds (confidence and tool choice models)
@@ -332,6 +338,9 @@ class ScoreConfig:
     # Count torch FLOPs per query (torch.utils.flop_counter) for the cost-per-tier table (paper
     # Table A3). Only torch ops are counted (not NumPy top-k or xgboost); slows scoring a little.
     count_flops: bool = False
+    # While shards finish, log a progress line (queries done / total, q/s, ETA, VLM calls) at
+    # least this often, also while no shard finishes; 0 = off. Not part of the score hash.
+    progress_every_s: float = 30.0
 
 
 @dataclass
@@ -576,7 +585,7 @@ def validate(cfg: RunConfig) -> None:
         bad = [b for b in _get(cfg, key) if b not in EH_BUCKETS]
         if bad:
             raise ConfigError(f"config error: key '{key}': unknown bucket(s) {bad}; choose from {EH_BUCKETS}")
-    for key in ("tools.holdout_items", "vlm.thought_tool_sets"):
+    for key in ("tools.holdout_items", "vlm.thought_tool_sets", "score.progress_every_s"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"config error: key '{key}': must be >= 0")
     ft = cfg.finetune
@@ -607,6 +616,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config error: key 'instructions.hint_fraction': must be in [0, 1]")
     if not 1 <= cfg.planner.max_tools <= 3:
         raise ConfigError("config error: key 'planner.max_tools': must be 1..3 (the paper caps tool use at 3)")
+    if cfg.planner.fusion and cfg.planner.fusion_top_n < cfg.planner.correct_k:
+        raise ConfigError("config error: key 'planner.fusion_top_n': must be >= planner.correct_k")
     if cfg.serve.max_body_bytes <= 0:
         raise ConfigError("config error: key 'serve.max_body_bytes': must be > 0")
     for key in ("serve.tool_replicas", "serve.vlm_replicas", "serve.planner_replicas", "serve.ingress_replicas"):

@@ -572,12 +572,11 @@ def guard_markdown(store: ArtifactStore) -> str:
     if not guard:
         return ""
     rows = [
-        f"| {t} | {g['use']}{'' if g['use'] == 'learned' else ' (' + g['fixed_tool'] + ')'} | {g['why']} |"
+        f"| {t} | {g['use']}{' (' + g['fixed_tool'] + ')' if g['use'] == 'fixed' else ''} | {g['why']} |"
         for t, g in guard.items()
     ]
     return (
-        "\n**Tool choice guard** (the learned choice is kept only where it beats the best fixed tool on "
-        "held-out validation queries by more than its noise):\n\n| task | choice | evidence |\n|---|---|---|\n"
-        + "\n".join(rows)
-        + "\n"
+        "\n**Tool choice guard** (the learned choice or the fused ranking is kept only where it beats the "
+        "best fixed tool on held-out validation queries by more than its noise):\n\n"
+        "| task | choice | evidence |\n|---|---|---|\n" + "\n".join(rows) + "\n"
     )

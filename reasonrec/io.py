@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 
 MANIFEST = "_manifest.json"
 TMP_DIR = "_tmp"
+# The ``ray_jobs`` module that writes a stage, where it is not named after the stage.
+STAGE_JOBS = {"instructions": "build_instructions", "planner": "fit_planner"}
+
+
+class MissingStage(FileNotFoundError):
+    """A stage this one reads has no committed output; the message names the job to run."""
 
 
 def filesystem(url: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -136,8 +142,9 @@ class ArtifactStore:
     def require(self, stage: str) -> Manifest:
         m = self.manifest(stage)
         if m is None:
-            raise FileNotFoundError(
-                f"stage '{stage}' has no committed output under {self.url()}; run `python -m ray_jobs.{stage}` first"
+            raise MissingStage(
+                f"stage '{stage}' has no committed output under {self.url()}; "
+                f"run `python -m ray_jobs.{STAGE_JOBS.get(stage, stage)}` first"
             )
         return m
 

@@ -9,7 +9,9 @@ Per query, before any VLM runs:
 3. tool choice (at most 3): ``learned`` = xgboost P(tool usable | features) per tool, trained on
    the "usable" labels of validation queries; or the paper's baselines ``random``, ``oracle``
    (the tools that ARE right: needs the truth, evaluation only) and ``fixed`` (the tools with the
-   best validation usable rate). The first chosen tool is the primary;
+   best validation usable rate; CTR: AUC). The first chosen tool is the primary. The learned
+   choice is guarded (:meth:`TaskPlanner._guard`); for ranking tasks the guard also weighs the
+   fused ranking of the tools' answers (:mod:`reasonrec.fusion`), which then is the primary;
 4. confidence = calibrated P(the primary tool's answer is right) from an xgboost model on the same
    features plus the primary's own margin, trained on validation queries;
 5. tier (:func:`assign_tier`): low risk -> the primary tool answers, the VLM is never called;
@@ -30,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reasonrec.config import PlannerConfig
+from reasonrec.fusion import FusionRanker, candidate_features
 from reasonrec.hashing import splitmix64
 from reasonrec.prompts.templates import ToolHint
 from reasonrec.tools.base import Tool
@@ -180,6 +183,44 @@ def _predict(booster: Any, x: np.ndarray) -> np.ndarray:
     return booster.predict(xgb.DMatrix(x)).astype(np.float64)
 
 
+def _nan0(v: float) -> float:
+    return 0.0 if np.isnan(v) else float(v)
+
+
+def _hit_gain(v: np.ndarray, base: np.ndarray, labels: Any, seed: int) -> dict[str, Any]:
+    """Paired comparison of per-query hits: mean difference and its standard error."""
+    d = np.asarray(v, np.float64) - np.asarray(base, np.float64)
+    n = len(d)
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else None
+    return {
+        "value": float(np.mean(v)) if n else 0.0,
+        "base": float(np.mean(base)) if n else 0.0,
+        "gain": float(d.mean()) if n else 0.0,
+        "se": se,
+    }
+
+
+def _auc_gain(v: np.ndarray, base: np.ndarray, labels: np.ndarray, seed: int, reps: int = 200) -> dict[str, Any]:
+    """AUC of scores ``v`` minus AUC of ``base`` on the same queries, SE by a paired bootstrap
+    (AUC is not a mean over queries: no per-query difference to average)."""
+    from reasonrec.metrics import auc
+
+    y = np.asarray(labels, bool)
+    value, ref = _nan0(auc(y, v)), _nan0(auc(y, base))
+    n = len(y)
+    if n < 2 or y.all() or not y.any():
+        return {"value": value, "base": ref, "gain": value - ref, "se": None}
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(reps):
+        i = rng.integers(0, n, n)
+        a, b = auc(y[i], v[i]), auc(y[i], base[i])
+        if not (np.isnan(a) or np.isnan(b)):
+            diffs.append(a - b)
+    se = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
+    return {"value": value, "base": ref, "gain": value - ref, "se": se}
+
+
 @dataclass
 class Decision:
     tier: str
@@ -187,7 +228,7 @@ class Decision:
     confidence: float  # calibrated P(primary tool right)
     rationale: str
     primary: str = ""  # the planner's first-choice tool, whatever the tier (its answer is
-    # what the VLM agrees with or overrules: Table 7)
+    # what the VLM agrees with or overrules: Table 7); "fusion" when the fused ranking answers
 
 
 class TaskPlanner:
@@ -206,6 +247,8 @@ class TaskPlanner:
         vlm_auc: Mapping[str, dict] | None = None,
         fixed_order: Sequence[str] | None = None,
         guard: Mapping[str, Any] | None = None,
+        fusion: FusionRanker | None = None,
+        rank_score: Mapping[str, float] | None = None,
     ):
         self.task, self.names, self.cfg = task, names, cfg
         self.usable_models, self.confidence_model = usable_models, confidence_model
@@ -221,6 +264,16 @@ class TaskPlanner:
         # The learned choice's guard (:meth:`fit`): whether it kept the learned choice or fell back to
         # the fixed one, and the held-out evidence. None: no guard (the learned choice stands).
         self.guard: dict[str, Any] | None = dict(guard) if guard is not None else None
+        # Ranking tasks: the learned ranker over the union of the tools' top answers
+        # (reasonrec/fusion.py); it answers only where the guard chose it (:attr:`uses_fusion`).
+        self.fusion = fusion
+        # CTR: each tool's validation AUC, which ranks the fixed choice (a hit -- the side of 0.5 --
+        # rewards a tool that always says "no click"); None: the usable rate ranks it.
+        self.rank_score: dict[str, float] | None = dict(rank_score) if rank_score is not None else None
+
+    @property
+    def uses_fusion(self) -> bool:
+        return self.fusion is not None and self.guard is not None and self.guard["use"] == "fusion"
 
     def set_vlm_right(self, buckets: Sequence[str], right: Sequence[bool]) -> dict[str, dict[str, float]]:
         """Estimate P(VLM right) per EH bucket from validation answers, Laplace-smoothed
@@ -294,10 +347,15 @@ class TaskPlanner:
         usable: Mapping[str, np.ndarray],
         cfg: PlannerConfig,
         fixed_order: Sequence[str] | None = None,
+        fusion: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None,
+        ctr: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> TaskPlanner:
         """Fit on validation queries: ``usable[name]`` says whether each tool was right.
         ``fixed_order``: see the constructor (set before the confidence model learns on the
-        choices)."""
+        choices). ``fusion`` (ranking): per query the candidate features and truth labels of the
+        tools' union (:func:`feature_rows`); the ranker learns on one half, the guard tests it on
+        the other. ``ctr``: the tools' probabilities [n, tools] and the labels [n]: the fixed
+        ranking and the guard then judge by AUC, the CTR metric."""
         usable = {n: np.asarray(usable[n], bool) for n in names}
         rate = {n: float(u.mean()) if len(u) else 0.0 for n, u in usable.items()}
         # Cross-fitting: the tool-choice models learn on one half, the confidence model on the
@@ -312,13 +370,39 @@ class TaskPlanner:
             n: _fit_binary(features[a], y[a], cfg.confidence_rounds, cfg.seed) if 0 < y[a].sum() < a.sum() else None
             for n, y in usable.items()
         }
-        # The fixed choice ranks the tools by their usable rate over every fitting query.
-        planner = cls(task, names, cfg, models, None, rate, {}, fixed_order=fixed_order)
+        rank_score = None
+        if ctr is not None:
+            from reasonrec.metrics import auc
+
+            probs, labels = np.asarray(ctr[0], np.float64), np.asarray(ctr[1], bool)
+            rank_score = {n: _nan0(auc(labels, probs[:, i])) for i, n in enumerate(names)}
+        ranker = None
+        if fusion is not None and cfg.fusion and cfg.tool_choice == "learned" and cfg.guard_z >= 0:
+            ia = np.flatnonzero(a)
+            ranker = FusionRanker.fit(
+                names,
+                cfg.fusion_top_n,
+                [fusion[0][i] for i in ia],
+                [fusion[1][i] for i in ia],
+                cfg.fusion_rounds,
+                cfg.seed,
+            )
+        # The fixed choice ranks the tools by their usable rate (CTR: AUC) over every fitting query.
+        planner = cls(
+            task, names, cfg, models, None, rate, {}, fixed_order=fixed_order, fusion=ranker, rank_score=rank_score
+        )
         sub = {n: u[b] for n, u in usable.items()}
+        fused_b = None
+        if ranker is not None:
+            ib = np.flatnonzero(b)
+            fused_b = ranker.hits([fusion[0][i] for i in ib], [fusion[1][i] for i in ib], cfg.correct_k)
         if cfg.tool_choice == "learned" and cfg.guard_z >= 0:
-            planner.guard = planner._guard(features[b], sub, held_out=not (a & b).any())
+            ctr_b = None if ctr is None else (probs[b], labels[b])
+            planner.guard = planner._guard(features[b], sub, not (a & b).any(), fused_b, ctr_b)
         choice = planner.choose(features[b], truth_usable=sub)
-        conf_x, y = planner._confidence_inputs(features[b], choice), planner._primary_right(sub, choice)
+        conf_x = planner._confidence_inputs(features[b], choice)
+        # The confidence is P(the answer given is right): the fused one's where fusion answers.
+        y = fused_b if planner.uses_fusion else planner._primary_right(sub, choice)
         planner.confidence_model = (
             _fit_binary(conf_x, y, cfg.confidence_rounds, cfg.seed) if 0 < y.sum() < len(y) else None
         )
@@ -326,42 +410,80 @@ class TaskPlanner:
             "fit_rows": int(len(y)),
             "fit_positive_rate": float(y.mean()) if len(y) else 0.0,
             "usable_rate": rate,
+            **({"auc": rank_score} if rank_score is not None else {}),
         }
         return planner
 
-    def _guard(self, features: np.ndarray, usable: Mapping[str, np.ndarray], held_out: bool) -> dict[str, Any]:
-        """Keep the learned choice only where it beats the best fixed tool (the ``fixed`` choice's
-        primary) on held-out validation queries by more than its noise:
-        the mean paired difference of their hits > ``guard_z`` standard errors. Else (or with no
-        held-out half to test it on) the fixed choice answers: a choice learned from features that
-        separate users but not tools must not lose to always asking the best tool."""
+    def _guard(
+        self,
+        features: np.ndarray,
+        usable: Mapping[str, np.ndarray],
+        held_out: bool,
+        fused: np.ndarray | None = None,
+        ctr: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> dict[str, Any]:
+        """Keep the learned choice (or the fused ranking, ``fused``: its hits on these queries) only
+        where it beats the best fixed tool (the ``fixed`` choice's primary) on held-out validation
+        queries by more than its noise: the mean paired difference of their hits > ``guard_z``
+        standard errors (CTR, ``ctr`` = probabilities and labels: the AUC difference, its SE from a
+        paired bootstrap). Of the two, the larger gain wins. Else (or with no held-out half to test
+        on) the fixed choice answers: a choice learned from features that separate users but not
+        tools must not lose to always asking the best tool."""
         rows = np.arange(len(features))
         u = np.stack([usable[n] for n in self.names], 1)
-        learned = u[rows, self.choose(features, how="learned")[:, 0]].astype(np.float64)
+        learned_choice = self.choose(features, how="learned")[:, 0]
         fixed_first = int(self.fixed_ranking()[0])
-        fixed = u[:, fixed_first].astype(np.float64)
-        d = learned - fixed
-        n = len(d)
-        se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
-        gain = float(d.mean()) if n else 0.0
-        keep = held_out and n > 1 and gain > self.cfg.guard_z * se
-        why = (
-            "no held-out validation queries to test it on"
-            if not held_out or n <= 1
-            else f"learned {learned.mean():.4f} vs {self.names[fixed_first]} {fixed.mean():.4f} on {n} held-out "
-            f"validation queries: gain {gain:+.4f} {'>' if keep else '<='} {self.cfg.guard_z:g} x SE {se:.4f}"
-        )
-        return {
-            "use": "learned" if keep else "fixed",
-            "fixed_tool": self.names[fixed_first],
+        n = len(features)
+        if ctr is not None:
+            probs, labels = ctr
+            cands = {"learned": probs[rows, learned_choice]}
+            base = probs[:, fixed_first]
+            metric = "AUC"
+            compare = _auc_gain
+        else:
+            cands = {"learned": u[rows, learned_choice].astype(np.float64)}
+            if fused is not None:
+                cands["fusion"] = np.asarray(fused, np.float64)
+            base = u[:, fixed_first].astype(np.float64)
+            labels, metric = None, f"hit@{self.cfg.correct_k}"
+            compare = _hit_gain
+        evidence = {c: compare(v, base, labels, self.cfg.seed) for c, v in cands.items()}
+        testable = held_out and n > 1
+        passing = {
+            c: e
+            for c, e in evidence.items()
+            if testable and e["se"] is not None and e["gain"] > self.cfg.guard_z * e["se"]
+        }
+        use = max(passing, key=lambda c: passing[c]["gain"]) if passing else "fixed"
+        fixed_name = self.names[fixed_first]
+        if not testable:
+            why = "no held-out validation queries to test it on"
+        else:
+            parts = [
+                f"{c} {e['value']:.4f} (gain {e['gain']:+.4f} {'>' if c in passing else '<='} "
+                f"{self.cfg.guard_z:g} x SE {e['se'] if e['se'] is not None else float('nan'):.4f})"
+                for c, e in evidence.items()
+            ]
+            why = f"{metric} on {n} held-out validation queries: {fixed_name} {evidence['learned']['base']:.4f}; " + (
+                "; ".join(parts)
+            )
+        learned = evidence["learned"]
+        out = {
+            "use": use,
+            "fixed_tool": fixed_name,
+            "metric": metric,
             "n": n,
-            "learned_right": float(learned.mean()) if n else None,
-            "fixed_right": float(fixed.mean()) if n else None,
-            "gain": gain,
-            "se": se if np.isfinite(se) else None,
+            "learned_right": learned["value"] if n else None,
+            "fixed_right": learned["base"] if n else None,
+            "gain": learned["gain"],
+            "se": learned["se"],
             "z": self.cfg.guard_z,
             "why": why,
         }
+        if "fusion" in evidence:
+            f = evidence["fusion"]
+            out.update({"fusion_right": f["value"] if n else None, "fusion_gain": f["gain"], "fusion_se": f["se"]})
+        return out
 
     # --------------------------------------------------------------------------- inference
     def usable_prob(self, features: np.ndarray) -> np.ndarray:
@@ -381,8 +503,10 @@ class TaskPlanner:
         """[B, m] tool indices (into ``names``), primary first, m = min(max_tools, n tools)."""
         how = how or self.cfg.tool_choice
         B, m = len(features), min(self.cfg.max_tools, len(self.names))
-        if how == "learned" and self.guard is not None and self.guard["use"] == "fixed":
-            how = "fixed"  # the guard found the learned choice no better than the best fixed tool
+        if how == "learned" and self.guard is not None and self.guard["use"] in ("fixed", "fusion"):
+            # The guard found the learned choice no better than the best fixed tool (or the fused
+            # ranking answers: the fixed ranking then names the tools a hint shows).
+            how = "fixed"
         if how == "learned":
             p = self.usable_prob(features)
             return np.argsort(-p, axis=1, kind="stable")[:, :m]
@@ -408,7 +532,8 @@ class TaskPlanner:
     def fixed_ranking(self) -> np.ndarray:
         """Tool indices of the ``fixed`` choice, best first: ``fixed_order``'s tools (those this
         planner has), then the others by validation usable rate (ties keep tool order)."""
-        by_rate = np.argsort([-self.usable_rate[n] for n in self.names], kind="stable")
+        score = self.rank_score if self.rank_score is not None else self.usable_rate
+        by_rate = np.argsort([-score[n] for n in self.names], kind="stable")
         if self.fixed_order is None:
             return by_rate
         index = {n: i for i, n in enumerate(self.names)}
@@ -425,6 +550,24 @@ class TaskPlanner:
     def _primary_right(self, usable: Mapping[str, np.ndarray], choice: np.ndarray) -> np.ndarray:
         u = np.stack([usable[n] for n in self.names], 1)
         return u[np.arange(len(choice)), choice[:, 0]]
+
+    def fuse(
+        self,
+        answers: ToolAnswers,
+        eh: np.ndarray,
+        hist_len: np.ndarray,
+        histories: Sequence[np.ndarray],
+        popularity: np.ndarray,
+        k: int,
+    ) -> np.ndarray:
+        """[B, k] the fused ranking of the tools' answers (-1 pads); the fallback after the union
+        is the fixed choice's tool."""
+        assert self.fusion is not None
+        f = self.fusion
+        cand, valid, x = candidate_features(
+            answers.items, answers.scores, f.names, f.top_n, popularity, eh, hist_len, histories
+        )
+        return f.rank(cand, valid, x, answers.items[self.names[int(self.fixed_ranking()[0])]], k)
 
     def confidence(self, features: np.ndarray, choice: np.ndarray) -> np.ndarray:
         if self.confidence_model is None:
@@ -447,6 +590,8 @@ class TaskPlanner:
             "vlm_auc": self.vlm_auc,
             "fixed_order": self.fixed_order,
             "guard": self.guard,
+            "fusion": None if self.fusion is None else self.fusion.state(),
+            "rank_score": self.rank_score,
         }
 
     @classmethod
@@ -473,6 +618,8 @@ class TaskPlanner:
             state.get("vlm_auc"),
             state.get("fixed_order"),
             state.get("guard"),
+            FusionRanker.from_state(state.get("fusion")),
+            state.get("rank_score"),
         )
 
 
@@ -544,12 +691,19 @@ def plan(
     choice = task_planner.choose(features, truth_usable=truth_usable, keys=keys)
     conf = task_planner.confidence(features, choice)
     cold = cold if cold is not None else [False] * len(features)
+    # The fused ranking answers (as the primary) where the guard chose it; the router puts it in
+    # ``answers.items["fusion"]`` (:meth:`TaskPlanner.fuse`). The oracle is an upper bound over tools.
+    fused = task_planner.uses_fusion and cfg.tool_choice == "learned"
+    if fused and "fusion" not in answers.items:
+        raise ValueError("the planner answers with its fused ranking: put TaskPlanner.fuse's items in answers.items")
     out = []
     for b in range(len(features)):
         tools = [task_planner.names[i] for i in choice[b]]
         vlm_right = task_planner.vlm_right.get(buckets[b])
         tier = assign_tier(buckets[b], float(conf[b]), cfg, mode, vlm_right)
-        used = tools[:1] if tier == "low" else (tools if tier == "high" else [])
+        # High risk shows the VLM the chosen tools' own answers (what its instructions showed).
+        first = ["fusion"] if fused else tools[:1]
+        used = first if tier == "low" else (tools if tier == "high" else [])
         out.append(
             Decision(
                 tier,
@@ -560,13 +714,13 @@ def plan(
                     buckets[b],
                     float(eh[b]),
                     float(conf[b]),
-                    tools,
+                    first + tools[1:] if tier == "low" else tools,
                     cfg,
                     bool(cold[b]),
                     mode,
                     task_planner.vlm_basis(buckets[b]) if tier == "low" and vlm_right is not None else "",
                 ),
-                primary=tools[0],
+                primary=first[0],
             )
         )
     return out
@@ -611,11 +765,37 @@ def fit_tasks(tasks: Sequence[str]) -> list[str]:
     return [t for t in tasks if t != "explanation"]
 
 
+FEATURE_ROWS = pa.schema(
+    [
+        ("query_id", pa.int64()),
+        ("task", pa.string()),
+        ("names", pa.list_(pa.string())),
+        ("features", pa.list_(pa.float32())),
+        ("usable", pa.list_(pa.bool_())),
+        # CTR: each tool's probability and the label (the fixed ranking and guard judge by AUC).
+        ("probs", pa.list_(pa.float64())),
+        ("label", pa.bool_()),
+        # Ranking with fusion: the union's candidate features, flattened [U * F], and which candidate
+        # is the truth [U]; empty where no tool proposed the truth (no pair to learn from).
+        ("fusion_x", pa.list_(pa.float32())),
+        ("fusion_y", pa.list_(pa.bool_())),
+    ]
+)
+
+
 def feature_rows(
-    rows: Sequence[Mapping[str, Any]], toolbox: ToolBox, users, catalog, k: int, correct_k: int
-) -> list[dict[str, Any]]:
-    """Validation query rows (QUERIES, with truth) -> per query the tools' names, the planner
-    features and which tools are usable (right in their top ``correct_k``; CTR: the label's side)."""
+    rows: Sequence[Mapping[str, Any]],
+    toolbox: ToolBox,
+    users,
+    catalog,
+    k: int,
+    correct_k: int,
+    fusion_top_n: int = 0,
+) -> pa.Table:
+    """Validation query rows (QUERIES, with truth) -> a :data:`FEATURE_ROWS` table: per query the
+    tools' names, the planner features, which tools are usable (right in their top ``correct_k``;
+    CTR: the label's side), CTR's probabilities and label, and with ``fusion_top_n`` > 0 the
+    fused ranking's training rows (ranking tasks)."""
     out = []
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in rows:
@@ -629,10 +809,21 @@ def feature_rows(
             kw["candidates"] = np.array([r["candidates"] for r in sub], np.int64)
         if task == "ctr":
             kw["items"] = np.array([r["item_id"] for r in sub], np.int64)
-        ans = toolbox.answer(task, uids, hists, k, **kw)
+        ans = toolbox.answer(task, uids, hists, max(k, fusion_top_n), **kw)
         truth = np.array([r["label" if task == "ctr" else "target"] for r in sub])
-        feats = query_features(ans, np.array([s.eh for s in st]), np.array([len(h) for h in hists]), catalog.popularity)
+        eh, hist_len = np.array([s.eh for s in st]), np.array([len(h) for h in hists])
+        feats = query_features(ans, eh, hist_len, catalog.popularity)
         ok = np.stack([ans.correct(n, truth, correct_k) for n in ans.names], 1)
+        fx, fy = [[] for _ in sub], [[] for _ in sub]
+        if fusion_top_n > 0 and task != "ctr" and ans.names:
+            cand, valid, x = candidate_features(
+                ans.items, ans.scores, ans.names, fusion_top_n, catalog.popularity, eh, hist_len, hists
+            )
+            for j in range(len(sub)):
+                y = cand[j][valid[j]] == truth[j]
+                if y.any():
+                    fx[j], fy[j] = x[j][valid[j]].ravel().tolist(), y.tolist()
+        probs = np.stack([ans.prob[n] for n in ans.names], 1) if task == "ctr" else None
         for j, r in enumerate(sub):
             out.append(
                 {
@@ -641,9 +832,26 @@ def feature_rows(
                     "names": ans.names,
                     "features": feats[j].tolist(),
                     "usable": ok[j].tolist(),
+                    "probs": probs[j].tolist() if probs is not None else [],
+                    "label": bool(truth[j]) if task == "ctr" else None,
+                    "fusion_x": fx[j],
+                    "fusion_y": fy[j],
                 }
             )
-    return out
+    return pa.Table.from_pylist(out, schema=FEATURE_ROWS)
+
+
+def _fusion_data(t: pa.Table, names: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """Per row of a task's :data:`FEATURE_ROWS` the fused ranking's (x [U, F], y [U]); None
+    when the table has no fusion rows."""
+    from reasonrec.fusion import feature_names
+
+    ys = t.column("fusion_y").to_pylist()
+    if not any(ys):
+        return None
+    f = len(feature_names(names))
+    xs = [np.asarray(v, np.float32).reshape(-1, f) for v in t.column("fusion_x").to_pylist()]
+    return xs, [np.asarray(v, bool) for v in ys]
 
 
 def fit_planners(
@@ -652,7 +860,7 @@ def fit_planners(
     """Fit one :class:`TaskPlanner` per task on the :func:`feature_rows` table ``feats`` (sorted
     by query id), holding out a ``calibration_holdout`` share to report calibration on.
     Returns (state for planner.json, calibration report, fixed tool choice, guards) by task."""
-    from reasonrec.vlm.infer import expected_calibration_error
+    from reasonrec.metrics import expected_calibration_error
 
     state, report, fixed, guard = {"tasks": {}}, {}, {}, {}
     for task in tasks:
@@ -662,8 +870,13 @@ def fit_planners(
         names = t.column("names")[0].as_py()
         x = np.array(t.column("features").to_pylist(), np.float32)
         u = np.array(t.column("usable").to_pylist(), bool)
+        fusion = _fusion_data(t, names) if task != "ctr" else None
+        ctr = None
+        if task == "ctr":
+            ctr = (np.array(t.column("probs").to_pylist(), np.float64), np.array(t.column("label").to_pylist(), bool))
         hold = np.random.default_rng(cfg.seed).random(len(x)) < cfg.calibration_holdout
         fit_rows = ~hold if (~hold).sum() >= 10 else np.ones(len(x), bool)
+        fit_idx = np.flatnonzero(fit_rows)
         planner = TaskPlanner.fit(
             task,
             names,
@@ -671,6 +884,8 @@ def fit_planners(
             {n: u[fit_rows, i] for i, n in enumerate(names)},
             cfg,
             fixed_order=trained_order.get(task),
+            fusion=None if fusion is None else ([fusion[0][i] for i in fit_idx], [fusion[1][i] for i in fit_idx]),
+            ctr=None if ctr is None else (ctr[0][fit_rows], ctr[1][fit_rows]),
         )
         if hold.any():
             choice = planner.choose(
@@ -679,7 +894,11 @@ def fit_planners(
                 keys=t.column("query_id").to_numpy()[hold],
             )
             conf = planner.confidence(x[hold], choice)
-            right = u[hold][np.arange(hold.sum()), choice[:, 0]]
+            if planner.uses_fusion:
+                ih = np.flatnonzero(hold)
+                right = planner.fusion.hits([fusion[0][i] for i in ih], [fusion[1][i] for i in ih], cfg.correct_k)
+            else:
+                right = u[hold][np.arange(hold.sum()), choice[:, 0]]
             report[task] = {
                 "holdout_rows": int(hold.sum()),
                 "ece": expected_calibration_error(conf, right),

@@ -153,7 +153,7 @@ class Router:
                     if task == "ctr":
                         rec["tool_prob"] = float(answers.prob[d.primary][j])
                     else:
-                        rec["tool_items"] = answers.items[d.primary][j, : self.k].tolist()
+                        rec["tool_items"] = [i for i in answers.items[d.primary][j, : self.k].tolist() if i >= 0]
                 if d.tier == "low":  # the tool's answer is the answer
                     rec["prob"], rec["items"] = rec.get("tool_prob"), rec.get("tool_items")
                 elif d.tier == "high" and answers is not None:
@@ -166,16 +166,21 @@ class Router:
         hists = [s.history for s in states]
         cands = np.array([r["candidates"] for r in rows], np.int64) if task == "direct" else None
         items = np.array([r["item_id"] for r in rows], np.int64) if task == "ctr" else None
-        answers = self.toolbox.answer(task, users, hists, self.k, candidates=cands, items=items)
-        eh = np.array([s.eh for s in states])
-        feats = query_features(answers, eh, np.array([len(h) for h in hists]), self.catalog.popularity)
+        planner = self.planners[task]
+        fuse = planner.uses_fusion and self.cfg.tool_choice == "learned"
+        k = max(self.k, planner.fusion.top_n) if fuse else self.k
+        answers = self.toolbox.answer(task, users, hists, k, candidates=cands, items=items)
+        eh, hist_len = np.array([s.eh for s in states]), np.array([len(h) for h in hists])
+        feats = query_features(answers, eh, hist_len, self.catalog.popularity)
+        if fuse:  # the guard chose the fused ranking of the tools' answers (reasonrec/fusion.py)
+            answers.items["fusion"] = planner.fuse(answers, eh, hist_len, hists, self.catalog.popularity, self.k)
         truth = None
         if self.cfg.tool_choice == "oracle":
             col = "label" if task == "ctr" else "target"
             truth = np.array([-1 if r.get(col) is None else r[col] for r in rows])
         keys = np.array([r["query_id"] for r in rows], np.int64)
         decisions = plan(
-            self.planners[task],
+            planner,
             answers,
             feats,
             [s.bucket for s in states],

@@ -290,23 +290,24 @@ def test_vlm_aware_planner_bypasses_where_the_tool_is_likelier_right(tiny_run, t
     paper = score.run(load_config(CONFIG_DIR / "quickstart.yaml", base + ["score.stage_name=paper"]))
     # Two actors per pool on the 2-CPU test cluster: pools as large as the cluster must not
     # starve the planner fit's input (it once hung on a repartition waiting for a CPU).
-    c = load_config(
-        CONFIG_DIR / "quickstart.yaml",
-        base
-        + [
-            "planner.vlm_aware=true",
-            "planner.vlm_fit_queries=6",
-            "score.stage_name=aware",
-            "score.count_flops=true",
-            "score.tool_actors=2",
-            "score.vlm_actors=2",
-        ],
-    )
+    c_overrides = base + [
+        "planner.vlm_aware=true",
+        "planner.vlm_fit_queries=6",
+        "score.stage_name=aware",
+        "score.count_flops=true",
+        "score.tool_actors=2",
+        "score.vlm_actors=2",
+    ]
+    c = load_config(CONFIG_DIR / "quickstart.yaml", c_overrides)
     aware = score.run(c)
     st = open_store(c)
     fitted = st.read_json("planner", "summary.json")["vlm_right"]
     assert set(fitted) == {"sequential", "direct", "ctr"}
     assert all(sum(b["n"] for b in fitted[t].values()) == 6 for t in fitted)  # 6 validation queries per task
+    # Tools mode ignores the VLM's record: it keeps this planner instead of refitting one without it.
+    fingerprint = st.manifest("planner").fingerprint
+    tools = load_config(CONFIG_DIR / "quickstart.yaml", c_overrides + ["score.mode=tools"])
+    assert fit_planner.run(tools)["skipped"] and st.manifest("planner").fingerprint == fingerprint
     planners = load_planners(st, c.planner)
     assert aware["bypass_rate"] >= paper["bypass_rate"]
     for r in st.read_table("aware", "predictions").to_pylist():

@@ -1,0 +1,80 @@
+"""Scoring a run that has no fine-tuned VLM (only ``prepare`` and ``train_tools``): tools mode
+works end to end and its planner fit skips the VLM calibration; routed mode fails naming the jobs
+to run. And the scoring job's progress lines."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+
+import pytest
+from conftest import TINY_RUN
+
+from ray_jobs import fit_planner, score
+from reasonrec.config import CONFIG_DIR, load_config
+from reasonrec.io import MissingStage, open_store
+
+
+def test_tools_mode_scores_a_run_without_finetune_and_routed_mode_names_the_missing_jobs(tiny_run, tmp_path, caplog):
+    cfg, store = tiny_run
+    root = tmp_path / "bare"
+    base = TINY_RUN + [f"output_root={root}", "planner.vlm_aware=true", "score.tasks=[sequential,direct,ctr]"]
+    c = load_config(CONFIG_DIR / "quickstart.yaml", base + ["score.mode=tools", "score.progress_every_s=0.05"])
+    st = open_store(c)
+    for stage in ("prepare", "train_tools"):  # a run that stopped before the VLM's stages
+        shutil.copytree(store.path(stage), st.path(stage))
+    with caplog.at_level(logging.INFO):
+        s = score.run(c)
+    assert not st.fs.exists(st.path("finetune")) and not st.fs.exists(st.path("instructions"))
+    preds, queries = st.read_table("score", "predictions"), st.read_table("score", "queries")
+    ids = preds.column("query_id").to_pylist()
+    assert s["queries"] == queries.num_rows == len(ids) + s["rejected"] == 36  # 12 per task x 3 tasks
+    assert len(set(ids)) == len(ids) and set(ids) == set(queries.column("query_id").to_pylist())
+    assert s["vlm_calls"] == 0 and set(preds.column("route").to_pylist()) == {"low"}
+    # The planner fit skipped the VLM calibration, said why, and does not depend on finetune.
+    planner = st.read_json("planner", "summary.json")
+    assert planner["vlm_calibration"].startswith("VLM calibration skipped: score.mode=tools")
+    assert planner["vlm_right"] == {} and "finetune" not in st.manifest("planner").inputs
+    assert "VLM calibration skipped: score.mode=tools" in caplog.text
+    assert "VLM calibration skipped" in fit_planner.format_summary(planner)
+    # ... hashed as the fit it is: the same as planner.vlm_aware=false, not the routed one.
+    routed = load_config(CONFIG_DIR / "quickstart.yaml", base)
+    off = load_config(CONFIG_DIR / "quickstart.yaml", base + ["planner.vlm_aware=false"])
+    assert fit_planner.config_hash(c) == fit_planner.config_hash(off) != fit_planner.config_hash(routed)
+    # Progress lines while scoring (score.progress_every_s=0.05).
+    lines = [r.getMessage() for r in caplog.records if r.name == "reasonrec.score"]
+    assert any(re.fullmatch(r"score: \d+/36 queries \(\d+%\) in .*q/s, ETA .*; VLM calls 0", m) for m in lines)
+    # Routed mode needs the fine-tuned VLM: a clear error naming the jobs, before any work.
+    with pytest.raises(MissingStage, match=r"score\.mode=routed answers queries with the fine-tuned VLM") as err:
+        score.run(routed)
+    assert "python -m ray_jobs.build_instructions" in str(err.value)
+    assert "and then `python -m ray_jobs.finetune" in str(err.value)
+    assert st.read_json("planner", "summary.json") == planner  # the tools-mode planner is untouched
+
+
+def test_progress_line_gives_rate_and_eta():
+    assert (
+        score.progress_line(30, 120, 60.0, 7)
+        == "score: 30/120 queries (25%) in 1m00s, 0.50 q/s, ETA 3m00s; VLM calls 7"
+    )
+    assert score.progress_line(0, 10, 4.2, 0) == "score: 0/10 queries (0%) in 4s, 0.00 q/s, ETA ?; VLM calls 0"
+    assert "ETA 1h01m01s" in score.progress_line(1, 3662, 1.0, 0)
+
+
+def test_progress_is_logged_while_no_shard_finishes(caplog):
+    with caplog.at_level(logging.INFO, logger="reasonrec.score"):
+        p = score.Progress(total=10, every_s=0.05)
+        try:
+            time.sleep(0.3)  # no shard finishes: the timer thread still logs
+        finally:
+            p.stop()
+        n = len(caplog.records)
+        assert n >= 2 and all("0/10 queries" in r.getMessage() for r in caplog.records)
+        time.sleep(0.15)
+        assert len(caplog.records) == n  # stopped
+        off = score.Progress(total=10, every_s=0)
+        off.add(5, 1)
+        off.stop()
+        assert len(caplog.records) == n
