@@ -257,12 +257,15 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--diagnose-max-queries", type=int, default=0, help="per task, 0 = every test query")
     ap.add_argument("--diagnose-batch", type=int, default=1000, help="queries per tools call")
+    ids = {c.replace(", ", "_").replace(" ", "_"): c for c in CHOICES}  # learned_no_fusion, ...
     ap.add_argument(
-        "--choices", default=",".join(CHOICES), help=f"comma-separated tool choices to score (of: {', '.join(CHOICES)})"
+        "--choices", default=",".join(ids), help=f"comma-separated tool choices to score (of: {', '.join(ids)})"
     )
     ap.add_argument("--tasks", default=",".join(METRIC), help="comma-separated tasks (of sequential, direct, ctr)")
     a = ap.parse_args(argv)
-    choices = {c: CHOICES[c] for c in a.choices.split(",")}
+    if not set(a.choices.split(",")) <= set(ids):
+        ap.error(f"--choices: choose from {', '.join(ids)}")
+    choices = {ids[c]: CHOICES[ids[c]] for c in a.choices.split(",")}
     tasks = a.tasks.split(",")
     if "learned" not in choices or not set(tasks) <= set(METRIC):
         ap.error("--choices must include 'learned'; --tasks must be among sequential, direct, ctr")

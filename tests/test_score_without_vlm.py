@@ -9,6 +9,7 @@ import re
 import shutil
 import time
 
+import pyarrow.compute as pc
 import pytest
 from conftest import TINY_RUN
 
@@ -78,3 +79,53 @@ def test_progress_is_logged_while_no_shard_finishes(caplog):
         off.add(5, 1)
         off.stop()
         assert len(caplog.records) == n
+
+
+def test_tools_mode_numbers_equal_evaluates_numbers_for_the_tool_used(tiny_run, tmp_path):
+    """Same protocol, same users: the system in tools mode with the fixed choice answers every test
+    query with one tool, so its metrics must equal evaluate's metrics of that tool (the tools' CTR
+    test AUC once saw a shorter history than the router's queries: this caught it)."""
+    from reasonrec.evaluation import evaluate_tools, system_records
+
+    cfg, store = tiny_run
+    root = tmp_path / "eq"
+    over = TINY_RUN + [
+        f"output_root={root}",
+        "score.tasks=[sequential,direct,ctr]",
+        "score.mode=tools",
+        "score.max_queries_per_task=0",
+        "planner.tool_choice=fixed",
+    ]
+    c = load_config(CONFIG_DIR / "quickstart.yaml", over)
+    st = open_store(c)
+    for stage in ("prepare", "train_tools"):
+        shutil.copytree(store.path(stage), st.path(stage))
+    score.run(c)
+    fixed = st.read_json("planner", "summary.json")["fixed_tools"]
+    preds, queries = st.read_table("score", "predictions"), st.read_table("score", "queries")
+    users = st.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
+    system = system_records(preds, queries, users, c)
+    tools = evaluate_tools(st, c)
+    checked = 0
+    for task, metric, k in (("sequential", "hr", 5), ("direct", "hr", 5), ("ctr", "auc", None)):
+        tool = fixed[task][0]
+        assert set(preds.filter(pc.equal(preds.column("task"), task)).column("primary_tool").to_pylist()) == {tool}
+
+        def value(records, model, task=task, metric=metric, k=k):
+            got = [
+                r["value"]
+                for r in records
+                if r["model"] == model
+                and r["task"] == task
+                and r["metric"] == metric
+                and r.get("k") == k
+                and r["group"] == "all"
+                and r.get("protocol") != "routing"
+                and "masked" not in str(r.get("protocol"))
+            ]
+            assert len(got) == 1, (model, task, got)
+            return got[0]
+
+        assert value(system, "reasonrec") == pytest.approx(value(tools, tool), abs=1e-9), (task, tool)
+        checked += 1
+    assert checked == 3
