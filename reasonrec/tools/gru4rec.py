@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from reasonrec.tools.base import register
 from reasonrec.tools.sequential import SeqNet, SequentialTorchTool
@@ -19,21 +18,18 @@ class GRU4RecNet(SeqNet):
         self.proj = nn.Linear(gru_hidden, hidden)
 
     def encode(self, seqs: torch.Tensor) -> torch.Tensor:
-        # Packed: a GRU's state moves even on zero embeddings (its biases), so left padding would make
-        # a user's answer depend on how much padding the batch's longest history gave it (an answer
-        # alone differed from the same user's answer in a batch). Each row is rotated so its items
-        # come first, run packed to its own length, and rotated back to the left-padded layout.
-        B, L = seqs.shape
-        lengths = (seqs > 0).sum(1)
-        pad = (L - lengths)[:, None]
-        steps = torch.arange(L, device=seqs.device)[None, :]
-        first = seqs.gather(1, (steps + pad) % L)  # [B, L]: the items, then padding
-        packed = pack_padded_sequence(
-            self.drop(self.item_emb(first)), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
-        )
-        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=L)
-        out = out.gather(1, ((steps - pad) % L)[:, :, None].expand(-1, -1, out.shape[2]))
+        # Left padding: padded steps come first and carry zero embeddings; the state still moves on
+        # them (the GRU's biases), so the amount of padding matters (see score_last).
+        out, _ = self.gru(self.drop(self.item_emb(seqs)))
         return self.proj(self.drop(out))
+
+    @torch.no_grad()
+    def score_last(self, seqs: torch.Tensor) -> torch.Tensor:
+        # Every history padded to the full max_len, never trimmed to the batch's longest: a user's
+        # answer must not depend on who else is in the batch (online == batch). Packing the
+        # sequences instead removes the padding's effect altogether but measured worse on the
+        # 5,000-user synthetic world (validation HR@5 0.161 vs 0.296, best epoch 1 vs 9).
+        return self.logits(self.encode(seqs)[:, -1])
 
 
 @register
