@@ -103,13 +103,15 @@ class _VLMCalibration:
 def calibrates_vlm(cfg: RunConfig) -> bool:
     """Whether the fit measures the fine-tuned VLM on validation queries: ``planner.vlm_aware``
     with ``score.mode=routed``, the one mode whose tiers use that record (the others force a tier)."""
-    return cfg.planner.vlm_aware and cfg.score.mode == "routed"
+    return cfg.planner.vlm_aware and cfg.score.mode == "routed" and cfg.score.vlm_budget != 0
 
 
 def vlm_calibration_skipped(cfg: RunConfig) -> str | None:
     """Why ``planner.vlm_aware`` is set but the fit skips the VLM calibration (None: it does not)."""
     if not cfg.planner.vlm_aware or calibrates_vlm(cfg):
         return None
+    if cfg.score.vlm_budget == 0:
+        return "score.vlm_budget=0: no query is answered by the VLM"
     return (
         f"score.mode={cfg.score.mode} never routes by the VLM's validation record "
         f"(planner.vlm_aware applies to score.mode=routed only)"

@@ -16,6 +16,13 @@
    While shards finish, a progress line (queries done / total, q/s, ETA, VLM calls) is logged at
    least every ``score.progress_every_s``.
 
+With a VLM budget (``score.vlm_budget`` >= 0) and a job that needs the VLM, it runs in two passes:
+the router pool routes every shard and writes it to ``{staging}/routed/``; the driver ranks the
+queries routed to the VLM by expected gain (:func:`reasonrec.scoring.select_for_vlm_budget`) and
+writes the chosen ones once to ``{staging}/vlm_budget.parquet`` (a resumed run reuses it, so no
+call is spent twice); then the VLM pool answers only those, the others keep their tool's answer
+(``vlm_skipped``). Unlimited (-1, the default): one pass, as above.
+
 ``score.mode`` runs the paper's baselines through the same code: ``tools`` (tools only), ``vlm``
 (VLM alone), ``vlm_tools`` (VLM + tools always). ``tools`` without explanation in ``score.tasks``
 needs no fine-tuned VLM: a run with only ``prepare`` and ``train_tools`` scores.
@@ -118,30 +125,72 @@ class _VLMActor:
         return self.answerer(batch.drop_columns(["shard"])).append_column("shard", shard)
 
 
-def _write_shard(batch: pa.Table, staging: str, storage: dict, expected: dict) -> pa.Table:
-    """Write one whole shard (predictions + rejected) atomically: temp name, then rename."""
+def _shards_of(batch: pa.Table, staging: str, storage: dict, expected: dict):
+    """(fs, arrow fs, root, [(shard, its rows without the shard column)]) of a batch, each shard
+    checked whole."""
     from reasonrec.config import StorageConfig
-    from reasonrec.data.schemas import PREDICTIONS
     from reasonrec.io import arrow_filesystem, filesystem
 
-    shards = pc.unique(batch.column("shard")).to_pylist()
     fs, root = filesystem(staging, StorageConfig(**storage))
-    afs = arrow_filesystem(fs)
-    out = []
-    for s in shards:
+    parts = []
+    for s in pc.unique(batch.column("shard")).to_pylist():
         part = batch.filter(pc.equal(batch.column("shard"), s)).drop_columns(["shard"])
         if part.num_rows != expected[str(s)]:
             # Ray Data split a shard across batches: writing it would lose rows on resume.
             raise RuntimeError(f"shard {s}: got {part.num_rows} of {expected[str(s)]} rows in one batch")
+        parts.append((s, part))
+    return fs, arrow_filesystem(fs), root, parts
+
+
+def _atomic_write(fs, afs, root: str, name: str, s: int, table: pa.Table) -> None:
+    """``{root}/{name}/shard-{s}.parquet``, atomically: temp name, then rename."""
+    final = f"{root}/{name}/shard-{s:05d}.parquet"
+    tmp = final + ".tmp"
+    fs.makedirs(f"{root}/{name}", exist_ok=True)
+    pq.write_table(table, tmp, filesystem=afs)
+    fs.mv(tmp, final)
+
+
+def _write_routed(batch: pa.Table, staging: str, storage: dict, expected: dict) -> pa.Table:
+    """Budget pass 1: write one whole routed shard (``ROUTED`` rows) to ``{staging}/routed``."""
+    fs, afs, root, parts = _shards_of(batch, staging, storage, expected)
+    out = []
+    for s, part in parts:
+        _atomic_write(fs, afs, root, "routed", s, part)
+        low = int(pc.sum(pc.equal(part.column("route"), "low")).as_py() or 0)
+        out.append({"shard": s, "rows": part.num_rows, "low": low})
+    return pa.Table.from_pylist(out)
+
+
+def _read_routed(batch: pa.Table, staging: str, storage: dict) -> pa.Table:
+    """Budget pass 2: a batch of (shard, selected query ids) -> that shard's routed rows with the
+    VLM budget applied (:func:`reasonrec.scoring.apply_vlm_budget`), plus the shard column."""
+    from reasonrec.config import StorageConfig
+    from reasonrec.io import arrow_filesystem, filesystem
+    from reasonrec.scoring import apply_vlm_budget
+
+    fs, root = filesystem(staging, StorageConfig(**storage))
+    afs = arrow_filesystem(fs)
+    out = []
+    for r in batch.to_pylist():
+        routed = pq.read_table(f"{root}/routed/shard-{r['shard']:05d}.parquet", filesystem=afs)
+        routed = apply_vlm_budget(routed, frozenset(r["selected"]))
+        out.append(routed.append_column("shard", pa.array(np.full(routed.num_rows, r["shard"]), pa.int64())))
+    return pa.concat_tables(out)
+
+
+def _write_shard(batch: pa.Table, staging: str, storage: dict, expected: dict) -> pa.Table:
+    """Write one whole shard (predictions + rejected) atomically: temp name, then rename."""
+    from reasonrec.data.schemas import PREDICTIONS
+
+    fs, afs, root, parts = _shards_of(batch, staging, storage, expected)
+    out = []
+    for s, part in parts:
         bad = pc.is_valid(part.column("error"))
         good = part.filter(pc.invert(bad)).select([f.name for f in PREDICTIONS]).cast(PREDICTIONS)
         rej = part.filter(bad).select([f.name for f in REJECTED])
         for name, table in (("predictions", good), ("rejected", rej)):
-            final = f"{root}/{name}/shard-{s:05d}.parquet"
-            tmp = final + ".tmp"
-            fs.makedirs(f"{root}/{name}", exist_ok=True)
-            pq.write_table(table, tmp, filesystem=afs)
-            fs.mv(tmp, final)
+            _atomic_write(fs, afs, root, name, s, table)
         out.append(
             {
                 "shard": s,
@@ -190,6 +239,8 @@ def config_hash(cfg: RunConfig) -> str:
                 s.mode,
                 s.shard_rows,
                 s.stage_name,
+                # only when set: unlimited runs keep the hash they had before the budget existed
+                *([s.vlm_budget] if s.vlm_budget >= 0 else []),
             ],
             "planner": section_hash(cfg.planner),
             "seed": cfg.seed,
@@ -206,7 +257,10 @@ def config_hash(cfg: RunConfig) -> str:
 
 def needs_vlm(cfg: RunConfig) -> bool:
     """Whether the job answers any query with the fine-tuned VLM: every mode but ``tools``, and
-    explanations (the VLM's alone) in any mode."""
+    explanations (the VLM's alone) in any mode; never with a VLM budget of 0 (every query the
+    planner routes to the VLM is answered by its tool, flagged ``vlm_skipped``)."""
+    if cfg.score.vlm_budget == 0:
+        return False
     return cfg.score.mode != "tools" or "explanation" in cfg.score.tasks
 
 
@@ -274,35 +328,38 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
     staging = store.url(TMP_DIR, stage_dir)
     if force and store.fs.exists(store.path(TMP_DIR, stage_dir)):
         store.fs.rm(store.path(TMP_DIR, stage_dir), recursive=True)
-    done = set()
     pred_dir = store.path(TMP_DIR, stage_dir, "predictions")
-    if store.fs.exists(pred_dir):
-        done = {
-            int(p.rsplit("-", 1)[1].split(".")[0])
-            for p in store.fs.ls(pred_dir, detail=False)
-            if p.endswith(".parquet")
-        }
+    done = _written(store, pred_dir)
     todo = [s for s in range(n_shards) if s not in done]
+    budget = cfg.score.vlm_budget
+    budgeted = with_vlm and budget >= 0  # two passes: route all, choose the VLM's queries, answer
     log.info(
-        "score: %d queries in %d shards (%d already written, %d to go), mode=%s",
+        "score: %d queries in %d shards (%d already written, %d to go), mode=%s%s",
         n,
         n_shards,
         len(done),
         len(todo),
         cfg.score.mode,
+        f", VLM budget {budget}" if budgeted else "",
     )
     # Actor options passed through map_batches: a crashed actor restarts, its batch is retried.
     retries = {"max_restarts": cfg.score.max_task_retries, "max_task_retries": cfg.score.max_task_retries}
     import uuid
 
     attempts = f"{staging}/_attempts/{uuid.uuid4().hex[:12]}"  # this run's markers only
-    pools = {"router": max(cfg.score.tool_actors, 1), **({"vlm": max(cfg.score.vlm_actors, 1)} if with_vlm else {})}
-    if todo:
+    pools: dict[str, int] = {}  # the actor pools this run started (for count_attempts)
+
+    def rows_of(s: int) -> int:
+        return min(rows, n - s * rows)
+
+    def route(shards: list[int]):
         # Shards are contiguous row ranges: a zero-copy slice each (not a filter pass per shard).
-        blocks = [queries.slice(s * rows, rows) for s in todo]
-        blocks = [b.append_column("shard", pa.array(np.full(b.num_rows, s), pa.int64())) for s, b in zip(todo, blocks)]
-        expected = {str(s): b.num_rows for s, b in zip(todo, blocks)}
-        ds = ray.data.from_arrow(blocks).map_batches(
+        blocks = [queries.slice(s * rows, rows) for s in shards]
+        blocks = [
+            b.append_column("shard", pa.array(np.full(b.num_rows, s), pa.int64())) for s, b in zip(shards, blocks)
+        ]
+        pools["router"] = max(cfg.score.tool_actors, 1)
+        return ray.data.from_arrow(blocks).map_batches(
             _RouterActor,
             fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split, "attempts": attempts},
             batch_format="pyarrow",
@@ -311,7 +368,74 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             num_cpus=cfg.score.tool_cpus,
             **retries,
         )
-        if with_vlm:
+
+    def write(ds, fn, expected: dict):
+        return ds.map_batches(
+            fn,
+            fn_kwargs={"staging": staging, "storage": _storage(cfg), "expected": expected},
+            batch_format="pyarrow",
+            batch_size=None,
+            max_retries=cfg.score.max_task_retries,
+            # Writing a shard is I/O: with actor pools that reserve every CPU
+            # (fractional score.*_cpus) a 1-CPU write task would wait for the
+            # whole pool to finish, and no shard would be saved for resuming.
+            num_cpus=0.1,
+        )
+
+    selected = None  # budgeted: the query ids the VLM answers (vlm_budget.parquet)
+    if budgeted:
+        routed_dir = store.path(TMP_DIR, stage_dir, "routed")
+        unrouted = [s for s in range(n_shards) if s not in _written(store, routed_dir)]
+        if unrouted:
+            ds = write(route(unrouted), _write_routed, {str(s): rows_of(s) for s in unrouted})
+            progress = Progress(sum(rows_of(s) for s in unrouted), cfg.score.progress_every_s, routing=True)
+            try:
+                for i, row in enumerate(ds.iter_rows(), 1):
+                    log.info(
+                        "score: shard %d routed (%d queries, %d low-risk) [%d/%d]",
+                        row["shard"],
+                        row["rows"],
+                        row["low"],
+                        i,
+                        len(unrouted),
+                    )
+                    progress.add(row["rows"], 0)
+            finally:
+                progress.stop()
+        selection = _vlm_budget_selection(store, stage_dir, n_shards, budget)
+        selected = np.isin(
+            queries.column("query_id").to_numpy(zero_copy_only=False),
+            selection.column("query_id").to_numpy(zero_copy_only=False),
+        )
+    if todo:
+        expected = {str(s): rows_of(s) for s in todo}
+        if budgeted:
+            qids = queries.column("query_id").to_numpy(zero_copy_only=False)
+            src = [
+                pa.table(
+                    {
+                        "shard": pa.array([s], pa.int64()),
+                        "selected": pa.array(
+                            [qids[s * rows : s * rows + rows][selected[s * rows : s * rows + rows]].tolist()],
+                            pa.list_(pa.int64()),
+                        ),
+                    }
+                )
+                for s in todo
+            ]
+            ds = ray.data.from_arrow(src).map_batches(
+                _read_routed,
+                fn_kwargs={"staging": staging, "storage": _storage(cfg)},
+                batch_format="pyarrow",
+                batch_size=None,
+                max_retries=cfg.score.max_task_retries,
+                num_cpus=0.1,
+            )
+            use_vlm = bool(selected[np.isin(np.arange(n) // rows, todo)].any())
+        else:
+            ds, use_vlm = route(todo), with_vlm
+        if use_vlm:
+            pools["vlm"] = max(cfg.score.vlm_actors, 1)
             ds = ds.map_batches(
                 _VLMActor,
                 fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split, "attempts": attempts},
@@ -322,23 +446,22 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
                 num_gpus=cfg.score.vlm_gpus or None,
                 **retries,
             )
-        else:
+        else:  # no VLM in the job, or none of these shards' queries won a VLM call
             from reasonrec.scoring import passthrough
 
-            ds = ds.map_batches(passthrough, batch_format="pyarrow", batch_size=None)
-        ds = ds.map_batches(
-            _write_shard,
-            fn_kwargs={"staging": staging, "storage": _storage(cfg), "expected": expected},
-            batch_format="pyarrow",
-            batch_size=None,
-            max_retries=cfg.score.max_task_retries,
-            # Writing a shard is I/O: with actor pools that reserve every CPU
-            # (fractional score.*_cpus) a 1-CPU write task would wait for the
-            # whole pool to finish, and no shard would be saved for resuming.
-            num_cpus=0.1,
-        )
+            ds = ds.map_batches(
+                passthrough,
+                fn_kwargs={"skip_vlm": cfg.score.vlm_budget == 0},
+                batch_format="pyarrow",
+                batch_size=None,
+            )
+        ds = write(ds, _write_shard, expected)
         finished = 0
-        progress = Progress(sum(expected.values()), cfg.score.progress_every_s)
+        # Budget left = the budget less the calls already spent in written shards (the selected ones).
+        spent = int(selected[np.isin(np.arange(n) // rows, sorted(done))].sum()) if budgeted else 0
+        progress = Progress(
+            sum(expected.values()), cfg.score.progress_every_s, budget=budget - spent if budgeted else None
+        )
         try:
             for row in ds.iter_rows():
                 finished += 1
@@ -365,11 +488,11 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             f"score: {n} queries in, {preds.num_rows} predictions + {rejected.num_rows} rejected out "
             f"({len(np.unique(got))} distinct): refusing to commit"
         )
-    summary = summarize(preds, rejected, n, n_shards, len(done), time.time() - t0, cfg.score.mode, planner_summary)
+    summary = summarize(
+        preds, rejected, n, n_shards, len(done), time.time() - t0, cfg.score.mode, planner_summary, budget
+    )
     summary.update(
-        count_attempts(
-            store.fs, store.path(TMP_DIR, stage_dir, "_attempts", attempts.rsplit("/", 1)[1]), pools if todo else {}
-        )
+        count_attempts(store.fs, store.path(TMP_DIR, stage_dir, "_attempts", attempts.rsplit("/", 1)[1]), pools)
     )
     with store.stage_writer(stage, chash, inputs) as w:
         w.write_table("predictions/part-0.parquet", preds)
@@ -382,14 +505,59 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
     return summary
 
 
-def progress_line(done: int, total: int, elapsed_s: float, vlm_calls: int) -> str:
-    """``done`` of ``total`` queries after ``elapsed_s`` seconds -> one log line with q/s and ETA."""
+def _written(store: ArtifactStore, folder: str) -> set[int]:
+    """The shards written (``shard-XXXXX.parquet``, not a temp file) under ``folder``."""
+    if not store.fs.exists(folder):
+        return set()
+    return {int(p.rsplit("-", 1)[1].split(".")[0]) for p in store.fs.ls(folder, detail=False) if p.endswith(".parquet")}
+
+
+def _vlm_budget_selection(store: ArtifactStore, stage_dir: str, n_shards: int, budget: int) -> pa.Table:
+    """The queries the VLM answers under ``budget`` (``BUDGET_SELECTION`` rows): chosen once from
+    every routed shard's VLM-routed queries by expected gain and written to
+    ``{staging}/vlm_budget.parquet``; a resumed run reads that file back instead (so it spends no
+    call twice: the shards written before it left the same queries to the VLM)."""
+    from pyarrow import dataset as pads
+
+    from reasonrec.scoring import BUDGET_COLUMNS, VLM_TIERS, select_for_vlm_budget
+
+    path = store.path(TMP_DIR, stage_dir, "vlm_budget.parquet")
+    if store.fs.exists(path):
+        selection = pq.read_table(path, filesystem=store.arrow_fs)
+        log.info("score: VLM budget %d: reusing the selection of %d queries in %s", budget, selection.num_rows, path)
+        return selection
+    files = [store.path(TMP_DIR, stage_dir, "routed", f"shard-{s:05d}.parquet") for s in range(n_shards)]
+    routed = pads.dataset(files, filesystem=store.arrow_fs, format="parquet").to_table(columns=BUDGET_COLUMNS)
+    tasks = store.read_json(PLANNER_STAGE, "planner.json")["tasks"]
+    selection = select_for_vlm_budget(routed, {t: st.get("vlm_right") or {} for t, st in tasks.items()}, budget)
+    pq.write_table(selection, path + ".tmp", filesystem=store.arrow_fs)
+    store.fs.mv(path + ".tmp", path)
+    wanted = int(pc.sum(pc.is_in(routed.column("route"), pa.array(list(VLM_TIERS)))).as_py() or 0)
+    log.info(
+        "score: VLM budget %d: %d of %d queries routed to the VLM get it (smallest gain %s); the rest keep "
+        "their tool's answer",
+        budget,
+        selection.num_rows,
+        wanted,
+        f"{selection.column('gain')[-1].as_py():.3f}" if selection.num_rows else "-",
+    )
+    return selection
+
+
+def progress_line(
+    done: int, total: int, elapsed_s: float, vlm_calls: int | None, budget_left: int | None = None
+) -> str:
+    """``done`` of ``total`` queries after ``elapsed_s`` seconds -> one log line with q/s and ETA,
+    the VLM calls so far (None: the routing pass of a budgeted run) and the VLM budget left
+    (None: no budget)."""
     rate = done / elapsed_s if elapsed_s > 0 else 0.0
     eta = _duration((total - done) / rate) if rate > 0 else "?"
     share = done / total if total else 1.0
     return (
-        f"score: {done}/{total} queries ({share:.0%}) in {_duration(elapsed_s)}, {rate:.2f} q/s, "
-        f"ETA {eta}; VLM calls {vlm_calls}"
+        f"score: {'routed ' if vlm_calls is None else ''}{done}/{total} queries ({share:.0%}) in "
+        f"{_duration(elapsed_s)}, {rate:.2f} q/s, ETA {eta}"
+        + ("" if vlm_calls is None else f"; VLM calls {vlm_calls}")
+        + ("" if budget_left is None else f", VLM budget left {budget_left}")
     )
 
 
@@ -403,10 +571,11 @@ class Progress:
     """Logs :func:`progress_line` at least every ``every_s`` seconds (0: never) while shards
     finish: :meth:`add` (a shard done) logs when that much time passed since the last line, and a
     daemon thread logs when no shard finished for that long (a shard may take longer). Call
-    :meth:`stop` when done."""
+    :meth:`stop` when done. ``budget``: the VLM budget left at the start (None: no budget);
+    ``routing``: the routing pass of a budgeted run (no VLM calls to count)."""
 
-    def __init__(self, total: int, every_s: float):
-        self.total, self.every_s = total, every_s
+    def __init__(self, total: int, every_s: float, budget: int | None = None, routing: bool = False):
+        self.total, self.every_s, self.budget, self.routing = total, every_s, budget, routing
         self.done = self.vlm_calls = 0
         self.t0 = self.last = time.monotonic()
         self._lock = threading.Lock()
@@ -431,7 +600,13 @@ class Progress:
             if wait > 0:
                 return wait
             self.last = now
-            line = progress_line(self.done, self.total, now - self.t0, self.vlm_calls)
+            line = progress_line(
+                self.done,
+                self.total,
+                now - self.t0,
+                None if self.routing else self.vlm_calls,
+                None if self.budget is None else self.budget - self.vlm_calls,
+            )
         log.info("%s", line)
         return self.every_s
 
@@ -455,8 +630,13 @@ def format_summary(s: dict) -> str:
         return "score: skipped (outputs up to date)"
     lines = [
         f"score ({s['mode']}): {s['queries']} queries -> {s['predictions']} predictions + {s['rejected']} "
-        f"rejected in {s['seconds']:.0f}s ({s['queries_per_s']} q/s); VLM calls {s['vlm_calls']}; "
-        f"bypass rate {s['bypass_rate']:.1%}; shards {s['shards']} ({s['shards_resumed']} resumed)"
+        f"rejected in {s['seconds']:.0f}s ({s['queries_per_s']} q/s); VLM calls {s['vlm_calls']}"
+        + (
+            f" (budget {s['vlm_budget']}; {s.get('vlm_skipped', 0)} VLM-routed queries kept their tool's answer)"
+            if s.get("vlm_budget", -1) >= 0
+            else ""
+        )
+        + f"; bypass rate {s['bypass_rate']:.1%}; shards {s['shards']} ({s['shards_resumed']} resumed)"
     ]
     restarts, retried = s.get("actor_restarts", {}), s.get("batch_retries", {})
     if any(restarts.values()) or any(retried.values()):

@@ -341,6 +341,10 @@ class ScoreConfig:
     # While shards finish, log a progress line (queries done / total, q/s, ETA, VLM calls) at
     # least this often, also while no shard finishes; 0 = off. Not part of the score hash.
     progress_every_s: float = 30.0
+    # VLM calls for the whole run (-1 = unlimited, 0 = none): queries the planner routes to the VLM
+    # compete for it by expected gain, P(VLM right) - P(tool right); the rest keep their tool's
+    # answer, flagged vlm_skipped. Part of the score hash (when set).
+    vlm_budget: int = -1
 
 
 @dataclass
@@ -588,6 +592,8 @@ def validate(cfg: RunConfig) -> None:
     for key in ("tools.holdout_items", "vlm.thought_tool_sets", "score.progress_every_s"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"config error: key '{key}': must be >= 0")
+    if cfg.score.vlm_budget < -1:
+        raise ConfigError("config error: key 'score.vlm_budget': must be >= 0, or -1 (unlimited)")
     ft = cfg.finetune
     if ft.valid_rank_examples < 0 or ft.valid_rank_k < 1:
         raise ConfigError("config error: keys 'finetune.valid_rank_examples' (>= 0) / 'finetune.valid_rank_k' (>= 1)")

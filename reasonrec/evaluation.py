@@ -312,7 +312,7 @@ def system_records(preds, queries, users, cfg: RunConfig, model: str = "reasonre
                     }
                 )
         if task != "explanation":
-            records += disagreement_records(task, model, preds, truth, m, tier)
+            records += disagreement_records(task, model, preds, truth, m, tier, vlm[m])
         tool_use = breakdown(
             {"tool_use": used[m].astype(np.float64), "vlm_call": vlm[m].astype(np.float64)}, buckets, groups
         )
@@ -326,10 +326,13 @@ DISAGREEMENT_PROTOCOL = (
 )
 
 
-def disagreement_records(task: str, model: str, preds, truth: dict, m: np.ndarray, tier: np.ndarray) -> list[dict]:
+def disagreement_records(
+    task: str, model: str, preds, truth: dict, m: np.ndarray, tier: np.ndarray, called: np.ndarray | None = None
+) -> list[dict]:
     """Paper Table 7 on the queries the VLM answered (medium + high, and high alone = with tools
     in its prompt): the primary tool's accuracy, the system's, how often they disagree and who is
-    right when they do."""
+    right when they do. ``called`` (``vlm_called`` of the task's rows) leaves out the queries a
+    VLM budget (score.vlm_budget) skipped: their tool answered."""
     if task == "ctr":
         label = truth["label"][m].astype(np.float64)
         sys_p = preds.column("prob").to_numpy(zero_copy_only=False)[m].astype(np.float64)
@@ -347,7 +350,7 @@ def disagreement_records(task: str, model: str, preds, truth: dict, m: np.ndarra
         disagree = np.array([bool(t) and bool(s) and t[0] != s[0] for s, t in zip(sys_items, tool_items)])
     out = []
     for group, sel in (("vlm_answered", np.isin(tier, ["medium", "high"])), ("tier:high", tier == "high")):
-        sel = sel & has_tool
+        sel = sel & has_tool & (True if called is None else called)
         if not sel.any():
             continue
         d = sel & disagree

@@ -44,6 +44,8 @@ ROUTED = pa.schema(
         pa.field("tools_ms", pa.float32()),
         pa.field("tools_flops", pa.float64()),
         pa.field("error", pa.string()),
+        # Set by :func:`apply_vlm_budget` (score.vlm_budget): routed to the VLM, answered by the tool.
+        pa.field("vlm_skipped", pa.bool_()),
     ]
 )
 SCORED = pa.schema(list(PREDICTIONS) + [pa.field("tool_confidence", pa.float32()), pa.field("error", pa.string())])
@@ -244,6 +246,71 @@ def build_vlm_answerer(cfg, store, split: str = "test", batch_size: int | None =
     )
 
 
+# --------------------------------------------------------------------------------- VLM budget
+VLM_TIERS = ("medium", "high")  # the tiers the VLM answers
+# Explanation queries have no tool answer (only the VLM writes one): they come first.
+EXPLANATION_GAIN = float("inf")
+NEUTRAL_VLM_RIGHT = 0.5  # P(VLM right) where the planner has no estimate for the bucket
+BUDGET_COLUMNS = ["query_id", "task", "route", "eh_bucket", "tool_confidence"]
+BUDGET_SELECTION = pa.schema([("query_id", pa.int64()), ("task", pa.string()), ("gain", pa.float64())])
+BUDGET_NOTE = "; VLM budget spent"
+
+
+def vlm_gains(routed: pa.Table, vlm_right: Mapping[str, Mapping[str, float]]) -> np.ndarray:
+    """Expected gain of asking the VLM, per row of ``routed`` (:data:`BUDGET_COLUMNS` suffice):
+    P(VLM right) - P(tool right), i.e. the planner's ``vlm_right[task][eh_bucket]``
+    (:attr:`TaskPlanner.vlm_right`, :data:`NEUTRAL_VLM_RIGHT` where absent) minus the row's
+    ``tool_confidence`` (0 where null: no evidence the tool is right); explanation rows get
+    :data:`EXPLANATION_GAIN`."""
+    tasks = routed.column("task").to_pylist()
+    buckets = routed.column("eh_bucket").to_pylist()
+    conf = routed.column("tool_confidence").to_pylist()
+    out = np.empty(len(tasks), np.float64)
+    for i, (t, b, c) in enumerate(zip(tasks, buckets, conf)):
+        if t == "explanation":
+            out[i] = EXPLANATION_GAIN
+        else:
+            p = (vlm_right.get(t) or {}).get(b)
+            out[i] = (NEUTRAL_VLM_RIGHT if p is None else float(p)) - (0.0 if c is None else float(c))
+    return out
+
+
+def select_for_vlm_budget(routed: pa.Table, vlm_right: Mapping[str, Mapping[str, float]], budget: int) -> pa.Table:
+    """The queries the VLM answers under a budget of ``budget`` calls (negative: unlimited): of
+    the rows routed to the VLM (:data:`VLM_TIERS`), the ``budget`` largest :func:`vlm_gains`,
+    ties broken by ``query_id`` (deterministic). Returns :data:`BUDGET_SELECTION` rows, best first."""
+    cand = routed.filter(pc.is_in(routed.column("route"), pa.array(list(VLM_TIERS))))
+    gains = vlm_gains(cand, vlm_right)
+    ids = cand.column("query_id").to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((ids, -gains))  # last key first: gain descending, then query_id
+    if budget >= 0:
+        order = order[:budget]
+    return pa.table(
+        {
+            "query_id": pa.array(ids[order], pa.int64()),
+            "task": cand.column("task").take(pa.array(order, pa.int64())),
+            "gain": pa.array(gains[order], pa.float64()),
+        },
+        schema=BUDGET_SELECTION,
+    )
+
+
+def apply_vlm_budget(routed: pa.Table, selected: set[int] | frozenset[int]) -> pa.Table:
+    """Routed rows -> the same rows with the VLM budget applied: a row routed to the VLM whose
+    ``query_id`` is not in ``selected`` is flagged ``vlm_skipped`` and answered by its primary
+    tool (items / prob = tool_items / tool_prob; an explanation gets no text), its rationale
+    saying so; the VLM answers only the selected ones."""
+    rows = routed.to_pylist()
+    for r in rows:
+        skip = r["route"] in VLM_TIERS and r["query_id"] not in selected
+        r["vlm_skipped"] = skip
+        if skip:
+            r["items"], r["prob"] = r.get("tool_items"), r.get("tool_prob")
+            who = f": {r['primary_tool']} answers" if r.get("primary_tool") else ": no VLM answer"
+            r["rationale"] = f"{r.get('rationale') or ''}{BUDGET_NOTE}{who}"
+    return pa.Table.from_pylist(rows, schema=routed.schema)
+
+
 # --------------------------------------------------------------------------------- VLM
 def to_scored(routed: pa.Table, answers: Mapping[int, dict] | None = None) -> pa.Table:
     """Routed rows -> SCORED rows; ``answers[row]`` holds the VLM's answer where it ran."""
@@ -267,6 +334,7 @@ def to_scored(routed: pa.Table, answers: Mapping[int, dict] | None = None) -> pa
                 "eh_bucket": r.get("eh_bucket"),
                 "cold_user": r.get("cold_user"),
                 "vlm_called": i in answers,
+                "vlm_skipped": bool(r.get("vlm_skipped")) and i not in answers,
                 "primary_tool": r.get("primary_tool"),
                 "tool_items": r.get("tool_items"),
                 "tool_prob": r.get("tool_prob"),
@@ -279,9 +347,14 @@ def to_scored(routed: pa.Table, answers: Mapping[int, dict] | None = None) -> pa
     return pa.Table.from_pylist(out, schema=SCORED)
 
 
-def passthrough(routed: pa.Table) -> pa.Table:
-    """Tools-only scoring: no VLM step (only valid when no row needs the VLM)."""
-    pending = pc.is_in(routed.column("route"), pa.array(["medium", "high"]))
+def passthrough(routed: pa.Table, skip_vlm: bool = False) -> pa.Table:
+    """Tools-only scoring: no VLM step (only valid when no row needs the VLM: none routed to it,
+    or every one skipped by the VLM budget; ``skip_vlm``: a budget of 0 skips them all here)."""
+    if skip_vlm:
+        routed = apply_vlm_budget(routed, frozenset())
+    pending = pc.is_in(routed.column("route"), pa.array(list(VLM_TIERS)))
+    if "vlm_skipped" in routed.column_names:
+        pending = pc.and_kleene(pending, pc.invert(pc.fill_null(routed.column("vlm_skipped"), False)))
     if pc.any(pending).as_py():
         raise ValueError("queries routed to the VLM but no VLM step is configured")
     shard = routed.column("shard") if "shard" in routed.column_names else None
@@ -291,8 +364,9 @@ def passthrough(routed: pa.Table) -> pa.Table:
 
 class VLMAnswerer:
     """Answers routed medium / high rows with the fine-tuned VLM in chunks of ``batch_size``;
-    low and rejected rows pass through untouched (the VLM never sees them). ``calls`` counts
-    the queries the VLM answered."""
+    low and rejected rows, and rows the VLM budget skipped (``vlm_skipped``, already answered by
+    their tool), pass through untouched (the VLM never sees them). ``calls`` counts the queries
+    the VLM answered."""
 
     def __init__(
         self,
@@ -315,7 +389,7 @@ class VLMAnswerer:
         rows = routed.to_pylist()
         todo: dict[str, list[int]] = {}
         for i, r in enumerate(rows):
-            if r["route"] in ("medium", "high"):
+            if r["route"] in VLM_TIERS and not r.get("vlm_skipped"):
                 todo.setdefault(r["task"], []).append(i)
         answers: dict[int, dict] = {}
         for task, idx in todo.items():
@@ -391,9 +465,11 @@ def summarize(
     seconds: float,
     mode: str,
     planner_summary: Mapping[str, Any],
+    vlm_budget: int = -1,
 ) -> dict[str, Any]:
     """The scoring stage's summary of its committed output: ``n`` queries in, ``preds`` (SCORED
-    predictions) + ``rejected`` out, tiers by task, VLM calls, bypass rate, the planner's calibration."""
+    predictions) + ``rejected`` out, tiers by task, VLM calls (and the ``vlm_budget``, -1 =
+    unlimited, with the queries it skipped), bypass rate, the planner's calibration."""
     routes = preds.column("route").to_pylist()
     tasks = preds.column("task").to_pylist()
     by_task: dict[str, dict[str, int]] = {}
@@ -409,6 +485,10 @@ def summarize(
         "mode": mode,
         "routes": by_task,
         "vlm_calls": vlm_calls,
+        "vlm_budget": vlm_budget,
+        "vlm_skipped": int(pc.sum(preds.column("vlm_skipped")).as_py() or 0)
+        if "vlm_skipped" in preds.column_names
+        else 0,
         "bypass_rate": (sum(r == "low" for r in routes) / len(routes)) if routes else 0.0,
         "cold_users": int(pc.sum(preds.column("cold_user")).as_py() or 0),
         "seconds": round(seconds, 1),

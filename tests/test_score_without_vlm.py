@@ -53,6 +53,20 @@ def test_tools_mode_scores_a_run_without_finetune_and_routed_mode_names_the_miss
     assert "python -m ray_jobs.build_instructions" in str(err.value)
     assert "and then `python -m ray_jobs.finetune" in str(err.value)
     assert st.read_json("planner", "summary.json") == planner  # the tools-mode planner is untouched
+    # A VLM budget of 0 needs no VLM either: routed tiers, every VLM-routed query answered by its tool.
+    zero = load_config(CONFIG_DIR / "quickstart.yaml", base + ["score.vlm_budget=0", "score.stage_name=score_b0"])
+    z = score.run(zero)
+    zp = st.read_table("score_b0", "predictions").to_pylist()
+    assert z["vlm_calls"] == 0 and len(zp) + z["rejected"] == 36
+    routed_to_vlm = [p for p in zp if p["route"] in ("medium", "high")]
+    assert routed_to_vlm and all(p["vlm_skipped"] and not p["vlm_called"] for p in routed_to_vlm)
+    assert all(p["items"] or p["prob"] is not None for p in routed_to_vlm)  # the tool's answer
+    # ... and its planner fit is the tools-mode one (no VLM calibration), reused, not refitted.
+    assert fit_planner.config_hash(zero) == fit_planner.config_hash(c)
+    assert (
+        fit_planner.vlm_calibration_status(zero)
+        == "VLM calibration skipped: score.vlm_budget=0: no query is answered by the VLM"
+    )
 
 
 def test_progress_line_gives_rate_and_eta():

@@ -197,6 +197,9 @@ PREDICTIONS = pa.schema(
         ("eh_bucket", pa.string()),
         ("cold_user", pa.bool_()),  # unknown user: treated as cold (high EH), flagged
         ("vlm_called", pa.bool_()),
+        # Routed to the VLM (medium / high) but the run's VLM budget (score.vlm_budget) was spent on
+        # queries with a larger expected gain: the primary tool's answer stands (explanation: no text).
+        ("vlm_skipped", pa.bool_()),
         # The planner's first-choice tool and its own answer, for every ranking / CTR query (equal to
         # items / prob on the low tier): disagreement analyses compare the system with it.
         ("primary_tool", pa.string()),
