@@ -90,8 +90,11 @@ class Manifest:
 
     @property
     def fingerprint(self) -> str:
-        """What a downstream stage records as this input's fingerprint."""
-        blob = json.dumps([self.stage, self.config_hash, self.inputs, self.rows], sort_keys=True)
+        """What a downstream stage records as this input's fingerprint. It names one write of the
+        stage (the commit time included): re-running a stage with the same config and inputs, e.g.
+        with ``--force`` after a code change, makes every stage that read it run again (config and
+        inputs alone said "unchanged", so downstream outputs of the old write were kept)."""
+        blob = json.dumps([self.stage, self.config_hash, self.inputs, self.rows, self.created_at], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def matches(self, config_hash: str, inputs: dict[str, str]) -> bool:

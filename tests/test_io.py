@@ -23,6 +23,11 @@ def _roundtrip(store):
     assert store.is_done("prepare", "abc", {"src": "1"})
     assert not store.is_done("prepare", "abc", {"src": "2"})  # input changed
     assert not store.is_done("prepare", "other", {"src": "1"})  # config changed
+    # A stage written again with the same config and inputs is a new input to its readers.
+    first = store.manifest("prepare").fingerprint
+    assert store.manifest("prepare").fingerprint == first  # stable while the stage stands
+    _write_stage(store)
+    assert store.manifest("prepare").fingerprint != first
     # Overwrite with new content: old files are replaced, not merged.
     _write_stage(store, h="def", rows=5)
     assert store.read_table("prepare", "t.parquet").num_rows == 5
