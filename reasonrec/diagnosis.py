@@ -192,7 +192,7 @@ def answer_rightness(
     ``user_id`` [n] (input order), ``names`` (the planner's tools), ``right[tool]`` [n] (truth in
     the top ``correct_k``; CTR: the label's side of 0.5, ``ToolAnswers.correct``), ``prob[tool]`` [n]
     (P(tool right)) and ``learned`` [n] (the tool the learned choice ranks first: highest P)."""
-    from reasonrec.planner import query_features
+    from reasonrec.planner import answer_rows, query_features
 
     names = list(planner.names)
     n = len(rows)
@@ -208,12 +208,7 @@ def answer_rightness(
             sub = [rows[i] for i in part]
             st = [users.resolve(r["user_id"], r.get("history"), split) for r in sub]
             hists = [x.history for x in st]
-            kw = {}
-            if task == "direct":
-                kw["candidates"] = np.array([r["candidates"] for r in sub], np.int64)
-            if task == "ctr":
-                kw["items"] = np.array([r["item_id"] for r in sub], np.int64)
-            ans = toolbox.answer(task, np.array([x.user_id for x in st], np.int64), hists, k, **kw)
+            ans = answer_rows(toolbox, task, sub, st, k)
             if list(ans.names) != names:
                 raise ValueError(f"{task}: the toolbox answers with {ans.names}, the planner knows {names}")
             col = "label" if task == "ctr" else "target"

@@ -119,6 +119,20 @@ class ToolBox:
         return out
 
 
+def answer_rows(toolbox, task: str, rows: Sequence[Mapping[str, Any]], states: Sequence[Any], k: int) -> ToolAnswers:
+    """``toolbox.answer`` (:class:`ToolBox` or Serve's remote one) for QUERIES rows of one task
+    (direct: one candidate-list length) and their resolved users (``UserDirectory.resolve``): the
+    one place that turns query rows into a tools call (router, planner fit, diagnosis)."""
+    return toolbox.answer(
+        task,
+        np.array([s.user_id for s in states], np.int64),
+        [s.history for s in states],
+        k,
+        candidates=np.array([r["candidates"] for r in rows], np.int64) if task == "direct" else None,
+        items=np.array([r["item_id"] for r in rows], np.int64) if task == "ctr" else None,
+    )
+
+
 # --------------------------------------------------------------------------- features
 FEATURES = ("eh", "log_hist", "agree_top1", "mean_margin", "max_margin", "log_pop_top1", "spread")
 
@@ -802,14 +816,8 @@ def feature_rows(
         groups.setdefault((r["task"], len(r["candidates"] or [])), []).append(r)
     for (task, _), sub in groups.items():
         st = [users.resolve(r["user_id"], None, "valid") for r in sub]
-        uids = np.array([s.user_id for s in st], np.int64)
         hists = [s.history for s in st]
-        kw = {}
-        if task == "direct":
-            kw["candidates"] = np.array([r["candidates"] for r in sub], np.int64)
-        if task == "ctr":
-            kw["items"] = np.array([r["item_id"] for r in sub], np.int64)
-        ans = toolbox.answer(task, uids, hists, max(k, fusion_top_n), **kw)
+        ans = answer_rows(toolbox, task, sub, st, max(k, fusion_top_n))
         truth = np.array([r["label" if task == "ctr" else "target"] for r in sub])
         eh, hist_len = np.array([s.eh for s in st]), np.array([len(h) for h in hists])
         feats = query_features(ans, eh, hist_len, catalog.popularity)

@@ -22,7 +22,16 @@ import pyarrow.compute as pc
 from reasonrec.config import PlannerConfig
 from reasonrec.data.catalog import Catalog, PromptBuilder, UserDirectory, UserState
 from reasonrec.data.schemas import PREDICTIONS, QUERIES
-from reasonrec.planner import Decision, TaskPlanner, ToolBox, ToolHint, explanation_decision, plan, query_features
+from reasonrec.planner import (
+    Decision,
+    TaskPlanner,
+    ToolBox,
+    ToolHint,
+    answer_rows,
+    explanation_decision,
+    plan,
+    query_features,
+)
 from reasonrec.prompts.cot import ANSWER_MARKER
 from reasonrec.vocab import TASKS
 
@@ -164,14 +173,11 @@ class Router:
         return pa.Table.from_pylist(out, schema=ROUTED)
 
     def _plan(self, task: str, rows: list[dict], states: list[UserState]) -> tuple[list[Decision], Any]:
-        users = np.array([s.user_id for s in states], np.int64)
         hists = [s.history for s in states]
-        cands = np.array([r["candidates"] for r in rows], np.int64) if task == "direct" else None
-        items = np.array([r["item_id"] for r in rows], np.int64) if task == "ctr" else None
         planner = self.planners[task]
         fuse = planner.uses_fusion and self.cfg.tool_choice == "learned"
         k = max(self.k, planner.fusion.top_n) if fuse else self.k
-        answers = self.toolbox.answer(task, users, hists, k, candidates=cands, items=items)
+        answers = answer_rows(self.toolbox, task, rows, states, k)
         eh, hist_len = np.array([s.eh for s in states]), np.array([len(h) for h in hists])
         feats = query_features(answers, eh, hist_len, self.catalog.popularity)
         if fuse:  # the guard chose the fused ranking of the tools' answers (reasonrec/fusion.py)
