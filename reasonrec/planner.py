@@ -109,12 +109,14 @@ class ToolBox:
                 out.scores[n] = np.take_along_axis(s, order, 1)
                 out.margin[n] = Tool.confidence(s)
             else:  # sequential: full-catalog top-k (history not excluded: the evaluation protocol)
-                s = np.asarray(tool.score_items(users, histories), np.float64)
+                # The tool's own dtype (float32 for most): a float64 copy of the [B, n_items] block
+                # would cost more than the top-k; float32 -> float64 is exact, so the order is the same.
+                s = np.asarray(tool.score_items(users, histories))
                 kk = min(k, s.shape[1])
                 top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
                 order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
                 out.items[n] = np.take_along_axis(top, order, 1).astype(np.int64)
-                out.scores[n] = np.take_along_axis(s, out.items[n], 1)
+                out.scores[n] = np.take_along_axis(s, out.items[n], 1).astype(np.float64)
                 out.margin[n] = Tool.confidence(s)
         return out
 

@@ -363,3 +363,29 @@ def test_hold_out_last_removes_each_users_last_items():
     assert [s.tolist() for s in data.train_seqs] == [[1, 2, 3], [4], [5, 6]]  # the input is untouched
     with pytest.raises(ValueError, match="n >= 1"):
         hold_out_last(data, 0)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "transition"])
+def test_ctr_rows_of_one_user_score_the_catalog_once(trained, data, name):
+    """A user's CTR rows share a history: ``predict_ctr`` scores the catalog once per distinct
+    (user, history) and answers each row as if it had been scored alone."""
+    tool = trained[name]
+    users = np.repeat(np.arange(6), 5)  # 5 CTR rows per user, as the leave-one-out CTR split has
+    hists = [np.asarray(data.train_seqs[u])[: 3 + u] for u in users]
+    hists[-1] = hists[-1][:-1]  # the same user with another history is another distinct row
+    items = np.arange(len(users)) % data.n_items
+    scored: list[int] = []
+    real = tool.score_items
+
+    def counting(u, h):
+        scored.append(len(h))
+        return real(u, h)
+
+    tool.score_items = counting
+    try:
+        got = tool.predict_ctr(users, items, hists)
+    finally:
+        del tool.score_items
+    assert scored == [7]  # 6 users + the one with a shorter history, in one call
+    alone = [tool.predict_ctr(users[i : i + 1], items[i : i + 1], hists[i : i + 1])[0] for i in range(len(users))]
+    np.testing.assert_allclose(got, alone, rtol=1e-5, atol=1e-6)
