@@ -589,7 +589,7 @@ def validate(cfg: RunConfig) -> None:
         bad = [b for b in _get(cfg, key) if b not in EH_BUCKETS]
         if bad:
             raise ConfigError(f"config error: key '{key}': unknown bucket(s) {bad}; choose from {EH_BUCKETS}")
-    for key in ("tools.holdout_items", "vlm.thought_tool_sets", "score.progress_every_s"):
+    for key in ("tools.holdout_items", "vlm.thought_tool_sets", "vlm.sequential_pool", "score.progress_every_s"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"config error: key '{key}': must be >= 0")
     if cfg.score.vlm_budget < -1:

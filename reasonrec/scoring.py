@@ -249,6 +249,7 @@ def build_vlm_answerer(cfg, store, split: str = "test", batch_size: int | None =
         split,
         cfg.score.vlm_batch_size if batch_size is None else batch_size,
         cfg.score.count_flops,
+        cfg.vlm.sequential_pool,
     )
 
 
@@ -372,7 +373,11 @@ class VLMAnswerer:
     """Answers routed medium / high rows with the fine-tuned VLM in chunks of ``batch_size``;
     low and rejected rows, and rows the VLM budget skipped (``vlm_skipped``, already answered by
     their tool), pass through untouched (the VLM never sees them). ``calls`` counts the queries
-    the VLM answered."""
+    the VLM answered.
+
+    ``sequential_pool`` = N > 0 (``vlm.sequential_pool``): a sequential query is answered by
+    scoring the candidate pool :meth:`sequential_pool` builds from the router's tool answers
+    (``VLMPredictor.score_candidates``, as a direct query) instead of decoding over the catalog trie."""
 
     def __init__(
         self,
@@ -384,11 +389,17 @@ class VLMAnswerer:
         split: str = "test",
         batch_size: int = 4,
         count_flops: bool = False,
+        sequential_pool: int = 0,
     ):
         self.predictor, self.prompts, self.users, self.catalog = predictor, prompts, users, catalog
         self.k, self.split, self.batch_size, self.count_flops = k, split, max(batch_size, 1), count_flops
         self.prior = catalog.text_prior()  # items sharing a title split its probability
         self.trie = catalog.trie(predictor.tok)
+        self.pool_size = max(int(sequential_pool), 0)
+        self._items_of_text: dict[str, list[int]] = {}  # hint text -> the catalog items with that text
+        if self.pool_size:
+            for i, text in enumerate(catalog.text):
+                self._items_of_text.setdefault(text.strip(), []).append(i)
         self.calls = 0
 
     def __call__(self, routed: pa.Table) -> pa.Table:
@@ -428,12 +439,50 @@ class VLMAnswerer:
             shown.append([h.name for h in hints])
         return examples, shown
 
+    def sequential_pool(self, row: Mapping[str, Any]) -> list[int]:
+        """The candidate pool of a routed sequential row: the union of the consulted tools' top-N
+        (N = ``sequential_pool``) as the router hands them over: the primary tool's answer
+        (``tool_items``, every tier) and each shown tool's hint (high tier; hints name texts, which
+        bring every catalog item with that text). First-seen order; empty when the row has none."""
+        n = self.pool_size
+        pool = dict.fromkeys(int(i) for i in (row.get("tool_items") or [])[:n])
+        for hint in json.loads(row["hints"]) if row.get("hints") else []:
+            for text in (hint.get("items") or [])[:n]:
+                pool.update(dict.fromkeys(self._items_of_text.get(text.strip(), ())))
+        return list(pool)
+
+    def _rank_sequential(self, examples: list[dict], rows: list[dict], shown: list[list[str]]) -> list:
+        """Sequential answers: the catalog trie, or (``sequential_pool`` > 0) the candidate pool for
+        every row that has one (rows without tool items still decode over the trie)."""
+        p = self.predictor
+        pools = [self.sequential_pool(r) for r in rows] if self.pool_size else [[] for _ in rows]
+        by_pool = [i for i, pool in enumerate(pools) if pool]
+        by_trie = [i for i, pool in enumerate(pools) if not pool]
+        res: list = [None] * len(rows)
+        if by_pool:
+            out = p.score_candidates(
+                [examples[i] for i in by_pool],
+                [[self.catalog.text[c] for c in pools[i]] for i in by_pool],
+                [pools[i] for i in by_pool],
+                candidate_prior=[self.prior[pools[i]] for i in by_pool],
+            )
+            for i, o in zip(by_pool, out):
+                o.task = "sequential"
+                res[i] = o
+        if by_trie:
+            out = p.rank_catalog(
+                [examples[i] for i in by_trie], self.trie, k=self.k, shown_tools=[shown[i] for i in by_trie]
+            )
+            for i, o in zip(by_trie, out):
+                res[i] = o
+        return res
+
     def answer(self, task: str, rows: list[dict], idx: list[int]) -> dict[int, dict]:
         examples, shown = self.examples(task, rows)
         p = self.predictor
         with counted_flops(self.count_flops) as flops:
             if task == "sequential":
-                res = p.rank_catalog(examples, self.trie, k=self.k, shown_tools=shown)
+                res = self._rank_sequential(examples, rows, shown)
             elif task == "direct":
                 res = p.score_candidates(
                     examples,

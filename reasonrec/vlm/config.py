@@ -106,5 +106,11 @@ class VLMConfig:
     # e.g., the intersection of three tools' lists. Costs N beam searches per query. An ablation:
     # no better than the greedy thought on the synthetic world's coldest users (RESULTS.md).
     thought_tool_sets: int = 0
+    # Sequential queries: 0 decodes over the whole catalog trie (above). N > 0 scores a candidate
+    # pool instead, like a direct query: the union of the consulted tools' top-N items that the
+    # router hands over (the primary tool's answer, and on the high tier each shown tool's hint).
+    # One batched forward per chunk of candidates instead of a beam search over the catalog; the
+    # answer can only hold pool items. Falls back to the trie for a row without any tool items.
+    sequential_pool: int = 0
 
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -536,6 +536,7 @@ def training_config(vlm_cfg: VLMConfig) -> dict:
     for k in (
         "num_beams",
         "thought_tool_sets",
+        "sequential_pool",
         "max_thought_tokens",
         "max_explanation_tokens",
         "cache_dir",

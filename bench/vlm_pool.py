@@ -1,0 +1,205 @@
+"""What the VLM costs per query, where the time goes, and trie decoding vs the candidate pool
+(``vlm.sequential_pool``) on the same sequential queries (issue 33 item 3).
+
+    python -m bench.vlm_pool --config configs/quickstart.yaml [--pool 20] [--queries 40]
+        [--batch 4] [key=value ...]
+
+In-process, on a finished run (``finetune`` and ``planner`` stages committed), ``score.mode=vlm_tools``
+so every query is answered by the VLM with the tools' answers shown (the high tier): the router
+routes ``--queries`` queries per task (``score.split``), then the run's :class:`VLMAnswerer`
+answers them, ``--batch`` at a time:
+
+* sequential by constrained beam search over the catalog trie, and the same queries by scoring the
+  candidate pool (the union of the consulted tools' top ``--pool``), HR@5 / NDCG@5 of both against
+  the held-out item, beside the primary tool's own HR@5 and the pool's recall (its ceiling);
+* direct and CTR the run's usual way.
+
+Per task: seconds per query, the share spent writing the thought, tokens pushed through the
+language model per second (every forward counted by a hook: prefill, thought and beam steps)
+and prompt tokens per second, against the forward bound measured in the same process: one batched
+no-grad forward over the same prompts. Also, for the cheaper-path questions: the prompt prefix
+the batch's rows share (what a per-batch prefix cache could skip) and the longest input of a beam
+step (1 = the KV cache is reused across steps).
+
+Writes ``{run}/bench_vlm_pool.json`` and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from bench.report import markdown_table
+from ray_jobs.score import score_queries
+from reasonrec.config import load_config
+from reasonrec.io import open_store
+from reasonrec.metrics import hit_at_k, ndcg_at_k
+from reasonrec.scoring import VLMAnswerer, build_router, build_vlm_answerer
+
+K = 5
+
+
+class ForwardMeter:
+    """Counts what goes through the language model, via a forward hook (no change to the model):
+    calls, input tokens (rows x positions), and the calls that feed one position per row (decode
+    steps that reuse the KV cache) vs more (prefills)."""
+
+    def __init__(self, language_model: torch.nn.Module):
+        self.reset()
+        self._handle = language_model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs, _out):
+        x = kwargs.get("inputs_embeds")
+        if x is None:
+            x = kwargs.get("input_ids", args[0] if args else None)
+        self.tokens += int(x.shape[0] * x.shape[1])
+        if x.shape[1] == 1:
+            self.decode_calls += 1
+        else:
+            self.prefill_calls += 1
+
+    def reset(self) -> None:
+        self.decode_calls = self.prefill_calls = self.tokens = 0
+
+
+class ThoughtTimer:
+    """Wraps ``predictor.thoughts`` to add up the seconds spent writing thoughts."""
+
+    def __init__(self, predictor):
+        self.seconds, self._inner = 0.0, predictor.thoughts
+        predictor.thoughts = self
+
+    def __call__(self, examples):
+        t0 = time.perf_counter()
+        out = self._inner(examples)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def prompt_batches(answerer: VLMAnswerer, task: str, rows: list[dict], batch: int) -> list[list[dict]]:
+    return [answerer.examples(task, rows[lo : lo + batch])[0] for lo in range(0, len(rows), batch)]
+
+
+def prompt_stats(answerer: VLMAnswerer, batches: list[list[dict]]) -> dict:
+    """Prompt tokens per query and the leading tokens all rows of a batch share."""
+    coll, lengths, shared = answerer.predictor.collator, [], []
+    for b in batches:
+        ids = [coll.encode(ex, with_target=False).input_ids for ex in b]
+        lengths += [len(s) for s in ids]
+        n = 0
+        while all(len(s) > n and s[n] == ids[0][n] for s in ids):
+            n += 1
+        shared += [n] * len(b)
+    return {
+        "prompt_tokens": int(sum(lengths)),
+        "mean_prompt": float(np.mean(lengths)),
+        "shared_prefix": float(np.mean(shared)),
+    }
+
+
+@torch.no_grad()
+def forward_bound(answerer: VLMAnswerer, batches: list[list[dict]]) -> dict:
+    """Prompt tokens/s of plain batched forwards (prefill with photos) over the same prompts."""
+    p = answerer.predictor
+    t0 = time.perf_counter()
+    for b in batches:
+        batch = p._prompts(b)
+        mask = batch["attention_mask"]
+        p.model(inputs_embeds=p._embed(batch), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    seconds = time.perf_counter() - t0
+    tokens = prompt_stats(answerer, batches)["prompt_tokens"]
+    return {"seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def run_task(answerer: VLMAnswerer, routed: pa.Table, meter: ForwardMeter, timer: ThoughtTimer) -> tuple[list, dict]:
+    meter.reset()
+    timer.seconds = 0.0
+    t0 = time.perf_counter()
+    out = answerer(routed).to_pylist()
+    seconds = time.perf_counter() - t0
+    n = routed.num_rows
+    return out, {
+        "queries": n,
+        "s_per_query": seconds / n,
+        "thought_share": timer.seconds / seconds,
+        "prefills_per_query": meter.prefill_calls / n,
+        "decode_steps_per_query": meter.decode_calls / n,
+        "lm_tokens_per_s": meter.tokens / seconds,
+    }
+
+
+def ranking_quality(rows: list[dict], targets: list[int], key: str) -> dict:
+    ranks = np.array([list(r[key][:K]).index(t) if t in (r[key] or [])[:K] else K for r, t in zip(rows, targets)])
+    return {f"hr@{K}": float(hit_at_k(ranks, K).mean()), f"ndcg@{K}": float(ndcg_at_k(ranks, K).mean())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--pool", type=int, default=20, help="vlm.sequential_pool of the pool answerer")
+    ap.add_argument("--queries", type=int, default=40, help="queries per task")
+    ap.add_argument("--batch", type=int, default=4, help="queries per VLM call")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args()
+    cfg = load_config(a.config, list(a.overrides) + ["score.mode=vlm_tools", f"score.vlm_batch_size={a.batch}"])
+    store = open_store(cfg)
+    split = cfg.score.split
+    torch.manual_seed(cfg.seed)
+    queries = score_queries(cfg, store)
+    router, trie = build_router(cfg, store, split), build_vlm_answerer(cfg, store, split, a.batch)
+    pool = VLMAnswerer(trie.predictor, trie.prompts, trie.users, trie.catalog, trie.k, split, a.batch, False, a.pool)
+    meter = ForwardMeter(trie.predictor.model.model.language_model)
+    timer = ThoughtTimer(trie.predictor)
+    env = {"cpu_threads": torch.get_num_threads(), "load_avg_1m_start": os.getloadavg()[0]}
+    rows, quality, costs = [], {}, {}
+    for task in ("sequential", "direct", "ctr"):
+        q = queries.filter(pc.equal(queries.column("task"), task)).slice(0, a.queries)
+        if q.num_rows == 0:
+            continue
+        routed = router(q)
+        batches = prompt_batches(trie, task, routed.to_pylist(), a.batch)
+        bound, stats = forward_bound(trie, batches), prompt_stats(trie, batches)
+        variants = (
+            {task: trie} if task != "sequential" else {"sequential (trie)": trie, f"sequential (pool {a.pool})": pool}
+        )
+        for name, answerer in variants.items():
+            out, cost = run_task(answerer, routed, meter, timer)
+            cost.update(
+                prompt_tokens_per_s=stats["prompt_tokens"] / (cost["s_per_query"] * cost["queries"]),
+                bound_tokens_per_s=bound["tokens_per_s"],
+                mean_prompt_tokens=stats["mean_prompt"],
+                shared_prefix_tokens=stats["shared_prefix"],
+            )
+            costs[name] = cost
+            rows.append({"task": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in cost.items()}})
+            if task == "sequential":
+                targets = routed.column("target").to_pylist()
+                quality[name] = ranking_quality(out, targets, "items")
+                if name.endswith("(trie)"):
+                    quality["primary tool"] = ranking_quality(out, targets, "tool_items")
+                    recall = [t in pool.sequential_pool(r) for r, t in zip(routed.to_pylist(), targets)]
+                    quality[f"pool recall (target in pool {a.pool})"] = {f"hr@{K}": float(np.mean(recall))}
+                    sizes = [len(pool.sequential_pool(r)) for r in routed.to_pylist()]
+                    quality["mean pool size"] = {f"hr@{K}": float(np.mean(sizes))}
+    env["load_avg_1m_end"] = os.getloadavg()[0]
+    print(f"\ncost per query ({cfg.vlm.model}, batch {a.batch}, {env}):\n")
+    print(markdown_table(rows, list(rows[0])))
+    qrows = [{"ranking": k, **{m: round(v, 4) for m, v in d.items()}} for k, d in quality.items()]
+    print(
+        f"\nsequential, same {costs['sequential (trie)']['queries']} queries ({split}, full catalog, leave-one-out):\n"
+    )
+    print(markdown_table([{f"ndcg@{K}": "", **q} for q in qrows], ["ranking", f"hr@{K}", f"ndcg@{K}"]))
+    result = {"pool": a.pool, "batch": a.batch, "env": env, "cost": costs, "quality": quality}
+    with store.fs.open(store.path("bench_vlm_pool.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
