@@ -13,7 +13,10 @@ into its own stage ``bench_routing_<choice>``; the tools' own test metrics come 
 functions on the same queries. Prints one Markdown table per task (paper Tables 5 / A4) and writes
 ``{run}/bench_routing.json``. Protocols: sequential HR@5 = full-catalog ranking of the leave-one-out
 test item, history kept; direct HR@5 = 1 positive + ``data.direct_negatives`` sampled negatives; CTR AUC
-on the CTR test split.
+on the CTR test split. Each ranking table also shows, on every test user, the expected hit rate of a
+tool drawn at random per query and the oracle (the truth in any tool's top 5), computed from the
+tools' own test answers (:func:`choice_bounds`). ``--from-stage S`` reports an already committed
+tools-mode stage (e.g. ``bench.score_scale``'s ``score_scale_tools``) as the learned choice.
 
 Then the diagnosis of the tool choice (:mod:`reasonrec.diagnosis`) on the same test queries, for
 the ``learned`` and ``learned, no guard`` stages: every tool answers every test query once more
@@ -88,6 +91,34 @@ def table(task: str, system: dict[str, float], tools: dict[str, float], n: int, 
     if guard:
         lines.append(f"\nguard: {guard['use']} ({guard['why']})")
     return "\n".join(lines) + "\n"
+
+
+def choice_bounds(store, k: int = 5) -> dict[str, dict[str, float]]:
+    """Per ranking task, on every test user, from the tools' own test answers (``train_tools``
+    predictions, the answers the system's tools give: a tools-mode run with a fixed tool equals
+    them, tests/test_score_without_vlm.py): ``oracle`` = the truth in some tool's top ``k`` (a
+    perfect per-query choice), ``random`` = the expected hit rate of a tool drawn uniformly per
+    query (the mean of the tools' hit rates), ``n`` = test users. The ensemble is not a tool to
+    choose. No scoring run needed: these two choices need no planner."""
+    import pyarrow.compute as pc
+
+    from reasonrec.evaluation import read_split
+
+    preds = read_split(store, "train_tools", "predictions", ["user_id", "tool", "rank", "cand_rank", "n_candidates"])
+    preds = preds.filter(pc.not_equal(preds.column("tool"), "ensemble"))
+    users = preds.column("user_id").to_numpy()
+    tools = preds.column("tool").to_numpy(zero_copy_only=False)
+    out = {}
+    for task, col in (("sequential", "rank"), ("direct", "cand_rank")):
+        rank = preds.column(col).to_numpy()
+        keep = np.ones(len(rank), bool) if task == "sequential" else preds.column("n_candidates").to_numpy() > 0
+        uid, inv = np.unique(users[keep], return_inverse=True)
+        hit = rank[keep] < k
+        any_hit = np.zeros(len(uid), bool)
+        np.logical_or.at(any_hit, inv, hit)
+        per_tool = [hit[tools[keep] == t].mean() for t in np.unique(tools[keep])]
+        out[task] = {"oracle": float(any_hit.mean()), "random": float(np.mean(per_tool)), "n": len(uid)}
+    return out
 
 
 def system_right(preds, queries, correct_k: int = 5) -> np.ndarray:
@@ -262,6 +293,11 @@ def main(argv=None) -> int:
         "--choices", default=",".join(ids), help=f"comma-separated tool choices to score (of: {', '.join(ids)})"
     )
     ap.add_argument("--tasks", default=",".join(METRIC), help="comma-separated tasks (of sequential, direct, ctr)")
+    ap.add_argument(
+        "--from-stage",
+        help="report this committed tools-mode score stage as the learned choice instead of scoring it again "
+        "(it must have been scored with the planner stage as it is now, e.g. by bench.score_scale)",
+    )
     a = ap.parse_args(argv)
     if not set(a.choices.split(",")) <= set(ids):
         ap.error(f"--choices: choose from {', '.join(ids)}")
@@ -312,7 +348,14 @@ def main(argv=None) -> int:
     for choice, extra in choices.items():
         stage = stage_name(choice)
         c = load_config(a.config, [*a.overrides, *base, *extra, f"score.stage_name={stage}"])
-        summary = score.run(c)
+        if choice == "learned" and a.from_stage:
+            stage, m = a.from_stage, store.manifest(a.from_stage)
+            if m is None or m.inputs.get("planner") != store.manifest("planner").fingerprint():
+                print(f"{a.from_stage}: not committed, or scored with another planner fit", file=sys.stderr)
+                return 2
+            summary = m.metrics
+        else:
+            summary = score.run(c)
         if choice == "learned":
             guards = store.read_json("planner", "summary.json").get("guard", {})
             planners = load_planners(store, c.planner)  # the planners that made the learned choice
@@ -322,7 +365,11 @@ def main(argv=None) -> int:
             system[task][choice] = _pick(recs, task).get("reasonrec", float("nan"))
             counts[task] = sum(1 for t in preds.column("task").to_pylist() if t == task)
         out.setdefault("score_seconds", {})[choice] = summary.get("seconds")
+    bounds = choice_bounds(store)  # random (expected) and oracle from the tools' own test answers
     for task in tasks:
+        for name in ("random", "oracle"):
+            if task in bounds and name not in system[task]:
+                system[task][f"{name} (from the tools' answers)"] = bounds[task][name]
         tools = {m: v for m, v in _pick(tool_records, task).items() if m != "ensemble"}
         out["tasks"][task] = {"system": system[task], "tools": tools, "n": counts[task], "guard": guards.get(task)}
         print(table(task, system[task], tools, counts[task], guards.get(task)))

@@ -34,6 +34,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -99,17 +100,28 @@ def count_attempts(fs, root: str, pool_sizes: dict[str, int]) -> dict:
 
 
 class _RouterActor:
-    def __init__(self, cfg: RunConfig, split: str, attempts: str):
+    """Routes shards. With ``write`` = (a writer: :func:`_write_routed` or :func:`_write_tools_shard`,
+    its keyword arguments) it also writes each shard itself and returns the writer's summary row
+    (used where no VLM step follows the routing): a separate write step would be an operator that
+    Ray Data's resource budget starves while this pool holds the CPUs (on 2 CPUs nothing was
+    written until every shard was routed, so a killed run resumed from nothing), and the routed
+    rows would cross the object store for nothing."""
+
+    def __init__(self, cfg: RunConfig, split: str, attempts: str, write: tuple[Callable, dict] | None = None):
         from reasonrec.scoring import build_router
 
         self.attempts = _Attempts(attempts, _storage(cfg), "router")
         self.router = build_router(cfg, _store(cfg), split)
+        self.write = write
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.attempts.shard_started(batch)
         shard = batch.column("shard")
-        out = self.router(batch.drop_columns(["shard"]))
-        return out.append_column("shard", shard)
+        out = self.router(batch.drop_columns(["shard"])).append_column("shard", shard)
+        if self.write is None:
+            return out
+        writer, kwargs = self.write
+        return writer(out, **kwargs)
 
 
 class _VLMActor:
@@ -179,6 +191,35 @@ def _read_routed(batch: pa.Table, staging: str, storage: dict) -> pa.Table:
     return pa.concat_tables(out)
 
 
+_COUNTERS: dict = {}
+
+
+def _count_written(good: pa.Table, rejected: int) -> None:
+    """The batch job's Prometheus counters, recorded where a shard is written (a worker process;
+    Ray exports ``ray.util.metrics`` from every node like Serve's, see docs/operations.md):
+    ``reasonrec_batch_queries_total{task,tier}``, ``reasonrec_batch_vlm_calls_total{task}``,
+    ``reasonrec_batch_rejected_total``. A retried shard counts again (counters count work done)."""
+    if not _COUNTERS:
+        from ray.util.metrics import Counter
+
+        _COUNTERS["queries"] = Counter(
+            "reasonrec_batch_queries",
+            description="queries the batch job answered, by task and tier",
+            tag_keys=("task", "tier"),
+        )
+        _COUNTERS["vlm"] = Counter(
+            "reasonrec_batch_vlm_calls", description="VLM calls of the batch job, by task", tag_keys=("task",)
+        )
+        _COUNTERS["rejected"] = Counter("reasonrec_batch_rejected", description="queries the batch job rejected")
+    counts = good.group_by(["task", "route"]).aggregate([("vlm_called", "sum"), ("vlm_called", "count")])
+    for r in counts.to_pylist():
+        _COUNTERS["queries"].inc(r["vlm_called_count"], tags={"task": r["task"], "tier": r["route"]})
+        if r["vlm_called_sum"]:
+            _COUNTERS["vlm"].inc(r["vlm_called_sum"], tags={"task": r["task"]})
+    if rejected:
+        _COUNTERS["rejected"].inc(rejected)
+
+
 def _write_shard(batch: pa.Table, staging: str, storage: dict, expected: dict) -> pa.Table:
     """Write one whole shard (predictions + rejected) atomically: temp name, then rename."""
     from reasonrec.data.schemas import PREDICTIONS
@@ -191,6 +232,7 @@ def _write_shard(batch: pa.Table, staging: str, storage: dict, expected: dict) -
         rej = part.filter(bad).select([f.name for f in REJECTED])
         for name, table in (("predictions", good), ("rejected", rej)):
             _atomic_write(fs, afs, root, name, s, table)
+        _count_written(good, rej.num_rows)
         out.append(
             {
                 "shard": s,
@@ -201,6 +243,13 @@ def _write_shard(batch: pa.Table, staging: str, storage: dict, expected: dict) -
             }
         )
     return pa.Table.from_pylist(out)
+
+
+def _write_tools_shard(batch: pa.Table, skip_vlm: bool, **write_kw) -> pa.Table:
+    """Tools only: routed rows -> scored rows (:func:`reasonrec.scoring.passthrough`) -> a written shard."""
+    from reasonrec.scoring import passthrough
+
+    return _write_shard(passthrough(batch, skip_vlm=skip_vlm), **write_kw)
 
 
 # ------------------------------------------------------------------------------ queries
@@ -250,6 +299,8 @@ def config_hash(cfg: RunConfig) -> str:
                 cfg.vlm.max_history_photos,
                 cfg.vlm.num_beams,
                 cfg.vlm.thought_tool_sets,
+                # only when set: runs without the pool keep the hash they had before it existed
+                *([cfg.vlm.sequential_pool] if cfg.vlm.sequential_pool else []),
             ],
         }
     )
@@ -352,7 +403,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
     def rows_of(s: int) -> int:
         return min(rows, n - s * rows)
 
-    def route(shards: list[int]):
+    def route(shards: list[int], write: tuple[Callable, dict] | None = None):
         # Shards are contiguous row ranges: a zero-copy slice each (not a filter pass per shard).
         blocks = [queries.slice(s * rows, rows) for s in shards]
         blocks = [
@@ -361,7 +412,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         pools["router"] = max(cfg.score.tool_actors, 1)
         return ray.data.from_arrow(blocks).map_batches(
             _RouterActor,
-            fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split, "attempts": attempts},
+            fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split, "attempts": attempts, "write": write},
             batch_format="pyarrow",
             batch_size=None,
             compute=ActorPoolStrategy(size=max(cfg.score.tool_actors, 1)),
@@ -369,10 +420,12 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             **retries,
         )
 
+    write_kw = {"staging": staging, "storage": _storage(cfg)}
+
     def write(ds, fn, expected: dict):
         return ds.map_batches(
             fn,
-            fn_kwargs={"staging": staging, "storage": _storage(cfg), "expected": expected},
+            fn_kwargs={**write_kw, "expected": expected},
             batch_format="pyarrow",
             batch_size=None,
             max_retries=cfg.score.max_task_retries,
@@ -387,7 +440,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         routed_dir = store.path(TMP_DIR, stage_dir, "routed")
         unrouted = [s for s in range(n_shards) if s not in _written(store, routed_dir)]
         if unrouted:
-            ds = write(route(unrouted), _write_routed, {str(s): rows_of(s) for s in unrouted})
+            ds = route(unrouted, (_write_routed, {**write_kw, "expected": {str(s): rows_of(s) for s in unrouted}}))
             progress = Progress(sum(rows_of(s) for s in unrouted), cfg.score.progress_every_s, routing=True)
             try:
                 for i, row in enumerate(ds.iter_rows(), 1):
@@ -432,9 +485,14 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
                 num_cpus=0.1,
             )
             use_vlm = bool(selected[np.isin(np.arange(n) // rows, todo)].any())
-        else:
-            ds, use_vlm = route(todo), with_vlm
-        if use_vlm:
+        elif with_vlm:
+            ds, use_vlm = route(todo), True
+        else:  # tools only: the router actors write their own shards (see _RouterActor)
+            ds, use_vlm = None, False
+        if ds is None:
+            skip = cfg.score.vlm_budget == 0
+            ds = route(todo, (_write_tools_shard, {**write_kw, "expected": expected, "skip_vlm": skip}))
+        elif use_vlm:
             pools["vlm"] = max(cfg.score.vlm_actors, 1)
             ds = ds.map_batches(
                 _VLMActor,
@@ -446,7 +504,8 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
                 num_gpus=cfg.score.vlm_gpus or None,
                 **retries,
             )
-        else:  # no VLM in the job, or none of these shards' queries won a VLM call
+            ds = write(ds, _write_shard, expected)
+        else:  # none of these shards' queries won a VLM call
             from reasonrec.scoring import passthrough
 
             ds = ds.map_batches(
@@ -455,7 +514,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
                 batch_format="pyarrow",
                 batch_size=None,
             )
-        ds = write(ds, _write_shard, expected)
+            ds = write(ds, _write_shard, expected)
         finished = 0
         # Budget left = the budget less the calls already spent in written shards (the selected ones).
         spent = int(selected[np.isin(np.arange(n) // rows, sorted(done))].sum()) if budgeted else 0

@@ -145,3 +145,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _RAY_FIXTURES & set(item.fixturenames) or item.module.__name__ in _RAY_MODULES:
             item.add_marker(pytest.mark.ray)
+
+
+def scrape_ours(port: int) -> dict[tuple, float]:
+    """Ray's metrics export endpoint on 127.0.0.1, parsed with prometheus_client's text parser:
+    {(sample name, sorted labels without Ray's own): value} for our ``ray_reasonrec_*`` series."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    ours: dict[tuple, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_reasonrec_"):
+                labels = tuple(
+                    sorted(
+                        (k, v)
+                        for k, v in sample.labels.items()
+                        if k not in ("Component", "NodeAddress", "SessionName", "Version", "WorkerId")
+                        and not k.startswith("otel_")
+                    )
+                )
+                ours[sample.name, labels] = ours.get((sample.name, labels), 0.0) + sample.value
+    return ours
+
+
+def metric_total(scraped: dict, name: str, **labels) -> float:
+    """Sum of the ``name`` samples whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in scraped.items() if n == name and want <= set(ls))

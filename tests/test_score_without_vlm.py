@@ -5,17 +5,19 @@ to run. And the scoring job's progress lines."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import sys
 import time
 
 import pyarrow.compute as pc
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_RUN, metric_total, scrape_ours
 
 from ray_jobs import fit_planner, score
 from reasonrec.config import CONFIG_DIR, load_config
-from reasonrec.io import MissingStage, open_store
+from reasonrec.io import TMP_DIR, MissingStage, open_store
 
 
 def test_tools_mode_scores_a_run_without_finetune_and_routed_mode_names_the_missing_jobs(tiny_run, tmp_path, caplog):
@@ -143,3 +145,69 @@ def test_tools_mode_numbers_equal_evaluates_numbers_for_the_tool_used(tiny_run, 
         assert value(system, "reasonrec") == pytest.approx(value(tools, tool), abs=1e-9), (task, tool)
         checked += 1
     assert checked == 3
+
+
+class _DieOnThirdShard(score._RouterActor):
+    """The real router actor, except that its process dies (``os._exit``) when its third shard
+    arrives: with no retries the job fails there, like a machine lost mid-run."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls == 3:
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_tools_mode_writes_each_shard_as_it_is_routed_so_a_failed_run_resumes_from_it(tiny_run, tmp_path, monkeypatch):
+    """In tools mode the router actors write their own shards: on 2 CPUs a separate write step
+    waited for the whole routing (Ray Data's budget gave the CPUs to the router pool), so a run
+    that died before the end had saved nothing to resume from."""
+    import ray.cloudpickle
+
+    cfg, store = tiny_run
+    base = TINY_RUN + [
+        f"output_root={cfg.output_root}",
+        "score.mode=tools",
+        "score.tasks=[sequential,direct,ctr]",  # (explanations always take the VLM)
+        "score.stage_name=score_tools_resume",
+    ]
+    c = load_config(CONFIG_DIR / "quickstart.yaml", base + ["score.shard_rows=4", "score.max_task_retries=0"])
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    monkeypatch.setattr(score, "_RouterActor", _DieOnThirdShard)
+    with pytest.raises(Exception):  # noqa: B017  (Ray wraps the lost actor in its own error types)
+        score.run(c)
+    staging = store.path(TMP_DIR, score.staging_name(c, store), "predictions")
+    written = [p for p in store.fs.ls(staging) if p.endswith(".parquet")]
+    assert len(written) == 2  # the two shards routed before the loss, each whole (no temp file left)
+    monkeypatch.undo()
+    import ray
+
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    port = node["MetricsExportPort"]
+    before = scrape_ours(port)
+    s = score.run(c)
+    assert s["shards_resumed"] == 2
+    preds = store.read_table("score_tools_resume", "predictions")
+    ids = preds.column("query_id").to_pylist()
+    assert len(ids) == len(set(ids)) == s["queries"] - s["rejected"]
+    assert set(preds.column("route").to_pylist()) == {"low"} and s["vlm_calls"] == 0
+    # The batch job's counters (recorded by the shard writers, exported by Ray): the resumed run
+    # wrote every prediction but the 2 resumed shards' (<= 8 rows), all low tier. Polled: Ray's
+    # metrics agent exports every few seconds.
+    tasks = set(preds.column("task").to_pylist())
+    t0 = time.monotonic()
+    while True:
+        now = scrape_ours(port)
+        moved = {
+            t: metric_total(now, "ray_reasonrec_batch_queries_total", task=t, tier="low")
+            - metric_total(before, "ray_reasonrec_batch_queries_total", task=t, tier="low")
+            for t in tasks
+        }
+        if sum(moved.values()) >= preds.num_rows - 8 or time.monotonic() > t0 + 90:
+            break
+        time.sleep(1)  # polling another process's export, not a fixed wait
+    assert sum(moved.values()) >= preds.num_rows - 8 and all(v > 0 for v in moved.values()), moved
