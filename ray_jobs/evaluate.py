@@ -19,6 +19,10 @@ import time
 from reasonrec.config import RunConfig, parse_cli, section_hash
 from reasonrec.evaluation import (
     KS,
+    TIMESHIFT_ITEM,
+    calibration_markdown,
+    calibration_records,
+    comparison_markdown,
     evaluate_tools,
     guard_markdown,
     markdown_tables,
@@ -44,7 +48,10 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     scored = store.manifest("score")
     if scored is not None:
         inputs["score"] = scored.fingerprint
-    config_hash = section_hash({"data": prep.config_hash, "ks": list(KS)})
+    others = _compared_runs(cfg)
+    for name, other in others.items():
+        inputs[f"compare:{name}"] = other.fingerprint
+    config_hash = section_hash({"data": prep.config_hash, "ks": list(KS), "compare_with": sorted(others)})
     if not force and store.is_done(STAGE, config_hash, inputs):
         log.info("evaluate: manifest matches under %s; skipping (use --force)", store.url(STAGE))
         return {"skipped": True, **store.manifest(STAGE).metrics}
@@ -53,14 +60,27 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     system = ""
     if scored is not None:
         users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
-        sys_records = system_records(
-            store.read_table("score", "predictions"), store.read_table("score", "queries"), users, cfg
+        preds, queries = store.read_table("score", "predictions"), store.read_table("score", "queries")
+        sys_records = system_records(preds, queries, users, cfg)
+        cal_records = calibration_records(preds, queries, cfg)
+        system = (
+            system_markdown(sys_records)
+            + guard_markdown(store)
+            + "\n"
+            + calibration_markdown(cal_records, preds.column_names)
         )
-        system = system_markdown(sys_records) + guard_markdown(store)
-        records += sys_records
+        records += sys_records + cal_records
+    compared = ""
+    if others:
+        runs = [(cfg.run_name, protocol_line(prep), records)]
+        for name in others:
+            ostore = open_store(_run_cfg(cfg, name))
+            runs.append((name, protocol_line(ostore.require("prepare")), _read_records(ostore)))
+        compared = comparison_markdown(runs) + "\n"
     with store.stage_writer(STAGE, config_hash, inputs) as w:
         w.write_bytes("metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
-        w.write_bytes("tools.md", (f"# Tool evaluation: run `{cfg.run_name}`\n\n" + tables).encode())
+        head = f"Split protocol: {protocol_line(prep)}\n\n"
+        w.write_bytes("tools.md", (f"# Tool evaluation: run `{cfg.run_name}`\n\n" + head + compared + tables).encode())
         pngs = []
         if system:
             pngs = plots([r for r in records if r["model"] == "reasonrec"], w)
@@ -68,6 +88,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
                 "report.md",
                 (
                     f"# ReasonRec report: run `{cfg.run_name}`\n\n"
+                    + head
+                    + compared
                     + system
                     + "\n"
                     + "".join(f"![{p}]({p})\n" for p in pngs)
@@ -85,6 +107,46 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         w.manifest.metrics = summary
     summary["tables"] = system or tables
     return summary
+
+
+def protocol_line(prep) -> str:
+    """A run's split protocol in words, from its ``prepare`` summary (runs prepared before the
+    switch existed used the random split), with the cut-off under the time shift."""
+    if prep.metrics.get("split_protocol", "loo") != "timeshift":
+        return (
+            "random split (`data.split_protocol=loo`): each user's last interaction is the test item, "
+            "the second last the valid item"
+        )
+    c = prep.metrics.get("timeshift_split", {})
+    return (
+        f"time shift (`data.split_protocol=timeshift`, paper Fig. A1) at ts={prep.metrics.get('timeshift_cutoff')}: "
+        f"{TIMESHIFT_ITEM}; {c.get('users_tested', '?')} users tested. P5 bundles have no timestamps "
+        "(ts = position): there it is a shift in position only"
+    )
+
+
+def _run_cfg(cfg: RunConfig, name: str) -> RunConfig:
+    import copy
+
+    other = copy.deepcopy(cfg)
+    other.run_name = name
+    return other
+
+
+def _compared_runs(cfg: RunConfig) -> dict:
+    """The report manifests of ``evaluate.compare_with``'s runs (each must be evaluated already)."""
+    out = {}
+    for name in cfg.evaluate.compare_with:
+        m = open_store(_run_cfg(cfg, name)).manifest(STAGE)
+        if m is None:
+            raise RuntimeError(f"evaluate.compare_with: run {name!r} has no report under {cfg.output_root}")
+        out[name] = m
+    return out
+
+
+def _read_records(store) -> list[dict]:
+    with store.fs.open(store.path(STAGE, "metrics.jsonl"), "r") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def main(argv=None) -> int:

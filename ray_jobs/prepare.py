@@ -7,6 +7,10 @@ partitions by user (every row of a user in one block), global values (the count 
 time-shift cutoff) come from Ray Data aggregations. Dense ids are numbered across the cluster
 (distributed sort of the distinct keys, per-block offsets) and joined back by hash partition, so
 the driver holds only per-block counts and small histograms: its memory does not grow with the data.
+
+``data.split_protocol=timeshift`` cuts every user's sequence at the time-shift cut-off before the
+per-user tables are derived (``reasonrec.data.prepare.timeshift_sequences``): the test item is the
+user's first interaction at or after it and nothing later reaches a table a model learns from.
 """
 
 from __future__ import annotations
@@ -232,6 +236,26 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
 
         quarantine_parts.append(seqs.map_batches(dup_quarantine, batch_format="pyarrow"))
 
+    with _step("time-shift cutoff"):
+        # Every interaction (the clean data, whatever the split protocol), materialised once: the
+        # cut-off, the interactions table and the time-shift table all read it.
+        interactions = seqs.map_batches(
+            P.interactions_table, batch_size=DERIVE_BATCH_USERS, batch_format="pyarrow"
+        ).materialize()
+        cutoff = d.timeshift_cutoff
+        if cutoff is None:
+            cutoff = exact_quantile(interactions, "ts", d.timeshift_quantile)
+        timeshift = interactions.map_batches(partial(P.timeshift_table, cutoff=cutoff), batch_format="pyarrow")
+
+    split_counts = None
+    if d.split_protocol == "timeshift":
+        with _step(f"time-shift split at ts={cutoff}"):
+            # Per-user sequences cut at the cut-off: leave-one-out on them puts the first interaction
+            # after it as the test item and trains on nothing later (reasonrec.data.prepare).
+            seqs = seqs.map_batches(partial(P.timeshift_sequences, cutoff=cutoff), batch_format="pyarrow").materialize()
+            c = seqs.map_batches(P.timeshift_counts, batch_format="pyarrow").to_pandas().sum()
+            split_counts = {k: int(v) for k, v in c.items()}
+
     with _step("evidence horizon"):
         # Per-block value counts, summed on the driver: at most blocks x distinct counts rows.
         hist = seqs.select_columns(["n_train"]).map_batches(count_values, batch_format="pyarrow").to_pandas()
@@ -246,7 +270,6 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     params = P.SplitParams.from_config(d, n_items)
     derive = {
         "users": partial(P.users_table, normalizer=normalizer, thresholds=d.eh_thresholds),
-        "interactions": P.interactions_table,
         "loo": P.loo_table,
         "direct_candidates": partial(P.direct_candidates_table, p=params),
         "ctr": partial(P.ctr_table, p=params),
@@ -258,16 +281,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         name: seqs.map_batches(fn, batch_size=DERIVE_BATCH_USERS, batch_format="pyarrow") for name, fn in derive.items()
     }
     tables["items"] = items_out
-
-    with _step("time-shift cutoff"):
-        # Materialised once: the cut-off, the interactions table and the time-shift table all read it.
-        tables["interactions"] = tables["interactions"].materialize()
-        cutoff = d.timeshift_cutoff
-        if cutoff is None:
-            cutoff = exact_quantile(tables["interactions"], "ts", d.timeshift_quantile)
-        tables["timeshift"] = tables["interactions"].map_batches(
-            partial(P.timeshift_table, cutoff=cutoff), batch_format="pyarrow"
-        )
+    tables["interactions"] = interactions
+    tables["timeshift"] = timeshift
 
     tables["quarantine"] = quarantine_parts[0].union(*quarantine_parts[1:])
 
@@ -307,8 +322,11 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             "bucket_shares_by_normalizer": shares,
             "quarantine_by_reason": dict(reasons),
             "timeshift_cutoff": cutoff,
+            "split_protocol": d.split_protocol,
             "seconds": round(time.time() - t_start, 1),
         }
+        if split_counts is not None:
+            summary["timeshift_split"] = split_counts
         w.manifest.metrics = summary
         w.write_json("summary.json", summary)
         normalizer.save(w)
@@ -329,6 +347,13 @@ def format_summary(s: dict) -> str:
         lines.append(f"  bucket shares under {kind:8s}: " + ", ".join(f"{k}={v:.1%}" for k, v in sh.items()))
     q = s["quarantine_by_reason"]
     lines.append("quarantined rows by reason: " + (", ".join(f"{k}={v:,}" for k, v in sorted(q.items())) or "none"))
+    if s.get("split_protocol") == "timeshift":
+        c = s.get("timeshift_split", {})
+        lines.append(
+            f"split protocol: timeshift at ts={s['timeshift_cutoff']} (test = each user's first interaction from "
+            f"then on): users tested={c.get('users_tested', 0):,}, history only={c.get('users_train_only', 0):,}, "
+            f"nothing before the cut-off={c.get('users_without_history', 0):,}"
+        )
     lines.append(f"time taken: {s['seconds']:.1f}s")
     return "\n".join(lines)
 

@@ -139,6 +139,11 @@ class DataConfig:
     # time-shift split: interactions with ts < cutoff are train; None -> this quantile of ts
     timeshift_cutoff: Optional[int] = None
     timeshift_quantile: float = 0.9
+    # Which split the per-user tables (loo and everything derived from it) follow: "loo" (random
+    # split by position: each user's last item test, second last valid) or "timeshift" (test = a
+    # user's first interaction at or after the time-shift cut-off, valid = the last before it,
+    # history = the ones before it; users without both are not tested).
+    split_protocol: str = "loo"
     seed: int = 42
 
 
@@ -391,6 +396,16 @@ class ImagesConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """The ``evaluate`` stage (``{run}/report/``)."""
+
+    # Other runs (names under the same output_root) whose evaluated numbers the report shows next to
+    # this run's, each under its own split protocol: e.g. a time-shift run compared with the
+    # random-split (leave-one-out) run of the same world and budget. Each needs its report already.
+    compare_with: List[str] = field(default_factory=list)
+
+
+@dataclass
 class RunConfig:
     run_name: str = "quickstart"
     output_root: str = "runs"
@@ -407,6 +422,7 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -635,6 +651,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config error: key 'data.eh_thresholds': need two values 0 <= low <= high <= 1")
     if cfg.data.ctr_protocol not in ("loo", "random"):
         raise ConfigError(f"config error: key 'data.ctr_protocol': {cfg.data.ctr_protocol!r} is not one of loo, random")
+    if cfg.data.split_protocol not in ("loo", "timeshift"):
+        raise ConfigError(
+            f"config error: key 'data.split_protocol': {cfg.data.split_protocol!r} is not one of loo, timeshift"
+        )
+    if not 0.0 < cfg.data.timeshift_quantile < 1.0:
+        raise ConfigError("config error: key 'data.timeshift_quantile': must be in (0, 1)")
     for name in ("ctr_split", "explanation_split"):
         parts = getattr(cfg.data, name)
         if len(parts) != 3 or abs(sum(parts) - 1.0) > 1e-6 or min(parts) < 0:

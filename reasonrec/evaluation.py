@@ -6,6 +6,11 @@ Protocols (stated next to every number):
 * direct: the test item among its candidate list (1 + ``data.direct_negatives`` sampled unseen items);
 * ctr: the 8:1:1 per-user CTR test split with ``data.ctr_negatives`` sampled negatives per positive.
 
+The test items follow ``data.split_protocol``: ``loo`` (above) or ``timeshift`` (paper Fig. A1: each
+user's first interaction at or after a time cut-off, every model trained on interactions before it;
+``prepare`` derives the per-user tables that way, so this module only names it). P5 bundles have no
+timestamps (``ts`` = position): a time shift on them is a shift in position only.
+
 Every metric is reported overall and per segment: EH bucket (``eh:low|medium|high``) and the
 paper's cold-start groups (ten equal-size user groups by training frequency, ``cs:1..10``, with
 ``cs:coldest`` = 1-3, ``cs:medium`` = 4-6, ``cs:normal`` = 1-10). A record is one JSON-able dict
@@ -34,14 +39,34 @@ KS = (5, 10, 20)
 
 CTR_LEAK = "; OPTIMISTIC: trained on histories that contain the CTR test positives"
 SEQ_MASKED = "full-catalog ranking with history items masked (RecBole full-sort), leave-one-out test item"
+TIMESHIFT_ITEM = (
+    "time-shift test item (each user's first interaction at or after the cut-off; trained only on "
+    "interactions before it)"
+)
+
+
+# The explanation split stays a random draw; under the time shift it draws from the interactions
+# kept (those before the cut-off and each tested user's first one after it).
+EXPLANATION_SPLIT = {"timeshift": " of the interactions kept by the time-shift split (not a time split)"}
+
+
+def split_protocol(cfg: RunConfig) -> str:
+    """How the test items were drawn (``data.split_protocol``): named in every protocol string."""
+    if cfg.data.split_protocol == "timeshift":
+        return TIMESHIFT_ITEM
+    return "leave-one-out test item"
 
 
 def protocols(cfg: RunConfig) -> dict[str, str]:
+    """The protocol string of every task (and ``sequential_masked``) under the run's split."""
+    item = split_protocol(cfg)
+    ctr_pos = "time-shift test items" if cfg.data.split_protocol == "timeshift" else "leave-one-out test items"
     return {
-        "sequential": "full-catalog ranking, leave-one-out test item",
-        "direct": f"1 positive + {cfg.data.direct_negatives} sampled negatives, leave-one-out test item",
+        "sequential": f"full-catalog ranking, {item}",
+        "sequential_masked": SEQ_MASKED.replace("leave-one-out test item", item),
+        "direct": f"1 positive + {cfg.data.direct_negatives} sampled negatives, {item}",
         "ctr": (
-            f"leave-one-out test items as positives, {cfg.data.ctr_negatives} negatives per positive (test split)"
+            f"{ctr_pos} as positives, {cfg.data.ctr_negatives} negatives per positive (test split)"
             if cfg.data.ctr_protocol == "loo"
             else f"8:1:1 per-user split, {cfg.data.ctr_negatives} negatives per positive (test split)"
         ),
@@ -106,7 +131,7 @@ def evaluate_tools(store: ArtifactStore, cfg: RunConfig) -> list[dict]:
         t = preds.filter(pc.equal(preds.column("tool"), tool))
         uids = t.column("user_id").to_numpy()
         buckets, groups = segments(users, uids)
-        for column, protocol in (("rank", proto["sequential"]), ("rank_excl", SEQ_MASKED)):
+        for column, protocol in (("rank", proto["sequential"]), ("rank_excl", proto["sequential_masked"])):
             ranks = t.column(column).to_numpy()
             per_query = {f"{m}@{k}": f(ranks, k) for k in KS for m, f in (("hr", hit_at_k), ("ndcg", ndcg_at_k))}
             records += _records("sequential", tool, protocol, breakdown(per_query, buckets, groups))
@@ -144,7 +169,7 @@ def markdown_tables(records: list[dict], protocol: dict[str, str]) -> str:
     seq = [("hr", 5), ("ndcg", 5), ("hr", 10), ("ndcg", 10), ("hr", 20), ("ndcg", 20)]
     for task, proto, cols in (
         ("sequential", protocol["sequential"], seq),
-        ("sequential", SEQ_MASKED, seq),
+        ("sequential", protocol.get("sequential_masked", SEQ_MASKED), seq),
         ("direct", protocol["direct"], [("hr", 5), ("ndcg", 5), ("hr", 10), ("ndcg", 10)]),
         ("ctr", protocol["ctr"], [("auc", None), ("logloss", None)]),
     ):
@@ -211,7 +236,8 @@ def system_records(preds, queries, users, cfg: RunConfig, model: str = "reasonre
 
     proto = {
         **protocols(cfg),
-        "explanation": f"8:1:1 per-user split (test), review text as reference; {BLEU_SETTINGS}; {ROUGE_SETTINGS}",
+        "explanation": f"8:1:1 per-user split (test){EXPLANATION_SPLIT.get(cfg.data.split_protocol, '')}, "
+        f"review text as reference; {BLEU_SETTINGS}; {ROUGE_SETTINGS}",
     }
     truth = per_query_correct(preds, queries)
     tasks = preds.column("task").to_numpy(zero_copy_only=False)
@@ -583,3 +609,257 @@ def guard_markdown(store: ArtifactStore) -> str:
         "best fixed tool on held-out validation queries by more than its noise):\n\n"
         "| task | choice | evidence |\n|---|---|---|\n" + "\n".join(rows) + "\n"
     )
+
+
+# ------------------------------------------------------------------------ calibration
+CALIBRATION_BINS = 10
+CALIBRATION_GROUPS = ("all", "eh:low", "eh:medium", "eh:high")
+CALIBRATION_SOURCES = ("vlm_verbal", "vlm_token", "planner")
+CALIBRATION_NAMES = {
+    "vlm_verbal": "VLM verbalised confidence",
+    "vlm_token": "VLM token-probability confidence",
+    "planner": "planner P(tool right)",
+}
+
+
+def calibration_protocol(source: str, k: int, planner_everywhere: bool = False) -> str:
+    """What a confidence is scored against (each against what it is a probability of);
+    ``planner_everywhere``: predictions carry ``tool_confidence`` on every row."""
+    planner_rows = (
+        "every ranking / CTR query (the primary tool's answer where the VLM answered)"
+        if planner_everywhere
+        else "tool answers (VLM not called)"
+    )
+    right = {
+        "vlm_verbal": f"VLM answers; right = truth in the VLM's top {k} (the instruction targets' usable_k)",
+        "vlm_token": "VLM answers; right = the VLM's top-1 item is the truth",
+        "planner": f"{planner_rows}; right = truth in the answer's top {k} (planner.correct_k)",
+    }[source]
+    name = CALIBRATION_NAMES[source]
+    return f"calibration ({CALIBRATION_BINS} equal-width bins): {name}; {right}; CTR: right side of 0.5"
+
+
+def _verbal_confidence(preds, m: np.ndarray) -> np.ndarray:
+    """The VLM's verbalised confidence per row: the ``conf_verbal`` column where scoring records
+    it, else the ``Confidence:`` field parsed from the row's ``thought`` (the parse the VLM's own
+    output went through); NaN where there is none."""
+    from reasonrec.prompts.cot import parse_output
+
+    if "conf_verbal" in preds.column_names:
+        return np.where(m, _floats(preds, "conf_verbal"), np.nan)
+    tasks = preds.column("task").to_pylist()
+    out = np.full(preds.num_rows, np.nan)
+    for i, th in enumerate(preds.column("thought").to_pylist()):
+        if m[i] and th:
+            c = parse_output(th, tasks[i]).thought.confidence
+            out[i] = np.nan if c is None else c
+    return out
+
+
+def _floats(preds, col: str) -> np.ndarray:
+    """A float32 confidence column as float64 rounded to 6 decimals: the value scoring stored (a
+    verbalised 0.70 is 0.69999999 in float32 and would fall into the [0.6, 0.7) bin), NaN for null."""
+    return np.round(preds.column(col).to_numpy(zero_copy_only=False).astype(np.float64), 6)
+
+
+def calibration_inputs(preds, queries, cfg: RunConfig) -> dict[str, dict[str, np.ndarray]]:
+    """Per confidence source: ``conf`` and ``right`` per prediction row (NaN confidence where the
+    source says nothing about the row), for the ranking and CTR tasks (explanations have no
+    right / wrong). Rows keep the predictions' order.
+
+    * ``vlm_verbal``: VLM-answered rows, the verbalised confidence (``_verbal_confidence``).
+    * ``vlm_token``: VLM-answered rows, the token-probability confidence: the ``conf_token``
+      column where scoring records it; else the ``confidence`` column on the rows whose thought
+      states no confidence (scoring falls back to the token one there); NaN elsewhere.
+    * ``planner``: the planner's P(the answer given is right): the ``tool_confidence`` column
+      where scoring records it (right judged on ``tool_items`` where the VLM answered); else the
+      ``confidence`` column of the rows the tools answered (``vlm_called`` false), which scoring
+      fills with it."""
+    truth = per_query_correct(preds, queries)
+    task = preds.column("task").to_numpy(zero_copy_only=False)
+    scored = np.isin(task, ["sequential", "direct", "ctr"])
+    vlm = preds.column("vlm_called").to_numpy(zero_copy_only=False).astype(bool)
+    conf = _floats(preds, "confidence")
+    label = np.asarray(truth["label"], np.float64)
+    is_ctr = task == "ctr"
+
+    def side(col: str) -> np.ndarray:
+        p = preds.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
+        return (p >= 0.5) == (label > 0.5)
+
+    def in_top(items_col: str, k: int) -> np.ndarray:
+        target = truth["target"]
+        return np.array(
+            [bool(lst) and t == t and t is not None and int(t) in lst[:k] for lst, t in zip(items_col, target)]
+        )
+
+    items = preds.column("items").to_pylist()
+    right_sys = {k: np.where(is_ctr, side("prob"), in_top(items, k)) for k in {1, cfg.instructions.usable_k}}
+    on_vlm = scored & vlm
+    verbal = _verbal_confidence(preds, on_vlm)
+    if "conf_token" in preds.column_names:
+        token = _floats(preds, "conf_token")
+    else:
+        token = np.where(np.isnan(verbal), conf, np.nan)
+    out = {
+        "vlm_verbal": {"conf": np.where(on_vlm, verbal, np.nan), "right": right_sys[cfg.instructions.usable_k]},
+        "vlm_token": {"conf": np.where(on_vlm, token, np.nan), "right": right_sys[1]},
+    }
+    k = cfg.planner.correct_k
+    planner_right = np.where(is_ctr, side("prob"), in_top(items, k))
+    if "tool_confidence" in preds.column_names:
+        tool_right = np.where(is_ctr, side("tool_prob"), in_top(preds.column("tool_items").to_pylist(), k))
+        planner_right = np.where(vlm, tool_right, planner_right)
+        pconf = np.where(scored, _floats(preds, "tool_confidence"), np.nan)
+    else:
+        pconf = np.where(scored & ~vlm, conf, np.nan)
+    out["planner"] = {"conf": pconf.astype(np.float64), "right": planner_right}
+    return out
+
+
+def calibration_records(preds, queries, cfg: RunConfig) -> list[dict]:
+    """ECE (``CALIBRATION_BINS`` equal-width bins) and the reliability table (per non-empty bin:
+    mean confidence, accuracy, count) of each confidence source (:func:`calibration_inputs`), per
+    task and EH bucket (the bucket scoring resolved, ``eh_bucket``). Records with ``model`` = the
+    source, metrics ``ece`` / ``mean_confidence`` / ``accuracy`` / ``brier`` and, per bin ``k``,
+    ``bin_confidence`` / ``bin_accuracy`` (``n`` = the bin's count)."""
+    from reasonrec.diagnosis import reliability
+
+    inputs = calibration_inputs(preds, queries, cfg)
+    task = preds.column("task").to_numpy(zero_copy_only=False)
+    bucket = np.array([f"eh:{b}" for b in preds.column("eh_bucket").to_pylist()], dtype=object)
+    records: list[dict] = []
+    for source, d in inputs.items():
+        k = cfg.instructions.usable_k if source == "vlm_verbal" else cfg.planner.correct_k
+        proto = calibration_protocol(source, k, "tool_confidence" in preds.column_names)
+        base = {"model": source, "protocol": proto}
+        for t in ("sequential", "direct", "ctr"):
+            for group in CALIBRATION_GROUPS:
+                sel = (task == t) & np.isfinite(d["conf"]) & (True if group == "all" else bucket == group)
+                if not sel.any():
+                    continue
+                rel = reliability(d["conf"][sel], d["right"][sel], CALIBRATION_BINS)
+                head = {**base, "task": t, "group": group}
+                for metric, key in (("ece", "ece"), ("mean_confidence", "mean_pred"), ("accuracy", "observed")):
+                    records.append({**head, "metric": metric, "k": None, "value": float(rel[key]), "n": rel["n"]})
+                records.append({**head, "metric": "brier", "k": None, "value": float(rel["brier"]), "n": rel["n"]})
+                for i, b in enumerate(rel["bins"]):
+                    if b["n"]:
+                        records.append(
+                            {**head, "metric": "bin_confidence", "k": i, "value": b["mean_pred"], "n": b["n"]}
+                        )
+                        records.append({**head, "metric": "bin_accuracy", "k": i, "value": b["observed"], "n": b["n"]})
+    return records
+
+
+TOKEN_CONFIDENCE_GAP = (
+    "The token-probability confidence is not stored for every VLM answer: scoring keeps one "
+    "`confidence` per prediction (the verbalised one, the token one only where the thought states "
+    "none), so its rows here are the VLM answers without a verbalised confidence. Recording both "
+    "(`conf_verbal`, `conf_token` and the planner's `tool_confidence` in PREDICTIONS) makes this "
+    "section cover every VLM answer; evaluate reads those columns when they are there."
+)
+
+
+CALIBRATION_NONE = {
+    "vlm_verbal": "no rows: no VLM answer to a ranking / CTR test query stated a confidence (or the VLM answered none)",
+    "vlm_token": "no rows: no VLM answer to a ranking / CTR test query has its token confidence stored",
+    "planner": "no rows: no ranking / CTR test query has the planner's P(tool right) stored",
+}
+
+
+def calibration_markdown(records: list[dict], columns: list[str] | None = None) -> str:
+    """ECE per confidence source, task and EH bucket, then the reliability tables (non-empty bins)."""
+    rows = [r for r in records if r["model"] in CALIBRATION_SOURCES and r["protocol"].startswith("calibration")]
+    val = {(r["model"], r["task"], r["group"], r["metric"], r["k"]): r for r in rows}
+    out = [
+        f"### Calibration (ECE over {CALIBRATION_BINS} equal-width bins: sum over bins of "
+        "share x |accuracy - mean confidence|; test queries)\n",
+        "| confidence | task | " + " | ".join(f"ECE {g}" for g in CALIBRATION_GROUPS) + " | mean conf. | accuracy |",
+        "|---|---|" + "---|" * (len(CALIBRATION_GROUPS) + 2),
+    ]
+    keys = sorted(
+        {(r["model"], r["task"]) for r in rows}, key=lambda x: (CALIBRATION_SOURCES.index(x[0]), TASKS.index(x[1]))
+    )
+    for source, task in keys:
+        cells = []
+        for g in CALIBRATION_GROUPS:
+            r = val.get((source, task, g, "ece", None))
+            cells.append(f"{r['value']:.4f} (n={r['n']})" if r else "")
+        mc, acc = (
+            val.get((source, task, "all", "mean_confidence", None)),
+            val.get((source, task, "all", "accuracy", None)),
+        )
+        out.append(f"| {CALIBRATION_NAMES[source]} | {task} | " + " | ".join(cells) + f" | {_fmt(mc)} | {_fmt(acc)} |")
+    out.append("\nWhat each confidence is scored against:\n")
+    for source in CALIBRATION_SOURCES:
+        proto = next((r["protocol"] for r in rows if r["model"] == source), None)
+        out.append(f"- {proto}" if proto else f"- {CALIBRATION_NAMES[source]}: {CALIBRATION_NONE[source]}")
+    if not any(c in (columns or []) for c in ("conf_token",)):
+        out.append(f"\n{TOKEN_CONFIDENCE_GAP}")
+    out.append("\n#### Reliability tables (bins with answers; bin i = confidence in [i/10, (i+1)/10))\n")
+    out.append("| confidence | task | group | bin | n | mean confidence | accuracy | gap |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for source, task in keys:
+        for g in CALIBRATION_GROUPS:
+            for i in range(CALIBRATION_BINS):
+                c, a = val.get((source, task, g, "bin_confidence", i)), val.get((source, task, g, "bin_accuracy", i))
+                if c and a:
+                    out.append(
+                        f"| {CALIBRATION_NAMES[source]} | {task} | {g} | [{i / 10:.1f}, {(i + 1) / 10:.1f}) | {c['n']} "
+                        f"| {c['value']:.4f} | {a['value']:.4f} | {a['value'] - c['value']:+.4f} |"
+                    )
+    return "\n".join(out) + "\n"
+
+
+def _fmt(r: dict | None) -> str:
+    return f"{r['value']:.4f}" if r and r["value"] == r["value"] else ""
+
+
+# ------------------------------------------------------------------------ protocol comparison
+COMPARE_METRICS = {
+    "sequential": [("hr", 5), ("ndcg", 5), ("hr", 10)],
+    "direct": [("hr", 5), ("ndcg", 5)],
+    "ctr": [("auc", None)],
+    "explanation": [("rouge_l", None)],
+}
+
+
+def _headline(records: list[dict]) -> dict[tuple, dict]:
+    """The records :func:`comparison_markdown` compares: overall (``all``) values of the main
+    metrics per task and model, history kept (no masked, routing, disagreement or calibration rows)."""
+    out = {}
+    for r in records:
+        if r["group"] != "all" or (r["metric"], r["k"]) not in COMPARE_METRICS.get(r["task"], []):
+            continue
+        p = r["protocol"]
+        if "masked" in p or p.startswith(("routing", "calibration")) or p == DISAGREEMENT_PROTOCOL:
+            continue
+        out[(r["task"], r["model"], r["metric"], r["k"])] = r
+    return out
+
+
+def comparison_markdown(runs: list[tuple[str, str, list[dict]]]) -> str:
+    """One table per task: models x runs (``(label, split protocol, records)``, this run first),
+    the main metrics overall with their query counts; the protocols named under the table."""
+    heads = [(label, split, _headline(recs)) for label, split, recs in runs]
+    out = ["## Split protocols side by side (same world and budget; overall values, history kept)\n"]
+    out += [f"- `{label}`: {split}" for label, split, _ in heads]
+    out.append("")
+    for task, cols in COMPARE_METRICS.items():
+        models = sorted({k[1] for _, _, h in heads for k in h if k[0] == task}, key=lambda m: (m != "reasonrec", m))
+        if not models:
+            continue
+        names = [f"{m.upper()}@{k}" if k else m.upper() for m, k in cols]
+        out.append(f"### {task}\n")
+        out.append("| model | " + " | ".join(f"{label}: {n}" for label, _, _ in heads for n in names + ["n"]) + " |")
+        out.append("|---|" + "---|" * (len(heads) * (len(cols) + 1)))
+        for model in models:
+            cells = []
+            for _, _, h in heads:
+                recs = [h.get((task, model, m, k)) for m, k in cols]
+                cells += [f"{r['value']:.4f}" if r and r["value"] == r["value"] else "" for r in recs]
+                cells.append(str(next((r["n"] for r in recs if r), "")))
+            out.append(f"| {model} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)

@@ -426,6 +426,16 @@ def interactions_table(seqs: pa.Table) -> pa.Table:
     )
 
 
+def has_targets(seqs: pa.Table, lens: np.ndarray) -> np.ndarray:
+    """Per user row: does the user get a valid and a test target? Leave-one-out: >= 3 items. Under the
+    time-shift protocol (:func:`timeshift_sequences`) also the row's ``targets`` flag (a user needs
+    >= 2 interactions before the cut-off and one after it)."""
+    ok = lens >= 3
+    if "targets" in seqs.column_names:
+        ok &= seqs.column("targets").to_numpy(zero_copy_only=False).astype(bool)
+    return ok
+
+
 def split_history(train: np.ndarray, valid_item: int | None, split: str) -> np.ndarray:
     """The history a query of ``split`` sees under leave-one-out: train[:-1] for train, train for
     valid, train + the valid item for test (and production). The one rule for every task: the
@@ -438,14 +448,20 @@ def split_history(train: np.ndarray, valid_item: int | None, split: str) -> np.n
     return np.append(tr, np.int64(valid_item))
 
 
+def _masked(flat: np.ndarray, idx: np.ndarray, mask: np.ndarray) -> pa.Array:
+    """``flat[idx]`` with ``mask`` rows null (rows of users without items index nothing)."""
+    vals = flat[np.minimum(idx, len(flat) - 1)] if len(flat) else np.zeros(len(idx), np.int64)
+    return pa.array(vals, pa.int64(), mask=mask)
+
+
 def loo_table(seqs: pa.Table) -> pa.Table:
     """Leave-one-out: last item test, second last valid, the rest train (users with < 3
-    interactions: all train, no targets)."""
+    interactions, or without targets under the time-shift protocol: all train, no targets)."""
     items, lens = _lists(seqs, "items")
     ts = _lists(seqs, "ts")[0]
     starts = np.cumsum(lens) - lens
-    has_targets = lens >= 3
-    n_train = np.where(has_targets, lens - 2, lens)
+    targets = has_targets(seqs, lens)
+    n_train = np.where(targets, lens - 2, lens)
     train_idx = pa.array(np.arange(n_train.sum()) + np.repeat(starts - (np.cumsum(n_train) - n_train), n_train))
     last = starts + lens - 1
     flat = items.to_numpy()
@@ -455,8 +471,8 @@ def loo_table(seqs: pa.Table) -> pa.Table:
                 "user_id": seqs.column("user_id"),
                 "train_items": _list_array(n_train, items.take(train_idx)),
                 "train_ts": _list_array(n_train, ts.take(train_idx)),
-                "valid_item": pa.array(flat[np.maximum(last - 1, 0)] if len(flat) else flat, mask=~has_targets),
-                "test_item": pa.array(flat[last] if len(flat) else flat, mask=~has_targets),
+                "valid_item": _masked(flat, np.maximum(last - 1, 0), ~targets),
+                "test_item": _masked(flat, np.maximum(last, 0), ~targets),
             }
         ),
         schemas.LOO,
@@ -472,7 +488,7 @@ def direct_candidates_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
     uid = seqs.column("user_id").to_numpy()
     hist, n_hist = _history(lens, items, p.n_items)
     k = p.direct_negatives
-    users = np.flatnonzero((lens >= 3) & (p.n_items - n_hist >= k))
+    users = np.flatnonzero(has_targets(seqs, lens) & (p.n_items - n_hist >= k))
     ends = np.cumsum(lens)[users]
     list_row = np.repeat(users, 2)  # one valid and one test list per user
     list_tag = np.tile(np.array([0, 1]), len(users))
@@ -517,7 +533,7 @@ def ctr_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
     if p.ctr_protocol == "random":
         pos_split = split_labels(p.seed, 2, uid, n_pos, p.ctr_split)
     elif p.ctr_protocol == "loo":
-        pos_split = _loo_ctr_split(lens, flat, pos_row, pos_item, p.n_items)
+        pos_split = _loo_ctr_split(lens, flat, pos_row, pos_item, p.n_items, has_targets(seqs, lens))
     else:
         raise ValueError(f"unknown CTR protocol {p.ctr_protocol!r} (loo or random)")
     r = p.ctr_negatives
@@ -545,12 +561,11 @@ def ctr_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
 
 
 def _loo_ctr_split(
-    lens: np.ndarray, flat: np.ndarray, pos_row: np.ndarray, pos_item: np.ndarray, n_items: int
+    lens: np.ndarray, flat: np.ndarray, pos_row: np.ndarray, pos_item: np.ndarray, n_items: int, has: np.ndarray
 ) -> np.ndarray:
     """Split codes of the distinct positives (``pos_row``, ``pos_item``) under the ``loo`` CTR
-    protocol (see :func:`ctr_table`)."""
+    protocol (see :func:`ctr_table`); ``has``: the users with valid / test targets."""
     ends = np.cumsum(lens)
-    has = lens >= 3
     valid = np.where(has, flat[np.maximum(ends - 2, 0)] if len(flat) else -1, -1)
     test = np.where(has, flat[np.maximum(ends - 1, 0)] if len(flat) else -1, -1)
     # The training history: every item but the last two (all items for users with < 3).
@@ -624,4 +639,56 @@ def timeshift_table(inter: pa.Table, cutoff: int) -> pa.Table:
             }
         ),
         schemas.TIMESHIFT,
+    )
+
+
+SPLIT_PROTOCOLS = ("loo", "timeshift")
+
+
+def timeshift_sequences(seqs: pa.Table, cutoff: int) -> pa.Table:
+    """Per-user sequences (``build_sequences`` rows) cut at the time ``cutoff`` for the time-shift
+    protocol (paper Fig. A1), so that the leave-one-out derivations downstream (``loo_table``,
+    ``direct_candidates_table``, ``ctr_table``, ``users_table``, ...) read them unchanged:
+
+    * a user with >= 2 interactions before the cut-off and >= 1 at or after it keeps the ones
+      before plus the first one after: leave-one-out then makes that first one the test item, the
+      last one before the cut-off the valid item and the rest the training history (``targets``
+      true);
+    * every other user keeps only the interactions before the cut-off, all of them training history,
+      no valid / test target (``targets`` false); a user with none keeps an empty sequence.
+
+    Interactions after a user's test item are dropped from the per-user tables: no history, no
+    tool and no CTR / explanation row holds anything at or after the cut-off but the test items."""
+    items, lens = _lists(seqs, "items")
+    ts = _lists(seqs, "ts")[0].to_numpy()
+    row = np.repeat(np.arange(len(lens)), lens)
+    pos = np.arange(len(row)) - np.repeat(np.cumsum(lens) - lens, lens)
+    n_before = np.bincount(row[ts < cutoff], minlength=len(lens)).astype(np.int64)
+    targets = (n_before >= 2) & (lens > n_before)
+    keep = (pos < n_before[row]) | ((pos == n_before[row]) & targets[row])
+    new_lens = n_before + targets
+    idx = pa.array(np.flatnonzero(keep))
+
+    def cut(col: str) -> pa.Array:
+        return _list_array(new_lens, _lists(seqs, col)[0].take(idx))
+
+    out = seqs
+    for col in ("items", "ts", "ratings", "reviews"):
+        out = out.set_column(out.schema.get_field_index(col), col, cut(col))
+    n_train = np.where(targets, new_lens - 2, new_lens)
+    out = out.set_column(out.schema.get_field_index("n_train"), "n_train", pa.array(n_train, pa.int64()))
+    return out.append_column("targets", pa.array(targets))
+
+
+def timeshift_counts(seqs: pa.Table) -> pa.Table:
+    """One row of counts over a block of :func:`timeshift_sequences` rows: users with a test item,
+    users with history before the cut-off but no test item, users with nothing before it."""
+    lens = _lists(seqs, "items")[1]
+    t = seqs.column("targets").to_numpy(zero_copy_only=False).astype(bool)
+    return pa.table(
+        {
+            "users_tested": [int(t.sum())],
+            "users_train_only": [int((~t & (lens > 0)).sum())],
+            "users_without_history": [int((lens == 0).sum())],
+        }
     )
