@@ -1,35 +1,45 @@
-"""Load test of the Serve app (loopback only, bounded in requests and time), in one run:
+"""Load test of the Serve app with locust (headless, loopback only, bounded in requests and time).
 
-    python -m bench.serve --config configs/quickstart.yaml output_root=/tmp/runs
+    python -m bench.serve --config configs/quickstart.yaml output_root=/tmp/runs            # before / after
+    python -m bench.serve --scale --config configs/quickstart.yaml output_root=/tmp/runs    # VLM autoscaling
 
-1. Starts the app for the run (``ray_jobs.serve.start``: local Ray, 127.0.0.1, a free port) and
-   loads the same run's router in this process.
-2. Query pool: the run's prepared test queries of every task (``ray_jobs.score``'s), asked as HTTP
-   requests with their query ids, so each lands in the tier the batch job gave it.
-3. Latency: at each fixed concurrency (``--concurrency``), ``--requests`` requests from that many
-   client threads (keep-alive sessions); p50/p95/p99 per tier (from each response's ``tier``).
-4. Sustained: ``--sustain-s`` seconds at ``--sustain-concurrency`` over the same mix; requests/s
-   and errors (must be zero: the exit status is 1 otherwise).
-5. Graph overhead: low-tier queries (ingress -> planner -> tools, VLM bypassed) one at a time
-   over HTTP vs the same queries through the router in this process (tools + planner, no Serve;
-   one torch thread, as in the replicas), and vs the tools alone (``ToolBox.answer``), each query
-   asked ``--overhead-rounds`` times on each side, interleaved.
+**Before / after** (default), in one run: the app is started (``ray_jobs.serve.start``: local Ray,
+127.0.0.1, a free port) once per variant, one after the other: ``before`` = the old graph
+(``serve.graph=split serve.count_flops=true``: ingress -> planner -> tools / VLM, FLOPs counted as
+the app did), ``after`` = the config's own ``serve`` section (by default the fused graph). For each:
 
-Every phase stops at its deadline (``--phase-timeout-s``) even if requests remain. Results:
-``bench/results/serve.json`` and a Markdown summary on stdout.
+1. Workloads from the run's prepared test queries (``ray_jobs.score``'s), asked with their query
+   ids, so each lands in the tier the batch job gave it: ``recommend`` (``POST /v1/recommend`` for
+   the known users of the sequential and direct queries: the issue's load) and ``mix`` (every
+   endpoint, round-robin over tasks: medium / high tiers alongside).
+2. For each workload and each ``--concurrency``: a locust run (``bench/locustfile.py``, ``-u`` users
+   sending back to back) bounded by ``--requests`` responses and ``--phase-s`` seconds; p50 / p95 /
+   p99 per endpoint and tier, requests/s and errors (non-200; the exit status is 1 if any).
+3. Where the time goes (low tier, one request at a time): HTTP vs the same router in this process
+   (tools + planner, no Serve, one torch thread as in the replicas, FLOPs counted as the variant's
+   app does).
+
+**VLM autoscaling** (``--scale``): a burst of VLM requests (explanations: always medium / high)
+at ``--scale-concurrency`` for ``--phase-s`` seconds with the VLM fixed at 1 replica, then at 2
+(throughput of each), then with autoscaling ``[1, 2]`` and short delays (``SCALE``,
+``--scale-overrides``): seconds from the burst's start until a second VLM replica is started and
+until it runs (the burst then goes on ``--scale-hold-s`` and stops; at most ``--scale-burst-s``),
+and from the burst's end until one replica is left.
+
+Results: ``bench/results/serve.json`` (``serve_scale.json``) and a Markdown summary on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import itertools
 import json
 import os
 import platform
 import socket
+import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,8 +48,21 @@ import numpy as np
 from reasonrec.vocab import RISK_TIERS
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results" / "serve.json"
+RESULTS = REPO / "bench" / "results"
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 TIERS = RISK_TIERS
+BEFORE = ["serve.graph=split", "serve.count_flops=true"]
+# Two VLM replicas on 2 CPUs: half a CPU each (and little for the rest); short autoscaling delays
+# so that the scale-up and -down happen within the bench (Serve's defaults: 30 s up, 600 s down).
+SCALE = [
+    "serve.vlm_cpus=0.5",
+    "serve.ingress_cpus=0.1",
+    "serve.ingress_replicas=[1,1]",  # only the VLM deployment scales here
+    "serve.upscale_delay_s=2",
+    "serve.downscale_delay_s=10",
+    "serve.look_back_period_s=2",
+    "serve.target_ongoing_requests=2",
+]
 
 
 def _free_port() -> int:
@@ -49,6 +72,7 @@ def _free_port() -> int:
 
 
 def http_request(q: dict) -> tuple[str, dict]:
+    """The HTTP request for a batch query (same user, item(s), query id)."""
     body = {"user_id": q["user_id"], "query_id": q["query_id"]}
     if q["task"] == "ctr":
         return "/v1/ctr", {**body, "items": [q["item_id"]]}
@@ -57,72 +81,97 @@ def http_request(q: dict) -> tuple[str, dict]:
     return "/v1/recommend", {**body, **({"candidates": q["candidates"]} if q["task"] == "direct" else {})}
 
 
-class Client:
-    """Client threads, each with its own keep-alive session; records (latency s, status, tier)."""
-
-    def __init__(self, url: str):
-        import requests
-
-        self.url, self.local = url, threading.local()
-        self._requests = requests
-
-    def ask(self, q: dict) -> tuple[float, int, str | None]:
-        s = getattr(self.local, "s", None) or self._session()
-        path, body = http_request(q)
-        t0 = time.perf_counter()
-        try:
-            r = s.post(self.url + path, json=body, timeout=120)
-        except self._requests.RequestException:
-            return time.perf_counter() - t0, 0, None
-        dt = time.perf_counter() - t0
-        tier = None
-        if r.status_code == 200:
-            j = r.json()
-            tier = (j["predictions"][0] if q["task"] == "ctr" else j)["tier"]
-        return dt, r.status_code, tier
-
-    def _session(self):
-        self.local.s = self._requests.Session()
-        return self.local.s
-
-    def run(self, pool: list[dict], n: int | None, concurrency: int, deadline_s: float) -> list[tuple]:
-        """``n`` requests (cycling over ``pool``), or as many as fit before the deadline when n is None."""
-        stop = time.monotonic() + deadline_s
-        counter, lock, out = iter(range(n if n is not None else 10**9)), threading.Lock(), []
-
-        def worker():
-            while time.monotonic() < stop:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                res = self.ask(pool[i % len(pool)])
-                with lock:
-                    out.append(res)
-
-        with concurrent.futures.ThreadPoolExecutor(concurrency) as ex:
-            for f in [ex.submit(worker) for _ in range(concurrency)]:
-                f.result()
-        return out
-
-
 def pct(xs, p) -> float | None:
-    return round(float(np.percentile(np.asarray(xs) * 1000, p)), 1) if len(xs) else None
+    return round(float(np.percentile(np.asarray(xs), p)), 1) if len(xs) else None
 
 
-def summarize(results: list[tuple], wall: float) -> dict:
-    ok = [r for r in results if r[1] == 200]
+def _lat(samples: list) -> dict:
+    lat = [s[3] for s in samples]
+    return {"n": len(lat), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99)}
+
+
+def summarize(samples: list[list], wall: float) -> dict:
+    """Locust samples ``[path, status, tier, latency_ms, end]`` -> requests/s, errors, latency per
+    endpoint and tier (200s only) and over all."""
+    ok = [s for s in samples if s[1] == 200]
     out = {
-        "requests": len(results),
-        "errors": len(results) - len(ok),
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
         "wall_s": round(wall, 2),
         "req_per_s": round(len(ok) / wall, 2) if wall else None,
-        "status_counts": {str(c): sum(1 for r in results if r[1] == c) for c in sorted({r[1] for r in results})},
+        "status_counts": {str(c): sum(1 for s in samples if s[1] == c) for c in sorted({s[1] for s in samples})},
+        "all": _lat(ok),
+        "by": {},
     }
-    for tier in TIERS + ("all",):
-        lat = [r[0] for r in ok if tier == "all" or r[2] == tier]
-        out[tier] = {"n": len(lat), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99)}
+    for path in sorted({s[0] for s in ok}):
+        for tier in TIERS:
+            sel = [s for s in ok if s[0] == path and s[2] == tier]
+            if sel:
+                out["by"][f"{path} {tier}"] = _lat(sel)
     return out
+
+
+def locust(
+    url: str, requests: list[tuple[str, dict]], users: int, max_requests: int, seconds: float, until=None
+) -> dict:
+    """One headless locust run (a subprocess: locust's gevent patches must stay out of this Ray
+    driver) bounded by ``max_requests`` responses and ``seconds``, stopped early (SIGTERM) once
+    ``until()`` (polled every 0.25 s) holds; its samples summarized."""
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        queries, samples = Path(tmp, "queries.json"), Path(tmp, "samples.jsonl")
+        queries.write_text(json.dumps(requests))
+        cmd = [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(LOCUSTFILE),
+            "--headless",
+            "--only-summary",
+            "--loglevel=WARNING",
+            f"--users={users}",
+            f"--spawn-rate={users}",
+            f"--run-time={max(int(seconds), 1)}s",
+            "--stop-timeout=10",  # requests still in flight then are cut off (not counted)
+            f"--host={url}",
+            f"--queries={queries}",
+            f"--samples-out={samples}",
+            f"--max-requests={max_requests}",
+        ]
+        t0 = time.perf_counter()
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+            try:
+                while proc.poll() is None and time.perf_counter() < t0 + seconds + 120:
+                    if until is not None and until():
+                        proc.terminate()
+                        break
+                    time.sleep(0.25)
+                proc.wait(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            err.seek(0)
+            stderr = err.read()
+        wall = time.perf_counter() - t0
+        rows = []
+        for line in samples.read_text().splitlines() if samples.exists() else []:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut off by the early stop
+                pass
+    if not rows:
+        raise RuntimeError(f"locust sent nothing (exit {proc.returncode}): {stderr[-2000:]}")
+    # Requests/s over the span of the requests (locust's own start-up and exit are not the app's time).
+    span = max(r[4] for r in rows) - min(r[4] - r[3] / 1000 for r in rows)
+    out = summarize(rows, span)
+    out["locust_wall_s"] = round(wall, 2)
+    return out
+
+
+def _brief(res: dict) -> str:
+    return json.dumps({k: res[k] for k in ("requests", "errors", "req_per_s", "all")})
 
 
 def machine() -> dict:
@@ -139,138 +188,285 @@ def machine() -> dict:
     }
 
 
+def _warm(url: str, requests_: list[tuple[str, dict]], n: int = 8) -> None:
+    import requests
+
+    for path, body in requests_[:n]:
+        requests.post(url + path, json=body, timeout=120)
+
+
+_PORT: list[int] = []  # one HTTP port per bench run: Serve's proxy keeps the first one it was started on
+
+
+def _deploy(config: str, overrides: list[str]):
+    from ray_jobs.serve import start
+    from reasonrec.config import load_config
+
+    _PORT[:] = _PORT or [_free_port()]
+    cfg = load_config(config, [*overrides, f"serve.port={_PORT[0]}", "serve.host=127.0.0.1"])
+    t0 = time.perf_counter()
+    url = start(cfg)
+    return cfg, url, time.perf_counter() - t0
+
+
+def _undeploy() -> None:
+    from ray import serve
+
+    from ray_jobs.serve import APP_NAME
+
+    serve.delete(APP_NAME)
+
+
+# ------------------------------------------------------------------------------ before / after
+def where_the_time_goes(url: str, router, low: list[dict], rounds: int) -> dict:
+    """Low-tier queries one at a time: over HTTP vs the router in this process (interleaved, so
+    both see the same machine load)."""
+    import pyarrow as pa
+    import requests
+
+    from reasonrec.data.schemas import QUERIES
+
+    http, inproc = [], []
+    with requests.Session() as s:
+        for _ in range(rounds):
+            for q in low:
+                t0 = time.perf_counter()
+                router(pa.Table.from_pylist([q], schema=QUERIES))
+                inproc.append((time.perf_counter() - t0) * 1000)
+                path, body = http_request(q)
+                t0 = time.perf_counter()
+                r = s.post(url + path, json=body, timeout=60)
+                if r.status_code == 200:
+                    http.append((time.perf_counter() - t0) * 1000)
+    return {
+        "low_tier_queries": len(low),
+        "rounds": rounds,
+        "http_p50_ms": pct(http, 50),
+        "router_inprocess_p50_ms": pct(inproc, 50),
+        "serving_overhead_p50_ms": round(pct(http, 50) - pct(inproc, 50), 1) if http and inproc else None,
+    }
+
+
+def before_after(args, store, queries: list[dict]) -> dict:
+    import pyarrow as pa
+    import torch
+
+    from reasonrec.data.schemas import QUERIES
+    from reasonrec.scoring import build_router
+    from reasonrec.serve.deployments import serving_config
+
+    workloads = {
+        "recommend": [http_request(q) for q in queries if q["task"] in ("sequential", "direct")],
+        "mix": [http_request(q) for q in queries],
+    }
+    torch.set_num_threads(1)  # as in the replicas (Ray sets OMP_NUM_THREADS=1 for fractional CPUs)
+    variants = {"before": [*args.overrides, *BEFORE], "after": list(args.overrides)}
+    out = {"variants": {}}
+    router = None
+    for name in args.variants:
+        cfg, url, startup = _deploy(args.config, variants[name])
+        print(f"{name}: app up at {url} in {startup:.1f} s (serve.graph={cfg.serve.graph})", flush=True)
+        v = {"overrides": variants[name], "graph": cfg.serve.graph, "app_startup_s": round(startup, 1), "levels": {}}
+        try:
+            _warm(url, workloads["mix"])
+            for wl, reqs in workloads.items():
+                for c in args.concurrency:
+                    res = locust(url, reqs, c, args.requests, args.phase_s)
+                    v["levels"][f"{wl} c={c}"] = res
+                    print(f"{name} {wl} c={c}: {_brief(res)}", flush=True)
+            if router is None:
+                router = build_router(serving_config(cfg), store)
+                ranking = [q for q in queries if q["task"] != "explanation"]
+                routed = router(pa.Table.from_pylist(ranking, schema=QUERIES)).to_pylist()
+                low = [q for q, r in zip(ranking, routed) if r["route"] == "low"][: args.overhead_queries]
+            router.count_flops = cfg.serve.count_flops  # what this variant's app does
+            v["time"] = where_the_time_goes(url, router, low, args.overhead_rounds)
+            print(f"{name} time: {json.dumps(v['time'])}", flush=True)
+        finally:
+            _undeploy()
+        out["variants"][name] = v
+    return out
+
+
+def markdown(r: dict) -> str:
+    cols = ["variant", "workload", "concurrency", "requests", "errors", "req/s", "endpoint, tier", "n"]
+    cols += ["p50 ms", "p95 ms", "p99 ms"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, v in r["variants"].items():
+        for level, lv in v["levels"].items():
+            wl, c = level.split(" c=")
+            rows = list(lv["by"].items()) + [("all", lv["all"])]
+            for i, (key, t) in enumerate(rows):
+                head = (
+                    f"| {name} | {wl} | {c} | {lv['requests']} | {lv['errors']} | {lv['req_per_s']} "
+                    if i == 0
+                    else "| | | | | | "
+                )
+                lines.append(f"{head}| {key} | {t['n']} | {t['p50_ms']} | {t['p95_ms']} | {t['p99_ms']} |")
+    lines.append("")
+    for name, v in r["variants"].items():
+        t = v.get("time")
+        if t:
+            lines.append(
+                f"{name} ({v['graph']}; app up in {v['app_startup_s']} s): low tier one at a time "
+                f"({t['low_tier_queries']} queries x {t['rounds']}): HTTP p50 {t['http_p50_ms']} ms, router in "
+                f"this process p50 {t['router_inprocess_p50_ms']} ms -> serving overhead p50 "
+                f"{t['serving_overhead_p50_ms']} ms"
+            )
+    lines.append(f"load average (1/5/15 min) at start {r['loadavg']['start']}, at end {r['loadavg']['end']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ VLM autoscaling
+def vlm_replicas(state: str | None = "RUNNING") -> int:
+    """VLM replicas in ``state`` (None: in any state: the controller's decision, starting ones too)."""
+    from ray import serve
+
+    from ray_jobs.serve import APP_NAME
+
+    app = serve.status().applications.get(APP_NAME)
+    states = app.deployments["VLM"].replica_states if app else {}
+    return sum(states.values()) if state is None else states.get(state, 0)
+
+
+def _poll(pred, deadline_s: float, every_s: float = 0.25) -> float | None:
+    """Seconds until ``pred()`` holds, or None past the deadline."""
+    t0 = time.monotonic()
+    while time.monotonic() < t0 + deadline_s:
+        if pred():
+            return round(time.monotonic() - t0, 1)
+        time.sleep(every_s)
+    return None
+
+
+def scale(args, queries: list[dict]) -> dict:
+    vlm_reqs = [http_request(q) for q in queries if q["task"] == "explanation"]
+    base = [*args.overrides, *SCALE, *args.scale_overrides]
+    out = {"overrides": base, "burst": {}}
+    for n in (1, 2):  # throughput with the VLM fixed at n replicas
+        cfg, url, startup = _deploy(args.config, [*base, f"serve.vlm_replicas=[{n},{n}]"])
+        try:
+            _warm(url, vlm_reqs, 2)
+            res = locust(url, vlm_reqs, args.scale_concurrency, 10**6, args.phase_s)
+            out["burst"][f"vlm={n}"] = {"app_startup_s": round(startup, 1), **res}
+            print(f"burst with {n} VLM replica(s): {_brief(res)}", flush=True)
+        finally:
+            _undeploy()
+    cfg, url, _ = _deploy(args.config, [*base, "serve.vlm_replicas=[1,2]"])
+    try:
+        assert vlm_replicas() == 1, vlm_replicas()
+        marks: dict = {}
+        t0 = time.monotonic()
+
+        def scaled_up() -> bool:
+            """Records when the second replica was decided (any state) and when it ran; the burst
+            goes on ``--scale-hold-s`` with 2 running replicas, then stops."""
+            now = round(time.monotonic() - t0, 1)
+            if "decided" not in marks and vlm_replicas(None) >= 2:
+                marks["decided"] = now
+            if "running" not in marks and vlm_replicas() >= 2:
+                marks["running"] = now
+            return "running" in marks and now >= marks["running"] + args.scale_hold_s
+
+        burst = locust(url, vlm_reqs, args.scale_concurrency, 10**6, args.scale_burst_s, until=scaled_up)
+        idle_from = time.monotonic()
+        down = _poll(lambda: vlm_replicas(None) <= 1, args.scale_down_wait_s) if "running" in marks else None
+        out["autoscale"] = {
+            "burst_max_s": args.scale_burst_s,
+            "scale_up_decided_s": marks.get("decided"),  # from the burst's start: a second replica starting
+            "scale_up_s": marks.get("running"),  # from the burst's start: 2 replicas running
+            "scale_down_s": down,  # from the burst's end: back to 1 replica
+            "burst_wall_s": round(idle_from - t0, 1),
+            "upscale_delay_s": cfg.serve.upscale_delay_s,
+            "downscale_delay_s": cfg.serve.downscale_delay_s,
+            "look_back_period_s": cfg.serve.look_back_period_s,
+            "burst": {k: burst.get(k) for k in ("requests", "errors", "req_per_s", "all")},
+        }
+        print(f"autoscale: {json.dumps(out['autoscale'])}", flush=True)
+    finally:
+        _undeploy()
+    return out
+
+
+def scale_markdown(r: dict) -> str:
+    lines = [
+        "| VLM replicas | requests | errors | req/s | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, b in r["burst"].items():
+        a = b["all"]
+        lines.append(
+            f"| {name.split('=')[1]} | {b['requests']} | {b['errors']} | {b['req_per_s']} "
+            f"| {a['p50_ms']} | {a['p95_ms']} | {a['p99_ms']} |"
+        )
+    a = r["autoscale"]
+    lines.append("")
+    lines.append(
+        f"Autoscaling [1, 2] (upscale delay {a['upscale_delay_s']} s, downscale delay {a['downscale_delay_s']} s, "
+        f"look-back {a['look_back_period_s']} s): a second replica started {a['scale_up_decided_s']} s and "
+        f"running {a['scale_up_s']} s after the burst started, "
+        f"back to 1 {a['scale_down_s']} s after it ended; burst: {a['burst']}"
+    )
+    lines.append(f"load average (1/5/15 min) at start {r['loadavg']['start']}, at end {r['loadavg']['end']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/quickstart.yaml")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
-    p.add_argument("--requests", type=int, default=60, help="requests per concurrency level")
-    p.add_argument("--sustain-s", type=float, default=30.0)
-    p.add_argument("--sustain-concurrency", type=int, default=4)
-    p.add_argument("--overhead-requests", type=int, default=30, help="low-tier queries in the overhead phase")
-    p.add_argument("--overhead-rounds", type=int, default=3, help="times each of them is asked on each side")
-    p.add_argument("--phase-timeout-s", type=float, default=180.0)
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--variants", nargs="+", default=["before", "after"], choices=["before", "after"])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--requests", type=int, default=400, help="most responses per locust run")
+    p.add_argument("--phase-s", type=float, default=15.0, help="longest locust run (seconds)")
+    p.add_argument("--overhead-queries", type=int, default=20, help="low-tier queries asked one at a time")
+    p.add_argument("--overhead-rounds", type=int, default=2)
+    p.add_argument("--scale", action="store_true", help="the VLM autoscaling bench instead")
+    p.add_argument("--scale-concurrency", type=int, default=8)
+    p.add_argument("--scale-burst-s", type=float, default=150.0, help="longest autoscaling burst")
+    p.add_argument("--scale-hold-s", type=float, default=10.0, help="burst seconds with 2 VLM replicas running")
+    p.add_argument("--scale-down-wait-s", type=float, default=60.0)
+    p.add_argument("--scale-overrides", nargs="*", default=[], help="more key=value for the scale bench")
+    p.add_argument("--out", default=None)
     p.add_argument("overrides", nargs="*", help="config key=value (e.g. output_root=/tmp/runs)")
     args = p.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import pyarrow as pa
+    from ray import serve
 
     from reasonrec.config import load_config
-    from reasonrec.data.schemas import QUERIES
     from reasonrec.io import open_store
-    from reasonrec.scoring import build_router
 
-    cfg = load_config(args.config, [*args.overrides, f"serve.port={_free_port()}", "serve.host=127.0.0.1"])
-    store = open_store(cfg)
+    store = open_store(load_config(args.config, args.overrides))
     by_task: dict[str, list[dict]] = {}
     for q in store.read_table("score", "queries").to_pylist():
         by_task.setdefault(q["task"], []).append(q)
-    # Round-robin over tasks, so every phase's first requests already mix all tasks (and tiers).
+    # Round-robin over tasks, so every run's first requests already mix all tasks (and tiers).
     queries = [q for group in itertools.zip_longest(*by_task.values()) for q in group if q is not None]
     load = {"start": os.getloadavg()}
-    t_start = time.perf_counter()
-    from ray import serve
-
-    from ray_jobs.serve import start
-
-    url = start(cfg)
-    startup_s = time.perf_counter() - t_start
-    print(f"app up at {url} in {startup_s:.1f}s", flush=True)
-    # In-process reference for the overhead phase, on one thread like the replicas (Ray sets
-    # OMP_NUM_THREADS=1 for actors with fractional CPUs).
-    import torch
-
-    torch.set_num_threads(1)
-    router = build_router(cfg, store)
-    client = Client(url)
     report = {
         "command": "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "run": store.url(),
-        "app_startup_s": round(startup_s, 1),
-        "pool": {t: sum(q["task"] == t for q in queries) for t in cfg.score.tasks},
-        "levels": {},
+        "pool": {t: len(qs) for t, qs in by_task.items()},
     }
     try:
-        client.run(queries, min(len(queries), 8), 2, args.phase_timeout_s)  # warm-up (not measured)
-        for c in args.concurrency:
-            t0 = time.perf_counter()
-            res = client.run(queries, args.requests, c, args.phase_timeout_s)
-            report["levels"][str(c)] = summarize(res, time.perf_counter() - t0)
-            print(f"concurrency {c}: {json.dumps(report['levels'][str(c)])}", flush=True)
-        t0 = time.perf_counter()
-        res = client.run(queries, None, args.sustain_concurrency, args.sustain_s)
-        report["sustained"] = {"concurrency": args.sustain_concurrency, **summarize(res, time.perf_counter() - t0)}
-        print(f"sustained: {json.dumps(report['sustained'])}", flush=True)
-
-        # Graph overhead on low-tier queries (the in-process router says which are low).
-        ranking = [q for q in queries if q["task"] != "explanation"]
-        routed = router(pa.Table.from_pylist(ranking, schema=QUERIES)).to_pylist()
-        low = [q for q, r in zip(ranking, routed) if r["route"] == "low"][: args.overhead_requests]
-        http, inproc, tools = [], [], []
-        for _ in range(args.overhead_rounds):  # each side per query, interleaved: same load for both
-            for q in low:
-                t0 = time.perf_counter()
-                router(pa.Table.from_pylist([q], schema=QUERIES))
-                inproc.append(time.perf_counter() - t0)
-                st = router.users.resolve(q["user_id"], None, "test")
-                kw = (
-                    {"candidates": np.array([q["candidates"]])}
-                    if q["task"] == "direct"
-                    else {"items": np.array([q["item_id"]])}
-                    if q["task"] == "ctr"
-                    else {}
-                )
-                t0 = time.perf_counter()
-                router.toolbox.answer(q["task"], np.array([st.user_id]), [st.history], router.k, **kw)
-                tools.append(time.perf_counter() - t0)
-                dt, code, tier = client.ask(q)
-                if code == 200 and tier == "low":
-                    http.append(dt)
-        report["overhead"] = {
-            "low_tier_queries": len(low),
-            "rounds": args.overhead_rounds,
-            "http_ok": len(http),
-            "http_p50_ms": pct(http, 50),
-            "http_p95_ms": pct(http, 95),
-            "router_inprocess_p50_ms": pct(inproc, 50),
-            "tools_inprocess_p50_ms": pct(tools, 50),
-            "graph_overhead_p50_ms": round(pct(http, 50) - pct(inproc, 50), 1) if http and inproc else None,
-        }
-        print(f"overhead: {json.dumps(report['overhead'])}", flush=True)
+        report.update(scale(args, queries) if args.scale else before_after(args, store, queries))
     finally:
         load["end"] = os.getloadavg()
         report["loadavg"] = {k: [round(x, 2) for x in v] for k, v in load.items()}
         serve.shutdown()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(markdown(report))
-    errors = sum(lv["errors"] for lv in report["levels"].values()) + report["sustained"]["errors"]
-    return 1 if errors else 0
-
-
-def markdown(r: dict) -> str:
-    lines = [
-        "| concurrency | requests | errors | req/s | tier | n | p50 ms | p95 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for c, lv in list(r["levels"].items()) + [(f"{r['sustained']['concurrency']} (sustained)", r["sustained"])]:
-        for i, tier in enumerate(TIERS + ("all",)):
-            t = lv[tier]
-            head = f"| {c} | {lv['requests']} | {lv['errors']} | {lv['req_per_s']} " if i == 0 else "| | | | "
-            lines.append(f"{head}| {tier} | {t['n']} | {t['p50_ms']} | {t['p95_ms']} | {t['p99_ms']} |")
-    o = r["overhead"]
-    lines.append("")
-    lines.append(
-        f"Low tier, one at a time ({o['low_tier_queries']} queries x {o['rounds']}): "
-        f"HTTP p50 {o['http_p50_ms']} ms (p95 "
-        f"{o['http_p95_ms']}), router in-process p50 {o['router_inprocess_p50_ms']} ms, tools alone "
-        f"in-process p50 {o['tools_inprocess_p50_ms']} ms -> graph overhead p50 {o['graph_overhead_p50_ms']} ms"
+    out = Path(args.out or RESULTS / ("serve_scale.json" if args.scale else "serve.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(scale_markdown(report) if args.scale else markdown(report))
+    levels = (
+        list(report["burst"].values())
+        if args.scale
+        else [lv for v in report["variants"].values() for lv in v["levels"].values()]
     )
-    lines.append(f"load average (1/5/15 min) at start {r['loadavg']['start']}, at end {r['loadavg']['end']}")
-    return "\n".join(lines)
+    return 1 if sum(lv["errors"] for lv in levels) else 0
 
 
 if __name__ == "__main__":

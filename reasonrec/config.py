@@ -372,8 +372,8 @@ class ServeConfig:
     tool_cpus: float = 0.5
     vlm_cpus: float = 1.0
     vlm_gpus: float = 0.0
-    # The FastAPI ingress and the planner deployment (ingress -> planner -> tools / VLM). The
-    # request limits above apply to every deployment; defaults fit one replica each on 2 CPUs.
+    # The FastAPI ingress and (split graph) the planner deployment. The request limits above apply
+    # to every deployment; defaults fit one replica each on 2 CPUs.
     ingress_replicas: List[int] = field(default_factory=lambda: [1, 2])
     ingress_cpus: float = 0.1
     planner_cpus: float = 0.25
@@ -381,6 +381,19 @@ class ServeConfig:
     # A request body over this many bytes is a 413, answered from its Content-Length (or, chunked,
     # once that many bytes arrived) without reading the rest.
     max_body_bytes: int = 1048576
+    # "fused": the ingress replica routes in-process (planner + tools there, concurrent requests'
+    # rows micro-batched into one Router call), only medium / high rows take a hop (to the VLM);
+    # "split": ingress -> planner -> tools / VLM, each its own deployment (tools scale apart).
+    graph: str = "fused"
+    route_batch_rows: int = 64  # most query rows per Router call of the fused ingress's micro-batch
+    # torch FLOPs per query (score.count_flops's measurement) in the app: no answer reports them and
+    # counting costs several times the tools' own compute, so off unless profiling.
+    count_flops: bool = False
+    # Autoscaling of every deployment: how long the load must stay above / below the target before
+    # replicas are added / removed, and the window of ongoing requests averaged (Serve's defaults).
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    look_back_period_s: float = 30.0
 
 
 @dataclass
@@ -642,6 +655,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config error: key 'planner.fusion_top_n': must be >= planner.correct_k")
     if cfg.serve.max_body_bytes <= 0:
         raise ConfigError("config error: key 'serve.max_body_bytes': must be > 0")
+    if cfg.serve.graph not in ("fused", "split"):
+        raise ConfigError(f"config error: key 'serve.graph': {cfg.serve.graph!r} is not one of fused, split")
+    if cfg.serve.route_batch_rows < 1:
+        raise ConfigError("config error: key 'serve.route_batch_rows': must be >= 1")
     for key in ("serve.tool_replicas", "serve.vlm_replicas", "serve.planner_replicas", "serve.ingress_replicas"):
         v = _get(cfg, key)
         if len(v) != 2 or not 0 <= v[0] <= v[1] or v[1] < 1:

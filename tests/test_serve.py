@@ -227,6 +227,87 @@ def test_same_answers_as_the_batch_job_for_every_task_and_tier(app, batch):
     assert {t for t, _ in taken} == {"sequential", "direct", "ctr", "explanation"}
 
 
+def _same_decision(got: dict, want: dict, task: str, key) -> None:
+    """An answer (HTTP response or routed row) against the batch job's prediction of the same query."""
+    tier = got["tier"] if "tier" in got else got["route"]
+    assert (tier, got["tools_used"], got["rationale"]) == (want["route"], want["tools_used"], want["rationale"]), key
+    if task == "ctr":
+        assert got["prob"] == pytest.approx(want["prob"], abs=1e-5), key
+    elif tier == "low":
+        assert got["items"] == want["items"], key
+
+
+_FLOATS = ("prob", "confidence", "tool_confidence")
+
+
+def _same_answer(a: dict, b: dict, key) -> None:
+    """Two HTTP answers to the same query: equal but for the latency and the last float bits of
+    the probabilities (torch scores of a batch of one and of many, docs/serving.md)."""
+    rest = {k for k in a if k != "latency_ms" and k not in _FLOATS}
+    assert {k: a[k] for k in rest} == {k: b[k] for k in rest}, key
+    for k in _FLOATS:
+        if k in a:
+            assert (a[k] is None) == (b[k] is None) and (a[k] is None or a[k] == pytest.approx(b[k], abs=1e-5)), key
+
+
+def test_router_batched_equals_one_at_a_time_equals_the_batch_job(tiered, batch):
+    """The fused ingress's routing function (``Scorer.route``, what its micro-batches run): every
+    ranking query of the run routed in one call and one at a time gives the same decisions and
+    low-tier answers, and those of the batch job (``ray_jobs.score``'s Router) for the same rows."""
+    from reasonrec.serve.deployments import Scorer
+
+    cfg, _ = tiered
+    scorer = Scorer(cfg, vlm=None)
+    assert scorer.router.count_flops is False  # serve.count_flops: no FLOP counting online by default
+    sample = [(q, p) for q, p in batch if q["task"] != "explanation"]
+    together = [routed for routed, _ in scorer.route([q for q, _ in sample])]
+    alone = [scorer.route([q])[0][0] for q, _ in sample]
+    assert {p["route"] for _, p in sample} == {"low", "medium", "high"}
+    for (q, p), a, b in zip(sample, together, alone):
+        for got in (a, b):
+            # A routed row holds the tool's answer in the low tier only (the VLM answers the others).
+            _same_decision(got if got["route"] == "low" else {**got, "prob": p["prob"]}, p, q["task"], q["query_id"])
+        keys = ("route", "tools_used", "items")
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, q["query_id"]
+        assert (a["prob"] is None) == (b["prob"] is None), q["query_id"]
+        assert a["prob"] is None or a["prob"] == pytest.approx(b["prob"], abs=1e-5), q["query_id"]
+        # The consulted tools' answers (high tier): torch scores of a batch of one and of many can
+        # differ in the last float bits (BLAS kernels, docs/serving.md), so probabilities within 1e-5.
+        hints_a, hints_b = json.loads(a["hints"] or "[]"), json.loads(b["hints"] or "[]")
+        assert [(h["name"], h["items"]) for h in hints_a] == [(h["name"], h["items"]) for h in hints_b]
+        assert [h["prob"] for h in hints_a] == pytest.approx([h["prob"] for h in hints_b], abs=1e-5)
+
+
+def test_concurrent_requests_get_the_answers_of_one_at_a_time(app, batch):
+    """Concurrent requests on the fused path (their rows share Router calls when they meet in the
+    ingress) and a /v1/ctr request of several items (its rows routed in one call) answer as the
+    same queries asked one at a time and as the batch job."""
+    url, cfg = app
+    assert cfg.serve.graph == "fused"
+    sample = [(q, p) for q, p in batch if q["task"] in ("sequential", "direct", "ctr") and p["route"] == "low"][:16]
+    one = [_post(url, *_request(q)) for q, _ in sample]
+    # 3 at a time: the module's app takes 2 ongoing + 2 queued requests (more are 503s), and a
+    # request just answered may still count for a moment.
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        many = list(pool.map(lambda qp: _post(url, *_request(qp[0])), sample))
+    for (q, p), r1, r2 in zip(sample, one, many):
+        assert r1.status_code == 200 and r2.status_code == 200, (r1.text, r2.text)
+        a1, a2 = (r.json()["predictions"][0] if q["task"] == "ctr" else r.json() for r in (r1, r2))
+        _same_decision(a1, p, q["task"], q["query_id"])
+        _same_answer(a1, a2, q["query_id"])
+    ctr = [(q, p) for q, p in batch if q["task"] == "ctr"]
+    user = ctr[0][0]["user_id"]
+    items = sorted({q["item_id"] for q, _ in ctr})[: cfg.serve.max_items_ctr]
+    together = _post(url, "/v1/ctr", {"user_id": user, "items": items, "query_id": 7000}).json()["predictions"]
+    alone = [
+        _post(url, "/v1/ctr", {"user_id": user, "items": [it], "query_id": 7000 + i}).json()["predictions"][0]
+        for i, it in enumerate(items)
+    ]
+    assert len(together) == len(items) > 1
+    for a, b in zip(together, alone):
+        _same_answer(a, b, a["item_id"])
+
+
 def test_inline_history_and_unknown_user_take_the_cold_path(app):
     url, _ = app
     unknown = _post(url, "/v1/recommend", {"user_id": 10**9, "k": 3}).json()
@@ -422,6 +503,7 @@ def test_metrics_are_exported_by_ray_and_count_the_requests(app):
         ("ray_reasonrec_queries_total", (("task", "explanation"), ("tier", tier))): 2,
         ("ray_reasonrec_vlm_calls_total", (("task", "explanation"),)): 2,  # explanations always take the VLM
         ("ray_reasonrec_vlm_batch_size_count", ()): 1,
+        ("ray_reasonrec_route_batch_size_count", ()): 2,  # the fused ingress routed the explanations
     }
     t0, moved, scrapes = time.monotonic(), {}, 0
     while time.monotonic() < t0 + 90:
@@ -460,15 +542,17 @@ def test_overload_beyond_the_queue_is_503_at_once(app):
 
 
 def test_a_killed_replica_is_replaced_and_later_requests_succeed(app):
+    """The replica that holds the tools (the ingress in the fused graph) is killed."""
     import ray
 
-    url, _ = app
+    url, cfg = app
+    holder = "#Ingress#" if cfg.serve.graph == "fused" else "#Tools#"
 
     def tool_replicas() -> set[str]:
         return {
             a["name"]
             for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == "serve" and "#Tools#" in a["name"]
+            if a["namespace"] == "serve" and holder in a["name"]
         }
 
     (victim,) = tool_replicas()

@@ -45,6 +45,9 @@ def _options(cfg: RunConfig, replicas: list[int], **resources) -> dict:
             "min_replicas": replicas[0],
             "max_replicas": replicas[1],
             "target_ongoing_requests": s.target_ongoing_requests,
+            "upscale_delay_s": s.upscale_delay_s,
+            "downscale_delay_s": s.downscale_delay_s,
+            "look_back_period_s": s.look_back_period_s,
         },
         "ray_actor_options": resources,
         "max_ongoing_requests": s.max_ongoing_requests,
@@ -56,10 +59,13 @@ def build(cfg: RunConfig) -> Application:
     if cfg.planner.tool_choice == "oracle":
         raise ConfigError("config error: key 'planner.tool_choice': 'oracle' needs the truth; it cannot serve")
     s = cfg.serve
-    tools = Tools.options(**_options(cfg, s.tool_replicas, num_cpus=s.tool_cpus)).bind(cfg)
     vlm = VLM.options(
         **_options(cfg, s.vlm_replicas, num_cpus=s.vlm_cpus, num_gpus=s.vlm_gpus),
         user_config={"max_batch_size": s.vlm_batch_size, "batch_wait_timeout_s": s.vlm_batch_wait_s},
     ).bind(cfg)
+    ingress = Ingress.options(**_options(cfg, s.ingress_replicas, num_cpus=s.ingress_cpus))
+    if s.graph == "fused":  # the ingress routes itself (tools in process): only the VLM is a hop
+        return ingress.bind(cfg, vlm)
+    tools = Tools.options(**_options(cfg, s.tool_replicas, num_cpus=s.tool_cpus)).bind(cfg)
     planner = Planner.options(**_options(cfg, s.planner_replicas, num_cpus=s.planner_cpus)).bind(cfg, tools, vlm)
-    return Ingress.options(**_options(cfg, s.ingress_replicas, num_cpus=s.ingress_cpus)).bind(cfg, planner)
+    return ingress.bind(cfg, planner)

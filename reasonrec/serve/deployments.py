@@ -1,13 +1,21 @@
-"""The Ray Serve deployment graph: ingress (FastAPI) -> planner -> tools / VLM.
+"""The Ray Serve deployment graph, one of two shapes (``serve.graph``):
+
+* ``fused`` (default): HTTP -> ``Ingress`` (FastAPI + the batch job's Router with the tools in
+  process) -> ``VLM`` for medium / high rows only. A low-tier request takes one Serve hop (proxy ->
+  ingress replica); the rows of requests that arrive while the router is busy are routed together
+  in its next call (:class:`~reasonrec.serve.batching.MicroBatcher`, one vectorized Router call).
+* ``split``: HTTP -> ``Ingress`` -> ``Planner`` -> ``Tools`` / ``VLM``, each its own deployment
+  (the tools scale apart from the planner; three hops for a low-tier request).
 
 * ``Ingress``: the HTTP API (typed models in :mod:`reasonrec.serve.models`), size limits (413:
   list lengths, and the body itself in :class:`BodyLimit` before it is read), request metrics,
   turns a request into query rows of the batch job's schema (``schemas.QUERIES``) and a scored row
-  back into a response.
-* ``Planner``: the batch job's :class:`~reasonrec.scoring.Router` (same code, same config, so the
-  same tier, tools and low-tier answers), whose tool calls go to the ``Tools`` deployment; then
-  sends the medium / high rows to the ``VLM`` deployment. Low-risk rows never reach the VLM.
-* ``Tools``: the run's tool repository; cheap replicas, scaled out.
+  back into a response; in the fused graph it also routes (:class:`Scorer`).
+* ``Scorer`` (fused, in the ingress) / ``Planner`` (split): the batch job's
+  :class:`~reasonrec.scoring.Router` (same code, same config, so the same tier, tools and low-tier
+  answers; built by ``build_router``), then the medium / high rows to the ``VLM`` deployment.
+  Low-risk rows never reach the VLM.
+* ``Tools`` (split only): the run's tool repository; cheap replicas, scaled out.
 * ``VLM``: the fine-tuned model; few replicas, requests batched dynamically with ``@serve.batch``
   (size and wait from ``serve.vlm_batch_size`` / ``vlm_batch_wait_s`` through ``user_config``, so
   ``serve deploy`` can change them without restarting replicas).
@@ -18,11 +26,13 @@ Replica options (autoscaling, resources, queue limits) are set by :func:`reasonr
 Metrics (``ray.util.metrics``; Ray exports them on each node's metrics export port with a ``ray_``
 prefix, see docs/operations.md): ``reasonrec_requests_total{endpoint,tier,status}``,
 ``reasonrec_request_latency_ms{endpoint,tier}``, ``reasonrec_queries_total{task,tier}`` (ingress),
-``reasonrec_vlm_calls_total{task}``, ``reasonrec_vlm_batch_size``, ``reasonrec_vlm_batch_latency_ms`` (VLM).
+``reasonrec_vlm_calls_total{task}``, ``reasonrec_vlm_batch_size``, ``reasonrec_vlm_batch_latency_ms`` (VLM),
+``reasonrec_route_batch_size``, ``reasonrec_route_queue_rows`` (the fused ingress's router micro-batches).
 """
 
 import asyncio
 import contextvars
+import dataclasses
 import hashlib
 import json
 import math
@@ -43,6 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from reasonrec.config import RunConfig, ServeConfig
 from reasonrec.data.schemas import QUERIES
 from reasonrec.io import ArtifactStore, open_store
+from reasonrec.serve.batching import MicroBatcher
 from reasonrec.serve.models import (
     INT64_MAX,
     CTRPrediction,
@@ -66,6 +77,12 @@ BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 def _store(cfg: RunConfig) -> ArtifactStore:
     return open_store(cfg)
+
+
+def serving_config(cfg: RunConfig) -> RunConfig:
+    """The run's config as the app's router and VLM use it: FLOP counting as ``serve.count_flops``
+    says (the batch job's ``score.count_flops`` is for its report; no answer carries FLOPs)."""
+    return dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, count_flops=cfg.serve.count_flops))
 
 
 # ------------------------------------------------------------------------------ tools
@@ -104,7 +121,7 @@ class VLM:
 
         from reasonrec.scoring import build_vlm_answerer
 
-        self.answerer = build_vlm_answerer(cfg, _store(cfg), "test")
+        self.answerer = build_vlm_answerer(serving_config(cfg), _store(cfg), "test")
         self.calls = Counter("reasonrec_vlm_calls", description="queries answered by the VLM", tag_keys=("task",))
         self.batch_size = Histogram(
             "reasonrec_vlm_batch_size", description="rows per VLM batch (@serve.batch)", boundaries=BATCH_SIZES
@@ -153,7 +170,7 @@ class Planner:
     def __init__(self, cfg: RunConfig, tools: DeploymentHandle, vlm: DeploymentHandle):
         from reasonrec.scoring import build_router
 
-        self.router = build_router(cfg, _store(cfg), "test", toolbox=RemoteToolBox(tools))
+        self.router = build_router(serving_config(cfg), _store(cfg), "test", toolbox=RemoteToolBox(tools))
         self.tools, self.vlm = tools, vlm
 
     def score(self, rows: list[dict]) -> list[dict]:
@@ -169,6 +186,60 @@ class Planner:
     async def ready(self) -> dict:
         tools, _ = await asyncio.gather(self.tools.ready.remote(), self.vlm.ready.remote())
         return {"tasks": sorted(self.router.planners) + ["explanation"], "tools": tools}
+
+
+class Scorer:
+    """The fused graph's scoring, in the ingress replica: the batch job's Router with the tools in
+    process (``build_router``: the same decisions as the batch job), concurrent requests' rows
+    micro-batched into one Router call (run in a worker thread, so the event loop keeps taking
+    requests), then the medium / high rows to the ``VLM`` deployment."""
+
+    def __init__(self, cfg: RunConfig, vlm: DeploymentHandle, on_batch=None):
+        from reasonrec.scoring import build_router
+
+        self.router = build_router(serving_config(cfg), _store(cfg), "test")
+        self.vlm = vlm
+        self.batcher = MicroBatcher(self.route, cfg.serve.route_batch_rows, on_batch)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One query per task through the router before the replica takes requests: the first
+        call of each tool pays one-off set-up (torch kernels, xgboost predictors) that a request
+        should not. Answers are discarded; a row the run cannot score is just rejected."""
+        extra = {"direct": {"candidates": list(range(min(5, self.router.catalog.n_items)))}, "ctr": {"item_id": 0}}
+        rows = [
+            {"query_id": i, "task": task, "user_id": 0, **extra.get(task, {})}
+            for i, task in enumerate(sorted(self.router.planners))
+        ]
+        for _ in range(2):  # a second round: some libraries set up on the second call
+            self.route(rows)
+            for row in rows:
+                self.route([row])
+
+    def route(self, rows: list[dict]) -> list[tuple[dict, dict]]:
+        """Query rows -> (routed row ``scoring.ROUTED``, scored row ``scoring.SCORED`` without a VLM
+        answer) pairs, one Router call: what each micro-batch runs (in the worker thread, so the
+        conversions stay off the replica's event loop too)."""
+        from reasonrec.scoring import to_scored
+
+        routed = self.router(pa.Table.from_pylist(rows, schema=QUERIES))
+        return list(zip(routed.to_pylist(), to_scored(routed).to_pylist()))
+
+    async def score(self, rows: list[dict]) -> list[dict]:
+        """Query rows -> scored rows (``scoring.SCORED``), rejected ones with their ``error``."""
+        from reasonrec.scoring import ROUTED, to_scored
+
+        pairs = await self.batcher(rows)
+        idx = [i for i, (r, _) in enumerate(pairs) if r["route"] in VLM_TIERS]
+        if not idx:  # low tier / rejected: scored already
+            return [scored for _, scored in pairs]
+        answers = await self.vlm.answer.remote([pairs[i][0] for i in idx])
+        routed = pa.Table.from_pylist([r for r, _ in pairs], schema=ROUTED)
+        return to_scored(routed, dict(zip(idx, answers))).to_pylist()
+
+    async def ready(self) -> dict:
+        await self.vlm.ready.remote()
+        return {"tasks": sorted(self.router.planners) + ["explanation"], "tools": sorted(self.router.toolbox.tools)}
 
 
 # ------------------------------------------------------------------------------ ingress
@@ -203,7 +274,7 @@ class IngressMetrics:
     """The ingress replica's request metrics (created in the replica, exported by Ray)."""
 
     def __init__(self):
-        from ray.util.metrics import Counter, Histogram
+        from ray.util.metrics import Counter, Gauge, Histogram
 
         self.requests = Counter(
             "reasonrec_requests",
@@ -221,6 +292,18 @@ class IngressMetrics:
             description="queries answered, by task and tier (a /v1/ctr request holds one per item)",
             tag_keys=("task", "tier"),
         )
+        self.route_batch = Histogram(
+            "reasonrec_route_batch_size",
+            description="query rows per Router call of the fused ingress (micro-batch)",
+            boundaries=BATCH_SIZES,
+        )
+        self.route_queue = Gauge(
+            "reasonrec_route_queue_rows", description="query rows waiting for the next Router call (fused ingress)"
+        )
+
+    def on_route_batch(self, rows: int, requests: int, queued_rows: int) -> None:
+        self.route_batch.observe(rows)
+        self.route_queue.set(queued_rows)
 
 
 def _too_large(limit: int) -> StarletteHTTPException:
@@ -419,9 +502,14 @@ def _decision(row: dict) -> dict:
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, cfg: RunConfig, planner: DeploymentHandle):
-        self.cfg, self.planner = cfg, planner
+    """``backend``: the ``Planner`` deployment's handle (split graph) or the ``VLM``'s (fused: this
+    replica routes, see :class:`Scorer`)."""
+
+    def __init__(self, cfg: RunConfig, backend: DeploymentHandle):
+        self.cfg = cfg
         self.metrics = IngressMetrics()
+        self.planner = backend if cfg.serve.graph == "split" else None
+        self.scorer = Scorer(cfg, backend, self.metrics.on_route_batch) if self.planner is None else None
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
@@ -432,7 +520,8 @@ class Ingress:
     async def readyz(self) -> Ready:
         """Readiness: planner, tools and VLM replicas answer."""
         try:
-            info = await asyncio.wait_for(self.planner.ready.remote(), timeout=10)
+            ready = self.planner.ready.remote() if self.planner is not None else self.scorer.ready()
+            info = await asyncio.wait_for(ready, timeout=10)
         except Exception as exc:  # noqa: BLE001 -- any failure downstream means "not ready"
             raise HTTPException(503, f"not ready: {type(exc).__name__}: {exc}") from None
         return Ready(status="ready", run=self.cfg.run_name, **info)
@@ -502,7 +591,7 @@ class Ingress:
         return {"query_id": qid, "task": task, "user_id": uid, "history": req.history, **extra}
 
     async def _score(self, rows: list[dict], field_names: dict[str, str]) -> list[dict]:
-        out = await self.planner.score.remote(rows)
+        out = await (self.planner.score.remote(rows) if self.planner is not None else self.scorer.score(rows))
         if not any(r["error"] for r in out):  # else a 422: no tier
             for row, r in zip(rows, out):
                 self.metrics.queries.inc(1, tags={"task": row["task"], "tier": r["route"]})
