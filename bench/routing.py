@@ -337,8 +337,9 @@ def main(argv=None) -> int:
     from reasonrec.evaluation import evaluate_tools, system_records
 
     cfg = load_config(a.config, [*a.overrides, *base])
-    prepare.run(cfg)
-    train_tools.run(cfg)
+    if not a.from_stage:  # a committed stage is read as it is: re-running a stage would re-write it
+        prepare.run(cfg)
+        train_tools.run(cfg)
     store = open_store(cfg)
     tool_records = evaluate_tools(store, cfg)
     users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
