@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from conftest import metric_total, scrape_ours
 
 from reasonrec.config import load_config
 
@@ -454,32 +455,6 @@ def test_too_large_is_413_with_the_limit(app, path, body, limit):
 
 
 # ------------------------------------------------------------------------------ metrics
-def _scrape(port: int) -> dict[tuple, float]:
-    """Ray's metrics export endpoint, parsed: {(sample name, sorted non-Ray labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    ours = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.startswith("ray_reasonrec_"):
-                labels = tuple(
-                    sorted(
-                        (k, v)
-                        for k, v in sample.labels.items()
-                        if k not in ("Component", "NodeAddress", "SessionName", "Version", "WorkerId")
-                        and not k.startswith("otel_")
-                    )
-                )
-                ours[sample.name, labels] = ours.get((sample.name, labels), 0.0) + sample.value
-    return ours
-
-
-def _total(scraped: dict, name: str, **labels) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in scraped.items() if n == name and want <= set(ls))
-
-
 def test_metrics_are_exported_by_ray_and_count_the_requests(app):
     """Requests by endpoint, tier and status, latency per tier, VLM calls and batch sizes: scraped
     from the node's metrics export port (Ray's metrics agent flushes every few seconds; polled)."""
@@ -488,7 +463,7 @@ def test_metrics_are_exported_by_ray_and_count_the_requests(app):
     url, _ = app
     (node,) = [n for n in ray.nodes() if n["Alive"]]
     port = node["MetricsExportPort"]
-    before = _scrape(port)  # (may lag the earlier tests' requests: only ">=" below can be checked)
+    before = scrape_ours(port)  # (may lag the earlier tests' requests: only ">=" below can be checked)
     answers = [_post(url, "/v1/explain", {"user_id": 1, "item_id": 2}) for _ in range(2)]
     assert [r.status_code for r in answers] == [200, 200]
     tier = answers[0].json()["tier"]
@@ -507,15 +482,18 @@ def test_metrics_are_exported_by_ray_and_count_the_requests(app):
     }
     t0, moved, scrapes = time.monotonic(), {}, 0
     while time.monotonic() < t0 + 90:
-        now, scrapes = _scrape(port), scrapes + 1
-        moved = {key: _total(now, key[0], **dict(key[1])) - _total(before, key[0], **dict(key[1])) for key in want}
+        now, scrapes = scrape_ours(port), scrapes + 1
+        moved = {
+            key: metric_total(now, key[0], **dict(key[1])) - metric_total(before, key[0], **dict(key[1]))
+            for key in want
+        }
         if all(moved[key] >= n for key, n in want.items()):
             break
         time.sleep(1)
     assert all(moved[key] >= n for key, n in want.items()), (
         f"not exported within {time.monotonic() - t0:.0f} s ({scrapes} scrapes of port {port}); moved: {moved}; "
-        f"ours before: {len(before)} series, {_total(before, 'ray_reasonrec_requests_total')} requests; "
-        f"now: {len(now)} series, {_total(now, 'ray_reasonrec_requests_total')} requests"
+        f"ours before: {len(before)} series, {metric_total(before, 'ray_reasonrec_requests_total')} requests; "
+        f"now: {len(now)} series, {metric_total(now, 'ray_reasonrec_requests_total')} requests"
     )
     print(f"metrics exported {time.monotonic() - t0:.1f} s after the requests")
     buckets = [k for k in now if k[0] == "ray_reasonrec_request_latency_ms_bucket"]
