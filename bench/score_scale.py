@@ -118,8 +118,9 @@ def bound(config: str, overrides: list[str], tasks: list[str], max_queries: int 
     step, k = max(cfg.score.shard_rows, 1), cfg.score.k
     per_tool: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
+    all_rows = queries.to_pylist()
     for task in tasks:
-        rows = [r for r in queries.to_pylist() if r["task"] == task]
+        rows = [r for r in all_rows if r["task"] == task]
         if max_queries:
             rows = rows[:max_queries]
         counts[task] = len(rows)

@@ -488,11 +488,9 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         elif with_vlm:
             ds, use_vlm = route(todo), True
         else:  # tools only: the router actors write their own shards (see _RouterActor)
-            ds, use_vlm = None, False
-        if ds is None:
             skip = cfg.score.vlm_budget == 0
-            ds = route(todo, (_write_tools_shard, {**write_kw, "expected": expected, "skip_vlm": skip}))
-        elif use_vlm:
+            ds, use_vlm = route(todo, (_write_tools_shard, {**write_kw, "expected": expected, "skip_vlm": skip})), False
+        if use_vlm:
             pools["vlm"] = max(cfg.score.vlm_actors, 1)
             ds = ds.map_batches(
                 _VLMActor,
@@ -505,7 +503,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
                 **retries,
             )
             ds = write(ds, _write_shard, expected)
-        else:  # none of these shards' queries won a VLM call
+        elif budgeted:  # none of these shards' queries won a VLM call
             from reasonrec.scoring import passthrough
 
             ds = ds.map_batches(
