@@ -4,6 +4,7 @@ of decoding over the catalog trie (issue 33 item 3)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pyarrow.compute as pc
 import pytest
@@ -12,12 +13,7 @@ from conftest import TINY_RUN
 
 from ray_jobs import score
 from reasonrec.config import CONFIG_DIR, ConfigError, load_config
-from reasonrec.data.catalog import load_context
-from reasonrec.planner import load_planners, load_toolbox
-from reasonrec.prompts.templates import TemplateSampler
-from reasonrec.scoring import Router, VLMAnswerer
-from reasonrec.vlm.infer import VLMPredictor
-from reasonrec.vlm.train import load_finetuned
+from reasonrec.scoring import build_router, build_vlm_answerer
 
 POOL = 3
 
@@ -39,21 +35,18 @@ class _Calls:
 
 
 def _router_and_answerer(cfg, store, mode: str, pool: int):
+    """The batch job's router and VLM answerer for ``mode`` and ``vlm.sequential_pool=pool``
+    (built as the scoring actors build them), the predictor wrapped to record its calls."""
     torch.manual_seed(0)
-    ic = cfg.instructions
-    catalog, users, prompts = load_context(
-        store,
-        cfg.vlm,
-        cfg.data.eh_thresholds,
-        TemplateSampler(ic.template_mixture, ic.single_template, ic.seed),
-        ic.prompt_candidates,
+    c = replace(
+        cfg,
+        score=replace(cfg.score, mode=mode, count_flops=False),
+        vlm=replace(cfg.vlm, sequential_pool=pool),
     )
-    router = Router(
-        load_toolbox(store), load_planners(store, cfg.planner), users, catalog, cfg.planner, cfg.score.k, mode
-    )
-    predictor = _Calls(VLMPredictor(load_finetuned(store, cfg.vlm)))
-    answerer = VLMAnswerer(predictor, prompts, users, catalog, cfg.score.k, batch_size=4, sequential_pool=pool)
-    return router, answerer, catalog
+    router = build_router(c, store)
+    answerer = build_vlm_answerer(c, store, batch_size=4)
+    answerer.predictor = _Calls(answerer.predictor)
+    return router, answerer, answerer.catalog
 
 
 def _expected_pool(row: dict, text: list[str], n: int) -> set[int]:
@@ -105,7 +98,9 @@ def test_scoring_job_with_the_pool_scores_every_query_exactly_once(tiny_run):
         TINY_RUN
         + [
             f"output_root={cfg.output_root}",
-            "score.tasks=[sequential]",
+            # every tool task: the shared planner stage is re-fitted for the tasks scored, and a
+            # later test of the session needs the planners of all three
+            "score.tasks=[sequential,direct,ctr]",
             "score.mode=vlm",
             f"vlm.sequential_pool={POOL}",
             "score.stage_name=score_pool",
@@ -118,8 +113,8 @@ def test_scoring_job_with_the_pool_scores_every_query_exactly_once(tiny_run):
     assert s["queries"] == queries.num_rows == len(preds) == len(set(ids)) > 0
     assert sorted(ids) == sorted(queries.column("query_id").to_pylist())
     assert s["vlm_calls"] == len(preds)
-    # mode vlm: medium rows, whose pool is the primary tool's top-POOL
-    for r in preds:
+    # mode vlm: medium rows, whose sequential pool is the primary tool's top-POOL
+    for r in (r for r in preds if r["task"] == "sequential"):
         assert r["vlm_called"] and r["items"] and set(r["items"]) <= set(r["tool_items"][:POOL]), r["query_id"]
 
 
