@@ -536,8 +536,11 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         finally:
             progress.stop()
 
-    # Every query exactly once across the shards, or the job fails before committing.
-    preds = pq.read_table(store.path(TMP_DIR, stage_dir, "predictions"), filesystem=store.arrow_fs)
+    # Every query exactly once across the shards, or the job fails before committing. Read under
+    # PREDICTIONS: a shard written before a column existed (a resumed run) reads it as null.
+    from reasonrec.data.schemas import PREDICTIONS
+
+    preds = pq.read_table(store.path(TMP_DIR, stage_dir, "predictions"), filesystem=store.arrow_fs, schema=PREDICTIONS)
     rejected = pq.read_table(store.path(TMP_DIR, stage_dir, "rejected"), filesystem=store.arrow_fs, schema=REJECTED)
     got = np.concatenate([preds.column("query_id").to_numpy(), rejected.column("query_id").to_numpy()])
     if len(got) != n or len(np.unique(got)) != n or set(got.tolist()) != set(queries.column("query_id").to_pylist()):

@@ -24,6 +24,8 @@ metrics and segment breakdowns themselves live in ``reasonrec.metrics``; the sta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -622,12 +624,24 @@ CALIBRATION_NAMES = {
 }
 
 
-def calibration_protocol(source: str, k: int, planner_everywhere: bool = False) -> str:
-    """What a confidence is scored against (each against what it is a probability of);
-    ``planner_everywhere``: predictions carry ``tool_confidence`` on every row."""
+# The column each confidence source reads where scoring recorded it (PREDICTIONS); runs scored
+# before those columns existed fall back to what the other columns imply (calibration_inputs).
+CALIBRATION_COLUMNS = {"vlm_verbal": "conf_verbal", "vlm_token": "conf_token", "planner": "tool_confidence"}
+CALIBRATION_FALLBACKS = {
+    "vlm_verbal": "parsed from the thought (this run predates the `conf_verbal` column)",
+    "vlm_token": "`confidence` of the VLM answers whose thought states none (this run predates the "
+    "`conf_token` column)",
+    "planner": "`confidence` of the tool answers (this run predates the `tool_confidence` column)",
+}
+
+
+def calibration_protocol(source: str, k: int, columns: Sequence[str] = ()) -> str:
+    """What a confidence is scored against (each against what it is a probability of) and where it
+    comes from: the recorded column (:data:`CALIBRATION_COLUMNS`) when ``columns`` (the predictions'
+    columns) has it, else the fallback for runs scored before it (:data:`CALIBRATION_FALLBACKS`)."""
     planner_rows = (
         "every ranking / CTR query (the primary tool's answer where the VLM answered)"
-        if planner_everywhere
+        if CALIBRATION_COLUMNS["planner"] in columns
         else "tool answers (VLM not called)"
     )
     right = {
@@ -635,8 +649,14 @@ def calibration_protocol(source: str, k: int, planner_everywhere: bool = False) 
         "vlm_token": "VLM answers; right = the VLM's top-1 item is the truth",
         "planner": f"{planner_rows}; right = truth in the answer's top {k} (planner.correct_k)",
     }[source]
-    name = CALIBRATION_NAMES[source]
+    name = f"{CALIBRATION_NAMES[source]} ({calibration_source(source, columns)})"
     return f"calibration ({CALIBRATION_BINS} equal-width bins): {name}; {right}; CTR: right side of 0.5"
+
+
+def calibration_source(source: str, columns: Sequence[str]) -> str:
+    """Where ``source``'s confidences come from, given the predictions' ``columns``."""
+    col = CALIBRATION_COLUMNS[source]
+    return f"recorded `{col}`" if col in columns else CALIBRATION_FALLBACKS[source]
 
 
 def _verbal_confidence(preds, m: np.ndarray) -> np.ndarray:
@@ -731,7 +751,7 @@ def calibration_records(preds, queries, cfg: RunConfig) -> list[dict]:
     records: list[dict] = []
     for source, d in inputs.items():
         k = cfg.instructions.usable_k if source == "vlm_verbal" else cfg.planner.correct_k
-        proto = calibration_protocol(source, k, "tool_confidence" in preds.column_names)
+        proto = calibration_protocol(source, k, preds.column_names)
         base = {"model": source, "protocol": proto}
         for t in ("sequential", "direct", "ctr"):
             for group in CALIBRATION_GROUPS:
@@ -753,11 +773,11 @@ def calibration_records(preds, queries, cfg: RunConfig) -> list[dict]:
 
 
 TOKEN_CONFIDENCE_GAP = (
-    "The token-probability confidence is not stored for every VLM answer: scoring keeps one "
-    "`confidence` per prediction (the verbalised one, the token one only where the thought states "
-    "none), so its rows here are the VLM answers without a verbalised confidence. Recording both "
-    "(`conf_verbal`, `conf_token` and the planner's `tool_confidence` in PREDICTIONS) makes this "
-    "section cover every VLM answer; evaluate reads those columns when they are there."
+    "This run's predictions predate the `conf_token` column: the token-probability confidence is "
+    "not stored for every VLM answer (scoring kept one `confidence` per prediction: the verbalised "
+    "one, the token one only where the thought states none), so its rows here are the VLM answers "
+    "without a verbalised confidence. Runs scored since record both (`conf_verbal`, `conf_token`, "
+    "and the planner's `tool_confidence`) for every answer, and this section reads them."
 )
 
 
@@ -794,7 +814,8 @@ def calibration_markdown(records: list[dict], columns: list[str] | None = None) 
     out.append("\nWhat each confidence is scored against:\n")
     for source in CALIBRATION_SOURCES:
         proto = next((r["protocol"] for r in rows if r["model"] == source), None)
-        out.append(f"- {proto}" if proto else f"- {CALIBRATION_NAMES[source]}: {CALIBRATION_NONE[source]}")
+        where = calibration_source(source, columns or ())
+        out.append(f"- {proto}" if proto else f"- {CALIBRATION_NAMES[source]} ({where}): {CALIBRATION_NONE[source]}")
     if not any(c in (columns or []) for c in ("conf_token",)):
         out.append(f"\n{TOKEN_CONFIDENCE_GAP}")
     out.append("\n#### Reliability tables (bins with answers; bin i = confidence in [i/10, (i+1)/10))\n")

@@ -57,7 +57,7 @@ ROUTED = pa.schema(
         pa.field("vlm_skipped", pa.bool_()),
     ]
 )
-SCORED = pa.schema(list(PREDICTIONS) + [pa.field("tool_confidence", pa.float32()), pa.field("error", pa.string())])
+SCORED = pa.schema(list(PREDICTIONS) + [pa.field("error", pa.string())])
 
 
 @contextmanager
@@ -347,6 +347,8 @@ def to_scored(routed: pa.Table, answers: Mapping[int, dict] | None = None) -> pa
                 "tool_prob": r.get("tool_prob"),
                 "flops": None if r.get("tools_flops") is None else r["tools_flops"] + a.get("flops", 0.0),
                 "thought": a.get("thought"),
+                "conf_verbal": a.get("conf_verbal"),
+                "conf_token": a.get("conf_token"),
                 "tool_confidence": r.get("tool_confidence"),
                 "error": r.get("error"),
             }
@@ -504,6 +506,8 @@ class VLMAnswerer:
                 "prob": o.prob,
                 "text": o.text,
                 "confidence": conf,
+                "conf_verbal": o.conf_verbal,
+                "conf_token": o.conf_token,
                 "ms": o.latency_ms,
                 "thought": o.thought_text.removesuffix(ANSWER_MARKER).strip(),
                 **({} if per_query_flops is None else {"flops": per_query_flops}),

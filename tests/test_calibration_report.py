@@ -14,6 +14,10 @@ import pytest
 from reasonrec.config import CONFIG_DIR, load_config
 from reasonrec.data.schemas import PREDICTIONS, QUERIES, conform
 from reasonrec.evaluation import (
+    CALIBRATION_COLUMNS,
+    CALIBRATION_FALLBACKS,
+    CALIBRATION_NAMES,
+    CALIBRATION_NONE,
     CALIBRATION_SOURCES,
     TOKEN_CONFIDENCE_GAP,
     calibration_markdown,
@@ -21,6 +25,12 @@ from reasonrec.evaluation import (
 )
 
 BUCKETS = ("low", "medium", "high")
+RECORDED = ("conf_verbal", "conf_token", "tool_confidence")  # the confidences scoring records
+
+
+def test_predictions_record_both_vlm_confidences_and_the_planners():
+    assert all(PREDICTIONS.field(c).type == pa.float32() and PREDICTIONS.field(c).nullable for c in RECORDED)
+    assert CALIBRATION_COLUMNS == dict(zip(CALIBRATION_SOURCES, RECORDED))
 
 
 def _tables(n: int = 240, seed: int = 0, extra_columns: bool = False):
@@ -78,9 +88,8 @@ def _tables(n: int = 240, seed: int = 0, extra_columns: bool = False):
             }
         )
     p = conform(pa.Table.from_pylist(preds), PREDICTIONS)
-    if extra_columns:
-        for c in ("conf_verbal", "conf_token", "tool_confidence"):
-            p = p.append_column(c, pa.array([r[c] for r in preds], pa.float32()))
+    if not extra_columns:  # a run scored before PREDICTIONS recorded both confidences
+        p = p.drop_columns(list(RECORDED))
     return p, conform(pa.Table.from_pylist(queries), QUERIES)
 
 
@@ -190,11 +199,16 @@ def test_calibration_markdown_lists_every_source_and_bucket():
         assert f"{r['value']:.4f} (n={r['n']})" in row
     assert "| planner P(tool right) | ctr |" in text and "| VLM token-probability confidence | sequential |" in text
     assert "Reliability tables" in text and TOKEN_CONFIDENCE_GAP in text
-    # With both confidences recorded per answer, the gap note goes away.
+    # The text says where each confidence came from: an old run's fallbacks ...
+    assert "VLM verbalised confidence (parsed from the thought (this run predates the `conf_verbal`" in text
+    assert "planner P(tool right) (`confidence` of the tool answers (this run predates" in text
+    assert "recorded `" not in text
+    # ... and with both confidences recorded per answer, the columns (and the gap note goes away).
     preds2, queries2 = _tables(extra_columns=True)
-    assert TOKEN_CONFIDENCE_GAP not in calibration_markdown(
-        calibration_records(preds2, queries2, cfg), preds2.column_names
-    )
+    text2 = calibration_markdown(calibration_records(preds2, queries2, cfg), preds2.column_names)
+    assert TOKEN_CONFIDENCE_GAP not in text2 and "predates" not in text2
+    for source, col in CALIBRATION_COLUMNS.items():
+        assert f"- calibration (10 equal-width bins): {CALIBRATION_NAMES[source]} (recorded `{col}`);" in text2
 
 
 def test_tiny_run_report_has_the_calibration_section(tiny_run):
@@ -207,21 +221,28 @@ def test_tiny_run_report_has_the_calibration_section(tiny_run):
     report = store.fs.open(store.path("report", "report.md"), "r").read()
     assert "### Calibration (ECE over 10 equal-width bins" in report
     assert "Split protocol: random split (`data.split_protocol=loo`)" in report
-    expected = _expected(preds, queries, cfg, extra="conf_token" in preds.column_names)
+    # Scoring records both VLM confidences and the planner's (the report reads those columns).
+    assert set(RECORDED) <= set(preds.column_names)
+    assert all(f"recorded `{c}`" in report for c in RECORDED) and TOKEN_CONFIDENCE_GAP not in report
+    expected = _expected(preds, queries, cfg, extra=True)
     got = {(r["model"], r["task"], r["group"]): r for r in records if r["metric"] == "ece"}
     assert expected and set(got) == set(expected)
     for key, (ece, _) in expected.items():
         assert got[key]["value"] == pytest.approx(ece, abs=1e-6), key
-    # What the token-confidence reading rests on: scoring's `confidence` is the verbalised one
-    # wherever the thought states one (the tiny run's 6-step VLM may state none: then every VLM
-    # answer's confidence is its token one, all of them in the token rows).
+    # The verbalised confidence is the one the thought states (the tiny run's 6-step VLM may state
+    # none), scoring's `confidence` is it where stated and the token one elsewhere, and every VLM
+    # answer has its token confidence: all of them are in the token rows.
     vlm = [r for r in preds.to_pylist() if r["vlm_called"] and r["task"] != "explanation"]
-    rows = [r for r in vlm if _stated(r["thought"]) is not None]
-    assert np.allclose([r["confidence"] for r in rows], [_stated(r["thought"]) for r in rows], atol=1e-6)
+    for r in vlm:
+        stated = _stated(r["thought"])
+        assert r["conf_verbal"] == (None if stated is None else pytest.approx(stated, abs=1e-6)), r["query_id"]
+        assert r["conf_token"] is not None and 0.0 <= r["conf_token"] <= 1.0
+        assert r["confidence"] == pytest.approx(r["conf_token"] if stated is None else stated, abs=1e-6)
     n_token = sum(got[k]["n"] for k in got if k[0] == "vlm_token" and k[2] == "all")
-    assert vlm and n_token == len(vlm) - len(rows)
-    planner_all = [k for k in got if k[0] == "planner" and k[2] == "all"]
-    assert planner_all, "the tiny run's tool-answered queries give the planner's calibration"
+    assert vlm and n_token == len(vlm)
+    # The planner's P(tool right) on every ranking / CTR answer, the VLM's or the tools'.
+    n_planner = sum(got[k]["n"] for k in got if k[0] == "planner" and k[2] == "all")
+    assert n_planner == sum(r["task"] != "explanation" for r in preds.to_pylist())
 
 
 def test_calibration_markdown_says_which_confidence_has_no_rows():
@@ -235,5 +256,7 @@ def test_calibration_markdown_says_which_confidence_has_no_rows():
     records = calibration_records(preds, queries, cfg)
     assert {r["model"] for r in records} == {"planner"}
     text = calibration_markdown(records, preds.column_names)
-    assert "- VLM verbalised confidence: no rows" in text and "- VLM token-probability confidence: no rows" in text
+    for source in ("vlm_verbal", "vlm_token"):
+        where = CALIBRATION_FALLBACKS[source]  # this run predates the recorded columns
+        assert f"- {CALIBRATION_NAMES[source]} ({where}): {CALIBRATION_NONE[source]}" in text
     assert "| planner P(tool right) | sequential |" in text

@@ -22,6 +22,7 @@ from reasonrec.data.catalog import load_context
 from reasonrec.data.schemas import QUERIES
 from reasonrec.io import TMP_DIR, open_store
 from reasonrec.planner import load_planners, load_toolbox
+from reasonrec.prompts.cot import parse_output
 from reasonrec.prompts.templates import TemplateSampler
 from reasonrec.scoring import Router, VLMAnswerer
 from reasonrec.vlm.infer import VLMPredictor
@@ -53,6 +54,22 @@ def test_every_query_is_answered_once_with_a_recorded_decision(tiny_run):
             assert r["primary_tool"] and (r["tool_prob"] is not None if r["task"] == "ctr" else r["tool_items"])
             if r["route"] == "low":
                 assert (r["items"], r["prob"]) == (r["tool_items"], r["tool_prob"])
+        # Both VLM confidences where it answered (the verbalised one only where its thought states
+        # one, which `confidence` then is), neither elsewhere; the planner's P(tool right) on every
+        # ranking / CTR query (the answer's confidence where the tool answered).
+        if r["vlm_called"]:
+            assert r["conf_token"] is not None and 0.0 <= r["conf_token"] <= 1.0
+            assert r["confidence"] == (r["conf_verbal"] if r["conf_verbal"] is not None else r["conf_token"])
+            stated = parse_output(r["thought"], r["task"]).thought.confidence
+            assert r["conf_verbal"] == (None if stated is None else pytest.approx(stated, abs=1e-6))
+        else:
+            assert r["conf_verbal"] is None and r["conf_token"] is None
+        if r["task"] == "explanation":
+            assert r["tool_confidence"] is None
+        else:
+            assert r["tool_confidence"] is not None and 0.0 <= r["tool_confidence"] <= 1.0
+            if not r["vlm_called"]:
+                assert r["confidence"] == r["tool_confidence"]
     assert s["vlm_calls"] == int(pc.sum(preds.column("vlm_called")).as_py())
     assert 0 < s["bypass_rate"] < 1  # both paths exercised
     report = store.fs.cat(store.path("report", "report.md")).decode()
@@ -110,6 +127,8 @@ def test_vlm_sees_only_medium_and_high_risk_and_batch_equals_serial(tiny_run):
     out = vlm(routed)
     routes = routed.column("route").to_pylist()
     assert vlm.predictor.seen == sum(r in ("medium", "high") for r in routes) > 0
+    # The router's P(tool right) reaches the scored rows unchanged (the VLM's step adds its own two).
+    assert out.column("tool_confidence").equals(routed.column("tool_confidence"))
     assert vlm.predictor.seen < len(routes)
     # Serial: one query at a time through both steps gives the same decisions and answers.
     router1, vlm1 = _router_and_vlm(cfg, store, batch_size=1)

@@ -209,6 +209,14 @@ PREDICTIONS = pa.schema(
         # The VLM's chain of thought before its answer (EH bucket, tools it trusts, verbalised
         # confidence; paper Figure 3), null where the VLM did not run: why it answered as it did.
         ("thought", pa.string()),
+        # Both of the VLM's confidences in its answer (``VLMOutput``; ``confidence`` above keeps the
+        # verbalised one where stated, else the token one): the verbalised one parsed from the
+        # thought (null where the VLM did not run or stated none) and the token-probability one
+        # (null where the VLM did not run). Runs scored before these columns existed lack them.
+        ("conf_verbal", pa.float32()),
+        ("conf_token", pa.float32()),
+        # The planner's calibrated P(primary tool right), every routed ranking / CTR query.
+        ("tool_confidence", pa.float32()),
     ]
 )
 
