@@ -4,9 +4,10 @@
 
 Reads ``prepare``'s ``items`` table (``item_id``, embedded ``image``, ``image_uri``) in bounded
 batches (``images.batch_size`` items per ``map_batches`` call), fetches each photo from its
-bytes or its URI (local path or ``s3://``), validates it, pads it to a square and resizes it to
-the VLM's input side (``images.size``, else ``vlm.image_size``), re-encodes it and classifies a
-failure by reason (see :mod:`reasonrec.data.images`). Output: ``{run}/images/item_images/``
+bytes or its URI (local path, ``s3://`` or ``http(s)://``; the batch's threads fetch in
+parallel), validates it, pads it to a square and resizes it to the VLM's input side
+(``images.size``, else ``vlm.image_size``), re-encodes it and classifies a failure by reason
+(see :mod:`reasonrec.data.images`). Output: ``{run}/images/item_images/``
 (``item_id``, ``image`` or null, ``image_status``), one row per item, and ``summary.json`` with
 the rows per reason. Batches stream from the Parquet reader through the workers to the Parquet
 writer; the driver only counts statuses (one short string column, read back batch by batch), so
@@ -39,11 +40,17 @@ log = logging.getLogger("reasonrec.images")
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """What changes the output: the spec (size, format, quality, limits); not the batch size."""
+    """What changes the output: the spec (size, format, quality, limits, whether http(s) URLs are
+    fetched); not the batch size nor the http timeout and retries (they decide only transient
+    failures)."""
     s = spec_of(cfg)
-    return section_hash(
-        {"size": s.size, "format": s.format, "quality": s.quality, "max_pixels": s.max_pixels, "max_bytes": s.max_bytes}
-    )
+    spec: dict = {"size": s.size, "format": s.format, "quality": s.quality}
+    spec.update(max_pixels=s.max_pixels, max_bytes=s.max_bytes)
+    # Fetching http(s) is the default and adds no key, so runs made before it keep their hash (and
+    # their downstream stages); turning it off changes the hash.
+    if s.http is None:
+        spec["fetch_http"] = False
+    return section_hash(spec)
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:

@@ -406,6 +406,9 @@ class ImagesConfig:
     max_pixels: int = 50_000_000  # larger declared sizes are refused before decoding (too_large)
     max_bytes: int = 32 << 20  # larger files are refused before reading them whole (too_large)
     batch_size: int = 256  # items per map_batches call: bounds each worker's memory
+    fetch_http: bool = True  # fetch http(s) image URLs (Amazon's imUrl); false: they stay unsupported
+    http_timeout_s: float = 20.0  # per http(s) photo: to connect, to wait for the answer, to read the body
+    http_retries: int = 2  # further tries after a connection error, a timeout or a 408/429/5xx answer
 
 
 @dataclass

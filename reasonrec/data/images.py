@@ -2,23 +2,29 @@
 
 Ray-free row logic of the ``images`` stage (``ray_jobs/images.py``): :func:`process_batch` turns
 a batch of prepared items (``item_id``, embedded ``image`` bytes and/or ``image_uri``) into
-:data:`ITEM_IMAGES` rows. An item's embedded bytes are used first, its ``image_uri`` (a local
-path or ``s3://`` URL, opened through :func:`reasonrec.io.filesystem`) second.
+:data:`ITEM_IMAGES` rows. An item's embedded bytes are used first, its ``image_uri`` second: a
+local path or ``s3://`` URL (opened through :func:`reasonrec.io.filesystem`), or an ``http(s)://``
+URL such as Amazon's ``imUrl`` (fetched with urllib3 when ``images.fetch_http`` is on: a timeout,
+a few retries on connection errors and 408/429/5xx answers, and a body read only up to
+``max_bytes``).
 
 Statuses (``image_status``):
 
 * ``ok``: decoded, padded to a square (white bars, nothing of the product is cropped away),
   resized to ``spec.size`` x ``spec.size`` and re-encoded as ``spec.format``;
 * ``no_image``: the item names no photo at all;
-* ``missing``: the named file does not exist;
+* ``missing``: the named file does not exist (an HTTP 404 or 410 answer included);
 * ``corrupt``: the bytes are not a decodable image;
 * ``truncated``: a valid header, but the data stops early;
 * ``too_large``: declared width x height over ``spec.max_pixels`` (checked from the header
   *before* decoding, with PIL's ``MAX_IMAGE_PIXELS`` guard as a second line: a decompression
-  bomb costs a few bytes, never gigabytes), or a file over ``spec.max_bytes``;
-* ``unsupported``: a location or format this code does not read (``http(s)://`` URLs, SVG, PDF,
-  HEIC/AVIF, a PIL format outside :data:`FORMATS`);
-* ``fetch_error``: reading the file failed for another reason (permissions, network).
+  bomb costs a few bytes, never gigabytes), or a file over ``spec.max_bytes`` (an HTTP body is
+  refused from its Content-Length, or its reading stops past ``max_bytes``);
+* ``unsupported``: a location or format this code does not read (a scheme other than local,
+  ``file://``, ``s3://`` and ``http(s)://``; ``http(s)://`` too when ``images.fetch_http`` is off;
+  SVG, PDF, HEIC/AVIF, a PIL format outside :data:`FORMATS`);
+* ``fetch_error``: reading the file failed for another reason (permissions, a timeout, a refused
+  or cut connection, an HTTP error answer other than 404/410, after the retries).
 
 Only ``ok`` rows carry bytes; every other item falls back to text in the prompts.
 
@@ -31,6 +37,8 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
+import time
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +74,15 @@ log = logging.getLogger("reasonrec.images")
 
 
 @dataclass(frozen=True)
+class HttpOptions:
+    """How ``http(s)://`` photo URLs are fetched."""
+
+    timeout: float = 20.0  # seconds to connect, to wait for the answer, and to read the body
+    retries: int = 2  # further tries after a connection error, a timeout or a 408/429/5xx answer
+    backoff: float = 0.25  # seconds between tries: 0 before the first retry, then backoff * 2**n
+
+
+@dataclass(frozen=True)
 class ImageSpec:
     """What the stage produces: a ``size`` x ``size`` image encoded as ``format``."""
 
@@ -75,6 +92,7 @@ class ImageSpec:
     max_pixels: int = 50_000_000
     max_bytes: int = 32 << 20
     threads: int = 8  # photos fetched and decoded concurrently per batch
+    http: HttpOptions | None = HttpOptions()  # None: http(s) URLs are not fetched (unsupported)
 
     def __post_init__(self):
         if self.format.lower() not in ("jpeg", "png"):
@@ -97,6 +115,7 @@ def spec_of(cfg: RunConfig) -> ImageSpec:
         quality=ic.quality,
         max_pixels=ic.max_pixels,
         max_bytes=ic.max_bytes,
+        http=HttpOptions(timeout=ic.http_timeout_s, retries=ic.http_retries) if ic.fetch_http else None,
     )
 
 
@@ -109,10 +128,18 @@ class ImageFailure(Exception):
 
 
 # ------------------------------------------------------------------------------------ fetch
-def fetch(uri: str, storage: StorageConfig | None = None, max_bytes: int = 32 << 20) -> bytes:
-    """The bytes behind ``uri`` (local path, ``file://`` or ``s3://``); raises :class:`ImageFailure`."""
-    if "://" in uri and not uri.startswith(("s3://", "file://")):
-        raise ImageFailure("unsupported", f"location {uri.split('://', 1)[0]}:// is not fetched")
+def fetch(
+    uri: str, storage: StorageConfig | None = None, max_bytes: int = 32 << 20, http: HttpOptions | None = None
+) -> bytes:
+    """The bytes behind ``uri`` (local path, ``file://``, ``s3://``, and ``http(s)://`` when
+    ``http`` is given); raises :class:`ImageFailure`."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        if http is None:
+            raise ImageFailure("unsupported", "http(s) URLs are not fetched (images.fetch_http is off)")
+        return fetch_http(uri, max_bytes, http)
+    if scheme not in ("", "s3", "file"):
+        raise ImageFailure("unsupported", f"location {scheme}:// is not fetched")
     try:
         fs, path = filesystem(uri, storage)
         size = fs.size(path)
@@ -127,6 +154,101 @@ def fetch(uri: str, storage: StorageConfig | None = None, max_bytes: int = 32 <<
         raise ImageFailure("missing", f"a folder: {exc}") from None
     except Exception as exc:  # permissions, network, throttling: the photo may exist
         raise ImageFailure("fetch_error", f"{type(exc).__name__}: {exc}") from None
+
+
+# Answers worth another try (timeouts, throttling, a server's passing trouble), and answers that
+# say the photo does not exist.
+_RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+_MISSING_STATUS = (404, 410)
+_POOL_SIZE = 16  # connections kept per host; more threads still run, their extra ones are not kept
+_pools: dict[HttpOptions, Any] = {}
+_pools_lock = threading.Lock()
+
+
+def _http_pool(opts: HttpOptions):
+    """One urllib3 PoolManager per process and option set: thread-safe, so the batch's threads
+    share its keep-alive connections. urllib3 rather than fsspec's HTTP filesystem: a plain
+    streamed GET, with retries and backoff built in, and no HEAD request before it."""
+    import urllib3
+
+    with _pools_lock:
+        pool = _pools.get(opts)
+        if pool is None:
+            retry = urllib3.Retry(
+                total=None,
+                connect=opts.retries,
+                read=opts.retries,
+                status=opts.retries,
+                other=0,
+                redirect=5,
+                allowed_methods=frozenset({"GET"}),
+                status_forcelist=_RETRY_STATUS,
+                backoff_factor=opts.backoff,
+                raise_on_status=False,  # the last answer is classified below
+                respect_retry_after_header=False,  # a Retry-After of hours would stall the batch
+            )
+            kw: dict[str, Any] = {}
+            try:
+                import certifi
+
+                kw["ca_certs"] = certifi.where()  # the system store may be absent in a slim image
+            except ImportError:
+                pass
+            pool = urllib3.PoolManager(
+                maxsize=_POOL_SIZE,
+                retries=retry,
+                timeout=urllib3.Timeout(connect=opts.timeout, read=opts.timeout),
+                # Photos are compressed already; an identity body also keeps max_bytes a bound on
+                # what is decoded (no gzip bomb).
+                headers={"Accept-Encoding": "identity", "User-Agent": "reasonrec-images"},
+                **kw,
+            )
+            _pools[opts] = pool
+    return pool
+
+
+def fetch_http(url: str, max_bytes: int, opts: HttpOptions) -> bytes:
+    """GET ``url``; raises :class:`ImageFailure`. The body is refused from its Content-Length
+    when that exceeds ``max_bytes``, and otherwise read in pieces that stop once past it, so a
+    huge or endless body costs at most ``max_bytes`` + 1 bytes; reading it may take at most
+    ``opts.timeout`` seconds (each piece is bounded by the socket timeout besides)."""
+    import urllib3
+
+    try:
+        r = _http_pool(opts).request("GET", url, preload_content=False)
+    except urllib3.exceptions.LocationValueError as exc:
+        raise ImageFailure("fetch_error", f"bad URL: {exc}") from None
+    except urllib3.exceptions.HTTPError as exc:  # refused, timed out, TLS, too many redirects
+        cause = getattr(exc, "reason", None) or exc
+        raise ImageFailure("fetch_error", f"{type(cause).__name__}: {cause}") from None
+    done = False
+    try:
+        if r.status in _MISSING_STATUS:
+            raise ImageFailure("missing", f"HTTP {r.status}")
+        if not 200 <= r.status < 300:
+            raise ImageFailure("fetch_error", f"HTTP {r.status}")
+        length = (r.headers.get("Content-Length") or "").strip()
+        if length.isdigit() and int(length) > max_bytes:
+            raise ImageFailure("too_large", f"Content-Length {length} > {max_bytes}")
+        deadline = time.monotonic() + opts.timeout
+        buf = bytearray()
+        while len(buf) <= max_bytes:
+            piece = r.read(min(1 << 16, max_bytes + 1 - len(buf)))
+            if not piece:
+                done = True
+                break
+            buf += piece
+            if time.monotonic() > deadline:
+                raise ImageFailure("fetch_error", f"body not read within {opts.timeout} s")
+        if not done:
+            raise ImageFailure("too_large", f"body over {max_bytes} bytes (reading stopped)")
+        return bytes(buf)
+    except urllib3.exceptions.HTTPError as exc:  # timed out or cut while reading the body
+        raise ImageFailure("fetch_error", f"{type(exc).__name__}: {exc}") from None
+    finally:
+        if not done:
+            r.close()  # an unread body is not drained: the connection is dropped instead
+        r.release_conn()
 
 
 # ----------------------------------------------------------------------------------- decode
@@ -221,7 +343,7 @@ def load_photo(
         if not ref:
             continue
         try:
-            data = ref if kind == "bytes" else fetch(ref, storage, spec.max_bytes)
+            data = ref if kind == "bytes" else fetch(ref, storage, spec.max_bytes, spec.http)
             return process(data, spec), "ok"
         except ImageFailure as exc:
             first = first or exc.reason

@@ -19,7 +19,7 @@ import math
 import posixpath
 import re
 import zlib
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -97,6 +97,55 @@ class FolderSource:
 
     def __getstate__(self):
         return {**self.__dict__, **dict.fromkeys(self.lazy)}
+
+
+# ---------------------------------------------------------------------------------- photos
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+# The item shard of the readers whose metadata spans several shards (Amazon): it yields the
+# photo-only rows, which need every metadata key and so cannot come from one metadata shard.
+PHOTO_ONLY = "photo-only items"
+
+
+def photo_listing(loc: Loc | None, exts: Sequence[str] = IMAGE_EXTS) -> dict[str, str]:
+    """File stem (the item key) -> photo URL for every image file below ``loc``, from one
+    recursive listing (no request per item). A stem with several files keeps the first of
+    ``exts`` (jpg over png)."""
+    ranked: dict[str, tuple[int, str]] = {}
+    for rel, path in loc.files_under().items() if loc else ():
+        stem, ext = posixpath.splitext(posixpath.basename(rel))
+        if ext.lower() in exts:
+            cand = (exts.index(ext.lower()), loc.to_url(path))
+            ranked[stem] = min(ranked.get(stem, cand), cand)
+    return {stem: url for stem, (_, url) in ranked.items()}
+
+
+def photo_only_items(
+    interacted: Iterable[str | None], described: Iterable[str | None], photo_of: Callable[[str], str | None]
+) -> list[tuple[str, str]]:
+    """``(key, photo URL)`` of the items that the interactions reference and the metadata lacks
+    but whose photo exists: they become photo-only item rows instead of key-only stubs in
+    ``prepare``, so their photo reaches the prompts. Photos of items nobody interacted with are
+    not added (they would only inflate the catalog the negatives are drawn from).
+
+    Both iterables are streamed, ``interacted`` first: only keys with a photo are held, so memory
+    is bounded by the photo listing, not by the interactions or the metadata. Sorted by key: the
+    row order, and so prepare's tie-breaks, must not depend on set order."""
+    wanted: dict[str, str] = {}
+    for k in interacted:
+        if k and k not in wanted:
+            uri = photo_of(k)
+            if uri:
+                wanted[k] = uri
+    for k in described:
+        if k:
+            wanted.pop(k, None)
+    return sorted(wanted.items())
+
+
+def append_row(cols: dict[str, list], **values: Any) -> None:
+    """One row into column lists; columns not given are null."""
+    for name, col in cols.items():
+        col.append(values.get(name))
 
 
 class Chunk(NamedTuple):

@@ -11,15 +11,21 @@ names), ``imUrl`` (2014) / ``imageURL``/``imageURLHighRes`` (2018, lists), numer
 
 Images: with ``cfg.images_dir`` (local or s3://), ``<asin>.jpg``/``.jpeg``/``.png`` is embedded
 in ``image`` and its location goes to ``image_uri`` (a missing file leaves ``image`` null and
-``image_uri`` the metadata's URL, if any); without it the metadata's URL goes to ``image_uri``.
+``image_uri`` the metadata's URL, if any); without it the metadata's URL (http(s), fetched by the
+``images`` stage unless ``images.fetch_http`` is off) goes to ``image_uri``.
+
+Every reviewed item whose photo is in ``cfg.images_dir`` gets it, metadata or not: an asin that the
+reviews reference but the metadata file lacks (or every asin, without a metadata file) becomes a
+photo-only item row (key and ``image_uri``; the ``images`` stage fetches the bytes) instead of a
+key-only stub in ``prepare``. Those rows come from one extra item shard (:data:`PHOTO_ONLY`), which
+streams the reviews and the metadata once more for their keys; it exists only with ``images_dir``.
 """
 
 from __future__ import annotations
 
 import html
-import posixpath
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 
@@ -27,13 +33,17 @@ from reasonrec.config import SourceConfig, StorageConfig
 from reasonrec.data.schemas import RAW_INTERACTIONS, RAW_ITEMS
 from reasonrec.data.sources import register
 from reasonrec.data.sources._common import (
+    PHOTO_ONLY,
     Chunk,
     FolderSource,
     Loc,
+    append_row,
     fingerprint,
     json_records,
     key,
     line_chunks,
+    photo_listing,
+    photo_only_items,
     price,
     short,
     table,
@@ -41,7 +51,6 @@ from reasonrec.data.sources._common import (
 )
 
 _JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
 def categories(rec: dict) -> list[str]:
@@ -122,27 +131,24 @@ class AmazonSource(FolderSource):
         return self._files
 
     def images(self) -> dict[str, str]:
-        """asin -> image path, from one listing of ``images_dir`` (jpg preferred over png)."""
+        """asin -> image URL, from one listing of ``images_dir`` (jpg preferred over png)."""
         if self._images is None:
-            ranked: dict[str, tuple[int, str]] = {}
-            if self.cfg.images_dir:
-                for rel, path in Loc(self.cfg.images_dir, self.storage).files_under().items():
-                    stem, ext = posixpath.splitext(posixpath.basename(rel))
-                    if ext.lower() in IMAGE_EXTS:
-                        cand = (IMAGE_EXTS.index(ext.lower()), path)
-                        ranked[stem] = min(ranked.get(stem, cand), cand)
-            found = {stem: path for stem, (_, path) in ranked.items()}
-            self._images = found
+            self._images = photo_listing(Loc(self.cfg.images_dir, self.storage) if self.cfg.images_dir else None)
         return self._images
 
     # -------------------------------------------------------------------------------- items
     def item_shards(self) -> list[Any]:
         _, meta = self.files()
-        return line_chunks(self.loc.fs, meta, shard_bytes=self.shard_bytes) if meta else []
+        shards: list[Any] = line_chunks(self.loc.fs, meta, shard_bytes=self.shard_bytes) if meta else []
+        return (shards + [PHOTO_ONLY]) if self.cfg.images_dir and self.images() else shards
 
-    def read_items(self, shard: Chunk) -> pa.Table:
+    def read_items(self, shard: Chunk | str) -> pa.Table:
         names = ("item_key", "title", "brand", "categories", "price", "description", "image", "image_uri", "error")
         cols: dict[str, list] = {c: [] for c in names}
+        if shard == PHOTO_ONLY:
+            for asin, uri in photo_only_items(self._reviewed(), self._described(), self.images().get):
+                append_row(cols, item_key=asin, categories=[], image_uri=uri)
+            return self._items(cols)
         embed = bool(self.cfg.images_dir)
         images = self.images() if embed else {}
         img_loc = Loc(self.cfg.images_dir, self.storage) if embed else None
@@ -161,16 +167,35 @@ class AmazonSource(FolderSource):
                     description=text(rec.get("description")),
                 )
                 if embed:
-                    path = images.get(asin) if asin else None
-                    row["image"] = img_loc.fs.cat_file(path) if path else None
-                    row["image_uri"] = img_loc.to_url(path) if path else image_url(rec)
+                    url = images.get(asin) if asin else None
+                    row["image"] = img_loc.fs.cat_file(url) if url else None
+                    row["image_uri"] = url or image_url(rec)
                 else:
                     row["image_uri"] = image_url(rec)
             for c in names:
                 cols[c].append(row[c])
+        return self._items(cols)
+
+    def _items(self, cols: dict[str, list]) -> pa.Table:
         n = len(cols["item_key"])
         cols["domain"] = [self.cfg.domain] * n
         return table(cols, RAW_ITEMS, n)
+
+    def _reviewed(self) -> Iterator[str | None]:
+        """The reviews' asins, parsed as :meth:`read_interactions` parses them."""
+        for chunk in self.interaction_shards():
+            for rec, _ in json_records(self.loc.fs, chunk):
+                if rec is not None:
+                    yield key(rec.get("asin"))
+
+    def _described(self) -> Iterator[str | None]:
+        """The metadata's asins, parsed as :meth:`read_items` parses them (a malformed line has
+        none: its item, quarantined, gets a photo-only row if it has a photo)."""
+        _, meta = self.files()
+        for chunk in line_chunks(self.loc.fs, meta, shard_bytes=self.shard_bytes) if meta else ():
+            for rec, _ in json_records(self.loc.fs, chunk):
+                if rec is not None:
+                    yield key(rec.get("asin"))
 
     # ------------------------------------------------------------------------- interactions
     def interaction_shards(self) -> list[Any]:

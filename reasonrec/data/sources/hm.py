@@ -36,6 +36,7 @@ from reasonrec.data.sources._common import (
     Chunk,
     FolderSource,
     Loc,
+    append_row,
     csv_chunk,
     csv_records,
     decode,
@@ -45,6 +46,7 @@ from reasonrec.data.sources._common import (
     key,
     line_chunks,
     offset_after_lines,
+    photo_only_items,
     table,
 )
 
@@ -178,15 +180,9 @@ class HMSource(FolderSource):
                 row["error"] = err
                 for c in names:
                     cols[c].append(row[c])
-        # Purchased articles without a metadata row but with a photo: photo-only rows (sorted:
-        # the row order, and so prepare's tie-breaks, must not depend on dict order).
-        for art in sorted(set(prices) - seen):
-            uri = images.get(image_rel(art))
-            if uri:
-                row = dict.fromkeys(names)
-                row.update(item_key=art, price=prices[art], image_uri=uri, categories=[])
-                for c in names:
-                    cols[c].append(row[c])
+        # Purchased articles without a metadata row but with a photo: photo-only rows.
+        for art, uri in photo_only_items(prices, seen, lambda a: images.get(image_rel(a))):
+            append_row(cols, item_key=art, price=prices[art], image_uri=uri, categories=[])
         n = len(cols["item_key"])
         cols["domain"] = [self.cfg.domain] * n
         return table(cols, RAW_ITEMS, n)

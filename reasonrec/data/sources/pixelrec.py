@@ -14,15 +14,21 @@ to read with ``cfg.reviews_file`` (interactions) and ``cfg.meta_file`` (item inf
 Covers: ``<item_id>.jpg`` (or .png) in ``cfg.images_dir``, else ``images/`` or ``cover/`` under
 ``cfg.path``. The covers run to 100+ GB, so items carry the cover's URL in ``image_uri``
 (opened with ``reasonrec.io.filesystem``) rather than the bytes; a missing cover leaves it null.
+
+Every interacted item whose cover exists gets it, item info or not: an item_id that the
+interactions reference but the item-info CSV lacks (or every item_id, without that file)
+becomes a cover-only item row (key and ``image_uri``) instead of a key-only stub in ``prepare``;
+the item shard streams the interactions' item_id column once more to find them.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import posixpath
 import re
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,6 +40,7 @@ from reasonrec.data.sources._common import (
     Chunk,
     FolderSource,
     Loc,
+    append_row,
     csv_chunk,
     csv_records,
     error_rows,
@@ -41,12 +48,13 @@ from reasonrec.data.sources._common import (
     first_line,
     key,
     line_chunks,
+    photo_listing,
+    photo_only_items,
     short,
     table,
     to_float,
 )
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 IMAGE_FOLDERS = ("images", "cover", "covers")
 _TAG_SEP = re.compile(r"[,，;；|]")
 
@@ -157,27 +165,23 @@ class PixelRecSource(FolderSource):
             else:
                 sub = next((d for d in IMAGE_FOLDERS if self.loc.fs.isdir(self.loc.join(d))), None)
                 img = Loc(self.loc.to_url(self.loc.join(sub)), self.storage) if sub else None
-            ranked: dict[str, tuple[int, str]] = {}
-            for rel, path in img.files_under().items() if img else ():
-                stem, ext = posixpath.splitext(posixpath.basename(rel))
-                if ext.lower() in IMAGE_EXTS:
-                    cand = (IMAGE_EXTS.index(ext.lower()), img.to_url(path))
-                    ranked[stem] = min(ranked.get(stem, cand), cand)
-            self._images = {stem: url for stem, (_, url) in ranked.items()}
+            self._images = photo_listing(img)
         return self._images
 
     # -------------------------------------------------------------------------------- items
     def item_shards(self) -> list[Any]:
         _, info = self.files()
         # One shard: titles and descriptions may hold quoted newlines, which a byte-range split
-        # would cut through (the item file is small next to the interactions anyway).
-        return [info] if info else []
+        # would cut through (the item file is small next to the interactions anyway). Without
+        # the item-info file the shard ("") still yields the cover-only rows.
+        return [info] if info else ([""] if self.images() else [])
 
     def read_items(self, shard: str) -> pa.Table:
         names = ("item_key", "title", "categories", "description", "image_uri", "error")
         cols: dict[str, list] = {c: [] for c in names}
         images = self.images()
-        with self.loc.fs.open(shard, "rb") as f:
+        seen: set[str] = set()
+        with self.loc.fs.open(shard, "rb") if shard else io.BytesIO(b"") as f:
             for get, err in csv_records(f, lower_header=True):
                 row = dict.fromkeys(names)
                 if err is None:
@@ -187,9 +191,14 @@ class PixelRecSource(FolderSource):
                     tag = get("tag") or get("tags") or get("category")
                     row["categories"] = [t.strip() for t in _TAG_SEP.split(tag) if t.strip()] if tag else []
                     row["image_uri"] = images.get(row["item_key"]) if row["item_key"] else None
+                    if row["item_key"]:
+                        seen.add(row["item_key"])
                 row["error"] = err
                 for c in names:
                     cols[c].append(row[c])
+        if images:  # interacted items without an item-info row but with a cover: cover-only rows
+            for item, uri in photo_only_items(self._interacted(), seen, images.get):
+                append_row(cols, item_key=item, categories=[], image_uri=uri)
         n = len(cols["item_key"])
         cols["domain"] = [self.cfg.domain] * n
         return table(cols, RAW_ITEMS, n)
@@ -226,6 +235,12 @@ class PixelRecSource(FolderSource):
             }
         )
         return pa.concat_tables([conform(good, RAW_INTERACTIONS), error_rows(bad, RAW_INTERACTIONS, self.cfg.domain)])
+
+    def _interacted(self) -> Iterator[str | None]:
+        """The interactions' item ids, shard by shard, parsed as :meth:`read_interactions` does."""
+        for shard in self.interaction_shards():
+            t, _ = csv_chunk(self.loc.fs, shard.chunk, shard.header)
+            yield from t.column("item_id").to_pylist()
 
     def fingerprint(self) -> str:
         inter, info = self.files()
