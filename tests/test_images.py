@@ -666,7 +666,7 @@ def test_prepare_then_images_photos_reach_the_prompt(ray_local, tmp_path, photo_
     }
 
     # The pixels reach the VLM: a user's prompt from the run's catalog shows the photo-only items'
-    # photos, and the tiny VLM's pixel_values hold their colours (the corrupt one is text only).
+    # photos, and the tiny VLM's pixel_values hold their colours (failed photos are text only).
     torch = pytest.importorskip("torch")
     from reasonrec.data.catalog import load_context
     from reasonrec.vlm.builder import build_vlm
@@ -682,22 +682,27 @@ def test_prepare_then_images_photos_reach_the_prompt(ray_local, tmp_path, photo_
         vision_heads=2,
         image_tokens_per_item=4,
         max_length=1024,
-        max_history_photos=5,
+        max_history_photos=6,
     )
     _, users, prompts = load_context(store, vlm, cfg.data.eh_thresholds)
-    u = store.read_table("prepare", "users").to_pylist()
-    uid = next(r["user_id"] for r in u if (r["domain"], r["user_key"]) == ("pixelrec", "u0"))
-    user = users.resolve(uid)  # the test-split history: i1 .. i5 (i6, the last, is the test item)
-    rendered = prompts.render("sequential", user, key=0)
-    shown = [row["pixelrec", f"i{i}"]["item_id"] for i in (1, 3, 4)]  # i2: no photo, i5: corrupt
-    assert rendered["image_items"] == shown
     bundle = build_vlm(vlm, lora=False)
-    batch = VLMCollator(bundle).encode_prompts([prompts.example(rendered)])
-    pv = batch["pixel_values"]
-    assert pv.shape == (3, 3, SIZE, SIZE)
-    assert int((batch["input_ids"] == bundle.image_token_id).sum()) == 3 * bundle.tokens_per_image
+    collate = VLMCollator(bundle)
     proc = bundle.image_processor
     mean, std = torch.tensor(proc.image_mean).view(3, 1, 1), torch.tensor(proc.image_std).view(3, 1, 1)
-    for pixels, color in zip(pv, (RED, GREEN, BLUE)):
-        rgb = (pixels.float() * std + mean).mean(dim=(1, 2)) * 255
-        assert torch.allclose(rgb, torch.tensor(color, dtype=torch.float32), atol=12), (rgb, color)
+    uid = {(r["domain"], r["user_key"]): r["user_id"] for r in store.read_table("prepare", "users").to_pylist()}
+    h = SIZE // 2
+    for dom, user_key, shown, colors in (
+        # The test-split history is every item but the last (the test item: i6 / 0160000001).
+        ("pixelrec", "u0", ["i1", "i3", "i4"], (RED, GREEN, BLUE)),  # i2: no photo, i5: corrupt
+        # 0108775015: a metadata row; 0110065001: photo-only (its semi-transparent blue PNG on white).
+        ("hm", "cust0", ["0108775015", "0110065001"], ((200, 30, 30), (155, 155, 255))),
+    ):
+        rendered = prompts.render("sequential", users.resolve(uid[dom, user_key]), key=0)
+        assert rendered["image_items"] == [row[dom, k]["item_id"] for k in shown]
+        batch = collate.encode_prompts([prompts.example(rendered)])
+        pv = batch["pixel_values"]
+        assert pv.shape == (len(shown), 3, SIZE, SIZE)
+        assert int((batch["input_ids"] == bundle.image_token_id).sum()) == len(shown) * bundle.tokens_per_image
+        for pixels, color in zip(pv, colors):  # the centre (padding bars lie at the edges)
+            rgb = (pixels.float() * std + mean)[:, h - 4 : h + 4, h - 4 : h + 4].mean(dim=(1, 2)) * 255
+            assert torch.allclose(rgb, torch.tensor(color, dtype=torch.float32), atol=12), (dom, rgb, color)
