@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from reasonrec import gbdt
+
 SHARED = ("n_tools", "best_rank", "mean_rr", "log_pop", "in_history", "eh", "log_hist")
 PER_TOOL = ("rr", "z")  # reciprocal rank (0 when absent), score standardised in the tool's top N
 
@@ -133,12 +135,10 @@ class FusionRanker:
 
     def score(self, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """[B, U] ranker scores, -inf where there is no candidate."""
-        import xgboost as xgb
-
         B, U, F = x.shape
         out = np.full((B, U), -np.inf)
         if valid.any():
-            out[valid] = self.booster.predict(xgb.DMatrix(x[valid])).astype(np.float64)
+            out[valid] = gbdt.predict(self.booster, x[valid])
         return out
 
     def rank(self, cand: np.ndarray, valid: np.ndarray, x: np.ndarray, fallback: np.ndarray, k: int) -> np.ndarray:
@@ -159,13 +159,11 @@ class FusionRanker:
     def hits(self, x: Sequence[np.ndarray], y: Sequence[np.ndarray], k: int) -> np.ndarray:
         """Per query: is the truth in the fused top ``k``? (``x``/``y`` as in :meth:`fit`; a query
         whose truth no tool proposed is a miss.) Orders exactly as :meth:`rank` does."""
-        import xgboost as xgb
-
         out = np.zeros(len(x), bool)
         idx = [q for q in range(len(x)) if len(y[q]) and np.any(y[q])]
         if not idx:
             return out
-        s = self.booster.predict(xgb.DMatrix(np.concatenate([x[q] for q in idx]))).astype(np.float64)
+        s = gbdt.predict(self.booster, np.concatenate([x[q] for q in idx]))
         bounds = np.cumsum([0] + [len(y[q]) for q in idx])
         for j, q in enumerate(idx):
             top = np.argsort(-s[bounds[j] : bounds[j + 1]], kind="stable")[:k]

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from reasonrec import gbdt
 from reasonrec.config import PlannerConfig
 from reasonrec.fusion import FusionRanker, candidate_features
 from reasonrec.hashing import splitmix64
@@ -194,9 +195,7 @@ def _fit_binary(x: np.ndarray, y: np.ndarray, rounds: int, seed: int) -> Any:
 
 
 def _predict(booster: Any, x: np.ndarray) -> np.ndarray:
-    import xgboost as xgb
-
-    return booster.predict(xgb.DMatrix(x)).astype(np.float64)
+    return gbdt.predict(booster, x)
 
 
 def _nan0(v: float) -> float:
@@ -556,11 +555,23 @@ class TaskPlanner:
         first = [index[n] for n in dict.fromkeys(self.fixed_order) if n in index]
         return np.array(first + [i for i in by_rate if i not in first], np.int64)
 
+    def _usable_of(self, features: np.ndarray, tool: np.ndarray) -> np.ndarray:
+        """P(usable) of tool ``tool[b]`` (index into ``names``) for each row b: ``usable_prob``'s
+        column, computed only for the tools asked (one model call per distinct tool: a fixed choice
+        asks one model, not every tool's)."""
+        out = np.empty(len(features), np.float64)
+        for i in np.unique(tool):
+            rows = tool == i
+            name = self.names[int(i)]
+            model = self.usable_models.get(name)
+            out[rows] = _predict(model, features[rows]) if model is not None else self.usable_rate[name]
+        return out
+
     def _confidence_inputs(self, features: np.ndarray, choice: np.ndarray) -> np.ndarray:
         rows = np.arange(len(features))
         primary = choice[:, 0]
         margins = features[:, len(FEATURES) :]
-        extra = np.stack([margins[rows, primary], self.usable_prob(features)[rows, primary]], 1)
+        extra = np.stack([margins[rows, primary], self._usable_of(features, primary)], 1)
         return np.concatenate([features[:, : len(FEATURES)], extra], 1).astype(np.float32)
 
     def _primary_right(self, usable: Mapping[str, np.ndarray], choice: np.ndarray) -> np.ndarray:

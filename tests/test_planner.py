@@ -159,6 +159,20 @@ def test_learned_choice_picks_the_right_tool_and_caps_at_three():
     assert right.mean() > 0.9
 
 
+def test_confidence_inputs_take_only_the_primary_tools_usable_model():
+    """The confidence model's input is P(usable) of each row's primary tool: computed per distinct
+    primary (one model call each), it equals the column of every tool's P(usable)."""
+    x, usable = _world()
+    planner = TaskPlanner.fit("sequential", NAMES, x, usable, PlannerConfig(confidence_rounds=40))
+    xt, _ = _world(seed=2)
+    rng = np.random.default_rng(0)
+    for choice in (planner.choose(xt), rng.integers(0, len(NAMES), (len(xt), 3)), np.zeros((len(xt), 3), int)):
+        rows = np.arange(len(xt))
+        want = planner.usable_prob(xt)[rows, choice[:, 0]]
+        assert np.array_equal(planner._usable_of(xt, choice[:, 0]), want)
+        assert np.array_equal(planner._confidence_inputs(xt, choice)[:, -1], want.astype(np.float32))
+
+
 def test_guard_keeps_a_learned_choice_that_beats_every_fixed_tool():
     """Tool 'a' is right for one half of the users (x0 > 0.5, e.g. warm), 'b' for the other (cold):
     the learned choice passes the guard and beats always-a and always-b on new queries."""
@@ -330,3 +344,25 @@ def test_hint_shows_distinct_texts_in_rank_order():
     text = ["A", "A", "B", "C", "B", "D", "E", "F"]
     ans = ToolAnswers("sequential", ["t"], items={"t": np.array([[0, 1, 2, 4, 3, 5, 6, 7]])})
     assert ans.hint("t", 0, text).items == ["A", "B", "C", "D", "E"]
+
+
+def test_gbdt_predict_equals_xgboost_dmatrix_predict():
+    """reasonrec.gbdt.predict (in place, no DMatrix) gives xgboost's own DMatrix predictions bit for
+    bit: missing values, a booster trained with early stopping (the same trees used) and feature names."""
+    import xgboost as xgb
+
+    from reasonrec import gbdt
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 5))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    y = (np.nan_to_num(x[:, 0]) + rng.normal(size=600) > 0).astype(np.float32)
+    names = [f"f{i}" for i in range(5)]
+    params = {"objective": "binary:logistic", "max_depth": 3, "nthread": 1}
+    train = xgb.DMatrix(x[:400], y[:400], feature_names=names)
+    valid = xgb.DMatrix(x[400:], y[400:], feature_names=names)
+    booster = xgb.train(params, train, 300, evals=[(valid, "v")], early_stopping_rounds=3, verbose_eval=False)
+    assert booster.best_iteration + 1 < booster.num_boosted_rounds()  # stopped early
+    want = booster.predict(xgb.DMatrix(x, feature_names=names)).astype(np.float64)
+    got = gbdt.predict(booster, x)
+    assert got.dtype == np.float64 and np.array_equal(got, want)

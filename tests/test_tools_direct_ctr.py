@@ -365,3 +365,24 @@ def test_ctr_features_by_hand_leave_self_out_and_out_of_fold():
     pop2_other = float(((items == 2) & other).sum())
     x = f.dense_raw(np.array([0]), np.array([2]), [train[0]], oof=True)[0]
     assert x[col["log_item_pop"]] == pytest.approx(np.log1p(2 * pop2_other))
+
+
+def test_lightgcn_inference_cache_follows_the_weights(trained):
+    """LightGCN keeps its propagated embeddings between inference calls; an in-place weight update
+    (an optimizer step, load_state_dict) must invalidate them, and with autograd on nothing is kept."""
+    import copy
+
+    m = copy.deepcopy(trained[0]["lightgcn"].model)
+    u = torch.arange(5)
+
+    def fresh():
+        allx = m.propagate()
+        return allx[u] @ allx[m.n_users :].T
+
+    with torch.no_grad():
+        first = m.user_scores(u)
+        assert torch.equal(first, fresh()) and m._prop is not None
+        m.emb.weight.mul_(1.5)  # in place, as an optimizer step
+        after = m.user_scores(u)
+        assert not torch.equal(after, first) and torch.equal(after, fresh())
+    assert m.user_scores(u).requires_grad  # training path: recomputed with autograd

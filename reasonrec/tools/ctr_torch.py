@@ -214,7 +214,8 @@ class NeuralCTRTool(Tool):
         users = np.asarray(users, np.int64).reshape(-1)
         items = np.asarray(items, np.int64).reshape(-1)
         check_ctr_input(self.n_items, users, items, histories)
-        self.model.eval()
+        if self.model.training:  # eval() walks every submodule: only when a fit left it training
+            self.model.eval()
         logits = _batched_logits(
             self.model.logits,
             self.feat.dense(users, items, histories),

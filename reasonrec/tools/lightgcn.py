@@ -38,6 +38,8 @@ class LightGCNModule(nn.Module):
         nn.init.normal_(self.emb.weight, std=0.1)
         self.register_buffer("edges", edges.to(torch.int64))  # [2, E] (user, item); saved with the weights
         self._adj: torch.Tensor | None = None
+        self._prop: torch.Tensor | None = None
+        self._prop_key: tuple | None = None
 
     def adjacency(self) -> torch.Tensor:
         if self._adj is None:  # built lazily: after load_state_dict the edges are the loaded ones
@@ -45,7 +47,7 @@ class LightGCNModule(nn.Module):
         return self._adj
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._adj = None
+        self._adj, self._prop, self._prop_key = None, None, None
         super()._load_from_state_dict(*args, **kwargs)
 
     def propagate(self) -> torch.Tensor:
@@ -64,8 +66,22 @@ class LightGCNModule(nn.Module):
         reg = ego[u].pow(2).sum() + ego[i + self.n_users].pow(2).sum() + ego[j + self.n_users].pow(2).sum()
         return bpr_loss((eu * ei).sum(-1), (eu * ej).sum(-1), reg, self.l2)
 
+    def propagated(self) -> torch.Tensor:
+        """:meth:`propagate` for inference, kept until the embeddings change: the graph is fixed, so
+        one row's scores need not pay the n_layers sparse products over every node each call. The key
+        is the weight tensor and its version counter (any in-place update, an optimizer step or
+        ``load_state_dict``, bumps it); while training (autograd on) it is recomputed every call."""
+        w = self.emb.weight
+        key = (id(w), w._version, self.n_layers)
+        if torch.is_grad_enabled() or self._prop_key != key:
+            out = self.propagate()
+            if torch.is_grad_enabled():
+                return out
+            self._prop, self._prop_key = out, key
+        return self._prop
+
     def user_scores(self, u: torch.Tensor) -> torch.Tensor:
-        allx = self.propagate()
+        allx = self.propagated()
         return allx[u] @ allx[self.n_users :].T
 
 

@@ -183,7 +183,8 @@ class SequentialTorchTool(Tool):
         # Similar lengths per forward pass, so padding is trimmed (see ``trim_padding``).
         rows = np.flatnonzero(lengths > 0)
         rows = rows[np.argsort(lengths[rows], kind="stable")]
-        self.net.eval()
+        if self.net.training:  # eval() walks every submodule: ~0.4 ms a call, more than a one-row forward's share
+            self.net.eval()
         step = int(self.hp["score_batch"])
         for start in range(0, len(rows), step):
             rb = rows[start : start + step]

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from reasonrec import gbdt
 from reasonrec.metrics import auc, log_loss
 from reasonrec.tools.base import Tool, ToolData, ToolInputError, register
 from reasonrec.tools.ctr_features import DENSE_FEATURES, CTRFeaturizer, check_ctr_input, ctr_rows, histories_for
@@ -123,15 +124,13 @@ class XGBCTR(Tool):
         return {"auc": auc(vy, p), "logloss": log_loss(vy, p)}
 
     def predict_ctr(self, users: np.ndarray, items: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        import xgboost as xgb
-
         if self.booster is None:
             raise RuntimeError(f"{self.name}: not trained")
         users = np.asarray(users, np.int64).reshape(-1)
         items = np.asarray(items, np.int64).reshape(-1)
         check_ctr_input(self.n_items, users, items, histories)
-        d = xgb.DMatrix(self._features(users, items, histories), feature_names=list(self.feat.dense_features))
-        return self.booster.predict(d).astype(np.float32)
+        # Columns in the booster's feature order (self.feat.dense_features), read in place.
+        return gbdt.predict(self.booster, self._features(users, items, histories)).astype(np.float32)
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         if self.booster is None:
