@@ -221,7 +221,10 @@ def _count_written(good: pa.Table, rejected: int) -> None:
 
 
 def _write_shard(batch: pa.Table, staging: str, storage: dict, expected: dict) -> pa.Table:
-    """Write one whole shard (predictions + rejected) atomically: temp name, then rename."""
+    """Write one whole shard (predictions + rejected) atomically: temp name, then rename. Its
+    summary row names the node that wrote it (the summary's ``nodes``)."""
+    import ray
+
     from reasonrec.data.schemas import PREDICTIONS
 
     fs, afs, root, parts = _shards_of(batch, staging, storage, expected)
@@ -240,6 +243,7 @@ def _write_shard(batch: pa.Table, staging: str, storage: dict, expected: dict) -
                 "rejected": rej.num_rows,
                 "vlm_calls": int(pc.sum(good.column("vlm_called")).as_py() or 0),
                 "low": int(pc.sum(pc.equal(good.column("route"), "low")).as_py() or 0),
+                "node": ray.get_runtime_context().get_node_id(),
             }
         )
     return pa.Table.from_pylist(out)
@@ -436,6 +440,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         )
 
     selected = None  # budgeted: the query ids the VLM answers (vlm_budget.parquet)
+    nodes: dict[str, int] = {}  # node id -> shards this run wrote there
     if budgeted:
         routed_dir = store.path(TMP_DIR, stage_dir, "routed")
         unrouted = [s for s in range(n_shards) if s not in _written(store, routed_dir)]
@@ -522,9 +527,11 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         try:
             for row in ds.iter_rows():
                 finished += 1
+                nodes[row["node"]] = nodes.get(row["node"], 0) + 1
                 log.info(
-                    "score: shard %d written (%d queries, %d low-risk, %d VLM calls, %d rejected) [%d/%d]",
+                    "score: shard %d written on node %s (%d queries, %d low-risk, %d VLM calls, %d rejected) [%d/%d]",
                     row["shard"],
+                    row["node"][:8],
                     row["rows"],
                     row["low"],
                     row["vlm_calls"],
@@ -554,6 +561,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
     summary.update(
         count_attempts(store.fs, store.path(TMP_DIR, stage_dir, "_attempts", attempts.rsplit("/", 1)[1]), pools)
     )
+    summary["nodes"] = nodes
     with store.stage_writer(stage, chash, inputs) as w:
         w.write_table("predictions/part-0.parquet", preds)
         w.write_table("rejected/part-0.parquet", rejected)
@@ -697,6 +705,7 @@ def format_summary(s: dict) -> str:
             else ""
         )
         + f"; bypass rate {s['bypass_rate']:.1%}; shards {s['shards']} ({s['shards_resumed']} resumed)"
+        + (f" written on {len(s['nodes'])} nodes" if len(s.get("nodes", {})) > 1 else "")
     ]
     restarts, retried = s.get("actor_restarts", {}), s.get("batch_retries", {})
     if any(restarts.values()) or any(retried.values()):
