@@ -251,6 +251,7 @@ def before_after(args, store, queries: list[dict]) -> dict:
     import pyarrow as pa
     import torch
 
+    from ray_jobs.serve import direct_urls
     from reasonrec.data.schemas import QUERIES
     from reasonrec.scoring import build_router
     from reasonrec.serve.deployments import serving_config
@@ -268,20 +269,27 @@ def before_after(args, store, queries: list[dict]) -> dict:
         print(f"{name}: app up at {url} in {startup:.1f} s (serve.graph={cfg.serve.graph})", flush=True)
         v = {"overrides": variants[name], "graph": cfg.serve.graph, "app_startup_s": round(startup, 1), "levels": {}}
         try:
+            # The proxy (serve.port), and for `after` the ingress replica's own port as well
+            # (serve.direct_ingress: no proxy hop), on the same deployment one after the other.
+            targets = [("", url)] + ([(" direct", d) for d in direct_urls(cfg)[:1]] if name == "after" else [])
+            v["direct_url"] = targets[1][1] if len(targets) > 1 else None
             _warm(url, workloads["mix"])
-            for wl, reqs in workloads.items():
-                for c in args.concurrency:
-                    res = locust(url, reqs, c, args.requests, args.phase_s)
-                    v["levels"][f"{wl} c={c}"] = res
-                    print(f"{name} {wl} c={c}: {_brief(res)}", flush=True)
+            for how, base in targets:
+                for wl, reqs in workloads.items():
+                    for c in args.concurrency:
+                        res = locust(base, reqs, c, args.requests, args.phase_s)
+                        v["levels"][f"{wl}{how} c={c}"] = res
+                        print(f"{name} {wl}{how} c={c}: {_brief(res)}", flush=True)
             if router is None:
                 router = build_router(serving_config(cfg), store)
                 ranking = [q for q in queries if q["task"] != "explanation"]
                 routed = router(pa.Table.from_pylist(ranking, schema=QUERIES)).to_pylist()
                 low = [q for q, r in zip(ranking, routed) if r["route"] == "low"][: args.overhead_queries]
             router.count_flops = cfg.serve.count_flops  # what this variant's app does
-            v["time"] = where_the_time_goes(url, router, low, args.overhead_rounds)
-            print(f"{name} time: {json.dumps(v['time'])}", flush=True)
+            for how, base in targets:
+                key = "time" + how.replace(" ", "_")
+                v[key] = where_the_time_goes(base, router, low, args.overhead_rounds)
+                print(f"{name}{how} {key}: {json.dumps(v[key])}", flush=True)
         finally:
             _undeploy()
         out["variants"][name] = v
@@ -305,10 +313,13 @@ def markdown(r: dict) -> str:
                 lines.append(f"{head}| {key} | {t['n']} | {t['p50_ms']} | {t['p95_ms']} | {t['p99_ms']} |")
     lines.append("")
     for name, v in r["variants"].items():
-        t = v.get("time")
-        if t:
+        for key in ("time", "time_direct"):
+            t = v.get(key)
+            if not t:
+                continue
+            via = "the ingress replica's own port" if key == "time_direct" else "Serve's proxy"
             lines.append(
-                f"{name} ({v['graph']}; app up in {v['app_startup_s']} s): low tier one at a time "
+                f"{name} via {via} ({v['graph']}; app up in {v['app_startup_s']} s): low tier one at a time "
                 f"({t['low_tier_queries']} queries x {t['rounds']}): HTTP p50 {t['http_p50_ms']} ms, router in "
                 f"this process p50 {t['router_inprocess_p50_ms']} ms -> serving overhead p50 "
                 f"{t['serving_overhead_p50_ms']} ms"

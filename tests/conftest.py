@@ -9,6 +9,9 @@ import tempfile
 
 import pytest
 
+from reasonrec.config import ServeConfig
+from reasonrec.runtime import serve_env
+
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto server request logs
 
 # Keep every Ray port on loopback, no usage stats, no hub downloads, and Ray's state in a temp dir.
@@ -25,6 +28,10 @@ os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.pop("RAY_ADDRESS", None)
+# The session's Ray serves the app as `python -m ray_jobs.serve` starts it (serve.direct_ingress:
+# Ray Serve's throughput-optimized mode, ingress replicas answering HTTP on their own ports too).
+for _key, _value in serve_env(ServeConfig.direct_port).items():
+    os.environ.setdefault(_key, _value)
 # Ray Train's controller polls its workers every 2 s by default, so each tiny fit waits up to that
 # long to see its workers finish; the tests run a dozen fits.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

@@ -228,6 +228,67 @@ def test_same_answers_as_the_batch_job_for_every_task_and_tier(app, batch):
     assert {t for t, _ in taken} == {"sequential", "direct", "ctr", "explanation"}
 
 
+def test_the_ingress_replica_answers_directly_as_the_proxy_does(app, batch):
+    """serve.direct_ingress (on by default, the session's Ray starts with ``serve_env``): the ingress
+    replica answers HTTP on its own port from ``serve.direct_port`` (no proxy hop), with the same
+    answers, the same 422 / 413 handling as through Serve's proxy."""
+    from ray_jobs.serve import direct_urls
+
+    url, cfg = app
+    direct = direct_urls(cfg)
+    assert len(direct) == 1 and direct[0] != url, direct
+    port = int(direct[0].rsplit(":", 1)[1])
+    assert cfg.serve.direct_port <= port < cfg.serve.direct_port + 100
+    taken: set[tuple] = set()
+    for q, p in batch:
+        if (q["task"], p["route"]) in taken or q["task"] == "explanation":
+            continue
+        taken.add((q["task"], p["route"]))
+        path, body = _request(q)
+        via_proxy, via_replica = _post(url, path, body), _post(direct[0], path, body)
+        assert via_proxy.status_code == via_replica.status_code == 200, via_replica.text
+        a, b = via_proxy.json(), via_replica.json()
+        if q["task"] == "ctr":
+            a, b = a["predictions"][0], b["predictions"][0]
+        _same_answer(a, b, (q["task"], p["route"]))
+    assert {t for _, t in taken} >= {"low", "medium"}, taken
+    bad = _post(direct[0], "/v1/recommend", {"user_id": "x"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "user_id"]
+    status, answer, _ = _post_raw(direct[0], "/v1/recommend", 20 * 2**20, False, send=2**16)
+    assert status == 413 and "serve.max_body_bytes" in answer["detail"]
+
+
+def test_the_split_graph_answers_as_the_fused_one(app, batch):
+    """serve.graph=split (ingress -> planner -> tools / VLM, the planner calling the tools' handle
+    from its router's worker thread) deployed next to the module's fused app, on the same Ray (the
+    throughput-optimized mode of serve.direct_ingress): the same answers for every task and tier."""
+    from dataclasses import replace
+
+    from ray import serve
+
+    from reasonrec.serve.app import build
+
+    url, cfg = app
+    split = replace(cfg, serve=replace(cfg.serve, graph="split"))
+    serve.run(build(split), name="split", route_prefix="/split")
+    try:
+        taken: set[tuple] = set()
+        for q, p in batch:
+            if (q["task"], p["route"]) in taken or q["task"] == "explanation":
+                continue
+            taken.add((q["task"], p["route"]))
+            path, body = _request(q)
+            fused, other = _post(url, path, body), _post(url + "/split", path, body)
+            assert fused.status_code == other.status_code == 200, other.text
+            a, b = fused.json(), other.json()
+            if q["task"] == "ctr":
+                a, b = a["predictions"][0], b["predictions"][0]
+            _same_answer(a, b, (q["task"], p["route"]))
+        assert {t for _, t in taken} >= {"low", "medium"}, taken
+    finally:
+        serve.delete("split")
+
+
 def _same_decision(got: dict, want: dict, task: str, key) -> None:
     """An answer (HTTP response or routed row) against the batch job's prediction of the same query."""
     tier = got["tier"] if "tier" in got else got["route"]
