@@ -72,10 +72,10 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         records += sys_records + cal_records
     compared = ""
     if others:
-        runs = [(cfg.run_name, protocol_line(prep), records)]
+        runs = [(cfg.run_name, run_line(store), records)]
         for name in others:
             ostore = open_store(_run_cfg(cfg, name))
-            runs.append((name, protocol_line(ostore.require("prepare")), _read_records(ostore)))
+            runs.append((name, run_line(ostore, _tools(store)), _read_records(ostore)))
         compared = comparison_markdown(runs) + "\n"
     with store.stage_writer(STAGE, config_hash, inputs) as w:
         w.write_bytes("metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
@@ -123,6 +123,33 @@ def protocol_line(prep) -> str:
         f"{TIMESHIFT_ITEM}; {c.get('users_tested', '?')} users tested. P5 bundles have no timestamps "
         "(ts = position): there it is a shift in position only"
     )
+
+
+SCORE_MODES = {
+    "routed": "the planner routes: its tools answer low risk, the fine-tuned VLM medium / high",
+    "tools": "tools only: the planner's tool choice answers every query, no VLM",
+    "vlm": "the fine-tuned VLM alone",
+    "vlm_tools": "the fine-tuned VLM with tool answers on every query",
+}
+
+
+def run_line(store, tools: list[str] | None = None) -> str:
+    """A run as the protocol comparison names it: its split protocol (:func:`protocol_line`), how
+    its ``reasonrec`` rows were scored (``score.mode``) and, where they differ from ``tools`` (this
+    run's), the tools it trained."""
+    line = protocol_line(store.require("prepare"))
+    scored = store.manifest("score")
+    if scored is not None:
+        mode = scored.metrics.get("mode", "routed")
+        line += f"; `reasonrec` scored with `score.mode={mode}` ({SCORE_MODES.get(mode, mode)})"
+    own = _tools(store)
+    if tools is not None and sorted(own) != sorted(tools):
+        line += f"; tools trained: {', '.join(own)} (not this run's set)"
+    return line
+
+
+def _tools(store) -> list[str]:
+    return list(store.read_json("train_tools", "metrics.json").get("tools", []))
 
 
 def _run_cfg(cfg: RunConfig, name: str) -> RunConfig:

@@ -428,6 +428,23 @@ class EvaluateConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """``ray_jobs.pipeline`` (the main command) beyond running the stages in order."""
+
+    # Also run the time-shift comparison (paper Fig. A1): a second run of the same world under
+    # data.split_protocol=timeshift, tools only (score.mode=tools: no instructions, no fine-tune,
+    # no explanation queries), named ``timeshift_run_name``; this run's report then shows its
+    # numbers next to its own (as evaluate.compare_with does). Each stage of it is cached like the
+    # main run's. Ignored by a run that is a time-shift run itself (data.split_protocol=timeshift).
+    timeshift_comparison: bool = False
+    timeshift_run_name: str = ""  # "" = "<run_name>-timeshift" (under the same output_root)
+    # The time-shift run's data.timeshift_quantile (its cut-off); None = data.timeshift_quantile.
+    timeshift_quantile: Optional[float] = None
+    # The time-shift run's tools.enabled (a named subset keeps its cost down); [] = tools.enabled.
+    timeshift_tools: List[str] = field(default_factory=list)
+
+
+@dataclass
 class RunConfig:
     run_name: str = "quickstart"
     output_root: str = "runs"
@@ -445,6 +462,7 @@ class RunConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -683,6 +701,11 @@ def validate(cfg: RunConfig) -> None:
         )
     if not 0.0 < cfg.data.timeshift_quantile < 1.0:
         raise ConfigError("config error: key 'data.timeshift_quantile': must be in (0, 1)")
+    pl = cfg.pipeline
+    if pl.timeshift_quantile is not None and not 0.0 < pl.timeshift_quantile < 1.0:
+        raise ConfigError("config error: key 'pipeline.timeshift_quantile': must be in (0, 1), or null")
+    if pl.timeshift_comparison and (pl.timeshift_run_name or f"{cfg.run_name}-timeshift") == cfg.run_name:
+        raise ConfigError("config error: key 'pipeline.timeshift_run_name': must differ from run_name")
     for name in ("ctr_split", "explanation_split"):
         parts = getattr(cfg.data, name)
         if len(parts) != 3 or abs(sum(parts) - 1.0) > 1e-6 or min(parts) < 0:

@@ -864,7 +864,10 @@ def comparison_markdown(runs: list[tuple[str, str, list[dict]]]) -> str:
     """One table per task: models x runs (``(label, split protocol, records)``, this run first),
     the main metrics overall with their query counts; the protocols named under the table."""
     heads = [(label, split, _headline(recs)) for label, split, recs in runs]
-    out = ["## Split protocols side by side (same world and budget; overall values, history kept)\n"]
+    out = [
+        "## Split protocols side by side (overall values, history kept; each run's line says how its "
+        "`reasonrec` rows were scored)\n"
+    ]
     out += [f"- `{label}`: {split}" for label, split, _ in heads]
     out.append("")
     for task, cols in COMPARE_METRICS.items():

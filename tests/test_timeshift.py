@@ -4,11 +4,16 @@ user's first interaction at or after it), so no table a model trains on holds an
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from conftest import TINY_RUN
 
 from ray_jobs import evaluate as eval_job
+from ray_jobs import pipeline
 from ray_jobs import prepare as job
 from reasonrec.config import CONFIG_DIR, ConfigError, load_config
 from reasonrec.data import prepare as P
@@ -200,3 +205,68 @@ def test_comparison_table_puts_runs_side_by_side():
     assert lines.index(next(x for x in lines if x.startswith("| reasonrec |"))) < lines.index(
         next(x for x in lines if x.startswith("| sasrec |"))
     )
+
+
+def _row(report: str, heading: str, model: str) -> list[str]:
+    """The cells of ``model``'s row in the comparison table under ``### heading``."""
+    part = report.split("## Split protocols side by side", 1)[1].split(f"### {heading}\n", 1)[1]
+    line = next(x for x in part.splitlines() if x.startswith(f"| {model} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_pipeline_puts_the_time_shift_run_next_to_the_random_split(tiny_run, tmp_path):
+    """pipeline.timeshift_comparison (on in the quickstart preset): the pipeline adds a tools-only
+    time-shift run of the same world (no instructions, no fine-tune) and the main report shows its
+    tools' and its tools-mode system's numbers next to the random split's; a re-run redoes nothing."""
+    cfg, store = tiny_run
+    root = tmp_path / "runs"
+    # A copy of the session's tiny run (its report stays as the other tests read it): every main
+    # stage is up to date, so the pipeline runs just the time-shift run and the main evaluate.
+    shutil.copytree(store.path(), root / cfg.run_name)
+    overrides = [*TINY_RUN, f"output_root={root}", "pipeline.timeshift_tools=[popularity,xgb_ctr]"]
+    argv = ["--config", str(CONFIG_DIR / "quickstart.yaml"), *overrides]
+    assert pipeline.main(argv) == 0
+    main_cfg = load_config(CONFIG_DIR / "quickstart.yaml", overrides)
+    assert main_cfg.pipeline.timeshift_comparison and main_cfg.pipeline.timeshift_quantile == 0.5
+    main, ts_cfg = open_store(main_cfg), pipeline.timeshift_config(main_cfg)
+    ts = open_store(ts_cfg)
+    assert ts_cfg.run_name == f"{cfg.run_name}-timeshift" and ts_cfg.score.mode == "tools"
+    prep = ts.require("prepare").metrics
+    assert prep["split_protocol"] == "timeshift" and prep["timeshift_split"]["users_tested"] >= 10
+    assert ts.manifest("instructions") is None and ts.manifest("finetune") is None
+    summary = ts.read_json("score", "summary.json")
+    assert summary["mode"] == "tools" and summary["vlm_calls"] == 0 and summary["predictions"] > 0
+    report = main.fs.cat(main.path("report", "report.md")).decode()
+    assert f"- `{cfg.run_name}`: random split (`data.split_protocol=loo`)" in report
+    line = next(x for x in report.splitlines() if x.startswith(f"- `{ts_cfg.run_name}`: "))
+    assert "time shift (`data.split_protocol=timeshift`" in line and "P5 bundles have no timestamps" in line
+    trained = ts.read_json("train_tools", "metrics.json")["tools"]
+    assert {"popularity", "xgb_ctr"} <= set(trained) and "sasrec" not in trained  # the named subset
+    assert "`score.mode=tools`" in line and f"tools trained: {', '.join(trained)} (not this run's set)" in line
+    # Time-shift rows with numbers: each compared cell is the time-shift run's own record.
+    ts_records = [json.loads(x) for x in ts.fs.cat(ts.path("report", "metrics.jsonl")).decode().splitlines()]
+    for task, model, metric, k in (
+        ("sequential", "reasonrec", "hr", 5),
+        ("sequential", "popularity", "hr", 5),
+        ("direct", "reasonrec", "hr", 5),
+        ("ctr", "reasonrec", "auc", None),
+        ("ctr", "xgb_ctr", "auc", None),
+    ):
+        n_cols = {"sequential": 4, "direct": 3, "ctr": 2}[task]  # metrics + n, per run
+        cells = _row(report, task, model)
+        random_split, time_shift = cells[:n_cols], cells[n_cols : 2 * n_cols]
+        (rec,) = [
+            r
+            for r in ts_records
+            if (r["task"], r["model"], r["metric"], r["k"], r["group"]) == (task, model, metric, k, "all")
+            and "masked" not in r["protocol"]
+            and not r["protocol"].startswith(("routing", "calibration"))
+        ]
+        assert time_shift[0] == f"{rec['value']:.4f}" and time_shift[-1] == str(rec["n"]), (task, model)
+        if model in ("reasonrec", "popularity"):  # both runs have these (an AUC may be undefined on 12 rows)
+            assert int(random_split[-1]) > 0
+    # A re-run finds every stage of both runs committed: nothing is written again.
+    stages = ("prepare", "train_tools", "planner", "score", "report")
+    stamps = [s.manifest(stage).created_at for s in (main, ts) for stage in stages]
+    assert pipeline.main(argv) == 0
+    assert stamps == [s.manifest(stage).created_at for s in (main, ts) for stage in stages]
