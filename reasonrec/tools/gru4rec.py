@@ -23,7 +23,7 @@ class GRU4RecNet(SeqNet):
         out, _ = self.gru(self.drop(self.item_emb(seqs)))
         return self.proj(self.drop(out))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score_last(self, seqs: torch.Tensor) -> torch.Tensor:
         # Every history padded to the full max_len, never trimmed to the batch's longest: a user's
         # answer must not depend on who else is in the batch (online == batch). Packing the

@@ -115,7 +115,7 @@ class SeqNet(nn.Module):
         # Logits only where there is a target: full-softmax CE over all items.
         return F.cross_entropy(self.logits(h[mask]), targets[mask] - 1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score_last(self, seqs: torch.Tensor) -> torch.Tensor:
         (seqs,) = trim_padding(seqs, ref=seqs)
         return self.logits(self.encode(seqs)[:, -1])
