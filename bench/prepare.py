@@ -142,7 +142,7 @@ def baseline_prepare(cfg, out_dir: str, chunk_users: int = 8192) -> dict:
 
     # Dense ids: positions in the sorted distinct keys (Arrow sorts UTF-8 bytewise = code points,
     # the order Python's sorted() gives the Ray job).
-    user_keys = pc.unique(inter.column("user_key")).sort()
+    user_keys = pc.unique(P.user_lookup_key(inter.column("domain"), inter.column("user_key"))).sort()
     inter_ikeys = pc.unique(inter.column("_ikey"))
     item_lookup = pc.unique(pa.concat_arrays([inter_ikeys, pc.unique(items.column("_ikey")).cast(pa.string())])).sort()
     n_items = len(item_lookup)

@@ -6,7 +6,10 @@ Orchestration only: the protocols, segments, records and tables are ``reasonrec.
 (Ray-free). Every metric is reported overall and per EH bucket and cold-start group under the
 protocol stated next to it. Writes ``{run}/report/``: ``metrics.jsonl`` (one JSON object per
 number: task, model, protocol, metric, k, group, value, n), ``tools.md`` (readable tables) and,
-once ``score`` has run, ``report.md`` with the system tables and PNG plots.
+once ``score`` has run, ``report.md`` with the system tables and PNG plots. A run whose test queries
+span several domains also gets every table per domain (records with ``group`` ``domain:{d}`` /
+``domain:{d}|{segment}``) and, for the domains ``evaluate.domain_baselines`` names a
+single-domain run for, the per-domain drop (multi - single) next to that run's numbers.
 """
 
 from __future__ import annotations
@@ -23,13 +26,19 @@ from reasonrec.evaluation import (
     calibration_markdown,
     calibration_records,
     comparison_markdown,
+    domain_drop_markdown,
+    domain_drop_records,
+    domain_markdown,
     evaluate_tools,
+    evaluate_tools_by_domain,
     guard_markdown,
     markdown_tables,
     plots,
     protocols,
+    split_domain_group,
     system_markdown,
     system_records,
+    system_records_by_domain,
 )
 from reasonrec.io import open_store
 from reasonrec.runtime import init_ray
@@ -51,17 +60,33 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     others = _compared_runs(cfg)
     for name, other in others.items():
         inputs[f"compare:{name}"] = other.fingerprint
-    config_hash = section_hash({"data": prep.config_hash, "ks": list(KS), "compare_with": sorted(others)})
+    # A single-domain run not evaluated yet is named as missing in the report (not an error): its
+    # report, once there, is a new input, so the next evaluate re-runs with it.
+    baselines = _compared_runs(
+        cfg, sorted(set(cfg.evaluate.domain_baselines.values())), "domain_baselines", required=False
+    )
+    for name, other in baselines.items():
+        inputs[f"domain_baseline:{name}"] = other.fingerprint
+    config_hash = section_hash(
+        {
+            "data": prep.config_hash,
+            "ks": list(KS),
+            "compare_with": sorted(others),
+            "domain_baselines": dict(sorted(cfg.evaluate.domain_baselines.items())),
+        }
+    )
     if not force and store.is_done(STAGE, config_hash, inputs):
         log.info("evaluate: manifest matches under %s; skipping (use --force)", store.url(STAGE))
         return {"skipped": True, **store.manifest(STAGE).metrics}
     records = evaluate_tools(store, cfg)
     tables = markdown_tables(records, protocols(cfg))
+    by_domain = evaluate_tools_by_domain(store, cfg)
     system = ""
     if scored is not None:
-        users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
+        users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket", "domain"])
         preds, queries = store.read_table("score", "predictions"), store.read_table("score", "queries")
         sys_records = system_records(preds, queries, users, cfg)
+        by_domain += system_records_by_domain(preds, queries, users, cfg)
         cal_records = calibration_records(preds, queries, cfg)
         system = (
             system_markdown(sys_records)
@@ -77,8 +102,25 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             ostore = open_store(_run_cfg(cfg, name))
             runs.append((name, run_line(ostore, _tools(store)), _read_records(ostore)))
         compared = comparison_markdown(runs) + "\n"
+    domains, drops = sorted({split_domain_group(r["group"])[0] for r in by_domain}), []
+    if by_domain:
+        named = {
+            d: (run, _read_records(open_store(_run_cfg(cfg, run))))
+            for d, run in cfg.evaluate.domain_baselines.items()
+            if run in baselines
+        }
+        drops = domain_drop_records(by_domain, named)
+        missing = {d: cfg.evaluate.domain_baselines.get(d) for d in domains if d not in named}
+        tables = (
+            domain_drop_markdown(drops, cfg.run_name, missing)
+            + "\n"
+            + tables
+            + "\n"
+            + domain_markdown(by_domain, protocols(cfg))
+        )
     with store.stage_writer(STAGE, config_hash, inputs) as w:
-        w.write_bytes("metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+        every = records + by_domain + drops
+        w.write_bytes("metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in every).encode())
         head = f"Split protocol: {protocol_line(prep)}\n\n"
         w.write_bytes("tools.md", (f"# Tool evaluation: run `{cfg.run_name}`\n\n" + head + compared + tables).encode())
         pngs = []
@@ -97,12 +139,13 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
                     + tables
                 ).encode(),
             )
-        w.manifest.rows["metrics"] = len(records)
+        w.manifest.rows["metrics"] = len(every)
         summary = {
-            "n_records": len(records),
+            "n_records": len(every),
             "seconds": round(time.time() - t0, 1),
             "report": store.url(STAGE, "report.md" if system else "tools.md"),
             "plots": pngs,
+            "domains": domains,
         }
         w.manifest.metrics = summary
     summary["tables"] = system or tables
@@ -160,13 +203,20 @@ def _run_cfg(cfg: RunConfig, name: str) -> RunConfig:
     return other
 
 
-def _compared_runs(cfg: RunConfig) -> dict:
-    """The report manifests of ``evaluate.compare_with``'s runs (each must be evaluated already)."""
+def _compared_runs(
+    cfg: RunConfig, names: list[str] | None = None, key: str = "compare_with", required: bool = True
+) -> dict:
+    """The report manifests of ``evaluate.compare_with``'s runs (or of ``names``, the runs that
+    ``evaluate.{key}`` names); each must be evaluated already (without ``required``, a run with no
+    report is left out, with a warning)."""
     out = {}
-    for name in cfg.evaluate.compare_with:
+    for name in cfg.evaluate.compare_with if names is None else names:
         m = open_store(_run_cfg(cfg, name)).manifest(STAGE)
         if m is None:
-            raise RuntimeError(f"evaluate.compare_with: run {name!r} has no report under {cfg.output_root}")
+            if not required:
+                log.warning("evaluate.%s: run %r has no report under %s yet", key, name, cfg.output_root)
+                continue
+            raise RuntimeError(f"evaluate.{key}: run {name!r} has no report under {cfg.output_root}")
         out[name] = m
     return out
 

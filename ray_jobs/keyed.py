@@ -136,7 +136,7 @@ def kcore(inter, k: int, partitions: int):
             .count()
             .map_batches(partial(below, key=key, k=k), batch_format="pyarrow")
             .materialize()
-            for key in ("user_key", "_ikey")
+            for key in ("_ukey", "_ikey")
         }
         if all(ds.count() == 0 for ds in low.values()):
             break
@@ -145,8 +145,8 @@ def kcore(inter, k: int, partitions: int):
             marked = join_on_key(marked, ds, key, f"_low{key}", partitions)
 
         def mark(t: pa.Table) -> pa.Table:
-            bad = pc.or_(pc.is_valid(t.column("_lowuser_key")), pc.is_valid(t.column("_low_ikey")))
-            t = t.drop_columns(["_lowuser_key", "_low_ikey"])
+            bad = pc.or_(pc.is_valid(t.column("_low_ukey")), pc.is_valid(t.column("_low_ikey")))
+            t = t.drop_columns(["_low_ukey", "_low_ikey"])
             return t.append_column(
                 "reason", pc.if_else(bad, pa.scalar(f"k-core filter (k={k})"), pa.scalar(None, pa.string()))
             )

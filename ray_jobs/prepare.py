@@ -113,6 +113,12 @@ def _with_lookup_key(t: pa.Table) -> pa.Table:
     return t.append_column("_ikey", P.item_lookup_key(t.column("domain"), t.column("item_key")))
 
 
+def _with_lookup_keys(t: pa.Table) -> pa.Table:
+    """Interactions: item and user lookup keys, both namespaced by domain (two bundles' user "1"
+    are two users)."""
+    return _with_lookup_key(t).append_column("_ukey", P.user_lookup_key(t.column("domain"), t.column("user_key")))
+
+
 def run(cfg: RunConfig, force: bool = False) -> dict:
     ray = init_ray(cfg.ray)
     t_start = time.time()
@@ -136,7 +142,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         quarantine_parts.append(_quarantined(inter, "interactions"))
         inter = (
             inter.map_batches(rows_without_reason, batch_format="pyarrow")
-            .map_batches(_with_lookup_key, batch_format="pyarrow")
+            .map_batches(_with_lookup_keys, batch_format="pyarrow")
             .materialize()
         )
         if n_input_inter == 0:
@@ -175,7 +181,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             quarantine_parts.extend(_quarantined(r, "interactions") for r in removed)
 
     with _step("assign dense ids"):
-        user_ids, n_users = dense_ids(ray, inter.select_columns(["user_key"]), "user_key", "user_id")
+        user_ids, n_users = dense_ids(ray, inter.select_columns(["_ukey"]), "_ukey", "user_id")
 
         def flagged(t: pa.Table, in_catalog: int) -> pa.Table:
             return pa.table(
@@ -220,7 +226,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             else join_on_key(inter, lookup, "_ikey", "item_id", parts)
         )
         seqs = join_on_key(
-            inter, user_ids, "user_key", "user_id", parts, then=P.build_sequences, schema=with_items
+            inter, user_ids, "_ukey", "user_id", parts, then=P.build_sequences, schema=with_items
         ).materialize()
 
         def dup_quarantine(t: pa.Table) -> pa.Table:

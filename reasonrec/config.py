@@ -425,6 +425,10 @@ class EvaluateConfig:
     # this run's, each under its own split protocol: e.g. a time-shift run compared with the
     # random-split (leave-one-out) run of the same world and budget. Each needs its report already.
     compare_with: List[str] = field(default_factory=list)
+    # A multi-domain run (data.sources with several domains) reports every table per domain too;
+    # this maps a domain to the single-domain run (a name under the same output_root; one not
+    # evaluated yet is listed as missing) its per-domain drop section compares with, e.g. {beauty: beauty}.
+    domain_baselines: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -719,6 +723,17 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config error: key 'data.sources.{i}.path': required for kind '{src.kind}'")
     if len({s.domain for s in cfg.data.sources}) != len(cfg.data.sources):
         raise ConfigError("config error: key 'data.sources': each source needs its own 'domain'")
+    domains = {s.domain for s in cfg.data.sources}
+    for domain, run in cfg.evaluate.domain_baselines.items():
+        if domain not in domains:
+            raise ConfigError(
+                f"config error: key 'evaluate.domain_baselines.{domain}': not a domain of data.sources "
+                f"{sorted(domains)}"
+            )
+        if not run or run == cfg.run_name:
+            raise ConfigError(
+                f"config error: key 'evaluate.domain_baselines.{domain}': needs another run's name, got {run!r}"
+            )
     if cfg.data.direct_negatives < 1 or cfg.data.ctr_negatives < 1:
         raise ConfigError("config error: key 'data.direct_negatives'/'data.ctr_negatives': must be >= 1")
 

@@ -119,16 +119,37 @@ def _records(task: str, model: str, protocol: str, table: dict[str, dict[str, fl
     return out
 
 
-def evaluate_tools(store: ArtifactStore, cfg: RunConfig) -> list[dict]:
-    users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket"])
-    proto = protocols(cfg)
-    records: list[dict] = []
+def _tool_inputs(store: ArtifactStore):
+    """The users (with their domain) and the test rows of the tools' ranking and CTR predictions."""
+    users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket", "domain"])
     preds = read_split(
         store,
         "train_tools",
         "predictions",
         ["user_id", "tool", "rank", "rank_excl", "cand_rank", "n_candidates", "split"],
     )
+    ctr = read_split(store, "train_tools", "ctr_predictions", ["user_id", "tool", "label", "prob", "split"])
+    return users, preds, ctr
+
+
+def evaluate_tools(store: ArtifactStore, cfg: RunConfig) -> list[dict]:
+    """Every tool's records on the test queries (all domains together)."""
+    users, preds, ctr = _tool_inputs(store)
+    return tool_records(preds, ctr, users, cfg)
+
+
+def evaluate_tools_by_domain(store: ArtifactStore, cfg: RunConfig) -> list[dict]:
+    """:func:`evaluate_tools` once per domain of the test queries (:func:`per_domain`); none for a
+    single-domain run."""
+    users, preds, ctr = _tool_inputs(store)
+    return per_domain(lambda p, c: tool_records(p, c, users, cfg), users, preds, ctr)
+
+
+def tool_records(preds, ctr, users, cfg: RunConfig) -> list[dict]:
+    """Records of the tools' test predictions: ``preds`` (ranking: rank, rank_excl, cand_rank,
+    n_candidates) and ``ctr`` (label, prob), each row with its ``user_id`` and ``tool``."""
+    proto = protocols(cfg)
+    records: list[dict] = []
     for tool in sorted(set(preds.column("tool").to_pylist())):
         t = preds.filter(pc.equal(preds.column("tool"), tool))
         uids = t.column("user_id").to_numpy()
@@ -144,7 +165,6 @@ def evaluate_tools(store: ArtifactStore, cfg: RunConfig) -> list[dict]:
             records += _records("direct", tool, proto["direct"], breakdown(per_query, buckets[has], groups[has]))
     from reasonrec.tools import tool_class
 
-    ctr = read_split(store, "train_tools", "ctr_predictions", ["user_id", "tool", "label", "prob", "split"])
     for tool in sorted(set(ctr.column("tool").to_pylist())):
         # The ranking tools (and the ensemble, which averages them in) learn from the users'
         # leave-one-out training histories, and those contain the users' CTR valid/test
@@ -346,6 +366,12 @@ def system_records(preds, queries, users, cfg: RunConfig, model: str = "reasonre
         )
         records += [{**r, "protocol": "routing"} for r in _records(task, model, "routing", tool_use)]
     return records
+
+
+def system_records_by_domain(preds, queries, users, cfg: RunConfig, model: str = "reasonrec") -> list[dict]:
+    """:func:`system_records` once per domain of the scored queries (:func:`per_domain`; ``users``
+    with its ``domain`` column); none for a single-domain run."""
+    return per_domain(lambda p: system_records(p, queries, users, cfg, model), users, preds)
 
 
 DISAGREEMENT_PROTOCOL = (
@@ -835,6 +861,168 @@ def calibration_markdown(records: list[dict], columns: list[str] | None = None) 
 
 def _fmt(r: dict | None) -> str:
     return f"{r['value']:.4f}" if r and r["value"] == r["value"] else ""
+
+
+# ------------------------------------------------------------------------ per domain
+# A query's domain is its user's (``users.domain``): prepare keys users by (domain, user_key), so
+# every user, its history and its target items belong to one domain. Per-domain records are the
+# run's records computed on one domain's queries alone (cold-start groups over that domain's
+# users), their ``group`` prefixed: ``domain:beauty`` (overall), ``domain:beauty|eh:low``, ...
+DOMAIN_PREFIX = "domain:"
+DOMAIN_SEP = "|"
+DOMAIN_RULE = (
+    "a query's domain is its user's: prepare keys users by (domain, user key), so a user's history "
+    "and target items are all of one domain"
+)
+DOMAIN_CAVEAT = (
+    "the multi-domain run ranks over (and draws its direct / CTR negatives from) the joint catalog "
+    "of every domain, the single-domain runs over their own domain's items only"
+)
+DROP_PROTOCOL = "per-domain drop: multi-domain run minus single-domain run"
+
+
+def domain_group(domain: str, group: str) -> str:
+    """A per-domain record's group: ``domain:{d}`` for ``all``, else ``domain:{d}|{group}``."""
+    return f"{DOMAIN_PREFIX}{domain}" + ("" if group == "all" else f"{DOMAIN_SEP}{group}")
+
+
+def split_domain_group(group: str) -> tuple[str | None, str]:
+    """(domain, plain group) of a record's group; (None, group) for an all-domain record."""
+    if not group.startswith(DOMAIN_PREFIX):
+        return None, group
+    domain, _, rest = group[len(DOMAIN_PREFIX) :].partition(DOMAIN_SEP)
+    return domain, rest or "all"
+
+
+def query_domains(users, user_ids: np.ndarray) -> np.ndarray:
+    """The domain of each query (its user's ``domain``); None for a user ``users`` lacks."""
+    uid = users.column("user_id").to_numpy()
+    dom = np.asarray(users.column("domain").to_pylist(), dtype=object)
+    pos = np.full(int(max(uid.max(initial=-1), np.max(user_ids, initial=-1))) + 1, -1, np.int64)
+    pos[uid] = np.arange(len(uid))
+    idx = pos[np.asarray(user_ids, np.int64)]
+    return np.where(idx >= 0, dom[np.maximum(idx, 0)] if len(dom) else None, None)
+
+
+def per_domain(records_of, users, *tables: pa.Table) -> list[dict]:
+    """``records_of(*tables)`` on each domain's rows of ``tables`` (each has ``user_id``), groups
+    relabelled by :func:`domain_group`. Empty when the rows span fewer than two domains (a
+    single-domain run: its overall records are its domain's)."""
+    doms = [query_domains(users, t.column("user_id").to_numpy()) for t in tables]
+    names = sorted({d for ds in doms for d in ds.tolist() if d is not None})
+    if len(names) < 2:
+        return []
+    out = []
+    for name in names:
+        subset = [t.filter(pa.array(d == name)) for t, d in zip(tables, doms)]
+        out += [{**r, "group": domain_group(name, r["group"])} for r in records_of(*subset)]
+    return out
+
+
+def split_by_domain(records: list[dict]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(all-domain records, {domain: its records with plain groups}); drop records stay out of both."""
+    overall: list[dict] = []
+    by: dict[str, list[dict]] = {}
+    for r in records:
+        if r["protocol"].startswith(DROP_PROTOCOL):
+            continue
+        domain, group = split_domain_group(r["group"])
+        if domain is None:
+            overall.append(r)
+        else:
+            by.setdefault(domain, []).append({**r, "group": group})
+    return overall, dict(sorted(by.items()))
+
+
+def domain_markdown(records: list[dict], protocol: dict[str, str]) -> str:
+    """Every table of the report once per domain: the system tables (when scored) and the tools'."""
+    _, by = split_by_domain(records)
+    if not by:
+        return ""
+    out = [f"## Per domain\n\nQueries split by domain ({DOMAIN_RULE}); n = that domain's test queries.\n"]
+    for domain, recs in by.items():
+        out.append(f"## Domain `{domain}`\n")
+        system = [r for r in recs if r["model"] == "reasonrec"]
+        if system:
+            # system_markdown's own heading (its first line) gives way to the domain's.
+            out.append(f"### System (ReasonRec routed scoring), domain `{domain}`\n")
+            out.append(system_markdown(system).split("\n", 1)[1])
+        out.append(markdown_tables(recs, protocol))
+    return "\n".join(out)
+
+
+def domain_drop_records(records: list[dict], baselines: dict[str, tuple[str, list[dict]]]) -> list[dict]:
+    """Per domain with a baseline (``{domain: (single-domain run name, its records)}``): the
+    headline metrics (:data:`COMPARE_METRICS`, history kept) of this run's queries of that domain
+    next to the single-domain run's overall ones. A record per (task, model, metric) both have:
+    ``value`` = drop = multi - single, ``relative`` = drop / single (NaN where single is 0),
+    ``multi`` / ``single`` the two values, ``baseline`` the run, ``group`` ``domain:{d}``."""
+    _, by = split_by_domain(records)
+    out = []
+    for domain, (run, base_records) in sorted(baselines.items()):
+        multi, single = _headline(by.get(domain, [])), _headline(base_records)
+        for key in sorted(set(multi) & set(single), key=_compare_order):
+            m, s = multi[key]["value"], single[key]["value"]
+            task, model, metric, k = key
+            out.append(
+                {
+                    "task": task,
+                    "model": model,
+                    "protocol": f"{DROP_PROTOCOL} `{run}`",
+                    "metric": metric,
+                    "k": k,
+                    "group": domain_group(domain, "all"),
+                    "value": float(m - s),
+                    "relative": float((m - s) / s) if s else float("nan"),
+                    "multi": float(m),
+                    "single": float(s),
+                    "n": multi[key]["n"],
+                    "n_single": single[key]["n"],
+                    "baseline": run,
+                }
+            )
+    return out
+
+
+def _compare_order(key: tuple) -> tuple:
+    """(task, model, metric, k) in :data:`COMPARE_METRICS` order, ``reasonrec`` first."""
+    task, model, metric, k = key
+    tasks = list(COMPARE_METRICS)
+    return (tasks.index(task), model != "reasonrec", model, COMPARE_METRICS[task].index((metric, k)))
+
+
+def domain_drop_markdown(drops: list[dict], run_name: str, missing: dict[str, str | None] | None = None) -> str:
+    """The per-domain section: each domain's headline numbers next to its single-domain run's;
+    ``missing`` maps the domains without one to the run named for them that has no report yet
+    (None: no run named in ``evaluate.domain_baselines``)."""
+    missing = missing or {}
+    if not drops and not missing:
+        return ""
+    out = [
+        "## Per-domain drop (multi-domain vs single-domain runs)\n",
+        f"This run (`{run_name}`) trains one set of tools and one VLM on every domain; each domain's "
+        f"numbers here are on its own test queries ({DOMAIN_RULE}), next to the single-domain run of "
+        "that domain (overall values, history kept). Drop = multi - single (absolute; negative = "
+        f"the multi-domain run is worse there), and relative to single. Caveat: {DOMAIN_CAVEAT}.\n",
+        "| domain | single-domain run | task | model | metric | multi | n | single | n | drop | relative |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in drops:
+        domain, _ = split_domain_group(r["group"])
+        name = f"{r['metric'].upper()}@{r['k']}" if r["k"] else r["metric"].upper()
+        rel = f"{r['relative']:+.1%}" if r["relative"] == r["relative"] else ""
+        out.append(
+            f"| {domain} | `{r['baseline']}` | {r['task']} | {r['model']} | {name} | {r['multi']:.4f} | {r['n']} "
+            f"| {r['single']:.4f} | {r['n_single']} | {r['value']:+.4f} | {rel} |"
+        )
+    for d, run in sorted(missing.items()):
+        out.append(
+            f"\nDomain `{d}`: its single-domain run `{run}` has no report under this output_root yet "
+            "(evaluate it, then re-run this evaluate)."
+            if run
+            else f"\nDomain `{d}`: no single-domain run named (`evaluate.domain_baselines`)."
+        )
+    return "\n".join(out) + "\n"
 
 
 # ------------------------------------------------------------------------ protocol comparison

@@ -398,9 +398,14 @@ def s3_multi_run(ray_local, s3_endpoint, tmp_path_factory):
     fs.mkdir("multi")
     fs.put(str(src) + "/", "multi/src/", recursive=True)
     overrides = [
-        "data.sources=[{kind: recbole, domain: shop, path: 's3://multi/src'}, {kind: synthetic, domain: syn}]",
+        # Two synthetic worlds: both name their users u000000, ... (as two P5 bundles both have a user "1").
+        "data.sources=[{kind: recbole, domain: shop, path: 's3://multi/src'}, {kind: synthetic, domain: syn}, "
+        "{kind: synthetic, domain: syn2}]",
         "data.sources.1.synthetic.n_users=80",
         "data.sources.1.synthetic.n_items=40",
+        "data.sources.2.synthetic.n_users=30",
+        "data.sources.2.synthetic.n_items=20",
+        "data.sources.2.synthetic.seed=7",
         "ray.shuffle_partitions=2",
         "data.direct_negatives=5",
         "data.kcore=2",
@@ -448,7 +453,24 @@ def test_kcore_and_multi_domain_merge(s3_multi_run):
     # ids are dense over both domains, keys keep their source spelling, domains are recorded
     assert sorted(items.column("item_id").to_pylist()) == list(range(items.num_rows))
     doms = set(items.column("domain").to_pylist())
-    assert doms == {"shop", "syn"}
+    assert doms == {"shop", "syn", "syn2"}
     keys = dict(zip(users.column("user_key").to_pylist(), users.column("domain").to_pylist()))
     assert keys.get("alice") == "shop" and keys.get("bob") == "shop"
     assert store.url("prepare").startswith("s3://")
+
+
+def test_users_are_keyed_by_domain(s3_multi_run):
+    # syn and syn2 both have a user "u000000": two users, each with its own domain's history.
+    _, s, store = s3_multi_run
+    inter, items, users = _tables(store, "interactions", "items", "users")
+    pairs = list(zip(users.column("domain").to_pylist(), users.column("user_key").to_pylist()))
+    assert len(set(pairs)) == len(pairs) == s["n_users"]
+    assert set(users.column("domain").to_pylist()) == {"shop", "syn", "syn2"}  # no "syn+syn2" user
+    shared = {k for d, k in pairs if d == "syn"} & {k for d, k in pairs if d == "syn2"}
+    assert shared, "the fixture's two synthetic worlds should share user keys"
+    user_dom = dict(zip(users.column("user_id").to_pylist(), users.column("domain").to_pylist()))
+    item_dom = dict(zip(items.column("item_id").to_pylist(), items.column("domain").to_pylist()))
+    assert all(
+        user_dom[u] == item_dom[i]
+        for u, i in zip(inter.column("user_id").to_pylist(), inter.column("item_id").to_pylist())
+    )

@@ -19,7 +19,7 @@ from reasonrec.data import schemas
 from reasonrec.data.evidence import EHNormalizer, bucket
 from reasonrec.hashing import GOLDEN, hash_u64, mix64_
 
-KEY_SEP = "\x1f"  # joins (domain, item_key) into one lookup key; never occurs in source keys
+KEY_SEP = "\x1f"  # joins (domain, key) into one lookup key; never occurs in source keys
 
 
 # ------------------------------------------------------------------------------ validation
@@ -91,12 +91,19 @@ def item_lookup_key(domain: pa.Array, item_key: pa.Array) -> pa.Array:
     return pc.binary_join_element_wise(domain.fill_null(""), item_key, KEY_SEP)
 
 
+def user_lookup_key(domain: pa.Array, user_key: pa.Array) -> pa.Array:
+    """Users are keyed by (domain, user_key), as items are: two sources' user "1" (P5 numbers
+    every bundle's users from 1) are two users, each with the one domain of its history. Within
+    one domain the lookup keys sort as the user keys do, so single-domain ids are unchanged."""
+    return item_lookup_key(domain, user_key)
+
+
 # ------------------------------------------------------------------------------ id remapping
-def remap_interactions(table: pa.Table, user_keys: pa.Array, item_lookup: pa.Array) -> pa.Table:
-    """Attach dense ``user_id``/``item_id``: the position of the key in the sorted key arrays
-    (deterministic: ids follow the sorted source keys, not the order rows arrive in). For one
-    process holding every key; the Ray job numbers keys across the cluster (below)."""
-    uid = pc.index_in(table.column("user_key"), value_set=user_keys)
+def remap_interactions(table: pa.Table, user_lookup: pa.Array, item_lookup: pa.Array) -> pa.Table:
+    """Attach dense ``user_id``/``item_id``: the position of the (domain, key) lookup key in the
+    sorted lookup-key arrays (deterministic: ids follow the sorted source keys, not the order rows
+    arrive in). For one process holding every key; the Ray job numbers keys across the cluster."""
+    uid = pc.index_in(user_lookup_key(table.column("domain"), table.column("user_key")), value_set=user_lookup)
     iid = pc.index_in(item_lookup_key(table.column("domain"), table.column("item_key")), value_set=item_lookup)
     return table.append_column("user_id", uid.cast(pa.int64())).append_column("item_id", iid.cast(pa.int64()))
 
@@ -194,11 +201,8 @@ def build_sequences(block: pa.Table) -> pa.Table:
         return pa.ListArray.from_arrays(offsets, t.column(col).combine_chunks().cast(typ))
 
     users = uid[first]
+    # A user is a (domain, user_key) pair (user_lookup_key): one domain per user.
     domains = t.column("domain").take(pa.array(first))
-    if pc.count_distinct(t.column("domain")).as_py() > 1:  # multi-domain: list every domain of the user
-        agg = t.group_by("user_id").aggregate([("domain", "distinct")]).to_pydict()
-        joined = {k: "+".join(sorted(v)) for k, v in zip(agg["user_id"], agg["domain_distinct"])}
-        domains = pa.array([joined[k] for k in users.tolist()], pa.string())
     dup_by_user: dict[int, list[str]] = {}
     for r in dups.select(["user_id", "user_key", "item_key", "ts"]).to_pylist():
         dup_by_user.setdefault(r["user_id"], []).append(
