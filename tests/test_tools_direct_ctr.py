@@ -386,3 +386,28 @@ def test_lightgcn_inference_cache_follows_the_weights(trained):
         after = m.user_scores(u)
         assert not torch.equal(after, first) and torch.equal(after, fresh())
     assert m.user_scores(u).requires_grad  # training path: recomputed with autograd
+
+
+def test_two_tower_item_vectors_follow_the_weights(trained):
+    """BPR-MLP keeps the item tower's output for every item between inference calls (not the
+    tower over the catalog per call); an in-place update of any item-side weight invalidates it,
+    and in training (autograd on, or train mode with its dropout) nothing is kept."""
+    import copy
+
+    m = copy.deepcopy(trained[0]["bpr_mlp"].model).eval()
+    u = torch.arange(5)
+
+    def fresh():
+        return m.user_tower(m.user(u)) @ m.item_tower(m.item.weight).T
+
+    with torch.no_grad():
+        first = m.user_scores(u)
+        assert torch.equal(first, fresh()) and m.__dict__["_items"] is not None
+        assert m.item_vectors() is m.item_vectors()  # kept
+        for p in (m.item.weight, next(m.item_tower.parameters())):
+            p.mul_(1.5)  # in place, as an optimizer step
+            after = m.user_scores(u)
+            assert not torch.equal(after, first) and torch.equal(after, fresh())
+            first = after
+    assert m.user_scores(u).requires_grad  # training path: recomputed with autograd
+    assert not any("_items" in k for k in m.state_dict())

@@ -131,6 +131,42 @@ def test_a_users_scores_do_not_depend_on_the_batch(trained, data, name):
         np.testing.assert_allclose(alone[0], together[u], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["sasrec", "lightsans"])
+def test_the_traced_forward_is_the_eager_one(trained, name):
+    """Inference runs a TorchScript trace of the net (SeqNet.traced): the same logits bit for bit
+    for any batch size and length, including lengths and sizes the trace was not built on, and a
+    later in-place update of the weights reaches it (it shares the parameters)."""
+    import copy
+    import pickle
+
+    from reasonrec.tools.sequential import pad_left
+
+    net = copy.deepcopy(trained[name].net).eval()
+    rng = np.random.default_rng(3)
+    max_len = int(trained[name].hp["max_len"])
+
+    def both(batch: int, longest: int):
+        hists = [rng.integers(0, N_ITEMS, int(rng.integers(1, longest + 1))) for _ in range(batch)]
+        seqs = torch.from_numpy(pad_left(hists, max_len))
+        with torch.inference_mode():
+            return net.score_last(seqs), net.last_logits(seqs[:, -max(len(h) for h in hists) :])
+
+    for batch, longest in [(1, 1), (1, max_len), (2, 3), (7, 5), (33, max_len)]:
+        traced, eager = both(batch, longest)
+        assert torch.equal(traced, eager), (batch, longest)
+    assert len(net.__dict__["_traces"]) == 1  # built once, reused for every shape
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.5)
+    traced, eager = both(4, max_len)
+    assert torch.equal(traced, eager)
+    assert not any(k.startswith("_") for k in net.state_dict())  # the trace adds no weights
+    clone = pickle.loads(pickle.dumps(net))  # e.g. a tool sent to a Ray actor: rebuilt on first use
+    assert "_traces" not in clone.__dict__
+    seqs = torch.from_numpy(pad_left([np.array([1, 2, 3])], max_len))
+    assert torch.equal(clone.score_last(seqs), net.score_last(seqs))
+
+
 def test_validation_ranks_the_whole_catalog(data):
     # full ranking, unlike the BPR tools' sampled lists: metrics.json tells them apart by this
     metrics = tool_class("popularity")().fit(data)

@@ -39,8 +39,22 @@ class TwoTowerModule(nn.Module):
         zu, zi, zj = self.user_tower(eu), self.item_tower(ei), self.item_tower(ej)
         return bpr_loss((zu * zi).sum(-1), (zu * zj).sum(-1), reg, self.l2)
 
+    def item_vectors(self) -> torch.Tensor:
+        """Every item through the item tower, kept for inference until a weight changes: scoring
+        one user must not pay the tower over the whole catalog each call (~0.4 GFLOP per call on
+        Amazon Beauty's 12k items). The key is each item-side parameter and its version counter
+        (an optimizer step or ``load_state_dict`` bumps it); with autograd on it is recomputed."""
+        params = [self.item.weight, *self.item_tower.parameters()]
+        key = tuple((id(p), p._version) for p in params)
+        if torch.is_grad_enabled() or self.training or self.__dict__.get("_items_key") != key:
+            out = self.item_tower(self.item.weight)
+            if torch.is_grad_enabled() or self.training:
+                return out
+            self.__dict__["_items"], self.__dict__["_items_key"] = out, key
+        return self.__dict__["_items"]
+
     def user_scores(self, u: torch.Tensor) -> torch.Tensor:
-        return self.user_tower(self.user(u)) @ self.item_tower(self.item.weight).T
+        return self.user_tower(self.user(u)) @ self.item_vectors().T
 
 
 @register
