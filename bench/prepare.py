@@ -190,7 +190,11 @@ def baseline_prepare(cfg, out_dir: str, chunk_users: int = 8192) -> dict:
         del ts
     step("evidence horizon + time-shift cutoff")
 
-    params = P.SplitParams.from_config(d, n_items)
+    starts = ()
+    if len({s.domain for s in d.sources}) > 1:  # negatives within each domain, as the Ray job draws them
+        ids = pa.table({"_ikey": item_lookup, "item_id": np.arange(n_items, dtype=np.int64)})
+        starts = P.domain_starts(P.domain_id_ranges(ids), n_items)
+    params = P.SplitParams.from_config(d, n_items, starts)
     derive = {
         "users": (schemas.USERS, lambda b: P.users_table(b, normalizer, d.eh_thresholds)),
         "interactions": (schemas.INTERACTIONS, P.interactions_table),

@@ -125,6 +125,9 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     store = open_store(cfg)
     sources = [get_source(s, cfg.storage) for s in cfg.data.sources]
     config_hash = section_hash(cfg.data)
+    multi_domain = len({s.domain for s in cfg.data.sources}) > 1
+    if multi_domain:  # negatives from the user's own domain (SplitParams.domain_starts): a new hash
+        config_hash = section_hash({"data": config_hash, "negatives": "own domain"})
     inputs = {f"source:{s.cfg.domain}": s.fingerprint() for s in sources}
     if not force and store.is_done(STAGE, config_hash, inputs):
         m = store.manifest(STAGE)
@@ -273,7 +276,14 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             b = bucket(fit_normalizer(kind, counts, nusers, d.eh_quantile)(counts), d.eh_thresholds)
             shares[kind] = {name: round(float(nusers[b == name].sum() / nusers.sum()), 4) for name in EH_BUCKETS}
 
-    params = P.SplitParams.from_config(d, n_items)
+    starts = ()
+    if multi_domain:  # each domain's item ids are one contiguous range (ids follow (domain, key))
+        starts = P.domain_starts(
+            pa.concat_tables(ray.get(item_ids.map_batches(P.domain_id_ranges, batch_format="pyarrow").to_arrow_refs())),
+            n_items,
+        )
+        log.info("prepare: item ids per domain start at %s; negatives are drawn within each domain", starts)
+    params = P.SplitParams.from_config(d, n_items, starts)
     derive = {
         "users": partial(P.users_table, normalizer=normalizer, thresholds=d.eh_thresholds),
         "loo": P.loo_table,
@@ -333,6 +343,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         }
         if split_counts is not None:
             summary["timeshift_split"] = split_counts
+        if starts:
+            summary["domain_item_starts"] = list(starts)  # direct / CTR negatives: within each domain
         w.manifest.metrics = summary
         w.write_json("summary.json", summary)
         normalizer.save(w)

@@ -875,8 +875,9 @@ DOMAIN_RULE = (
     "and target items are all of one domain"
 )
 DOMAIN_CAVEAT = (
-    "the multi-domain run ranks over (and draws its direct / CTR negatives from) the joint catalog "
-    "of every domain, the single-domain runs over their own domain's items only"
+    "the multi-domain run ranks over the joint catalog of every domain (sequential, full ranking), "
+    "the single-domain runs over their own domain's items only; direct / CTR negatives are drawn from "
+    "the user's own domain in both"
 )
 DROP_PROTOCOL = "per-domain drop: multi-domain run minus single-domain run"
 

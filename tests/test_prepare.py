@@ -364,6 +364,63 @@ def test_explanation_rows_and_split_sizes():
     assert np.bincount(codes[6:], minlength=3).tolist() == [16, 2, 2]
 
 
+def _shifted(seqs: pa.Table, item_offset: int, user_offset: int) -> pa.Table:
+    """``seqs`` with every item id moved up by ``item_offset`` (another domain's id range)."""
+    items = seqs.column("items").combine_chunks()
+    moved = pa.ListArray.from_arrays(items.offsets, pc.add(items.flatten(), item_offset))
+    seqs = seqs.set_column(seqs.schema.get_field_index("items"), "items", moved)
+    return seqs.set_column(0, "user_id", pc.add(seqs.column("user_id"), user_offset))
+
+
+@pytest.mark.parametrize("n_b,k", [(80, 20), (3000, 99)])  # dense path / rejection sampling
+def test_negatives_come_from_the_users_own_domain(n_b, k):
+    # Two domains as prepare numbers them: items 0..59 (a), then 60..60+n_b-1 (b).
+    n_a = 60
+    seqs = pa.concat_tables([_seqs(200, n_a, seed=1), _shifted(_seqs(200, n_b, seed=2), n_a, 10_000)])
+    p = dataclasses.replace(_params(n_a + n_b, k), domain_starts=(0, n_a))
+    hist = {u: set(x) for u, x in zip(seqs.column("user_id").to_pylist(), seqs.column("items").to_pylist())}
+    lens = {u: len(x) for u, x in zip(seqs.column("user_id").to_pylist(), seqs.column("items").to_pylist())}
+
+    def domain(u):
+        return range(0, n_a) if u < 10_000 else range(n_a, n_a + n_b)
+
+    direct = P.direct_candidates_table(seqs, p)
+    expect = [u for u in hist if lens[u] >= 3 and len(domain(u)) - len(hist[u]) >= k]
+    assert direct.column("user_id").to_pylist() == [u for u in expect for _ in (0, 1)]
+    for r in direct.to_pylist():
+        cands = r["candidates"]
+        assert len(set(cands)) == k + 1 and r["positive"] in cands
+        assert all(i in domain(r["user_id"]) for i in cands) and not (set(cands) - {r["positive"]}) & hist[r["user_id"]]
+    ctr = P.ctr_table(seqs, p).to_pylist()
+    negs = {}
+    for r in ctr:
+        assert r["item_id"] in domain(r["user_id"])
+        if not r["label"]:
+            negs.setdefault(r["user_id"], []).append(r["item_id"])
+    for u, h in hist.items():
+        assert len(negs.get(u, [])) == min(4 * len(h), len(domain(u)) - len(h))
+    # Without domain ranges (one domain) the draws are the joint catalog's, as before: some
+    # negatives of domain a's users are domain b's items.
+    joint = P.direct_candidates_table(seqs, _params(n_a + n_b, k)).to_pylist()
+    assert any(i >= n_a for r in joint if r["user_id"] < 10_000 for i in r["candidates"])
+    one = dataclasses.replace(_params(n_a + n_b, k), domain_starts=(0,))
+    assert P.direct_candidates_table(seqs, one).equals(P.direct_candidates_table(seqs, _params(n_a + n_b, k)))
+
+
+def test_domain_starts_from_numbered_keys():
+    def block(pairs):
+        return P.domain_id_ranges(
+            pa.table({"_ikey": [f"{d}{P.KEY_SEP}{k}" for d, k, _ in pairs], "item_id": [i for *_, i in pairs]})
+        )
+
+    blocks = [block([("beauty", "1", 0), ("sports", "1", 3)]), block([("beauty", "2", 1), ("beauty", "3", 2)])]
+    blocks.append(block([("sports", "2", 4)]))
+    assert P.domain_starts(pa.concat_tables(blocks), 5) == (0, 3)
+    assert P.domain_starts(block([("one", "a", 0), ("one", "b", 1)]), 2) == (0,)
+    with pytest.raises(ValueError, match="contiguous"):  # interleaved ids
+        P.domain_starts(block([("a", "1", 0), ("b", "1", 1), ("a", "2", 2)]), 3)
+
+
 # ------------------------------------------------------------------ corrupt, multi-source, S3
 INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float
 alice\tsku-1\t5\t100
@@ -473,4 +530,12 @@ def test_users_are_keyed_by_domain(s3_multi_run):
     assert all(
         user_dom[u] == item_dom[i]
         for u, i in zip(inter.column("user_id").to_pylist(), inter.column("item_id").to_pylist())
+    )
+    # direct and CTR negatives come from the user's own domain (SplitParams.domain_starts)
+    assert len(s["domain_item_starts"]) == 3
+    direct, ctr = _tables(store, "direct_candidates", "ctr")
+    for u, cands in zip(direct.column("user_id").to_pylist(), direct.column("candidates").to_pylist()):
+        assert {item_dom[i] for i in cands} == {user_dom[u]}
+    assert all(
+        user_dom[u] == item_dom[i] for u, i in zip(ctr.column("user_id").to_pylist(), ctr.column("item_id").to_pylist())
     )

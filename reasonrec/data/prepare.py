@@ -245,10 +245,18 @@ class SplitParams:
     explanation_split: tuple[float, float, float]
     eh_thresholds: tuple[float, float]
     ctr_protocol: str = "loo"
+    # Several domains: the first item id of each domain's id range, ascending from 0
+    # (:func:`domain_starts`). A user's direct / CTR negatives are then drawn from their own
+    # domain's items (a user's items all belong to one domain), not from the joint catalog, whose
+    # other domains' items would be easy negatives. () or (0,): one range, the whole catalog.
+    domain_starts: tuple[int, ...] = ()
 
     @classmethod
-    def from_config(cls, d, n_items: int) -> SplitParams:
-        """From the ``data`` config section (``DataConfig``) and the catalog size."""
+    def from_config(cls, d, n_items: int, domain_starts: tuple[int, ...] = ()) -> SplitParams:
+        """From the ``data`` config section (``DataConfig``), the catalog size and, for several
+        domains, where each domain's item ids start."""
+        if domain_starts and domain_starts[0] != 0:
+            raise ValueError(f"domain_starts must start at item id 0, got {domain_starts}")
         return cls(
             n_items=n_items,
             seed=d.seed,
@@ -258,7 +266,46 @@ class SplitParams:
             explanation_split=tuple(d.explanation_split),
             eh_thresholds=tuple(d.eh_thresholds),
             ctr_protocol=d.ctr_protocol,
+            domain_starts=tuple(int(x) for x in domain_starts),
         )
+
+
+def domain_id_ranges(ids: pa.Table) -> pa.Table:
+    """Per block of numbered item lookup keys (``_ikey``, ``item_id``): each domain's smallest and
+    largest item id (columns ``domain``, ``lo``, ``hi``), for :func:`domain_starts`."""
+    dom = pc.list_element(pc.split_pattern(ids.column("_ikey"), KEY_SEP, max_splits=1), 0)
+    agg = pa.table({"domain": dom, "item_id": ids.column("item_id")}).group_by("domain")
+    agg = agg.aggregate([("item_id", "min"), ("item_id", "max")])
+    return pa.table({"domain": agg.column("domain"), "lo": agg.column("item_id_min"), "hi": agg.column("item_id_max")})
+
+
+def domain_starts(ranges: pa.Table, n_items: int) -> tuple[int, ...]:
+    """The first item id of each domain, ascending, from every block's :func:`domain_id_ranges`.
+    Item ids follow the sorted (domain, key) lookup keys, so each domain's ids form one contiguous
+    range and the ranges tile ``0 .. n_items - 1``; checked (a ValueError otherwise)."""
+    agg = ranges.group_by("domain").aggregate([("lo", "min"), ("hi", "max")])
+    lo, hi = agg.column("lo_min").to_numpy(), agg.column("hi_max").to_numpy()
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], hi[order]
+    if not len(lo) or lo[0] != 0 or hi[-1] != n_items - 1 or np.any(lo[1:] != hi[:-1] + 1):
+        names = agg.column("domain").take(pa.array(order)).to_pylist()
+        raise ValueError(f"item ids are not one contiguous range per domain: {list(zip(names, lo, hi))}")
+    return tuple(int(x) for x in lo)
+
+
+def item_ranges(p: SplitParams, lens: np.ndarray, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per block row (user): the first item id and the size of the id range its negatives come
+    from: its domain's (the domain of its first item) under ``p.domain_starts``, else the whole
+    catalog (also for a row without items)."""
+    n = len(lens)
+    if len(p.domain_starts) <= 1 or not len(flat):
+        return np.zeros(n, np.int64), np.full(n, p.n_items, np.int64)
+    starts = np.asarray(p.domain_starts, np.int64)
+    sizes = np.diff(np.append(starts, p.n_items))
+    first = flat[np.minimum(np.cumsum(lens) - lens, len(flat) - 1)]
+    d = np.searchsorted(starts, first, side="right") - 1
+    empty = lens == 0
+    return np.where(empty, 0, starts[d]), np.where(empty, p.n_items, sizes[d])
 
 
 # Randomness is counter-based: every draw is a hash of (seed, stream, user_id, purpose, index), so a
@@ -311,22 +358,29 @@ def sample_negatives(
     n_items: int,
     hist: np.ndarray,
     n_hist: np.ndarray,
+    row_lo: np.ndarray | None = None,
+    row_size: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Negatives for many lists at once: list ``l`` gets ``need[l]`` distinct items of the catalog
     that block row ``list_row[l]`` never interacted with (``hist``/``n_hist`` from ``_history``;
-    the caller guarantees ``need <= n_items - n_hist[row]``). Returns (list index, item) pairs
+    the caller guarantees ``need <= size - n_hist[row]``). Items come from the row's id range
+    ``row_lo[row] .. row_lo[row] + row_size[row] - 1`` (:func:`item_ranges`; default: the whole
+    catalog, which draws exactly as before ranges existed). Returns (list index, item) pairs
     sorted by list. List ``l``'s draws are a function of (seed, stream, list_uid[l], list_tag[l])
-    only. Lists whose complement is small (<= 4 x need) rank the whole complement by a hash;
-    the others draw uniformly with rejection, in rounds, until full."""
+    and its range only. Lists whose complement is small (<= 4 x need) rank the whole complement
+    by a hash; the others draw uniformly with rejection, in rounds, until full."""
     need = np.asarray(need, np.int64)
-    available = n_items - n_hist[list_row]
+    n_rows = len(n_hist)
+    lo = (np.zeros(n_rows, np.int64) if row_lo is None else np.asarray(row_lo, np.int64))[list_row]
+    size = (np.full(n_rows, n_items, np.int64) if row_size is None else np.asarray(row_size, np.int64))[list_row]
+    available = size - n_hist[list_row]
     dense = (need > 0) & (available <= 4 * need)
     out_l, out_i = [], []
 
     d = np.flatnonzero(dense)
     if len(d):
-        rep = np.repeat(d, n_items)
-        item = np.tile(np.arange(n_items, dtype=np.int64), len(d))
+        rep = np.repeat(d, size[d])
+        item = lo[rep] + np.arange(len(rep), dtype=np.int64) - np.repeat(np.cumsum(size[d]) - size[d], size[d])
         keep = ~_in_history(hist, list_row[rep], item, n_items)
         rep, item = rep[keep], item[keep]
         order = _order_within_groups(rep, hash_u64(seed, stream, list_uid[rep], list_tag[rep], _DENSE, item))
@@ -341,11 +395,12 @@ def sample_negatives(
     while len(short):
         missing = need[short] - np.bincount(acc_l, minlength=len(need))[short]
         # Expected acceptance is available / n_items; draw a little more than that needs.
-        m = (np.ceil(1.25 * missing * n_items / available[short]) + 4).astype(np.int64)
+        m = (np.ceil(1.25 * missing * size[short] / available[short]) + 4).astype(np.int64)
         lst = np.repeat(short, m)
         j = np.arange(len(lst)) - np.repeat(np.cumsum(m) - m, m)
         base = np.repeat(hash_u64(seed, stream, list_uid[short], list_tag[short], _DRAW, rnd), m)
-        item = (mix64_(base + (j.astype(np.uint64) + np.uint64(1)) * GOLDEN) % np.uint64(n_items)).astype(np.int64)
+        draw = mix64_(base + (j.astype(np.uint64) + np.uint64(1)) * GOLDEN) % size[lst].astype(np.uint64)
+        item = lo[lst] + draw.astype(np.int64)
         keep = ~_in_history(hist, list_row[lst], item, n_items)
         # Earlier accepted items first, then this round's draws in order; first occurrence wins.
         lst = np.concatenate([acc_l, lst[keep]])
@@ -485,20 +540,32 @@ def loo_table(seqs: pa.Table) -> pa.Table:
 
 def direct_candidates_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
     """For valid and test targets: the positive plus ``direct_negatives`` items the user never
-    interacted with (anywhere in their history), shuffled. A user for whom the catalog has too few
+    interacted with (anywhere in their history), shuffled; with several domains
+    (``p.domain_starts``), items of the user's own domain. A user for whom the catalog has too few
     such items gets no candidate list (every list has the same length, as the protocol needs)."""
     items_arr, lens = _lists(seqs, "items")
     items = items_arr.to_numpy()
     uid = seqs.column("user_id").to_numpy()
     hist, n_hist = _history(lens, items, p.n_items)
+    row_lo, row_size = item_ranges(p, lens, items)
     k = p.direct_negatives
-    users = np.flatnonzero(has_targets(seqs, lens) & (p.n_items - n_hist >= k))
+    users = np.flatnonzero(has_targets(seqs, lens) & (row_size - n_hist >= k))
     ends = np.cumsum(lens)[users]
     list_row = np.repeat(users, 2)  # one valid and one test list per user
     list_tag = np.tile(np.array([0, 1]), len(users))
     positive = np.stack([items[ends - 2], items[ends - 1]], axis=1).ravel() if len(users) else np.empty(0, np.int64)
     _, negs = sample_negatives(
-        p.seed, 1, uid[list_row], list_row, list_tag, np.full(len(list_row), k), p.n_items, hist, n_hist
+        p.seed,
+        1,
+        uid[list_row],
+        list_row,
+        list_tag,
+        np.full(len(list_row), k),
+        p.n_items,
+        hist,
+        n_hist,
+        row_lo,
+        row_size,
     )
     # Every list has k negatives: one row per list, shuffled row-wise by a hash of each item.
     cand = np.column_stack([positive, negs.reshape(len(list_row), k)])
@@ -518,8 +585,9 @@ def direct_candidates_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
 
 
 def ctr_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
-    """Positives = the user's distinct items; each gets ``ctr_negatives`` never-interacted items in
-    its split (fewer when the catalog runs out). The split of the positives (``ctr_protocol``):
+    """Positives = the user's distinct items; each gets ``ctr_negatives`` never-interacted items
+    (of the user's own domain under ``p.domain_starts``) in its split (fewer when the catalog runs
+    out). The split of the positives (``ctr_protocol``):
 
     * ``loo`` (default, leak-free): consistent with leave-one-out. A user's test positive is the
       leave-one-out test item and the valid positive the valid item, each only when it is not
@@ -541,10 +609,11 @@ def ctr_table(seqs: pa.Table, p: SplitParams) -> pa.Table:
     else:
         raise ValueError(f"unknown CTR protocol {p.ctr_protocol!r} (loo or random)")
     r = p.ctr_negatives
-    need = np.maximum(0, np.minimum(n_pos * r, p.n_items - n_pos))
+    row_lo, row_size = item_ranges(p, lens, flat)
+    need = np.maximum(0, np.minimum(n_pos * r, row_size - n_pos))
     rows = np.arange(len(lens))
     neg_row, neg_item = sample_negatives(
-        p.seed, 2, uid, rows, np.zeros(len(rows), np.int64), need, p.n_items, hist, n_pos
+        p.seed, 2, uid, rows, np.zeros(len(rows), np.int64), need, p.n_items, hist, n_pos, row_lo, row_size
     )
     # The i-th negative of a user is in the split of the user's (i // r)-th positive.
     pos_start = np.cumsum(n_pos) - n_pos
