@@ -2,7 +2,7 @@
 (``vlm.sequential_pool``) on the same sequential queries (issue 33 item 3).
 
     python -m bench.vlm_pool --config configs/quickstart.yaml [--pool 20] [--queries 40]
-        [--batch 4] [key=value ...]
+        [--batch 4] [--reuse on|off|both] [key=value ...]
 
 In-process, on a finished run (``finetune`` and ``planner`` stages committed), ``score.mode=vlm_tools``
 so every query is answered by the VLM with the tools' answers shown (the high tier): the router
@@ -21,6 +21,11 @@ no-grad forward over the same prompts. Also, for the cheaper-path questions: the
 the batch's rows share (what a per-batch prefix cache could skip) and the longest input of a beam
 step (1 = the KV cache is reused across steps).
 
+``--reuse both``: every task is answered with the answer step reusing the thought's KV cache
+(``vlm.reuse_thought_cache``) and without, interleaved off / on / on / off in one process; the
+cost table has a row per setting (means of its two runs), the answers of all runs are compared
+(same items / yes-no / text; largest score difference), and the ratio off / on is printed.
+
 Writes ``{run}/bench_vlm_pool.json`` and prints Markdown tables.
 """
 
@@ -30,6 +35,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -76,9 +82,9 @@ class ThoughtTimer:
         self.seconds, self._inner = 0.0, predictor.thoughts
         predictor.thoughts = self
 
-    def __call__(self, examples):
+    def __call__(self, examples, **kwargs):
         t0 = time.perf_counter()
-        out = self._inner(examples)
+        out = self._inner(examples, **kwargs)
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -132,7 +138,26 @@ def run_task(answerer: VLMAnswerer, routed: pa.Table, meter: ForwardMeter, timer
         "prefills_per_query": meter.prefill_calls / n,
         "decode_steps_per_query": meter.decode_calls / n,
         "lm_tokens_per_s": meter.tokens / seconds,
+        "lm_tokens_per_query": meter.tokens / n,
     }
+
+
+def set_reuse(answerer: VLMAnswerer, on: bool) -> None:
+    p = answerer.predictor
+    p.cfg = replace(p.cfg, reuse_thought_cache=on)
+
+
+def answer_diff(a: list, b: list) -> dict:
+    """How far two runs' answers to the same rows are apart: rows whose items / yes-no / text /
+    thought differ, and the largest absolute difference of P(yes) or of the token confidence
+    (sequential: the top item's probability; direct: its softmax share; CTR: max(p, 1 - p))."""
+    differ, gap = 0, 0.0
+    for x, y in zip(a, b):
+        differ += (x["items"], x["text"], x["thought"]) != (y["items"], y["text"], y["thought"])
+        for key in ("prob", "conf_token"):
+            if isinstance(x.get(key), float) and isinstance(y.get(key), float):
+                gap = max(gap, abs(x[key] - y[key]))
+    return {"rows_differ": differ, "max_abs_prob_diff": gap}
 
 
 def ranking_quality(rows: list[dict], targets: list[int], key: str) -> dict:
@@ -146,6 +171,9 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=20, help="vlm.sequential_pool of the pool answerer")
     ap.add_argument("--queries", type=int, default=40, help="queries per task")
     ap.add_argument("--batch", type=int, default=4, help="queries per VLM call")
+    ap.add_argument(
+        "--reuse", choices=("on", "off", "both"), default="on", help="vlm.reuse_thought_cache; both: off/on/on/off"
+    )
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     cfg = load_config(a.config, list(a.overrides) + ["score.mode=vlm_tools", f"score.vlm_batch_size={a.batch}"])
@@ -158,7 +186,7 @@ def main() -> None:
     meter = ForwardMeter(trie.predictor.model.model.language_model)
     timer = ThoughtTimer(trie.predictor)
     env = {"cpu_threads": torch.get_num_threads(), "load_avg_1m_start": os.getloadavg()[0]}
-    rows, quality, costs = [], {}, {}
+    rows, quality, costs, reuse_check = [], {}, {}, {}
     for task in ("sequential", "direct", "ctr"):
         q = queries.filter(pc.equal(queries.column("task"), task)).slice(0, a.queries)
         if q.num_rows == 0:
@@ -170,15 +198,38 @@ def main() -> None:
             {task: trie} if task != "sequential" else {"sequential (trie)": trie, f"sequential (pool {a.pool})": pool}
         )
         for name, answerer in variants.items():
-            out, cost = run_task(answerer, routed, meter, timer)
-            cost.update(
-                prompt_tokens_per_s=stats["prompt_tokens"] / (cost["s_per_query"] * cost["queries"]),
-                bound_tokens_per_s=bound["tokens_per_s"],
-                mean_prompt_tokens=stats["mean_prompt"],
-                shared_prefix_tokens=stats["shared_prefix"],
-            )
-            costs[name] = cost
-            rows.append({"task": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in cost.items()}})
+            if a.reuse == "both":
+                runs: dict[bool, list] = {False: [], True: []}
+                for on in (False, True, True, False):
+                    set_reuse(answerer, on)
+                    runs[on].append(run_task(answerer, routed, meter, timer))
+                base = runs[False][0][0]
+                diffs = [answer_diff(base, o) for o, _ in runs[False][1:] + runs[True]]
+                off_s = [c["s_per_query"] for _, c in runs[False]]
+                on_s = [c["s_per_query"] for _, c in runs[True]]
+                reuse_check[name] = {
+                    "rows_differ": max(d["rows_differ"] for d in diffs),
+                    "max_abs_prob_diff": max(d["max_abs_prob_diff"] for d in diffs),
+                    "s_per_query_off_runs": off_s,
+                    "s_per_query_on_runs": on_s,
+                    "ratio_off_on": float(np.mean(off_s) / np.mean(on_s)),
+                }
+                settings = {f"{name}, reuse off": runs[False], f"{name}, reuse on": runs[True]}
+            else:
+                set_reuse(answerer, a.reuse == "on")
+                settings = {name: [run_task(answerer, routed, meter, timer)]}
+            for label, done in settings.items():
+                out = done[0][0]
+                cost = {k: float(np.mean([c[k] for _, c in done])) for k in done[0][1]}
+                cost.update(
+                    queries=done[0][1]["queries"],
+                    prompt_tokens_per_s=stats["prompt_tokens"] / (cost["s_per_query"] * done[0][1]["queries"]),
+                    bound_tokens_per_s=bound["tokens_per_s"],
+                    mean_prompt_tokens=stats["mean_prompt"],
+                    shared_prefix_tokens=stats["shared_prefix"],
+                )
+                costs[label] = cost
+                rows.append({"task": label, **{k: round(v, 4) if isinstance(v, float) else v for k, v in cost.items()}})
             if task == "sequential":
                 targets = routed.column("target").to_pylist()
                 quality[name] = ranking_quality(out, targets, "items")
@@ -192,11 +243,28 @@ def main() -> None:
     print(f"\ncost per query ({cfg.vlm.model}, batch {a.batch}, {env}):\n")
     print(markdown_table(rows, list(rows[0])))
     qrows = [{"ranking": k, **{m: round(v, 4) for m, v in d.items()}} for k, d in quality.items()]
-    print(
-        f"\nsequential, same {costs['sequential (trie)']['queries']} queries ({split}, full catalog, leave-one-out):\n"
-    )
+    n_seq = next(c["queries"] for k, c in costs.items() if k.startswith("sequential (trie)"))
+    print(f"\nsequential, same {n_seq} queries ({split}, full catalog, leave-one-out):\n")
     print(markdown_table([{f"ndcg@{K}": "", **q} for q in qrows], ["ranking", f"hr@{K}", f"ndcg@{K}"]))
-    result = {"pool": a.pool, "batch": a.batch, "env": env, "cost": costs, "quality": quality}
+    if reuse_check:
+        print(
+            "\nreuse of the thought's KV cache, runs off / on / on / off: rows whose answer differs from the"
+            " first run's, the largest probability difference, s/query, ratio off / on:\n"
+        )
+        check = [
+            {"task": k, **{m: str(v) if isinstance(v, list) else v for m, v in d.items()}}
+            for k, d in reuse_check.items()
+        ]
+        print(markdown_table(check, list(check[0])))
+    result = {
+        "pool": a.pool,
+        "batch": a.batch,
+        "reuse": a.reuse,
+        "env": env,
+        "cost": costs,
+        "quality": quality,
+        "reuse_check": reuse_check,
+    }
     with store.fs.open(store.path("bench_vlm_pool.json"), "w") as f:
         json.dump(result, f, indent=2)
 

@@ -469,3 +469,48 @@ def test_small_loads_from_gguf():
     with torch.no_grad():
         loss = b.model(**batch).loss
     assert math.isfinite(float(loss)) and float(loss) < math.log(len(tok))
+
+
+def test_answers_reuse_the_thoughts_kv_cache(tiny):
+    # vlm.reuse_thought_cache: the answer step continues from the thought pass's KV cache instead
+    # of prefilling prompt + thought again. Same answers; scores equal up to float rounding (the
+    # cached keys come from the thought's batch shape and one-token decode steps: ~1e-6 here).
+    # The tiny model's random thoughts never write "Answer:", so the answer's input (thought text
+    # + appended marker, re-tokenised) differs from the cached tokens at the end; with max_length
+    # 150 prompt + thought is cut after the head (48 tokens) and only the head is reused.
+    trie = ItemTrie(tiny.tokenizer, TITLES, item_ids=IDS)
+    positions = [0]  # input positions through the language model (rows x columns)
+
+    def count(_module, _args, kwargs, _out):
+        positions[0] += kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1]
+
+    hook = tiny.base_model.model.language_model.register_forward_hook(count, with_kwargs=True)
+    try:
+        for max_length in (400, 150):
+            pred = VLMPredictor(replace(tiny, config=replace(tiny.config, max_length=max_length)))
+            exs = [{k: v for k, v in _example(user=u, n_hist=1 + u % 3).items() if k != "target"} for u in range(3)]
+            answers, ran = {}, {}
+            for reuse in (False, True):
+                pred.cfg = replace(pred.cfg, reuse_thought_cache=reuse)
+                pos0 = positions[0]
+                answers[reuse] = (
+                    pred.rank_catalog(exs, trie, k=4),
+                    pred.score_candidates(
+                        exs, [TITLES[:5], TITLES[2:], TITLES[1:6]], [IDS[:5], IDS[2:], IDS[1:6]], chunk=2
+                    ),
+                    pred.ctr(exs),
+                    pred.explain(exs, max_new_tokens=6),
+                )
+                ran[reuse] = positions[0] - pos0
+            (seq0, dir0, ctr0, exp0), (seq1, dir1, ctr1, exp1) = answers[False], answers[True]
+            for a, b in [*zip(seq0, seq1), *zip(dir0, dir1)]:
+                assert a.thought_text == b.thought_text and a.items == b.items
+                assert np.allclose(a.scores, b.scores, rtol=0, atol=1e-4)
+            assert np.allclose([c.prob for c in ctr0], [c.prob for c in ctr1], rtol=0, atol=1e-5)
+            assert [e.text for e in exp0] == [e.text for e in exp1]
+            assert np.allclose([e.conf_token for e in exp0], [e.conf_token for e in exp1], rtol=0, atol=1e-5)
+            if max_length == 400:  # the prompts are run through the language model once per query, not twice
+                assert ran[True] < 0.7 * ran[False], ran
+            assert ran[True] < ran[False], (max_length, ran)  # a cut prompt: the shared head is still reused
+    finally:
+        hook.remove()

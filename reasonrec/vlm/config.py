@@ -112,5 +112,10 @@ class VLMConfig:
     # One batched forward per chunk of candidates instead of a beam search over the catalog; the
     # answer can only hold pool items. Falls back to the trie for a row without any tool items.
     sequential_pool: int = 0
+    # Answer after the thought from the thought's own KV cache: the prompt is prefilled once per
+    # query (for the thought) instead of twice (again before the answer). Only the tokens where the
+    # answer's input differs from what the thought pass cached (re-tokenised thought text, a cut
+    # prompt) are run again. Same answers up to float rounding; False = prefill prompt + thought anew.
+    reuse_thought_cache: bool = True
 
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -19,6 +19,16 @@ verbalised confidence, then produces the answer after that thought:
 * ctr: P(yes) = softmax over the " yes" / " no" answer tokens; confidence max(p, 1 - p).
 * explanation: greedy generation; confidence = geometric-mean token probability.
 
+The answer step reuses the thought's KV cache (``vlm.reuse_thought_cache``, the default): the
+thought pass has already run the prompt (with photos) and the thought's tokens through the model,
+so the answer's input, prompt + thought text, is only run from where it stops matching the tokens
+cached by the thought pass (usually just the last thought token; more where re-tokenising the
+thought text or a cut prompt changes tokens). The prompt is thus prefilled once per query, not
+twice. The cached rows are copied into a left-padded :class:`~transformers.DynamicCache` laid out
+as the answer batch, so positions and masks are those of a fresh prefill; answers are the same up
+to float rounding (the cached keys come from a different batch shape and from one-token decode
+steps).
+
 ``expected_calibration_error`` scores either kind of confidence against correctness.
 """
 
@@ -32,7 +42,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from reasonrec.metrics import expected_calibration_error  # noqa: F401  (re-exported)
 from reasonrec.prompts.cot import ANSWER_MARKER, Thought, parse_output, tool_alternatives
@@ -155,6 +165,45 @@ class TrieConstraint(LogitsProcessor):
         return out
 
 
+# ------------------------------------------------------------------------ thought cache
+@dataclass
+class CachedRow:
+    """What the thought pass left in its KV cache for one row: the token ids the cache covers (the
+    prompt's real tokens, then the generated ones) and per layer its keys and values
+    ``[1, heads, len(ids), head_dim]`` (padding columns dropped)."""
+
+    ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def common_prefix(self, ids: Sequence[int]) -> int:
+        n, m = 0, min(len(ids), len(self.ids))
+        while n < m and ids[n] == self.ids[n]:
+            n += 1
+        return n
+
+
+def cached_rows(cache: DynamicCache, prompt_ids: torch.Tensor, mask: torch.Tensor, new_ids: torch.Tensor) -> list:
+    """Split a left-padded batch's KV cache (prompt ``[B, P]`` + generated ``new_ids`` ``[B, G]``)
+    into one :class:`CachedRow` per row. The cache covers fewer columns than prompt + generated
+    (the last generated token is never run through the model)."""
+    n_cached = cache.get_seq_length()
+    width = prompt_ids.shape[1]
+    full = torch.cat([prompt_ids, new_ids.to(prompt_ids.device)], dim=1)[:, :n_cached]
+    rows = []
+    for i, n_real in enumerate(mask.sum(-1).tolist()):
+        lo = width - int(n_real)
+        rows.append(
+            CachedRow(
+                full[i, lo:].tolist(),
+                [
+                    (layer.keys[i : i + 1, :, lo:n_cached], layer.values[i : i + 1, :, lo:n_cached])
+                    for layer in cache.layers
+                ],
+            )
+        )
+    return rows
+
+
 # -------------------------------------------------------------------------- predictor
 class VLMPredictor:
     """Loads nothing itself: wraps a built bundle (load once per actor) and a collator."""
@@ -205,9 +254,10 @@ class VLMPredictor:
         return {"pad_token_id": self.collator.pad_id, "eos_token_id": self.tok.eos_token_id}
 
     @torch.no_grad()
-    def thoughts(self, examples: Sequence[Mapping[str, Any]]) -> list[str]:
+    def thoughts(self, examples: Sequence[Mapping[str, Any]], return_cache: bool = False):
         """Greedy thought for each example, returned up to and including ``Answer:`` (appended
-        when the model did not write it)."""
+        when the model did not write it). ``return_cache``: ``(thoughts, rows)`` with the
+        :class:`CachedRow` of each example, for the answer step to continue from."""
         batch = self._prompts(examples)
         out = self.model.generate(
             inputs_embeds=self._embed(batch),
@@ -217,19 +267,77 @@ class VLMPredictor:
             num_beams=1,
             stop_strings=[ANSWER_MARKER],
             tokenizer=self.tok,
+            return_dict_in_generate=True,
             **self._gen_kwargs(),
         )
         texts = []
-        for row in out:
+        for row in out.sequences:
             text = self.tok.decode(row, skip_special_tokens=True)
             i = text.find(ANSWER_MARKER)
             texts.append(text[: i + len(ANSWER_MARKER)] if i >= 0 else text.rstrip() + "\n" + ANSWER_MARKER)
-        return texts
+        if not return_cache:
+            return texts
+        cache = out.past_key_values
+        rows = cached_rows(cache, batch["input_ids"], batch["attention_mask"], out.sequences) if cache else None
+        return texts, rows
 
-    def _with_thoughts(self, examples, thoughts):
-        if thoughts is None:
-            thoughts = self.thoughts(examples)
-        return list(thoughts)
+    def _with_thoughts(self, examples, thoughts) -> tuple[list[str], list[CachedRow] | None]:
+        """The thoughts (written now when not given) and, when written now and
+        ``reuse_thought_cache`` is on, what their pass cached per row (else None)."""
+        if thoughts is not None:
+            return list(thoughts), None
+        if not self.cfg.reuse_thought_cache:
+            return list(self.thoughts(examples)), None
+        texts, rows = self.thoughts(examples, return_cache=True)
+        return list(texts), rows
+
+    @torch.no_grad()
+    def _prefill(self, batch: Mapping[str, torch.Tensor], reuse: Sequence[CachedRow] | None, leave: int = 0):
+        """Run a left-padded batch through the model except its last ``leave`` columns, with
+        ``use_cache``; returns the model output (logits of the columns run, the cache of all
+        columns up to there). ``reuse`` (one :class:`CachedRow` per row): the leading tokens each
+        row shares with its cached row are taken from the cache, not run again; the columns run
+        are the last R up to the end, R = the most tokens a row does not share (at least 1),
+        so rows sharing more re-run a few cached tokens."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        n_rows, width = ids.shape
+        end = width - leave
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        start, cache = 0, None
+        if reuse is not None:
+            lens = [int(n) - leave for n in mask.sum(-1).tolist()]  # real tokens up to ``end``
+            shared = [
+                min(row.common_prefix(ids[i, end - n : end].tolist()), n - 1)
+                for i, (row, n) in enumerate(zip(reuse, lens))
+            ]
+            run = max(n - c for n, c in zip(lens, shared))
+            start = end - run
+            keep = [max(n - run, 0) for n in lens]  # cached tokens each row takes (<= shared)
+            if start > 0 and max(keep) > 0:
+                layers = []
+                for li, (k0, v0) in enumerate(reuse[0].kv):
+                    k = k0.new_zeros((n_rows, k0.shape[1], start, k0.shape[3]))
+                    v = v0.new_zeros((n_rows, v0.shape[1], start, v0.shape[3]))
+                    for i, (row, n) in enumerate(zip(reuse, keep)):
+                        if n:
+                            k[i, :, start - n :] = row.kv[li][0][0, :, :n]
+                            v[i, :, start - n :] = row.kv[li][1][0, :, :n]
+                    layers.append((k, v))
+                cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+            else:
+                start = 0
+        cols = ids[:, start:end]
+        if start == 0 or (cols == self.bundle.image_token_id).any():
+            emb = self._embed(batch)[:, start:end]  # photos among the columns run: their features
+        else:
+            emb = self.model.get_input_embeddings()(cols)
+        return self.model(
+            inputs_embeds=emb,
+            attention_mask=mask[:, :end],
+            position_ids=pos[:, start:end],
+            past_key_values=cache,
+            use_cache=True,
+        )
 
     @staticmethod
     def _verbal(thought_text: str, task: str) -> Thought:
@@ -238,7 +346,7 @@ class VLMPredictor:
     # --------------------------------------------------------------------------- tasks
     @torch.no_grad()
     def tool_field_posterior(
-        self, example: Mapping[str, Any], thought: str, shown: Sequence[str]
+        self, example: Mapping[str, Any], thought: str, shown: Sequence[str], reuse: CachedRow | None = None
     ) -> list[tuple[str, float]]:
         """The thought under each value its ``Tools:`` field can take with ``shown`` tools in the
         prompt, and the model's probability of that value given the prompt and the thought before
@@ -249,7 +357,7 @@ class VLMPredictor:
             return [(thought, 1.0)]
         # The thought is tokenized whole, as in training; its shared head cancels in the softmax.
         conts = [self.tok(head, add_special_tokens=False)["input_ids"] for head, _ in alts]
-        lp = self._continuation_logprobs(example, "", conts, len(conts))
+        lp = self._continuation_logprobs(example, "", conts, len(conts), reuse)
         p = np.exp(lp - lp.max())
         p /= p.sum()
         return [(alts[j][1], float(p[j])) for j in np.argsort(-p, kind="stable")]
@@ -268,12 +376,12 @@ class VLMPredictor:
         the items' probabilities are mixed over the N likeliest values of the thought's tool field
         (weights renormalised over those N) instead of taken under the greedy thought alone."""
         t0 = time.perf_counter()
-        thoughts = self._with_thoughts(examples, thoughts)
+        thoughts, reuse = self._with_thoughts(examples, thoughts)
         top = self.cfg.thought_tool_sets
         if top > 0 and shown_tools is not None and any(shown_tools):
-            ranked = self._mixed_items(examples, trie, k, thoughts, shown_tools, top)
+            ranked = self._mixed_items(examples, trie, k, thoughts, shown_tools, top, reuse)
         else:
-            ranked = self._beam_items(examples, trie, k, thoughts)
+            ranked = self._beam_items(examples, trie, k, thoughts, reuse)
         results, ms = [], (time.perf_counter() - t0) * 1000 / len(examples)
         for thought, (items, item_scores) in zip(thoughts, ranked):
             th = self._verbal(thought, "sequential")
@@ -291,17 +399,19 @@ class VLMPredictor:
             )
         return results
 
-    def _mixed_items(self, examples, trie, k, thoughts, shown_tools, top) -> list[tuple[list[int], list[float]]]:
+    def _mixed_items(self, examples, trie, k, thoughts, shown_tools, top, reuse=None) -> list:
         rows, owner, log_w = [], [], []
         for i, (ex, thought, shown) in enumerate(zip(examples, thoughts, shown_tools)):
-            post = self.tool_field_posterior(ex, thought, shown)[:top]
+            post = self.tool_field_posterior(ex, thought, shown, reuse[i] if reuse else None)[:top]
             mass = sum(p for _, p in post)
             for alt, p in post:
                 rows.append(alt)
                 owner.append(i)
                 log_w.append(math.log(max(p / mass, 1e-300)))
         scores: list[dict[int, float]] = [{} for _ in examples]
-        ranked = self._beam_items([examples[i] for i in owner], trie, k, rows)
+        ranked = self._beam_items(
+            [examples[i] for i in owner], trie, k, rows, [reuse[i] for i in owner] if reuse else None
+        )
         # An item outside one thought's beams gets no probability from that thought (a lower bound).
         for i, w, (items, item_scores) in zip(owner, log_w, ranked):
             for iid, s in zip(items, item_scores):
@@ -312,23 +422,17 @@ class VLMPredictor:
             out.append((items, [sc[it] for it in items]))
         return out
 
-    def _beam_items(self, examples, trie, k, thoughts) -> list[tuple[list[int], list[float]]]:
+    def _beam_items(self, examples, trie, k, thoughts, reuse=None) -> list[tuple[list[int], list[float]]]:
         """Constrained beam search over the catalog trie after each (prompt + thought): the top-``k``
-        items and their log-probabilities within the catalog."""
+        items and their log-probabilities within the catalog. ``reuse``: the thought pass's cached
+        rows (:meth:`_prefill`)."""
         beams = max(self.cfg.num_beams, k)
         batch = self._prompts(examples, thoughts)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         # Prefill the prompt (with photos) ONCE per row, then copy its KV cache to the beams:
         # beam search would otherwise re-encode the whole prompt num_beams times. generate() then
         # only runs the last prompt token (text, already cached photos need no pixels).
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        pre = self.model(
-            inputs_embeds=self._embed(batch)[:, :-1],
-            attention_mask=mask[:, :-1],
-            position_ids=pos[:, :-1],
-            use_cache=True,
-        )
-        cache = pre.past_key_values
+        cache = self._prefill(batch, reuse, leave=1).past_key_values
         cache.batch_repeat_interleave(beams)
         proc = TrieConstraint(trie)
         # early_stopping="never" with length_penalty=0 is canonical beam search: it stops only when
@@ -366,13 +470,15 @@ class VLMPredictor:
         return ranked
 
     @torch.no_grad()
-    def _continuation_logprobs(self, example, prefix: str, continuations: list[list[int]], chunk: int) -> np.ndarray:
+    def _continuation_logprobs(
+        self, example, prefix: str, continuations: list[list[int]], chunk: int, reuse: CachedRow | None = None
+    ) -> np.ndarray:
         """Summed log-probs of each token sequence after the (prompt + prefix) of one example;
-        the prompt is prefilled once and its KV cache copied per chunk of continuations."""
+        the prompt is prefilled once (from ``reuse``, the thought pass's cached row, where it
+        matches) and its KV cache copied per chunk of continuations."""
         batch = self._prompts([example], [prefix])
-        emb = self._embed(batch)
-        n_prompt = emb.shape[1]
-        pre = self.model(inputs_embeds=emb, attention_mask=batch["attention_mask"], use_cache=True)
+        n_prompt = batch["input_ids"].shape[1]
+        pre = self._prefill(batch, None if reuse is None else [reuse])
         first = torch.log_softmax(pre.logits[0, -1].float(), dim=-1)
         totals = np.zeros(len(continuations))
         for lo in range(0, len(continuations), chunk):
@@ -410,16 +516,19 @@ class VLMPredictor:
         """Direct recommendation: rank each example's candidates by answer log-likelihood
         (candidates with the same text split its likelihood by ``candidate_prior``)."""
         t0 = time.perf_counter()
-        thoughts = self._with_thoughts(examples, thoughts)
+        thoughts, reuse = self._with_thoughts(examples, thoughts)
         eos = self.tok.eos_token_id
         results = []
         priors = candidate_prior if candidate_prior is not None else [None] * len(examples)
-        for ex, thought, texts, ids, prior in zip(examples, thoughts, candidate_texts, candidate_ids, priors):
+        rows = reuse if reuse is not None else [None] * len(examples)
+        for ex, thought, texts, ids, prior, row in zip(
+            examples, thoughts, candidate_texts, candidate_ids, priors, rows
+        ):
             # Each distinct text is scored once: candidates that share a title have its likelihood.
             keys = [t.strip() for t in texts]
             uniq = list(dict.fromkeys(keys))
             conts = [self.tok(" " + t, add_special_tokens=False)["input_ids"] + [eos] for t in uniq]
-            lp_text = dict(zip(uniq, self._continuation_logprobs(ex, thought, conts, chunk)))
+            lp_text = dict(zip(uniq, self._continuation_logprobs(ex, thought, conts, chunk, row)))
             lp = np.array([lp_text[k] for k in keys]) + shared_text_log_share(texts, prior)
             order = np.argsort(-lp, kind="stable")
             probs = np.exp(lp - lp.max())
@@ -446,15 +555,13 @@ class VLMPredictor:
     def ctr(self, examples: Sequence[Mapping[str, Any]], thoughts: Sequence[str] | None = None) -> list[VLMOutput]:
         """Click probability from the yes/no answer-token probabilities."""
         t0 = time.perf_counter()
-        thoughts = self._with_thoughts(examples, thoughts)
+        thoughts, reuse = self._with_thoughts(examples, thoughts)
         batch = self._prompts(examples, thoughts)
         if self.yes_no_common:  # left-padded rows: the common answer tokens go at the end
             common = torch.tensor(self.yes_no_common, device=self.device).expand(len(examples), -1)
             batch["input_ids"] = torch.cat([batch["input_ids"], common], dim=1)
             batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(common)], dim=1)
-        mask = batch["attention_mask"]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each row's first token
-        out = self.model(inputs_embeds=self._embed(batch), attention_mask=mask, position_ids=pos)
+        out = self._prefill(batch, reuse)  # left padding: positions start at each row's first token
         two = out.logits[:, -1, [self.yes_id, self.no_id]].float()
         p_yes = torch.softmax(two, dim=-1)[:, 0].cpu().numpy()
         ms = (time.perf_counter() - t0) * 1000 / len(examples)
@@ -484,10 +591,14 @@ class VLMPredictor:
     ) -> list[VLMOutput]:
         """Explanation generation (greedy)."""
         t0 = time.perf_counter()
-        thoughts = self._with_thoughts(examples, thoughts)
+        thoughts, reuse = self._with_thoughts(examples, thoughts)
         batch = self._prompts(examples, thoughts)
+        if reuse is None:
+            start = {"inputs_embeds": self._embed(batch)}
+        else:  # the prompt from the thought's cache; generate() runs the last token
+            start = {"input_ids": batch["input_ids"], "past_key_values": self._prefill(batch, reuse, 1).past_key_values}
         out = self.model.generate(
-            inputs_embeds=self._embed(batch),
+            **start,
             attention_mask=batch["attention_mask"],
             max_new_tokens=max_new_tokens or self.cfg.max_explanation_tokens,
             do_sample=False,

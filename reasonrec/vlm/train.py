@@ -537,6 +537,7 @@ def training_config(vlm_cfg: VLMConfig) -> dict:
         "num_beams",
         "thought_tool_sets",
         "sequential_pool",
+        "reuse_thought_cache",
         "max_thought_tokens",
         "max_explanation_tokens",
         "cache_dir",
