@@ -161,6 +161,15 @@ def test_the_traced_forward_is_the_eager_one(trained, name):
     traced, eager = both(4, max_len)
     assert torch.equal(traced, eager)
     assert not any(k.startswith("_") for k in net.state_dict())  # the trace adds no weights
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fresh = copy.deepcopy(trained[name].net).eval()  # no trace yet: none may be built under the counter
+    seqs = torch.from_numpy(pad_left([np.array([1, 2, 3]), np.array([4, 5])], max_len))
+    with FlopCounterMode(display=False) as flops:  # score.count_flops counts the eager ops
+        counted = fresh.score_last(seqs)
+    assert flops.get_total_flops() > 0 and "_traces" not in fresh.__dict__
+    # Under a dispatch mode attention may take another kernel: equal up to float rounding.
+    torch.testing.assert_close(counted, fresh.score_last(seqs), rtol=1e-5, atol=1e-5)
     clone = pickle.loads(pickle.dumps(net))  # e.g. a tool sent to a Ray actor: rebuilt on first use
     assert "_traces" not in clone.__dict__
     seqs = torch.from_numpy(pad_left([np.array([1, 2, 3])], max_len))

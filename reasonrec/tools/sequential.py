@@ -123,7 +123,10 @@ class SeqNet(nn.Module):
     @torch.inference_mode()
     def score_last(self, seqs: torch.Tensor) -> torch.Tensor:
         (seqs,) = trim_padding(seqs, ref=seqs)
-        if self.training:
+        # Eager while training, and under a torch dispatch mode (the FLOP counter of
+        # ``score.count_flops``): a trace cannot be built inside one (aten::equal fails), and the
+        # counts stay those of the eager ops. (torch has no public "is a dispatch mode active".)
+        if self.training or torch._C._len_torch_dispatch_stack() > 0:
             return self.last_logits(seqs)
         return self.traced(seqs.device)(seqs)
 
@@ -131,7 +134,8 @@ class SeqNet(nn.Module):
         """:meth:`last_logits` as a TorchScript trace, for inference (one per device, built on first
         use). A module of many small layers spends most of a one-row forward in Python (``Module``
         calls, eval-mode dropout): the trace runs the same ops from C++ (one quickstart row, one
-        thread: SASRec 0.87 -> 0.52 ms, LightSANs 1.55 -> 0.77 ms; the router's one-row call 8.1 -> 6.8 ms). It shares the net's parameters
+        thread: SASRec 0.87 -> 0.52 ms, LightSANs 1.55 -> 0.77 ms; the router's one-row call 8.1 ->
+        6.8 ms). It shares the net's parameters
         (an in-place update, e.g. a training step or ``load_state_dict``, reaches it) and gives the
         eager forward's values bit for bit for any batch size and length (a test checks), so batch
         and online answers are as before. ``torch.jit.trace`` is deprecated in favour of
