@@ -231,6 +231,8 @@ def test_same_answers_as_the_batch_job_for_every_task_and_tier(app, batch):
         assert (got["tier"], got["tools_used"]) == (p["route"], p["tools_used"]), (key, q["query_id"], got)
         assert got["vlm_called"] == p["vlm_called"] and got["cold_user"] is False
         assert got["rationale"] == p["rationale"] and got["thought"] == p["thought"]
+        for conf in ("conf_verbal", "conf_token"):  # the VLM's two confidences, null where it did not answer
+            assert got[conf] == (None if p[conf] is None else pytest.approx(p[conf], abs=1e-6)), (key, conf)
         if q["task"] in ("sequential", "direct"):
             assert got["items"] == p["items"], (key, q["query_id"])
         elif q["task"] == "ctr":

@@ -490,6 +490,8 @@ def _decision(row: dict) -> dict:
         "tools_used": row["tools_used"] or [],
         "confidence": row["confidence"],
         "tool_confidence": row["tool_confidence"],
+        "conf_verbal": row["conf_verbal"],
+        "conf_token": row["conf_token"],
         "rationale": row["rationale"] or "",
         "eh_bucket": row["eh_bucket"],
         "cold_user": bool(row["cold_user"]),

@@ -85,6 +85,12 @@ class Decision(BaseModel):
         None, description="confidence of the returned answer: the VLM's where it answered, else the planner's"
     )
     tool_confidence: float | None = Field(None, description="planner's calibrated P(primary tool is right)")
+    conf_verbal: float | None = Field(
+        None, description="the VLM's verbalised confidence, parsed from its thought (null: no VLM or none stated)"
+    )
+    conf_token: float | None = Field(
+        None, description="the VLM's token-probability confidence in its answer (null: no VLM)"
+    )
     rationale: str
     eh_bucket: str = Field(..., description="the user's evidence-horizon bucket")
     cold_user: bool = Field(..., description="unknown user: scored on the cold-start path")
