@@ -135,10 +135,10 @@ class SeqNet(nn.Module):
         use). A module of many small layers spends most of a one-row forward in Python (``Module``
         calls, eval-mode dropout): the trace runs the same ops from C++ (one quickstart row, one
         thread: SASRec 0.87 -> 0.52 ms, LightSANs 1.55 -> 0.77 ms; the router's one-row call 8.1 ->
-        6.8 ms). It shares the net's parameters
-        (an in-place update, e.g. a training step or ``load_state_dict``, reaches it) and gives the
-        eager forward's values bit for bit for any batch size and length (a test checks), so batch
-        and online answers are as before. ``torch.jit.trace`` is deprecated in favour of
+        6.8 ms). It shares the net's parameters (an in-place update, e.g. a training step or
+        ``load_state_dict``, reaches it) and gives the eager forward's values bit for bit for any
+        batch size and length (a test checks), so batch and online answers are as before.
+        ``torch.jit.trace`` is deprecated in favour of
         ``torch.compile`` / ``torch.export``: on CPU the first needs a C++ toolchain at run time and
         seconds of compilation per shape, the second's dynamic-length export of these nets fails
         (a guard at ``L == max_len``) and its graph module ran slower than eager."""
