@@ -24,6 +24,8 @@ Explanation queries have no tools (paper): always the VLM alone.
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -380,11 +382,16 @@ class TaskPlanner:
         if half.sum() < 20 or (~half).sum() < 20:
             half = np.ones(len(features), bool)
         a, b = half, (~half if (~half).any() else half)
-        # A label with one class has no model: its constant rate is the prediction.
-        models = {
-            n: _fit_binary(features[a], y[a], cfg.confidence_rounds, cfg.seed) if 0 < y[a].sum() < a.sum() else None
-            for n, y in usable.items()
-        }
+        # A label with one class has no model: its constant rate is the prediction. One model per
+        # tool, fitted on threads (xgboost releases the GIL; each model uses one thread and its
+        # own seed, so the models do not depend on the thread count).
+        xa = features[a]
+
+        def fit_one(y: np.ndarray) -> Any:
+            return _fit_binary(xa, y[a], cfg.confidence_rounds, cfg.seed) if 0 < y[a].sum() < a.sum() else None
+
+        with ThreadPoolExecutor(max_workers=min(len(usable), os.cpu_count() or 1) or 1) as pool:
+            models = dict(zip(usable, pool.map(fit_one, usable.values())))
         rank_score = None
         if ctr is not None:
             from reasonrec.metrics import auc

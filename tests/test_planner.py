@@ -147,6 +147,24 @@ def _world(n=600, seed=0, p_right=None):
     return x, usable
 
 
+def test_the_per_tool_models_fitted_on_threads_equal_one_at_a_time_fits():
+    """TaskPlanner.fit fits the tools' usable models on a thread pool; each must be the model a
+    lone fit on the same rows gives (same trees: its predictions bit for bit), tool by tool."""
+    from reasonrec.planner import _fit_binary, _predict
+
+    x, usable = _world()
+    cfg = PlannerConfig(confidence_rounds=30)
+    planner = TaskPlanner.fit("sequential", NAMES, x, usable, cfg)
+    a = np.arange(len(x)) % 2 == 0  # the fit's cross-fitting half for the usable models
+    for name in NAMES:
+        alone = _fit_binary(x[a], usable[name][a], cfg.confidence_rounds, cfg.seed)
+        got = planner.usable_models[name]
+        assert got is not alone
+        np.testing.assert_array_equal(_predict(got, x), _predict(alone, x))
+    # and the tools differ from each other (the pool did not hand one model to every tool)
+    assert not np.array_equal(_predict(planner.usable_models["a"], x), _predict(planner.usable_models["b"], x))
+
+
 def test_learned_choice_picks_the_right_tool_and_caps_at_three():
     x, usable = _world()
     planner = TaskPlanner.fit("sequential", NAMES, x, usable, PlannerConfig(confidence_rounds=40))
