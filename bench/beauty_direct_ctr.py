@@ -13,7 +13,7 @@ valid/test positive is ever a feature.
 Side features: brand = first attribute when it is not a category name (and not "Unknown");
 category = the most specific category (last attribute), from items.jsonl.
 
-    python bench/beauty_direct_ctr.py --tools bpr_mf
+    python bench/beauty_direct_ctr.py --data <beauty bundle> --tools bpr_mf
     python bench/beauty_direct_ctr.py --tools dlrm,dcnv2 --set dlrm.max_epochs=10
 """
 
@@ -31,7 +31,8 @@ import torch
 from reasonrec.metrics import auc, log_loss, rank_in_candidates, ranking_metrics
 from reasonrec.tools import ToolData, tool_class
 
-ROOT = "/work/shared/data/amazon_beauty"
+# The Beauty P5 bundle: --data, else $REASONREC_BEAUTY, else the Beauty preset's default path.
+ROOT = os.environ.get("REASONREC_BEAUTY", "data/amazon_beauty")
 CTR_TOOLS = ("dlrm", "dcnv2", "xdeepfm", "xgb_ctr")
 
 
@@ -141,6 +142,7 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=ROOT, help="the Beauty P5 bundle's folder")
     ap.add_argument("--tools", default="bpr_mf,dlrm,dcnv2")
     ap.add_argument("--set", nargs="*", default=[], help="tool.param=value (JSON values)")
     ap.add_argument("--seed", type=int, default=0)
@@ -152,11 +154,11 @@ def main() -> None:
     sets = parse_sets(args.set)
 
     t0 = time.time()
-    seqs = load_sequences()
+    seqs = load_sequences(f"{args.data}/sequential_data.txt")
     n_items = int(max(s.max() for s in seqs)) + 1
     n_inter = sum(len(s) for s in seqs)
     assert (len(seqs), n_items, n_inter) == (22363, 12101, 198502), (len(seqs), n_items, n_inter)
-    cat, brand = load_side(n_items)
+    cat, brand = load_side(n_items, f"{args.data}/items.jsonl")
     tools = [t for t in args.tools.split(",") if t]
     direct_data = cands = ctr_data = None
     print(

@@ -6,7 +6,7 @@ scores the whole catalog for each user from train + valid history; the test item
 ALL items (history not excluded -- RecBole's default). ``--also-exclude`` additionally reports the
 ranking with the user's history removed (except the truth itself).
 
-    python bench/beauty_sasrec.py                       # SASRec with the tool defaults
+    python bench/beauty_sasrec.py --data <beauty bundle>   # SASRec with the tool defaults
     python bench/beauty_sasrec.py --tool lightsans --set max_epochs=100
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 
 import numpy as np
@@ -23,10 +24,11 @@ import torch
 from reasonrec.metrics import rank_full_catalog, ranking_metrics
 from reasonrec.tools import ToolData, tool_class
 
-DATA = "/work/shared/data/amazon_beauty/sequential_data.txt"
+# The Beauty P5 bundle: --data, else $REASONREC_BEAUTY, else the Beauty preset's default path.
+DATA_DIR = os.environ.get("REASONREC_BEAUTY", "data/amazon_beauty")
 
 
-def load_beauty(path: str = DATA) -> tuple[ToolData, list[np.ndarray]]:
+def load_beauty(path: str = f"{DATA_DIR}/sequential_data.txt") -> tuple[ToolData, list[np.ndarray]]:
     """ToolData (train histories, valid/test items; 0-based item ids) and the full sequences."""
     full = []
     with open(path) as f:
@@ -62,6 +64,7 @@ def parse_value(v: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=DATA_DIR, help="the Beauty P5 bundle's folder")
     ap.add_argument("--tool", default="sasrec")
     ap.add_argument("--set", nargs="*", default=[], help="tool params as key=value (JSON values)")
     ap.add_argument("--threads", type=int, default=2)
@@ -73,7 +76,7 @@ def main() -> None:
     params = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
 
     t0 = time.time()
-    data, _ = load_beauty()
+    data, _ = load_beauty(f"{args.data}/sequential_data.txt")
     print(
         f"Beauty: {data.n_users} users, {data.n_items} items, "
         f"{sum(len(s) for s in data.train_seqs)} train interactions ({time.time() - t0:.1f}s to load)"

@@ -19,7 +19,9 @@ from reasonrec.data.sources import get_source, read_all_interactions, read_all_i
 from reasonrec.data.sources._common import csv_chunk, csv_records, line_chunks, price, read_chunk
 from reasonrec.data.sources.p5 import BEAUTY_TOP, split_attributes, top_categories
 
-BEAUTY = "/work/shared/data/amazon_beauty"
+# The real Beauty P5 bundle, where the machine has it: $REASONREC_BEAUTY, else the Beauty preset's
+# default path (data/amazon_beauty under the working directory); the test skips without it.
+BEAUTY = os.environ.get("REASONREC_BEAUTY", "data/amazon_beauty")
 JPEG = b"\xff\xd8\xff\xe0fake-jpeg"
 PNG = b"\x89PNG\r\n\x1a\nfake-png"
 
@@ -279,7 +281,7 @@ def test_p5_fixture(tmp_path):
 
 def test_p5_real_beauty_bundle():
     if not os.path.isdir(BEAUTY):
-        pytest.skip("shared Beauty bundle not present")
+        pytest.skip(f"no Beauty bundle at {BEAUTY} (set REASONREC_BEAUTY)")
     s = src("p5", BEAUTY)
     s.shard_bytes = 256 << 10  # several shards, as prepare would read them
     shards = s.interaction_shards()
