@@ -5,23 +5,29 @@
 1. ``planner`` stage (:mod:`ray_jobs.fit_planner`, skipped when up to date): the per-task
    planners (tool choice + calibrated confidence) are fitted on validation queries.
 2. Queries (the prepared ``score.split`` of each task in ``score.tasks``, or ``score.queries_path``)
-   are cut into shards of ``score.shard_rows``, one Ray Data block each. A router actor pool
-   (tools + planners, loaded once per actor) assigns tiers and answers low-risk queries; a VLM
-   actor pool (the fine-tuned model, loaded once per actor, ``score.vlm_gpus`` each) answers
-   medium and high risk only -- low-risk rows pass through it untouched, the VLM never sees them;
-   each finished shard is written to a staging folder at once.
+   are cut into shards of ``score.shard_rows`` by Ray tasks, once per staging folder
+   (:mod:`ray_jobs.shards`: ``{staging}/queries/``; a query file is read and checked on the
+   cluster a run of row groups at a time); the driver keeps only each shard's row count. A router
+   actor pool (tools + planners, loaded once per actor) reads its shards, assigns tiers and
+   answers low-risk queries; a VLM actor pool (the fine-tuned model, loaded once per actor,
+   ``score.vlm_gpus`` each) answers medium and high risk only -- low-risk rows pass through it
+   untouched, the VLM never sees them; each finished shard is written to the staging folder at once.
 3. A re-run with the same config skips shards already written (kill it, run again: it resumes).
-   At the end every query must be in exactly one output (predictions or rejected) -- checked --
-   and the stage commits ``score/predictions/``, ``score/rejected/`` and ``summary.json``.
+   At the end every query must be in exactly one output (predictions or rejected) -- checked on
+   the ``query_id`` columns alone -- and the stage commits ``score/predictions/``,
+   ``score/rejected/`` and ``score/queries/`` (one Parquet file per shard, copied from staging:
+   the driver never holds the predictions, so its memory stays flat as the query count grows)
+   and ``summary.json``.
    While shards finish, a progress line (queries done / total, q/s, ETA, VLM calls) is logged at
    least every ``score.progress_every_s``.
 
 With a VLM budget (``score.vlm_budget`` >= 0) and a job that needs the VLM, it runs in two passes:
-the router pool routes every shard and writes it to ``{staging}/routed/``; the driver ranks the
+the router pool routes every shard and writes it to ``{staging}/routed/``; a Ray task ranks the
 queries routed to the VLM by expected gain (:func:`reasonrec.scoring.select_for_vlm_budget`) and
 writes the chosen ones once to ``{staging}/vlm_budget.parquet`` (a resumed run reuses it, so no
-call is spent twice); then the VLM pool answers only those, the others keep their tool's answer
-(``vlm_skipped``). Unlimited (-1, the default): one pass, as above.
+call is spent twice); then the VLM pool answers only those (each shard's reader takes its own from
+that file), the others keep their tool's answer (``vlm_skipped``). Unlimited (-1, the default):
+one pass, as above.
 
 ``score.mode`` runs the paper's baselines through the same code: ``tools`` (tools only), ``vlm``
 (VLM alone), ``vlm_tools`` (VLM + tools always). ``tools`` without explanation in ``score.tasks``
@@ -30,6 +36,7 @@ needs no fine-tuned VLM: a run with only ``prepare`` and ``train_tools`` scores.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -42,9 +49,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_jobs import fit_planner
+from ray_jobs.shards import (
+    commit_shards,
+    query_shards,
+    read_query_shards,
+    selected_per_shard,
+    shard_ids,
+    write_shard_file,
+)
 from reasonrec.config import RunConfig, parse_cli, planner_warnings, section_hash
 from reasonrec.data.images import photo_inputs
-from reasonrec.data.queries import QueryFileError, load_query_file, prepared_queries
+from reasonrec.data.queries import QueryFileError, load_query_file, score_split_queries
+from reasonrec.data.schemas import QUERIES
 from reasonrec.io import STAGE_JOBS, TMP_DIR, ArtifactStore, MissingStage, open_store
 from reasonrec.planner import STAGE as PLANNER_STAGE
 from reasonrec.scoring import summarize
@@ -100,22 +116,29 @@ def count_attempts(fs, root: str, pool_sizes: dict[str, int]) -> dict:
 
 
 class _RouterActor:
-    """Routes shards. With ``write`` = (a writer: :func:`_write_routed` or :func:`_write_tools_shard`,
-    its keyword arguments) it also writes each shard itself and returns the writer's summary row
-    (used where no VLM step follows the routing): a separate write step would be an operator that
-    Ray Data's resource budget starves while this pool holds the CPUs (on 2 CPUs nothing was
-    written until every shard was routed, so a killed run resumed from nothing), and the routed
-    rows would cross the object store for nothing."""
+    """Routes shards: each batch holds shard ids (column ``shard``) and the actor reads those
+    query shards from ``{staging}/queries`` itself (:func:`ray_jobs.shards.read_query_shards`;
+    a separate read step would be starved as a write step is, below). With ``write`` = (a writer:
+    :func:`_write_routed` or :func:`_write_tools_shard`, its keyword arguments) it also writes
+    each shard itself and returns the writer's summary row (used where no VLM step follows the
+    routing): a separate write step would be an operator that Ray Data's resource budget starves
+    while this pool holds the CPUs (on 2 CPUs nothing was written until every shard was routed,
+    so a killed run resumed from nothing), and the routed rows would cross the object store for
+    nothing."""
 
-    def __init__(self, cfg: RunConfig, split: str, attempts: str, write: tuple[Callable, dict] | None = None):
+    def __init__(
+        self, cfg: RunConfig, split: str, attempts: str, write: tuple[Callable, dict] | None = None, staging: str = ""
+    ):
         from reasonrec.scoring import build_router
 
         self.attempts = _Attempts(attempts, _storage(cfg), "router")
         self.router = build_router(cfg, _store(cfg), split)
         self.write = write
+        self.staging, self.storage = staging, _storage(cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.attempts.shard_started(batch)
+        batch = read_query_shards(batch, self.staging, self.storage)
         shard = batch.column("shard")
         out = self.router(batch.drop_columns(["shard"])).append_column("shard", shard)
         if self.write is None:
@@ -156,11 +179,7 @@ def _shards_of(batch: pa.Table, staging: str, storage: dict, expected: dict):
 
 def _atomic_write(fs, afs, root: str, name: str, s: int, table: pa.Table) -> None:
     """``{root}/{name}/shard-{s}.parquet``, atomically: temp name, then rename."""
-    final = f"{root}/{name}/shard-{s:05d}.parquet"
-    tmp = final + ".tmp"
-    fs.makedirs(f"{root}/{name}", exist_ok=True)
-    pq.write_table(table, tmp, filesystem=afs)
-    fs.mv(tmp, final)
+    write_shard_file(fs, afs, f"{root}/{name}", s, table)
 
 
 def _write_routed(batch: pa.Table, staging: str, storage: dict, expected: dict) -> pa.Table:
@@ -175,19 +194,22 @@ def _write_routed(batch: pa.Table, staging: str, storage: dict, expected: dict) 
 
 
 def _read_routed(batch: pa.Table, staging: str, storage: dict) -> pa.Table:
-    """Budget pass 2: a batch of (shard, selected query ids) -> that shard's routed rows with the
-    VLM budget applied (:func:`reasonrec.scoring.apply_vlm_budget`), plus the shard column."""
+    """Budget pass 2: a batch of shard ids -> those shards' routed rows with the VLM budget
+    applied (:func:`reasonrec.scoring.apply_vlm_budget`, the selected ids read here from
+    ``{staging}/vlm_budget.parquet``), plus the shard column."""
     from reasonrec.config import StorageConfig
     from reasonrec.io import arrow_filesystem, filesystem
     from reasonrec.scoring import apply_vlm_budget
 
     fs, root = filesystem(staging, StorageConfig(**storage))
     afs = arrow_filesystem(fs)
+    chosen = pq.read_table(f"{root}/vlm_budget.parquet", columns=["query_id"], filesystem=afs).column(0)
     out = []
-    for r in batch.to_pylist():
-        routed = pq.read_table(f"{root}/routed/shard-{r['shard']:05d}.parquet", filesystem=afs)
-        routed = apply_vlm_budget(routed, frozenset(r["selected"]))
-        out.append(routed.append_column("shard", pa.array(np.full(routed.num_rows, r["shard"]), pa.int64())))
+    for s in batch.column("shard").to_pylist():
+        routed = pq.read_table(f"{root}/routed/shard-{s:05d}.parquet", filesystem=afs)
+        mine = pc.filter(routed.column("query_id"), pc.is_in(routed.column("query_id"), value_set=chosen))
+        routed = apply_vlm_budget(routed, frozenset(mine.to_pylist()))
+        out.append(routed.append_column("shard", pa.array(np.full(routed.num_rows, s), pa.int64())))
     return pa.concat_tables(out)
 
 
@@ -233,7 +255,8 @@ def _write_shard(batch: pa.Table, staging: str, storage: dict, expected: dict) -
         bad = pc.is_valid(part.column("error"))
         good = part.filter(pc.invert(bad)).select([f.name for f in PREDICTIONS]).cast(PREDICTIONS)
         rej = part.filter(bad).select([f.name for f in REJECTED])
-        for name, table in (("predictions", good), ("rejected", rej)):
+        # Rejected first: a shard whose predictions exist (what a resumed run looks for) is whole.
+        for name, table in (("rejected", rej), ("predictions", good)):
             _atomic_write(fs, afs, root, name, s, table)
         _count_written(good, rej.num_rows)
         out.append(
@@ -258,18 +281,12 @@ def _write_tools_shard(batch: pa.Table, skip_vlm: bool, **write_kw) -> pa.Table:
 
 # ------------------------------------------------------------------------------ queries
 def score_queries(cfg: RunConfig, store: ArtifactStore) -> pa.Table:
+    """The job's whole query table, in this process (benchmarks and tests; the job itself cuts it
+    into shards on the cluster, :func:`ray_jobs.shards.query_shards`)."""
     if cfg.score.queries_path:
         return load_query_file(cfg.score.queries_path, store)
-    n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
-    tables = {n: store.read_table("prepare", n) for n in ("loo", "direct_candidates", "ctr", "explanation")}
-    return pa.concat_tables(
-        [
-            prepared_queries(
-                tables, t, cfg.score.split, n_items, cfg.data.direct_negatives, cfg.seed, cfg.score.max_queries_per_task
-            )
-            for t in cfg.score.tasks
-        ]
-    )
+    s = cfg.score
+    return score_split_queries(store, s.tasks, s.split, cfg.data.direct_negatives, cfg.seed, s.max_queries_per_task)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -375,16 +392,15 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
     ray = _init(cfg)
     from ray.data import ActorPoolStrategy
 
-    queries = score_queries(cfg, store)
-    n = queries.num_rows
-    rows = max(cfg.score.shard_rows, 1)
-    n_shards = -(-n // rows)
     stage_dir = staging_name(cfg, store)
     staging = store.url(TMP_DIR, stage_dir)
     if force and store.fs.exists(store.path(TMP_DIR, stage_dir)):
         store.fs.rm(store.path(TMP_DIR, stage_dir), recursive=True)
+    # The driver keeps the shards' row counts only: the queries are cut, checked and read on the cluster.
+    queries = query_shards(cfg, store, stage_dir)
+    n, n_shards = queries.n, len(queries)
     pred_dir = store.path(TMP_DIR, stage_dir, "predictions")
-    done = _written(store, pred_dir)
+    done = _written(store, pred_dir) & set(range(n_shards))
     todo = [s for s in range(n_shards) if s not in done]
     budget = cfg.score.vlm_budget
     budgeted = with_vlm and budget >= 0  # two passes: route all, choose the VLM's queries, answer
@@ -405,18 +421,23 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
     pools: dict[str, int] = {}  # the actor pools this run started (for count_attempts)
 
     def rows_of(s: int) -> int:
-        return min(rows, n - s * rows)
+        return queries.rows[s]
+
+    def shard_ids_ds(shards: list[int]):
+        # One block per shard holding its id alone: whoever takes the block reads the shard's file.
+        return ray.data.from_arrow([pa.table({"shard": pa.array([s], pa.int64())}) for s in shards])
 
     def route(shards: list[int], write: tuple[Callable, dict] | None = None):
-        # Shards are contiguous row ranges: a zero-copy slice each (not a filter pass per shard).
-        blocks = [queries.slice(s * rows, rows) for s in shards]
-        blocks = [
-            b.append_column("shard", pa.array(np.full(b.num_rows, s), pa.int64())) for s, b in zip(shards, blocks)
-        ]
         pools["router"] = max(cfg.score.tool_actors, 1)
-        return ray.data.from_arrow(blocks).map_batches(
+        return shard_ids_ds(shards).map_batches(
             _RouterActor,
-            fn_constructor_kwargs={"cfg": cfg, "split": cfg.score.split, "attempts": attempts, "write": write},
+            fn_constructor_kwargs={
+                "cfg": cfg,
+                "split": cfg.score.split,
+                "attempts": attempts,
+                "write": write,
+                "staging": staging,
+            },
             batch_format="pyarrow",
             batch_size=None,
             compute=ActorPoolStrategy(size=max(cfg.score.tool_actors, 1)),
@@ -439,7 +460,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             num_cpus=0.1,
         )
 
-    selected = None  # budgeted: the query ids the VLM answers (vlm_budget.parquet)
+    selected: list[int] = []  # budgeted: per shard, its queries the VLM answers (vlm_budget.parquet)
     nodes: dict[str, int] = {}  # node id -> shards this run wrote there
     if budgeted:
         routed_dir = store.path(TMP_DIR, stage_dir, "routed")
@@ -460,28 +481,13 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
                     progress.add(row["rows"], 0)
             finally:
                 progress.stop()
-        selection = _vlm_budget_selection(store, stage_dir, n_shards, budget)
-        selected = np.isin(
-            queries.column("query_id").to_numpy(zero_copy_only=False),
-            selection.column("query_id").to_numpy(zero_copy_only=False),
-        )
+        _vlm_budget_selection(store, stage_dir, n_shards, budget)
+        selected = selected_per_shard(cfg, store, stage_dir, n_shards)
     if todo:
         expected = {str(s): rows_of(s) for s in todo}
         if budgeted:
-            qids = queries.column("query_id").to_numpy(zero_copy_only=False)
-            src = [
-                pa.table(
-                    {
-                        "shard": pa.array([s], pa.int64()),
-                        "selected": pa.array(
-                            [qids[s * rows : s * rows + rows][selected[s * rows : s * rows + rows]].tolist()],
-                            pa.list_(pa.int64()),
-                        ),
-                    }
-                )
-                for s in todo
-            ]
-            ds = ray.data.from_arrow(src).map_batches(
+            # Each task reads its routed shard and the selection file itself (see _read_routed).
+            ds = shard_ids_ds(todo).map_batches(
                 _read_routed,
                 fn_kwargs={"staging": staging, "storage": _storage(cfg)},
                 batch_format="pyarrow",
@@ -489,7 +495,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
                 max_retries=cfg.score.max_task_retries,
                 num_cpus=0.1,
             )
-            use_vlm = bool(selected[np.isin(np.arange(n) // rows, todo)].any())
+            use_vlm = any(selected[s] for s in todo)
         elif with_vlm:
             ds, use_vlm = route(todo), True
         else:  # tools only: the router actors write their own shards (see _RouterActor)
@@ -520,7 +526,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             ds = write(ds, _write_shard, expected)
         finished = 0
         # Budget left = the budget less the calls already spent in written shards (the selected ones).
-        spent = int(selected[np.isin(np.arange(n) // rows, sorted(done))].sum()) if budgeted else 0
+        spent = sum(selected[s] for s in done) if budgeted else 0
         progress = Progress(
             sum(expected.values()), cfg.score.progress_every_s, budget=budget - spent if budgeted else None
         )
@@ -543,34 +549,64 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         finally:
             progress.stop()
 
-    # Every query exactly once across the shards, or the job fails before committing. Read under
+    # Every query exactly once across the shards, or the job fails before committing: compared on
+    # the query_id columns alone (8 bytes a query), never the whole predictions. Read under
     # PREDICTIONS: a shard written before a column existed (a resumed run) reads it as null.
     from reasonrec.data.schemas import PREDICTIONS
 
-    preds = pq.read_table(store.path(TMP_DIR, stage_dir, "predictions"), filesystem=store.arrow_fs, schema=PREDICTIONS)
-    rejected = pq.read_table(store.path(TMP_DIR, stage_dir, "rejected"), filesystem=store.arrow_fs, schema=REJECTED)
-    got = np.concatenate([preds.column("query_id").to_numpy(), rejected.column("query_id").to_numpy()])
-    if len(got) != n or len(np.unique(got)) != n or set(got.tolist()) != set(queries.column("query_id").to_pylist()):
+    shards = sorted(_written(store, pred_dir) & set(range(n_shards)))
+    rej_dir = store.path(TMP_DIR, stage_dir, "rejected")
+    pred_files = [f"{pred_dir}/shard-{s:05d}.parquet" for s in shards]
+    rej_shards = sorted(_written(store, rej_dir) & set(shards))
+    rej_files = [f"{rej_dir}/shard-{s:05d}.parquet" for s in rej_shards]
+    pred_ids = shard_ids(store, pred_files, PREDICTIONS)
+    rej_ids = shard_ids(store, rej_files, REJECTED)
+    got = np.sort(np.concatenate([pred_ids, rej_ids]))
+    want = np.sort(shard_ids(store, queries.files()))
+    if len(got) != n or not np.array_equal(got, want) or (len(got) and (np.diff(got) == 0).any()):
         raise RuntimeError(
-            f"score: {n} queries in, {preds.num_rows} predictions + {rejected.num_rows} rejected out "
+            f"score: {n} queries in, {len(pred_ids)} predictions + {len(rej_ids)} rejected out "
             f"({len(np.unique(got))} distinct): refusing to commit"
         )
+    del got, want
     summary = summarize(
-        preds, rejected, n, n_shards, len(done), time.time() - t0, cfg.score.mode, planner_summary, budget
+        _summary_columns(store, pred_files),
+        pa.table({"query_id": rej_ids}),
+        n,
+        n_shards,
+        len(done),
+        time.time() - t0,
+        cfg.score.mode,
+        planner_summary,
+        budget,
     )
     summary.update(
         count_attempts(store.fs, store.path(TMP_DIR, stage_dir, "_attempts", attempts.rsplit("/", 1)[1]), pools)
     )
     summary["nodes"] = nodes
     with store.stage_writer(stage, chash, inputs) as w:
-        w.write_table("predictions/part-0.parquet", preds)
-        w.write_table("rejected/part-0.parquet", rejected)
-        w.write_table("queries/part-0.parquet", queries)
+        # Multi-file tables, one file per shard, copied as written (readers read the folder).
+        commit_shards(store, w, "predictions", pred_dir, shards, PREDICTIONS)
+        commit_shards(store, w, "rejected", rej_dir, rej_shards, REJECTED)
+        commit_shards(store, w, "queries", queries.folder, list(range(n_shards)), QUERIES)
         w.write_json("summary.json", summary)
-        w.manifest.rows = {"queries": n, "predictions": preds.num_rows, "rejected": rejected.num_rows}
         w.manifest.metrics = summary
     store.fs.rm(store.path(TMP_DIR, stage_dir), recursive=True)
     return summary
+
+
+def _summary_columns(store: ArtifactStore, files: list[str]) -> pa.Table:
+    """The predictions' columns :func:`reasonrec.scoring.summarize` counts, not the rest (a few
+    bytes a query)."""
+    from pyarrow import dataset as pads
+
+    from reasonrec.data.schemas import PREDICTIONS
+    from reasonrec.scoring import SUMMARY_COLUMNS
+
+    if not files:
+        return PREDICTIONS.empty_table().select(SUMMARY_COLUMNS)
+    ds = pads.dataset(files, schema=PREDICTIONS, filesystem=store.arrow_fs, format="parquet")
+    return ds.to_table(columns=SUMMARY_COLUMNS)
 
 
 def _written(store: ArtifactStore, folder: str) -> set[int]:
@@ -581,26 +617,24 @@ def _written(store: ArtifactStore, folder: str) -> set[int]:
 
 
 def _vlm_budget_selection(store: ArtifactStore, stage_dir: str, n_shards: int, budget: int) -> pa.Table:
-    """The queries the VLM answers under ``budget`` (``BUDGET_SELECTION`` rows): chosen once from
-    every routed shard's VLM-routed queries by expected gain and written to
+    """The queries the VLM answers under ``budget`` (``BUDGET_SELECTION`` rows, at most ``budget``):
+    chosen once from every routed shard's VLM-routed queries by expected gain, by a Ray task
+    (:func:`_select_for_budget`: it reads the routed shards, the driver does not), and written to
     ``{staging}/vlm_budget.parquet``; a resumed run reads that file back instead (so it spends no
     call twice: the shards written before it left the same queries to the VLM)."""
-    from pyarrow import dataset as pads
-
-    from reasonrec.scoring import BUDGET_COLUMNS, VLM_TIERS, select_for_vlm_budget
+    import ray
 
     path = store.path(TMP_DIR, stage_dir, "vlm_budget.parquet")
     if store.fs.exists(path):
         selection = pq.read_table(path, filesystem=store.arrow_fs)
         log.info("score: VLM budget %d: reusing the selection of %d queries in %s", budget, selection.num_rows, path)
         return selection
-    files = [store.path(TMP_DIR, stage_dir, "routed", f"shard-{s:05d}.parquet") for s in range(n_shards)]
-    routed = pads.dataset(files, filesystem=store.arrow_fs, format="parquet").to_table(columns=BUDGET_COLUMNS)
-    tasks = store.read_json(PLANNER_STAGE, "planner.json")["tasks"]
-    selection = select_for_vlm_budget(routed, {t: st.get("vlm_right") or {} for t, st in tasks.items()}, budget)
-    pq.write_table(selection, path + ".tmp", filesystem=store.arrow_fs)
-    store.fs.mv(path + ".tmp", path)
-    wanted = int(pc.sum(pc.is_in(routed.column("route"), pa.array(list(VLM_TIERS)))).as_py() or 0)
+    wanted = ray.get(
+        ray.remote(_select_for_budget).remote(
+            store.url(TMP_DIR, stage_dir), store.storage, store.url(), n_shards, budget
+        )
+    )
+    selection = pq.read_table(path, filesystem=store.arrow_fs)
     log.info(
         "score: VLM budget %d: %d of %d queries routed to the VLM get it (smallest gain %s); the rest keep "
         "their tool's answer",
@@ -610,6 +644,29 @@ def _vlm_budget_selection(store: ArtifactStore, stage_dir: str, n_shards: int, b
         f"{selection.column('gain')[-1].as_py():.3f}" if selection.num_rows else "-",
     )
     return selection
+
+
+def _select_for_budget(staging: str, storage, run_url: str, n_shards: int, budget: int) -> int:
+    """Ray task: :func:`reasonrec.scoring.select_for_vlm_budget` over the routed shards (their
+    ``BUDGET_COLUMNS`` only), written atomically to ``{staging}/vlm_budget.parquet``; returns how
+    many queries were routed to the VLM."""
+    from pyarrow import dataset as pads
+
+    from reasonrec.io import arrow_filesystem, filesystem
+    from reasonrec.scoring import BUDGET_COLUMNS, VLM_TIERS, select_for_vlm_budget
+
+    fs, root = filesystem(staging, storage)
+    afs = arrow_filesystem(fs)
+    files = [f"{root}/routed/shard-{s:05d}.parquet" for s in range(n_shards)]
+    routed = pads.dataset(files, filesystem=afs, format="parquet").to_table(columns=BUDGET_COLUMNS)
+    run_fs, run_root = filesystem(run_url, storage)
+    with run_fs.open(f"{run_root}/{PLANNER_STAGE}/planner.json", "r") as f:
+        tasks = json.load(f)["tasks"]
+    selection = select_for_vlm_budget(routed, {t: st.get("vlm_right") or {} for t, st in tasks.items()}, budget)
+    path = f"{root}/vlm_budget.parquet"
+    pq.write_table(selection, path + ".tmp", filesystem=afs)
+    fs.mv(path + ".tmp", path)
+    return int(pc.sum(pc.is_in(routed.column("route"), pa.array(list(VLM_TIERS)))).as_py() or 0)
 
 
 def progress_line(

@@ -140,6 +140,16 @@ def prepared_queries(
     return _conform(cols)
 
 
+def score_split_queries(
+    store: ArtifactStore, tasks: Sequence[str], split: str, direct_negatives: int = 99, seed: int = 0, cap: int = 0
+) -> pa.Table:
+    """The scoring job's prepared queries: :func:`prepared_queries` of each of ``tasks`` (in that
+    order) over the run's ``prepare`` tables."""
+    n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
+    tables = {n: store.read_table("prepare", n) for n in ("loo", "direct_candidates", "ctr", "explanation")}
+    return pa.concat_tables([prepared_queries(tables, t, split, n_items, direct_negatives, seed, cap) for t in tasks])
+
+
 def _conform(cols: dict[str, Any]) -> pa.Table:
     n = len(cols["query_id"])
     arrays = []
@@ -164,35 +174,100 @@ def prefix_position(query_id: np.ndarray, task: Sequence[str], split: str) -> np
 
 
 # ------------------------------------------------------------------------------ query files
-def load_query_file(url: str, store: ArtifactStore) -> pa.Table:
-    """Read and check a query file: required columns present, no null ids, no duplicates."""
-    fs, path = filesystem(url, store.storage)
+REQUIRED = ("query_id", "task", "user_id")
+
+
+def query_file_parts(url: str, storage=None, target_rows: int = 1) -> list[dict]:
+    """The query file (or folder of Parquet files) ``url`` planned as read chunks, from the
+    Parquet footers alone: consecutive row groups of one file, at least ``target_rows`` rows each
+    (the last of a file may be shorter), as ``{"path", "row_groups", "rows", "start"}`` (``start``:
+    the chunk's first row in the whole file, for error messages). Checks what the footers tell:
+    the file exists, is readable Parquet, has rows and the required columns."""
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem(url, storage)
     if not fs.exists(path):
         raise QueryFileError(f"query file not found: {url}")
+    afs = arrow_filesystem(fs)
     try:
-        t = pq.read_table(path, filesystem=arrow_filesystem(fs))
+        files = [path] if not fs.isdir(path) else pads.dataset(path, filesystem=afs, format="parquet").files
+        metas = []
+        for f in sorted(files):
+            with afs.open_input_file(f) as fh:
+                metas.append((f, pq.ParquetFile(fh).metadata))
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise QueryFileError(f"query file {url} is not readable Parquet: {exc}") from None
-    if t.num_rows == 0:
+    if sum(m.num_rows for _, m in metas) == 0:
         raise QueryFileError(f"query file {url} has no rows")
-    missing = [c for c in ("query_id", "task", "user_id") if c not in t.column_names]
+    names = metas[0][1].schema.to_arrow_schema().names
+    missing = [c for c in REQUIRED if c not in names]
     if missing:
         raise QueryFileError(f"query file {url}: missing required column(s) {missing}")
-    for c in ("query_id", "task", "user_id"):
+    parts, start = [], 0
+    for f, meta in metas:
+        groups: list[int] = []
+        rows = 0
+        for g in range(meta.num_row_groups):
+            groups.append(g)
+            rows += meta.row_group(g).num_rows
+            if rows >= target_rows or g == meta.num_row_groups - 1:
+                parts.append({"path": f, "row_groups": groups, "rows": rows, "start": start})
+                start += rows
+                groups, rows = [], 0
+    return [p for p in parts if p["rows"]]
+
+
+def check_query_rows(t: pa.Table, url: str, start: int = 0) -> tuple[pa.Table | None, tuple | None]:
+    """A chunk of a query file (its first row at ``start`` in the file) -> (the chunk as QUERIES
+    rows, None) or (None, (order, row, message)) for its first problem: a null required value,
+    then a column that does not cast. ``order`` ranks the checks as :func:`load_query_file` runs
+    them over the whole file (every null ``query_id`` before any null ``task``, ...), so the
+    smallest (order, row) over all chunks is the error the whole file gives."""
+    for i, c in enumerate(REQUIRED):
         nulls = np.flatnonzero(t.column(c).is_null().to_numpy(zero_copy_only=False))
         if len(nulls):
-            raise QueryFileError(f"query file {url}: row {int(nulls[0])} has a null '{c}'")
-    for f in QUERIES:
+            row = start + int(nulls[0])
+            return None, (i, row, f"query file {url}: row {row} has a null '{c}'")
+    for i, f in enumerate(QUERIES):
         if f.name in t.column_names:
             try:
                 t = t.set_column(t.column_names.index(f.name), f.name, t.column(f.name).cast(f.type))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise QueryFileError(f"query file {url}: column '{f.name}' must be {f.type}: {exc}") from None
-    ids = t.column("query_id").to_numpy()
-    uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
-    if (counts > 1).any():
-        dup = int(uniq[counts > 1][0])
-        raise QueryFileError(
-            f"query file {url}: query_id {dup} is not unique (rows {np.flatnonzero(ids == dup)[:3].tolist()})"
-        )
-    return conform(t, QUERIES)
+                msg = f"query file {url}: column '{f.name}' must be {f.type}: {exc}"
+                return None, (len(REQUIRED) + i, start, msg)
+    return conform(t, QUERIES), None
+
+
+def first_duplicate(ids: np.ndarray, rows: np.ndarray | None = None) -> tuple[int, list[int]] | None:
+    """The smallest id of ``ids`` that occurs more than once and its first three rows (``rows``:
+    each id's row number, default its position), or None."""
+    uniq, counts = np.unique(ids, return_counts=True)
+    if not (counts > 1).any():
+        return None
+    dup = int(uniq[counts > 1][0])
+    at = np.flatnonzero(ids == dup)
+    return dup, sorted((at if rows is None else np.asarray(rows)[at]).tolist())[:3]
+
+
+def duplicate_message(url: str, dup: int, rows: list[int]) -> str:
+    return f"query file {url}: query_id {dup} is not unique (rows {rows})"
+
+
+def load_query_file(url: str, store: ArtifactStore) -> pa.Table:
+    """Read and check a whole query file in this process: required columns present, no null ids,
+    castable types, no duplicate ids. The scoring job runs the same checks chunk by chunk on the
+    cluster (``ray_jobs.shards``)."""
+    parts = query_file_parts(url, store.storage)
+    fs, _ = filesystem(url, store.storage)
+    afs = arrow_filesystem(fs)
+    tables = []
+    for p in parts:
+        with afs.open_input_file(p["path"]) as fh:
+            tables.append(pq.ParquetFile(fh).read_row_groups(p["row_groups"]))
+    t, err = check_query_rows(pa.concat_tables(tables, promote_options="permissive"), url)
+    if err is not None:
+        raise QueryFileError(err[2])
+    dup = first_duplicate(t.column("query_id").to_numpy())
+    if dup is not None:
+        raise QueryFileError(duplicate_message(url, *dup))
+    return t
