@@ -50,11 +50,11 @@ import pyarrow.parquet as pq
 
 from ray_jobs import fit_planner
 from ray_jobs.shards import (
+    check_shards,
     commit_shards,
     query_shards,
     read_query_shards,
     selected_per_shard,
-    shard_ids,
     write_shard_file,
 )
 from reasonrec.config import RunConfig, parse_cli, planner_warnings, section_hash
@@ -549,29 +549,21 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         finally:
             progress.stop()
 
-    # Every query exactly once across the shards, or the job fails before committing: compared on
-    # the query_id columns alone (8 bytes a query), never the whole predictions. Read under
-    # PREDICTIONS: a shard written before a column existed (a resumed run) reads it as null.
+    # Every query exactly once across the shards, or the job fails before committing: checked
+    # shard by shard in Ray tasks on the query_id columns alone; the driver gets counts.
     from reasonrec.data.schemas import PREDICTIONS
 
-    shards = sorted(_written(store, pred_dir) & set(range(n_shards)))
-    rej_dir = store.path(TMP_DIR, stage_dir, "rejected")
-    pred_files = [f"{pred_dir}/shard-{s:05d}.parquet" for s in shards]
-    rej_shards = sorted(_written(store, rej_dir) & set(shards))
-    rej_files = [f"{rej_dir}/shard-{s:05d}.parquet" for s in rej_shards]
-    pred_ids = shard_ids(store, pred_files, PREDICTIONS)
-    rej_ids = shard_ids(store, rej_files, REJECTED)
-    got = np.sort(np.concatenate([pred_ids, rej_ids]))
-    want = np.sort(shard_ids(store, queries.files()))
-    if len(got) != n or not np.array_equal(got, want) or (len(got) and (np.diff(got) == 0).any()):
+    checked = check_shards(cfg, store, stage_dir, queries)
+    if checked["bad"] is not None:
+        b = checked["bad"]
         raise RuntimeError(
-            f"score: {n} queries in, {len(pred_ids)} predictions + {len(rej_ids)} rejected out "
-            f"({len(np.unique(got))} distinct): refusing to commit"
+            f"score: {n} queries in, {checked['predictions']} predictions + {checked['rejected']} rejected out; "
+            f"shard {b['shard']}: {b['out']} rows out ({b['distinct']} distinct) for its {b['queries']} queries: "
+            "refusing to commit"
         )
-    del got, want
     summary = summarize(
-        _summary_columns(store, pred_files),
-        pa.table({"query_id": rej_ids}),
+        checked["counts"],
+        checked["rejected"],
         n,
         n_shards,
         len(done),
@@ -586,27 +578,14 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
     summary["nodes"] = nodes
     with store.stage_writer(stage, chash, inputs) as w:
         # Multi-file tables, one file per shard, copied as written (readers read the folder).
-        commit_shards(store, w, "predictions", pred_dir, shards, PREDICTIONS)
-        commit_shards(store, w, "rejected", rej_dir, rej_shards, REJECTED)
-        commit_shards(store, w, "queries", queries.folder, list(range(n_shards)), QUERIES)
+        every = list(range(n_shards))
+        commit_shards(store, w, "predictions", pred_dir, every, PREDICTIONS)
+        commit_shards(store, w, "rejected", store.path(TMP_DIR, stage_dir, "rejected"), every, REJECTED)
+        commit_shards(store, w, "queries", queries.folder, every, QUERIES)
         w.write_json("summary.json", summary)
         w.manifest.metrics = summary
     store.fs.rm(store.path(TMP_DIR, stage_dir), recursive=True)
     return summary
-
-
-def _summary_columns(store: ArtifactStore, files: list[str]) -> pa.Table:
-    """The predictions' columns :func:`reasonrec.scoring.summarize` counts, not the rest (a few
-    bytes a query)."""
-    from pyarrow import dataset as pads
-
-    from reasonrec.data.schemas import PREDICTIONS
-    from reasonrec.scoring import SUMMARY_COLUMNS
-
-    if not files:
-        return PREDICTIONS.empty_table().select(SUMMARY_COLUMNS)
-    ds = pads.dataset(files, schema=PREDICTIONS, filesystem=store.arrow_fs, format="parquet")
-    return ds.to_table(columns=SUMMARY_COLUMNS)
 
 
 def _written(store: ArtifactStore, folder: str) -> set[int]:

@@ -15,8 +15,8 @@ reuses the shards, a run killed while cutting cuts again. The driver keeps the i
   tables and writes the shards (that task holds the tables, the driver does not).
 
 Also here: reading shards back where the job needs them (:func:`read_query_shards` in the router
-actors, :func:`shard_ids` for the exactly-once check) and committing shard folders as a stage's
-multi-file tables (:func:`commit_shards`).
+actors), the exactly-once check shard by shard (:func:`check_shards`) and committing shard
+folders as a stage's multi-file tables (:func:`commit_shards`).
 """
 
 from __future__ import annotations
@@ -218,14 +218,65 @@ def read_query_shards(batch: pa.Table, staging: str, storage: dict) -> pa.Table:
     return pa.concat_tables(out)
 
 
-def shard_ids(store: ArtifactStore, files: list[str], schema: pa.Schema | None = None) -> np.ndarray:
-    """The ``query_id`` column of ``files`` (Parquet), in order: 8 bytes a row."""
+def check_shards(cfg: RunConfig, store: ArtifactStore, stage_dir: str, queries: QueryShards) -> dict:
+    """The exactly-once check of the staged output, shard by shard, in Ray tasks (a run of
+    shards each): each shard's predictions + rejected hold exactly its queries' ids. Query ids are
+    unique across shards (a query file is checked when cut; prepared ids are so by construction),
+    so this is every query exactly once overall, and no process holds more than a shard's ids.
+    Returns ``{"bad": the first failing shard's counts or None, "predictions", "rejected",
+    "counts"}`` (``counts``: :func:`reasonrec.scoring.summary_counts` of every prediction)."""
+    import ray
+
+    from reasonrec.scoring import summary_counts
+
+    n = len(queries)
+    step = max(-(-n // 64), 1)  # at most 64 tasks, as few as the shards need
+    task = ray.remote(_check_shard_run).options(max_retries=cfg.score.max_task_retries)
+    staging = store.url(TMP_DIR, stage_dir)
+    parts = ray.get([task.remote(staging, _storage(cfg), a, min(a + step, n)) for a in range(0, n, step)])
+    from reasonrec.data.schemas import PREDICTIONS
+
+    counts = [p["counts"] for p in parts if p["counts"] is not None]
+    return {
+        "bad": next((p["bad"] for p in parts if p["bad"] is not None), None),
+        "predictions": sum(p["predictions"] for p in parts),
+        "rejected": sum(p["rejected"] for p in parts),
+        "counts": summary_counts(pa.concat_tables(counts) if counts else PREDICTIONS.empty_table()),
+    }
+
+
+def _check_shard_run(staging: str, storage: dict, first: int, end: int) -> dict:
+    """Ray task: :func:`check_shards` over shards ``first`` .. ``end - 1``."""
     import pyarrow.dataset as pads
 
-    if not files:
-        return np.empty(0, np.int64)
-    ds = pads.dataset(files, schema=schema, filesystem=store.arrow_fs, format="parquet")
-    return ds.to_table(columns=["query_id"]).column(0).to_numpy()
+    from reasonrec.data.schemas import PREDICTIONS
+    from reasonrec.scoring import SUMMARY_COLUMNS, summary_counts
+
+    fs, afs, root = _fs(staging, storage)
+    n_preds = n_rej = 0
+    counts, bad = [], None
+
+    def ids(name: str, s: int, columns: list[str], schema=None) -> pa.Table | None:
+        f = shard_file(f"{root}/{name}", s)
+        if not fs.exists(f):
+            return None
+        # Under the full schema: a shard written before a column existed reads it as null.
+        return pads.dataset([f], schema=schema, filesystem=afs, format="parquet").to_table(columns=columns)
+
+    for s in range(first, end):
+        want = ids("queries", s, ["query_id"]).column(0).to_numpy()
+        preds = ids("predictions", s, ["query_id", *SUMMARY_COLUMNS], PREDICTIONS)
+        rej = ids("rejected", s, ["query_id"])
+        got = [t.column("query_id").to_numpy() for t in (preds, rej) if t is not None]
+        got = np.sort(np.concatenate(got)) if got else np.empty(0, np.int64)
+        n_preds += 0 if preds is None else preds.num_rows
+        n_rej += 0 if rej is None else rej.num_rows
+        if preds is not None:
+            counts.append(summary_counts(preds))
+        if bad is None and (len(got) != len(want) or not np.array_equal(got, np.sort(want))):
+            bad = {"shard": s, "queries": len(want), "out": len(got), "distinct": len(np.unique(got))}
+    counted = pa.concat_tables(counts) if counts else None
+    return {"bad": bad, "predictions": n_preds, "rejected": n_rej, "counts": counted}
 
 
 def selected_per_shard(cfg: RunConfig, store: ArtifactStore, stage_dir: str, n_shards: int) -> list[int]:
@@ -258,22 +309,24 @@ def commit_shards(
     the footers. A shard whose schema is not ``schema`` (written by an older version and resumed)
     is rewritten under it, a column it lacks null. Copies, not moves: a commit that fails leaves
     the staged shards for the next run."""
-    src, dst, rows = [], [], 0
+    src, dst, rows, rewritten = [], [], 0, 0
     for s in shards:
         f = shard_file(folder, s)
+        if not store.fs.exists(f):  # a rejected file a shard never wrote (older versions): nothing rejected
+            continue
         meta = pq.read_metadata(f, filesystem=store.arrow_fs)
         rows += meta.num_rows
         if meta.schema.to_arrow_schema().remove_metadata().equals(schema):
             src.append(f)
             dst.append(writer.path(name, f.rsplit("/", 1)[1]))
         else:
-            writer.write_table(
-                f"{name}/{f.rsplit('/', 1)[1]}", pq.read_table(f, schema=schema, filesystem=store.arrow_fs)
-            )
-    store.fs.makedirs(writer.path(name), exist_ok=True)
+            table = pq.read_table(f, schema=schema, filesystem=store.arrow_fs)
+            writer.write_table(f"{name}/{f.rsplit('/', 1)[1]}", table)
+            rewritten += 1
     if src:
+        store.fs.makedirs(writer.path(name), exist_ok=True)
         store.fs.copy(src, dst)
-    if not shards:  # readers always find the table
+    if not src and not rewritten:  # readers always find the table
         writer.write_table(f"{name}/empty.parquet", schema.empty_table())
     writer.manifest.rows[name] = rows
     return rows

@@ -516,9 +516,22 @@ class VLMAnswerer:
         return out
 
 
+def summary_counts(preds: pa.Table) -> pa.Table:
+    """Predictions (at least :data:`SUMMARY_COLUMNS`) -> one row per distinct value of those
+    columns with its ``count``, in order of first appearance: what :func:`summarize` needs,
+    a few dozen rows for any number of predictions. Counts of several parts concatenated
+    summarize as their whole (the batch job counts each shard where it is read)."""
+    keys = [c for c in SUMMARY_COLUMNS if c in preds.column_names]
+    if "count" in preds.column_names:  # counts of several parts: add them up
+        out = preds.group_by(keys, use_threads=False).aggregate([("count", "sum")])
+        return out.rename_columns([*keys, "count"]) if out.num_rows else preds.select([*keys, "count"])
+    out = preds.select(keys).group_by(keys, use_threads=False).aggregate([([], "count_all")])
+    return out.rename_columns([*keys, "count"])
+
+
 def summarize(
     preds: pa.Table,
-    rejected: pa.Table,
+    rejected: pa.Table | int,
     n: int,
     n_shards: int,
     resumed: int,
@@ -528,35 +541,38 @@ def summarize(
     vlm_budget: int = -1,
 ) -> dict[str, Any]:
     """The scoring stage's summary of its committed output: ``n`` queries in, ``preds`` (SCORED
-    predictions, or only their :data:`SUMMARY_COLUMNS`) + ``rejected`` (any columns) out, tiers
-    by task (tasks in order of first appearance), VLM calls (and the ``vlm_budget``, -1 =
-    unlimited, with the queries it skipped), bypass rate, the planner's calibration. Counted
-    with Arrow kernels: no Python object per prediction (the batch job's driver calls it on a
-    million)."""
+    predictions, or :func:`summary_counts` of them) + ``rejected`` (a table, or its row count)
+    out, tiers by task (tasks in order of first appearance), VLM calls (and the ``vlm_budget``,
+    -1 = unlimited, with the queries it skipped), bypass rate, the planner's calibration."""
+    if "count" not in preds.column_names:
+        preds = summary_counts(preds)
+    weight = preds.column("count")
+
+    def total(mask=None) -> int:
+        if mask is None:
+            return int(pc.sum(weight).as_py() or 0)
+        return int(pc.sum(pc.if_else(pc.fill_null(mask, False), weight, 0)).as_py() or 0)
+
     by_task: dict[str, dict[str, int]] = {}
-    task, route = pc.cast(preds.column("task"), pa.string()), pc.cast(preds.column("route"), pa.string())
-    for t in pc.unique(task).to_pylist():
-        counts = pc.value_counts(pc.filter(route, pc.equal(task, t))).to_pylist()
-        by_task[t] = {"low": 0, "medium": 0, "high": 0}
-        for c in counts:
-            by_task[t][c["values"]] += c["counts"]
-    n_low = int(pc.sum(pc.equal(route, "low")).as_py() or 0)
-    vlm_calls = int(pc.sum(preds.column("vlm_called")).as_py() or 0)
+    routes = preds.group_by(["task", "route"], use_threads=False).aggregate([("count", "sum")])
+    for r in routes.to_pylist():  # groups in order of first appearance
+        by_task.setdefault(r["task"], {"low": 0, "medium": 0, "high": 0})[r["route"]] += r["count_sum"]
+    n_preds = total()
+    vlm_calls = total(preds.column("vlm_called"))
+    rejected = rejected if isinstance(rejected, int) else rejected.num_rows
     return {
         "queries": n,
-        "predictions": preds.num_rows,
-        "rejected": rejected.num_rows,
+        "predictions": n_preds,
+        "rejected": rejected,
         "shards": n_shards,
         "shards_resumed": resumed,
         "mode": mode,
         "routes": by_task,
         "vlm_calls": vlm_calls,
         "vlm_budget": vlm_budget,
-        "vlm_skipped": int(pc.sum(preds.column("vlm_skipped")).as_py() or 0)
-        if "vlm_skipped" in preds.column_names
-        else 0,
-        "bypass_rate": n_low / preds.num_rows if preds.num_rows else 0.0,
-        "cold_users": int(pc.sum(preds.column("cold_user")).as_py() or 0),
+        "vlm_skipped": total(preds.column("vlm_skipped")) if "vlm_skipped" in preds.column_names else 0,
+        "bypass_rate": total(pc.equal(preds.column("route"), "low")) / n_preds if n_preds else 0.0,
+        "cold_users": total(preds.column("cold_user")),
         "seconds": round(seconds, 1),
         "queries_per_s": round(n / max(seconds, 1e-9), 2),
         "planner_calibration": planner_summary.get("calibration", {}),

@@ -16,6 +16,7 @@ from reasonrec.config import CONFIG_DIR, load_config
 from reasonrec.data.queries import QueryFileError, load_query_file
 from reasonrec.data.schemas import PREDICTIONS, QUERIES
 from reasonrec.io import TMP_DIR
+from reasonrec.scoring import summarize
 
 
 def _config(cfg, *extra):
@@ -119,6 +120,14 @@ def test_committed_output_is_one_file_per_shard_and_holds_the_input(tiny_run):
     assert store.read_table("score", "queries").equals(score.score_queries(cfg, store))
     preds = store.read_table("score", "predictions")
     assert preds.schema.equals(PREDICTIONS) and store.manifest("score").rows["predictions"] == preds.num_rows
+    # The summary, counted per shard in the check's tasks, is the one of the whole output at once.
+    rejected = store.read_table("score", "rejected")
+    whole = summarize(preds, rejected, s["queries"], s["shards"], 0, 1.0, s["mode"], {})
+    keys = ("predictions", "rejected", "routes", "vlm_calls", "vlm_skipped", "bypass_rate", "cold_users")
+    assert {k: s[k] for k in keys} == {k: whole[k] for k in keys}
+    pairs = list(zip(preds.column("task").to_pylist(), preds.column("route").to_pylist()))
+    tiers = ("low", "medium", "high")
+    assert whole["routes"] == {t: {r: pairs.count((t, r)) for r in tiers} for t in dict.fromkeys(t for t, _ in pairs)}
 
 
 def test_commit_rewrites_a_shard_written_under_an_older_schema(tiny_run, tmp_path):
