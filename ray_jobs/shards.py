@@ -178,6 +178,8 @@ def _cut_query_file(url: str, staging: str, storage: dict, per_shard: int, opts:
     spans = sorted((r["min"], r["max"]) for r in results)
     # Sorted or range-partitioned ids (the usual file) need nothing more: no id repeats within a
     # part and no two parts' ranges overlap. Otherwise every id is checked, hash-partitioned.
+    # Hand-written rather than a Ray Data groupby("query_id").count(), which would shuffle every
+    # id of every file, sorted or not, and could not name the repeated id's rows in the file.
     if any(r["repeats"] for r in results) or any(b[0] <= a[1] for a, b in zip(spans, spans[1:])):
         n_parts = min(len(rows), 8)
         check = ray.remote(_duplicates_in_partition).options(**opts)
