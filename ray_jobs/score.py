@@ -390,7 +390,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         log.info("score: manifest matches under %s; skipping (use --force to re-run)", store.url(stage))
         return {"skipped": True, **store.manifest(stage).metrics}
     ray = _init(cfg)
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     stage_dir = staging_name(cfg, store)
     staging = store.url(TMP_DIR, stage_dir)
@@ -446,6 +446,11 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         )
 
     write_kw = {"staging": staging, "storage": _storage(cfg)}
+    # The I/O steps (reading a routed shard, writing a finished one) ask for 0.1 CPU each, so Ray
+    # Data would run up to 10 per free CPU, each in a worker process of its own that Ray starts
+    # (about a second of CPU each) and stops again when idle; one more than the VLM actors keeps
+    # every actor fed and written behind.
+    io_tasks = TaskPoolStrategy(size=max(cfg.score.vlm_actors, 1) + 1)
 
     def write(ds, fn, expected: dict):
         return ds.map_batches(
@@ -458,6 +463,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             # (fractional score.*_cpus) a 1-CPU write task would wait for the
             # whole pool to finish, and no shard would be saved for resuming.
             num_cpus=0.1,
+            compute=io_tasks,
         )
 
     selected: list[int] = []  # budgeted: per shard, its queries the VLM answers (vlm_budget.parquet)
@@ -494,6 +500,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
                 batch_size=None,
                 max_retries=cfg.score.max_task_retries,
                 num_cpus=0.1,
+                compute=io_tasks,
             )
             use_vlm = any(selected[s] for s in todo)
         elif with_vlm:
@@ -553,7 +560,9 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
     # shard by shard in Ray tasks on the query_id columns alone; the driver gets counts.
     from reasonrec.data.schemas import PREDICTIONS
 
+    t_check = time.time()
     checked = check_shards(cfg, store, stage_dir, queries)
+    log.info("score: every query exactly once (%d shards checked in %.1fs)", n_shards, time.time() - t_check)
     if checked["bad"] is not None:
         b = checked["bad"]
         raise RuntimeError(
@@ -585,6 +594,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         w.write_json("summary.json", summary)
         w.manifest.metrics = summary
     store.fs.rm(store.path(TMP_DIR, stage_dir), recursive=True)
+    log.info("score: committed %s in %.1fs", store.url(stage), time.time() - t_check)
     return summary
 
 

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from reasonrec.config import PlannerConfig
 from reasonrec.data.catalog import Catalog, PromptBuilder, UserDirectory, UserState
-from reasonrec.data.schemas import PREDICTIONS, QUERIES
+from reasonrec.data.schemas import PREDICTIONS, QUERIES, summary_counts
 from reasonrec.planner import (
     Decision,
     TaskPlanner,
@@ -261,7 +261,6 @@ NEUTRAL_VLM_RIGHT = 0.5  # P(VLM right) where the planner has no estimate for th
 BUDGET_COLUMNS = ["query_id", "task", "route", "eh_bucket", "tool_confidence"]
 BUDGET_SELECTION = pa.schema([("query_id", pa.int64()), ("task", pa.string()), ("gain", pa.float64())])
 BUDGET_NOTE = "; VLM budget spent"
-SUMMARY_COLUMNS = ["task", "route", "vlm_called", "vlm_skipped", "cold_user"]  # what summarize reads
 
 
 def vlm_gains(routed: pa.Table, vlm_right: Mapping[str, Mapping[str, float]]) -> np.ndarray:
@@ -514,19 +513,6 @@ class VLMAnswerer:
                 **({} if per_query_flops is None else {"flops": per_query_flops}),
             }
         return out
-
-
-def summary_counts(preds: pa.Table) -> pa.Table:
-    """Predictions (at least :data:`SUMMARY_COLUMNS`) -> one row per distinct value of those
-    columns with its ``count``, in order of first appearance: what :func:`summarize` needs,
-    a few dozen rows for any number of predictions. Counts of several parts concatenated
-    summarize as their whole (the batch job counts each shard where it is read)."""
-    keys = [c for c in SUMMARY_COLUMNS if c in preds.column_names]
-    if "count" in preds.column_names:  # counts of several parts: add them up
-        out = preds.group_by(keys, use_threads=False).aggregate([("count", "sum")])
-        return out.rename_columns([*keys, "count"]) if out.num_rows else preds.select([*keys, "count"])
-    out = preds.select(keys).group_by(keys, use_threads=False).aggregate([([], "count_all")])
-    return out.rename_columns([*keys, "count"])
 
 
 def summarize(

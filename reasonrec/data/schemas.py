@@ -232,3 +232,22 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         else:
             cols.append(pa.nulls(table.num_rows, f.type))
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+# What the batch job's summary (reasonrec.scoring.summarize) counts predictions by. Kept here, not in
+# reasonrec.scoring, so that the job's check tasks count a shard without importing the tools (torch).
+SUMMARY_COLUMNS = ["task", "route", "vlm_called", "vlm_skipped", "cold_user"]
+
+
+def summary_counts(preds: pa.Table) -> pa.Table:
+    """Predictions (at least :data:`SUMMARY_COLUMNS`) -> one row per distinct value of those
+    columns with its ``count``, in order of first appearance: what
+    :func:`reasonrec.scoring.summarize` needs,
+    a few dozen rows for any number of predictions. Counts of several parts concatenated
+    summarize as their whole (the batch job counts each shard where it is read)."""
+    keys = [c for c in SUMMARY_COLUMNS if c in preds.column_names]
+    if "count" in preds.column_names:  # counts of several parts: add them up
+        out = preds.group_by(keys, use_threads=False).aggregate([("count", "sum")])
+        return out.rename_columns([*keys, "count"]) if out.num_rows else preds.select([*keys, "count"])
+    out = preds.select(keys).group_by(keys, use_threads=False).aggregate([([], "count_all")])
+    return out.rename_columns([*keys, "count"])
