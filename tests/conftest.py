@@ -181,3 +181,20 @@ def metric_total(scraped: dict, name: str, **labels) -> float:
     """Sum of the ``name`` samples whose labels include ``labels``."""
     want = set(labels.items())
     return sum(v for (n, ls), v in scraped.items() if n == name and want <= set(ls))
+
+
+def score_until_commit(cfg, monkeypatch) -> None:
+    """Run the score job until every shard is written, then stop it before it commits (as a job
+    killed at that point): ``summarize`` raises, the staged shards stay for the test to read."""
+    from ray_jobs import score
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted(*a, **kw):
+        raise Interrupted
+
+    monkeypatch.setattr(score, "summarize", interrupted)
+    with pytest.raises(Interrupted):
+        score.run(cfg)
+    monkeypatch.undo()

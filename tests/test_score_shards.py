@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_RUN, score_until_commit
 
 from ray_jobs import score, shards
 from reasonrec.config import CONFIG_DIR, load_config
@@ -153,16 +153,7 @@ def test_a_query_answered_twice_is_refused_before_commit(tiny_run, monkeypatch):
     cfg, store = tiny_run
     c = _config(cfg, "score.mode=tools", "score.tasks=[sequential,direct,ctr]", "score.stage_name=score_twice")
 
-    class Interrupted(Exception):
-        pass
-
-    def interrupted(*a, **kw):  # every shard written, then the job dies before it commits
-        raise Interrupted
-
-    monkeypatch.setattr(score, "summarize", interrupted)
-    with pytest.raises(Interrupted):
-        score.run(c)
-    monkeypatch.undo()
+    score_until_commit(c, monkeypatch)  # every shard written, then the job dies before it commits
     staged = store.path(TMP_DIR, score.staging_name(c, store), "predictions")
     first, second = (pq.read_table(f"{staged}/shard-0000{s}.parquet", filesystem=store.arrow_fs) for s in (0, 1))
     other = second.column("query_id")[0]

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_RUN, score_until_commit
 
 from ray_jobs import score
 from reasonrec.config import CONFIG_DIR, ConfigError, load_config
@@ -122,16 +122,7 @@ def test_budget_goes_to_the_top_gains_once_across_a_resume(tiny_run, monkeypatch
     )
     staging = store.path(TMP_DIR, score.staging_name(c, store))
 
-    class Interrupted(Exception):
-        pass
-
-    def interrupted(*a, **kw):  # every shard written, then the job dies before it commits
-        raise Interrupted
-
-    monkeypatch.setattr(score, "summarize", interrupted)
-    with pytest.raises(Interrupted):
-        score.run(c)
-    monkeypatch.undo()
+    score_until_commit(c, monkeypatch)  # every shard written, then the job dies before it commits
     selection = pq.read_table(f"{staging}/vlm_budget.parquet", filesystem=store.arrow_fs)
     assert selection.num_rows == budget
     first = pq.read_table(f"{staging}/predictions", filesystem=store.arrow_fs)
