@@ -55,6 +55,8 @@ from ray_jobs.shards import (
     query_shards,
     read_query_shards,
     selected_per_shard,
+    staging_fs,
+    storage_dict,
     write_shard_file,
 )
 from reasonrec.config import RunConfig, parse_cli, planner_warnings, section_hash
@@ -131,10 +133,10 @@ class _RouterActor:
     ):
         from reasonrec.scoring import build_router
 
-        self.attempts = _Attempts(attempts, _storage(cfg), "router")
+        self.attempts = _Attempts(attempts, storage_dict(cfg), "router")
         self.router = build_router(cfg, _store(cfg), split)
         self.write = write
-        self.staging, self.storage = staging, _storage(cfg)
+        self.staging, self.storage = staging, storage_dict(cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.attempts.shard_started(batch)
@@ -151,7 +153,7 @@ class _VLMActor:
     def __init__(self, cfg: RunConfig, split: str, attempts: str):
         from reasonrec.scoring import build_vlm_answerer
 
-        self.attempts = _Attempts(attempts, _storage(cfg), "vlm")
+        self.attempts = _Attempts(attempts, storage_dict(cfg), "vlm")
         self.answerer = build_vlm_answerer(cfg, _store(cfg), split)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -163,10 +165,7 @@ class _VLMActor:
 def _shards_of(batch: pa.Table, staging: str, storage: dict, expected: dict):
     """(fs, arrow fs, root, [(shard, its rows without the shard column)]) of a batch, each shard
     checked whole."""
-    from reasonrec.config import StorageConfig
-    from reasonrec.io import arrow_filesystem, filesystem
-
-    fs, root = filesystem(staging, StorageConfig(**storage))
+    fs, afs, root = staging_fs(staging, storage)
     parts = []
     for s in pc.unique(batch.column("shard")).to_pylist():
         part = batch.filter(pc.equal(batch.column("shard"), s)).drop_columns(["shard"])
@@ -174,12 +173,7 @@ def _shards_of(batch: pa.Table, staging: str, storage: dict, expected: dict):
             # Ray Data split a shard across batches: writing it would lose rows on resume.
             raise RuntimeError(f"shard {s}: got {part.num_rows} of {expected[str(s)]} rows in one batch")
         parts.append((s, part))
-    return fs, arrow_filesystem(fs), root, parts
-
-
-def _atomic_write(fs, afs, root: str, name: str, s: int, table: pa.Table) -> None:
-    """``{root}/{name}/shard-{s}.parquet``, atomically: temp name, then rename."""
-    write_shard_file(fs, afs, f"{root}/{name}", s, table)
+    return fs, afs, root, parts
 
 
 def _write_routed(batch: pa.Table, staging: str, storage: dict, expected: dict) -> pa.Table:
@@ -187,7 +181,7 @@ def _write_routed(batch: pa.Table, staging: str, storage: dict, expected: dict) 
     fs, afs, root, parts = _shards_of(batch, staging, storage, expected)
     out = []
     for s, part in parts:
-        _atomic_write(fs, afs, root, "routed", s, part)
+        write_shard_file(fs, afs, f"{root}/routed", s, part)
         low = int(pc.sum(pc.equal(part.column("route"), "low")).as_py() or 0)
         out.append({"shard": s, "rows": part.num_rows, "low": low})
     return pa.Table.from_pylist(out)
@@ -197,12 +191,9 @@ def _read_routed(batch: pa.Table, staging: str, storage: dict) -> pa.Table:
     """Budget pass 2: a batch of shard ids -> those shards' routed rows with the VLM budget
     applied (:func:`reasonrec.scoring.apply_vlm_budget`, the selected ids read here from
     ``{staging}/vlm_budget.parquet``), plus the shard column."""
-    from reasonrec.config import StorageConfig
-    from reasonrec.io import arrow_filesystem, filesystem
     from reasonrec.scoring import apply_vlm_budget
 
-    fs, root = filesystem(staging, StorageConfig(**storage))
-    afs = arrow_filesystem(fs)
+    _, afs, root = staging_fs(staging, storage)
     chosen = pq.read_table(f"{root}/vlm_budget.parquet", columns=["query_id"], filesystem=afs).column(0)
     out = []
     for s in batch.column("shard").to_pylist():
@@ -257,7 +248,7 @@ def _write_shard(batch: pa.Table, staging: str, storage: dict, expected: dict) -
         rej = part.filter(bad).select([f.name for f in REJECTED])
         # Rejected first: a shard whose predictions exist (what a resumed run looks for) is whole.
         for name, table in (("rejected", rej), ("predictions", good)):
-            _atomic_write(fs, afs, root, name, s, table)
+            write_shard_file(fs, afs, f"{root}/{name}", s, table)
         _count_written(good, rej.num_rows)
         out.append(
             {
@@ -445,7 +436,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             **retries,
         )
 
-    write_kw = {"staging": staging, "storage": _storage(cfg)}
+    write_kw = {"staging": staging, "storage": storage_dict(cfg)}
     # The I/O steps (reading a routed shard, writing a finished one) ask for 0.1 CPU each, so Ray
     # Data would run up to 10 per free CPU, each in a worker process of its own that Ray starts
     # (about a second of CPU each) and stops again when idle; one more than the VLM actors keeps
@@ -495,7 +486,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             # Each task reads its routed shard and the selection file itself (see _read_routed).
             ds = shard_ids_ds(todo).map_batches(
                 _read_routed,
-                fn_kwargs={"staging": staging, "storage": _storage(cfg)},
+                fn_kwargs={"staging": staging, "storage": storage_dict(cfg)},
                 batch_format="pyarrow",
                 batch_size=None,
                 max_retries=cfg.score.max_task_retries,
@@ -733,10 +724,6 @@ class Progress:
         self._stopped.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-
-
-def _storage(cfg: RunConfig) -> dict:
-    return {"s3_endpoint_url": cfg.storage.s3_endpoint_url, "s3_anon": cfg.storage.s3_anon}
 
 
 def format_summary(s: dict) -> str:

@@ -74,7 +74,9 @@ class QueryShards:
         return [shard_file(self.folder, s) for s in (range(len(self.rows)) if shards is None else shards)]
 
 
-def _fs(staging: str, storage: dict):
+def staging_fs(staging: str, storage: dict):
+    """(fsspec filesystem, Arrow filesystem, root path) of a staging folder URL, in a task or actor
+    (``storage``: :func:`storage_dict`)."""
     fs, root = filesystem(staging, StorageConfig(**storage))
     return fs, arrow_filesystem(fs), root
 
@@ -93,7 +95,7 @@ def query_shards(cfg: RunConfig, store: ArtifactStore, stage_dir: str) -> QueryS
         return QueryShards(folder, rows)
     if store.fs.exists(folder):  # shards of a run killed while cutting: the index decides, cut again
         store.fs.rm(folder, recursive=True)
-    staging, storage = store.url(TMP_DIR, stage_dir), _storage(cfg)
+    staging, storage = store.url(TMP_DIR, stage_dir), storage_dict(cfg)
     per_shard = max(cfg.score.shard_rows, 1)
     opts = {"max_retries": cfg.score.max_task_retries}
     try:
@@ -112,7 +114,8 @@ def query_shards(cfg: RunConfig, store: ArtifactStore, stage_dir: str) -> QueryS
     return QueryShards(folder, rows)
 
 
-def _storage(cfg: RunConfig) -> dict:
+def storage_dict(cfg: RunConfig) -> dict:
+    """``cfg.storage`` as plain keyword arguments of :class:`StorageConfig`, for Ray tasks and actors."""
     return {"s3_endpoint_url": cfg.storage.s3_endpoint_url, "s3_anon": cfg.storage.s3_anon}
 
 
@@ -126,7 +129,7 @@ def _cut_prepared(cfg: RunConfig, staging: str, per_shard: int) -> list[int]:
     queries = score_split_queries(
         open_store(cfg), s.tasks, s.split, cfg.data.direct_negatives, cfg.seed, s.max_queries_per_task
     )
-    fs, afs, root = _fs(staging, _storage(cfg))
+    fs, afs, root = staging_fs(staging, storage_dict(cfg))
     rows = []
     # Contiguous row ranges: a zero-copy slice each.
     for k, a in enumerate(range(0, queries.num_rows, per_shard)):
@@ -139,7 +142,7 @@ def _cut_prepared(cfg: RunConfig, staging: str, per_shard: int) -> list[int]:
 def _cut_file_part(url: str, storage: dict, part: dict, staging: str, first: int, per_shard: int) -> dict:
     """Ray task: one run of row groups of the query file -> checked QUERIES rows written as shards
     ``first``, ``first + 1``, ...; returns their rows and the ids' (min, max), or the first problem."""
-    fs, afs, root = _fs(staging, storage)
+    fs, afs, root = staging_fs(staging, storage)
     qfs, _ = filesystem(url, StorageConfig(**storage))
     with arrow_filesystem(qfs).open_input_file(part["path"]) as fh:
         table = pq.ParquetFile(fh).read_row_groups(part["row_groups"])
@@ -196,7 +199,7 @@ def _duplicates_in_partition(staging: str, storage: dict, rows: list[int], p: in
     ``query_id`` column of each shard (8 bytes a query)."""
     from reasonrec.hashing import splitmix64
 
-    fs, afs, root = _fs(staging, storage)
+    fs, afs, root = staging_fs(staging, storage)
     starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
     ids, at = [], []
     for s, start in enumerate(starts):
@@ -212,7 +215,7 @@ def _duplicates_in_partition(staging: str, storage: dict, rows: list[int], p: in
 def read_query_shards(batch: pa.Table, staging: str, storage: dict) -> pa.Table:
     """A batch of shard ids (column ``shard``) -> those shards' QUERIES rows plus the ``shard``
     column (in the router actors: no query crosses the driver or the object store)."""
-    fs, afs, root = _fs(staging, storage)
+    fs, afs, root = staging_fs(staging, storage)
     out = []
     for s in batch.column("shard").to_pylist():
         t = pq.read_table(shard_file(f"{root}/queries", s), filesystem=afs)
@@ -239,7 +242,7 @@ def check_shards(cfg: RunConfig, store: ArtifactStore, stage_dir: str, queries: 
     step = max(-(-n // tasks), 1)
     task = ray.remote(_check_shard_run).options(max_retries=cfg.score.max_task_retries)
     staging = store.url(TMP_DIR, stage_dir)
-    parts = ray.get([task.remote(staging, _storage(cfg), a, min(a + step, n)) for a in range(0, n, step)])
+    parts = ray.get([task.remote(staging, storage_dict(cfg), a, min(a + step, n)) for a in range(0, n, step)])
     from reasonrec.data.schemas import PREDICTIONS
 
     counts = [p["counts"] for p in parts if p["counts"] is not None]
@@ -257,7 +260,7 @@ def _check_shard_run(staging: str, storage: dict, first: int, end: int) -> dict:
 
     from reasonrec.data.schemas import PREDICTIONS, SUMMARY_COLUMNS, summary_counts
 
-    fs, afs, root = _fs(staging, storage)
+    fs, afs, root = staging_fs(staging, storage)
     n_preds = n_rej = 0
     counts, bad = [], None
 
@@ -290,13 +293,13 @@ def selected_per_shard(cfg: RunConfig, store: ArtifactStore, stage_dir: str, n_s
     import ray
 
     task = ray.remote(_count_selected).options(max_retries=cfg.score.max_task_retries)
-    return ray.get(task.remote(store.url(TMP_DIR, stage_dir), _storage(cfg), n_shards))
+    return ray.get(task.remote(store.url(TMP_DIR, stage_dir), storage_dict(cfg), n_shards))
 
 
 def _count_selected(staging: str, storage: dict, n_shards: int) -> list[int]:
     import pyarrow.compute as pc
 
-    fs, afs, root = _fs(staging, storage)
+    fs, afs, root = staging_fs(staging, storage)
     chosen = pq.read_table(f"{root}/vlm_budget.parquet", columns=["query_id"], filesystem=afs).column(0)
     out = []
     for s in range(n_shards):
