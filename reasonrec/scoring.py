@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from reasonrec.config import PlannerConfig
 from reasonrec.data.catalog import Catalog, PromptBuilder, UserDirectory, UserState
 from reasonrec.data.schemas import PREDICTIONS, QUERIES, summary_counts
+from reasonrec.hashing import splitmix64
 from reasonrec.planner import (
     Decision,
     TaskPlanner,
@@ -285,11 +286,13 @@ def vlm_gains(routed: pa.Table, vlm_right: Mapping[str, Mapping[str, float]]) ->
 def select_for_vlm_budget(routed: pa.Table, vlm_right: Mapping[str, Mapping[str, float]], budget: int) -> pa.Table:
     """The queries the VLM answers under a budget of ``budget`` calls (negative: unlimited): of
     the rows routed to the VLM (:data:`VLM_TIERS`), the ``budget`` largest :func:`vlm_gains`,
-    ties broken by ``query_id`` (deterministic). Returns :data:`BUDGET_SELECTION` rows, best first."""
+    ties broken by a hash of ``query_id`` (deterministic, and spread over the whole query table:
+    by ``query_id`` itself, tied gains sent every call to the first shards and the first task).
+    Returns :data:`BUDGET_SELECTION` rows, best first."""
     cand = routed.filter(pc.is_in(routed.column("route"), pa.array(list(VLM_TIERS))))
     gains = vlm_gains(cand, vlm_right)
     ids = cand.column("query_id").to_numpy(zero_copy_only=False).astype(np.int64)
-    order = np.lexsort((ids, -gains))  # last key first: gain descending, then query_id
+    order = np.lexsort((ids, splitmix64(ids), -gains))  # last key first: gain descending, hash, id
     if budget >= 0:
         order = order[:budget]
     return pa.table(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from conftest import TINY_RUN, score_until_commit
 
 from ray_jobs import score
 from reasonrec.config import CONFIG_DIR, ConfigError, load_config
+from reasonrec.hashing import splitmix64
 from reasonrec.io import TMP_DIR
 from reasonrec.scoring import (
     BUDGET_NOTE,
@@ -66,12 +68,17 @@ def _table():
     )
 
 
-def test_selection_ranks_by_expected_gain_explanations_first_ties_by_query_id():
+def _by_hash(*ids):
+    return sorted(ids, key=lambda q: int(splitmix64(q)))
+
+
+def test_selection_ranks_by_expected_gain_explanations_first_ties_by_hash():
     table = _table()
     gains = dict(zip(table.column("query_id").to_pylist(), vlm_gains(table, RIGHT)))
     assert gains[1] == pytest.approx(0.6) and gains[2] == pytest.approx(0.1) and gains[4] == pytest.approx(0.2)
     assert gains[6] == pytest.approx(0.1) and math.isinf(gains[3]) and math.isinf(gains[7])
-    order = [3, 7, 1, 4, 2, 6]  # explanations (by id), then gain descending, ties by query_id
+    # explanations first, then gain descending; ties (3 / 7, 2 / 6) by a hash of the query id
+    order = [*_by_hash(3, 7), 1, 4, *_by_hash(2, 6)]
     for budget in (0, 1, 3, 5):
         got = select_for_vlm_budget(table, RIGHT, budget)
         assert got.column("query_id").to_pylist() == order[:budget]
@@ -81,6 +88,25 @@ def test_selection_ranks_by_expected_gain_explanations_first_ties_by_query_id():
     # The order of the input rows does not matter.
     shuffled = table.take(pa.array([7, 3, 0, 5, 1, 6, 2, 4]))
     assert select_for_vlm_budget(shuffled, RIGHT, 3).column("query_id").to_pylist() == order[:3]
+
+
+def test_tied_gains_spread_the_budget_over_the_whole_query_table():
+    """Equal gains (e.g. many queries whose tool confidence rounds to the same value): the calls go
+    to queries all over the id range (so over every shard and task), not to the lowest ids."""
+    n = 10_000
+    table = _routed(
+        [
+            {"query_id": q, "task": "sequential", "user_id": 0, "route": "medium", "eh_bucket": "low"}
+            | {"tool_confidence": 0.1}
+            for q in range(n)
+        ]
+    )
+    got = np.array(select_for_vlm_budget(table, {}, 200).column("query_id").to_pylist())
+    assert len(set(got)) == 200
+    counts = np.bincount(got * 10 // n, minlength=10)  # calls per tenth of the id range
+    assert counts.min() >= 8, counts  # about 20 each; by id, all 200 fell into the first tenth
+    again = select_for_vlm_budget(table.take(pa.array(np.random.default_rng(0).permutation(n))), {}, 200)
+    assert again.column("query_id").to_pylist() == got.tolist()  # deterministic, input order ignored
 
 
 def test_skipped_rows_keep_their_tools_answer_and_need_no_vlm():
@@ -169,5 +195,5 @@ def test_budget_goes_to_the_top_gains_once_across_a_resume(tiny_run, monkeypatch
             vlm_gains(routed, {t: p.vlm_right for t, p in router.planners.items()}),
         )
     )
-    ranked = sorted(vlm_routed, key=lambda q: (-gains[q], q))
+    ranked = sorted(vlm_routed, key=lambda q: (-gains[q], int(splitmix64(q)), q))
     assert set(ranked[:budget]) == called
