@@ -35,6 +35,7 @@ from reasonrec.evaluation import (
     markdown_tables,
     plots,
     protocols,
+    reliability_plot,
     split_domain_group,
     system_markdown,
     system_records,
@@ -81,7 +82,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     records = evaluate_tools(store, cfg)
     tables = markdown_tables(records, protocols(cfg))
     by_domain = evaluate_tools_by_domain(store, cfg)
-    system = ""
+    system, cal_records = "", []
     if scored is not None:
         users = store.read_table("prepare", "users", columns=["user_id", "n_train", "eh_bucket", "domain"])
         preds, queries = store.read_table("score", "predictions"), store.read_table("score", "queries")
@@ -125,7 +126,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         w.write_bytes("tools.md", (f"# Tool evaluation: run `{cfg.run_name}`\n\n" + head + compared + tables).encode())
         pngs = []
         if system:
-            pngs = plots([r for r in records if r["model"] == "reasonrec"], w)
+            pngs = plots([r for r in records if r["model"] == "reasonrec"], w) + reliability_plot(cal_records, w)
             w.write_bytes(
                 "report.md",
                 (

@@ -859,6 +859,66 @@ def calibration_markdown(records: list[dict], columns: list[str] | None = None) 
     return "\n".join(out) + "\n"
 
 
+def reliability_series(records: list[dict]) -> dict[tuple[str, str], dict[str, dict[str, list]]]:
+    """The reliability diagram's points from :func:`calibration_records`: per (task, group), per
+    confidence source, the non-empty bins' mean confidence (x), accuracy (y) and count, by bin."""
+    out: dict[tuple[str, str], dict[str, dict[str, list]]] = {}
+    bins = {}
+    for r in records:
+        if r["model"] in CALIBRATION_SOURCES and r["metric"] in ("bin_confidence", "bin_accuracy"):
+            bins.setdefault((r["task"], r["group"], r["model"], r["k"]), {})[r["metric"]] = r
+    for (task, group, source, _k), b in sorted(bins.items(), key=lambda kv: kv[0][3]):
+        if len(b) == 2:
+            pts = out.setdefault((task, group), {}).setdefault(source, {"confidence": [], "accuracy": [], "n": []})
+            pts["confidence"].append(b["bin_confidence"]["value"])
+            pts["accuracy"].append(b["bin_accuracy"]["value"])
+            pts["n"].append(b["bin_confidence"]["n"])
+    return out
+
+
+def reliability_plot(records: list[dict], writer, name: str = "reliability.png") -> list[str]:
+    """Reliability diagrams next to the report: one panel per task (rows) and EH group (columns),
+    one line per confidence source (accuracy against mean confidence per non-empty bin, marker
+    area by count; the diagonal is perfect calibration). Nothing is written without points."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = reliability_series(records)
+    tasks = [t for t in ("sequential", "direct", "ctr") if any(k[0] == t for k in series)]
+    if not tasks:
+        return []
+    fig, axes = plt.subplots(
+        len(tasks), len(CALIBRATION_GROUPS), figsize=(3 * len(CALIBRATION_GROUPS), 2.8 * len(tasks)), squeeze=False
+    )
+    for i, task in enumerate(tasks):
+        for j, group in enumerate(CALIBRATION_GROUPS):
+            ax = axes[i][j]
+            ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+            for source, pts in series.get((task, group), {}).items():
+                n, color = np.asarray(pts["n"], np.float64), f"C{CALIBRATION_SOURCES.index(source)}"
+                ax.plot(pts["confidence"], pts["accuracy"], linewidth=1, color=color, label=CALIBRATION_NAMES[source])
+                ax.scatter(pts["confidence"], pts["accuracy"], s=8 + 60 * n / max(n.max(), 1), color=color)
+            ax.set(xlim=(0, 1), ylim=(0, 1), title=f"{task}, {group}")
+            ax.title.set_fontsize(8)
+            ax.tick_params(labelsize=7)
+            if i == len(tasks) - 1:
+                ax.set_xlabel("mean confidence", fontsize=7)
+            if j == 0:
+                ax.set_ylabel("accuracy", fontsize=7)
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines() if not h.get_label().startswith("_")}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    writer.write_bytes(name, buf.getvalue())
+    return [name]
+
+
 def _fmt(r: dict | None) -> str:
     return f"{r['value']:.4f}" if r and r["value"] == r["value"] else ""
 

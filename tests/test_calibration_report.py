@@ -22,6 +22,8 @@ from reasonrec.evaluation import (
     TOKEN_CONFIDENCE_GAP,
     calibration_markdown,
     calibration_records,
+    reliability_plot,
+    reliability_series,
 )
 
 BUCKETS = ("low", "medium", "high")
@@ -211,6 +213,32 @@ def test_calibration_markdown_lists_every_source_and_bucket():
         assert f"- calibration (10 equal-width bins): {CALIBRATION_NAMES[source]} (recorded `{col}`);" in text2
 
 
+class _Files:
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.files[name] = data
+
+
+def test_reliability_plot_draws_every_bin_of_every_source_task_and_bucket():
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml")
+    preds, queries = _tables(extra_columns=True)
+    records = calibration_records(preds, queries, cfg)
+    expected = _expected(preds, queries, cfg, extra=True)
+    series = reliability_series(records)
+    assert {(t, g, s) for (t, g), by in series.items() for s in by} == {(t, g, s) for s, t, g in expected}
+    for (source, task, group), (_, bins) in expected.items():
+        pts = series[(task, group)][source]
+        assert pts["n"] == [bins[b][2] for b in sorted(bins)]  # one point per non-empty bin, in bin order
+        assert pts["confidence"] == pytest.approx([bins[b][0] for b in sorted(bins)], abs=1e-6)
+        assert pts["accuracy"] == pytest.approx([bins[b][1] for b in sorted(bins)], abs=1e-9)
+    out = _Files()
+    assert reliability_plot(records, out) == ["reliability.png"]
+    assert out.files["reliability.png"].startswith(b"\x89PNG") and len(out.files["reliability.png"]) > 10_000
+    assert reliability_plot([r for r in records if r["metric"] == "ece"], _Files()) == []  # no bins, no plot
+
+
 def test_tiny_run_report_has_the_calibration_section(tiny_run):
     """The evaluate stage of a whole (tiny) routed run writes the section, and its ECE rows are the
     ones computed independently from that run's predictions and queries."""
@@ -220,6 +248,8 @@ def test_tiny_run_report_has_the_calibration_section(tiny_run):
         records = [json.loads(line) for line in f]
     report = store.fs.open(store.path("report", "report.md"), "r").read()
     assert "### Calibration (ECE over 10 equal-width bins" in report
+    assert "![reliability.png](reliability.png)" in report  # the reliability diagrams, next to the report
+    assert store.fs.open(store.path("report", "reliability.png"), "rb").read(4) == b"\x89PNG"
     assert "Split protocol: random split (`data.split_protocol=loo`)" in report
     # Scoring records both VLM confidences and the planner's (the report reads those columns).
     assert set(RECORDED) <= set(preds.column_names)
