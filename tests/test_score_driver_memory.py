@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,3 +37,19 @@ def test_driver_peak_rss_is_the_score_processs_own(tmp_path):
     assert 0.03 < rec["driver_peak_rss_gib"] < 8 and rec["wall_s"] > 0 and len(rec["load"]) == 2
     table = report([{**rec, "queries": 10000, "code": "after"}])
     assert "| 10,000 | after | " in table.splitlines()[2]
+
+
+def test_the_drivers_of_the_jobs_do_not_import_torch():
+    """The score and fit_planner drivers fit xgboost and move Arrow tables; the tools (torch,
+    TorchRec) load in the actors. Importing every tool module with the package made each job's
+    driver import torch at start (1-2 s on 2 cores, and memory); the registry imports them on
+    first use."""
+    code = (
+        "import sys, ray_jobs.score, ray_jobs.fit_planner, ray_jobs.evaluate, ray_jobs.shards;"
+        "from reasonrec.tools import tool_class;"
+        "print(sorted(m for m in ('torch', 'torchrec', 'transformers') if m in sys.modules));"
+        "tool_class('sasrec');"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "True"], out  # nothing heavy until a tool class is asked for

@@ -175,15 +175,24 @@ def register(cls: type[Tool]) -> type[Tool]:
     return cls
 
 
-def tool_class(name: str) -> type[Tool]:
-    from reasonrec import tools as _pkg  # noqa: F401  (imports every tool module, filling the registry)
+def _import_tools() -> None:
+    """Import every module of the ``reasonrec.tools`` package once (each registers its tools)."""
+    import importlib
+    import pkgutil
 
+    from reasonrec import tools as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{mod.name}")
+
+
+def tool_class(name: str) -> type[Tool]:
+    _import_tools()
     if name not in _REGISTRY:
         raise KeyError(f"unknown tool '{name}'; known: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
 
 
 def registered() -> dict[str, type[Tool]]:
-    from reasonrec import tools as _pkg  # noqa: F401
-
+    _import_tools()
     return dict(_REGISTRY)
