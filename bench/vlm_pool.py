@@ -2,7 +2,7 @@
 (``vlm.sequential_pool``) on the same sequential queries (issue 33 item 3).
 
     python -m bench.vlm_pool --config configs/quickstart.yaml [--pool 20] [--queries 40]
-        [--batch 4] [--reuse on|off|both] [key=value ...]
+        [--batch 4] [--tasks sequential,direct,ctr] [--reuse on|off|both] [key=value ...]
 
 In-process, on a finished run (``finetune`` and ``planner`` stages committed), ``score.mode=vlm_tools``
 so every query is answered by the VLM with the tools' answers shown (the high tier): the router
@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=20, help="vlm.sequential_pool of the pool answerer")
     ap.add_argument("--queries", type=int, default=40, help="queries per task")
     ap.add_argument("--batch", type=int, default=4, help="queries per VLM call")
+    ap.add_argument("--tasks", default="sequential,direct,ctr", help="comma list of the tasks to measure")
     ap.add_argument(
         "--reuse", choices=("on", "off", "both"), default="on", help="vlm.reuse_thought_cache; both: off/on/on/off"
     )
@@ -187,7 +188,7 @@ def main() -> None:
     timer = ThoughtTimer(trie.predictor)
     env = {"cpu_threads": torch.get_num_threads(), "load_avg_1m_start": os.getloadavg()[0]}
     rows, quality, costs, reuse_check = [], {}, {}, {}
-    for task in ("sequential", "direct", "ctr"):
+    for task in a.tasks.split(","):
         q = queries.filter(pc.equal(queries.column("task"), task)).slice(0, a.queries)
         if q.num_rows == 0:
             continue
@@ -243,9 +244,10 @@ def main() -> None:
     print(f"\ncost per query ({cfg.vlm.model}, batch {a.batch}, {env}):\n")
     print(markdown_table(rows, list(rows[0])))
     qrows = [{"ranking": k, **{m: round(v, 4) for m, v in d.items()}} for k, d in quality.items()]
-    n_seq = next(c["queries"] for k, c in costs.items() if k.startswith("sequential (trie)"))
-    print(f"\nsequential, same {n_seq} queries ({split}, full catalog, leave-one-out):\n")
-    print(markdown_table([{f"ndcg@{K}": "", **q} for q in qrows], ["ranking", f"hr@{K}", f"ndcg@{K}"]))
+    n_seq = next((c["queries"] for k, c in costs.items() if k.startswith("sequential (trie)")), 0)
+    if n_seq:
+        print(f"\nsequential, same {n_seq} queries ({split}, full catalog, leave-one-out):\n")
+        print(markdown_table([{f"ndcg@{K}": "", **q} for q in qrows], ["ranking", f"hr@{K}", f"ndcg@{K}"]))
     if reuse_check:
         print(
             "\nreuse of the thought's KV cache, runs off / on / on / off: rows whose answer differs from the"
