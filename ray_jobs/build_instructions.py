@@ -131,6 +131,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     ic = cfg.instructions
     n_items = store.read_table("prepare", "items", columns=["item_id"]).num_rows
     tables = {n: store.read_table("prepare", n) for n in ("loo", "direct_candidates", "ctr", "explanation")}
+    # Several domains: training direct lists draw negatives within the user's domain, as prepare's do.
+    domain_starts = store.manifest("prepare").metrics.get("domain_item_starts", [])
     blocks = []
     for task in ic.tasks:
         for split in ic.splits:
@@ -143,6 +145,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
                 ic.seed,
                 ic.max_examples_per_task,
                 ic.train_prefixes,
+                domain_starts,
             )
             blocks.append(q.append_column("split", pa.array([split] * q.num_rows, pa.string())))
     queries = pa.concat_tables(blocks)

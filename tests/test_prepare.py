@@ -539,3 +539,17 @@ def test_users_are_keyed_by_domain(s3_multi_run):
     assert all(
         user_dom[u] == item_dom[i] for u, i in zip(ctr.column("user_id").to_pylist(), ctr.column("item_id").to_pylist())
     )
+    # ... and so do the training split's direct lists (the VLM's instruction examples)
+    from reasonrec.data.queries import prepared_queries
+
+    tables = dict(zip(("loo", "direct_candidates"), _tables(store, "loo", "direct_candidates")))
+    k = 5
+    train = prepared_queries(tables, "direct", "train", items.num_rows, k, domain_starts=s["domain_item_starts"])
+    assert train.num_rows > 0
+    for u, t, cands in zip(*(train.column(c).to_pylist() for c in ("user_id", "target", "candidates"))):
+        assert t in cands and len(cands) == k + 1 and {item_dom[i] for i in cands} == {user_dom[u]}
+    joint = prepared_queries(tables, "direct", "train", items.num_rows, k)  # without: the joint catalog
+    assert any(
+        {item_dom[i] for i in c} != {user_dom[u]}
+        for u, c in zip(joint["user_id"].to_pylist(), joint["candidates"].to_pylist())
+    )

@@ -43,6 +43,7 @@ def prepared_queries(
     seed: int = 0,
     cap: int = 0,
     prefixes: int = 0,
+    domain_starts: Sequence[int] = (),
 ) -> pa.Table:
     """QUERIES rows of one task and split from the ``prepare`` tables (``loo``, and by task
     ``direct_candidates`` / ``ctr`` / ``explanation``), with truth columns. Query ids are stable:
@@ -51,7 +52,11 @@ def prepared_queries(
     ``prefixes`` (training split, sequential and direct only): besides each user's last training
     item, also predict up to that many earlier items of the training sequence from the items
     before them (the row's ``history``), so the VLM sees every transition a sequential tool
-    learns from instead of one per user."""
+    learns from instead of one per user.
+
+    ``domain_starts`` (several domains: the first item id of each domain, the ``prepare``
+    summary's ``domain_item_starts``): the training split's direct lists draw their negatives from
+    the user's own domain, as ``prepare`` draws the valid / test lists and the CTR negatives."""
     base = TASK_BASE[task] + SPLIT_BASE[split]
     if task in ("sequential", "direct") and not (task == "direct" and split != "train"):
         loo = tables["loo"].sort_by("user_id")
@@ -89,11 +94,15 @@ def prepared_queries(
         cands = None
         if task == "direct":  # training lists: the target + negatives the user never touched
             pos = {int(u): i for i, u in enumerate(loo.column("user_id").to_numpy())}
+            starts = np.asarray(list(domain_starts) or [0], np.int64)
+            ends = np.append(starts[1:], n_items)
             cands = []
             for u, t, k in zip(users, target, prefix_position(qid, [task] * len(qid), split).tolist()):
                 # Seeded by user (the last-item example keeps its list) and prefix offset.
                 rng = np.random.default_rng([seed, int(u), 3] + ([k] if k else []))
-                pool = np.setdiff1d(np.arange(n_items), np.asarray(train[pos[int(u)]], np.int64))
+                seen = np.asarray(train[pos[int(u)]], np.int64)
+                d = int(np.searchsorted(starts, seen[0], side="right")) - 1  # a user's items share a domain
+                pool = np.setdiff1d(np.arange(starts[d], ends[d]), seen)
                 negs = rng.choice(pool, min(direct_negatives, len(pool)), replace=False)
                 cands.append(rng.permutation(np.append(negs, t)).tolist())
         return _conform(
