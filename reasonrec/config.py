@@ -394,8 +394,8 @@ class ServeConfig:
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     look_back_period_s: float = 30.0
-    # Ray Serve's throughput-optimized mode on a Ray this launcher starts (on a cluster: set
-    # reasonrec.runtime.serve_env's variables on `ray start`): each ingress replica also answers HTTP
+    # Ray Serve's throughput-optimized mode on a Ray this launcher starts (on a cluster: `ray start`
+    # with reasonrec.runtime.serve_env's variables, as cluster/ sets them): each ingress replica also answers HTTP
     # on its own port, from direct_port up (no proxy hop), user code on the replica's event loop,
     # gRPC between deployments. Serve's proxy keeps answering on `port`.
     direct_ingress: bool = True

@@ -518,6 +518,30 @@ def test_serve_file_equals_the_rayservice_config():
     assert yaml.safe_load((CLUSTER / "serve.yaml").read_text()) == yaml.safe_load(service["spec"]["serveConfigV2"])
 
 
+def test_serving_clusters_start_ray_in_serves_throughput_mode():
+    """Ray reads Serve's throughput-optimized variables when its processes start, so the clusters
+    that serve set them on every node: the mode, the direct-ingress ports from the default
+    serve.direct_port, and the router loop the sync planner needs; not the launcher-only 2 s drain
+    (a load balancer / Service sits in front there)."""
+    from reasonrec.config import ServeConfig
+    from reasonrec.runtime import serve_env
+
+    want = {k: v for k, v in serve_env(ServeConfig().direct_port).items() if "DRAINING" not in k}
+    assert len(want) == 4
+    (service,) = yaml.safe_load_all((CLUSTER / "kuberay/rayservice.yaml").read_text())
+    spec = service["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for pod in pods:
+        for c in pod["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert {k: env.get(k) for k in want} == want, c["name"]
+            assert not any("DRAINING" in k for k in env)
+    (launcher,) = yaml.safe_load_all((CLUSTER / "aws.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(cmd for cmd in launcher[key] if "ray start" in cmd)
+        assert all(f"{k}={v}" in start.split() for k, v in want.items()), key
+
+
 def test_dockerfile_installs_like_the_makefile():
     text = (CLUSTER / "Dockerfile").read_text()
     assert "make setup VARIANT=${VARIANT}" in text and "ARG VARIANT=gpu" in text
