@@ -157,7 +157,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     holdout = store.read_json("train_tools", "metrics.json").get("holdout_items", 0)
     pool = ActorPoolStrategy(size=max(cfg.score.tool_actors, 1))
     labeled = (
-        ray.data.from_arrow(arrow_blocks(queries, cfg.score.tool_actors * 4))
+        ray.data.from_arrow(arrow_blocks(queries, max(cfg.score.tool_actors, 1) * 4))
         .map_batches(
             _Labeler,
             fn_constructor_kwargs={"cfg": cfg, "holdout_items": holdout},

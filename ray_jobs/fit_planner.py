@@ -212,7 +212,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             for t in tasks
         ]
     )
-    ds = ray.data.from_arrow(arrow_blocks(queries, cfg.score.tool_actors * 4)).map_batches(
+    ds = ray.data.from_arrow(arrow_blocks(queries, max(cfg.score.tool_actors, 1) * 4)).map_batches(
         _PlannerFeatures,
         fn_constructor_kwargs={"cfg": cfg},
         batch_format="pyarrow",

@@ -281,6 +281,23 @@ def score_queries(cfg: RunConfig, store: ArtifactStore) -> pa.Table:
 
 
 # ------------------------------------------------------------------------------ driver
+# score.tool_actors = 0 (auto): one router actor per this many shards to route, as many as the
+# cluster's CPUs allow. Each actor loads every tool (10-25 s on 2 cores), which pays off over many
+# shards only (BENCHMARKS.md: the 157 shards of Beauty's test set 1.7x faster with two actors on 2
+# cores; the 51 of a 20k-user world no faster).
+AUTO_SHARDS_PER_ROUTER = 100
+
+
+def router_actors(requested: int, n_shards: int, cpus: float, tool_cpus: float, reserved_cpus: float = 0.0) -> int:
+    """The router pool's size: ``requested`` (``score.tool_actors``) when set, else (0) one actor
+    per :data:`AUTO_SHARDS_PER_ROUTER` shards, at most the cluster's ``cpus`` less
+    ``reserved_cpus`` (a VLM pool running beside the routers) divided by ``tool_cpus``; at least 1."""
+    if requested > 0:
+        return requested
+    fit = int((cpus - reserved_cpus) // tool_cpus) if tool_cpus > 0 else n_shards
+    return max(1, min(fit, -(-n_shards // AUTO_SHARDS_PER_ROUTER)))
+
+
 def _init(cfg: RunConfig):
     from reasonrec.runtime import init_ray
 
@@ -418,8 +435,11 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
         # One block per shard holding its id alone: whoever takes the block reads the shard's file.
         return ray.data.from_arrow([pa.table({"shard": pa.array([s], pa.int64())}) for s in shards])
 
-    def route(shards: list[int], write: tuple[Callable, dict] | None = None):
-        pools["router"] = max(cfg.score.tool_actors, 1)
+    def route(shards: list[int], write: tuple[Callable, dict] | None = None, reserved_cpus: float = 0.0):
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        size = router_actors(cfg.score.tool_actors, len(shards), cpus, cfg.score.tool_cpus, reserved_cpus)
+        log.info("score: %d router actor(s) for %d shards", size, len(shards))
+        pools["router"] = size
         return shard_ids_ds(shards).map_batches(
             _RouterActor,
             fn_constructor_kwargs={
@@ -431,7 +451,7 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
             },
             batch_format="pyarrow",
             batch_size=None,
-            compute=ActorPoolStrategy(size=max(cfg.score.tool_actors, 1)),
+            compute=ActorPoolStrategy(size=size),
             num_cpus=cfg.score.tool_cpus,
             **retries,
         )
@@ -494,8 +514,8 @@ def run(cfg: RunConfig, force: bool = False, refit_planner: bool | None = None) 
                 compute=io_tasks,
             )
             use_vlm = any(selected[s] for s in todo)
-        elif with_vlm:
-            ds, use_vlm = route(todo), True
+        elif with_vlm:  # the VLM pool runs beside the routers: its CPUs are not theirs
+            ds, use_vlm = route(todo, reserved_cpus=max(cfg.score.vlm_actors, 1) * cfg.score.vlm_cpus), True
         else:  # tools only: the router actors write their own shards (see _RouterActor)
             skip = cfg.score.vlm_budget == 0
             ds, use_vlm = route(todo, (_write_tools_shard, {**write_kw, "expected": expected, "skip_vlm": skip})), False

@@ -329,7 +329,9 @@ class ScoreConfig:
     # Stage (folder) the predictions go to: other names keep side runs (a query file, a baseline
     # mode) next to the main "score" output, which evaluate reads.
     stage_name: str = "score"
-    tool_actors: int = 1
+    # Router actors; 0 = auto (ray_jobs.score.router_actors: one per 100 shards, as the CPUs allow).
+    # build_instructions and the planner fit use one actor when 0.
+    tool_actors: int = 0
     vlm_actors: int = 1
     vlm_gpus: float = 0.0  # GPUs per VLM actor
     # CPUs each actor reserves (Ray's logical CPUs). 1 each means a router pool and a VLM pool
@@ -649,7 +651,13 @@ def validate(cfg: RunConfig) -> None:
         bad = [b for b in _get(cfg, key) if b not in EH_BUCKETS]
         if bad:
             raise ConfigError(f"config error: key '{key}': unknown bucket(s) {bad}; choose from {EH_BUCKETS}")
-    for key in ("tools.holdout_items", "vlm.thought_tool_sets", "vlm.sequential_pool", "score.progress_every_s"):
+    for key in (
+        "tools.holdout_items",
+        "vlm.thought_tool_sets",
+        "vlm.sequential_pool",
+        "score.progress_every_s",
+        "score.tool_actors",
+    ):
         if _get(cfg, key) < 0:
             raise ConfigError(f"config error: key '{key}': must be >= 0")
     if cfg.score.vlm_budget < -1:

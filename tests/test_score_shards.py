@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_RUN, score_until_commit
 
 from ray_jobs import score, shards
-from reasonrec.config import CONFIG_DIR, load_config
+from reasonrec.config import CONFIG_DIR, ConfigError, load_config
 from reasonrec.data.queries import QueryFileError, load_query_file
 from reasonrec.data.schemas import PREDICTIONS, QUERIES
 from reasonrec.io import TMP_DIR
@@ -163,3 +163,17 @@ def test_a_query_answered_twice_is_refused_before_commit(tiny_run, monkeypatch):
     with pytest.raises(RuntimeError, match="refusing to commit"):
         score.run(c)
     assert store.manifest("score_twice") is None
+
+
+def test_router_pool_size_auto_grows_with_the_shards_as_the_cpus_allow():
+    from ray_jobs.score import AUTO_SHARDS_PER_ROUTER, router_actors
+
+    assert AUTO_SHARDS_PER_ROUTER == 100
+    assert router_actors(3, 5, 2, 1.0) == 3  # set by the user: kept
+    assert [router_actors(0, n, 2, 1.0) for n in (1, 51, 100, 101, 157, 10_000)] == [1, 1, 1, 2, 2, 2]
+    assert router_actors(0, 1_000, 64, 1.0) == 10 and router_actors(0, 1_000, 64, 8.0) == 8
+    assert router_actors(0, 157, 2, 1.0, reserved_cpus=1.0) == 1  # a VLM pool beside the routers
+    assert router_actors(0, 157, 2, 1.0, reserved_cpus=2.0) == 1  # never below one
+    assert router_actors(0, 500, 2, 0.5) == 4  # fractional actors: more fit
+    with pytest.raises(ConfigError, match="score.tool_actors"):
+        load_config(CONFIG_DIR / "quickstart.yaml", ["score.tool_actors=-1"])
