@@ -293,6 +293,19 @@ def domain_starts(ranges: pa.Table, n_items: int) -> tuple[int, ...]:
     return tuple(int(x) for x in lo)
 
 
+def domain_ranges(domain_starts, n_items: int, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per item id: the first id and the size of its domain's id range (:func:`domain_starts`);
+    the whole catalog with one domain or none. A user's negatives come from the range of their
+    items (a user's items all belong to one domain)."""
+    items = np.asarray(items, np.int64)
+    if len(domain_starts) <= 1:
+        return np.zeros(len(items), np.int64), np.full(len(items), n_items, np.int64)
+    starts = np.asarray(domain_starts, np.int64)
+    sizes = np.diff(np.append(starts, n_items))
+    d = np.searchsorted(starts, items, side="right") - 1
+    return starts[d], sizes[d]
+
+
 def item_ranges(p: SplitParams, lens: np.ndarray, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per block row (user): the first item id and the size of the id range its negatives come
     from: its domain's (the domain of its first item) under ``p.domain_starts``, else the whole
@@ -300,12 +313,9 @@ def item_ranges(p: SplitParams, lens: np.ndarray, flat: np.ndarray) -> tuple[np.
     n = len(lens)
     if len(p.domain_starts) <= 1 or not len(flat):
         return np.zeros(n, np.int64), np.full(n, p.n_items, np.int64)
-    starts = np.asarray(p.domain_starts, np.int64)
-    sizes = np.diff(np.append(starts, p.n_items))
-    first = flat[np.minimum(np.cumsum(lens) - lens, len(flat) - 1)]
-    d = np.searchsorted(starts, first, side="right") - 1
+    lo, size = domain_ranges(p.domain_starts, p.n_items, flat[np.minimum(np.cumsum(lens) - lens, len(flat) - 1)])
     empty = lens == 0
-    return np.where(empty, 0, starts[d]), np.where(empty, p.n_items, sizes[d])
+    return np.where(empty, 0, lo), np.where(empty, p.n_items, size)
 
 
 # Randomness is counter-based: every draw is a hash of (seed, stream, user_id, purpose, index), so a

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from reasonrec.data.prepare import domain_ranges
 from reasonrec.data.schemas import QUERIES, conform
 from reasonrec.hashing import splitmix64
 from reasonrec.io import ArtifactStore, arrow_filesystem, filesystem
@@ -94,15 +95,13 @@ def prepared_queries(
         cands = None
         if task == "direct":  # training lists: the target + negatives the user never touched
             pos = {int(u): i for i, u in enumerate(loo.column("user_id").to_numpy())}
-            starts = np.asarray(list(domain_starts) or [0], np.int64)
-            ends = np.append(starts[1:], n_items)
+            seen_of = [np.asarray(train[pos[int(u)]], np.int64) for u in users]
+            lo, size = domain_ranges(domain_starts, n_items, np.array([s[0] for s in seen_of], np.int64))
             cands = []
-            for u, t, k in zip(users, target, prefix_position(qid, [task] * len(qid), split).tolist()):
+            for j, (u, t, k) in enumerate(zip(users, target, prefix_position(qid, [task] * len(qid), split).tolist())):
                 # Seeded by user (the last-item example keeps its list) and prefix offset.
                 rng = np.random.default_rng([seed, int(u), 3] + ([k] if k else []))
-                seen = np.asarray(train[pos[int(u)]], np.int64)
-                d = int(np.searchsorted(starts, seen[0], side="right")) - 1  # a user's items share a domain
-                pool = np.setdiff1d(np.arange(starts[d], ends[d]), seen)
+                pool = np.setdiff1d(np.arange(lo[j], lo[j] + size[j]), seen_of[j])
                 negs = rng.choice(pool, min(direct_negatives, len(pool)), replace=False)
                 cands.append(rng.permutation(np.append(negs, t)).tolist())
         return _conform(

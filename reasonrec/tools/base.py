@@ -16,6 +16,7 @@ tool defines a fallback (popularity-like scores) instead of crashing inside torc
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -175,8 +176,9 @@ def register(cls: type[Tool]) -> type[Tool]:
     return cls
 
 
+@functools.cache
 def _import_tools() -> None:
-    """Import every module of the ``reasonrec.tools`` package once (each registers its tools)."""
+    """Import every module of the ``reasonrec.tools`` package, once (each registers its tools)."""
     import importlib
     import pkgutil
 
